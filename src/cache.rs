@@ -1,0 +1,698 @@
+//! KV caches: one interface over five modes, each declaring the layout it stores.
+//!
+//! The model's attention always computes keys and values in the standard layout
+//! `[batch, kv_heads, seq, head_dim]` and hands them to [`ModelCache::update_self`].
+//! The cache converts them to the layout it stores, checks them against what it
+//! already holds (the prefix, then earlier tokens) and turns any disagreement into a
+//! [`Diagnosis`], appends, records a [`TraceEvent`], and returns everything the
+//! attention may read, back in the standard layout.
+//!
+//! The prefix is placed with [`ModelCache::seed`] *as given*, in whatever layout the
+//! prefix builder chose, exactly like transformers' `DynamicCache.from_legacy_cache`:
+//! a prefix shaped for the wrong layout is only noticed when the model appends to it,
+//! which is where PEFT issue 2192 crashed.
+
+use candle_core::{DType, Tensor};
+use candle_nn::kv_cache::{ConcatKvCache, KvCache};
+use serde::{Deserialize, Serialize};
+
+use crate::check::{Attention, CandleExt, Diagnosis, DiagnosisClass, Result, Site, TensorKind};
+use crate::trace::{event, CacheOp, Trace};
+
+/// How keys and values are kept between forward passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "mode")]
+pub enum CacheMode {
+    /// Nothing is kept: every step recomputes the whole sequence (prefix still injected).
+    None,
+    /// Append by concatenation (candle-nn `ConcatKvCache`; transformers `DynamicCache`).
+    Dynamic,
+    /// Preallocated to `max_len` positions, written in place (candle-nn `KvCache`;
+    /// transformers `StaticCache`). Prefix + prompt + new tokens must fit.
+    Static { max_len: usize },
+    /// Keeps the last `window` positions (candle-nn `RotatingKvCache`; transformers
+    /// `SlidingWindowCache`); attention is limited to the same window.
+    Sliding { window: usize },
+    /// The tuple layouts of older transformers: Bloom 3-D, GPT-BigCode fused K|V,
+    /// standard 4-D for the other families.
+    Legacy,
+}
+
+impl CacheMode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            CacheMode::None => "none",
+            CacheMode::Dynamic => "dynamic",
+            CacheMode::Static { .. } => "static",
+            CacheMode::Sliding { .. } => "sliding",
+            CacheMode::Legacy => "legacy",
+        }
+    }
+}
+
+/// The memory layout of one layer's stored keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layout {
+    /// keys and values `[batch, kv_heads, seq, head_dim]`.
+    Standard,
+    /// Bloom before transformers 4.44: keys `[batch*heads, head_dim, seq]`,
+    /// values `[batch*heads, seq, head_dim]`.
+    BloomLegacy,
+    /// GPT-BigCode multi-query before transformers 4.54: one tensor `[batch, seq, 2*head_dim]`
+    /// holding K then V along the last dimension (stored here as both key and value).
+    BigcodeFused,
+}
+
+impl Layout {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Layout::Standard => "standard",
+            Layout::BloomLegacy => "bloom-legacy",
+            Layout::BigcodeFused => "bigcode-fused",
+        }
+    }
+
+    /// The dimension along which positions grow, for keys and for values.
+    pub fn seq_dim(&self, tensor: TensorKind) -> usize {
+        match (self, tensor) {
+            (Layout::Standard, _) => 2,
+            (Layout::BloomLegacy, TensorKind::Key) => 2,
+            (Layout::BloomLegacy, _) => 1,
+            (Layout::BigcodeFused, _) => 1,
+        }
+    }
+
+    /// What each dimension means, to name the class of a mismatch.
+    fn roles(&self, tensor: TensorKind) -> &'static [DiagnosisClass] {
+        use DiagnosisClass::*;
+        match (self, tensor) {
+            (Layout::Standard, _) => &[Batch, KvHeads, SeqLen, HeadDim],
+            (Layout::BloomLegacy, TensorKind::Key) => &[Batch, HeadDim, SeqLen],
+            (Layout::BloomLegacy, _) => &[Batch, SeqLen, HeadDim],
+            (Layout::BigcodeFused, _) => &[Batch, SeqLen, HeadDim],
+        }
+    }
+
+    fn dims_text(&self, tensor: TensorKind) -> &'static str {
+        match (self, tensor) {
+            (Layout::Standard, _) => "[batch, kv_heads, seq, head_dim]",
+            (Layout::BloomLegacy, TensorKind::Key) => "[batch*heads, head_dim, seq]",
+            (Layout::BloomLegacy, _) => "[batch*heads, seq, head_dim]",
+            (Layout::BigcodeFused, _) => "[batch, seq, 2*head_dim]",
+        }
+    }
+
+    /// Standard `[B, H, S, D]` keys and values to this layout.
+    pub fn from_standard(&self, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        match self {
+            Layout::Standard => Ok((k.clone(), v.clone())),
+            Layout::BloomLegacy => {
+                let (b, h, s, d) = k.dims4()?;
+                // keys [B*H, D, S], values [B*H, S, D]
+                let k3 = k.reshape((b * h, s, d))?.transpose(1, 2)?.contiguous()?;
+                let v3 = v.reshape((b * h, s, d))?;
+                Ok((k3, v3))
+            }
+            Layout::BigcodeFused => {
+                let (_b, h, _s, _d) = k.dims4()?;
+                if h != 1 {
+                    candle_core::bail!("bigcode-fused layout holds one kv head, got {h}");
+                }
+                // [B, S, 2D]: K then V along the last dimension
+                let kv = Tensor::cat(&[&k.squeeze(1)?, &v.squeeze(1)?], 2)?;
+                Ok((kv.clone(), kv))
+            }
+        }
+    }
+
+    /// This layout back to standard `[B, H, S, D]`, given the number of KV heads.
+    pub fn to_standard(
+        &self,
+        k: &Tensor,
+        v: &Tensor,
+        kv_heads: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        match self {
+            Layout::Standard => Ok((k.clone(), v.clone())),
+            Layout::BloomLegacy => {
+                let (bh, d, s) = k.dims3()?;
+                let b = bh / kv_heads;
+                let k4 = k.transpose(1, 2)?.reshape((b, kv_heads, s, d))?;
+                let v4 = v.reshape((b, kv_heads, s, d))?;
+                Ok((k4, v4))
+            }
+            Layout::BigcodeFused => {
+                let (_b, _s, d2) = k.dims3()?;
+                let d = d2 / 2;
+                let k4 = k.narrow(2, 0, d)?.unsqueeze(1)?;
+                let v4 = v.narrow(2, d, d)?.unsqueeze(1)?;
+                Ok((k4, v4))
+            }
+        }
+    }
+
+    fn cat(&self, a: &Tensor, b: &Tensor, tensor: TensorKind) -> candle_core::Result<Tensor> {
+        Tensor::cat(&[a, b], self.seq_dim(tensor))
+    }
+}
+
+/// Settings of a model's cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheConfig {
+    pub mode: CacheMode,
+    /// Attention window in positions (query at p sees keys in (p-W, p]). Required by
+    /// `sliding` (its `window`); may be set for other modes to compare against them.
+    pub window: Option<usize>,
+    /// Historical transformers behaviour (before PR 34312): seeding the T5 cross cache
+    /// with the prefix marked it "already computed", so the encoder's keys were never
+    /// added. `false` is the fixed behaviour.
+    pub cross_prefix_marks_updated: bool,
+}
+
+impl CacheConfig {
+    pub fn new(mode: CacheMode) -> Self {
+        let window = match mode {
+            CacheMode::Sliding { window } => Some(window),
+            _ => None,
+        };
+        Self {
+            mode,
+            window,
+            cross_prefix_marks_updated: false,
+        }
+    }
+}
+
+/// What the attention reads after an update.
+#[derive(Debug, Clone)]
+pub struct KvView {
+    /// `[B, KVH, K, D]`
+    pub k: Tensor,
+    /// `[B, KVH, K, D]`
+    pub v: Tensor,
+    /// Absolute position of the first key (0 unless a sliding cache evicted some).
+    pub kv_start: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Store {
+    /// `none`: only the prefix is held (kept in the autograd graph for training).
+    Recompute,
+    Dynamic(ConcatKvCache),
+    Static(KvCache),
+    /// Chronological keys/values of the last `window` positions, standard layout.
+    Sliding {
+        k: Option<Tensor>,
+        v: Option<Tensor>,
+    },
+    /// Stored as-is in the legacy layout.
+    Legacy {
+        k: Option<Tensor>,
+        v: Option<Tensor>,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct LayerCache {
+    /// The prefix as seeded, not yet merged into `store` (raw layout as given).
+    prefix: Option<(Tensor, Tensor)>,
+    prefix_len: usize,
+    store: Store,
+    /// Positions written so far (prefix included), evicted ones included.
+    seen: usize,
+}
+
+#[derive(Debug, Clone)]
+struct CrossCache {
+    prefix: Option<(Tensor, Tensor)>,
+    prefix_len: usize,
+    /// `[B, KVH, P+E, D]`
+    kv: Option<(Tensor, Tensor)>,
+    /// transformers' `EncoderDecoderCache.is_updated[layer]`.
+    is_updated: bool,
+}
+
+/// The cache of a whole model: one self-attention cache per layer, plus one
+/// cross-attention cache per layer for encoder-decoder models, and the trace.
+#[derive(Debug, Clone)]
+pub struct ModelCache {
+    pub config: CacheConfig,
+    pub layout: Layout,
+    layers: Vec<LayerCache>,
+    cross: Vec<CrossCache>,
+    pub trace: Trace,
+}
+
+fn shape(t: &Tensor) -> Vec<usize> {
+    t.dims().to_vec()
+}
+
+impl ModelCache {
+    /// `legacy_layout` is the family's historical layout, used by `CacheMode::Legacy`.
+    pub fn new(
+        config: CacheConfig,
+        legacy_layout: Layout,
+        num_layers: usize,
+        encoder_decoder: bool,
+    ) -> Self {
+        let layout = match config.mode {
+            CacheMode::Legacy => legacy_layout,
+            _ => Layout::Standard,
+        };
+        let store = match config.mode {
+            CacheMode::None => Store::Recompute,
+            CacheMode::Dynamic => Store::Dynamic(ConcatKvCache::new(2)),
+            CacheMode::Static { max_len } => Store::Static(KvCache::new(2, max_len)),
+            CacheMode::Sliding { .. } => Store::Sliding { k: None, v: None },
+            CacheMode::Legacy => Store::Legacy { k: None, v: None },
+        };
+        let layer = LayerCache {
+            prefix: None,
+            prefix_len: 0,
+            store,
+            seen: 0,
+        };
+        let cross = CrossCache {
+            prefix: None,
+            prefix_len: 0,
+            kv: None,
+            is_updated: false,
+        };
+        Self {
+            layers: vec![layer; num_layers],
+            cross: if encoder_decoder {
+                vec![cross; num_layers]
+            } else {
+                vec![]
+            },
+            layout,
+            config,
+            trace: Trace::default(),
+        }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The attention window, if attention is limited to one.
+    pub fn window(&self) -> Option<usize> {
+        self.config.window
+    }
+
+    /// Positions already in the cache before the next forward pass: the absolute
+    /// position of the next query. With `none` this stays at the prefix length.
+    pub fn past_len(&self) -> usize {
+        self.layers.first().map(|l| l.seen).unwrap_or(0)
+    }
+
+    /// Number of prefix positions seeded into layer 0's self-attention cache.
+    pub fn prefix_len(&self) -> usize {
+        self.layers.first().map(|l| l.prefix_len).unwrap_or(0)
+    }
+
+    /// Place a prefix into a layer's cache, in whatever layout it was shaped for.
+    /// `prefix_len` is the number of virtual tokens P (the shape may not say which
+    /// dimension holds it when the layout is wrong).
+    pub fn seed(
+        &mut self,
+        layer: usize,
+        attention: Attention,
+        k: Tensor,
+        v: Tensor,
+        prefix_len: usize,
+    ) -> Result<()> {
+        let layout = self.layout.name();
+        let mut e = event(layer, attention, CacheOp::Seed, layout);
+        e.key_written = Some(shape(&k));
+        e.value_written = Some(shape(&v));
+        e.positions = Some((0, prefix_len));
+        match attention {
+            Attention::SelfAttn => {
+                let l = self.layers.get_mut(layer).ok_or_else(|| no_layer(layer, attention))?;
+                l.prefix = Some((k, v));
+                l.prefix_len = prefix_len;
+                l.seen = prefix_len;
+            }
+            Attention::Cross => {
+                let mark = self.config.cross_prefix_marks_updated;
+                let c = self.cross.get_mut(layer).ok_or_else(|| no_layer(layer, attention))?;
+                if mark {
+                    // Historical: the prefix alone became the "computed" cross cache.
+                    c.kv = Some((k.clone(), v.clone()));
+                    c.is_updated = true;
+                }
+                c.prefix = Some((k, v));
+                c.prefix_len = prefix_len;
+            }
+        }
+        self.trace.push(e);
+        Ok(())
+    }
+
+    /// Append this step's self-attention keys/values `[B, KVH, S, D]` for the query
+    /// positions `positions` and return what the attention may read.
+    pub fn update_self(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+        positions: (usize, usize),
+    ) -> Result<KvView> {
+        let layout = self.layout;
+        let att = Attention::SelfAttn;
+        let site_k = Site::new(layer, att, TensorKind::Key);
+        let (_, kv_heads, s_new, _) = k.dims4().at(site_k, "new keys")?;
+        let mut e = event(layer, att, CacheOp::Update, layout.name());
+        e.positions = Some(positions);
+        let l = self.layers.get_mut(layer).ok_or_else(|| no_layer(layer, att))?;
+        let (k_new, v_new) = layout.from_standard(k, v).at(site_k, "convert to cache layout")?;
+        e.key_written = Some(shape(&k_new));
+        e.value_written = Some(shape(&v_new));
+
+        // What the cache already holds, in its raw form, for checking.
+        let held: Option<(Tensor, Tensor)> = match (&l.prefix, &l.store) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Store::Dynamic(c)) => c.k().cloned().zip(c.v().cloned()),
+            (None, Store::Static(c)) => c.k().ok().flatten().zip(c.v().ok().flatten()),
+            (None, Store::Sliding { k, v }) | (None, Store::Legacy { k, v }) => {
+                k.clone().zip(v.clone())
+            }
+            (None, Store::Recompute) => None,
+        };
+        if let Some((hk, hv)) = &held {
+            e.key_before = Some(shape(hk));
+            e.value_before = Some(shape(hv));
+            check_append(layout, layer, att, TensorKind::Key, hk, &k_new, l.prefix_len)?;
+            check_append(layout, layer, att, TensorKind::Value, hv, &v_new, l.prefix_len)?;
+        }
+        if let CacheMode::Static { max_len } = self.config.mode {
+            let need = l.seen + s_new;
+            if need > max_len {
+                let mut exp = shape(k);
+                exp[2] = need;
+                let mut act = shape(k);
+                act[2] = max_len;
+                return Err(Diagnosis::new(
+                    DiagnosisClass::SeqLen,
+                    format!(
+                        "static cache holds {max_len} positions but prefix ({}) + tokens so far + {s_new} new need {need}",
+                        l.prefix_len
+                    ),
+                )
+                .at(layer, att, TensorKind::Key)
+                .shapes(&exp, &act)
+                .hint("the static cache was sized for the prompt and new tokens without the P virtual tokens (max_len must be >= P + prompt + max_new_tokens)")
+                .into());
+            }
+        }
+
+        let prefix = l.prefix.take();
+        let site_v = Site::new(layer, att, TensorKind::Value);
+        let (read_k, read_v, kv_start) = match &mut l.store {
+            Store::Recompute => {
+                // Nothing is stored: the prefix stays (in the graph) for the next pass.
+                l.prefix = prefix.clone();
+                let (rk, rv) = match &prefix {
+                    Some((pk, pv)) => (
+                        layout.cat(pk, &k_new, TensorKind::Key).at(site_k, "append keys")?,
+                        layout.cat(pv, &v_new, TensorKind::Value).at(site_v, "append values")?,
+                    ),
+                    None => (k_new.clone(), v_new.clone()),
+                };
+                (rk, rv, 0)
+            }
+            Store::Dynamic(c) => {
+                if let Some((pk, pv)) = &prefix {
+                    c.append(pk, pv).at(site_k, "store prefix")?;
+                }
+                let (rk, rv) = c.append(&k_new, &v_new).at(site_k, "append keys")?;
+                (rk, rv, 0)
+            }
+            Store::Static(c) => {
+                // candle's KvCache writes with `slice_set`, which needs contiguous input.
+                if let Some((pk, pv)) = &prefix {
+                    let (pk, pv) = (pk.contiguous(), pv.contiguous());
+                    c.append(&pk.at(site_k, "prefix")?, &pv.at(site_v, "prefix")?)
+                        .at(site_k, "store prefix")?;
+                }
+                let (kc, vc) = (k_new.contiguous(), v_new.contiguous());
+                let (rk, rv) = c
+                    .append(&kc.at(site_k, "keys")?, &vc.at(site_v, "values")?)
+                    .at(site_k, "append keys")?;
+                (rk, rv, 0)
+            }
+            Store::Legacy { k: sk, v: sv } => {
+                let base = prefix.clone().or_else(|| sk.clone().zip(sv.clone()));
+                let (rk, rv) = match base {
+                    Some((bk, bv)) => (
+                        layout.cat(&bk, &k_new, TensorKind::Key).at(site_k, "append keys")?,
+                        layout.cat(&bv, &v_new, TensorKind::Value).at(site_v, "append values")?,
+                    ),
+                    None => (k_new.clone(), v_new.clone()),
+                };
+                *sk = Some(rk.detach());
+                *sv = Some(rv.detach());
+                (rk, rv, 0)
+            }
+            Store::Sliding { k: sk, v: sv } => {
+                let window = self.config.window.unwrap_or(usize::MAX);
+                let base = prefix.clone().or_else(|| sk.clone().zip(sv.clone()));
+                let (rk, rv) = match base {
+                    Some((bk, bv)) => (
+                        Tensor::cat(&[&bk, &k_new], 2).at(site_k, "append keys")?,
+                        Tensor::cat(&[&bv, &v_new], 2).at(site_v, "append values")?,
+                    ),
+                    None => (k_new.clone(), v_new.clone()),
+                };
+                // The attention reads everything it was given this step (its mask
+                // limits each query to the window); the cache keeps the last W.
+                let total = rk.dim(2).at(site_k, "key length")?;
+                let keep = total.min(window);
+                *sk = Some(rk.narrow(2, total - keep, keep).at(site_k, "evict")?.detach());
+                *sv = Some(rv.narrow(2, total - keep, keep).at(site_v, "evict")?.detach());
+                let kv_start = l.seen + s_new - total;
+                (rk, rv, kv_start)
+            }
+        };
+        if !matches!(l.store, Store::Recompute) {
+            l.seen += s_new;
+        }
+        let (after_k, after_v) = match &l.store {
+            Store::Recompute => (None, None),
+            Store::Dynamic(c) => (c.k().map(shape), c.v().map(shape)),
+            Store::Static(c) => (
+                c.k().ok().flatten().map(|t| shape(&t)),
+                c.v().ok().flatten().map(|t| shape(&t)),
+            ),
+            Store::Sliding { k, v } | Store::Legacy { k, v } => {
+                (k.as_ref().map(shape), v.as_ref().map(shape))
+            }
+        };
+        e.key_after = after_k;
+        e.value_after = after_v;
+        let (k4, v4) = layout
+            .to_standard(&read_k, &read_v, kv_heads)
+            .at(site_k, "convert from cache layout")?;
+        e.key_read = Some(shape(&k4));
+        e.value_read = Some(shape(&v4));
+        self.trace.push(e);
+        Ok(KvView {
+            k: k4,
+            v: v4,
+            kv_start,
+        })
+    }
+
+    /// Cross-attention keys/values of `layer` `[B, KVH, P+E, D]`: computed from the
+    /// encoder output by `compute` (returning `[B, KVH, E, D]`) the first time, joined
+    /// after the cross prefix, and read from the cache afterwards, following
+    /// `EncoderDecoderCache.is_updated`. With `none`, recomputed every pass.
+    pub fn cross(
+        &mut self,
+        layer: usize,
+        compute: impl FnOnce() -> Result<(Tensor, Tensor)>,
+    ) -> Result<(Tensor, Tensor)> {
+        let att = Attention::Cross;
+        let recompute = matches!(self.config.mode, CacheMode::None);
+        let c = self.cross.get_mut(layer).ok_or_else(|| no_layer(layer, att))?;
+        if c.is_updated && !recompute {
+            let (k, v) = c.kv.clone().expect("is_updated implies stored keys");
+            let mut e = event(layer, att, CacheOp::Read, Layout::Standard.name());
+            e.key_before = Some(shape(&k));
+            e.value_before = Some(shape(&v));
+            e.key_after = Some(shape(&k));
+            e.value_after = Some(shape(&v));
+            e.key_read = Some(shape(&k));
+            e.value_read = Some(shape(&v));
+            self.trace.push(e);
+            return Ok((k, v));
+        }
+        let (k, v) = compute()?;
+        let site_k = Site::new(layer, att, TensorKind::Key);
+        let site_v = Site::new(layer, att, TensorKind::Value);
+        let mut e = event(layer, att, CacheOp::Update, Layout::Standard.name());
+        e.key_written = Some(shape(&k));
+        e.value_written = Some(shape(&v));
+        let (k, v) = match &c.prefix {
+            Some((pk, pv)) => {
+                e.key_before = Some(shape(pk));
+                e.value_before = Some(shape(pv));
+                let p = c.prefix_len;
+                check_append(Layout::Standard, layer, att, TensorKind::Key, pk, &k, p)?;
+                check_append(Layout::Standard, layer, att, TensorKind::Value, pv, &v, p)?;
+                (
+                    Tensor::cat(&[pk, &k], 2).at(site_k, "append cross keys")?,
+                    Tensor::cat(&[pv, &v], 2).at(site_v, "append cross values")?,
+                )
+            }
+            None => (k, v),
+        };
+        if !recompute {
+            c.kv = Some((k.detach(), v.detach()));
+            c.is_updated = true;
+        }
+        e.key_after = Some(shape(&k));
+        e.value_after = Some(shape(&v));
+        e.key_read = Some(shape(&k));
+        e.value_read = Some(shape(&v));
+        self.trace.push(e);
+        Ok((k, v))
+    }
+
+    /// Number of cross-prefix positions of `layer` (0 without a prefix).
+    pub fn cross_prefix_len(&self, layer: usize) -> usize {
+        self.cross.get(layer).map(|c| c.prefix_len).unwrap_or(0)
+    }
+
+    /// Record the mask the attention applied in the event of this step and layer.
+    pub fn note_mask(&mut self, layer: usize, attention: Attention, mask: &[usize]) {
+        if let Some(e) = self.trace.last_mut(layer, attention) {
+            e.mask = Some(mask.to_vec());
+        }
+    }
+
+    /// Stored self-attention key shape of `layer` (None when empty): what a test
+    /// inspects after a prefill.
+    pub fn stored_key_shape(&self, layer: usize) -> Option<Vec<usize>> {
+        let l = self.layers.get(layer)?;
+        match &l.store {
+            Store::Recompute => l.prefix.as_ref().map(|(k, _)| shape(k)),
+            Store::Dynamic(c) => c.k().map(shape),
+            Store::Static(c) => c.k().ok().flatten().map(|t| shape(&t)),
+            Store::Sliding { k, .. } | Store::Legacy { k, .. } => k.as_ref().map(shape),
+        }
+    }
+
+    /// Start a new forward pass in the trace.
+    pub fn next_step(&mut self) {
+        if !self.trace.events.is_empty() {
+            self.trace.step += 1;
+        }
+    }
+}
+
+fn no_layer(layer: usize, attention: Attention) -> crate::check::EngineError {
+    Diagnosis::new(
+        DiagnosisClass::Shape,
+        format!("the cache has no {attention}-attention layer {layer}"),
+    )
+    .hint("the prefix or the model has more layers than the cache was built for")
+    .into()
+}
+
+/// Check that `new` may be appended to `held` along the layout's sequence dimension,
+/// and name the first disagreement.
+fn check_append(
+    layout: Layout,
+    layer: usize,
+    attention: Attention,
+    tensor: TensorKind,
+    held: &Tensor,
+    new: &Tensor,
+    prefix_len: usize,
+) -> Result<()> {
+    let seq = layout.seq_dim(tensor);
+    let (h, n) = (held.dims(), new.dims());
+    // What the held tensor should have looked like: the new tensor's shape with the
+    // held number of positions.
+    let mut expected = n.to_vec();
+    if seq < expected.len() {
+        expected[seq] = if h.len() == n.len() { h[seq] } else { prefix_len };
+    }
+    let base = |class: DiagnosisClass, msg: String, hint: &str| -> Result<()> {
+        Err(Diagnosis::new(class, msg)
+            .at(layer, attention, tensor)
+            .shapes(&expected, h)
+            .hint(hint)
+            .into())
+    };
+    if h.len() != n.len() {
+        return base(
+            DiagnosisClass::Rank,
+            format!(
+                "Tensors must have same number of dimensions: got {} and {}; the cache stores {} {} {} but holds a {}-D tensor {:?}",
+                h.len(),
+                n.len(),
+                layout.name(),
+                tensor,
+                layout.dims_text(tensor),
+                h.len(),
+                h
+            ),
+            &rank_hint(layout, h.len()),
+        );
+    }
+    if held.dtype() != new.dtype() {
+        return Err(Diagnosis::new(
+            DiagnosisClass::Dtype,
+            format!(
+                "the cache holds {tensor}s of dtype {:?} but the model appends {:?}",
+                held.dtype(),
+                new.dtype()
+            ),
+        )
+        .at(layer, attention, tensor)
+        .shapes(&expected, h)
+        .hint(dtype_hint(held.dtype(), new.dtype()))
+        .into());
+    }
+    let roles = layout.roles(tensor);
+    for (i, (a, b)) in h.iter().zip(n.iter()).enumerate() {
+        if i == seq || a == b {
+            continue;
+        }
+        let class = roles.get(i).copied().unwrap_or(DiagnosisClass::Shape);
+        let hint = match class {
+            DiagnosisClass::Batch => "the prefix was built for a different batch size (e.g. not expanded to batch x beams, or not reordered with the beams)",
+            DiagnosisClass::KvHeads => "the prefix was built with the attention head count instead of the key/value head count (GQA/MQA models need num_key_value_heads)",
+            DiagnosisClass::HeadDim => "the prefix head_dim was taken as hidden_size / num_heads while the config sets head_dim (or d_kv) explicitly",
+            _ => "the prefix and the model disagree on the cache geometry",
+        };
+        return base(
+            class,
+            format!(
+                "the cache holds a {tensor} of shape {h:?} and the model appends {n:?}: dimension {i} ({}) differs ({a} vs {b}); layout {} {}",
+                class.as_str(),
+                layout.name(),
+                layout.dims_text(tensor)
+            ),
+            hint,
+        );
+    }
+    Ok(())
+}
+
+fn rank_hint(layout: Layout, held_rank: usize) -> String {
+    match (layout, held_rank) {
+        (Layout::Standard, 3) => "the prefix was shaped for a legacy 3-D cache layout (Bloom's [batch*heads, head_dim, seq] keys before transformers 4.44, or GPT-BigCode's fused [batch, seq, 2*head_dim]) but the model now uses a 4-D cache (PEFT issue 2192)".into(),
+        (Layout::BloomLegacy, 4) | (Layout::BigcodeFused, 4) => "the prefix was shaped as a 4-D [batch, heads, seq, head_dim] tensor but this cache stores the family's legacy 3-D layout".into(),
+        _ => format!("the prefix has rank {held_rank}, which does not match the cache layout {}", layout.name()),
+    }
+}
+
+fn dtype_hint(held: DType, new: DType) -> &'static str {
+    let _ = (held, new);
+    "the prefix was created in a different dtype than the model (cast the prefix to the model's dtype)"
+}

@@ -1,0 +1,13 @@
+//! prefix-harness: a reproducibility and regression harness for prefix tuning.
+//!
+//! One module per concept: [`model`] (families, weights), [`cache`] (KV cache modes and
+//! layouts), [`prefix`] (PEFT prefix encoder and geometry), [`generate`] (prefill and
+//! decoding), [`trace`] (the shape trace), [`check`] (diagnoses).
+
+pub mod cache;
+pub mod check;
+pub mod generate;
+pub mod model;
+pub mod prefix;
+pub mod rng;
+pub mod trace;

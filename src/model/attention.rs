@@ -1,0 +1,182 @@
+//! Attention shared by every family: the mask (prefix columns, causality, window,
+//! padding) and scaled dot-product attention with grouped KV heads. Shape checks here
+//! turn into diagnoses naming the layer.
+
+use candle_core::Tensor;
+
+use crate::check::{Attention, CandleExt, Diagnosis, DiagnosisClass, Result, Site, TensorKind};
+
+/// Which keys a query may see.
+#[derive(Debug, Clone, Copy)]
+pub struct MaskSpec {
+    /// Absolute position of the first query.
+    pub q_start: usize,
+    /// Number of queries S.
+    pub q_len: usize,
+    /// Absolute position of the first key.
+    pub kv_start: usize,
+    /// Number of keys K.
+    pub kv_len: usize,
+    /// Causal masking among positions (prefix positions are always in the past).
+    pub causal: bool,
+    /// Sliding window: query at p sees keys in (p - W, p].
+    pub window: Option<usize>,
+}
+
+/// Additive attention mask `[B, 1, S, K]` from a padding mask `pad: [B, T]`
+/// (1 = visible, 0 = padding; prefix columns included), where `T` must equal
+/// `kv_start + kv_len`, the positions written so far.
+pub fn additive_mask(pad: &Tensor, spec: MaskSpec, layer: usize, attention: Attention) -> Result<Tensor> {
+    let site = Site::new(layer, attention, TensorKind::Mask);
+    let (b, t) = pad.dims2().at(site, "padding mask")?;
+    let total = spec.kv_start + spec.kv_len;
+    if t != total {
+        return Err(Diagnosis::new(
+            DiagnosisClass::MaskWidth,
+            format!(
+                "the attention mask covers {t} positions but the keys span {total} (prefix and cached positions included)"
+            ),
+        )
+        .at(layer, attention, TensorKind::Mask)
+        .shapes(&[b, total], &[b, t])
+        .hint(if t < total {
+            "the attention mask was not extended by the P prefix columns (prefix tuning must prepend P ones to the mask)"
+        } else {
+            "the attention mask is wider than the cache: positions were masked that the cache does not hold"
+        })
+        .into());
+    }
+    let device = pad.device().clone();
+    let pad: Vec<Vec<f32>> = pad
+        .to_dtype(candle_core::DType::F32)
+        .and_then(|p| p.to_vec2())
+        .at(site, "padding mask")?;
+    let (s, k) = (spec.q_len, spec.kv_len);
+    let mut data = vec![0f32; b * s * k];
+    for (bi, row) in pad.iter().enumerate() {
+        for qi in 0..s {
+            let qp = spec.q_start + qi;
+            for ki in 0..k {
+                let kp = spec.kv_start + ki;
+                let visible = row[kp] > 0.5
+                    && (!spec.causal || kp <= qp)
+                    && spec.window.is_none_or(|w| kp + w > qp);
+                if !visible {
+                    data[(bi * s + qi) * k + ki] = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    // A fully masked row (a padding query) would give NaN: let it see everything;
+    // its output is never used.
+    for r in 0..b * s {
+        let row = &mut data[r * k..(r + 1) * k];
+        if row.iter().all(|x| x.is_infinite()) {
+            row.iter_mut().for_each(|x| *x = 0.0);
+        }
+    }
+    Tensor::from_vec(data, (b, 1, s, k), &device).at(site, "build mask")
+}
+
+/// Repeat KV heads to the query heads: `[B, KVH, K, D]` -> `[B, KVH * n_rep, K, D]`.
+pub fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kvh, k, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kvh, n_rep, k, d))?
+        .reshape((b, kvh * n_rep, k, d))
+}
+
+/// Scaled dot-product attention.
+///
+/// `q: [B, H, S, D]`, `k, v: [B, KVH, K, D]`, `mask: [B, 1, S, K]` (additive),
+/// `bias: [1 or B, H, S, K]` (ALiBi, T5 relative positions) -> `[B, H, S, D]`.
+#[allow(clippy::too_many_arguments)]
+pub fn sdpa(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+    layer: usize,
+    attention: Attention,
+) -> Result<Tensor> {
+    let site_k = Site::new(layer, attention, TensorKind::Key);
+    let (qb, h, _s, qd) = q.dims4().at(Site::new(layer, attention, TensorKind::Query), "queries")?;
+    let kdims = k.dims().to_vec();
+    if kdims.len() != 4 {
+        return Err(Diagnosis::new(
+            DiagnosisClass::Rank,
+            format!("attention needs 4-D keys [batch, kv_heads, seq, head_dim], got {kdims:?}"),
+        )
+        .at(layer, attention, TensorKind::Key)
+        .shapes(&[qb, 0, 0, qd], &kdims)
+        .into());
+    }
+    let (kb, kvh, kl, kd) = (kdims[0], kdims[1], kdims[2], kdims[3]);
+    let fail = |class: DiagnosisClass, expected: Vec<usize>, msg: String, hint: &str| {
+        Err(Diagnosis::new(class, msg)
+            .at(layer, attention, TensorKind::Key)
+            .shapes(&expected, &kdims)
+            .hint(hint)
+            .into())
+    };
+    if kb != qb {
+        return fail(
+            DiagnosisClass::Batch,
+            vec![qb, kvh, kl, kd],
+            format!("queries have batch {qb} but keys have batch {kb}"),
+            "the cache (or prefix) was built for a different batch size, e.g. not expanded to batch x beams",
+        );
+    }
+    if kd != qd {
+        return fail(
+            DiagnosisClass::HeadDim,
+            vec![kb, kvh, kl, qd],
+            format!("queries have head_dim {qd} but keys have head_dim {kd}"),
+            "the prefix head_dim differs from the model's (config head_dim / d_kv ignored?)",
+        );
+    }
+    if kvh == 0 || h % kvh != 0 {
+        return fail(
+            DiagnosisClass::KvHeads,
+            vec![kb, h, kl, kd],
+            format!("{h} query heads cannot be grouped over {kvh} key/value heads"),
+            "the prefix was built with a head count that is not the model's num_key_value_heads",
+        );
+    }
+    let k = repeat_kv(k, h / kvh).at(site_k, "repeat kv heads")?;
+    let v = repeat_kv(v, h / kvh).at(Site::new(layer, attention, TensorKind::Value), "repeat kv heads")?;
+    let mut scores = q
+        .contiguous()
+        .and_then(|q| q.matmul(&k.t()?.contiguous()?))
+        .at(site_k, "attention scores")?;
+    if scale != 1.0 {
+        scores = (scores * scale).at(site_k, "scale scores")?;
+    }
+    if let Some(bias) = bias {
+        scores = scores.broadcast_add(bias).at(site_k, "attention bias")?;
+    }
+    let scores = scores
+        .broadcast_add(mask)
+        .at(Site::new(layer, attention, TensorKind::Mask), "apply mask")?;
+    let probs = super::nn::softmax(&scores).at(site_k, "softmax")?;
+    probs
+        .matmul(&v.contiguous().at(site_k, "values")?)
+        .at(Site::new(layer, attention, TensorKind::Value), "attention output")
+}
+
+/// `[B, S, H*D]` -> `[B, H, S, D]`
+pub fn split_heads(x: &Tensor, heads: usize, head_dim: usize) -> candle_core::Result<Tensor> {
+    let (b, s, _) = x.dims3()?;
+    x.reshape((b, s, heads, head_dim))?.transpose(1, 2)
+}
+
+/// `[B, H, S, D]` -> `[B, S, H*D]`
+pub fn merge_heads(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, h, s, d) = x.dims4()?;
+    x.transpose(1, 2)?.reshape((b, s, h * d))
+}

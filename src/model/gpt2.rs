@@ -1,0 +1,203 @@
+//! GPT-2: learned absolute positions, multi-head attention, fused `c_attn` (Conv1D,
+//! weights `[in, out]`), tied LM head. Parameter names follow `GPT2LMHeadModel`.
+//!
+//! Cache geometry: `[B, n_head, S, n_embd / n_head]`. Positions of real tokens start
+//! after the prefix, so P + S must stay below `n_positions` (PrefixTuning issue 40).
+
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use super::attention::{additive_mask, merge_heads, sdpa, split_heads, MaskSpec};
+use super::nn::{conv1d, embed, gelu_tanh, layer_norm};
+use super::weights::{bias, ones, weight};
+use super::{backbone, Family, Forward, Model, ModelGeometry};
+use crate::check::{Attention, CandleExt, Diagnosis, DiagnosisClass, Result, Site, TensorKind};
+
+/// `GPT2Config` (Hugging Face field names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub n_positions: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub layer_norm_epsilon: f64,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+
+impl Config {
+    pub fn tiny() -> Self {
+        Self {
+            vocab_size: 256,
+            n_positions: 128,
+            n_embd: 64,
+            n_layer: 2,
+            n_head: 4,
+            n_inner: None,
+            layer_norm_epsilon: 1e-5,
+        }
+    }
+
+    pub fn geometry(&self) -> ModelGeometry {
+        ModelGeometry {
+            num_layers: self.n_layer,
+            num_attention_heads: self.n_head,
+            num_kv_heads: self.n_head,
+            head_dim: self.n_embd / self.n_head.max(1),
+            hidden_size: self.n_embd,
+            vocab_size: self.vocab_size,
+            max_positions: Some(self.n_positions),
+            encoder_decoder: false,
+        }
+    }
+}
+
+struct Block {
+    ln_1: (Tensor, Tensor),
+    /// `[E, 3E]`, `[3E]`
+    c_attn: (Tensor, Tensor),
+    /// `[E, E]`, `[E]`
+    c_proj: (Tensor, Tensor),
+    ln_2: (Tensor, Tensor),
+    /// `[E, inner]`, `[inner]`
+    c_fc: (Tensor, Tensor),
+    /// `[inner, E]`, `[E]`
+    mlp_proj: (Tensor, Tensor),
+}
+
+pub struct Gpt2 {
+    cfg: Config,
+    /// `[V, E]`, also the LM head.
+    wte: Tensor,
+    /// `[n_positions, E]`
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: (Tensor, Tensor),
+}
+
+fn ln(vb: &VarBuilder, name: &str, e: usize) -> Result<(Tensor, Tensor)> {
+    let w = ones(vb, e, &format!("{name}.weight")).ctx(name)?;
+    let b = bias(vb, e, &format!("{name}.bias")).ctx(name)?;
+    Ok((w, b))
+}
+
+fn conv(vb: &VarBuilder, name: &str, i: usize, o: usize) -> Result<(Tensor, Tensor)> {
+    let w = weight(vb, (i, o), &format!("{name}.weight")).ctx(name)?;
+    let b = bias(vb, o, &format!("{name}.bias")).ctx(name)?;
+    Ok((w, b))
+}
+
+impl Gpt2 {
+    pub fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let vb = backbone(&vb, "transformer", "wte.weight");
+        let e = cfg.n_embd;
+        let inner = cfg.n_inner.unwrap_or(4 * e);
+        let wte = weight(&vb, (cfg.vocab_size, e), "wte.weight").ctx("wte")?;
+        let wpe = weight(&vb, (cfg.n_positions, e), "wpe.weight").ctx("wpe")?;
+        let mut blocks = vec![];
+        for i in 0..cfg.n_layer {
+            let p = format!("h.{i}");
+            blocks.push(Block {
+                ln_1: ln(&vb, &format!("{p}.ln_1"), e)?,
+                c_attn: conv(&vb, &format!("{p}.attn.c_attn"), e, 3 * e)?,
+                c_proj: conv(&vb, &format!("{p}.attn.c_proj"), e, e)?,
+                ln_2: ln(&vb, &format!("{p}.ln_2"), e)?,
+                c_fc: conv(&vb, &format!("{p}.mlp.c_fc"), e, inner)?,
+                mlp_proj: conv(&vb, &format!("{p}.mlp.c_proj"), inner, e)?,
+            });
+        }
+        let ln_f = ln(&vb, "ln_f", e)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+        })
+    }
+}
+
+impl Model for Gpt2 {
+    fn family(&self) -> Family {
+        Family::Gpt2
+    }
+
+    fn geometry(&self) -> ModelGeometry {
+        self.cfg.geometry()
+    }
+
+    fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
+        let (_b, s) = ids.dims2().ctx("input ids [B, S]")?;
+        let past = fw.cache.past_len();
+        let (e, heads) = (self.cfg.n_embd, self.cfg.n_head);
+        let d = e / heads;
+        let eps = self.cfg.layer_norm_epsilon;
+        if past + s > self.cfg.n_positions {
+            return Err(Diagnosis::new(
+                DiagnosisClass::Position,
+                format!(
+                    "positions {past}..{} exceed n_positions {} of the learned position table",
+                    past + s,
+                    self.cfg.n_positions
+                ),
+            )
+            .at(0, Attention::SelfAttn, TensorKind::Positions)
+            .shapes(&[self.cfg.n_positions, e], &[past + s, e])
+            .hint("the P virtual tokens shift real positions by P: prompt + new tokens + P must fit in n_positions")
+            .into());
+        }
+        let pos = Tensor::arange(past as u32, (past + s) as u32, ids.device())
+            .and_then(|p| p.unsqueeze(0))
+            .ctx("positions")?;
+        // [B, S, E]
+        let mut h = embed(&self.wte, ids)
+            .and_then(|t| t.broadcast_add(&embed(&self.wpe, &pos)?))
+            .ctx("embeddings")?;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
+            let a = layer_norm(&h, &blk.ln_1.0, &blk.ln_1.1, eps).at(site, "ln_1")?;
+            let qkv = conv1d(&a, &blk.c_attn.0, &blk.c_attn.1).at(site, "c_attn")?;
+            // [B, H, S, D] each
+            let q = qkv.narrow(2, 0, e).and_then(|t| split_heads(&t, heads, d)).at(site, "q")?;
+            let k = qkv.narrow(2, e, e).and_then(|t| split_heads(&t, heads, d)).at(site, "k")?;
+            let v = qkv
+                .narrow(2, 2 * e, e)
+                .and_then(|t| split_heads(&t, heads, d))
+                .at(site, "v")?;
+            let view = fw.cache.update_self(i, &k, &v, (past, past + s))?;
+            let kv_len = view.k.dim(2).at(site, "key length")?;
+            let spec = MaskSpec {
+                q_start: past,
+                q_len: s,
+                kv_start: view.kv_start,
+                kv_len,
+                causal: true,
+                window: fw.cache.window(),
+            };
+            let mask = additive_mask(fw.mask, spec, i, Attention::SelfAttn)?;
+            fw.cache.note_mask(i, Attention::SelfAttn, mask.dims());
+            let o = sdpa(&q, &view.k, &view.v, &mask, None, 1.0 / (d as f64).sqrt(), i, Attention::SelfAttn)?;
+            let o = merge_heads(&o)
+                .and_then(|o| conv1d(&o, &blk.c_proj.0, &blk.c_proj.1))
+                .at(site, "c_proj")?;
+            h = (h + o).at(site, "residual")?;
+            let m = layer_norm(&h, &blk.ln_2.0, &blk.ln_2.1, eps)
+                .and_then(|m| conv1d(&m, &blk.c_fc.0, &blk.c_fc.1))
+                .and_then(|m| gelu_tanh(&m))
+                .and_then(|m| conv1d(&m, &blk.mlp_proj.0, &blk.mlp_proj.1))
+                .at(site, "mlp")?;
+            h = (h + m).at(site, "residual")?;
+        }
+        // [B, S, V]
+        layer_norm(&h, &self.ln_f.0, &self.ln_f.1, eps)
+            .and_then(|h| h.broadcast_matmul(&self.wte.t()?))
+            .ctx("lm head")
+    }
+}

@@ -1,0 +1,242 @@
+//! Model families. One file per family, each with a config that deserializes the
+//! Hugging Face `config.json` of that architecture, a tiny config for tests, and a
+//! forward pass that reads and writes keys/values only through [`ModelCache`].
+//!
+//! Where shapes are decided: each family's `Config::geometry` gives the cache geometry
+//! (layers, KV heads, head_dim); attention computes `[B, KVH, S, D]` keys and values
+//! and hands them to the cache.
+
+pub mod attention;
+pub mod bloom;
+pub mod gpt2;
+pub mod gpt_bigcode;
+pub mod llama;
+pub mod nn;
+pub mod t5;
+pub mod weights;
+
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use crate::cache::{Layout, ModelCache};
+use crate::check::{EngineError, Result};
+
+/// A model family: each has its own cache geometry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    Gpt2,
+    Llama,
+    Bloom,
+    GptBigcode,
+    T5,
+}
+
+impl Family {
+    pub const ALL: [Family; 5] = [
+        Family::Gpt2,
+        Family::Llama,
+        Family::Bloom,
+        Family::GptBigcode,
+        Family::T5,
+    ];
+
+    /// The Hugging Face `model_type`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Family::Gpt2 => "gpt2",
+            Family::Llama => "llama",
+            Family::Bloom => "bloom",
+            Family::GptBigcode => "gpt_bigcode",
+            Family::T5 => "t5",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Family> {
+        Family::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// The layout older transformers stored this family's cache in (`cache: legacy`).
+    pub fn legacy_layout(&self) -> Layout {
+        match self {
+            Family::Bloom => Layout::BloomLegacy,
+            Family::GptBigcode => Layout::BigcodeFused,
+            _ => Layout::Standard,
+        }
+    }
+}
+
+/// The numbers that decide every cache shape of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelGeometry {
+    /// Layers that carry a KV cache (decoder layers for encoder-decoders).
+    pub num_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_kv_heads: usize,
+    /// Per-head dimension of keys and values (config `head_dim` / `d_kv` when given).
+    pub head_dim: usize,
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+    /// Largest position the model can embed (learned positions), if bounded.
+    pub max_positions: Option<usize>,
+    pub encoder_decoder: bool,
+}
+
+/// The output of an encoder: `states: [B, E, d_model]`, `mask: [B, E]` (1 = token).
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    pub states: Tensor,
+    pub mask: Tensor,
+}
+
+/// What a forward pass reads besides the token ids.
+pub struct Forward<'a> {
+    pub cache: &'a mut ModelCache,
+    /// Padding mask over every position written so far, this pass included, prefix
+    /// columns first: `[B, past + S]` (1 = visible).
+    pub mask: &'a Tensor,
+    /// Encoder-decoders: the encoder output.
+    pub encoder: Option<&'a Encoded>,
+}
+
+/// A model of one family, loaded with weights.
+pub trait Model: Send + Sync {
+    fn family(&self) -> Family;
+    fn geometry(&self) -> ModelGeometry;
+    /// `ids: [B, S]` (decoder ids for encoder-decoders) -> logits `[B, S, V]`.
+    /// Query positions start at `fw.cache.past_len()`.
+    fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor>;
+    /// Encoder-decoders: `ids: [B, E]`, `mask: [B, E]` -> encoder output.
+    fn encode(&self, _ids: &Tensor, _mask: &Tensor) -> Result<Encoded> {
+        Err(EngineError::Config(format!(
+            "{} is not an encoder-decoder model",
+            self.family().name()
+        )))
+    }
+    /// The token the decoder starts from (encoder-decoders).
+    fn decoder_start_token_id(&self) -> u32 {
+        0
+    }
+}
+
+/// A family and its configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "family", rename_all = "snake_case")]
+pub enum ModelConfig {
+    Gpt2(gpt2::Config),
+    Llama(llama::Config),
+    Bloom(bloom::Config),
+    GptBigcode(gpt_bigcode::Config),
+    T5(t5::Config),
+}
+
+impl ModelConfig {
+    /// The tiny test configuration of a family (hidden 64, 2 layers, 4 heads,
+    /// vocabulary 256).
+    pub fn tiny(family: Family) -> Self {
+        match family {
+            Family::Gpt2 => ModelConfig::Gpt2(gpt2::Config::tiny()),
+            Family::Llama => ModelConfig::Llama(llama::Config::tiny()),
+            Family::Bloom => ModelConfig::Bloom(bloom::Config::tiny()),
+            Family::GptBigcode => ModelConfig::GptBigcode(gpt_bigcode::Config::tiny()),
+            Family::T5 => ModelConfig::T5(t5::Config::tiny()),
+        }
+    }
+
+    /// Parse a Hugging Face `config.json`, choosing the family from `model_type`.
+    pub fn from_hf_json(text: &str) -> Result<Self> {
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| EngineError::Config(format!("config.json: {e}")))?;
+        let model_type = v
+            .get("model_type")
+            .and_then(|m| m.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| {
+                EngineError::Config("config.json: missing string field `model_type`".into())
+            })?;
+        let family = Family::from_name(&model_type).ok_or_else(|| {
+            EngineError::Config(format!(
+                "config.json: unsupported model_type `{model_type}`; supported: {}",
+                Family::ALL.map(|f| f.name()).join(", ")
+            ))
+        })?;
+        let err = |e: serde_json::Error| EngineError::Config(format!("config.json ({model_type}): {e}"));
+        let cfg = match family {
+            Family::Gpt2 => ModelConfig::Gpt2(serde_json::from_value(v).map_err(err)?),
+            Family::Llama => ModelConfig::Llama(serde_json::from_value(v).map_err(err)?),
+            Family::Bloom => ModelConfig::Bloom(serde_json::from_value(v).map_err(err)?),
+            Family::GptBigcode => ModelConfig::GptBigcode(serde_json::from_value(v).map_err(err)?),
+            Family::T5 => ModelConfig::T5(serde_json::from_value(v).map_err(err)?),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn family(&self) -> Family {
+        match self {
+            ModelConfig::Gpt2(_) => Family::Gpt2,
+            ModelConfig::Llama(_) => Family::Llama,
+            ModelConfig::Bloom(_) => Family::Bloom,
+            ModelConfig::GptBigcode(_) => Family::GptBigcode,
+            ModelConfig::T5(_) => Family::T5,
+        }
+    }
+
+    pub fn geometry(&self) -> ModelGeometry {
+        match self {
+            ModelConfig::Gpt2(c) => c.geometry(),
+            ModelConfig::Llama(c) => c.geometry(),
+            ModelConfig::Bloom(c) => c.geometry(),
+            ModelConfig::GptBigcode(c) => c.geometry(),
+            ModelConfig::T5(c) => c.geometry(),
+        }
+    }
+
+    /// Reject configurations that cannot describe a model.
+    pub fn validate(&self) -> Result<()> {
+        let g = self.geometry();
+        let bad = |m: String| Err(EngineError::Config(m));
+        if g.num_layers == 0 || g.hidden_size == 0 || g.vocab_size == 0 {
+            return bad(format!(
+                "{}: layers, hidden size and vocabulary must be at least 1",
+                self.family().name()
+            ));
+        }
+        if g.num_attention_heads == 0 || g.num_kv_heads == 0 || g.head_dim == 0 {
+            return bad(format!("{}: heads and head_dim must be at least 1", self.family().name()));
+        }
+        if g.num_attention_heads % g.num_kv_heads != 0 {
+            return bad(format!(
+                "{}: {} attention heads are not a multiple of {} key/value heads",
+                self.family().name(),
+                g.num_attention_heads,
+                g.num_kv_heads
+            ));
+        }
+        Ok(())
+    }
+
+    /// Build the model, reading weights by their Hugging Face names from `vb`.
+    pub fn build(&self, vb: VarBuilder) -> Result<Box<dyn Model>> {
+        self.validate()?;
+        Ok(match self {
+            ModelConfig::Gpt2(c) => Box::new(gpt2::Gpt2::load(c, vb)?),
+            ModelConfig::Llama(c) => Box::new(llama::Llama::load(c, vb)?),
+            ModelConfig::Bloom(c) => Box::new(bloom::Bloom::load(c, vb)?),
+            ModelConfig::GptBigcode(c) => Box::new(gpt_bigcode::GptBigcode::load(c, vb)?),
+            ModelConfig::T5(c) => Box::new(t5::T5::load(c, vb)?),
+        })
+    }
+}
+
+/// Use `vb.pp(prefix)` when the checkpoint nests the backbone under `prefix` (a
+/// `*ForCausalLM` saved with `save_pretrained`), the root otherwise (a bare backbone
+/// such as the original `gpt2` checkpoint).
+pub fn backbone<'a>(vb: &VarBuilder<'a>, prefix: &str, probe: &str) -> VarBuilder<'a> {
+    if vb.contains_tensor(&format!("{prefix}.{probe}")) || !vb.contains_tensor(probe) {
+        vb.pp(prefix)
+    } else {
+        vb.clone()
+    }
+}
