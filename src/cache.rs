@@ -587,9 +587,7 @@ impl ModelCache {
 
     /// Start a new forward pass in the trace.
     pub fn next_step(&mut self) {
-        if !self.trace.events.is_empty() {
-            self.trace.step += 1;
-        }
+        self.trace.next_step();
     }
 }
 

@@ -50,12 +50,23 @@ pub struct TraceEvent {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Trace {
     pub events: Vec<TraceEvent>,
-    /// The step counter events are stamped with.
+    /// The step counter events are stamped with (seeding the prefix is step 0, with
+    /// the prefill).
     #[serde(skip)]
     pub step: usize,
+    #[serde(skip)]
+    started: bool,
 }
 
 impl Trace {
+    /// Start the next forward pass: the first call keeps step 0.
+    pub fn next_step(&mut self) {
+        if self.started {
+            self.step += 1;
+        }
+        self.started = true;
+    }
+
     pub fn push(&mut self, mut e: TraceEvent) -> usize {
         e.step = self.step;
         self.events.push(e);

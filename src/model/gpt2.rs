@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use super::attention::{additive_mask, merge_heads, sdpa, split_heads, MaskSpec};
 use super::nn::{conv1d, embed, gelu_tanh, layer_norm};
 use super::weights::{bias, ones, weight};
-use super::{backbone, Family, Forward, Model, ModelGeometry};
-use crate::check::{Attention, CandleExt, Diagnosis, DiagnosisClass, Result, Site, TensorKind};
+use super::{backbone, learned_positions, Family, Forward, Model, ModelGeometry};
+use crate::check::{Attention, CandleExt, Result, Site, TensorKind};
 
 /// `GPT2Config` (Hugging Face field names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -139,23 +139,7 @@ impl Model for Gpt2 {
         let (e, heads) = (self.cfg.n_embd, self.cfg.n_head);
         let d = e / heads;
         let eps = self.cfg.layer_norm_epsilon;
-        if past + s > self.cfg.n_positions {
-            return Err(Diagnosis::new(
-                DiagnosisClass::Position,
-                format!(
-                    "positions {past}..{} exceed n_positions {} of the learned position table",
-                    past + s,
-                    self.cfg.n_positions
-                ),
-            )
-            .at(0, Attention::SelfAttn, TensorKind::Positions)
-            .shapes(&[self.cfg.n_positions, e], &[past + s, e])
-            .hint("the P virtual tokens shift real positions by P: prompt + new tokens + P must fit in n_positions")
-            .into());
-        }
-        let pos = Tensor::arange(past as u32, (past + s) as u32, ids.device())
-            .and_then(|p| p.unsqueeze(0))
-            .ctx("positions")?;
+        let pos = learned_positions(past, s, self.cfg.n_positions, self.cfg.n_embd, ids.device())?;
         // [B, S, E]
         let mut h = embed(&self.wte, ids)
             .and_then(|t| t.broadcast_add(&embed(&self.wpe, &pos)?))

@@ -1,43 +1,158 @@
-//! GptBigcode (placeholder: being implemented).
+//! GPT-BigCode (StarCoder): learned positions, multi-query attention (one KV head
+//! shared by every query head), fused `c_attn` (`nn.Linear`, weights `[out, in]`),
+//! tied LM head. Parameter names follow `GPTBigCodeForCausalLM`.
+//!
+//! Cache geometry: `[B, 1, S, n_embd / n_head]` with `multi_query` (the default),
+//! `[B, n_head, S, D]` without. Older transformers stored one fused `[B, S, 2*D]`
+//! tensor per layer (keys then values along the last dimension): `cache: legacy`.
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::{Family, Forward, Model, ModelGeometry};
-use crate::check::{EngineError, Result};
+use super::attention::{additive_mask, merge_heads, sdpa, split_heads, MaskSpec};
+use super::nn::{embed, gelu_tanh, layer_norm, linear};
+use super::weights::{bias, ones, weight};
+use super::{backbone, learned_positions, Family, Forward, Model, ModelGeometry};
+use crate::check::{Attention, CandleExt, Result, Site, TensorKind};
 
+/// `GPTBigCodeConfig` (Hugging Face field names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub num_layers: usize,
-    pub num_heads: usize,
+    pub n_positions: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default = "default_true")]
+    pub multi_query: bool,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Config {
     pub fn tiny() -> Self {
-        Self { vocab_size: 256, hidden_size: 64, num_layers: 2, num_heads: 4 }
+        Self {
+            vocab_size: 256,
+            n_positions: 128,
+            n_embd: 64,
+            n_layer: 2,
+            n_head: 4,
+            n_inner: None,
+            layer_norm_epsilon: 1e-5,
+            multi_query: true,
+        }
     }
+
     pub fn geometry(&self) -> ModelGeometry {
         ModelGeometry {
-            num_layers: self.num_layers,
-            num_attention_heads: self.num_heads,
-            num_kv_heads: self.num_heads,
-            head_dim: self.hidden_size / self.num_heads,
-            hidden_size: self.hidden_size,
+            num_layers: self.n_layer,
+            num_attention_heads: self.n_head,
+            num_kv_heads: if self.multi_query { 1 } else { self.n_head },
+            head_dim: self.n_embd / self.n_head.max(1),
+            hidden_size: self.n_embd,
             vocab_size: self.vocab_size,
-            max_positions: None,
+            max_positions: Some(self.n_positions),
             encoder_decoder: false,
         }
     }
 }
 
-pub struct GptBigcode;
+type Lin = (Tensor, Tensor);
+
+struct Block {
+    ln_1: Lin,
+    /// `[E + 2*KVH*D, E]`: queries, then keys, then values (multi-query); per-head
+    /// interleaved `[H, 3, D]` rows otherwise.
+    c_attn: Lin,
+    /// `[E, E]`
+    c_proj: Lin,
+    ln_2: Lin,
+    /// `[inner, E]`
+    c_fc: Lin,
+    /// `[E, inner]`
+    mlp_proj: Lin,
+}
+
+pub struct GptBigcode {
+    cfg: Config,
+    /// `[V, E]`, also the LM head.
+    wte: Tensor,
+    /// `[n_positions, E]`
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: Lin,
+}
+
+fn ln(vb: &VarBuilder, name: &str, e: usize) -> Result<Lin> {
+    let w = ones(vb, e, &format!("{name}.weight")).ctx(name)?;
+    let b = bias(vb, e, &format!("{name}.bias")).ctx(name)?;
+    Ok((w, b))
+}
+
+fn lin(vb: &VarBuilder, name: &str, i: usize, o: usize) -> Result<Lin> {
+    let w = weight(vb, (o, i), &format!("{name}.weight")).ctx(name)?;
+    let b = bias(vb, o, &format!("{name}.bias")).ctx(name)?;
+    Ok((w, b))
+}
 
 impl GptBigcode {
-    pub fn load(_cfg: &Config, _vb: VarBuilder) -> Result<Self> {
-        Err(EngineError::Config("gpt_bigcode is not implemented yet".into()))
+    pub fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let vb = backbone(&vb, "transformer", "wte.weight");
+        let e = cfg.n_embd;
+        let g = cfg.geometry();
+        let inner = cfg.n_inner.unwrap_or(4 * e);
+        let qkv_out = e + 2 * g.num_kv_heads * g.head_dim;
+        let wte = weight(&vb, (cfg.vocab_size, e), "wte.weight").ctx("wte")?;
+        let wpe = weight(&vb, (cfg.n_positions, e), "wpe.weight").ctx("wpe")?;
+        let mut blocks = vec![];
+        for i in 0..cfg.n_layer {
+            let p = format!("h.{i}");
+            blocks.push(Block {
+                ln_1: ln(&vb, &format!("{p}.ln_1"), e)?,
+                c_attn: lin(&vb, &format!("{p}.attn.c_attn"), e, qkv_out)?,
+                c_proj: lin(&vb, &format!("{p}.attn.c_proj"), e, e)?,
+                ln_2: ln(&vb, &format!("{p}.ln_2"), e)?,
+                c_fc: lin(&vb, &format!("{p}.mlp.c_fc"), e, inner)?,
+                mlp_proj: lin(&vb, &format!("{p}.mlp.c_proj"), inner, e)?,
+            });
+        }
+        let ln_f = ln(&vb, "ln_f", e)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+        })
+    }
+
+    /// Split the fused projection `[B, S, E + 2*KVH*D]` into q `[B, H, S, D]` and
+    /// k, v `[B, KVH, S, D]`.
+    fn split_qkv(&self, qkv: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let g = self.cfg.geometry();
+        let (h, d, e) = (g.num_attention_heads, g.head_dim, self.cfg.n_embd);
+        if self.cfg.multi_query {
+            let q = split_heads(&qkv.narrow(2, 0, e)?, h, d)?;
+            let k = split_heads(&qkv.narrow(2, e, d)?, 1, d)?;
+            let v = split_heads(&qkv.narrow(2, e + d, d)?, 1, d)?;
+            Ok((q, k, v))
+        } else {
+            // transformers: view(B, S, H, 3*D).transpose(1, 2).split((D, 2*D), dim=3)
+            let (b, s, _) = qkv.dims3()?;
+            let x = qkv.reshape((b, s, h, 3 * d))?.transpose(1, 2)?;
+            Ok((x.narrow(3, 0, d)?, x.narrow(3, d, d)?, x.narrow(3, 2 * d, d)?))
+        }
     }
 }
 
@@ -45,10 +160,55 @@ impl Model for GptBigcode {
     fn family(&self) -> Family {
         Family::GptBigcode
     }
+
     fn geometry(&self) -> ModelGeometry {
-        unreachable!()
+        self.cfg.geometry()
     }
-    fn forward(&self, _ids: &Tensor, _fw: &mut Forward) -> Result<Tensor> {
-        unreachable!()
+
+    fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
+        let (_b, s) = ids.dims2().ctx("input ids [B, S]")?;
+        let past = fw.cache.past_len();
+        let g = self.cfg.geometry();
+        let eps = self.cfg.layer_norm_epsilon;
+        let pos = learned_positions(past, s, self.cfg.n_positions, self.cfg.n_embd, ids.device())?;
+        // [B, S, E]
+        let mut h = embed(&self.wte, ids)
+            .and_then(|t| t.broadcast_add(&embed(&self.wpe, &pos)?))
+            .ctx("embeddings")?;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
+            let a = layer_norm(&h, &blk.ln_1.0, &blk.ln_1.1, eps).at(site, "ln_1")?;
+            let qkv = linear(&a, &blk.c_attn.0, Some(&blk.c_attn.1)).at(site, "c_attn")?;
+            // q [B, H, S, D], k/v [B, KVH, S, D]
+            let (q, k, v) = self.split_qkv(&qkv).at(site, "split c_attn")?;
+            let view = fw.cache.update_self(i, &k, &v, (past, past + s))?;
+            let kv_len = view.k.dim(2).at(site, "key length")?;
+            let spec = MaskSpec {
+                q_start: past,
+                q_len: s,
+                kv_start: view.kv_start,
+                kv_len,
+                causal: true,
+                window: fw.cache.window(),
+            };
+            let mask = additive_mask(fw.mask, spec, i, Attention::SelfAttn)?;
+            fw.cache.note_mask(i, Attention::SelfAttn, mask.dims());
+            let scale = 1.0 / (g.head_dim as f64).sqrt();
+            let o = sdpa(&q, &view.k, &view.v, &mask, None, scale, i, Attention::SelfAttn)?;
+            let o = merge_heads(&o)
+                .and_then(|o| linear(&o, &blk.c_proj.0, Some(&blk.c_proj.1)))
+                .at(site, "c_proj")?;
+            h = (h + o).at(site, "residual")?;
+            let m = layer_norm(&h, &blk.ln_2.0, &blk.ln_2.1, eps)
+                .and_then(|m| linear(&m, &blk.c_fc.0, Some(&blk.c_fc.1)))
+                .and_then(|m| gelu_tanh(&m))
+                .and_then(|m| linear(&m, &blk.mlp_proj.0, Some(&blk.mlp_proj.1)))
+                .at(site, "mlp")?;
+            h = (h + m).at(site, "residual")?;
+        }
+        // [B, S, V]
+        layer_norm(&h, &self.ln_f.0, &self.ln_f.1, eps)
+            .and_then(|h| h.broadcast_matmul(&self.wte.t()?))
+            .ctx("lm head")
     }
 }

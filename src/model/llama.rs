@@ -1,43 +1,363 @@
-//! Llama (placeholder: being implemented).
+//! Llama: rotary positions (RoPE, Hugging Face's non-interleaved `rotate_half`
+//! convention), grouped-query attention, an explicit `head_dim` that may differ from
+//! `hidden_size / num_attention_heads`, RMSNorm, SwiGLU MLP and an optional sliding
+//! window. Parameter names follow `LlamaForCausalLM`.
+//!
+//! Cache geometry: `[B, num_key_value_heads, S, head_dim]`. The P virtual tokens occupy
+//! positions `0..P`; real tokens are rotated for positions `P..P+S`. Prefix keys enter
+//! the cache as given, without RoPE (as PEFT's prefix does in transformers).
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
+use candle_nn::rotary_emb::rope_slow;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::{Family, Forward, Model, ModelGeometry};
-use crate::check::{EngineError, Result};
+use super::attention::{additive_mask, merge_heads, sdpa, split_heads, MaskSpec};
+use super::nn::{embed, linear, rms_norm};
+use super::weights::{bias, ones, weight};
+use super::{backbone, Family, Forward, Model, ModelGeometry};
+use crate::check::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 
+/// `LlamaConfig` (Hugging Face field names). Fields this harness does not use
+/// (`architectures`, `torch_dtype`, `bos_token_id`, ...) are ignored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     pub vocab_size: usize,
     pub hidden_size: usize,
-    pub num_layers: usize,
-    pub num_heads: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// GQA/MQA key/value heads; `None` means `num_attention_heads` (plain MHA).
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Per-head dimension; `None` means `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    /// transformers < 5: `{"rope_type" | "type": "linear" | "llama3", "factor": ..}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeParameters>,
+    /// transformers >= 5: `{"rope_theta": .., "rope_type": ..}` (replaces both
+    /// `rope_theta` and `rope_scaling` when present).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<RopeParameters>,
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Biases on q/k/v/o projections.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Biases on gate/up/down projections.
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Attention window (query at p sees keys in (p - W, p]); a sliding cache's own
+    /// window takes precedence.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+}
+
+/// RoPE parameters: transformers' `rope_scaling` (before 5.0) or `rope_parameters`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct RopeParameters {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_type: Option<String>,
+    /// The older spelling of `rope_type`.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub legacy_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub low_freq_factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub high_freq_factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+impl RopeParameters {
+    fn kind(&self) -> &str {
+        self.rope_type
+            .as_deref()
+            .or(self.legacy_type.as_deref())
+            .unwrap_or("default")
+    }
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+
+fn default_theta() -> f64 {
+    10_000.0
+}
+
+fn default_max_positions() -> usize {
+    2048
+}
+
+fn default_act() -> String {
+    "silu".into()
 }
 
 impl Config {
+    /// Hidden 64, 2 layers, 4 attention heads over 2 KV heads, and `head_dim` 24
+    /// (deliberately not 64 / 4) so that an explicit `head_dim` is always exercised.
     pub fn tiny() -> Self {
-        Self { vocab_size: 256, hidden_size: 64, num_layers: 2, num_heads: 4 }
+        Self {
+            vocab_size: 256,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            head_dim: Some(24),
+            rms_norm_eps: 1e-6,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            rope_parameters: None,
+            max_position_embeddings: 256,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            mlp_bias: false,
+            hidden_act: default_act(),
+            sliding_window: None,
+        }
     }
+
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// RoPE base: `rope_parameters.rope_theta` (transformers >= 5) or `rope_theta`.
+    pub fn theta(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_theta)
+            .unwrap_or(self.rope_theta)
+    }
+
+    fn scaling(&self) -> Option<&RopeParameters> {
+        self.rope_parameters.as_ref().or(self.rope_scaling.as_ref())
+    }
+
     pub fn geometry(&self) -> ModelGeometry {
         ModelGeometry {
-            num_layers: self.num_layers,
-            num_attention_heads: self.num_heads,
-            num_kv_heads: self.num_heads,
-            head_dim: self.hidden_size / self.num_heads,
+            num_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_kv_heads: self.num_kv_heads(),
+            head_dim: self.head_dim(),
             hidden_size: self.hidden_size,
             vocab_size: self.vocab_size,
+            // RoPE has no position table: positions past max_position_embeddings
+            // still compute (with degraded quality), nothing is out of range.
             max_positions: None,
             encoder_decoder: false,
         }
     }
+
+    /// RoPE inverse frequencies `1 / theta^(2i/d)` for `i < d/2`, with the scaling of
+    /// `rope_type` (`default`, `linear`, `llama3`), computed in f64.
+    fn inv_freq(&self) -> Result<Vec<f64>> {
+        let d = self.head_dim();
+        let theta = self.theta();
+        let base: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64))
+            .collect();
+        let Some(r) = self.scaling() else {
+            return Ok(base);
+        };
+        let need = |v: Option<f64>, name: &str| {
+            v.ok_or_else(|| {
+                EngineError::Config(format!("llama: rope_type `{}` needs `{name}`", r.kind()))
+            })
+        };
+        match r.kind() {
+            "default" => Ok(base),
+            "linear" => {
+                let factor = need(r.factor, "factor")?;
+                Ok(base.into_iter().map(|f| f / factor).collect())
+            }
+            "llama3" => {
+                // transformers `_compute_llama3_parameters`.
+                let factor = need(r.factor, "factor")?;
+                let low = need(r.low_freq_factor, "low_freq_factor")?;
+                let high = need(r.high_freq_factor, "high_freq_factor")?;
+                let old = need(
+                    r.original_max_position_embeddings.map(|v| v as f64),
+                    "original_max_position_embeddings",
+                )?;
+                let (low_wavelen, high_wavelen) = (old / low, old / high);
+                Ok(base
+                    .into_iter()
+                    .map(|f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low) / (high - low);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect())
+            }
+            other => Err(EngineError::Config(format!(
+                "llama: rope_type `{other}` is not supported (supported: default, linear, llama3)"
+            ))),
+        }
+    }
+
+    /// What `ModelConfig::validate` cannot see: head_dim even (RoPE rotates pairs),
+    /// the activation, the RoPE type.
+    fn check(&self) -> Result<()> {
+        let d = self.head_dim();
+        if d % 2 != 0 {
+            return Err(EngineError::Config(format!(
+                "llama: head_dim {d} must be even (RoPE rotates pairs of dimensions)"
+            )));
+        }
+        if self.hidden_act != "silu" {
+            return Err(EngineError::Config(format!(
+                "llama: hidden_act `{}` is not supported (Llama uses silu)",
+                self.hidden_act
+            )));
+        }
+        if self.sliding_window == Some(0) {
+            return Err(EngineError::Config(
+                "llama: sliding_window must be at least 1".into(),
+            ));
+        }
+        self.inv_freq().map(|_| ())
+    }
 }
 
-pub struct Llama;
+/// A projection `nn.Linear`: weight `[out, in]`, optional bias `[out]`.
+type Lin = (Tensor, Option<Tensor>);
+
+struct Layer {
+    /// `[E]`
+    input_layernorm: Tensor,
+    /// `[H*D, E]`
+    q_proj: Lin,
+    /// `[KVH*D, E]`
+    k_proj: Lin,
+    /// `[KVH*D, E]`
+    v_proj: Lin,
+    /// `[E, H*D]`
+    o_proj: Lin,
+    /// `[E]`
+    post_attention_layernorm: Tensor,
+    /// `[I, E]`
+    gate_proj: Lin,
+    /// `[I, E]`
+    up_proj: Lin,
+    /// `[E, I]`
+    down_proj: Lin,
+}
+
+pub struct Llama {
+    cfg: Config,
+    /// `[V, E]`
+    embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    /// `[E]`
+    norm: Tensor,
+    /// `[V, E]` (the embedding table when `tie_word_embeddings`)
+    lm_head: Tensor,
+    /// RoPE inverse frequencies `[1, D/2]` (f32, as transformers computes them).
+    inv_freq: Tensor,
+}
+
+fn lin(vb: &VarBuilder, name: &str, i: usize, o: usize, with_bias: bool) -> Result<Lin> {
+    let w = weight(vb, (o, i), &format!("{name}.weight")).ctx(name)?;
+    let b = if with_bias {
+        Some(bias(vb, o, &format!("{name}.bias")).ctx(name)?)
+    } else {
+        None
+    };
+    Ok((w, b))
+}
+
+/// `x: [..., in]` -> `[..., out]`
+fn apply(x: &Tensor, l: &Lin) -> candle_core::Result<Tensor> {
+    linear(x, &l.0, l.1.as_ref())
+}
 
 impl Llama {
-    pub fn load(_cfg: &Config, _vb: VarBuilder) -> Result<Self> {
-        Err(EngineError::Config("llama is not implemented yet".into()))
+    pub fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        cfg.check()?;
+        let root = vb.clone();
+        let vb = backbone(&vb, "model", "embed_tokens.weight");
+        let (e, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let (heads, kvh, d) = (
+            cfg.num_attention_heads,
+            cfg.num_kv_heads(),
+            cfg.head_dim(),
+        );
+        let embed_tokens =
+            weight(&vb, (cfg.vocab_size, e), "embed_tokens.weight").ctx("embed_tokens")?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("layers.{i}");
+            let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
+            let norm = |n: &str| {
+                let name = format!("{p}.{n}.weight");
+                ones(&vb, e, &name).ctx(&name)
+            };
+            layers.push(Layer {
+                input_layernorm: norm("input_layernorm")?,
+                q_proj: lin(&vb, &format!("{p}.self_attn.q_proj"), e, heads * d, ab)?,
+                k_proj: lin(&vb, &format!("{p}.self_attn.k_proj"), e, kvh * d, ab)?,
+                v_proj: lin(&vb, &format!("{p}.self_attn.v_proj"), e, kvh * d, ab)?,
+                o_proj: lin(&vb, &format!("{p}.self_attn.o_proj"), heads * d, e, ab)?,
+                post_attention_layernorm: norm("post_attention_layernorm")?,
+                gate_proj: lin(&vb, &format!("{p}.mlp.gate_proj"), e, inter, mb)?,
+                up_proj: lin(&vb, &format!("{p}.mlp.up_proj"), e, inter, mb)?,
+                down_proj: lin(&vb, &format!("{p}.mlp.down_proj"), inter, e, mb)?,
+            });
+        }
+        let norm = ones(&vb, e, "norm.weight").ctx("norm")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            weight(&root, (cfg.vocab_size, e), "lm_head.weight").ctx("lm_head")?
+        };
+        let inv: Vec<f32> = cfg.inv_freq()?.into_iter().map(|f| f as f32).collect();
+        let inv_freq = Tensor::from_vec(inv, (1, d / 2), embed_tokens.device()).ctx("rope inv_freq")?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
+    }
+
+    /// RoPE tables for positions `start..start+s`: `(cos, sin)`, each `[S, D/2]`, in
+    /// `dtype`. Computed per pass, so no position is ever out of a table's range.
+    fn rope_tables(&self, start: usize, s: usize, dtype: DType) -> candle_core::Result<(Tensor, Tensor)> {
+        let dev = self.inv_freq.device();
+        // [S, 1] x [1, D/2] -> [S, D/2], in f32 like transformers.
+        let freqs = Tensor::arange(start as u32, (start + s) as u32, dev)?
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?
+            .broadcast_mul(&self.inv_freq)?;
+        Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
     }
 }
 
@@ -45,10 +365,89 @@ impl Model for Llama {
     fn family(&self) -> Family {
         Family::Llama
     }
+
     fn geometry(&self) -> ModelGeometry {
-        unreachable!()
+        self.cfg.geometry()
     }
-    fn forward(&self, _ids: &Tensor, _fw: &mut Forward) -> Result<Tensor> {
-        unreachable!()
+
+    fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
+        let (_b, s) = ids.dims2().ctx("input ids [B, S]")?;
+        let past = fw.cache.past_len();
+        let (heads, kvh, d) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_kv_heads(),
+            self.cfg.head_dim(),
+        );
+        let eps = self.cfg.rms_norm_eps;
+        let window = fw.cache.window().or(self.cfg.sliding_window);
+        // [S, D/2] each: real tokens sit at positions past..past+s (after the prefix).
+        let (cos, sin) = self
+            .rope_tables(past, s, self.embed_tokens.dtype())
+            .at(Site::new(0, Attention::SelfAttn, TensorKind::Positions), "rope tables")?;
+        // [B, S, E]
+        let mut h = embed(&self.embed_tokens, ids).ctx("embed_tokens")?;
+        for (i, l) in self.layers.iter().enumerate() {
+            let site_q = Site::new(i, Attention::SelfAttn, TensorKind::Query);
+            let site_k = Site::new(i, Attention::SelfAttn, TensorKind::Key);
+            let site_v = Site::new(i, Attention::SelfAttn, TensorKind::Value);
+            // [B, S, E]
+            let a = rms_norm(&h, &l.input_layernorm, eps).at(site_q, "input_layernorm")?;
+            // [B, H, S, D]
+            let q = apply(&a, &l.q_proj)
+                .and_then(|t| split_heads(&t, heads, d))
+                .and_then(|t| rope_slow(&t, &cos, &sin))
+                .at(site_q, "q_proj + rope")?;
+            // [B, KVH, S, D]: RoPE on the new keys only (the prefix is not rotated).
+            let k = apply(&a, &l.k_proj)
+                .and_then(|t| split_heads(&t, kvh, d))
+                .and_then(|t| rope_slow(&t, &cos, &sin))
+                .at(site_k, "k_proj + rope")?;
+            // [B, KVH, S, D]
+            let v = apply(&a, &l.v_proj)
+                .and_then(|t| split_heads(&t, kvh, d))
+                .at(site_v, "v_proj")?;
+            // view.k, view.v: [B, KVH, K, D]
+            let view = fw.cache.update_self(i, &k, &v, (past, past + s))?;
+            let kv_len = view.k.dim(2).at(site_k, "key length")?;
+            let spec = MaskSpec {
+                q_start: past,
+                q_len: s,
+                kv_start: view.kv_start,
+                kv_len,
+                causal: true,
+                window,
+            };
+            // [B, 1, S, K]
+            let mask = additive_mask(fw.mask, spec, i, Attention::SelfAttn)?;
+            fw.cache.note_mask(i, Attention::SelfAttn, mask.dims());
+            // [B, H, S, D]
+            let o = sdpa(
+                &q,
+                &view.k,
+                &view.v,
+                &mask,
+                None,
+                1.0 / (d as f64).sqrt(),
+                i,
+                Attention::SelfAttn,
+            )?;
+            // [B, S, E]
+            let o = merge_heads(&o)
+                .and_then(|o| apply(&o, &l.o_proj))
+                .at(site_q, "o_proj")?;
+            h = (h + o).at(site_q, "residual")?;
+            // [B, S, E]: down(silu(gate(x)) * up(x))
+            let m = rms_norm(&h, &l.post_attention_layernorm, eps)
+                .and_then(|x| {
+                    let gate = apply(&x, &l.gate_proj)?.silu()?;
+                    apply(&(gate * apply(&x, &l.up_proj)?)?, &l.down_proj)
+                })
+                .at(site_q, "mlp")?;
+            h = (h + m).at(site_q, "residual")?;
+        }
+        // [B, S, V]
+        rms_norm(&h, &self.norm, eps)
+            .and_then(|h| linear(&h, &self.lm_head, None))
+            .ctx("lm head")
     }
 }

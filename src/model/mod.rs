@@ -240,3 +240,32 @@ pub fn backbone<'a>(vb: &VarBuilder<'a>, prefix: &str, probe: &str) -> VarBuilde
         vb.clone()
     }
 }
+
+/// Position ids `[1, S]` for `past..past+S` in a learned absolute position table of
+/// `n_positions` rows of width `hidden` (GPT-2, GPT-BigCode). Positions past the table
+/// are a `position` diagnosis: the P virtual tokens shift every real position by P.
+pub fn learned_positions(
+    past: usize,
+    s: usize,
+    n_positions: usize,
+    hidden: usize,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    use crate::check::{Attention, CandleExt, Diagnosis, DiagnosisClass, TensorKind};
+    if past + s > n_positions {
+        return Err(Diagnosis::new(
+            DiagnosisClass::Position,
+            format!(
+                "positions {past}..{} exceed n_positions {n_positions} of the learned position table",
+                past + s
+            ),
+        )
+        .at(0, Attention::SelfAttn, TensorKind::Positions)
+        .shapes(&[n_positions, hidden], &[past + s, hidden])
+        .hint("the P virtual tokens shift real positions by P: prompt + new tokens + P must fit in n_positions")
+        .into());
+    }
+    Tensor::arange(past as u32, (past + s) as u32, device)
+        .and_then(|p| p.unsqueeze(0))
+        .ctx("positions")
+}

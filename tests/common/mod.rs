@@ -1,0 +1,46 @@
+//! Helpers shared by the engine tests: tiny seeded models, prompts, comparisons.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Tensor};
+use prefix_harness::cache::Layout;
+use prefix_harness::model::{weights, Family, Model, ModelConfig};
+use prefix_harness::prefix::{PrefixConfig, PrefixEncoder};
+
+pub const SEED: u64 = 20261128;
+
+pub fn tiny_model(family: Family) -> Box<dyn Model> {
+    ModelConfig::tiny(family)
+        .build(weights::seeded(SEED, DType::F32, &Device::Cpu))
+        .expect("tiny model builds")
+}
+
+pub fn prefix(model: &dyn Model, p: usize) -> PrefixEncoder {
+    let mut cfg = PrefixConfig::new(p);
+    cfg.seed = SEED + 1;
+    PrefixEncoder::new(&cfg, &model.geometry(), &Device::Cpu).expect("prefix builds")
+}
+
+/// A `[B, S]` prompt of distinct-looking rows (row r is shifted by 37 r).
+pub fn prompt(batch: usize, seq: usize) -> Tensor {
+    let data: Vec<u32> = (0..batch)
+        .flat_map(|r| (0..seq).map(move |i| ((i * 13 + r * 37 + 5) % 250) as u32 + 3))
+        .collect();
+    Tensor::from_vec(data, (batch, seq), &Device::Cpu).expect("prompt")
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.max_all())
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("comparable tensors")
+}
+
+/// The shape a stored self-attention key must have in `layout`.
+pub fn stored_key_shape(layout: Layout, b: usize, kvh: usize, len: usize, d: usize) -> Vec<usize> {
+    match layout {
+        Layout::Standard => vec![b, kvh, len, d],
+        Layout::BloomLegacy => vec![b * kvh, d, len],
+        Layout::BigcodeFused => vec![b, len, 2 * d],
+    }
+}
