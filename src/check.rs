@@ -243,14 +243,15 @@ pub fn from_candle(err: candle_core::Error, site: Option<Site>, what: &str) -> E
             n,
             nth_shape,
         } => {
+            // candle's orientation: the first operand is what the others must match.
             let (a, b) = (first_shape.dims().to_vec(), nth_shape.dims().to_vec());
+            let _ = (dim, n);
             let class = if a.len() != b.len() {
                 DiagnosisClass::Rank
             } else {
-                let _ = (dim, n);
                 DiagnosisClass::Shape
             };
-            (class, b, a)
+            (class, a, b)
         }
         E::UnexpectedNumberOfDims {
             expected, shape, ..
