@@ -330,14 +330,20 @@ impl ModelCache {
         e.positions = Some((0, prefix_len));
         match attention {
             Attention::SelfAttn => {
-                let l = self.layers.get_mut(layer).ok_or_else(|| no_layer(layer, attention))?;
+                let l = self
+                    .layers
+                    .get_mut(layer)
+                    .ok_or_else(|| no_layer(layer, attention))?;
                 l.prefix = Some((k, v));
                 l.prefix_len = prefix_len;
                 l.seen = prefix_len;
             }
             Attention::Cross => {
                 let mark = self.config.cross_prefix_marks_updated;
-                let c = self.cross.get_mut(layer).ok_or_else(|| no_layer(layer, attention))?;
+                let c = self
+                    .cross
+                    .get_mut(layer)
+                    .ok_or_else(|| no_layer(layer, attention))?;
                 if mark {
                     // Historical: the prefix alone became the "computed" cross cache.
                     c.kv = Some((k.clone(), v.clone()));
@@ -366,8 +372,13 @@ impl ModelCache {
         let (_, kv_heads, s_new, _) = k.dims4().at(site_k, "new keys")?;
         let mut e = event(layer, att, CacheOp::Update, layout.name());
         e.positions = Some(positions);
-        let l = self.layers.get_mut(layer).ok_or_else(|| no_layer(layer, att))?;
-        let (k_new, v_new) = layout.from_standard(k, v).at(site_k, "convert to cache layout")?;
+        let l = self
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| no_layer(layer, att))?;
+        let (k_new, v_new) = layout
+            .from_standard(k, v)
+            .at(site_k, "convert to cache layout")?;
         e.key_written = Some(shape(&k_new));
         e.value_written = Some(shape(&v_new));
 
@@ -384,8 +395,24 @@ impl ModelCache {
         if let Some((hk, hv)) = &held {
             e.key_before = Some(shape(hk));
             e.value_before = Some(shape(hv));
-            check_append(layout, layer, att, TensorKind::Key, hk, &k_new, l.prefix_len)?;
-            check_append(layout, layer, att, TensorKind::Value, hv, &v_new, l.prefix_len)?;
+            check_append(
+                layout,
+                layer,
+                att,
+                TensorKind::Key,
+                hk,
+                &k_new,
+                l.prefix_len,
+            )?;
+            check_append(
+                layout,
+                layer,
+                att,
+                TensorKind::Value,
+                hv,
+                &v_new,
+                l.prefix_len,
+            )?;
         }
         if let CacheMode::Static { max_len } = self.config.mode {
             let need = l.seen + s_new;
@@ -416,8 +443,12 @@ impl ModelCache {
                 l.prefix = prefix.clone();
                 let (rk, rv) = match &prefix {
                     Some((pk, pv)) => (
-                        layout.cat(pk, &k_new, TensorKind::Key).at(site_k, "append keys")?,
-                        layout.cat(pv, &v_new, TensorKind::Value).at(site_v, "append values")?,
+                        layout
+                            .cat(pk, &k_new, TensorKind::Key)
+                            .at(site_k, "append keys")?,
+                        layout
+                            .cat(pv, &v_new, TensorKind::Value)
+                            .at(site_v, "append values")?,
                     ),
                     None => (k_new.clone(), v_new.clone()),
                 };
@@ -447,8 +478,12 @@ impl ModelCache {
                 let base = prefix.clone().or_else(|| sk.clone().zip(sv.clone()));
                 let (rk, rv) = match base {
                     Some((bk, bv)) => (
-                        layout.cat(&bk, &k_new, TensorKind::Key).at(site_k, "append keys")?,
-                        layout.cat(&bv, &v_new, TensorKind::Value).at(site_v, "append values")?,
+                        layout
+                            .cat(&bk, &k_new, TensorKind::Key)
+                            .at(site_k, "append keys")?,
+                        layout
+                            .cat(&bv, &v_new, TensorKind::Value)
+                            .at(site_v, "append values")?,
                     ),
                     None => (k_new.clone(), v_new.clone()),
                 };
@@ -470,8 +505,16 @@ impl ModelCache {
                 // limits each query to the window); the cache keeps the last W.
                 let total = rk.dim(2).at(site_k, "key length")?;
                 let keep = total.min(window);
-                *sk = Some(rk.narrow(2, total - keep, keep).at(site_k, "evict")?.detach());
-                *sv = Some(rv.narrow(2, total - keep, keep).at(site_v, "evict")?.detach());
+                *sk = Some(
+                    rk.narrow(2, total - keep, keep)
+                        .at(site_k, "evict")?
+                        .detach(),
+                );
+                *sv = Some(
+                    rv.narrow(2, total - keep, keep)
+                        .at(site_v, "evict")?
+                        .detach(),
+                );
                 let kv_start = l.seen + s_new - total;
                 (rk, rv, kv_start)
             }
@@ -516,9 +559,11 @@ impl ModelCache {
     ) -> Result<(Tensor, Tensor)> {
         let att = Attention::Cross;
         let recompute = matches!(self.config.mode, CacheMode::None);
-        let c = self.cross.get_mut(layer).ok_or_else(|| no_layer(layer, att))?;
-        if c.is_updated && !recompute {
-            let (k, v) = c.kv.clone().expect("is_updated implies stored keys");
+        let c = self
+            .cross
+            .get_mut(layer)
+            .ok_or_else(|| no_layer(layer, att))?;
+        if let (true, false, Some((k, v))) = (c.is_updated, recompute, c.kv.clone()) {
             let mut e = event(layer, att, CacheOp::Read, Layout::Standard.name());
             e.key_before = Some(shape(&k));
             e.value_before = Some(shape(&v));
@@ -617,7 +662,11 @@ fn check_append(
     // held number of positions.
     let mut expected = n.to_vec();
     if seq < expected.len() {
-        expected[seq] = if h.len() == n.len() { h[seq] } else { prefix_len };
+        expected[seq] = if h.len() == n.len() {
+            h[seq]
+        } else {
+            prefix_len
+        };
     }
     let base = |class: DiagnosisClass, msg: String, hint: &str| -> Result<()> {
         Err(Diagnosis::new(class, msg)

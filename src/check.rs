@@ -159,7 +159,13 @@ impl Diagnosis {
 
 impl fmt::Display for Diagnosis {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} at {}: {}", self.class.as_str(), self.place(), self.message)?;
+        write!(
+            f,
+            "{} at {}: {}",
+            self.class.as_str(),
+            self.place(),
+            self.message
+        )?;
         if !self.expected_shape.is_empty() || !self.actual_shape.is_empty() {
             write!(
                 f,
@@ -255,7 +261,11 @@ pub fn from_candle(err: candle_core::Error, site: Option<Site>, what: &str) -> E
         }
         E::UnexpectedNumberOfDims {
             expected, shape, ..
-        } => (DiagnosisClass::Rank, vec![0; *expected], shape.dims().to_vec()),
+        } => (
+            DiagnosisClass::Rank,
+            vec![0; *expected],
+            shape.dims().to_vec(),
+        ),
         E::ShapeMismatchBinaryOp { lhs, rhs, .. } => {
             let (a, b) = (lhs.dims().to_vec(), rhs.dims().to_vec());
             let class = if a.len() != b.len() {
@@ -276,9 +286,7 @@ pub fn from_candle(err: candle_core::Error, site: Option<Site>, what: &str) -> E
         E::DTypeMismatchBinaryOp { .. } | E::UnexpectedDType { .. } => {
             (DiagnosisClass::Dtype, vec![], vec![])
         }
-        E::UnexpectedShape {
-            expected, got, ..
-        } => (
+        E::UnexpectedShape { expected, got, .. } => (
             DiagnosisClass::Shape,
             expected.dims().to_vec(),
             got.dims().to_vec(),
@@ -286,10 +294,7 @@ pub fn from_candle(err: candle_core::Error, site: Option<Site>, what: &str) -> E
         _ => {
             return EngineError::Candle {
                 context: match site {
-                    Some(s) => format!(
-                        "{what} at layer {} {} {}",
-                        s.layer, s.attention, s.tensor
-                    ),
+                    Some(s) => format!("{what} at layer {} {} {}", s.layer, s.attention, s.tensor),
                     None => what.to_string(),
                 },
                 source: err,
@@ -298,7 +303,9 @@ pub fn from_candle(err: candle_core::Error, site: Option<Site>, what: &str) -> E
     };
     let mut d = Diagnosis::new(class, format!("{what} failed in candle: {inner}"))
         .shapes(&expected, &actual)
-        .hint("a tensor reached a candle operation with a shape the model's attention did not expect");
+        .hint(
+            "a tensor reached a candle operation with a shape the model's attention did not expect",
+        );
     if let Some(s) = site {
         d = d.at(s.layer, s.attention, s.tensor);
     }

@@ -7,6 +7,7 @@ use crate::cache::{CacheConfig, CacheMode, ModelCache};
 use crate::check::{CandleExt, Result};
 use crate::model::{Encoded, Forward, Model};
 use crate::prefix::{extend_mask, inject, PrefixEncoder, PrefixLayout};
+use crate::trace::Trace;
 
 /// How one generation runs.
 #[derive(Debug, Clone)]
@@ -75,10 +76,54 @@ pub fn greedy(
     input_ids: &Tensor,
     pad: Option<&Tensor>,
 ) -> Result<DecodeOutput> {
+    greedy_traced(model, prefix, opts, input_ids, pad).0
+}
+
+/// [`greedy`], also returning the trace recorded up to the end or to the failure
+/// (what a bug report shows: every cache event before the diagnosis).
+pub fn greedy_traced(
+    model: &dyn Model,
+    prefix: Option<&PrefixEncoder>,
+    opts: &DecodeOptions,
+    input_ids: &Tensor,
+    pad: Option<&Tensor>,
+) -> (Result<DecodeOutput>, Trace) {
+    let b = match input_ids.dims2().ctx("input ids [B, S]") {
+        Ok((b, _)) => b,
+        Err(e) => return (Err(e), Trace::default()),
+    };
+    let mut cache = match prepare_cache(model, prefix, &opts.cache, opts.layout, b) {
+        Ok(c) => c,
+        Err(e) => return (Err(e), Trace::default()),
+    };
+    match decode(model, prefix, opts, input_ids, pad, &mut cache) {
+        Ok((tokens, logits)) => {
+            let trace = cache.trace.clone();
+            (
+                Ok(DecodeOutput {
+                    tokens,
+                    logits,
+                    cache,
+                }),
+                trace,
+            )
+        }
+        Err(e) => (Err(e), cache.trace),
+    }
+}
+
+/// Prefill and greedy steps on a prepared cache: `(tokens [B][n], logits n x [B, V])`.
+fn decode(
+    model: &dyn Model,
+    prefix: Option<&PrefixEncoder>,
+    opts: &DecodeOptions,
+    input_ids: &Tensor,
+    pad: Option<&Tensor>,
+    cache: &mut ModelCache,
+) -> Result<(Vec<Vec<u32>>, Vec<Tensor>)> {
     let (b, s) = input_ids.dims2().ctx("input ids [B, S]")?;
     let dev = input_ids.device().clone();
     let p = prefix.map(|p| p.geometry.num_virtual_tokens).unwrap_or(0);
-    let mut cache = prepare_cache(model, prefix, &opts.cache, opts.layout, b)?;
     let pad = match pad {
         Some(m) => m.to_dtype(DType::F32).ctx("padding mask")?,
         None => Tensor::ones((b, s), DType::F32, &dev).ctx("padding mask")?,
@@ -100,7 +145,8 @@ pub fn greedy(
     };
     let (mut seq, mut seq_pad) = match &encoded {
         Some(_) => {
-            let start = Tensor::full(model.decoder_start_token_id(), (b, 1), &dev).ctx("start token")?;
+            let start =
+                Tensor::full(model.decoder_start_token_id(), (b, 1), &dev).ctx("start token")?;
             (start, ones(1)?)
         }
         None => (input_ids.to_dtype(DType::U32).ctx("ids")?, pad.clone()),
@@ -112,11 +158,15 @@ pub fn greedy(
     for step in 0..opts.max_new_tokens {
         cache.next_step();
         let mask = with_prefix(&seq_pad)?;
-        let ids = if recompute || step == 0 { &seq } else { &next_input };
+        let ids = if recompute || step == 0 {
+            &seq
+        } else {
+            &next_input
+        };
         let out = model.forward(
             ids,
             &mut Forward {
-                cache: &mut cache,
+                cache,
                 mask: &mask,
                 encoder: encoded.as_ref(),
             },
@@ -135,11 +185,7 @@ pub fn greedy(
         seq = Tensor::cat(&[&seq, &next_input], 1).ctx("append token")?;
         seq_pad = Tensor::cat(&[&seq_pad, &ones(1)?], 1).ctx("append mask")?;
     }
-    Ok(DecodeOutput {
-        tokens,
-        logits,
-        cache,
-    })
+    Ok((tokens, logits))
 }
 
 /// Logits `[B, S, V]` of one forward pass over `input_ids: [B, S]` with the prefix in a
@@ -158,9 +204,9 @@ pub fn forward_logits(
     let pad = Tensor::ones((b, s), DType::F32, &dev).ctx("mask")?;
     let (ids, encoded) = if model.geometry().encoder_decoder {
         let enc = model.encode(input_ids, &pad)?;
-        let dec = decoder_ids
-            .cloned()
-            .ok_or_else(|| crate::check::EngineError::Config("encoder-decoder needs decoder ids".into()))?;
+        let dec = decoder_ids.cloned().ok_or_else(|| {
+            crate::check::EngineError::Config("encoder-decoder needs decoder ids".into())
+        })?;
         (dec, Some(enc))
     } else {
         (input_ids.clone(), None)

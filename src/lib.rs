@@ -6,8 +6,12 @@
 
 pub mod cache;
 pub mod check;
+pub mod data;
 pub mod generate;
 pub mod model;
 pub mod prefix;
+pub mod report;
 pub mod rng;
+pub mod run;
+pub mod scenario;
 pub mod trace;

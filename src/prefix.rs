@@ -178,7 +178,14 @@ pub struct PrefixEncoder {
     pub transform: Option<(Var, Var, Var, Var)>,
 }
 
-fn seeded_var(seed: u64, name: &str, dims: &[usize], std: f64, zero: bool, dev: &Device) -> Result<Var> {
+fn seeded_var(
+    seed: u64,
+    name: &str,
+    dims: &[usize],
+    std: f64,
+    zero: bool,
+    dev: &Device,
+) -> Result<Var> {
     let n: usize = dims.iter().product();
     let data: Vec<f32> = if zero {
         vec![0.0; n]
@@ -199,17 +206,38 @@ impl PrefixEncoder {
         let (embedding, transform) = if config.projection {
             let h = config.encoder_hidden_size;
             let w = g.embedding_width();
-            let emb = seeded_var(seed, "embedding.weight", &[p, g.token_dim], 1.0, zero, device)?;
+            let emb = seeded_var(
+                seed,
+                "embedding.weight",
+                &[p, g.token_dim],
+                1.0,
+                zero,
+                device,
+            )?;
             // Linear layers as PyTorch initialises them: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
             let s1 = 1.0 / (3.0 * g.token_dim as f64).sqrt();
             let s2 = 1.0 / (3.0 * h as f64).sqrt();
-            let w1 = seeded_var(seed, "transform.0.weight", &[h, g.token_dim], s1, false, device)?;
+            let w1 = seeded_var(
+                seed,
+                "transform.0.weight",
+                &[h, g.token_dim],
+                s1,
+                false,
+                device,
+            )?;
             let b1 = seeded_var(seed, "transform.0.bias", &[h], s1, false, device)?;
             let w2 = seeded_var(seed, "transform.2.weight", &[w, h], s2, false, device)?;
             let b2 = seeded_var(seed, "transform.2.bias", &[w], s2, false, device)?;
             (emb, Some((w1, b1, w2, b2)))
         } else {
-            let emb = seeded_var(seed, "embedding.weight", &[p, g.embedding_width()], 1.0, zero, device)?;
+            let emb = seeded_var(
+                seed,
+                "embedding.weight",
+                &[p, g.embedding_width()],
+                1.0,
+                zero,
+                device,
+            )?;
             (emb, None)
         };
         Ok(Self {
@@ -221,7 +249,11 @@ impl PrefixEncoder {
     }
 
     /// Build from a saved `prompt_embeddings` `[P, L*2*token_dim]` (a PEFT adapter).
-    pub fn from_prompt_embeddings(config: &PrefixConfig, geometry: PeftGeometry, t: &Tensor) -> Result<Self> {
+    pub fn from_prompt_embeddings(
+        config: &PrefixConfig,
+        geometry: PeftGeometry,
+        t: &Tensor,
+    ) -> Result<Self> {
         let var = Var::from_tensor(&t.to_dtype(DType::F32).ctx("load prompt_embeddings")?)
             .ctx("load prompt_embeddings")?;
         let mut config = config.clone();
@@ -297,7 +329,11 @@ impl PrefixEncoder {
             out.push(LayerPrefix {
                 key: get(0)?,
                 value: get(1)?,
-                cross: if sub == 2 { Some((get(2)?, get(3)?)) } else { None },
+                cross: if sub == 2 {
+                    Some((get(2)?, get(3)?))
+                } else {
+                    None
+                },
             });
         }
         Ok(out)
@@ -313,7 +349,9 @@ pub fn shape_for_layout(key: &Tensor, value: &Tensor, layout: Layout) -> Result<
         Layout::BigcodeFused => {
             let k0 = key.narrow(1, 0, 1).ctx("prefix head 0")?;
             let v0 = value.narrow(1, 0, 1).ctx("prefix head 0")?;
-            layout.from_standard(&k0, &v0).ctx("prefix to bigcode-fused")
+            layout
+                .from_standard(&k0, &v0)
+                .ctx("prefix to bigcode-fused")
         }
         _ => layout.from_standard(key, value).ctx("prefix to layout"),
     }
@@ -321,7 +359,12 @@ pub fn shape_for_layout(key: &Tensor, value: &Tensor, layout: Layout) -> Result<
 
 /// Place a prefix into every layer of `cache`, shaped by `layout` (resolved against
 /// the layout the cache stores).
-pub fn inject(cache: &mut ModelCache, prefix: &[LayerPrefix], layout: PrefixLayout, prefix_len: usize) -> Result<()> {
+pub fn inject(
+    cache: &mut ModelCache,
+    prefix: &[LayerPrefix],
+    layout: PrefixLayout,
+    prefix_len: usize,
+) -> Result<()> {
     let target = layout.resolve(cache.layout);
     for (i, lp) in prefix.iter().enumerate() {
         let (k, v) = shape_for_layout(&lp.key, &lp.value, target)?;

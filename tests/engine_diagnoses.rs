@@ -6,7 +6,9 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use prefix_harness::cache::{CacheConfig, CacheMode};
-use prefix_harness::check::{from_candle, Attention, Diagnosis, DiagnosisClass, EngineError, TensorKind};
+use prefix_harness::check::{
+    from_candle, Attention, Diagnosis, DiagnosisClass, EngineError, TensorKind,
+};
 use prefix_harness::generate::{greedy, prepare_cache, DecodeOptions};
 use prefix_harness::model::{Family, Forward};
 use prefix_harness::prefix::{HeadDimFrom, HeadsFrom, PrefixConfig, PrefixEncoder, PrefixLayout};
@@ -28,7 +30,13 @@ fn opts(mode: CacheMode) -> DecodeOptions {
     DecodeOptions::new(CacheConfig::new(mode), 3)
 }
 
-fn assert_place(d: &Diagnosis, class: DiagnosisClass, layer: usize, attention: Attention, tensor: TensorKind) {
+fn assert_place(
+    d: &Diagnosis,
+    class: DiagnosisClass,
+    layer: usize,
+    attention: Attention,
+    tensor: TensorKind,
+) {
     assert_eq!(
         (d.class, d.layer, d.attention, d.tensor),
         (class, Some(layer), Some(attention), Some(tensor)),
@@ -43,7 +51,13 @@ fn bloom_legacy_prefix_in_a_dynamic_cache_is_a_rank_failure_at_layer_0_key() {
     let mut o = opts(CacheMode::Dynamic);
     o.layout = PrefixLayout::BloomLegacy;
     let d = diagnose(Family::Bloom, 4, o, None);
-    assert_place(&d, DiagnosisClass::Rank, 0, Attention::SelfAttn, TensorKind::Key);
+    assert_place(
+        &d,
+        DiagnosisClass::Rank,
+        0,
+        Attention::SelfAttn,
+        TensorKind::Key,
+    );
     assert_eq!(d.expected_shape, vec![2, 4, 4, 16], "[B, H, P, D]");
     assert_eq!(d.actual_shape, vec![8, 16, 4], "[B*H, D, P]");
     assert!(d.message.contains("got 3 and 4"), "{}", d.message);
@@ -63,7 +77,13 @@ fn standard_prefix_in_a_bloom_legacy_cache_is_a_rank_failure() {
     let mut o = opts(CacheMode::Legacy);
     o.layout = PrefixLayout::Standard;
     let d = diagnose(Family::Bloom, 4, o, None);
-    assert_place(&d, DiagnosisClass::Rank, 0, Attention::SelfAttn, TensorKind::Key);
+    assert_place(
+        &d,
+        DiagnosisClass::Rank,
+        0,
+        Attention::SelfAttn,
+        TensorKind::Key,
+    );
     assert_eq!((d.expected_shape.len(), d.actual_shape.len()), (3, 4));
 }
 
@@ -73,7 +93,13 @@ fn bigcode_fused_prefix_in_a_dynamic_cache_is_a_rank_failure() {
     let mut o = opts(CacheMode::Dynamic);
     o.layout = PrefixLayout::BigcodeFused;
     let d = diagnose(Family::GptBigcode, 3, o, None);
-    assert_place(&d, DiagnosisClass::Rank, 0, Attention::SelfAttn, TensorKind::Key);
+    assert_place(
+        &d,
+        DiagnosisClass::Rank,
+        0,
+        Attention::SelfAttn,
+        TensorKind::Key,
+    );
     assert_eq!(d.actual_shape, vec![2, 3, 32], "[B, P, 2*D]");
 }
 
@@ -83,7 +109,13 @@ fn gqa_prefix_built_with_attention_heads_is_a_kv_heads_failure() {
     let mut c = PrefixConfig::new(4);
     c.heads_from = HeadsFrom::AttentionHeads;
     let d = diagnose(Family::Llama, 4, opts(CacheMode::Dynamic), Some(c));
-    assert_place(&d, DiagnosisClass::KvHeads, 0, Attention::SelfAttn, TensorKind::Key);
+    assert_place(
+        &d,
+        DiagnosisClass::KvHeads,
+        0,
+        Attention::SelfAttn,
+        TensorKind::Key,
+    );
     assert_eq!(d.actual_shape[1], 4, "attention heads");
     assert_eq!(d.expected_shape[1], 2, "kv heads");
 }
@@ -94,7 +126,13 @@ fn prefix_head_dim_from_hidden_over_heads_is_a_head_dim_failure() {
     let mut c = PrefixConfig::new(4);
     c.head_dim_from = HeadDimFrom::HiddenOverHeads;
     let d = diagnose(Family::Llama, 4, opts(CacheMode::Dynamic), Some(c));
-    assert_place(&d, DiagnosisClass::HeadDim, 0, Attention::SelfAttn, TensorKind::Key);
+    assert_place(
+        &d,
+        DiagnosisClass::HeadDim,
+        0,
+        Attention::SelfAttn,
+        TensorKind::Key,
+    );
     assert_eq!((d.expected_shape[3], d.actual_shape[3]), (24, 16));
 }
 
@@ -103,22 +141,48 @@ fn mask_not_extended_by_the_prefix_is_a_mask_width_failure() {
     let mut o = opts(CacheMode::Dynamic);
     o.extend_mask = false;
     let d = diagnose(Family::Gpt2, 4, o, None);
-    assert_place(&d, DiagnosisClass::MaskWidth, 0, Attention::SelfAttn, TensorKind::Mask);
-    assert_eq!((d.expected_shape.clone(), d.actual_shape.clone()), (vec![2, 9], vec![2, 5]));
+    assert_place(
+        &d,
+        DiagnosisClass::MaskWidth,
+        0,
+        Attention::SelfAttn,
+        TensorKind::Mask,
+    );
+    assert_eq!(
+        (d.expected_shape.clone(), d.actual_shape.clone()),
+        (vec![2, 9], vec![2, 5])
+    );
 }
 
 #[test]
 fn static_cache_without_room_for_the_prefix_is_a_seq_len_failure() {
     // Sized for prompt (5) + new tokens (3) only: the 4 virtual tokens do not fit.
-    let d = diagnose(Family::Gpt2, 4, opts(CacheMode::Static { max_len: 8 }), None);
-    assert_place(&d, DiagnosisClass::SeqLen, 0, Attention::SelfAttn, TensorKind::Key);
+    let d = diagnose(
+        Family::Gpt2,
+        4,
+        opts(CacheMode::Static { max_len: 8 }),
+        None,
+    );
+    assert_place(
+        &d,
+        DiagnosisClass::SeqLen,
+        0,
+        Attention::SelfAttn,
+        TensorKind::Key,
+    );
 }
 
 #[test]
 fn positions_past_the_learned_table_are_a_position_failure() {
     // tiny GPT-2 has 128 positions; 124 virtual tokens + 5 prompt tokens do not fit.
     let d = diagnose(Family::Gpt2, 124, opts(CacheMode::Dynamic), None);
-    assert_place(&d, DiagnosisClass::Position, 0, Attention::SelfAttn, TensorKind::Positions);
+    assert_place(
+        &d,
+        DiagnosisClass::Position,
+        0,
+        Attention::SelfAttn,
+        TensorKind::Positions,
+    );
 }
 
 /// UnifiedSKG issue 24: a prefix built for batch 1 used for a batch of 3 rows.
@@ -127,15 +191,29 @@ fn prefix_built_for_another_batch_size_is_a_batch_failure() {
     let model = tiny_model(Family::Llama);
     let pre = prefix(model.as_ref(), 4);
     let cfg = CacheConfig::new(CacheMode::Dynamic);
-    let mut cache = prepare_cache(model.as_ref(), Some(&pre), &cfg, PrefixLayout::Auto, 1).expect("cache");
+    let mut cache =
+        prepare_cache(model.as_ref(), Some(&pre), &cfg, PrefixLayout::Auto, 1).expect("cache");
     let ids = prompt(3, 5);
     let mask = Tensor::ones((3, 9), DType::F32, &Device::Cpu).unwrap();
     cache.next_step();
     let err = model
-        .forward(&ids, &mut Forward { cache: &mut cache, mask: &mask, encoder: None })
+        .forward(
+            &ids,
+            &mut Forward {
+                cache: &mut cache,
+                mask: &mask,
+                encoder: None,
+            },
+        )
         .expect_err("batch mismatch");
     let d = err.diagnosis().expect("diagnosed").clone();
-    assert_place(&d, DiagnosisClass::Batch, 0, Attention::SelfAttn, TensorKind::Key);
+    assert_place(
+        &d,
+        DiagnosisClass::Batch,
+        0,
+        Attention::SelfAttn,
+        TensorKind::Key,
+    );
 }
 
 #[test]
@@ -143,18 +221,35 @@ fn prefix_in_another_dtype_is_a_dtype_failure() {
     let model = tiny_model(Family::Gpt2);
     let pre = prefix(model.as_ref(), 4);
     let cfg = CacheConfig::new(CacheMode::Dynamic);
-    let mut cache = prepare_cache(model.as_ref(), None, &cfg, PrefixLayout::Auto, 2).expect("cache");
+    let mut cache =
+        prepare_cache(model.as_ref(), None, &cfg, PrefixLayout::Auto, 2).expect("cache");
     for (layer, lp) in pre.past_key_values(2).unwrap().iter().enumerate() {
-        let (k, v) = (lp.key.to_dtype(DType::F64).unwrap(), lp.value.to_dtype(DType::F64).unwrap());
+        let (k, v) = (
+            lp.key.to_dtype(DType::F64).unwrap(),
+            lp.value.to_dtype(DType::F64).unwrap(),
+        );
         cache.seed(layer, Attention::SelfAttn, k, v, 4).unwrap();
     }
     let mask = Tensor::ones((2, 9), DType::F32, &Device::Cpu).unwrap();
     cache.next_step();
     let err = model
-        .forward(&prompt(2, 5), &mut Forward { cache: &mut cache, mask: &mask, encoder: None })
+        .forward(
+            &prompt(2, 5),
+            &mut Forward {
+                cache: &mut cache,
+                mask: &mask,
+                encoder: None,
+            },
+        )
         .expect_err("dtype mismatch");
     let d = err.diagnosis().expect("diagnosed").clone();
-    assert_place(&d, DiagnosisClass::Dtype, 0, Attention::SelfAttn, TensorKind::Key);
+    assert_place(
+        &d,
+        DiagnosisClass::Dtype,
+        0,
+        Attention::SelfAttn,
+        TensorKind::Key,
+    );
 }
 
 /// A candle error from an operation the engine did not pre-check still becomes a
@@ -168,7 +263,10 @@ fn candle_concat_errors_become_rank_diagnoses_at_their_site() {
     let e = from_candle(err, Some(site), "append");
     let d = e.diagnosis().expect("shape errors are diagnosed");
     assert_eq!(d.class, DiagnosisClass::Rank);
-    assert_eq!((d.layer, d.attention, d.tensor), (Some(1), Some(Attention::Cross), Some(TensorKind::Value)));
+    assert_eq!(
+        (d.layer, d.attention, d.tensor),
+        (Some(1), Some(Attention::Cross), Some(TensorKind::Value))
+    );
     // candle's orientation: the first operand's rank is the one expected.
     assert_eq!((d.expected_shape.len(), d.actual_shape.len()), (3, 4));
     assert_eq!(d.actual_shape, vec![2, 3, 4, 5]);
@@ -180,6 +278,9 @@ fn diagnoses_read_as_one_line_with_place_shapes_and_cause() {
     o.layout = PrefixLayout::BloomLegacy;
     let text = diagnose(Family::Bloom, 4, o, None).to_string();
     assert!(text.starts_with("rank at layer 0 self key: "), "{text}");
-    assert!(text.contains("expected [2, 4, 4, 16], rank 4; actual [8, 16, 4], rank 3"), "{text}");
+    assert!(
+        text.contains("expected [2, 4, 4, 16], rank 4; actual [8, 16, 4], rank 3"),
+        "{text}"
+    );
     assert!(text.contains("PEFT issue 2192"), "{text}");
 }

@@ -29,7 +29,14 @@ fn mode(name: &str) -> CacheMode {
 
 #[rstest]
 fn cached_decoding_matches_recompute_and_keys_have_the_declared_layout(
-    #[values(Family::Gpt2, Family::Llama, Family::Bloom, Family::GptBigcode, Family::T5)] family: Family,
+    #[values(
+        Family::Gpt2,
+        Family::Llama,
+        Family::Bloom,
+        Family::GptBigcode,
+        Family::T5
+    )]
+    family: Family,
     #[values("none", "dynamic", "static", "sliding", "legacy")] mode_name: &str,
     #[values(1, 7)] p: usize,
     #[values(1, 3)] batch: usize,
@@ -39,18 +46,36 @@ fn cached_decoding_matches_recompute_and_keys_have_the_declared_layout(
     let prefix = prefix(model.as_ref(), p);
     let ids = prompt(batch, PROMPT);
     let cfg = CacheConfig::new(mode(mode_name));
-    let out = greedy(model.as_ref(), Some(&prefix), &DecodeOptions::new(cfg.clone(), STEPS), &ids, None)
-        .unwrap_or_else(|e| panic!("{family:?}/{mode_name}: {e}"));
+    let out = greedy(
+        model.as_ref(),
+        Some(&prefix),
+        &DecodeOptions::new(cfg.clone(), STEPS),
+        &ids,
+        None,
+    )
+    .unwrap_or_else(|e| panic!("{family:?}/{mode_name}: {e}"));
 
     // The reference: recompute everything each step, with the same attention window.
     let mut reference_cfg = CacheConfig::new(CacheMode::None);
     reference_cfg.window = cfg.window;
-    let reference = greedy(model.as_ref(), Some(&prefix), &DecodeOptions::new(reference_cfg, STEPS), &ids, None)
-        .expect("recompute runs");
-    assert_eq!(out.tokens, reference.tokens, "{family:?}/{mode_name}: tokens differ from recompute");
+    let reference = greedy(
+        model.as_ref(),
+        Some(&prefix),
+        &DecodeOptions::new(reference_cfg, STEPS),
+        &ids,
+        None,
+    )
+    .expect("recompute runs");
+    assert_eq!(
+        out.tokens, reference.tokens,
+        "{family:?}/{mode_name}: tokens differ from recompute"
+    );
     for (step, (a, b)) in out.logits.iter().zip(&reference.logits).enumerate() {
         let d = max_abs_diff(a, b);
-        assert!(d <= 1e-4, "{family:?}/{mode_name} step {step}: logits differ from recompute by {d}");
+        assert!(
+            d <= 1e-4,
+            "{family:?}/{mode_name} step {step}: logits differ from recompute by {d}"
+        );
     }
 
     // After the prefill (step 0) each layer holds P + S positions (sliding: at most W),
@@ -73,12 +98,21 @@ fn cached_decoding_matches_recompute_and_keys_have_the_declared_layout(
             .trace
             .events
             .iter()
-            .find(|e| e.step == 0 && e.layer == layer && e.attention == Attention::SelfAttn && e.op == CacheOp::Update)
+            .find(|e| {
+                e.step == 0
+                    && e.layer == layer
+                    && e.attention == Attention::SelfAttn
+                    && e.op == CacheOp::Update
+            })
             .expect("prefill event");
         let want = stored_key_shape(layout, batch, g.num_kv_heads, held, g.head_dim);
         match mode(mode_name) {
             CacheMode::None => assert_eq!(e.key_after, None, "recompute stores nothing"),
-            _ => assert_eq!(e.key_after.as_ref(), Some(&want), "{family:?}/{mode_name} layer {layer}"),
+            _ => assert_eq!(
+                e.key_after.as_ref(),
+                Some(&want),
+                "{family:?}/{mode_name} layer {layer}"
+            ),
         }
         // What attention read: every position of this pass, standard layout.
         assert_eq!(
@@ -86,7 +120,15 @@ fn cached_decoding_matches_recompute_and_keys_have_the_declared_layout(
             Some(&vec![batch, g.num_kv_heads, p + s, g.head_dim]),
             "{family:?}/{mode_name} layer {layer}: keys read at prefill"
         );
-        assert_eq!(e.mask.as_ref(), Some(&vec![batch, 1, s, p + s]), "mask at prefill");
-        assert_eq!(e.positions, Some((p, p + s)), "real tokens start at position P");
+        assert_eq!(
+            e.mask.as_ref(),
+            Some(&vec![batch, 1, s, p + s]),
+            "mask at prefill"
+        );
+        assert_eq!(
+            e.positions,
+            Some((p, p + s)),
+            "real tokens start at position P"
+        );
     }
 }

@@ -26,7 +26,12 @@ pub struct MaskSpec {
 /// Additive attention mask `[B, 1, S, K]` from a padding mask `pad: [B, T]`
 /// (1 = visible, 0 = padding; prefix columns included), where `T` must equal
 /// `kv_start + kv_len`, the positions written so far.
-pub fn additive_mask(pad: &Tensor, spec: MaskSpec, layer: usize, attention: Attention) -> Result<Tensor> {
+pub fn additive_mask(
+    pad: &Tensor,
+    spec: MaskSpec,
+    layer: usize,
+    attention: Attention,
+) -> Result<Tensor> {
     let site = Site::new(layer, attention, TensorKind::Mask);
     let (b, t) = pad.dims2().at(site, "padding mask")?;
     let total = spec.kv_start + spec.kv_len;
@@ -105,7 +110,9 @@ pub fn sdpa(
     attention: Attention,
 ) -> Result<Tensor> {
     let site_k = Site::new(layer, attention, TensorKind::Key);
-    let (qb, h, _s, qd) = q.dims4().at(Site::new(layer, attention, TensorKind::Query), "queries")?;
+    let (qb, h, _s, qd) = q
+        .dims4()
+        .at(Site::new(layer, attention, TensorKind::Query), "queries")?;
     let kdims = k.dims().to_vec();
     if kdims.len() != 4 {
         return Err(Diagnosis::new(
@@ -149,7 +156,10 @@ pub fn sdpa(
         );
     }
     let k = repeat_kv(k, h / kvh).at(site_k, "repeat kv heads")?;
-    let v = repeat_kv(v, h / kvh).at(Site::new(layer, attention, TensorKind::Value), "repeat kv heads")?;
+    let v = repeat_kv(v, h / kvh).at(
+        Site::new(layer, attention, TensorKind::Value),
+        "repeat kv heads",
+    )?;
     let mut scores = q
         .contiguous()
         .and_then(|q| q.matmul(&k.t()?.contiguous()?))
@@ -164,9 +174,10 @@ pub fn sdpa(
         .broadcast_add(mask)
         .at(Site::new(layer, attention, TensorKind::Mask), "apply mask")?;
     let probs = super::nn::softmax(&scores).at(site_k, "softmax")?;
-    probs
-        .matmul(&v.contiguous().at(site_k, "values")?)
-        .at(Site::new(layer, attention, TensorKind::Value), "attention output")
+    probs.matmul(&v.contiguous().at(site_k, "values")?).at(
+        Site::new(layer, attention, TensorKind::Value),
+        "attention output",
+    )
 }
 
 /// `[B, S, H*D]` -> `[B, H, S, D]`

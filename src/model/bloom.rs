@@ -117,14 +117,20 @@ impl Bloom {
     pub fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let vb = backbone(&vb, "transformer", "word_embeddings.weight");
         let e = cfg.hidden_size;
-        let word_embeddings = weight(&vb, (cfg.vocab_size, e), "word_embeddings.weight").ctx("word_embeddings")?;
+        let word_embeddings =
+            weight(&vb, (cfg.vocab_size, e), "word_embeddings.weight").ctx("word_embeddings")?;
         let word_embeddings_layernorm = ln(&vb, "word_embeddings_layernorm", e)?;
         let mut blocks = vec![];
         for i in 0..cfg.n_layer {
             let p = format!("h.{i}");
             blocks.push(Block {
                 input_layernorm: ln(&vb, &format!("{p}.input_layernorm"), e)?,
-                query_key_value: lin(&vb, &format!("{p}.self_attention.query_key_value"), e, 3 * e)?,
+                query_key_value: lin(
+                    &vb,
+                    &format!("{p}.self_attention.query_key_value"),
+                    e,
+                    3 * e,
+                )?,
                 dense: lin(&vb, &format!("{p}.self_attention.dense"), e, e)?,
                 post_attention_layernorm: ln(&vb, &format!("{p}.post_attention_layernorm"), e)?,
                 dense_h_to_4h: lin(&vb, &format!("{p}.mlp.dense_h_to_4h"), e, 4 * e)?,
@@ -146,7 +152,10 @@ impl Bloom {
     /// mask `pad: [B, T]`: slope x (number of visible positions before the key), as
     /// transformers computes it from the attention mask (prefix columns included).
     fn alibi(&self, pad: &Tensor, kv_start: usize, kv_len: usize, site: Site) -> Result<Tensor> {
-        let rows: Vec<Vec<f32>> = pad.to_dtype(DType::F32).and_then(|p| p.to_vec2()).at(site, "alibi mask")?;
+        let rows: Vec<Vec<f32>> = pad
+            .to_dtype(DType::F32)
+            .and_then(|p| p.to_vec2())
+            .at(site, "alibi mask")?;
         let h = self.slopes.len();
         let b = rows.len();
         let mut data = vec![0f32; b * h * kv_len];
@@ -199,7 +208,8 @@ impl Model for Bloom {
             .ctx("embeddings")?;
         for (i, blk) in self.blocks.iter().enumerate() {
             let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
-            let a = layer_norm(&h, &blk.input_layernorm.0, &blk.input_layernorm.1, eps).at(site, "input_layernorm")?;
+            let a = layer_norm(&h, &blk.input_layernorm.0, &blk.input_layernorm.1, eps)
+                .at(site, "input_layernorm")?;
             let residual = if post_ln { a.clone() } else { h.clone() };
             // [B, S, 3E] -> [B, S, H, 3, D]
             let (b, _, _) = a.dims3().at(site, "hidden")?;
@@ -224,13 +234,27 @@ impl Model for Bloom {
             let mask = additive_mask(fw.mask, spec, i, Attention::SelfAttn)?;
             fw.cache.note_mask(i, Attention::SelfAttn, mask.dims());
             let alibi = self.alibi(fw.mask, view.kv_start, kv_len, site)?;
-            let o = sdpa(&q, &view.k, &view.v, &mask, Some(&alibi), 1.0 / (d as f64).sqrt(), i, Attention::SelfAttn)?;
+            let o = sdpa(
+                &q,
+                &view.k,
+                &view.v,
+                &mask,
+                Some(&alibi),
+                1.0 / (d as f64).sqrt(),
+                i,
+                Attention::SelfAttn,
+            )?;
             let o = merge_heads(&o)
                 .and_then(|o| linear(&o, &blk.dense.0, Some(&blk.dense.1)))
                 .at(site, "dense")?;
             h = (o + residual).at(site, "residual")?;
-            let m_in = layer_norm(&h, &blk.post_attention_layernorm.0, &blk.post_attention_layernorm.1, eps)
-                .at(site, "post_attention_layernorm")?;
+            let m_in = layer_norm(
+                &h,
+                &blk.post_attention_layernorm.0,
+                &blk.post_attention_layernorm.1,
+                eps,
+            )
+            .at(site, "post_attention_layernorm")?;
             let residual = if post_ln { m_in.clone() } else { h.clone() };
             let m = linear(&m_in, &blk.dense_h_to_4h.0, Some(&blk.dense_h_to_4h.1))
                 .and_then(|m| gelu_tanh(&m))
@@ -260,6 +284,9 @@ mod tests {
         let s6 = alibi_slopes(6);
         assert_eq!(s6.len(), 6);
         assert_eq!(&s6[..4], &s4[..]);
-        assert!((s6[4] - 0.5).abs() < 1e-7 && (s6[5] - 0.125).abs() < 1e-7, "{s6:?}");
+        assert!(
+            (s6[4] - 0.5).abs() < 1e-7 && (s6[5] - 0.125).abs() < 1e-7,
+            "{s6:?}"
+        );
     }
 }

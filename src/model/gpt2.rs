@@ -149,8 +149,14 @@ impl Model for Gpt2 {
             let a = layer_norm(&h, &blk.ln_1.0, &blk.ln_1.1, eps).at(site, "ln_1")?;
             let qkv = conv1d(&a, &blk.c_attn.0, &blk.c_attn.1).at(site, "c_attn")?;
             // [B, H, S, D] each
-            let q = qkv.narrow(2, 0, e).and_then(|t| split_heads(&t, heads, d)).at(site, "q")?;
-            let k = qkv.narrow(2, e, e).and_then(|t| split_heads(&t, heads, d)).at(site, "k")?;
+            let q = qkv
+                .narrow(2, 0, e)
+                .and_then(|t| split_heads(&t, heads, d))
+                .at(site, "q")?;
+            let k = qkv
+                .narrow(2, e, e)
+                .and_then(|t| split_heads(&t, heads, d))
+                .at(site, "k")?;
             let v = qkv
                 .narrow(2, 2 * e, e)
                 .and_then(|t| split_heads(&t, heads, d))
@@ -167,7 +173,16 @@ impl Model for Gpt2 {
             };
             let mask = additive_mask(fw.mask, spec, i, Attention::SelfAttn)?;
             fw.cache.note_mask(i, Attention::SelfAttn, mask.dims());
-            let o = sdpa(&q, &view.k, &view.v, &mask, None, 1.0 / (d as f64).sqrt(), i, Attention::SelfAttn)?;
+            let o = sdpa(
+                &q,
+                &view.k,
+                &view.v,
+                &mask,
+                None,
+                1.0 / (d as f64).sqrt(),
+                i,
+                Attention::SelfAttn,
+            )?;
             let o = merge_heads(&o)
                 .and_then(|o| conv1d(&o, &blk.c_proj.0, &blk.c_proj.1))
                 .at(site, "c_proj")?;

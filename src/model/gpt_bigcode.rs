@@ -151,7 +151,11 @@ impl GptBigcode {
             // transformers: view(B, S, H, 3*D).transpose(1, 2).split((D, 2*D), dim=3)
             let (b, s, _) = qkv.dims3()?;
             let x = qkv.reshape((b, s, h, 3 * d))?.transpose(1, 2)?;
-            Ok((x.narrow(3, 0, d)?, x.narrow(3, d, d)?, x.narrow(3, 2 * d, d)?))
+            Ok((
+                x.narrow(3, 0, d)?,
+                x.narrow(3, d, d)?,
+                x.narrow(3, 2 * d, d)?,
+            ))
         }
     }
 }
@@ -194,7 +198,16 @@ impl Model for GptBigcode {
             let mask = additive_mask(fw.mask, spec, i, Attention::SelfAttn)?;
             fw.cache.note_mask(i, Attention::SelfAttn, mask.dims());
             let scale = 1.0 / (g.head_dim as f64).sqrt();
-            let o = sdpa(&q, &view.k, &view.v, &mask, None, scale, i, Attention::SelfAttn)?;
+            let o = sdpa(
+                &q,
+                &view.k,
+                &view.v,
+                &mask,
+                None,
+                scale,
+                i,
+                Attention::SelfAttn,
+            )?;
             let o = merge_heads(&o)
                 .and_then(|o| linear(&o, &blk.c_proj.0, Some(&blk.c_proj.1)))
                 .at(site, "c_proj")?;

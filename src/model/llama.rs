@@ -39,11 +39,11 @@ pub struct Config {
     pub rope_theta: f64,
     /// transformers < 5: `{"rope_type" | "type": "linear" | "llama3", "factor": ..}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rope_scaling: Option<RopeParameters>,
+    pub rope_scaling: Option<Box<RopeParameters>>,
     /// transformers >= 5: `{"rope_theta": .., "rope_type": ..}` (replaces both
     /// `rope_theta` and `rope_scaling` when present).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rope_parameters: Option<RopeParameters>,
+    pub rope_parameters: Option<Box<RopeParameters>>,
     #[serde(default = "default_max_positions")]
     pub max_position_embeddings: usize,
     #[serde(default)]
@@ -150,7 +150,9 @@ impl Config {
     }
 
     fn scaling(&self) -> Option<&RopeParameters> {
-        self.rope_parameters.as_ref().or(self.rope_scaling.as_ref())
+        self.rope_parameters
+            .as_deref()
+            .or(self.rope_scaling.as_deref())
     }
 
     pub fn geometry(&self) -> ModelGeometry {
@@ -225,7 +227,7 @@ impl Config {
     /// the activation, the RoPE type.
     fn check(&self) -> Result<()> {
         let d = self.head_dim();
-        if d % 2 != 0 {
+        if !d.is_multiple_of(2) {
             return Err(EngineError::Config(format!(
                 "llama: head_dim {d} must be even (RoPE rotates pairs of dimensions)"
             )));
@@ -303,11 +305,7 @@ impl Llama {
         let root = vb.clone();
         let vb = backbone(&vb, "model", "embed_tokens.weight");
         let (e, inter) = (cfg.hidden_size, cfg.intermediate_size);
-        let (heads, kvh, d) = (
-            cfg.num_attention_heads,
-            cfg.num_kv_heads(),
-            cfg.head_dim(),
-        );
+        let (heads, kvh, d) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
         let embed_tokens =
             weight(&vb, (cfg.vocab_size, e), "embed_tokens.weight").ctx("embed_tokens")?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -337,7 +335,8 @@ impl Llama {
             weight(&root, (cfg.vocab_size, e), "lm_head.weight").ctx("lm_head")?
         };
         let inv: Vec<f32> = cfg.inv_freq()?.into_iter().map(|f| f as f32).collect();
-        let inv_freq = Tensor::from_vec(inv, (1, d / 2), embed_tokens.device()).ctx("rope inv_freq")?;
+        let inv_freq =
+            Tensor::from_vec(inv, (1, d / 2), embed_tokens.device()).ctx("rope inv_freq")?;
         Ok(Self {
             cfg: cfg.clone(),
             embed_tokens,
@@ -350,7 +349,12 @@ impl Llama {
 
     /// RoPE tables for positions `start..start+s`: `(cos, sin)`, each `[S, D/2]`, in
     /// `dtype`. Computed per pass, so no position is ever out of a table's range.
-    fn rope_tables(&self, start: usize, s: usize, dtype: DType) -> candle_core::Result<(Tensor, Tensor)> {
+    fn rope_tables(
+        &self,
+        start: usize,
+        s: usize,
+        dtype: DType,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let dev = self.inv_freq.device();
         // [S, 1] x [1, D/2] -> [S, D/2], in f32 like transformers.
         let freqs = Tensor::arange(start as u32, (start + s) as u32, dev)?
@@ -381,9 +385,10 @@ impl Model for Llama {
         let eps = self.cfg.rms_norm_eps;
         let window = fw.cache.window().or(self.cfg.sliding_window);
         // [S, D/2] each: real tokens sit at positions past..past+s (after the prefix).
-        let (cos, sin) = self
-            .rope_tables(past, s, self.embed_tokens.dtype())
-            .at(Site::new(0, Attention::SelfAttn, TensorKind::Positions), "rope tables")?;
+        let (cos, sin) = self.rope_tables(past, s, self.embed_tokens.dtype()).at(
+            Site::new(0, Attention::SelfAttn, TensorKind::Positions),
+            "rope tables",
+        )?;
         // [B, S, E]
         let mut h = embed(&self.embed_tokens, ids).ctx("embed_tokens")?;
         for (i, l) in self.layers.iter().enumerate() {

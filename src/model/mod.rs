@@ -146,8 +146,8 @@ impl ModelConfig {
 
     /// Parse a Hugging Face `config.json`, choosing the family from `model_type`.
     pub fn from_hf_json(text: &str) -> Result<Self> {
-        let v: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| EngineError::Config(format!("config.json: {e}")))?;
+        let v: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| EngineError::Config(format!("config.json: {e}")))?;
         let model_type = v
             .get("model_type")
             .and_then(|m| m.as_str())
@@ -161,7 +161,8 @@ impl ModelConfig {
                 Family::ALL.map(|f| f.name()).join(", ")
             ))
         })?;
-        let err = |e: serde_json::Error| EngineError::Config(format!("config.json ({model_type}): {e}"));
+        let err =
+            |e: serde_json::Error| EngineError::Config(format!("config.json ({model_type}): {e}"));
         let cfg = match family {
             Family::Gpt2 => ModelConfig::Gpt2(serde_json::from_value(v).map_err(err)?),
             Family::Llama => ModelConfig::Llama(serde_json::from_value(v).map_err(err)?),
@@ -204,9 +205,12 @@ impl ModelConfig {
             ));
         }
         if g.num_attention_heads == 0 || g.num_kv_heads == 0 || g.head_dim == 0 {
-            return bad(format!("{}: heads and head_dim must be at least 1", self.family().name()));
+            return bad(format!(
+                "{}: heads and head_dim must be at least 1",
+                self.family().name()
+            ));
         }
-        if g.num_attention_heads % g.num_kv_heads != 0 {
+        if !g.num_attention_heads.is_multiple_of(g.num_kv_heads) {
             return bad(format!(
                 "{}: {} attention heads are not a multiple of {} key/value heads",
                 self.family().name(),

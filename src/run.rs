@@ -1,0 +1,266 @@
+//! Running cases: one case end to end (model, prefix, cache, data, generation), its
+//! outcome against the expectation, and a pool that runs many cases in parallel with
+//! per-case isolation (errors, panics and time limits stay inside their case).
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use serde::Serialize;
+
+use crate::check::{Diagnosis, EngineError};
+use crate::generate::{greedy_traced, DecodeOptions};
+use crate::model::weights;
+use crate::prefix::PrefixEncoder;
+use crate::scenario::{Case, Expect};
+use crate::trace::Trace;
+
+/// The outcome of a case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// The case met its expectation (an expected failure that happened counts).
+    Pass,
+    /// It did not: an unexpected diagnosis, another diagnosis, or no failure at all.
+    Fail,
+    /// Not meant for this platform.
+    Skip,
+    /// It could not be run: invalid model config, engine error, panic, time limit.
+    Error,
+}
+
+impl Status {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Status::Pass => "pass",
+            Status::Fail => "fail",
+            Status::Skip => "skip",
+            Status::Error => "error",
+        }
+    }
+}
+
+/// Everything a report says about one case.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaseResult {
+    pub id: String,
+    pub scenario: String,
+    pub status: Status,
+    pub expected: String,
+    pub duration_ms: f64,
+    pub diagnosis: Option<Diagnosis>,
+    /// Why the case failed, errored or was skipped (None on a pass).
+    pub message: Option<String>,
+    /// Training loss per step (empty: the case did not train).
+    pub losses: Vec<f32>,
+    /// Generated ids per batch row.
+    pub tokens: Vec<Vec<u32>>,
+    /// Digest of the shape trace (None when nothing ran).
+    pub trace_digest: Option<String>,
+    #[serde(skip)]
+    pub trace: Option<Trace>,
+}
+
+impl CaseResult {
+    fn new(case: &Case, status: Status) -> Self {
+        Self {
+            id: case.id.clone(),
+            scenario: case.file.clone(),
+            status,
+            expected: case.scenario.expect.describe(),
+            duration_ms: 0.0,
+            diagnosis: None,
+            message: None,
+            losses: vec![],
+            tokens: vec![],
+            trace_digest: None,
+            trace: None,
+        }
+    }
+}
+
+/// Run one case in this thread.
+pub fn run_case(case: &Case) -> CaseResult {
+    let start = Instant::now();
+    let mut r = CaseResult::new(case, Status::Error);
+    if let Some(why) = case.skip_reason() {
+        r.status = Status::Skip;
+        r.message = Some(why);
+        return r;
+    }
+    let outcome = execute(case, &mut r);
+    r.duration_ms = start.elapsed().as_secs_f64() * 1e3;
+    judge(case, outcome, &mut r);
+    r
+}
+
+/// Build and run the case; fills tokens and trace.
+fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
+    let dev = Device::Cpu;
+    let cfg = case.model_config().map_err(EngineError::Config)?;
+    let model = cfg.build(weights::seeded(case.scenario.model.seed, DType::F32, &dev))?;
+    let prefix = PrefixEncoder::new(&case.prefix_config(), &model.geometry(), &dev)?;
+    let prompts = case
+        .prompts()
+        .map_err(|e| EngineError::Config(format!("data: {e}")))?;
+    let d = &case.scenario.data;
+    let (ids, mask) = crate::data::batch(&prompts, d.batch_size, d.max_prompt_len, 0, &dev)?;
+    let prompt_len = ids
+        .dim(1)
+        .map_err(|e| crate::check::from_candle(e, None, "prompt"))?;
+    let mut opts = DecodeOptions::new(
+        case.cache_config(prompt_len),
+        case.scenario.generate.max_new_tokens,
+    );
+    opts.layout = case.scenario.prefix.layout;
+    opts.extend_mask = case.scenario.prefix.extend_mask;
+    let (out, trace) = greedy_traced(model.as_ref(), Some(&prefix), &opts, &ids, Some(&mask));
+    r.trace_digest = Some(trace.digest());
+    r.trace = Some(trace);
+    r.tokens = out?.tokens;
+    Ok(())
+}
+
+/// Compare what happened with what the scenario expects.
+fn judge(case: &Case, outcome: Result<(), EngineError>, r: &mut CaseResult) {
+    match (&case.scenario.expect, outcome) {
+        (Expect::Pass, Ok(())) => r.status = Status::Pass,
+        (Expect::Pass, Err(EngineError::Shape(d))) => {
+            r.status = Status::Fail;
+            r.message = Some(d.to_string());
+            r.diagnosis = Some(*d);
+        }
+        (Expect::Error(want), Ok(())) => {
+            r.status = Status::Fail;
+            r.message = Some(format!(
+                "expected a `{}` failure but the case passed (fixed? update the scenario's `expect`)",
+                want.error.as_str()
+            ));
+        }
+        (Expect::Error(want), Err(EngineError::Shape(d))) => {
+            let matches = d.class == want.error
+                && want.layer.is_none_or(|l| d.layer == Some(l))
+                && want.attention.is_none_or(|a| d.attention == Some(a))
+                && want.tensor.is_none_or(|t| d.tensor == Some(t));
+            if matches {
+                r.status = Status::Pass;
+            } else {
+                r.status = Status::Fail;
+                r.message = Some(format!(
+                    "expected {} but got: {d}",
+                    case.scenario.expect.describe()
+                ));
+            }
+            r.diagnosis = Some(*d);
+        }
+        (_, Err(e)) => {
+            r.status = Status::Error;
+            r.message = Some(e.to_string());
+        }
+    }
+}
+
+/// How a set of cases is run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Cases run at the same time (each on its own thread).
+    pub jobs: usize,
+    /// Per-case wall-time limit.
+    pub timeout: Option<Duration>,
+    /// Stop starting new cases after the first one that did not pass.
+    pub fail_fast: bool,
+}
+
+/// Run `cases` with `opts`; `on_done` is called as each case finishes (from worker
+/// threads). Results come back in the order of `cases`; cases never started because
+/// of `fail_fast` are absent.
+pub fn run_all(
+    cases: &[Case],
+    opts: &RunOptions,
+    on_done: &(dyn Fn(&CaseResult) + Sync),
+) -> Vec<CaseResult> {
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let results: std::sync::Mutex<Vec<Option<CaseResult>>> =
+        std::sync::Mutex::new(vec![None; cases.len()]);
+    std::thread::scope(|scope| {
+        for _ in 0..opts.jobs.max(1) {
+            scope.spawn(|| loop {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(case) = cases.get(i) else { break };
+                let r = run_isolated(case, opts.timeout);
+                if opts.fail_fast && matches!(r.status, Status::Fail | Status::Error) {
+                    stop.store(true, Ordering::SeqCst);
+                }
+                on_done(&r);
+                results.lock().expect("results lock")[i] = Some(r);
+            });
+        }
+    });
+    results
+        .into_inner()
+        .expect("results lock")
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// Run one case on its own thread: a panic becomes an `error` result, and a case over
+/// the time limit is reported as `error` while the run goes on.
+pub fn run_isolated(case: &Case, timeout: Option<Duration>) -> CaseResult {
+    let (tx, rx) = mpsc::channel();
+    let owned = case.clone();
+    let start = Instant::now();
+    let spawned = std::thread::Builder::new()
+        .name(format!("case {}", case.id))
+        .spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_case(&owned)));
+            let _ = tx.send(r);
+        });
+    if let Err(e) = spawned {
+        let mut r = CaseResult::new(case, Status::Error);
+        r.message = Some(format!("could not start a thread for the case: {e}"));
+        return r;
+    }
+    let got = match timeout {
+        Some(t) => rx.recv_timeout(t).map_err(|_| ()),
+        None => rx.recv().map_err(|_| ()),
+    };
+    match got {
+        Ok(Ok(r)) => r,
+        Ok(Err(panic)) => {
+            let text = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            let mut r = CaseResult::new(case, Status::Error);
+            r.duration_ms = start.elapsed().as_secs_f64() * 1e3;
+            r.message = Some(format!("the case panicked: {text}"));
+            r
+        }
+        Err(()) => {
+            let mut r = CaseResult::new(case, Status::Error);
+            r.duration_ms = start.elapsed().as_secs_f64() * 1e3;
+            r.message = Some(format!(
+                "time limit: the case did not finish within {:.1} s (--timeout)",
+                timeout.map(|t| t.as_secs_f64()).unwrap_or_default()
+            ));
+            r
+        }
+    }
+}
+
+/// Deterministic shard `index` (1-based) of `count`: every `count`-th case.
+pub fn shard<T: Clone>(items: &[T], index: usize, count: usize) -> Vec<T> {
+    items
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % count == index - 1)
+        .map(|(_, c)| c.clone())
+        .collect()
+}

@@ -1,0 +1,899 @@
+//! Scenario files: parse (YAML, with line and column in every error), validate, and
+//! expand a `matrix` into cases with stable, readable ids.
+//!
+//! A scenario file describes one experiment; `matrix` maps dotted field paths to lists
+//! of values, and the cases are their cartesian product (first key varies slowest).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::cache::{CacheConfig, CacheMode};
+use crate::check::{Attention, DiagnosisClass, TensorKind};
+use crate::model::{Family, ModelConfig};
+use crate::prefix::{HeadDimFrom, HeadsFrom, PrefixConfig, PrefixInit, PrefixLayout};
+
+/// Largest number of cases one file may expand to.
+pub const MAX_CASES_PER_FILE: usize = 4096;
+/// Largest scenario file accepted, in bytes.
+pub const MAX_FILE_BYTES: usize = 1 << 20;
+
+/// A problem with a scenario file: which file, where, which field, what was expected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InputError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    /// Dotted path of the field, e.g. `prefix.virtual_tokens` (empty when unknown).
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for InputError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+            if let Some(c) = self.column {
+                write!(f, ":{c}")?;
+            }
+        }
+        if !self.field.is_empty() {
+            write!(f, ": field `{}`", self.field)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for InputError {}
+
+/// The model of a scenario.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// `gpt2`, `llama`, `bloom`, `gpt_bigcode` or `t5`: the family's tiny config.
+    pub family: Family,
+    /// Overrides of the tiny config, Hugging Face field names (e.g. `n_layer: 3`).
+    #[serde(default)]
+    pub config: serde_json::Map<String, Value>,
+    /// Seed of the portable weight initialisation.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// The prefix of a scenario (PEFT `PrefixTuningConfig` plus historical switches).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefixSpec {
+    /// P, the number of virtual tokens.
+    pub virtual_tokens: usize,
+    #[serde(default)]
+    pub projection: bool,
+    #[serde(default = "default_encoder_hidden")]
+    pub encoder_hidden_size: usize,
+    #[serde(default)]
+    pub init: PrefixInit,
+    #[serde(default)]
+    pub layout: PrefixLayout,
+    #[serde(default)]
+    pub heads_from: HeadsFrom,
+    #[serde(default)]
+    pub head_dim_from: HeadDimFrom,
+    /// Prepend P visible columns to the attention mask (`false`: historical bug).
+    #[serde(default = "yes")]
+    pub extend_mask: bool,
+    #[serde(default = "default_prefix_seed")]
+    pub seed: u64,
+}
+
+fn default_encoder_hidden() -> usize {
+    32
+}
+fn default_prefix_seed() -> u64 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+
+/// Cache mode names as written in scenario files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CacheModeName {
+    None,
+    #[default]
+    Dynamic,
+    Static,
+    Sliding,
+    Legacy,
+}
+
+/// The cache of a scenario.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSpec {
+    #[serde(default)]
+    pub mode: CacheModeName,
+    /// `static`: capacity in positions (default: P + prompt + max_new_tokens).
+    #[serde(default)]
+    pub max_len: Option<usize>,
+    /// `sliding`: window in positions (required).
+    #[serde(default)]
+    pub window: Option<usize>,
+    /// Historical transformers behaviour: a prefix in the T5 cross cache marks it
+    /// "already computed" (before transformers PR 34312).
+    #[serde(default)]
+    pub cross_prefix_marks_updated: bool,
+}
+
+/// Padding side of batched prompts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PaddingSide {
+    #[default]
+    Left,
+}
+
+/// The data of a scenario.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// Inline prompts; default: the built-in sentiment sentences.
+    #[serde(default)]
+    pub prompts: Vec<String>,
+    /// A text file next to the scenario, one prompt per line (instead of `prompts`).
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// Rows per batch, taken cyclically from the prompts.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Prompts are cut to this many tokens.
+    #[serde(default = "default_prompt_len")]
+    pub max_prompt_len: usize,
+    #[serde(default)]
+    pub padding_side: PaddingSide,
+}
+
+fn default_batch() -> usize {
+    1
+}
+fn default_prompt_len() -> usize {
+    16
+}
+
+impl Default for DataSpec {
+    fn default() -> Self {
+        Self {
+            prompts: vec![],
+            file: None,
+            batch_size: default_batch(),
+            max_prompt_len: default_prompt_len(),
+            padding_side: PaddingSide::Left,
+        }
+    }
+}
+
+/// Decoding strategy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    #[default]
+    Greedy,
+}
+
+/// Generation settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateSpec {
+    #[serde(default)]
+    pub strategy: Strategy,
+    #[serde(default = "default_new_tokens")]
+    pub max_new_tokens: usize,
+}
+
+fn default_new_tokens() -> usize {
+    8
+}
+
+impl Default for GenerateSpec {
+    fn default() -> Self {
+        Self {
+            strategy: Strategy::Greedy,
+            max_new_tokens: default_new_tokens(),
+        }
+    }
+}
+
+/// Operating systems a scenario is meant for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Platform {
+    Linux,
+    Windows,
+    Macos,
+}
+
+impl Platform {
+    pub fn current() -> Option<Platform> {
+        match std::env::consts::OS {
+            "linux" => Some(Platform::Linux),
+            "windows" => Some(Platform::Windows),
+            "macos" => Some(Platform::Macos),
+            _ => None,
+        }
+    }
+}
+
+/// What a case must do.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Expect {
+    /// Run to the end without a diagnosis.
+    #[default]
+    Pass,
+    /// Fail with this diagnosis (every given field must match).
+    Error(ExpectedFailure),
+}
+
+/// An expected diagnosis: `{error: rank, layer: 0, attention: self, tensor: key}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectedFailure {
+    pub error: DiagnosisClass,
+    #[serde(default)]
+    pub layer: Option<usize>,
+    #[serde(default)]
+    pub attention: Option<Attention>,
+    #[serde(default)]
+    pub tensor: Option<TensorKind>,
+}
+
+impl Expect {
+    pub fn describe(&self) -> String {
+        match self {
+            Expect::Pass => "pass".into(),
+            Expect::Error(f) => {
+                let mut s = f.error.as_str().to_string();
+                if let Some(l) = f.layer {
+                    s += &format!(" @ layer {l}");
+                }
+                if let Some(a) = f.attention {
+                    s += &format!(" {a}");
+                }
+                if let Some(t) = f.tensor {
+                    s += &format!(" {t}");
+                }
+                s
+            }
+        }
+    }
+}
+
+/// One scenario file, or one case of it once the matrix is applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub model: ModelSpec,
+    pub prefix: PrefixSpec,
+    #[serde(default)]
+    pub cache: CacheSpec,
+    #[serde(default)]
+    pub data: DataSpec,
+    #[serde(default)]
+    pub generate: GenerateSpec,
+    /// Where the scenario is meant to run; elsewhere its cases are skipped.
+    #[serde(default)]
+    pub platforms: Option<Vec<Platform>>,
+    #[serde(default, deserialize_with = "de_expect")]
+    pub expect: Expect,
+    /// Dotted field path -> list of values; expanded into cases.
+    #[serde(default)]
+    pub matrix: serde_json::Map<String, Value>,
+}
+
+/// `expect: pass` or `expect: {error: ...}`.
+fn de_expect<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Expect, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Word(String),
+        Failure(ExpectedFailure),
+    }
+    use serde::de::Error;
+    match Raw::deserialize(d) {
+        Ok(Raw::Word(w)) if w == "pass" => Ok(Expect::Pass),
+        Ok(Raw::Word(w)) => Err(D::Error::custom(format!(
+            "expected `pass` or a mapping like `{{error: rank, layer: 0, tensor: key}}`, got `{w}`"
+        ))),
+        Ok(Raw::Failure(f)) => Ok(Expect::Error(f)),
+        Err(_) => Err(D::Error::custom(
+            "expected `pass` or a mapping `{error: CLASS, layer: N, attention: self|cross, tensor: key|value|mask|positions}` with CLASS one of rank, kv-heads, head-dim, seq-len, mask-width, batch, dtype, position, shape",
+        )),
+    }
+}
+
+/// One expanded case, ready to run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Case {
+    /// Stable id, e.g. `t5-sentiment[cache=static,P=8,B=3]`.
+    pub id: String,
+    /// The scenario file (as given on the command line, `/`-separated).
+    pub file: String,
+    /// The folder relative paths resolve against.
+    #[serde(skip)]
+    pub dir: PathBuf,
+    pub scenario: Scenario,
+}
+
+/// Short names of common matrix keys in case ids.
+fn short_key(path: &str) -> String {
+    match path {
+        "cache.mode" => "cache".into(),
+        "prefix.virtual_tokens" => "P".into(),
+        "data.batch_size" => "B".into(),
+        "model.family" => "family".into(),
+        "generate.max_new_tokens" => "new".into(),
+        other => other.rsplit('.').next().unwrap_or(other).to_string(),
+    }
+}
+
+fn value_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Read, parse and expand one scenario file.
+pub fn load(path: &Path) -> Result<Vec<Case>, InputError> {
+    let err = |field: &str, message: String| InputError {
+        file: path.to_path_buf(),
+        line: None,
+        column: None,
+        field: field.to_string(),
+        message,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err("", format!("cannot read the file: {e}")))?;
+    if bytes.len() > MAX_FILE_BYTES {
+        return Err(err(
+            "",
+            format!(
+                "the file has {} bytes; scenario files are limited to {MAX_FILE_BYTES}",
+                bytes.len()
+            ),
+        ));
+    }
+    let text = String::from_utf8(bytes).map_err(|e| err("", format!("not UTF-8 text: {e}")))?;
+    parse(path, &text)
+}
+
+/// Parse and expand scenario text (`path` is used in errors and to resolve files).
+pub fn parse(path: &Path, text: &str) -> Result<Vec<Case>, InputError> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    // Typed parse first: unknown keys, wrong types and negative sizes get a line and column.
+    let base: Scenario = serde_saphyr::from_str(text).map_err(|e| yaml_error(path, text, &e))?;
+    let doc: Value = serde_saphyr::from_str(text).map_err(|e| yaml_error(path, text, &e))?;
+    let mut doc = doc;
+    if let Value::Object(m) = &mut doc {
+        m.remove("matrix");
+    }
+    let err = |field: &str, message: String| InputError {
+        file: path.to_path_buf(),
+        line: locate(text, field),
+        column: None,
+        field: field.to_string(),
+        message,
+    };
+    // The matrix: every key a known field path, every value a non-empty list.
+    let mut axes: Vec<(String, Vec<Value>)> = vec![];
+    for (key, values) in &base.matrix {
+        let field = format!("matrix.{key}");
+        let Value::Array(list) = values else {
+            return Err(err(&field, "expected a list of values".into()));
+        };
+        if list.is_empty() {
+            return Err(err(&field, "expected at least one value".into()));
+        }
+        check_matrix_path(&doc, key).map_err(|m| err(&field, m))?;
+        axes.push((key.clone(), list.clone()));
+    }
+    let total: usize = axes.iter().map(|(_, v)| v.len()).product();
+    if total > MAX_CASES_PER_FILE {
+        return Err(err(
+            "matrix",
+            format!("the matrix expands to {total} cases; at most {MAX_CASES_PER_FILE} are allowed per file"),
+        ));
+    }
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let file = path.to_string_lossy().replace('\\', "/");
+    let mut cases = Vec::with_capacity(total);
+    for n in 0..total {
+        // Odometer: the first axis varies slowest.
+        let mut rem = n;
+        let mut picks = vec![0; axes.len()];
+        for (i, (_, vals)) in axes.iter().enumerate().rev() {
+            picks[i] = rem % vals.len();
+            rem /= vals.len();
+        }
+        let mut case_doc = doc.clone();
+        let mut labels = vec![];
+        for ((key, vals), pick) in axes.iter().zip(&picks) {
+            set_path(&mut case_doc, key, vals[*pick].clone());
+            labels.push(format!("{}={}", short_key(key), value_text(&vals[*pick])));
+        }
+        let scenario: Scenario = serde_json::from_value(case_doc).map_err(|e| {
+            let key = axes
+                .iter()
+                .zip(&picks)
+                .map(|((k, v), p)| format!("{k}={}", value_text(&v[*p])))
+                .collect::<Vec<_>>()
+                .join(", ");
+            err(
+                "matrix",
+                format!("the case [{key}] is not a valid scenario: {e}"),
+            )
+        })?;
+        validate(&scenario, &dir).map_err(|(field, m)| err(&field, m))?;
+        let id = if labels.is_empty() {
+            scenario.name.clone()
+        } else {
+            format!("{}[{}]", scenario.name, labels.join(","))
+        };
+        cases.push(Case {
+            id,
+            file: file.clone(),
+            dir: dir.clone(),
+            scenario,
+        });
+    }
+    let mut seen = std::collections::HashSet::new();
+    for c in &cases {
+        if !seen.insert(c.id.clone()) {
+            return Err(err("matrix", format!("two cases share the id `{}`", c.id)));
+        }
+    }
+    Ok(cases)
+}
+
+/// Semantic checks that types cannot express. Returns `(field, message)`.
+pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
+    let e = |f: &str, m: &str| Err((f.to_string(), m.to_string()));
+    if s.name.trim().is_empty() {
+        return e("name", "expected a non-empty name");
+    }
+    if s.prefix.virtual_tokens == 0 {
+        return e("prefix.virtual_tokens", "expected at least 1 virtual token");
+    }
+    if s.prefix.projection && s.prefix.encoder_hidden_size == 0 {
+        return e(
+            "prefix.encoder_hidden_size",
+            "expected at least 1 with projection: true",
+        );
+    }
+    if s.data.batch_size == 0 {
+        return e("data.batch_size", "expected at least 1");
+    }
+    if s.data.max_prompt_len == 0 {
+        return e("data.max_prompt_len", "expected at least 1");
+    }
+    if s.generate.max_new_tokens == 0 {
+        return e("generate.max_new_tokens", "expected at least 1");
+    }
+    match s.cache.mode {
+        CacheModeName::Sliding if s.cache.window.is_none() => {
+            return e("cache.window", "`sliding` needs a window (positions kept)")
+        }
+        _ => {}
+    }
+    if s.cache.window == Some(0) {
+        return e("cache.window", "expected at least 1");
+    }
+    if s.cache.max_len == Some(0) {
+        return e("cache.max_len", "expected at least 1");
+    }
+    if !s.data.prompts.is_empty() && s.data.file.is_some() {
+        return e("data.file", "give either `prompts` or `file`, not both");
+    }
+    if let Some(f) = &s.data.file {
+        let p = dir.join(f);
+        if !p.is_file() {
+            return Err((
+                "data.file".into(),
+                format!("no such file: {}", p.to_string_lossy().replace('\\', "/")),
+            ));
+        }
+    }
+    if s.data.prompts.iter().any(|p| p.is_empty()) {
+        return e("data.prompts", "expected non-empty prompts");
+    }
+    let cfg = model_config(&s.model).map_err(|m| ("model.config".to_string(), m))?;
+    cfg.validate()
+        .map_err(|m| ("model.config".to_string(), m.to_string()))?;
+    Ok(())
+}
+
+/// The model config of a spec: the family's tiny config with the overrides applied.
+pub fn model_config(spec: &ModelSpec) -> Result<ModelConfig, String> {
+    let tiny = ModelConfig::tiny(spec.family);
+    let mut v = serde_json::to_value(&tiny).map_err(|e| e.to_string())?;
+    let Value::Object(m) = &mut v else {
+        return Err("internal: config is not a mapping".into());
+    };
+    for (k, val) in &spec.config {
+        if k == "family" || !m.contains_key(k) {
+            let known: Vec<&str> = m
+                .keys()
+                .map(String::as_str)
+                .filter(|k| *k != "family")
+                .collect();
+            let hint = suggest(k, &known)
+                .map(|s| format!(", did you mean `{s}`?"))
+                .unwrap_or_default();
+            return Err(format!(
+                "unknown {} config field `{k}`{hint} (fields: {})",
+                spec.family.name(),
+                known.join(", ")
+            ));
+        }
+        m.insert(k.clone(), val.clone());
+    }
+    serde_json::from_value(v).map_err(|e| format!("{}: {e}", spec.family.name()))
+}
+
+impl Case {
+    pub fn model_config(&self) -> Result<ModelConfig, String> {
+        model_config(&self.scenario.model)
+    }
+
+    pub fn prefix_config(&self) -> PrefixConfig {
+        let p = &self.scenario.prefix;
+        PrefixConfig {
+            num_virtual_tokens: p.virtual_tokens,
+            projection: p.projection,
+            encoder_hidden_size: p.encoder_hidden_size,
+            init: p.init,
+            layout: p.layout,
+            heads_from: p.heads_from,
+            head_dim_from: p.head_dim_from,
+            seed: p.seed,
+        }
+    }
+
+    /// The cache config; `prompt_len` is the batch's prompt length (static default size).
+    pub fn cache_config(&self, prompt_len: usize) -> CacheConfig {
+        let c = &self.scenario.cache;
+        let p = self.scenario.prefix.virtual_tokens;
+        let new = self.scenario.generate.max_new_tokens;
+        let mode = match c.mode {
+            CacheModeName::None => CacheMode::None,
+            CacheModeName::Dynamic => CacheMode::Dynamic,
+            CacheModeName::Static => CacheMode::Static {
+                max_len: c.max_len.unwrap_or(p + prompt_len + new),
+            },
+            CacheModeName::Sliding => CacheMode::Sliding {
+                window: c.window.unwrap_or(usize::MAX),
+            },
+            CacheModeName::Legacy => CacheMode::Legacy,
+        };
+        let mut cfg = CacheConfig::new(mode);
+        if c.window.is_some() {
+            cfg.window = c.window;
+        }
+        cfg.cross_prefix_marks_updated = c.cross_prefix_marks_updated;
+        cfg
+    }
+
+    /// The prompts of the case: inline, from the data file, or built in.
+    pub fn prompts(&self) -> std::io::Result<Vec<String>> {
+        let d = &self.scenario.data;
+        if let Some(f) = &d.file {
+            let text = std::fs::read_to_string(self.dir.join(f))?;
+            return Ok(text
+                .lines()
+                .map(|l| l.trim_end_matches('\r').to_string())
+                .filter(|l| !l.is_empty())
+                .collect());
+        }
+        if d.prompts.is_empty() {
+            Ok(crate::data::default_prompts())
+        } else {
+            Ok(d.prompts.clone())
+        }
+    }
+
+    /// Whether the case runs on this platform, and if not why.
+    pub fn skip_reason(&self) -> Option<String> {
+        let wanted = self.scenario.platforms.as_ref()?;
+        match Platform::current() {
+            Some(p) if wanted.contains(&p) => None,
+            _ => Some(format!(
+                "meant for {:?}, this is {}",
+                wanted,
+                std::env::consts::OS
+            )),
+        }
+    }
+}
+
+/// Check that a matrix key names a field a scenario can have.
+fn check_matrix_path(doc: &Value, key: &str) -> Result<(), String> {
+    const TOP: &[&str] = &[
+        "name",
+        "description",
+        "tags",
+        "model",
+        "prefix",
+        "cache",
+        "data",
+        "generate",
+        "platforms",
+        "expect",
+    ];
+    const SECTIONS: &[(&str, &[&str])] = &[
+        ("model", &["family", "config", "seed"]),
+        (
+            "prefix",
+            &[
+                "virtual_tokens",
+                "projection",
+                "encoder_hidden_size",
+                "init",
+                "layout",
+                "heads_from",
+                "head_dim_from",
+                "extend_mask",
+                "seed",
+            ],
+        ),
+        (
+            "cache",
+            &["mode", "max_len", "window", "cross_prefix_marks_updated"],
+        ),
+        (
+            "data",
+            &[
+                "prompts",
+                "file",
+                "batch_size",
+                "max_prompt_len",
+                "padding_side",
+            ],
+        ),
+        ("generate", &["strategy", "max_new_tokens"]),
+    ];
+    let parts: Vec<&str> = key.split('.').collect();
+    if !TOP.contains(&parts[0]) {
+        let hint = suggest(parts[0], TOP)
+            .map(|s| format!(", did you mean `{s}`?"))
+            .unwrap_or_default();
+        return Err(format!("unknown field `{}`{hint}", parts[0]));
+    }
+    if parts.len() >= 2 {
+        if let Some((_, fields)) = SECTIONS.iter().find(|(s, _)| *s == parts[0]) {
+            // model.config.<anything> is checked when the case is built.
+            if !fields.contains(&parts[1]) {
+                let hint = suggest(parts[1], fields)
+                    .map(|s| format!(", did you mean `{}.{s}`?", parts[0]))
+                    .unwrap_or_default();
+                return Err(format!("unknown field `{key}`{hint}"));
+            }
+            if parts.len() > 2 && !(parts[0] == "model" && parts[1] == "config") {
+                return Err(format!("`{key}` is not a field path"));
+            }
+        }
+    }
+    let _ = doc;
+    Ok(())
+}
+
+/// Set a dotted path in a JSON document, creating mappings on the way.
+fn set_path(doc: &mut Value, key: &str, value: Value) {
+    let mut cur = doc;
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        if !cur.is_object() {
+            *cur = Value::Object(Default::default());
+        }
+        let m = cur.as_object_mut().expect("object");
+        if i + 1 == parts.len() {
+            m.insert(part.to_string(), value);
+            return;
+        }
+        cur = m
+            .entry(part.to_string())
+            .or_insert_with(|| Value::Object(Default::default()));
+    }
+}
+
+/// The 1-based line where the last segment of `field` is written as a key, if it is
+/// written exactly once.
+fn locate(text: &str, field: &str) -> Option<usize> {
+    let key = field.rsplit('.').next()?;
+    if key.is_empty() {
+        return None;
+    }
+    let hits: Vec<usize> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| {
+            let t = l.trim_start().trim_start_matches("- ");
+            t.strip_prefix(key)
+                .is_some_and(|r| r.trim_start().starts_with(':'))
+        })
+        .map(|(i, _)| i + 1)
+        .collect();
+    (hits.len() == 1).then(|| hits[0])
+}
+
+/// The closest candidate to `word` (edit distance at most 3), for "did you mean".
+pub fn suggest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (levenshtein(word, c), *c))
+        .filter(|(d, _)| *d <= 3.min(word.len().max(1)))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Turn a YAML/serde error into an input error with line, column, the dotted field
+/// path written there, and, for an unknown field, the closest known one.
+fn yaml_error(path: &Path, text: &str, e: &serde_saphyr::Error) -> InputError {
+    let loc = e.location();
+    let (line, column) = (
+        loc.map(|l| l.line() as usize),
+        loc.map(|l| l.column() as usize),
+    );
+    let full = e.to_string();
+    // "error: line L column C: MESSAGE" then a rendered snippet.
+    let first = full.lines().next().unwrap_or("").trim();
+    let mut message = match first
+        .find(": ")
+        .filter(|_| first.starts_with("error: line "))
+    {
+        Some(_) => first.splitn(3, ": ").nth(2).unwrap_or(first).to_string(),
+        None => first.trim_start_matches("error: ").to_string(),
+    };
+    let field = line.map(|l| field_at(text, l)).unwrap_or_default();
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        if let Some((unknown, tail)) = rest.split_once('`') {
+            let expected: Vec<&str> = tail
+                .trim_start_matches(", expected one of ")
+                .trim_start_matches(", expected ")
+                .split(", ")
+                .map(|s| s.trim_matches('`'))
+                .filter(|s| !s.is_empty())
+                .collect();
+            let hint = suggest(unknown, &expected)
+                .map(|s| format!(", did you mean `{s}`?"))
+                .unwrap_or_default();
+            message = format!(
+                "unknown field `{unknown}`{hint} (expected one of: {})",
+                expected.join(", ")
+            );
+        }
+    } else if message.starts_with("invalid u") || message.starts_with("invalid i") {
+        let got = line
+            .and_then(|l| text.lines().nth(l - 1))
+            .and_then(|t| t.split_once(':').map(|(_, v)| v.trim().to_string()))
+            .unwrap_or_default();
+        message = format!("expected a non-negative whole number, got `{got}`");
+    }
+    InputError {
+        file: path.to_path_buf(),
+        line,
+        column,
+        field,
+        message,
+    }
+}
+
+/// The dotted path of the key written on 1-based `line`, from indentation
+/// (`prefix.virtual_tokens`); empty when the line holds no key.
+fn field_at(text: &str, line: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let Some(target) = lines.get(line.wrapping_sub(1)) else {
+        return String::new();
+    };
+    let key_of = |l: &str| -> Option<(usize, String)> {
+        let indent = l.len() - l.trim_start().len();
+        let t = l.trim_start().trim_start_matches("- ");
+        let (k, _) = t.split_once(':')?;
+        let k = k.trim();
+        (!k.is_empty() && !k.starts_with('#') && !k.contains(' ')).then(|| (indent, k.to_string()))
+    };
+    let Some((mut indent, key)) = key_of(target) else {
+        return String::new();
+    };
+    let mut path = vec![key];
+    for l in lines[..line - 1].iter().rev() {
+        if let Some((i, k)) = key_of(l) {
+            if i < indent {
+                path.push(k);
+                indent = i;
+                if i == 0 {
+                    break;
+                }
+            }
+        }
+    }
+    path.reverse();
+    path.join(".")
+}
+
+/// Every scenario file under `paths` (files, folders searched recursively for
+/// `.yaml`/`.yml`, or glob patterns), sorted, without duplicates.
+pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, InputError> {
+    let mut out = vec![];
+    for p in paths {
+        let s = p.to_string_lossy();
+        if s.contains('*') || s.contains('?') || s.contains('[') {
+            let entries = glob::glob(&s).map_err(|e| InputError {
+                file: p.clone(),
+                line: None,
+                column: None,
+                field: String::new(),
+                message: format!("invalid glob pattern: {e}"),
+            })?;
+            let mut any = false;
+            for entry in entries.flatten() {
+                any = true;
+                collect(&entry, &mut out);
+            }
+            if !any {
+                return Err(not_found(p, "no file matches this pattern"));
+            }
+        } else if p.exists() {
+            collect(p, &mut out);
+        } else {
+            return Err(not_found(p, "no such file or folder"));
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+fn not_found(p: &Path, m: &str) -> InputError {
+    InputError {
+        file: p.to_path_buf(),
+        line: None,
+        column: None,
+        field: String::new(),
+        message: m.to_string(),
+    }
+}
+
+fn collect(p: &Path, out: &mut Vec<PathBuf>) {
+    if p.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        entries.sort();
+        for e in entries {
+            collect(&e, out);
+        }
+    } else if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+        out.push(p.to_path_buf());
+    }
+}
