@@ -27,6 +27,11 @@ pub enum DiagnosisClass {
     Dtype,
     /// A position is out of range (e.g. past `max_position_embeddings`).
     Position,
+    /// A prefix parameter received no (or a non-finite) gradient, or a base weight
+    /// changed during training.
+    NoGrad,
+    /// NaN or infinity in weights, activations or loss.
+    NonFinite,
     /// A shape failure that fits none of the classes above.
     Shape,
 }
@@ -42,6 +47,8 @@ impl DiagnosisClass {
             Self::Batch => "batch",
             Self::Dtype => "dtype",
             Self::Position => "position",
+            Self::NoGrad => "no-grad",
+            Self::NonFinite => "non-finite",
             Self::Shape => "shape",
         }
     }

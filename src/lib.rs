@@ -4,6 +4,7 @@
 //! layouts), [`prefix`] (PEFT prefix encoder and geometry), [`generate`] (prefill and
 //! decoding), [`trace`] (the shape trace), [`check`] (diagnoses).
 
+pub mod adapter;
 pub mod cache;
 pub mod check;
 pub mod data;
@@ -14,4 +15,6 @@ pub mod report;
 pub mod rng;
 pub mod run;
 pub mod scenario;
+pub mod tokenizer;
 pub mod trace;
+pub mod train;
