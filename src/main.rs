@@ -1,1 +1,222 @@
-fn main() {}
+//! The `prefix-harness` command: parses arguments and delegates to the library.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use prefix_harness::report::{self, Environment, Summary};
+use prefix_harness::run::{self, CaseResult, RunOptions};
+use prefix_harness::scenario::{self, Case, InputError};
+
+#[derive(Parser)]
+#[command(name = "prefix-harness", version, about = "Reproduce prefix-tuning runs and catch KV-cache shape regressions")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run scenario files or folders (default: scenarios/).
+    Run(RunArgs),
+    /// Parse and check scenario files without running them.
+    Validate {
+        #[arg(default_value = "scenarios")]
+        paths: Vec<PathBuf>,
+    },
+    /// Print the expanded case ids.
+    List {
+        #[arg(default_value = "scenarios")]
+        paths: Vec<PathBuf>,
+        /// Only cases whose id contains this text.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Only scenarios with this tag.
+        #[arg(long)]
+        tag: Option<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Files, folders (searched for .yaml/.yml) or glob patterns.
+    #[arg(default_value = "scenarios")]
+    paths: Vec<PathBuf>,
+    /// Only cases whose id contains this text.
+    #[arg(long)]
+    filter: Option<String>,
+    /// Only scenarios with this tag.
+    #[arg(long)]
+    tag: Option<String>,
+    /// Run shard I of N (1-based), e.g. 2/3: every case lands in exactly one shard.
+    #[arg(long, value_parser = parse_shard)]
+    shard: Option<(usize, usize)>,
+    /// Cases run in parallel (default: the number of CPUs).
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// Per-case time limit in seconds.
+    #[arg(long, default_value_t = 300.0)]
+    timeout: f64,
+    /// Stop starting cases after the first that does not meet its expectation.
+    #[arg(long)]
+    fail_fast: bool,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Write a JUnit XML report here.
+    #[arg(long)]
+    junit: Option<PathBuf>,
+}
+
+fn parse_shard(s: &str) -> Result<(usize, usize), String> {
+    let (i, n) = s.split_once('/').ok_or("expected I/N, e.g. 2/3")?;
+    let i: usize = i.trim().parse().map_err(|_| format!("`{i}` is not a number"))?;
+    let n: usize = n.trim().parse().map_err(|_| format!("`{n}` is not a number"))?;
+    if n == 0 || i == 0 || i > n {
+        return Err(format!("shard {i}/{n}: expected 1 <= I <= N"));
+    }
+    Ok((i, n))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { paths } => match load_all(&paths) {
+            Ok(cases) => {
+                println!("{} cases, all valid", cases.len());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => invalid(&errors),
+        },
+        Command::List { paths, filter, tag } => match load_all(&paths) {
+            Ok(cases) => {
+                for c in select(cases, filter.as_deref(), tag.as_deref()) {
+                    println!("{}", c.id);
+                }
+                ExitCode::SUCCESS
+            }
+            Err(errors) => invalid(&errors),
+        },
+        Command::Run(args) => run_command(args),
+    }
+}
+
+fn invalid(errors: &[InputError]) -> ExitCode {
+    for e in errors {
+        eprintln!("error: {e}");
+    }
+    eprintln!("{} invalid scenario file(s); nothing was run", errors.len());
+    ExitCode::from(2)
+}
+
+/// Every case of every file, or every input error.
+fn load_all(paths: &[PathBuf]) -> Result<Vec<Case>, Vec<InputError>> {
+    let files = scenario::discover(paths).map_err(|e| vec![e])?;
+    let mut cases = vec![];
+    let mut errors = vec![];
+    for f in &files {
+        match scenario::load(f) {
+            Ok(c) => cases.extend(c),
+            Err(e) => errors.push(e),
+        }
+    }
+    if files.is_empty() {
+        errors.push(InputError {
+            file: paths.first().cloned().unwrap_or_default(),
+            line: None,
+            column: None,
+            field: String::new(),
+            message: "no scenario files (.yaml, .yml) found".into(),
+        });
+    }
+    if errors.is_empty() {
+        Ok(cases)
+    } else {
+        Err(errors)
+    }
+}
+
+fn select(cases: Vec<Case>, filter: Option<&str>, tag: Option<&str>) -> Vec<Case> {
+    cases
+        .into_iter()
+        .filter(|c| filter.is_none_or(|f| c.id.contains(f)))
+        .filter(|c| tag.is_none_or(|t| c.scenario.tags.iter().any(|x| x == t)))
+        .collect()
+}
+
+fn run_command(args: RunArgs) -> ExitCode {
+    let cases = match load_all(&args.paths) {
+        Ok(c) => c,
+        Err(errors) => return invalid(&errors),
+    };
+    let mut cases = select(cases, args.filter.as_deref(), args.tag.as_deref());
+    if let Some((i, n)) = args.shard {
+        cases = run::shard(&cases, i, n);
+    }
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        .max(1);
+    // Tiny tensors do not pay for threads: one case per thread, one thread per case
+    // (DESIGN.md, speed facts), unless the user chose otherwise.
+    if jobs > 1 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+    }
+    let opts = RunOptions {
+        jobs,
+        timeout: (args.timeout > 0.0).then(|| Duration::from_secs_f64(args.timeout)),
+        fail_fast: args.fail_fast,
+    };
+    let total = cases.len();
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(total as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed_precise} {msg}")
+                .expect("progress template"),
+        );
+        b
+    });
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let on_done = |r: &CaseResult| {
+        let n = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        match &bar {
+            Some(b) => {
+                b.set_message(format!("{} {}", r.status.as_str(), r.id));
+                b.inc(1);
+            }
+            None => eprintln!("[{n}/{total}] {} {} ({:.0} ms)", r.status.as_str(), r.id, r.duration_ms),
+        }
+    };
+    let results = run::run_all(&cases, &opts, &on_done);
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    print!("{}", report::table(&results));
+    let env = Environment::capture(jobs);
+    let mut status = if Summary::of(&results).ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    };
+    if let Some(p) = &args.report {
+        if let Err(e) = report::write_atomic(p, &report::json(&results, env)) {
+            eprintln!("error: cannot write the report {}: {e}", p.display());
+            status = ExitCode::from(2);
+        }
+    }
+    if let Some(p) = &args.junit {
+        if let Err(e) = report::write_atomic(p, &report::junit(&results)) {
+            eprintln!("error: cannot write the JUnit file {}: {e}", p.display());
+            status = ExitCode::from(2);
+        }
+    }
+    if results.len() < total {
+        eprintln!(
+            "--fail-fast: stopped after a case did not meet its expectation ({} of {total} cases run)",
+            results.len()
+        );
+    }
+    status
+}

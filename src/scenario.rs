@@ -343,9 +343,13 @@ fn short_key(path: &str) -> String {
     }
 }
 
+/// How a matrix value appears in a case id: scalars as written, mappings as their
+/// values joined by `/` (`{mode: sliding, window: 16}` -> `sliding/16`).
 fn value_text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
+        Value::Object(m) => m.values().map(value_text).collect::<Vec<_>>().join("/"),
+        Value::Array(a) => a.iter().map(value_text).collect::<Vec<_>>().join("+"),
         other => other.to_string(),
     }
 }
