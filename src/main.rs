@@ -11,7 +11,11 @@ use prefix_harness::run::{self, CaseResult, RunOptions};
 use prefix_harness::scenario::{self, Case, InputError};
 
 #[derive(Parser)]
-#[command(name = "prefix-harness", version, about = "Reproduce prefix-tuning runs and catch KV-cache shape regressions")]
+#[command(
+    name = "prefix-harness",
+    version,
+    about = "Reproduce prefix-tuning runs and catch KV-cache shape regressions"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -72,8 +76,14 @@ struct RunArgs {
 
 fn parse_shard(s: &str) -> Result<(usize, usize), String> {
     let (i, n) = s.split_once('/').ok_or("expected I/N, e.g. 2/3")?;
-    let i: usize = i.trim().parse().map_err(|_| format!("`{i}` is not a number"))?;
-    let n: usize = n.trim().parse().map_err(|_| format!("`{n}` is not a number"))?;
+    let i: usize = i
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{i}` is not a number"))?;
+    let n: usize = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{n}` is not a number"))?;
     if n == 0 || i == 0 || i > n {
         return Err(format!("shard {i}/{n}: expected 1 <= I <= N"));
     }
@@ -157,7 +167,11 @@ fn run_command(args: RunArgs) -> ExitCode {
     }
     let jobs = args
         .jobs
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
         .max(1);
     // Tiny tensors do not pay for threads: one case per thread, one thread per case
     // (DESIGN.md, speed facts), unless the user chose otherwise.
@@ -186,7 +200,12 @@ fn run_command(args: RunArgs) -> ExitCode {
                 b.set_message(format!("{} {}", r.status.as_str(), r.id));
                 b.inc(1);
             }
-            None => eprintln!("[{n}/{total}] {} {} ({:.0} ms)", r.status.as_str(), r.id, r.duration_ms),
+            None => eprintln!(
+                "[{n}/{total}] {} {} ({:.0} ms)",
+                r.status.as_str(),
+                r.id,
+                r.duration_ms
+            ),
         }
     };
     let results = run::run_all(&cases, &opts, &on_done);

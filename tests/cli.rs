@@ -1,0 +1,248 @@
+//! The command line as a user meets it: exit codes, errors that name file, line and
+//! field, shards that partition the cases, and reports that parse.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_prefix-harness"))
+}
+
+fn run(args: &[&str]) -> Output {
+    bin()
+        .args(args)
+        .env("CI", "true")
+        .output()
+        .expect("the binary runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A fresh folder under the system temp dir for one test.
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("prefix-harness-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn write(dir: &Path, name: &str, body: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, body).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+const BASE: &str = "name: demo\nmodel:\n  family: gpt2\nprefix:\n  virtual_tokens: 2\ngenerate:\n  max_new_tokens: 2\n";
+
+#[test]
+fn a_typo_in_a_key_exits_2_naming_file_line_field_and_suggestion() {
+    let d = scratch("typo");
+    let f = write(
+        &d,
+        "typo.yaml",
+        &BASE.replace("virtual_tokens", "virtual_token"),
+    );
+    let out = run(&["run", &f]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("typo.yaml:5:3"), "{err}");
+    assert!(err.contains("prefix.virtual_token"), "{err}");
+    assert!(err.contains("did you mean `virtual_tokens`?"), "{err}");
+}
+
+#[test]
+fn a_wrong_type_exits_2_naming_the_field() {
+    let d = scratch("type");
+    let f = write(&d, "t.yaml", &format!("{BASE}data:\n  batch_size: three\n"));
+    let out = run(&["validate", &f]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("t.yaml:9:"), "{err}");
+    assert!(
+        err.contains("data.batch_size") && err.contains("three"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_negative_size_exits_2_naming_the_field() {
+    let d = scratch("neg");
+    let f = write(
+        &d,
+        "n.yaml",
+        &BASE.replace("virtual_tokens: 2", "virtual_tokens: -2"),
+    );
+    let out = run(&["validate", &f]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("n.yaml:5:") && err.contains("prefix.virtual_tokens"),
+        "{err}"
+    );
+}
+
+#[test]
+fn zero_virtual_tokens_is_invalid_input() {
+    let d = scratch("zero");
+    let f = write(
+        &d,
+        "z.yaml",
+        &BASE.replace("virtual_tokens: 2", "virtual_tokens: 0"),
+    );
+    let out = run(&["validate", &f]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("z.yaml:5: field `prefix.virtual_tokens`: expected at least 1")
+    );
+}
+
+#[test]
+fn an_expected_failure_that_does_not_happen_fails_the_run() {
+    let d = scratch("fixed");
+    let f = write(
+        &d,
+        "f.yaml",
+        &format!("{BASE}expect: {{error: rank, layer: 0}}\n"),
+    );
+    let out = run(&["run", &f]);
+    assert_eq!(out.status.code(), Some(1));
+    let table = text(&out.stdout);
+    assert!(table.contains("demo") && table.contains("fail"), "{table}");
+    assert!(table.contains("fixed? update the scenario"), "{table}");
+    assert!(
+        table.ends_with("0 passed, 1 failed, 0 skipped\n"),
+        "{table}"
+    );
+}
+
+#[test]
+fn the_peft_2192_reproduction_passes_as_an_expected_rank_failure() {
+    let out = run(&["run", "scenarios/bugs/peft-2192-bloom-legacy-prefix.yaml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    let table = text(&out.stdout);
+    assert!(table.contains("rank at layer 0 self key"), "{table}");
+}
+
+#[test]
+fn cases_for_another_platform_are_skipped_with_the_reason() {
+    let other = if cfg!(windows) { "linux" } else { "windows" };
+    let d = scratch("platform");
+    let f = write(&d, "p.yaml", &format!("{BASE}platforms: [{other}]\n"));
+    let out = run(&["run", &f]);
+    assert_eq!(out.status.code(), Some(0));
+    let table = text(&out.stdout);
+    assert!(
+        table.contains("skip") && table.contains("meant for"),
+        "{table}"
+    );
+}
+
+fn ids_of_report(path: &Path) -> Vec<String> {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn three_shards_cover_every_case_exactly_once() {
+    let d = scratch("shards");
+    let listed = text(&run(&["list", "scenarios"]).stdout);
+    let mut all: Vec<String> = listed.lines().map(str::to_string).collect();
+    let mut seen = vec![];
+    for i in 1..=3 {
+        let rep = d.join(format!("shard{i}.json"));
+        let out = run(&[
+            "run",
+            "scenarios",
+            "--shard",
+            &format!("{i}/3"),
+            "--report",
+            rep.to_str().unwrap(),
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+        seen.extend(ids_of_report(&rep));
+    }
+    all.sort();
+    seen.sort();
+    assert!(!all.is_empty());
+    assert_eq!(seen, all);
+}
+
+#[test]
+fn json_and_junit_reports_carry_every_case() {
+    let d = scratch("reports");
+    let (json, xml) = (d.join("r.json"), d.join("r.xml"));
+    let out = run(&[
+        "run",
+        "scenarios/bugs",
+        "--report",
+        json.to_str().unwrap(),
+        "--junit",
+        xml.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for k in ["tool_version", "environment", "cases"] {
+        assert!(v.get(k).is_some(), "missing {k}");
+    }
+    for k in ["os", "arch", "cpu_features", "rustc", "candle", "threads"] {
+        assert!(v["environment"].get(k).is_some(), "missing environment.{k}");
+    }
+    let cases = v["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 4);
+    for c in cases {
+        for k in [
+            "id",
+            "scenario",
+            "status",
+            "expected",
+            "duration_ms",
+            "diagnosis",
+            "losses",
+            "tokens",
+            "trace_digest",
+        ] {
+            assert!(c.get(k).is_some(), "case without {k}: {c}");
+        }
+    }
+    let bug = cases
+        .iter()
+        .find(|c| c["id"] == "peft-2192-bloom-legacy-prefix")
+        .unwrap();
+    assert_eq!(bug["diagnosis"]["class"], "rank");
+    assert_eq!(
+        bug["diagnosis"]["actual_shape"].as_array().unwrap().len(),
+        3
+    );
+    let xml_text = std::fs::read_to_string(&xml).unwrap();
+    let doc = roxmltree::Document::parse(&xml_text).expect("JUnit XML parses");
+    let testcases: Vec<_> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("testcase"))
+        .collect();
+    assert_eq!(testcases.len(), 4);
+}
+
+#[test]
+fn an_unwritable_report_path_does_not_leave_a_partial_file() {
+    let d = scratch("atomic");
+    let target = d.join("keep.json");
+    std::fs::write(&target, "previous contents").unwrap();
+    // A folder where the report's temporary file would go cannot be created: the
+    // existing report stays as it was.
+    let bad = d.join("keep.json").join("sub").join("r.json");
+    let out = run(&["run", "scenarios/bugs", "--report", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        std::fs::read_to_string(&target).unwrap(),
+        "previous contents"
+    );
+}
