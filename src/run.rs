@@ -56,6 +56,8 @@ pub struct CaseResult {
     pub losses: Vec<f32>,
     /// Generated ids per batch row.
     pub tokens: Vec<Vec<u32>>,
+    /// Next-token logits of every decoding step, summarised (see [`LogitsSummary`]).
+    pub logits: Vec<LogitsSummary>,
     /// Digest of the shape trace (None when nothing ran).
     pub trace_digest: Option<String>,
     #[serde(skip)]
@@ -74,9 +76,44 @@ impl CaseResult {
             message: None,
             losses: vec![],
             tokens: vec![],
+            logits: vec![],
             trace_digest: None,
             trace: None,
         }
+    }
+}
+
+/// A platform-comparable summary of one step's logits `[B, V]`: order statistics and
+/// the sum, as f64 so that they round-trip exactly through JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct LogitsSummary {
+    pub min: f64,
+    pub q25: f64,
+    pub median: f64,
+    pub q75: f64,
+    pub max: f64,
+    pub sum: f64,
+}
+
+impl LogitsSummary {
+    /// Summarise `logits: [B, V]` (any shape works: all values are pooled).
+    pub fn of(logits: &candle_core::Tensor) -> candle_core::Result<Self> {
+        let mut v: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        v.sort_by(|a, b| a.total_cmp(b));
+        let at = |q: f64| -> f64 {
+            if v.is_empty() {
+                return 0.0;
+            }
+            v[((v.len() - 1) as f64 * q).round() as usize] as f64
+        };
+        Ok(Self {
+            min: at(0.0),
+            q25: at(0.25),
+            median: at(0.5),
+            q75: at(0.75),
+            max: at(1.0),
+            sum: v.iter().map(|x| *x as f64).sum(),
+        })
     }
 }
 
@@ -118,7 +155,14 @@ fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
     let (out, trace) = greedy_traced(model.as_ref(), Some(&prefix), &opts, &ids, Some(&mask));
     r.trace_digest = Some(trace.digest());
     r.trace = Some(trace);
-    r.tokens = out?.tokens;
+    let out = out?;
+    r.tokens = out.tokens;
+    r.logits = out
+        .logits
+        .iter()
+        .map(LogitsSummary::of)
+        .collect::<candle_core::Result<_>>()
+        .map_err(|e| crate::check::from_candle(e, None, "summarise logits"))?;
     Ok(())
 }
 
