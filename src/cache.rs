@@ -241,6 +241,11 @@ pub struct ModelCache {
     pub layout: Layout,
     layers: Vec<LayerCache>,
     cross: Vec<CrossCache>,
+    /// Key/value heads of the self-attention cache, when known (set by
+    /// [`ModelCache::set_kv_heads`], learned from every [`ModelCache::update_self`]):
+    /// the bloom-legacy layout folds the batch into dimension 0 as `batch * heads`, so
+    /// selecting batch rows ([`ModelCache::reorder`]) needs it.
+    kv_heads: Option<usize>,
     pub trace: Trace,
 }
 
@@ -288,8 +293,20 @@ impl ModelCache {
             },
             layout,
             config,
+            kv_heads: None,
             trace: Trace::default(),
         }
+    }
+
+    /// Declare the number of key/value heads (the model geometry's `num_kv_heads`),
+    /// so that a bloom-legacy prefix can be reordered before the first forward pass.
+    pub fn set_kv_heads(&mut self, kv_heads: usize) {
+        self.kv_heads = Some(kv_heads);
+    }
+
+    /// The number of key/value heads, if known.
+    pub fn kv_heads(&self) -> Option<usize> {
+        self.kv_heads
     }
 
     pub fn num_layers(&self) -> usize {
@@ -370,6 +387,7 @@ impl ModelCache {
         let att = Attention::SelfAttn;
         let site_k = Site::new(layer, att, TensorKind::Key);
         let (_, kv_heads, s_new, _) = k.dims4().at(site_k, "new keys")?;
+        self.kv_heads = Some(kv_heads);
         let mut e = event(layer, att, CacheOp::Update, layout.name());
         e.positions = Some(positions);
         let l = self
@@ -383,15 +401,7 @@ impl ModelCache {
         e.value_written = Some(shape(&v_new));
 
         // What the cache already holds, in its raw form, for checking.
-        let held: Option<(Tensor, Tensor)> = match (&l.prefix, &l.store) {
-            (Some(p), _) => Some(p.clone()),
-            (None, Store::Dynamic(c)) => c.k().cloned().zip(c.v().cloned()),
-            (None, Store::Static(c)) => c.k().ok().flatten().zip(c.v().ok().flatten()),
-            (None, Store::Sliding { k, v }) | (None, Store::Legacy { k, v }) => {
-                k.clone().zip(v.clone())
-            }
-            (None, Store::Recompute) => None,
-        };
+        let held = l.held();
         if let Some((hk, hv)) = &held {
             e.key_before = Some(shape(hk));
             e.value_before = Some(shape(hv));
@@ -630,10 +640,222 @@ impl ModelCache {
         }
     }
 
+    /// What layer `layer`'s self-attention cache holds, raw, in the layout it stores
+    /// (the not-yet-merged prefix if no forward pass appended to it yet): keys and
+    /// values, e.g. `([B, KVH, K, D], [B, KVH, K, D])` for the standard layout.
+    pub fn stored_self(&self, layer: usize) -> Option<(Tensor, Tensor)> {
+        self.layers.get(layer)?.held()
+    }
+
+    /// What layer `layer`'s cross-attention cache holds: the computed keys/values
+    /// `([B, KVH, P+E, D], [B, KVH, P+E, D])`, else the cross prefix `[B, KVH, P, D]`.
+    pub fn stored_cross(&self, layer: usize) -> Option<(Tensor, Tensor)> {
+        let c = self.cross.get(layer)?;
+        c.kv.clone().or_else(|| c.prefix.clone())
+    }
+
+    /// Select the batch rows `indices` (`[N']`, each below the current batch N) of every
+    /// stored tensor, in every layer, self and cross, in every store and layout, the
+    /// not-yet-merged prefix included: row `i` afterwards is row `indices[i]` before.
+    ///
+    /// Beam search calls it before each step with the source beam of every row
+    /// (transformers' `Cache.reorder_cache(beam_idx)`); repeated indices expand a batch
+    /// (`[0, 0, 1, 1]`: two rows per input row). Standard keys `[N, KVH, K, D]` and
+    /// bigcode-fused `[N, K, 2D]` are selected along dimension 0; bloom-legacy keys
+    /// `[N*KVH, D, K]` and values `[N*KVH, K, D]` are viewed as `[N, KVH, ...]` first, so
+    /// the heads of a row move together. The static store is rebuilt at its capacity
+    /// from the selected rows. Records one [`CacheOp::Reorder`] event per layer and
+    /// attention.
+    pub fn reorder(&mut self, indices: &[u32]) -> Result<()> {
+        let layout = self.layout;
+        let kv_heads = self.kv_heads;
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let att = Attention::SelfAttn;
+            let mut e = event(i, att, CacheOp::Reorder, layout.name());
+            let held = l.held();
+            e.key_before = held.as_ref().map(|(k, _)| shape(k));
+            e.value_before = held.as_ref().map(|(_, v)| shape(v));
+            let sel = |t: &Tensor, kind: TensorKind| {
+                select_rows(t, layout, kind, kv_heads, indices, Site::new(i, att, kind))
+            };
+            let pair = |k: &Tensor, v: &Tensor| -> Result<(Tensor, Tensor)> {
+                Ok((sel(k, TensorKind::Key)?, sel(v, TensorKind::Value)?))
+            };
+            if let Some((pk, pv)) = &l.prefix {
+                l.prefix = Some(pair(pk, pv)?);
+            }
+            let site = Site::new(i, att, TensorKind::Key);
+            match &mut l.store {
+                Store::Recompute => {}
+                Store::Dynamic(c) => {
+                    if let (Some(k), Some(v)) = (c.k(), c.v()) {
+                        let (k, v) = pair(k, v)?;
+                        let mut n = ConcatKvCache::new(2);
+                        n.append(&k, &v)
+                            .at(site, "reorder: rebuild dynamic cache")?;
+                        *c = n;
+                    }
+                }
+                Store::Static(c) => {
+                    let k = c.k().at(site, "reorder: read static keys")?;
+                    let v = c.v().at(site, "reorder: read static values")?;
+                    if let (Some(k), Some(v)) = (k, v) {
+                        let (k, v) = pair(&k, &v)?;
+                        let (k, v) = (k.contiguous(), v.contiguous());
+                        let (k, v) = (k.at(site, "keys")?, v.at(site, "values")?);
+                        // Same capacity: the data is rewritten into a fresh buffer.
+                        let mut n = KvCache::new(2, c.k_cache().max_seq_len());
+                        n.append(&k, &v).at(site, "reorder: rebuild static cache")?;
+                        *c = n;
+                    }
+                }
+                Store::Sliding { k, v } | Store::Legacy { k, v } => {
+                    if let (Some(sk), Some(sv)) = (k.as_ref(), v.as_ref()) {
+                        let (nk, nv) = pair(sk, sv)?;
+                        *k = Some(nk);
+                        *v = Some(nv);
+                    }
+                }
+            }
+            let after = l.held();
+            e.key_after = after.as_ref().map(|(k, _)| shape(k));
+            e.value_after = after.as_ref().map(|(_, v)| shape(v));
+            self.trace.push(e);
+        }
+        for (i, c) in self.cross.iter_mut().enumerate() {
+            // transformers' cross cache has always been 4-D: standard layout.
+            let att = Attention::Cross;
+            let std = Layout::Standard;
+            let mut e = event(i, att, CacheOp::Reorder, std.name());
+            let sel = |t: &Tensor, kind: TensorKind| {
+                select_rows(t, std, kind, None, indices, Site::new(i, att, kind))
+            };
+            let before = c.kv.clone().or_else(|| c.prefix.clone());
+            e.key_before = before.as_ref().map(|(k, _)| shape(k));
+            e.value_before = before.as_ref().map(|(_, v)| shape(v));
+            if let Some((pk, pv)) = &c.prefix {
+                c.prefix = Some((sel(pk, TensorKind::Key)?, sel(pv, TensorKind::Value)?));
+            }
+            if let Some((k, v)) = &c.kv {
+                c.kv = Some((sel(k, TensorKind::Key)?, sel(v, TensorKind::Value)?));
+            }
+            let after = c.kv.clone().or_else(|| c.prefix.clone());
+            e.key_after = after.as_ref().map(|(k, _)| shape(k));
+            e.value_after = after.as_ref().map(|(_, v)| shape(v));
+            self.trace.push(e);
+        }
+        Ok(())
+    }
+
     /// Start a new forward pass in the trace.
     pub fn next_step(&mut self) {
         self.trace.next_step();
     }
+}
+
+impl LayerCache {
+    /// What the layer holds, raw: the unmerged prefix, else the store's contents.
+    fn held(&self) -> Option<(Tensor, Tensor)> {
+        match (&self.prefix, &self.store) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Store::Dynamic(c)) => c.k().cloned().zip(c.v().cloned()),
+            (None, Store::Static(c)) => c.k().ok().flatten().zip(c.v().ok().flatten()),
+            (None, Store::Sliding { k, v }) | (None, Store::Legacy { k, v }) => {
+                k.clone().zip(v.clone())
+            }
+            (None, Store::Recompute) => None,
+        }
+    }
+}
+
+/// Rows `indices` (`[N']`) of a stored tensor `t` held in `layout`: standard
+/// `[N, KVH, K, D]` and bigcode-fused `[N, K, 2D]` along dimension 0; bloom-legacy
+/// `[N*KVH, D, K]` / `[N*KVH, K, D]` through the view `[N, KVH, ...]`. Returns the same
+/// layout with N' rows.
+fn select_rows(
+    t: &Tensor,
+    layout: Layout,
+    tensor: TensorKind,
+    kv_heads: Option<usize>,
+    indices: &[u32],
+    site: Site,
+) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rank = match layout {
+        Layout::Standard => 4,
+        Layout::BloomLegacy | Layout::BigcodeFused => 3,
+    };
+    if dims.len() != rank {
+        return Err(Diagnosis::new(
+            DiagnosisClass::Rank,
+            format!(
+                "cannot select batch rows: the cache stores {} {tensor}s {} but holds a {}-D tensor {dims:?}",
+                layout.name(),
+                layout.dims_text(tensor),
+                dims.len()
+            ),
+        )
+        .at(site.layer, site.attention, tensor)
+        .shapes(&vec![0; rank], &dims)
+        .hint(rank_hint(layout, dims.len()))
+        .into());
+    }
+    let group = match layout {
+        Layout::BloomLegacy => kv_heads.ok_or_else(|| {
+            crate::check::EngineError::Config(
+                "reordering a bloom-legacy cache needs the number of key/value heads (ModelCache::set_kv_heads)".into(),
+            )
+        })?,
+        _ => 1,
+    };
+    let batch_dim = |n: usize| -> Vec<usize> {
+        let mut d = dims.clone();
+        d[0] = n * group;
+        d
+    };
+    if group == 0 || !dims[0].is_multiple_of(group) {
+        return Err(Diagnosis::new(
+            DiagnosisClass::Batch,
+            format!(
+                "cannot select batch rows: dimension 0 of the {} {tensor} {dims:?} is not a multiple of {group} key/value heads",
+                layout.name()
+            ),
+        )
+        .at(site.layer, site.attention, tensor)
+        .shapes(&batch_dim(dims[0] / group.max(1)), &dims)
+        .hint("the prefix was built with a head count that is not the model's num_key_value_heads")
+        .into());
+    }
+    let n = dims[0] / group;
+    if let Some(bad) = indices.iter().find(|i| **i as usize >= n) {
+        return Err(Diagnosis::new(
+            DiagnosisClass::Batch,
+            format!(
+                "beam reorder selects row {bad} but the cache holds {n} rows of {tensor}s {dims:?}"
+            ),
+        )
+        .at(site.layer, site.attention, tensor)
+        .shapes(&batch_dim(indices.len()), &dims)
+        .hint("the cache was built for a smaller batch than the beams index (the prefix was not expanded to batch x beams)")
+        .into());
+    }
+    let idx = Tensor::new(indices, t.device()).at(site, "reorder indices")?;
+    // candle's index_select reads contiguous input only (cached views are narrowed
+    // or transposed).
+    if group == 1 {
+        return t
+            .contiguous()
+            .and_then(|x| x.index_select(&idx, 0))
+            .at(site, "reorder rows");
+    }
+    // [N*KVH, a, b] -> [N, KVH, a, b] -> [N', KVH, a, b] -> [N'*KVH, a, b]
+    let mut view = vec![n, group];
+    view.extend_from_slice(&dims[1..]);
+    t.reshape(view)
+        .and_then(|x| x.contiguous())
+        .and_then(|x| x.index_select(&idx, 0))
+        .and_then(|x| x.reshape(batch_dim(indices.len())))
+        .at(site, "reorder rows")
 }
 
 fn no_layer(layer: usize, attention: Attention) -> crate::check::EngineError {

@@ -36,8 +36,8 @@ pub fn decode_bytes(ids: &[u32]) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
-/// A batch of `batch` rows taken cyclically from `prompts`, each cut to at most
-/// `max_len` ids and left-padded (id `pad_id`) to the longest row.
+/// A batch of `batch` rows taken cyclically from `prompts` (byte-level ids), each cut
+/// to at most `max_len` ids and left-padded (id `pad_id`) to the longest row.
 /// Returns `(ids [B, S] u32, mask [B, S] f32)`.
 pub fn batch(
     prompts: &[String],
@@ -46,9 +46,24 @@ pub fn batch(
     pad_id: u32,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
+    let rows: Vec<Vec<u32>> = prompts.iter().map(|p| encode_bytes(p)).collect();
+    batch_ids(&rows, batch, max_len, pad_id, device)
+}
+
+/// [`batch`] over rows already tokenized. Returns `(ids [B, S] u32, mask [B, S] f32)`.
+pub fn batch_ids(
+    prompts: &[Vec<u32>],
+    batch: usize,
+    max_len: usize,
+    pad_id: u32,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    if prompts.is_empty() {
+        return Err(crate::check::EngineError::Config("data: no prompts".into()));
+    }
     let rows: Vec<Vec<u32>> = (0..batch)
         .map(|i| {
-            let mut ids = encode_bytes(&prompts[i % prompts.len()]);
+            let mut ids = prompts[i % prompts.len()].clone();
             ids.truncate(max_len.max(1));
             if ids.is_empty() {
                 ids.push(pad_id);

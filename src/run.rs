@@ -7,11 +7,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
+
 use serde::Serialize;
 
 use crate::check::{Diagnosis, EngineError};
 use crate::generate::{greedy_traced, DecodeOptions};
-use crate::model::weights;
 use crate::prefix::PrefixEncoder;
 use crate::scenario::{Case, Expect};
 use crate::trace::Trace;
@@ -128,21 +128,41 @@ pub fn run_case(case: &Case) -> CaseResult {
     }
     let outcome = execute(case, &mut r);
     r.duration_ms = start.elapsed().as_secs_f64() * 1e3;
+    let ran = outcome.is_ok();
     judge(case, outcome, &mut r);
+    if ran && r.status == Status::Pass {
+        if let Some(why) = extra_checks(case, &r) {
+            r.status = Status::Fail;
+            r.message = Some(why);
+        }
+    }
     r
 }
 
-/// Build and run the case; fills tokens and trace.
+/// Build and run the case: model, prefix (fresh or a PEFT adapter), optional
+/// training, then generation. Fills losses, tokens, logits and the trace.
 fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
     let dev = Device::Cpu;
     let cfg = case.model_config().map_err(EngineError::Config)?;
-    let model = cfg.build(weights::seeded(case.scenario.model.seed, DType::F32, &dev))?;
-    let prefix = PrefixEncoder::new(&case.prefix_config(), &model.geometry(), &dev)?;
+    let (model, base) = crate::train::BaseWeights::seeded(&cfg, case.scenario.model.seed, &dev)?;
+    let prefix = match case.adapter_dir() {
+        Some(dir) => crate::adapter::load_for(&dir, &model.geometry(), &dev)?.1,
+        None => PrefixEncoder::new(&case.prefix_config(), &model.geometry(), &dev)?,
+    };
+    if let Some(train) = &case.scenario.train {
+        let report = crate::train::train_checked(model.as_ref(), &base, &prefix, train)?;
+        r.losses = report.losses;
+    }
+    let tokenizer = case.tokenizer()?;
     let prompts = case
         .prompts()
         .map_err(|e| EngineError::Config(format!("data: {e}")))?;
+    let rows = prompts
+        .iter()
+        .map(|p| tokenizer.encode(p))
+        .collect::<Result<Vec<_>, _>>()?;
     let d = &case.scenario.data;
-    let (ids, mask) = crate::data::batch(&prompts, d.batch_size, d.max_prompt_len, 0, &dev)?;
+    let (ids, mask) = crate::data::batch_ids(&rows, d.batch_size, d.max_prompt_len, 0, &dev)?;
     let prompt_len = ids
         .dim(1)
         .map_err(|e| crate::check::from_candle(e, None, "prompt"))?;
@@ -164,6 +184,19 @@ fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
         .collect::<candle_core::Result<_>>()
         .map_err(|e| crate::check::from_candle(e, None, "summarise logits"))?;
     Ok(())
+}
+
+/// Checks beyond the expectation (`checks:`): `None` when they hold, else why not.
+fn extra_checks(case: &Case, r: &CaseResult) -> Option<String> {
+    match case.scenario.checks.loss {
+        Some(crate::scenario::LossCheck::Decreases) => {
+            let (first, last) = (r.losses.first()?, r.losses.last()?);
+            (last >= first).then(|| {
+                format!("checks.loss: decreases, but the loss went from {first} to {last}")
+            })
+        }
+        None => None,
+    }
 }
 
 /// Compare what happened with what the scenario expects.

@@ -66,8 +66,13 @@ pub struct ModelSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrefixSpec {
-    /// P, the number of virtual tokens.
+    /// P, the number of virtual tokens (taken from the adapter when `adapter` is set).
+    #[serde(default)]
     pub virtual_tokens: usize,
+    /// A PEFT PREFIX_TUNING adapter folder (`adapter_config.json` +
+    /// `adapter_model.safetensors`), relative to the scenario file.
+    #[serde(default)]
+    pub adapter: Option<PathBuf>,
     #[serde(default)]
     pub projection: bool,
     #[serde(default = "default_encoder_hidden")]
@@ -205,6 +210,22 @@ impl Default for GenerateSpec {
     }
 }
 
+/// Extra checks on a case's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checks {
+    /// `decreases`: the last training loss is below the first.
+    #[serde(default)]
+    pub loss: Option<LossCheck>,
+}
+
+/// What the training loss must do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LossCheck {
+    Decreases,
+}
+
 /// Operating systems a scenario is meant for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -280,13 +301,23 @@ pub struct Scenario {
     #[serde(default)]
     pub tags: Vec<String>,
     pub model: ModelSpec,
+    /// `builtin` (UTF-8 bytes, ids 0..=255) or a `tokenizer.json` path relative to the
+    /// scenario file.
+    #[serde(default)]
+    pub tokenizer: Option<String>,
     pub prefix: PrefixSpec,
     #[serde(default)]
     pub cache: CacheSpec,
     #[serde(default)]
     pub data: DataSpec,
+    /// Train the prefix before generating (AdamW on the prefix only, built-in data).
+    #[serde(default)]
+    pub train: Option<crate::train::TrainConfig>,
     #[serde(default)]
     pub generate: GenerateSpec,
+    /// Extra checks on the outcome.
+    #[serde(default)]
+    pub checks: Checks,
     /// Where the scenario is meant to run; elsewhere its cases are skipped.
     #[serde(default)]
     pub platforms: Option<Vec<Platform>>,
@@ -471,8 +502,42 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
     if s.name.trim().is_empty() {
         return e("name", "expected a non-empty name");
     }
-    if s.prefix.virtual_tokens == 0 {
+    if s.prefix.adapter.is_none() && s.prefix.virtual_tokens == 0 {
         return e("prefix.virtual_tokens", "expected at least 1 virtual token");
+    }
+    if let Some(a) = &s.prefix.adapter {
+        let p = dir.join(portable(a));
+        if !p.join("adapter_config.json").is_file() {
+            return Err((
+                "prefix.adapter".into(),
+                format!(
+                    "no PEFT adapter at {} (expected adapter_config.json and adapter_model.safetensors)",
+                    slash(&p)
+                ),
+            ));
+        }
+    }
+    match s.tokenizer.as_deref() {
+        None | Some("builtin") => {}
+        Some(f) => {
+            let p = dir.join(portable(Path::new(f)));
+            if !p.is_file() {
+                return Err((
+                    "tokenizer".into(),
+                    format!(
+                        "expected `builtin` or a tokenizer.json file; no such file: {}",
+                        slash(&p)
+                    ),
+                ));
+            }
+        }
+    }
+    if let Some(t) = &s.train {
+        t.validate()
+            .map_err(|m| ("train".to_string(), m.to_string()))?;
+    }
+    if s.checks.loss.is_some() && s.train.is_none() {
+        return e("checks.loss", "a loss check needs a `train` section");
     }
     if s.prefix.projection && s.prefix.encoder_hidden_size == 0 {
         return e(
@@ -505,12 +570,9 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
         return e("data.file", "give either `prompts` or `file`, not both");
     }
     if let Some(f) = &s.data.file {
-        let p = dir.join(f);
+        let p = dir.join(portable(f));
         if !p.is_file() {
-            return Err((
-                "data.file".into(),
-                format!("no such file: {}", p.to_string_lossy().replace('\\', "/")),
-            ));
+            return Err(("data.file".into(), format!("no such file: {}", slash(&p))));
         }
     }
     if s.data.prompts.iter().any(|p| p.is_empty()) {
@@ -597,7 +659,7 @@ impl Case {
     pub fn prompts(&self) -> std::io::Result<Vec<String>> {
         let d = &self.scenario.data;
         if let Some(f) = &d.file {
-            let text = std::fs::read_to_string(self.dir.join(f))?;
+            let text = std::fs::read_to_string(self.dir.join(portable(f)))?;
             return Ok(text
                 .lines()
                 .map(|l| l.trim_end_matches('\r').to_string())
@@ -609,6 +671,25 @@ impl Case {
         } else {
             Ok(d.prompts.clone())
         }
+    }
+
+    /// The tokenizer of the case: built in, or a `tokenizer.json` next to the scenario.
+    pub fn tokenizer(&self) -> crate::check::Result<crate::tokenizer::Tokenizer> {
+        match self.scenario.tokenizer.as_deref() {
+            None | Some("builtin") => crate::tokenizer::Tokenizer::builtin(),
+            Some(f) => {
+                crate::tokenizer::Tokenizer::from_file(self.dir.join(portable(Path::new(f))))
+            }
+        }
+    }
+
+    /// The adapter folder, resolved against the scenario's folder.
+    pub fn adapter_dir(&self) -> Option<PathBuf> {
+        self.scenario
+            .prefix
+            .adapter
+            .as_ref()
+            .map(|a| self.dir.join(portable(a)))
     }
 
     /// Whether the case runs on this platform, and if not why.
@@ -623,6 +704,20 @@ impl Case {
             )),
         }
     }
+}
+
+/// A relative path written in a scenario, with `/` or `\\` separators, for this OS.
+pub fn portable(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    let text = p.to_string_lossy();
+    text.split(['/', '\\']).filter(|s| !s.is_empty()).collect()
+}
+
+/// A path for messages and reports: `/`-separated whatever the OS.
+pub fn slash(p: &Path) -> String {
+    p.to_string_lossy().replace('\\', "/")
 }
 
 /// Check that a matrix key names a field a scenario can have.
@@ -670,6 +765,18 @@ fn check_matrix_path(doc: &Value, key: &str) -> Result<(), String> {
             ],
         ),
         ("generate", &["strategy", "max_new_tokens"]),
+        (
+            "train",
+            &[
+                "steps",
+                "lr",
+                "weight_decay",
+                "seed",
+                "batch_size",
+                "max_len",
+                "evaluate",
+            ],
+        ),
     ];
     let parts: Vec<&str> = key.split('.').collect();
     if !TOP.contains(&parts[0]) {

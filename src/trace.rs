@@ -16,6 +16,9 @@ pub enum CacheOp {
     Update,
     /// Stored keys/values were read without a write (T5 cross-attention after step 0).
     Read,
+    /// The batch rows of every stored tensor were selected (beam search: the cache
+    /// follows the chosen beams; also the expansion of a batch to batch x beams).
+    Reorder,
 }
 
 /// One cache event.
