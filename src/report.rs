@@ -172,7 +172,7 @@ pub fn table(results: &[CaseResult]) -> String {
     let rows: Vec<[String; 5]> = results
         .iter()
         .map(|r| {
-            let diag = match (&r.diagnosis, &r.message) {
+            let mut diag = match (&r.diagnosis, &r.message) {
                 (Some(d), _) if r.status == Status::Pass => {
                     format!("{} at {}", d.class.as_str(), d.place())
                 }
@@ -180,6 +180,14 @@ pub fn table(results: &[CaseResult]) -> String {
                 (Some(d), None) => d.to_string(),
                 (None, None) => String::new(),
             };
+            if let (Some(first), Some(last)) = (r.losses.first(), r.losses.last()) {
+                let loss = format!("loss {first:.3} -> {last:.3} ({} steps)", r.losses.len());
+                diag = if diag.is_empty() {
+                    loss
+                } else {
+                    format!("{loss}; {diag}")
+                };
+            }
             [
                 r.id.clone(),
                 r.status.as_str().to_string(),
