@@ -208,11 +208,11 @@ fn opt_shape(s: &Option<Vec<usize>>) -> String {
 /// `step 1 layer 0 self update standard key 2x4x13x16+2x4x1x16=2x4x14x16 value ... read 2x4x14x16/2x4x14x16 mask 2x1x1x14 pos 13..14`
 /// (`-` where the event has no such tensor).
 pub fn event_line(e: &TraceEvent) -> String {
-    let op = match e.op {
-        crate::trace::CacheOp::Seed => "seed",
-        crate::trace::CacheOp::Update => "update",
-        crate::trace::CacheOp::Read => "read",
-    };
+    // The op's name as serialised (`seed`, `update`, `read`, ...).
+    let op = serde_json::to_value(e.op)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{:?}", e.op));
     let pos = e
         .positions
         .map(|(a, b)| format!("{a}..{b}"))
@@ -301,7 +301,10 @@ mod float_list {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
-        Ok(Vec::<Num>::deserialize(d)?.into_iter().map(|n| n.0).collect())
+        Ok(Vec::<Num>::deserialize(d)?
+            .into_iter()
+            .map(|n| n.0)
+            .collect())
     }
 }
 

@@ -13,6 +13,7 @@ pub mod generate;
 pub mod model;
 pub mod prefix;
 pub mod report;
+pub mod repro;
 pub mod rng;
 pub mod run;
 pub mod scenario;

@@ -30,6 +30,18 @@ enum Command {
         #[arg(default_value = "scenarios")]
         paths: Vec<PathBuf>,
     },
+    /// Reproduce a scenario and write a Markdown bug report (stdout or --output).
+    Repro {
+        /// The scenario file.
+        file: PathBuf,
+        /// Write the report here instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Shrink each failing case to the smallest one that fails the same way and
+        /// write it as FILE.shrunk.yaml beside the scenario.
+        #[arg(long)]
+        shrink: bool,
+    },
     /// Print the expanded case ids.
     List {
         #[arg(default_value = "scenarios")]
@@ -110,7 +122,95 @@ fn main() -> ExitCode {
             Err(errors) => invalid(&errors),
         },
         Command::Run(args) => run_command(args),
+        Command::Repro {
+            file,
+            output,
+            shrink,
+        } => repro_command(&file, output.as_deref(), shrink),
     }
+}
+
+fn repro_command(
+    file: &std::path::Path,
+    output: Option<&std::path::Path>,
+    shrink: bool,
+) -> ExitCode {
+    let cases = match scenario::load(file) {
+        Ok(c) => c,
+        Err(e) => return invalid(&[e]),
+    };
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let results: Vec<CaseResult> = cases.iter().map(|c| run::run_isolated(c, None)).collect();
+    let env = Environment::capture(1);
+    let mut md = prefix_harness::repro::markdown(file, &text, &cases, &results, &env);
+    let mut status = if Summary::of(&results).ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    };
+    if shrink {
+        for (case, r) in cases.iter().zip(&results) {
+            let Some(d) = &r.diagnosis else { continue };
+            eprintln!("shrinking {} ...", case.id);
+            let (small, runs) = prefix_harness::repro::shrink(case, d);
+            let target = file.with_extension("shrunk.yaml");
+            let target = if cases.len() > 1 {
+                let stem = file
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().to_string())
+                    .unwrap_or_default();
+                let safe: String = case
+                    .id
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || c == '-' {
+                            c
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect();
+                file.with_file_name(format!("{stem}.{safe}.shrunk.yaml"))
+            } else {
+                target
+            };
+            match prefix_harness::repro::to_yaml(&small)
+                .map_err(|e| e.to_string())
+                .and_then(|y| report::write_atomic(&target, &y).map_err(|e| e.to_string()))
+            {
+                Ok(()) => {
+                    let s = &small.scenario;
+                    md += &format!(
+                        "\n## Shrunk `{}` ({runs} runs)\n\nStill fails with `{}` at {}: P = {}, batch {}, prompt <= {} tokens, {} new tokens, {} layers. Written to `{}`.\n",
+                        case.id,
+                        d.class.as_str(),
+                        d.place(),
+                        s.prefix.virtual_tokens,
+                        s.data.batch_size,
+                        s.data.max_prompt_len,
+                        s.generate.max_new_tokens,
+                        small.model_config().map(|m| m.geometry().num_layers).unwrap_or(0),
+                        scenario::slash(&target)
+                    );
+                }
+                Err(e) => {
+                    eprintln!("error: cannot write {}: {e}", target.display());
+                    status = ExitCode::from(2);
+                }
+            }
+        }
+    }
+    match output {
+        Some(p) => {
+            if let Err(e) = report::write_atomic(p, &md) {
+                eprintln!("error: cannot write {}: {e}", p.display());
+                return ExitCode::from(2);
+            }
+            eprintln!("wrote {}", p.display());
+        }
+        None => print!("{md}"),
+    }
+    status
 }
 
 fn invalid(errors: &[InputError]) -> ExitCode {

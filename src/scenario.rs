@@ -321,11 +321,19 @@ pub struct Scenario {
     /// Where the scenario is meant to run; elsewhere its cases are skipped.
     #[serde(default)]
     pub platforms: Option<Vec<Platform>>,
-    #[serde(default, deserialize_with = "de_expect")]
+    #[serde(default, deserialize_with = "de_expect", serialize_with = "ser_expect")]
     pub expect: Expect,
     /// Dotted field path -> list of values; expanded into cases.
     #[serde(default)]
     pub matrix: serde_json::Map<String, Value>,
+}
+
+/// Written as scenario files write it: `pass` or the failure mapping.
+fn ser_expect<S: serde::Serializer>(e: &Expect, s: S) -> Result<S::Ok, S::Error> {
+    match e {
+        Expect::Pass => s.serialize_str("pass"),
+        Expect::Error(f) => f.serialize(s),
+    }
 }
 
 /// `expect: pass` or `expect: {error: ...}`.

@@ -197,7 +197,9 @@ fn json_and_junit_reports_carry_every_case() {
         assert!(v["environment"].get(k).is_some(), "missing environment.{k}");
     }
     let cases = v["cases"].as_array().unwrap();
-    let listed = text(&run(&["list", "scenarios/bugs"]).stdout).lines().count();
+    let listed = text(&run(&["list", "scenarios/bugs"]).stdout)
+        .lines()
+        .count();
     assert!(listed > 0);
     assert_eq!(cases.len(), listed);
     for c in cases {

@@ -1,0 +1,258 @@
+//! Bug reproduction: run a scenario, explain its outcome as a Markdown report ready to
+//! paste into an issue (diagnosis, scenario, cache events up to the failure,
+//! environment), and optionally shrink the failing case to the smallest one that still
+//! fails the same way.
+
+use std::path::Path;
+
+use crate::check::Diagnosis;
+use crate::model::Family;
+use crate::report::Environment;
+use crate::run::{run_case, CaseResult, Status};
+use crate::scenario::{self, Case};
+use crate::trace::TraceEvent;
+
+/// Cache events shown at the start and at the end of a long trace.
+const EVENTS_SHOWN: usize = 12;
+
+fn shape(s: &Option<Vec<usize>>) -> String {
+    s.as_ref()
+        .map(|v| format!("{v:?}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn event_row(e: &TraceEvent) -> String {
+    format!(
+        "| {} | {} | {} | {:?} | {} | {} | {} | {} | {} | {} |\n",
+        e.step,
+        e.layer,
+        e.attention,
+        e.op,
+        e.layout,
+        shape(&e.key_before),
+        shape(&e.key_written),
+        shape(&e.key_after),
+        shape(&e.mask),
+        e.positions
+            .map(|(a, b)| format!("{a}..{b}"))
+            .unwrap_or_else(|| "-".into()),
+    )
+}
+
+fn diagnosis_block(d: &Diagnosis) -> String {
+    format!(
+        "**Diagnosis:** `{}` at {}\n\n- expected shape: `{:?}` (rank {})\n- actual shape: `{:?}` (rank {})\n- message: {}\n- likely cause: {}\n",
+        d.class.as_str(),
+        d.place(),
+        d.expected_shape,
+        d.expected_shape.len(),
+        d.actual_shape,
+        d.actual_shape.len(),
+        d.message,
+        if d.hint.is_empty() { "-" } else { &d.hint },
+    )
+}
+
+/// The Markdown section of one case.
+pub fn case_markdown(case: &Case, r: &CaseResult) -> String {
+    let mut md = format!("## `{}`\n\n", r.id);
+    md += &format!(
+        "**Outcome:** {} (expected: {}) in {:.0} ms\n\n",
+        r.status.as_str(),
+        r.expected,
+        r.duration_ms
+    );
+    if let Some(d) = &r.diagnosis {
+        md += &diagnosis_block(d);
+        md += "\n";
+    }
+    if let Some(m) = r.message.as_ref().filter(|_| r.status != Status::Pass) {
+        md += &format!("**Why it did not meet the expectation:** {m}\n\n");
+    }
+    let s = &case.scenario;
+    md += &format!(
+        "Model `{}` (seed {}), P = {}, cache `{:?}`, prefix layout `{:?}`, batch {}.\n\n",
+        s.model.family.name(),
+        s.model.seed,
+        s.prefix.virtual_tokens,
+        s.cache.mode,
+        s.prefix.layout,
+        s.data.batch_size
+    );
+    if let Some(t) = &r.trace {
+        let n = t.events.len();
+        md += &format!("### Cache events ({n}, up to the end or the failure)\n\n");
+        md += "| step | layer | attention | op | layout | key before | key written | key after | mask | positions |\n";
+        md += "|---|---|---|---|---|---|---|---|---|---|\n";
+        if n <= 2 * EVENTS_SHOWN {
+            t.events.iter().for_each(|e| md += &event_row(e));
+        } else {
+            t.events[..EVENTS_SHOWN]
+                .iter()
+                .for_each(|e| md += &event_row(e));
+            md += &format!(
+                "| ... | {} more events | | | | | | | | |\n",
+                n - 2 * EVENTS_SHOWN
+            );
+            t.events[n - EVENTS_SHOWN..]
+                .iter()
+                .for_each(|e| md += &event_row(e));
+        }
+        md += &format!("\nTrace digest: `{}`\n\n", t.digest());
+    }
+    if !r.tokens.is_empty() {
+        md += &format!("Generated ids: `{:?}`\n\n", r.tokens);
+    }
+    md
+}
+
+/// The whole report for a scenario file.
+pub fn markdown(
+    file: &Path,
+    text: &str,
+    cases: &[Case],
+    results: &[CaseResult],
+    env: &Environment,
+) -> String {
+    let name = cases
+        .first()
+        .map(|c| c.scenario.name.as_str())
+        .unwrap_or("scenario");
+    let mut md = format!("# prefix-harness reproduction: {name}\n\n");
+    let failing = results.iter().filter(|r| r.diagnosis.is_some()).count();
+    md += &format!(
+        "{} case(s); {} ended with a diagnosis; {} met the scenario's expectation.\n\n",
+        results.len(),
+        failing,
+        results.iter().filter(|r| r.status == Status::Pass).count()
+    );
+    for (c, r) in cases.iter().zip(results) {
+        md += &case_markdown(c, r);
+    }
+    md += &format!(
+        "## Scenario (`{}`)\n\n```yaml\n{}\n```\n\n",
+        scenario::slash(file),
+        text.trim_end()
+    );
+    md += "## Environment\n\n| os | arch | cpu features | rustc | candle | prefix-harness |\n|---|---|---|---|---|---|\n";
+    md += &format!(
+        "| {} | {} | {} | {} | {} | {} |\n\n",
+        env.os,
+        env.arch,
+        env.cpu_features.join(" "),
+        env.rustc,
+        env.candle,
+        env!("CARGO_PKG_VERSION")
+    );
+    md += &format!(
+        "## Reproduce\n\n```sh\nprefix-harness repro {}\n```\n",
+        scenario::slash(file)
+    );
+    md
+}
+
+/// The number of layers a family's config calls it, for shrinking.
+fn layer_field(f: Family) -> &'static str {
+    match f {
+        Family::Gpt2 | Family::Bloom | Family::GptBigcode => "n_layer",
+        Family::Llama => "num_hidden_layers",
+        Family::T5 => "num_layers",
+    }
+}
+
+/// Does `r` fail the same way as `target` (same class and place)?
+fn same_failure(target: &Diagnosis, r: &CaseResult) -> bool {
+    r.diagnosis.as_ref().is_some_and(|d| {
+        d.class == target.class
+            && d.layer == target.layer
+            && d.attention == target.attention
+            && d.tensor == target.tensor
+    })
+}
+
+/// Shrink a failing case: repeatedly lower P, batch, prompt length, new tokens and the
+/// number of layers while the case still fails with the same diagnosis. Returns the
+/// smallest case found and the number of runs it took.
+pub fn shrink(case: &Case, target: &Diagnosis) -> (Case, usize) {
+    let mut best = case.clone();
+    let mut runs = 0;
+    loop {
+        let mut improved = false;
+        for knob in 0..5 {
+            let current = knob_value(&best, knob);
+            for candidate in candidates(current) {
+                let mut trial = best.clone();
+                set_knob(&mut trial, knob, candidate);
+                if scenario::validate(&trial.scenario, &trial.dir).is_err() {
+                    continue;
+                }
+                runs += 1;
+                if same_failure(target, &run_case(&trial)) {
+                    best = trial;
+                    improved = true;
+                    break;
+                }
+            }
+        }
+        if !improved || runs > 400 {
+            return (best, runs);
+        }
+    }
+}
+
+/// Smaller values to try, smallest first: 1, then halving towards `v`.
+fn candidates(v: usize) -> Vec<usize> {
+    let mut c = vec![];
+    let mut x = 1;
+    while x < v {
+        c.push(x);
+        x = (x * 2).max(x + 1);
+    }
+    if v > 1 && !c.contains(&(v - 1)) {
+        c.push(v - 1);
+    }
+    c
+}
+
+fn knob_value(c: &Case, knob: usize) -> usize {
+    let s = &c.scenario;
+    match knob {
+        0 => s.prefix.virtual_tokens,
+        1 => s.data.batch_size,
+        2 => s.data.max_prompt_len,
+        3 => s.generate.max_new_tokens,
+        _ => c
+            .model_config()
+            .map(|m| m.geometry().num_layers)
+            .unwrap_or(1),
+    }
+}
+
+fn set_knob(c: &mut Case, knob: usize, v: usize) {
+    let s = &mut c.scenario;
+    match knob {
+        0 if s.prefix.adapter.is_none() => s.prefix.virtual_tokens = v,
+        1 => s.data.batch_size = v,
+        2 => s.data.max_prompt_len = v,
+        3 => s.generate.max_new_tokens = v,
+        4 => {
+            s.model.config.insert(
+                layer_field(s.model.family).to_string(),
+                serde_json::Value::from(v),
+            );
+        }
+        _ => {}
+    }
+}
+
+/// The shrunk case as a scenario file (no matrix, the case's own name and id).
+pub fn to_yaml(case: &Case) -> Result<String, String> {
+    let mut s = case.scenario.clone();
+    s.matrix.clear();
+    s.description = format!("shrunk from `{}`: {}", case.id, s.description);
+    let body = serde_saphyr::to_string(&s).map_err(|e| e.to_string())?;
+    Ok(format!(
+        "# Shrunk by `prefix-harness repro --shrink` from {}\n{body}",
+        case.file
+    ))
+}
