@@ -32,6 +32,9 @@ pub enum DiagnosisClass {
     NoGrad,
     /// NaN or infinity in weights, activations or loss.
     NonFinite,
+    /// Warning: a sliding cache evicted prefix positions (the run completes, but the
+    /// prefix no longer conditions later tokens).
+    PrefixEvicted,
     /// A shape failure that fits none of the classes above.
     Shape,
 }
@@ -49,6 +52,7 @@ impl DiagnosisClass {
             Self::Position => "position",
             Self::NoGrad => "no-grad",
             Self::NonFinite => "non-finite",
+            Self::PrefixEvicted => "prefix-evicted",
             Self::Shape => "shape",
         }
     }

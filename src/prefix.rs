@@ -67,6 +67,29 @@ pub enum HeadDimFrom {
     HiddenOverHeads,
 }
 
+/// The element type the prefix enters the cache with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PrefixDtype {
+    /// The model's dtype (the fix).
+    #[default]
+    Model,
+    F16,
+    Bf16,
+    F64,
+}
+
+impl PrefixDtype {
+    pub fn dtype(&self) -> Option<DType> {
+        match self {
+            PrefixDtype::Model => None,
+            PrefixDtype::F16 => Some(DType::F16),
+            PrefixDtype::Bf16 => Some(DType::BF16),
+            PrefixDtype::F64 => Some(DType::F64),
+        }
+    }
+}
+
 /// Initial values of the prefix parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -90,6 +113,9 @@ pub struct PrefixConfig {
     pub layout: PrefixLayout,
     pub heads_from: HeadsFrom,
     pub head_dim_from: HeadDimFrom,
+    /// Historical switch: cast the prefix to another dtype than the model's (PEFT PR 520).
+    #[serde(default)]
+    pub dtype: PrefixDtype,
     pub seed: u64,
 }
 
@@ -103,6 +129,7 @@ impl PrefixConfig {
             layout: PrefixLayout::Auto,
             heads_from: HeadsFrom::KvHeads,
             head_dim_from: HeadDimFrom::Config,
+            dtype: PrefixDtype::Model,
             seed: 0,
         }
     }
@@ -321,10 +348,16 @@ impl PrefixEncoder {
         let per = 2 * sub;
         let mut out = Vec::with_capacity(l);
         for layer in 0..l {
+            let cast = self.config.dtype.dtype();
             let get = |i: usize| -> Result<Tensor> {
-                x.get(layer * per + i)
+                let t = x
+                    .get(layer * per + i)
                     .and_then(|t| t.contiguous())
-                    .ctx("prefix split")
+                    .ctx("prefix split")?;
+                match cast {
+                    Some(dt) => t.to_dtype(dt).ctx("prefix dtype"),
+                    None => Ok(t),
+                }
             };
             out.push(LayerPrefix {
                 key: get(0)?,

@@ -180,6 +180,18 @@ pub fn table(results: &[CaseResult]) -> String {
                 (Some(d), None) => d.to_string(),
                 (None, None) => String::new(),
             };
+            for w in r
+                .warnings
+                .iter()
+                .filter(|w| Some(*w) != r.diagnosis.as_ref())
+            {
+                let text = format!("warning: {} at {}", w.class.as_str(), w.place());
+                diag = if diag.is_empty() {
+                    text
+                } else {
+                    format!("{diag}; {text}")
+                };
+            }
             if let (Some(first), Some(last)) = (r.losses.first(), r.losses.last()) {
                 let loss = format!("loss {first:.3} -> {last:.3} ({} steps)", r.losses.len());
                 diag = if diag.is_empty() {

@@ -10,7 +10,8 @@ use candle_core::{DType, Device};
 
 use serde::Serialize;
 
-use crate::check::{Diagnosis, EngineError};
+use crate::cache::CacheMode;
+use crate::check::{Attention, Diagnosis, DiagnosisClass, EngineError, TensorKind};
 use crate::generate::{greedy_traced, DecodeOptions};
 use crate::prefix::PrefixEncoder;
 use crate::scenario::{Case, Expect};
@@ -50,6 +51,8 @@ pub struct CaseResult {
     pub expected: String,
     pub duration_ms: f64,
     pub diagnosis: Option<Diagnosis>,
+    /// Warning-level diagnoses of a run that completed (e.g. `prefix-evicted`).
+    pub warnings: Vec<Diagnosis>,
     /// Why the case failed, errored or was skipped (None on a pass).
     pub message: Option<String>,
     /// Training loss per step (empty: the case did not train).
@@ -73,6 +76,7 @@ impl CaseResult {
             expected: case.scenario.expect.describe(),
             duration_ms: 0.0,
             diagnosis: None,
+            warnings: vec![],
             message: None,
             losses: vec![],
             tokens: vec![],
@@ -172,6 +176,27 @@ fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
     );
     opts.layout = case.scenario.prefix.layout;
     opts.extend_mask = case.scenario.prefix.extend_mask;
+    if let (CacheMode::Sliding { window }, p) =
+        (opts.cache.mode, prefix.geometry.num_virtual_tokens)
+    {
+        // Positions the last forward pass queries: P + S + (new - 1) - 1.
+        let last = p + prompt_len + opts.max_new_tokens.saturating_sub(1) - 1;
+        let evicted = (last + 1).saturating_sub(window).min(p);
+        if evicted > 0 {
+            r.warnings.push(
+                Diagnosis::new(
+                    DiagnosisClass::PrefixEvicted,
+                    format!(
+                        "the sliding window ({window}) keeps positions {}..={last} at the last step: {evicted} of the {p} prefix positions are evicted",
+                        last + 1 - window.min(last + 1)
+                    ),
+                )
+                .at(0, Attention::SelfAttn, TensorKind::Key)
+                .shapes(&[p + prompt_len + opts.max_new_tokens - 1], &[window])
+                .hint("a window smaller than P + prompt + new tokens silently drops the virtual tokens; make the window at least that large or the prefix stops conditioning generation"),
+            );
+        }
+    }
     let (out, trace) = greedy_traced(model.as_ref(), Some(&prefix), &opts, &ids, Some(&mask));
     r.trace_digest = Some(trace.digest());
     r.trace = Some(trace);
@@ -207,6 +232,10 @@ fn judge(case: &Case, outcome: Result<(), EngineError>, r: &mut CaseResult) {
             r.status = Status::Fail;
             r.message = Some(d.to_string());
             r.diagnosis = Some(*d);
+        }
+        (Expect::Error(want), Ok(())) if r.warnings.iter().any(|w| w.class == want.error) => {
+            r.status = Status::Pass;
+            r.diagnosis = r.warnings.iter().find(|w| w.class == want.error).cloned();
         }
         (Expect::Error(want), Ok(())) => {
             r.status = Status::Fail;

@@ -85,6 +85,10 @@ pub struct PrefixSpec {
     pub heads_from: HeadsFrom,
     #[serde(default)]
     pub head_dim_from: HeadDimFrom,
+    /// The dtype the prefix enters the cache with: `model` (the fix), or `f16`,
+    /// `bf16`, `f64` (historical bug, PEFT PR 520).
+    #[serde(default)]
+    pub dtype: crate::prefix::PrefixDtype,
     /// Prepend P visible columns to the attention mask (`false`: historical bug).
     #[serde(default = "yes")]
     pub extend_mask: bool,
@@ -635,6 +639,7 @@ impl Case {
             layout: p.layout,
             heads_from: p.heads_from,
             head_dim_from: p.head_dim_from,
+            dtype: p.dtype,
             seed: p.seed,
         }
     }

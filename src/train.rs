@@ -75,6 +75,9 @@ pub struct TrainConfig {
     /// Also compute the mean loss over all rows before and after training
     /// (`TrainReport::data_loss_*`): two extra forward passes over the data.
     pub evaluate: bool,
+    /// Historical bug switch: train through candle-nn's fused softmax / norms, which
+    /// have no backward pass. The gradient check then reports `no-grad`.
+    pub fused_ops: bool,
 }
 
 impl Default for TrainConfig {
@@ -87,6 +90,7 @@ impl Default for TrainConfig {
             batch_size: 4,
             max_len: 64,
             evaluate: true,
+            fused_ops: false,
         }
     }
 }
@@ -847,6 +851,13 @@ pub fn train_on(
     rows: &[(&str, &str)],
 ) -> Result<TrainReport> {
     cfg.validate()?;
+    if cfg.fused_ops {
+        let plain = TrainConfig {
+            fused_ops: false,
+            ..cfg.clone()
+        };
+        return crate::model::nn::with_fused_ops(|| train_on(model, base, prefix, &plain, rows));
+    }
     if rows.is_empty() {
         return Err(EngineError::Config("train: the data has no rows".into()));
     }

@@ -60,7 +60,7 @@ struct CaseSnapshot {
     /// The layout of the self-attention cache (lines name another layout when theirs differs).
     layout: String,
     /// One line per step, attention and operation; see the module documentation.
-    trace: String,
+    trace: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -104,17 +104,19 @@ fn chain(
     s
 }
 
+/// The name serde gives a unit variant (`self`, `update`, ...): new variants need no
+/// change here.
+fn serde_name<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        other => format!("{other:?}"),
+    }
+}
+
 /// One event without its step and layer.
 fn event_text(e: &TraceEvent, layout: &str) -> String {
-    let attention = match e.attention {
-        Attention::SelfAttn => "self",
-        Attention::Cross => "cross",
-    };
-    let op = match e.op {
-        CacheOp::Seed => "seed",
-        CacheOp::Update => "update",
-        CacheOp::Read => "read",
-    };
+    let attention = serde_name(&e.attention);
+    let op = serde_name(&e.op);
     let mut s = format!("{attention:<5} {op:<6}");
     if e.layout != layout {
         s += &format!(" layout {}", e.layout);
@@ -157,7 +159,7 @@ fn layer_ranges(layers: &[usize]) -> String {
 
 /// The trace, one line per step and distinct event text (layers merged), in the order
 /// the texts first occur within the step.
-fn condense(trace: &Trace, layout: &str) -> String {
+fn condense(trace: &Trace, layout: &str) -> Vec<String> {
     let mut lines = vec![];
     let mut steps: BTreeMap<usize, Vec<(String, Vec<usize>)>> = BTreeMap::new();
     for e in &trace.events {
@@ -174,7 +176,7 @@ fn condense(trace: &Trace, layout: &str) -> String {
             lines.push(format!("{step:>2} L{} {text}", layer_ranges(&layers)));
         }
     }
-    lines.join("\n")
+    lines
 }
 
 /// One decimal, with `-0.0` shown as `0.0`.

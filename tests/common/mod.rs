@@ -44,3 +44,29 @@ pub fn stored_key_shape(layout: Layout, b: usize, kvh: usize, len: usize, d: usi
         Layout::BigcodeFused => vec![b, len, 2 * d],
     }
 }
+
+/// The shape a stored self-attention value must have in `layout` (keys: see
+/// [`stored_key_shape`]).
+pub fn stored_value_shape(
+    layout: Layout,
+    b: usize,
+    kvh: usize,
+    len: usize,
+    d: usize,
+) -> Vec<usize> {
+    match layout {
+        Layout::Standard => vec![b, kvh, len, d],
+        Layout::BloomLegacy => vec![b * kvh, len, d],
+        Layout::BigcodeFused => vec![b, len, 2 * d],
+    }
+}
+
+/// The batch rows a stored tensor of `layout` holds (Bloom's legacy layout folds the
+/// KV heads into its first dimension).
+pub fn stored_batch(layout: Layout, shape: &[usize], kvh: usize) -> usize {
+    let first = shape.first().copied().unwrap_or(0);
+    match layout {
+        Layout::BloomLegacy => first / kvh.max(1),
+        _ => first,
+    }
+}
