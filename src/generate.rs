@@ -111,6 +111,9 @@ pub struct DecodeOptions {
     /// Output rows per input row (default 1): at most `num_beams` for beams; sampling
     /// repeats each input row; greedy allows only 1.
     pub num_return_sequences: usize,
+    /// Expand the prefix to batch x beams rows (the fix); `false` reproduces the
+    /// historical bug of a prefix built for the input batch only (UnifiedSKG issue 24).
+    pub expand_prefix: bool,
 }
 
 impl DecodeOptions {
@@ -124,6 +127,7 @@ impl DecodeOptions {
             eos_token_id: None,
             pad_token_id: None,
             num_return_sequences: 1,
+            expand_prefix: true,
         }
     }
 
@@ -299,7 +303,11 @@ pub fn generate_traced(
         Err(e) => return (Err(e), Trace::default()),
     };
     // The prefix is expanded to B x R rows before it enters the cache.
-    let rows = b * opts.rows_per_input();
+    let rows = if opts.expand_prefix {
+        b * opts.rows_per_input()
+    } else {
+        b
+    };
     let mut cache = match prepare_cache(model, prefix, &opts.cache, opts.layout, rows) {
         Ok(c) => c,
         Err(e) => return (Err(e), Trace::default()),

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::cache::CacheMode;
 use crate::check::{Attention, Diagnosis, DiagnosisClass, EngineError, TensorKind};
-use crate::generate::{greedy_traced, DecodeOptions};
+use crate::generate::{generate_traced, DecodeOptions};
 use crate::prefix::PrefixEncoder;
 use crate::scenario::{Case, Expect};
 use crate::trace::Trace;
@@ -174,8 +174,14 @@ fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
         case.cache_config(prompt_len),
         case.scenario.generate.max_new_tokens,
     );
+    let g = &case.scenario.generate;
     opts.layout = case.scenario.prefix.layout;
     opts.extend_mask = case.scenario.prefix.extend_mask;
+    opts.strategy = g.strategy.clone();
+    opts.eos_token_id = g.eos_token_id;
+    opts.pad_token_id = g.pad_token_id;
+    opts.num_return_sequences = g.num_return_sequences;
+    opts.expand_prefix = g.expand_prefix;
     if let (CacheMode::Sliding { window }, p) =
         (opts.cache.mode, prefix.geometry.num_virtual_tokens)
     {
@@ -197,7 +203,7 @@ fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
             );
         }
     }
-    let (out, trace) = greedy_traced(model.as_ref(), Some(&prefix), &opts, &ids, Some(&mask));
+    let (out, trace) = generate_traced(model.as_ref(), Some(&prefix), &opts, &ids, Some(&mask));
     r.trace_digest = Some(trace.digest());
     r.trace = Some(trace);
     let out = out?;

@@ -183,33 +183,45 @@ impl Default for DataSpec {
     }
 }
 
-/// Decoding strategy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Strategy {
-    #[default]
-    Greedy,
-}
-
 /// Generation settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateSpec {
+    /// `greedy`, `{sample: {temperature, top_k, top_p, seed}}` or
+    /// `{beam: {num_beams, length_penalty, early_stopping}}`.
     #[serde(default)]
-    pub strategy: Strategy,
+    pub strategy: crate::generate::Strategy,
     #[serde(default = "default_new_tokens")]
     pub max_new_tokens: usize,
+    /// A row that emits this id stops (later positions hold `pad_token_id`).
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    /// Output rows per input row (beams: at most `num_beams`).
+    #[serde(default = "default_return")]
+    pub num_return_sequences: usize,
+    /// Expand the prefix to batch x beams (the fix); `false`: historical bug.
+    #[serde(default = "yes")]
+    pub expand_prefix: bool,
 }
 
 fn default_new_tokens() -> usize {
     8
 }
+fn default_return() -> usize {
+    1
+}
 
 impl Default for GenerateSpec {
     fn default() -> Self {
         Self {
-            strategy: Strategy::Greedy,
+            strategy: crate::generate::Strategy::Greedy,
             max_new_tokens: default_new_tokens(),
+            eos_token_id: None,
+            pad_token_id: None,
+            num_return_sequences: 1,
+            expand_prefix: true,
         }
     }
 }
@@ -566,6 +578,12 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
     if s.generate.max_new_tokens == 0 {
         return e("generate.max_new_tokens", "expected at least 1");
     }
+    let mut probe = crate::generate::DecodeOptions::new(CacheConfig::new(CacheMode::Dynamic), 1);
+    probe.strategy = s.generate.strategy.clone();
+    probe.num_return_sequences = s.generate.num_return_sequences;
+    probe
+        .validate()
+        .map_err(|m| ("generate".to_string(), m.to_string()))?;
     match s.cache.mode {
         CacheModeName::Sliding if s.cache.window.is_none() => {
             return e("cache.window", "`sliding` needs a window (positions kept)")
@@ -777,7 +795,17 @@ fn check_matrix_path(doc: &Value, key: &str) -> Result<(), String> {
                 "padding_side",
             ],
         ),
-        ("generate", &["strategy", "max_new_tokens"]),
+        (
+            "generate",
+            &[
+                "strategy",
+                "max_new_tokens",
+                "eos_token_id",
+                "pad_token_id",
+                "num_return_sequences",
+                "expand_prefix",
+            ],
+        ),
         (
             "train",
             &[

@@ -21,21 +21,21 @@ const P: usize = 8;
 
 /// (what, digest): `weights/<family>`, `prefix/<family>/{flat,projection}`, `data/...`.
 const GOLDEN: &[(&str, &str)] = &[
-    ("weights/gpt2", "39e188d64b917cac"), // 124672 values
-    ("prefix/gpt2/flat", "4f32b82fd0d0a3c8"), // 2048 values
-    ("prefix/gpt2/projection", "80b1096fbb40a374"), // 11040 values
-    ("weights/llama", "8314e7f283f71c5e"), // 119104 values
-    ("prefix/llama/flat", "4a2d2d52a5cde89c"), // 1536 values
+    ("weights/gpt2", "39e188d64b917cac"),            // 124672 values
+    ("prefix/gpt2/flat", "4f32b82fd0d0a3c8"),        // 2048 values
+    ("prefix/gpt2/projection", "80b1096fbb40a374"),  // 11040 values
+    ("weights/llama", "8314e7f283f71c5e"),           // 119104 values
+    ("prefix/llama/flat", "4a2d2d52a5cde89c"),       // 1536 values
     ("prefix/llama/projection", "80e7207b8aaa4b26"), // 8288 values
-    ("weights/bloom", "5f6a59fb3035d4bf"), // 116608 values
-    ("prefix/bloom/flat", "4f32b82fd0d0a3c8"), // 2048 values
+    ("weights/bloom", "5f6a59fb3035d4bf"),           // 116608 values
+    ("prefix/bloom/flat", "4f32b82fd0d0a3c8"),       // 2048 values
     ("prefix/bloom/projection", "80b1096fbb40a374"), // 11040 values
-    ("weights/gpt_bigcode", "fc7acee08210d2b9"), // 112192 values
+    ("weights/gpt_bigcode", "fc7acee08210d2b9"),     // 112192 values
     ("prefix/gpt_bigcode/flat", "877e83b94be4a2f3"), // 512 values
     ("prefix/gpt_bigcode/projection", "8c9e3ba585372645"), // 2784 values
-    ("weights/t5", "a1aff79a60f89d02"), // 230400 values
-    ("prefix/t5/flat", "2781f7e640d9df4b"), // 3072 values
-    ("prefix/t5/projection", "84d84fc5e7138f1c"), // 16544 values
+    ("weights/t5", "a1aff79a60f89d02"),              // 230400 values
+    ("prefix/t5/flat", "2781f7e640d9df4b"),          // 3072 values
+    ("prefix/t5/projection", "84d84fc5e7138f1c"),    // 16544 values
     ("data/default-batch-3x16", "d3dc0e53abe2adcb"), // 48 values
 ];
 
