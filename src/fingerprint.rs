@@ -626,7 +626,7 @@ impl Comparison {
         );
         let _ = writeln!(
             out,
-            "largest numeric difference: {:e} absolute, {:e} relative",
+            "largest numeric difference: {:.2e} absolute, {:.2e} relative",
             self.max_abs_diff, self.max_rel_diff
         );
         let _ = writeln!(
@@ -710,12 +710,21 @@ impl Comparison {
                 abs_diff,
             } => (
                 format!(
-                    "{count} value(s) beyond tolerance; worst {worst}: {la} {a}, {lb} {b} (|diff| {abs_diff:e})"
+                    "{count} value(s) beyond tolerance; worst {worst}: {la} {a}, {lb} {b} (|diff| {abs_diff:.2e})"
                 ),
                 vec![],
             ),
         }
     }
+}
+
+/// Read two fingerprint files and compare them; the sides are labelled with the paths
+/// as given (`/`-separated). Errors (unreadable or foreign files) name the file.
+pub fn compare_files(a: &Path, b: &Path, tol: Tolerance) -> Result<Comparison, String> {
+    let fa = Fingerprint::read(a)?;
+    let fb = Fingerprint::read(b)?;
+    let label = |p: &Path| p.to_string_lossy().replace('\\', "/");
+    Ok(compare(&fa, &fb, tol).with_labels(label(a), label(b)))
 }
 
 /// Compare two fingerprints case by case (matched by id; order is A's, then B's).

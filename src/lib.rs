@@ -10,6 +10,7 @@ pub mod check;
 pub mod data;
 pub mod fingerprint;
 pub mod generate;
+pub mod hub;
 pub mod model;
 pub mod prefix;
 pub mod report;

@@ -139,7 +139,14 @@ impl Model for Gpt2 {
         let (e, heads) = (self.cfg.n_embd, self.cfg.n_head);
         let d = e / heads;
         let eps = self.cfg.layer_norm_epsilon;
-        let pos = learned_positions(past, s, self.cfg.n_positions, self.cfg.n_embd, ids.device())?;
+        let pos = learned_positions(
+            fw.mask,
+            past,
+            s,
+            self.cfg.n_positions,
+            self.cfg.n_embd,
+            ids.device(),
+        )?;
         // [B, S, E]
         let mut h = embed(&self.wte, ids)
             .and_then(|t| t.broadcast_add(&embed(&self.wpe, &pos)?))

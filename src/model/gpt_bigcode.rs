@@ -174,7 +174,14 @@ impl Model for GptBigcode {
         let past = fw.cache.past_len();
         let g = self.cfg.geometry();
         let eps = self.cfg.layer_norm_epsilon;
-        let pos = learned_positions(past, s, self.cfg.n_positions, self.cfg.n_embd, ids.device())?;
+        let pos = learned_positions(
+            fw.mask,
+            past,
+            s,
+            self.cfg.n_positions,
+            self.cfg.n_embd,
+            ids.device(),
+        )?;
         // [B, S, E]
         let mut h = embed(&self.wte, ids)
             .and_then(|t| t.broadcast_add(&embed(&self.wpe, &pos)?))

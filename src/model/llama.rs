@@ -8,14 +8,13 @@
 //! the cache as given, without RoPE (as PEFT's prefix does in transformers).
 
 use candle_core::{DType, Tensor};
-use candle_nn::rotary_emb::rope_slow;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{additive_mask, merge_heads, sdpa, split_heads, MaskSpec};
 use super::nn::{embed, linear, rms_norm};
 use super::weights::{bias, ones, weight};
-use super::{backbone, Family, Forward, Model, ModelGeometry};
+use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry};
 use crate::check::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 
 /// `LlamaConfig` (Hugging Face field names). Fields this harness does not use
@@ -347,22 +346,37 @@ impl Llama {
         })
     }
 
-    /// RoPE tables for positions `start..start+s`: `(cos, sin)`, each `[S, D/2]`, in
-    /// `dtype`. Computed per pass, so no position is ever out of a table's range.
+    /// RoPE tables for the positions `[B][S]` of each row: `(cos, sin)`, each
+    /// `[B, 1, S, D]` (halves repeated, HF's rotate_half convention), in `dtype`.
+    /// Computed per pass, so no position is ever out of a table's range.
     fn rope_tables(
         &self,
-        start: usize,
-        s: usize,
+        positions: &[Vec<u32>],
         dtype: DType,
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let dev = self.inv_freq.device();
-        // [S, 1] x [1, D/2] -> [S, D/2], in f32 like transformers.
-        let freqs = Tensor::arange(start as u32, (start + s) as u32, dev)?
+        let (b, s) = (positions.len(), positions.first().map_or(0, Vec::len));
+        let flat: Vec<u32> = positions.iter().flatten().copied().collect();
+        // [B*S, 1] x [1, D/2] -> [B*S, D/2], in f32 like transformers.
+        let freqs = Tensor::from_vec(flat, (b * s, 1), dev)?
             .to_dtype(DType::F32)?
-            .unsqueeze(1)?
             .broadcast_mul(&self.inv_freq)?;
-        Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+        let table = |t: Tensor| -> candle_core::Result<Tensor> {
+            let half = t.dim(1)?;
+            Tensor::cat(&[&t, &t], 1)?
+                .reshape((b, 1, s, 2 * half))?
+                .to_dtype(dtype)
+        };
+        Ok((table(freqs.cos()?)?, table(freqs.sin()?)?))
     }
+}
+
+/// RoPE, HF convention, differentiable: `x: [B, H, S, D]`, `cos, sin: [B, 1, S, D]`.
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let d = x.dim(3)?;
+    let (x1, x2) = (x.narrow(3, 0, d / 2)?, x.narrow(3, d / 2, d / 2)?);
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
 impl Model for Llama {
@@ -384,8 +398,10 @@ impl Model for Llama {
         );
         let eps = self.cfg.rms_norm_eps;
         let window = fw.cache.window().or(self.cfg.sliding_window);
-        // [S, D/2] each: real tokens sit at positions past..past+s (after the prefix).
-        let (cos, sin) = self.rope_tables(past, s, self.embed_tokens.dtype()).at(
+        // [B, 1, S, D] each: real tokens sit at positions P.. (after the prefix), per
+        // row from the attention mask, so left padding does not shift them.
+        let positions = row_positions(fw.mask, past, s)?;
+        let (cos, sin) = self.rope_tables(&positions, self.embed_tokens.dtype()).at(
             Site::new(0, Attention::SelfAttn, TensorKind::Positions),
             "rope tables",
         )?;
@@ -400,12 +416,12 @@ impl Model for Llama {
             // [B, H, S, D]
             let q = apply(&a, &l.q_proj)
                 .and_then(|t| split_heads(&t, heads, d))
-                .and_then(|t| rope_slow(&t, &cos, &sin))
+                .and_then(|t| rope(&t, &cos, &sin))
                 .at(site_q, "q_proj + rope")?;
             // [B, KVH, S, D]: RoPE on the new keys only (the prefix is not rotated).
             let k = apply(&a, &l.k_proj)
                 .and_then(|t| split_heads(&t, kvh, d))
-                .and_then(|t| rope_slow(&t, &cos, &sin))
+                .and_then(|t| rope(&t, &cos, &sin))
                 .at(site_k, "k_proj + rope")?;
             // [B, KVH, S, D]
             let v = apply(&a, &l.v_proj)

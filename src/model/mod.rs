@@ -245,10 +245,43 @@ pub fn backbone<'a>(vb: &VarBuilder<'a>, prefix: &str, probe: &str) -> VarBuilde
     }
 }
 
-/// Position ids `[1, S]` for `past..past+S` in a learned absolute position table of
-/// `n_positions` rows of width `hidden` (GPT-2, GPT-BigCode). Positions past the table
-/// are a `position` diagnosis: the P virtual tokens shift every real position by P.
+/// Position of each query token, per row, as transformers derives it from the
+/// attention mask: `cumsum(mask) - 1` over the prefix-extended mask `[B, T]` (so real
+/// tokens start at P and left padding does not shift them), 1 on padding. When the
+/// mask does not cover `start + s` columns (a mask-width bug), positions fall back to
+/// `start..start+s` and the attention reports the mismatch. Returns `[B][S]`.
+pub fn row_positions(mask: &Tensor, start: usize, s: usize) -> Result<Vec<Vec<u32>>> {
+    use crate::check::CandleExt;
+    let rows: Vec<Vec<f32>> = mask
+        .to_dtype(candle_core::DType::F32)
+        .and_then(|m| m.to_vec2())
+        .ctx("positions from the attention mask")?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            if row.len() != start + s {
+                return (start..start + s).map(|p| p as u32).collect();
+            }
+            let mut count = 0u32;
+            let mut out = Vec::with_capacity(s);
+            for (j, m) in row.iter().enumerate() {
+                let visible = *m > 0.5;
+                count += u32::from(visible);
+                if j >= start {
+                    out.push(if visible { count - 1 } else { 1 });
+                }
+            }
+            out
+        })
+        .collect())
+}
+
+/// Position ids `[B, S]` (see [`row_positions`]) into a learned absolute position
+/// table of `n_positions` rows of width `hidden` (GPT-2, GPT-BigCode). Positions past
+/// the table are a `position` diagnosis: the P virtual tokens shift every real
+/// position by P.
 pub fn learned_positions(
+    mask: &Tensor,
     past: usize,
     s: usize,
     n_positions: usize,
@@ -256,20 +289,26 @@ pub fn learned_positions(
     device: &candle_core::Device,
 ) -> Result<Tensor> {
     use crate::check::{Attention, CandleExt, Diagnosis, DiagnosisClass, TensorKind};
-    if past + s > n_positions {
+    let rows = row_positions(mask, past, s)?;
+    let b = rows.len();
+    let max = rows.iter().flatten().copied().max().unwrap_or(0) as usize;
+    if max >= n_positions {
         return Err(Diagnosis::new(
             DiagnosisClass::Position,
             format!(
-                "positions {past}..{} exceed n_positions {n_positions} of the learned position table",
+                "positions up to {max} (queries {past}..{}) exceed n_positions {n_positions} of the learned position table",
                 past + s
             ),
         )
         .at(0, Attention::SelfAttn, TensorKind::Positions)
-        .shapes(&[n_positions, hidden], &[past + s, hidden])
+        .shapes(&[n_positions, hidden], &[max + 1, hidden])
         .hint("the P virtual tokens shift real positions by P: prompt + new tokens + P must fit in n_positions")
         .into());
     }
-    Tensor::arange(past as u32, (past + s) as u32, device)
-        .and_then(|p| p.unsqueeze(0))
-        .ctx("positions")
+    Tensor::from_vec(
+        rows.into_iter().flatten().collect::<Vec<u32>>(),
+        (b, s),
+        device,
+    )
+    .ctx("positions")
 }
