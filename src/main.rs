@@ -17,6 +17,9 @@ use prefix_harness::scenario::{self, Case, InputError};
     about = "Reproduce prefix-tuning runs and catch KV-cache shape regressions"
 )]
 struct Cli {
+    /// Let relative paths in scenario files point outside the scenario's folder.
+    #[arg(long, global = true)]
+    allow_outside_paths: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -78,6 +81,10 @@ struct RunArgs {
     /// Stop starting cases after the first that does not meet its expectation.
     #[arg(long)]
     fail_fast: bool,
+    /// Per-case memory budget in MiB; a case estimated above it is refused before
+    /// anything is allocated.
+    #[arg(long, default_value_t = 8192)]
+    max_memory: u64,
     /// Write the JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -104,6 +111,10 @@ fn parse_shard(s: &str) -> Result<(usize, usize), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let load = scenario::LoadOptions {
+        allow_outside_paths: cli.allow_outside_paths,
+    };
+    LOAD_OPTIONS.with(|o| o.set(load));
     match cli.command {
         Command::Validate { paths } => match load_all(&paths) {
             Ok(cases) => {
@@ -135,7 +146,7 @@ fn repro_command(
     output: Option<&std::path::Path>,
     shrink: bool,
 ) -> ExitCode {
-    let cases = match scenario::load(file) {
+    let cases = match scenario::load_with(file, load_options()) {
         Ok(c) => c,
         Err(e) => return invalid(&[e]),
     };
@@ -213,6 +224,15 @@ fn repro_command(
     status
 }
 
+thread_local! {
+    /// Options for loading scenario files, set once from the command line.
+    static LOAD_OPTIONS: std::cell::Cell<scenario::LoadOptions> = std::cell::Cell::new(scenario::LoadOptions::default());
+}
+
+fn load_options() -> scenario::LoadOptions {
+    LOAD_OPTIONS.with(|o| o.get())
+}
+
 fn invalid(errors: &[InputError]) -> ExitCode {
     for e in errors {
         eprintln!("error: {e}");
@@ -227,7 +247,7 @@ fn load_all(paths: &[PathBuf]) -> Result<Vec<Case>, Vec<InputError>> {
     let mut cases = vec![];
     let mut errors = vec![];
     for f in &files {
-        match scenario::load(f) {
+        match scenario::load_with(f, load_options()) {
             Ok(c) => cases.extend(c),
             Err(e) => errors.push(e),
         }
@@ -282,6 +302,7 @@ fn run_command(args: RunArgs) -> ExitCode {
         jobs,
         timeout: (args.timeout > 0.0).then(|| Duration::from_secs_f64(args.timeout)),
         fail_fast: args.fail_fast,
+        max_memory: args.max_memory.saturating_mul(1 << 20),
     };
     let total = cases.len();
     let bar = std::io::stderr().is_terminal().then(|| {

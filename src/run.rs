@@ -121,8 +121,73 @@ impl LogitsSummary {
     }
 }
 
-/// Run one case in this thread.
+/// Default memory budget of one case (`--max-memory`): 8 GiB.
+pub const DEFAULT_MAX_MEMORY: u64 = 8 << 30;
+
+/// Run one case in this thread, with the default memory budget.
 pub fn run_case(case: &Case) -> CaseResult {
+    run_case_limited(case, DEFAULT_MAX_MEMORY)
+}
+
+/// A rough upper estimate of the memory a case needs, in bytes, by part:
+/// `(weights, caches, activations)`. Computed from the config before anything is
+/// allocated, so that an oversized case is refused instead of killed.
+pub fn estimate_memory(case: &Case) -> Result<(u64, u64, u64), String> {
+    let cfg = case.model_config()?;
+    let g = cfg.geometry();
+    let s = &case.scenario;
+    let (e, l, v) = (
+        g.hidden_size as u64,
+        g.num_layers as u64,
+        g.vocab_size as u64,
+    );
+    let (h, kvh, d) = (
+        g.num_attention_heads as u64,
+        g.num_kv_heads as u64,
+        g.head_dim as u64,
+    );
+    let inner = match &cfg {
+        crate::model::ModelConfig::Gpt2(c) => c.n_inner.unwrap_or(4 * c.n_embd) as u64,
+        crate::model::ModelConfig::GptBigcode(c) => c.n_inner.unwrap_or(4 * c.n_embd) as u64,
+        crate::model::ModelConfig::Llama(c) => c.intermediate_size as u64,
+        crate::model::ModelConfig::T5(c) => c.d_ff as u64,
+        crate::model::ModelConfig::Bloom(_) => 4 * e,
+    };
+    let stacks = if g.encoder_decoder { 3 } else { 1 }; // encoder, decoder, cross
+    let per_layer = 4 * e * h * d + 3 * e * inner;
+    let weights = 4 * (2 * v * e + stacks * l * per_layer);
+    let p = s.prefix.virtual_tokens.max(1) as u64;
+    let rows = (s.data.batch_size as u64)
+        * match &s.generate.strategy {
+            crate::generate::Strategy::Beam { num_beams, .. } => *num_beams as u64,
+            _ => s.generate.num_return_sequences as u64,
+        };
+    let total = p + s.data.max_prompt_len as u64 + s.generate.max_new_tokens as u64;
+    let caches = 4 * 2 * stacks.min(2) * l * rows * kvh * total * d;
+    let train_factor = if s.train.is_some() { 4 + 2 * l } else { 2 };
+    let activations =
+        4 * train_factor * rows * (3 * h * total * total + total * (v + 4 * e + inner));
+    Ok((weights, caches, activations))
+}
+
+/// Run one case in this thread, refusing it when its memory estimate is over
+/// `max_memory` bytes.
+pub fn run_case_limited(case: &Case, max_memory: u64) -> CaseResult {
+    if let Ok((w, c, a)) = estimate_memory(case) {
+        if w + c + a > max_memory {
+            let mut r = CaseResult::new(case, Status::Error);
+            let mib = |x: u64| x as f64 / (1u64 << 20) as f64;
+            r.message = Some(format!(
+                "resource guard: the case needs about {:.0} MiB (weights {:.0}, caches {:.0}, activations {:.0}), over the budget of {:.0} MiB (--max-memory)",
+                mib(w + c + a),
+                mib(w),
+                mib(c),
+                mib(a),
+                mib(max_memory)
+            ));
+            return r;
+        }
+    }
     let start = Instant::now();
     let mut r = CaseResult::new(case, Status::Error);
     if let Some(why) = case.skip_reason() {
@@ -207,6 +272,21 @@ fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
     r.trace_digest = Some(trace.digest());
     r.trace = Some(trace);
     let out = out?;
+    for (step, l) in out.logits.iter().enumerate() {
+        let sum = l
+            .sum_all()
+            .and_then(|t| t.to_dtype(DType::F64))
+            .and_then(|t| t.to_scalar::<f64>())
+            .map_err(|e| crate::check::from_candle(e, None, "check logits"))?;
+        if !sum.is_finite() {
+            return Err(Diagnosis::new(
+                DiagnosisClass::NonFinite,
+                format!("the logits of step {step} contain NaN or infinity"),
+            )
+            .hint("non-finite weights, prefix values or an overflow in attention")
+            .into());
+        }
+    }
     r.tokens = out.tokens;
     r.logits = out
         .logits
@@ -280,6 +360,8 @@ pub struct RunOptions {
     pub jobs: usize,
     /// Per-case wall-time limit.
     pub timeout: Option<Duration>,
+    /// Per-case memory budget in bytes (estimated before allocation).
+    pub max_memory: u64,
     /// Stop starting new cases after the first one that did not pass.
     pub fail_fast: bool,
 }
@@ -304,7 +386,7 @@ pub fn run_all(
                 }
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 let Some(case) = cases.get(i) else { break };
-                let r = run_isolated(case, opts.timeout);
+                let r = run_isolated_with(case, opts.timeout, opts.max_memory);
                 if opts.fail_fast && matches!(r.status, Status::Fail | Status::Error) {
                     stop.store(true, Ordering::SeqCst);
                 }
@@ -324,13 +406,20 @@ pub fn run_all(
 /// Run one case on its own thread: a panic becomes an `error` result, and a case over
 /// the time limit is reported as `error` while the run goes on.
 pub fn run_isolated(case: &Case, timeout: Option<Duration>) -> CaseResult {
+    run_isolated_with(case, timeout, DEFAULT_MAX_MEMORY)
+}
+
+/// [`run_isolated`] with a memory budget in bytes.
+pub fn run_isolated_with(case: &Case, timeout: Option<Duration>, max_memory: u64) -> CaseResult {
     let (tx, rx) = mpsc::channel();
     let owned = case.clone();
     let start = Instant::now();
     let spawned = std::thread::Builder::new()
         .name(format!("case {}", case.id))
         .spawn(move || {
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_case(&owned)));
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run_case_limited(&owned, max_memory)
+            }));
             let _ = tx.send(r);
         });
     if let Err(e) = spawned {

@@ -409,8 +409,22 @@ fn value_text(v: &Value) -> String {
     }
 }
 
+/// How scenario files are loaded.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Let relative paths (`data.file`, `prefix.adapter`, `tokenizer`) point outside the
+    /// scenario's folder (`--allow-outside-paths`). Off by default: bug-report files
+    /// come from strangers.
+    pub allow_outside_paths: bool,
+}
+
 /// Read, parse and expand one scenario file.
 pub fn load(path: &Path) -> Result<Vec<Case>, InputError> {
+    load_with(path, LoadOptions::default())
+}
+
+/// [`load`] with options.
+pub fn load_with(path: &Path, opts: LoadOptions) -> Result<Vec<Case>, InputError> {
     let err = |field: &str, message: String| InputError {
         file: path.to_path_buf(),
         line: None,
@@ -429,11 +443,16 @@ pub fn load(path: &Path) -> Result<Vec<Case>, InputError> {
         ));
     }
     let text = String::from_utf8(bytes).map_err(|e| err("", format!("not UTF-8 text: {e}")))?;
-    parse(path, &text)
+    parse_with(path, &text, opts)
 }
 
 /// Parse and expand scenario text (`path` is used in errors and to resolve files).
 pub fn parse(path: &Path, text: &str) -> Result<Vec<Case>, InputError> {
+    parse_with(path, text, LoadOptions::default())
+}
+
+/// [`parse`] with options.
+pub fn parse_with(path: &Path, text: &str, opts: LoadOptions) -> Result<Vec<Case>, InputError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     // Typed parse first: unknown keys, wrong types and negative sizes get a line and column.
     let base: Scenario = serde_saphyr::from_str(text).map_err(|e| yaml_error(path, text, &e))?;
@@ -499,6 +518,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Case>, InputError> {
             )
         })?;
         validate(&scenario, &dir).map_err(|(field, m)| err(&field, m))?;
+        if !opts.allow_outside_paths {
+            check_paths_inside(&scenario, &dir).map_err(|(field, m)| err(&field, m))?;
+        }
         let id = if labels.is_empty() {
             scenario.name.clone()
         } else {
@@ -735,6 +757,43 @@ impl Case {
             )),
         }
     }
+}
+
+/// Every path a scenario names must stay inside its folder (symlinks resolved first).
+pub fn check_paths_inside(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
+    let base = dir
+        .canonicalize()
+        .or_else(|_| std::env::current_dir())
+        .unwrap_or_default();
+    let mut named: Vec<(&str, PathBuf)> = vec![];
+    if let Some(f) = &s.data.file {
+        named.push(("data.file", f.clone()));
+    }
+    if let Some(a) = &s.prefix.adapter {
+        named.push(("prefix.adapter", a.clone()));
+    }
+    if let Some(t) = s.tokenizer.as_deref().filter(|t| *t != "builtin") {
+        named.push(("tokenizer", PathBuf::from(t)));
+    }
+    for (field, p) in named {
+        let full = dir.join(portable(&p));
+        // Validation already checked that the file exists; resolve symlinks and `..`.
+        let Ok(real) = full.canonicalize() else {
+            continue;
+        };
+        if !real.starts_with(&base) {
+            return Err((
+                field.to_string(),
+                format!(
+                    "`{}` resolves to {}, outside the scenario's folder {}; pass --allow-outside-paths to allow it",
+                    slash(&p),
+                    slash(&real),
+                    slash(&base)
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A relative path written in a scenario, with `/` or `\\` separators, for this OS.

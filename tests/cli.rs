@@ -250,3 +250,41 @@ fn an_unwritable_report_path_does_not_leave_a_partial_file() {
         "previous contents"
     );
 }
+
+#[test]
+fn a_data_file_outside_the_scenario_folder_is_refused_unless_allowed() {
+    let d = scratch("outside");
+    std::fs::create_dir_all(d.join("inner")).unwrap();
+    write(&d, "prompts.txt", "a prompt from outside\n");
+    let f = write(
+        &d.join("inner"),
+        "s.yaml",
+        &format!("{BASE}data:\n  file: ../prompts.txt\n"),
+    );
+    let out = run(&["validate", &f]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("data.file") && err.contains("--allow-outside-paths"),
+        "{err}"
+    );
+    let out = run(&["validate", "--allow-outside-paths", &f]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+#[test]
+fn a_case_over_the_memory_budget_is_refused_with_the_estimate() {
+    let out = run(&[
+        "run",
+        "scenarios/examples/gpt2-causal-lm.yaml",
+        "--max-memory",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let table = text(&out.stdout);
+    assert!(
+        table.contains("error") && table.contains("resource guard"),
+        "{table}"
+    );
+    assert!(table.contains("MiB (weights"), "{table}");
+}
