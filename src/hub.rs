@@ -214,7 +214,7 @@ impl HubOptions {
     pub fn with_cache_dir(dir: impl Into<PathBuf>) -> Self {
         Self {
             cache_dir: dir.into(),
-            cache_origin: "given explicitly".to_string(),
+            cache_origin: "an explicit option".to_string(),
             offline_env: false,
         }
     }
@@ -251,18 +251,18 @@ pub fn cache_dir_from(get: &dyn Fn(&str) -> Option<String>) -> Option<(PathBuf, 
         return Some((expand(v), "HUGGINGFACE_HUB_CACHE".into()));
     }
     if let Some(v) = var("HF_HOME") {
-        return Some((expand(v).join("hub"), "HF_HOME (+ /hub)".into()));
+        return Some((expand(v).join("hub"), "HF_HOME + /hub".into()));
     }
     if let Some(v) = var("XDG_CACHE_HOME") {
         return Some((
             expand(v).join("huggingface").join("hub"),
-            "XDG_CACHE_HOME (+ /huggingface/hub)".into(),
+            "XDG_CACHE_HOME + /huggingface/hub".into(),
         ));
     }
     home.map(|h| {
         (
             h.join(".cache").join("huggingface").join("hub"),
-            "default ~/.cache/huggingface/hub".into(),
+            "the default ~/.cache/huggingface/hub".into(),
         )
     })
 }
@@ -405,6 +405,7 @@ pub fn snapshot_dir(
                         &repo_dir,
                         &ref_path,
                         snap.as_deref(),
+                        first,
                     ))
                 }
             }
@@ -424,7 +425,7 @@ pub fn snapshot_dir(
     Ok(dir)
 }
 
-/// The error for a repository that is not in the cache: every path searched, what is
+/// The error for a repository that is not in the cache: the paths searched, what is
 /// there instead, and how to fetch it.
 fn not_cached(
     opts: &HubOptions,
@@ -433,11 +434,23 @@ fn not_cached(
     repo_dir: &Path,
     ref_path: &Path,
     snapshot: Option<&Path>,
+    file: &str,
 ) -> EngineError {
     let mut m = format!(
-        "hub {repo_id}@{revision} is not in the local Hugging Face cache {} ({}).\n",
+        "hub {repo_id}@{revision} is not in the local Hugging Face cache {} (from {}).\n\
+         \x20 searched {} (the commit of `{revision}`), then {}\n",
         opts.cache_dir.display(),
-        opts.cache_origin
+        opts.cache_origin,
+        ref_path.display(),
+        repo_dir
+            .join("snapshots")
+            .join(if is_commit_hash(revision) {
+                revision
+            } else {
+                "<commit>"
+            })
+            .join(file)
+            .display()
     );
     if !opts.cache_dir.is_dir() {
         m.push_str(&format!(
@@ -445,39 +458,40 @@ fn not_cached(
             opts.cache_dir.display()
         ));
     } else if !repo_dir.is_dir() {
-        m.push_str(&format!("  searched {} (not found)\n", repo_dir.display()));
-    } else {
-        let refs = repo_dir.join("refs");
         m.push_str(&format!(
-            "  searched {} ({})\n",
-            ref_path.display(),
-            if ref_path.is_file() {
-                "found"
-            } else {
-                "not found"
-            }
+            "  {} does not exist: nothing of {repo_id} is cached\n",
+            repo_dir.display()
         ));
-        match snapshot {
-            Some(s) => m.push_str(&format!("  searched {} (not found)\n", s.display())),
-            None => m.push_str(&format!(
-                "  and {} (not found)\n",
-                repo_dir.join("snapshots").join(revision).display()
+    } else {
+        match (ref_path.is_file(), snapshot) {
+            (true, Some(s)) => m.push_str(&format!(
+                "  {} names a snapshot that is missing: {} (a partial or moved cache)\n",
+                ref_path.display(),
+                s.display()
             )),
+            (true, None) => m.push_str(&format!(
+                "  {} does not hold a commit hash\n",
+                ref_path.display()
+            )),
+            (false, Some(s)) => {
+                m.push_str(&format!("  no such ref, and no snapshot {}\n", s.display()))
+            }
+            (false, None) => m.push_str("  no such ref\n"),
         }
         m.push_str(&format!(
             "  cached refs: {}; cached snapshots: {}\n",
-            list_files(&refs),
+            list_files(&repo_dir.join("refs")),
             list_files(&repo_dir.join("snapshots"))
         ));
     }
     m.push_str(&format!(
-        "  this build never downloads (offline{}; downloading would need the unimplemented \
-         cargo feature `download`).\n  To fetch it: on a machine with network run \
-         `huggingface-cli download {repo_id} --revision {revision}` and copy its \
-         {} folder into {} (or set HF_HUB_CACHE to that cache), or pass the model folder \
+        "  this build never downloads (offline{}; downloading would need the cargo feature \
+         `download`, not implemented).\n  To fetch it: on a machine with network run \
+         `huggingface-cli download {repo_id} --revision {revision}` and copy its {} folder \
+         into {} (or point HF_HUB_CACHE at a cache that has it), or pass the model folder \
          with `model: {{path: DIR}}`",
         if opts.offline_env {
-            ": HF_HUB_OFFLINE is set"
+            "; HF_HUB_OFFLINE is set"
         } else {
             ""
         },

@@ -45,6 +45,21 @@ enum Command {
         #[arg(long)]
         shrink: bool,
     },
+    /// Compare two fingerprint files (`run --fingerprint`): shapes, statuses and tokens
+    /// exactly, losses and logits within tolerance. Exit 0 equivalent, 1 different,
+    /// 2 unreadable input.
+    Compare {
+        /// Fingerprint A (e.g. the Linux run).
+        a: PathBuf,
+        /// Fingerprint B (e.g. the Windows run).
+        b: PathBuf,
+        /// Relative tolerance for numbers: |a-b| <= atol + rtol * max(|a|, |b|).
+        #[arg(long, default_value_t = prefix_harness::fingerprint::DEFAULT_RTOL)]
+        rtol: f64,
+        /// Absolute tolerance for numbers (the floor near zero).
+        #[arg(long, default_value_t = prefix_harness::fingerprint::DEFAULT_ATOL)]
+        atol: f64,
+    },
     /// Print the expanded case ids.
     List {
         #[arg(default_value = "scenarios")]
@@ -91,6 +106,10 @@ struct RunArgs {
     /// Write a JUnit XML report here.
     #[arg(long)]
     junit: Option<PathBuf>,
+    /// Write a fingerprint (trace digests and events, tokens, losses, logits
+    /// summaries, environment) here, for `compare`.
+    #[arg(long)]
+    fingerprint: Option<PathBuf>,
 }
 
 fn parse_shard(s: &str) -> Result<(usize, usize), String> {
@@ -133,11 +152,34 @@ fn main() -> ExitCode {
             Err(errors) => invalid(&errors),
         },
         Command::Run(args) => run_command(args),
+        Command::Compare { a, b, rtol, atol } => compare_command(&a, &b, rtol, atol),
         Command::Repro {
             file,
             output,
             shrink,
         } => repro_command(&file, output.as_deref(), shrink),
+    }
+}
+
+fn compare_command(a: &std::path::Path, b: &std::path::Path, rtol: f64, atol: f64) -> ExitCode {
+    use prefix_harness::fingerprint::{compare_files, Tolerance};
+    if !(rtol >= 0.0 && atol >= 0.0) {
+        eprintln!("error: --rtol and --atol must be non-negative numbers");
+        return ExitCode::from(2);
+    }
+    match compare_files(a, b, Tolerance { rtol, atol }) {
+        Ok(c) => {
+            print!("{}", c.render());
+            if c.is_equivalent() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -341,8 +383,15 @@ fn run_command(args: RunArgs) -> ExitCode {
         ExitCode::from(1)
     };
     if let Some(p) = &args.report {
-        if let Err(e) = report::write_atomic(p, &report::json(&results, env)) {
+        if let Err(e) = report::write_atomic(p, &report::json(&results, env.clone())) {
             eprintln!("error: cannot write the report {}: {e}", p.display());
+            status = ExitCode::from(2);
+        }
+    }
+    if let Some(p) = &args.fingerprint {
+        let fp = prefix_harness::fingerprint::Fingerprint::from_results(&results, env.clone());
+        if let Err(e) = fp.write(p) {
+            eprintln!("error: cannot write the fingerprint {}: {e}", p.display());
             status = ExitCode::from(2);
         }
     }

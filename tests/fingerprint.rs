@@ -46,6 +46,8 @@ fn run_cases(cases: &[Case], jobs: usize) -> Vec<CaseResult> {
         jobs,
         timeout: None,
         fail_fast: false,
+        // The CLI default (8 GiB).
+        max_memory: 8192 << 20,
     };
     run::run_all(cases, &opts, &|_| {})
 }
@@ -77,6 +79,7 @@ fn case(id: &str) -> CaseFingerprint {
     CaseFingerprint {
         id: id.into(),
         status: "pass".into(),
+        expected: "pass".into(),
         diagnosis: None,
         trace_digest: Some("00000000000000aa".into()),
         trace: vec![
@@ -277,6 +280,17 @@ fn numbers_within_tolerance_agree_and_beyond_it_differ() {
     assert!(tol.close(f64::INFINITY, f64::INFINITY) && !tol.close(f64::INFINITY, f64::MAX));
     // Symmetric.
     assert_eq!(tol.close(1.0, 1.0001), tol.close(1.0001, 1.0));
+    // A logits sum that cancelled to ~0 is judged against its largest term (here 2.5):
+    // a drift of 1e-4 passes, a drift of 1e-3 does not.
+    let near_zero_sum = |drift: f64| {
+        let mut a = fingerprint(vec![case("s")]);
+        a.cases[0].logits[0].sum = 3e-3;
+        let mut b = a.clone();
+        b.cases[0].logits[0].sum += drift;
+        compare(&a, &b, tol).is_equivalent()
+    };
+    assert!(near_zero_sum(1e-4));
+    assert!(!near_zero_sum(1e-3));
 }
 
 #[test]
@@ -323,12 +337,17 @@ fn a_trace_difference_shows_the_first_differing_event() {
         }
         other => panic!("{other:?}"),
     }
-    let r = c.with_labels("linux.json", "windows.json").render();
-    assert!(r.contains("first differing cache event: #1"), "{r}");
+    let r = c
+        .with_labels("linux", "windows")
+        .with_files("ci/linux.json", "ci/windows.json")
+        .render();
     assert!(
-        r.contains("linux.json  : step 0 layer 0 self update"),
+        r.starts_with("linux = ci/linux.json\nwindows = ci/windows.json\n"),
         "{r}"
     );
+    assert!(r.contains("first differing cache event: #1"), "{r}");
+    assert!(r.contains("linux  : step 0 layer 0 self update"), "{r}");
+    assert!(r.contains("windows: step 0 layer 0 self update"), "{r}");
     assert!(r.contains("verdict: DIFFERENT"), "{r}");
 }
 
@@ -342,6 +361,31 @@ fn skipped_cases_are_listed_but_not_differences() {
     assert!(c.is_equivalent(), "{}", c.render());
     assert_eq!(c.skipped.len(), 1);
     assert!(c.render().contains("win-only: A pass, B skip"));
+}
+
+/// A per-platform expectation (a bug that reproduces only on Windows): the two sides
+/// are expected to differ, so only "each met its own expectation" is compared.
+#[test]
+fn cases_expected_to_differ_compare_only_their_statuses() {
+    let a = fingerprint(vec![case("x"), case("windows-bug")]);
+    let mut b = a.clone();
+    let w = &mut b.cases[1];
+    w.expected = "mask-width @ layer 0 self mask".into();
+    w.diagnosis = Some("mask-width at layer 0 self mask".into());
+    w.trace.truncate(1);
+    w.tokens.clear();
+    w.logits.clear();
+    let c = compare(&a, &b, Tolerance::default());
+    assert!(c.is_equivalent(), "{}", c.render());
+    assert_eq!(c.expected_to_differ.len(), 1);
+    assert!(c
+        .render()
+        .contains("windows-bug: A expects pass, B expects mask-width @ layer 0 self mask"));
+    // Not meeting its expectation on one side is still a difference.
+    b.cases[1].status = "fail".into();
+    let c = compare(&a, &b, Tolerance::default());
+    assert!(!c.is_equivalent());
+    assert_eq!(c.cases[0].differences[0].kind(), "status");
 }
 
 #[test]
@@ -495,5 +539,81 @@ fn candle_thread_count_does_not_change_the_fingerprint() {
         "candle threads 1 vs 2: {} cases, largest difference {:e} abs, {:e} rel",
         c.compared, c.max_abs_diff, c.max_rel_diff
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------------
+// The command line: `run --fingerprint FILE` and `compare A B [--rtol R] [--atol A]`.
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_prefix-harness"));
+    c.env("CI", "true");
+    c
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Issue 8 acceptance through the binary: runs with candle on 1 and on 2 threads
+/// compare as equivalent (exit 0); a run with one case's prefix length edited compares
+/// as different (exit 1) and names the case and its first differing cache event; an
+/// unreadable file is an input error (exit 2).
+#[test]
+fn cli_fingerprints_compare_across_thread_counts_and_catch_an_edit() {
+    let dir = std::env::temp_dir().join(format!("ph-fp-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for side in ["orig", "edited"] {
+        std::fs::create_dir_all(dir.join(side)).unwrap();
+    }
+    let text = std::fs::read_to_string(repo("scenarios/bugs/peft-2192-fixed.yaml")).unwrap();
+    std::fs::write(dir.join("orig/s.yaml"), &text).unwrap();
+    std::fs::write(
+        dir.join("edited/s.yaml"),
+        text.replace("virtual_tokens: 8", "virtual_tokens: 7"),
+    )
+    .unwrap();
+    let bugs = repo("scenarios/bugs");
+    let run = |what: &Path, threads: &str, jobs: &str, out: &str| {
+        let o = bin()
+            .arg("run")
+            .arg(what)
+            .args(["--jobs", jobs, "--fingerprint"])
+            .arg(dir.join(out))
+            .env("RAYON_NUM_THREADS", threads)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+        dir.join(out)
+    };
+    let compare = |a: &Path, b: &Path, extra: &[&str]| {
+        bin()
+            .arg("compare")
+            .arg(a)
+            .arg(b)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let t1 = run(&bugs, "1", "1", "t1.json");
+    let t2 = run(&bugs, "2", "1", "t2.json");
+    let o = compare(&t1, &t2, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    assert!(stdout(&o).contains("verdict: equivalent"));
+    let o = compare(&t1, &t2, &["--rtol", "0", "--atol", "0"]);
+    assert_eq!(o.status.code(), Some(0), "bit-identical: {}", stdout(&o));
+
+    let a = run(&dir.join("orig"), "1", "2", "orig.json");
+    let b = run(&dir.join("edited"), "1", "2", "edited.json");
+    let o = compare(&a, &b, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    let out = stdout(&o);
+    assert!(out.contains("peft-2192-fixed[cache=dynamic]"), "{out}");
+    assert!(out.contains("first differing cache event: #0"), "{out}");
+    assert!(out.contains("verdict: DIFFERENT"), "{out}");
+
+    let o = compare(&a, &dir.join("missing.json"), &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("missing.json"));
     let _ = std::fs::remove_dir_all(&dir);
 }

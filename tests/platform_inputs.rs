@@ -60,6 +60,8 @@ fn run_cases(cases: &[Case]) -> Vec<CaseResult> {
         jobs: 2,
         timeout: None,
         fail_fast: false,
+        // The CLI default (8 GiB).
+        max_memory: 8192 << 20,
     };
     run::run_all(cases, &opts, &|_| {})
 }
