@@ -61,6 +61,7 @@ use hf_hub::{Cache, Repo, RepoType};
 use crate::check::{EngineError, Result};
 use crate::model::{Model, ModelConfig};
 use crate::tokenizer::Tokenizer;
+use crate::train::BaseWeights;
 
 /// The model configuration file.
 pub const CONFIG_FILE: &str = "config.json";
@@ -617,6 +618,16 @@ pub fn load_files(
     files: &ModelFiles,
     device: &Device,
 ) -> Result<(ModelConfig, Box<dyn Model>, Option<Tokenizer>)> {
+    let (cfg, model, _, tokenizer) = load_files_recorded(files, device)?;
+    Ok((cfg, model, tokenizer))
+}
+
+/// [`load_files`], also returning every weight the model read ([`BaseWeights`]), so
+/// training can prove the base model stayed bit-identical.
+pub fn load_files_recorded(
+    files: &ModelFiles,
+    device: &Device,
+) -> Result<(ModelConfig, Box<dyn Model>, BaseWeights, Option<Tokenizer>)> {
     let text = std::fs::read_to_string(&files.config)
         .map_err(|e| cfg_err(format!("{}: {e}", files.config.display())))?;
     let cfg = ModelConfig::from_hf_json(&text).map_err(|e| match e {
@@ -658,7 +669,7 @@ pub fn load_files(
         .collect::<Vec<_>>()
         .join(", ");
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-    let model = cfg.build(vb).map_err(|e| match e {
+    let (model, base) = BaseWeights::build(&cfg, vb).map_err(|e| match e {
         EngineError::Candle { context, source } => EngineError::Candle {
             context: format!("{weights_desc}: {context}"),
             source,
@@ -670,7 +681,7 @@ pub fn load_files(
         Some(p) => Some(Tokenizer::from_file(p)?),
         None => None,
     };
-    Ok((cfg, model, tokenizer))
+    Ok((cfg, model, base, tokenizer))
 }
 
 /// Load a model from `source`: `(config, model, tokenizer if the folder has one)`.

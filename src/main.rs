@@ -144,8 +144,13 @@ fn main() -> ExitCode {
         },
         Command::List { paths, filter, tag } => match load_all(&paths) {
             Ok(cases) => {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
                 for c in select(cases, filter.as_deref(), tag.as_deref()) {
-                    println!("{}", c.id);
+                    // A closed pipe (`list | head`) ends the listing quietly.
+                    if writeln!(out, "{}", c.id).is_err() {
+                        break;
+                    }
                 }
                 ExitCode::SUCCESS
             }

@@ -72,7 +72,7 @@ pub fn case_markdown(case: &Case, r: &CaseResult) -> String {
     let s = &case.scenario;
     md += &format!(
         "Model `{}` (seed {}), P = {}, cache `{:?}`, prefix layout `{:?}`, batch {}.\n\n",
-        s.model.family.name(),
+        s.model.describe(),
         s.model.seed,
         s.prefix.virtual_tokens,
         s.cache.mode,
@@ -236,10 +236,12 @@ fn set_knob(c: &mut Case, knob: usize, v: usize) {
         2 => s.data.max_prompt_len = v,
         3 => s.generate.max_new_tokens = v,
         4 => {
-            s.model.config.insert(
-                layer_field(s.model.family).to_string(),
-                serde_json::Value::from(v),
-            );
+            // Only tiny seeded models can lose layers; checkpoints keep theirs.
+            if let Some(f) = s.model.family {
+                s.model
+                    .config
+                    .insert(layer_field(f).to_string(), serde_json::Value::from(v));
+            }
         }
         _ => {}
     }

@@ -73,7 +73,7 @@ impl CaseResult {
             id: case.id.clone(),
             scenario: case.file.clone(),
             status,
-            expected: case.scenario.expect.describe(),
+            expected: case.expect().describe(),
             duration_ms: 0.0,
             diagnosis: None,
             warnings: vec![],
@@ -212,8 +212,18 @@ pub fn run_case_limited(case: &Case, max_memory: u64) -> CaseResult {
 /// training, then generation. Fills losses, tokens, logits and the trace.
 fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
     let dev = Device::Cpu;
-    let cfg = case.model_config().map_err(EngineError::Config)?;
-    let (model, base) = crate::train::BaseWeights::seeded(&cfg, case.scenario.model.seed, &dev)?;
+    let (model, base, checkpoint_tokenizer) = match case.scenario.model.source(&case.dir) {
+        None => {
+            let cfg = case.model_config().map_err(EngineError::Config)?;
+            let (m, b) = crate::train::BaseWeights::seeded(&cfg, case.scenario.model.seed, &dev)?;
+            (m, b, None)
+        }
+        Some(src) => {
+            let files = src?.resolve(&crate::hub::HubOptions::from_env()?)?;
+            let (_, m, b, tok) = crate::hub::load_files_recorded(&files, &dev)?;
+            (m, b, tok)
+        }
+    };
     let prefix = match case.adapter_dir() {
         Some(dir) => crate::adapter::load_for(&dir, &model.geometry(), &dev)?.1,
         None => PrefixEncoder::new(&case.prefix_config(), &model.geometry(), &dev)?,
@@ -222,7 +232,11 @@ fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
         let report = crate::train::train_checked(model.as_ref(), &base, &prefix, train)?;
         r.losses = report.losses;
     }
-    let tokenizer = case.tokenizer()?;
+    // A checkpoint's own tokenizer.json unless the scenario names one.
+    let tokenizer = match (checkpoint_tokenizer, &case.scenario.tokenizer) {
+        (Some(t), None) => t,
+        _ => case.tokenizer()?,
+    };
     let prompts = case
         .prompts()
         .map_err(|e| EngineError::Config(format!("data: {e}")))?;
@@ -236,7 +250,7 @@ fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
         .dim(1)
         .map_err(|e| crate::check::from_candle(e, None, "prompt"))?;
     let mut opts = DecodeOptions::new(
-        case.cache_config(prompt_len),
+        case.cache_config(prompt_len, prefix.geometry.num_virtual_tokens),
         case.scenario.generate.max_new_tokens,
     );
     let g = &case.scenario.generate;
@@ -312,7 +326,7 @@ fn extra_checks(case: &Case, r: &CaseResult) -> Option<String> {
 
 /// Compare what happened with what the scenario expects.
 fn judge(case: &Case, outcome: Result<(), EngineError>, r: &mut CaseResult) {
-    match (&case.scenario.expect, outcome) {
+    match (case.expect(), outcome) {
         (Expect::Pass, Ok(())) => r.status = Status::Pass,
         (Expect::Pass, Err(EngineError::Shape(d))) => {
             r.status = Status::Fail;
@@ -341,7 +355,7 @@ fn judge(case: &Case, outcome: Result<(), EngineError>, r: &mut CaseResult) {
                 r.status = Status::Fail;
                 r.message = Some(format!(
                     "expected {} but got: {d}",
-                    case.scenario.expect.describe()
+                    case.expect().describe()
                 ));
             }
             r.diagnosis = Some(*d);

@@ -48,18 +48,52 @@ impl std::fmt::Display for InputError {
 
 impl std::error::Error for InputError {}
 
-/// The model of a scenario.
+/// The model of a scenario: a family's tiny seeded config, a local Hugging Face
+/// folder, or a Hub repository in the local cache.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     /// `gpt2`, `llama`, `bloom`, `gpt_bigcode` or `t5`: the family's tiny config.
-    pub family: Family,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub family: Option<Family>,
     /// Overrides of the tiny config, Hugging Face field names (e.g. `n_layer: 3`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub config: serde_json::Map<String, Value>,
     /// Seed of the portable weight initialisation.
     #[serde(default)]
     pub seed: u64,
+    /// A Hugging Face folder (`config.json`, `model.safetensors`, optional
+    /// `tokenizer.json`), relative to the scenario file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// A Hub repository id resolved from the local Hugging Face cache only
+    /// (`HF_HUB_CACHE`, `HF_HOME`; nothing is downloaded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+}
+
+impl ModelSpec {
+    /// A checkpoint source, when the model is not a tiny seeded one.
+    pub fn source(&self, dir: &Path) -> Option<crate::check::Result<crate::hub::ModelSource>> {
+        if let Some(p) = &self.path {
+            return Some(Ok(crate::hub::ModelSource::path(dir.join(portable(p)))));
+        }
+        self.hub
+            .as_ref()
+            .map(|id| crate::hub::ModelSource::hub(id, self.revision.as_deref()))
+    }
+
+    /// A short name for tables and reports.
+    pub fn describe(&self) -> String {
+        match (&self.family, &self.path, &self.hub) {
+            (Some(f), _, _) => f.name().to_string(),
+            (_, Some(p), _) => slash(p),
+            (_, _, Some(h)) => format!("{h}@{}", self.revision.as_deref().unwrap_or("main")),
+            _ => "?".into(),
+        }
+    }
 }
 
 /// The prefix of a scenario (PEFT `PrefixTuningConfig` plus historical switches).
@@ -243,7 +277,7 @@ pub enum LossCheck {
 }
 
 /// Operating systems a scenario is meant for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Platform {
     Linux,
@@ -252,6 +286,14 @@ pub enum Platform {
 }
 
 impl Platform {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Platform::Linux => "linux",
+            Platform::Windows => "windows",
+            Platform::Macos => "macos",
+        }
+    }
+
     pub fn current() -> Option<Platform> {
         match std::env::consts::OS {
             "linux" => Some(Platform::Linux),
@@ -339,10 +381,21 @@ pub struct Scenario {
     pub platforms: Option<Vec<Platform>>,
     #[serde(default, deserialize_with = "de_expect", serialize_with = "ser_expect")]
     pub expect: Expect,
+    /// Per-platform expectations that replace `expect` there, e.g. a bug that
+    /// reproduces only on Windows: `expect_on: {windows: {error: mask-width}}`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub expect_on: std::collections::BTreeMap<Platform, PlatformExpect>,
     /// Dotted field path -> list of values; expanded into cases.
     #[serde(default)]
     pub matrix: serde_json::Map<String, Value>,
 }
+
+/// An expectation in `expect_on` (same syntax as `expect`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PlatformExpect(
+    #[serde(deserialize_with = "de_expect", serialize_with = "ser_expect")] pub Expect,
+);
 
 /// Written as scenario files write it: `pass` or the failure mapping.
 fn ser_expect<S: serde::Serializer>(e: &Expect, s: S) -> Result<S::Ok, S::Error> {
@@ -517,6 +570,8 @@ pub fn parse_with(path: &Path, text: &str, opts: LoadOptions) -> Result<Vec<Case
                 format!("the case [{key}] is not a valid scenario: {e}"),
             )
         })?;
+        let mut scenario = scenario;
+        normalise_paths(&mut scenario);
         validate(&scenario, &dir).map_err(|(field, m)| err(&field, m))?;
         if !opts.allow_outside_paths {
             check_paths_inside(&scenario, &dir).map_err(|(field, m)| err(&field, m))?;
@@ -582,6 +637,17 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
         t.validate()
             .map_err(|m| ("train".to_string(), m.to_string()))?;
     }
+    if let Some(platforms) = &s.platforms {
+        if let Some(p) = s.expect_on.keys().find(|p| !platforms.contains(p)) {
+            return Err((
+                format!("expect_on.{}", p.name()),
+                format!(
+                    "the scenario does not run on {} (see `platforms`)",
+                    p.name()
+                ),
+            ));
+        }
+    }
     if s.checks.loss.is_some() && s.train.is_none() {
         return e("checks.loss", "a loss check needs a `train` section");
     }
@@ -630,15 +696,45 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
     if s.data.prompts.iter().any(|p| p.is_empty()) {
         return e("data.prompts", "expected non-empty prompts");
     }
-    let cfg = model_config(&s.model).map_err(|m| ("model.config".to_string(), m))?;
-    cfg.validate()
-        .map_err(|m| ("model.config".to_string(), m.to_string()))?;
+    let m = &s.model;
+    let sources = [m.family.is_some(), m.path.is_some(), m.hub.is_some()];
+    match sources.iter().filter(|x| **x).count() {
+        0 => return e("model", "expected one of `family` (tiny seeded model), `path` (Hugging Face folder) or `hub` (cached Hub id)"),
+        1 => {}
+        _ => return e("model", "give only one of `family`, `path` and `hub`"),
+    }
+    if m.family.is_none() && !m.config.is_empty() {
+        return e("model.config", "overrides apply to a tiny `family` model only; a checkpoint's config comes from its config.json");
+    }
+    if m.revision.is_some() && m.hub.is_none() {
+        return e("model.revision", "a revision needs `hub`");
+    }
+    match m.source(dir) {
+        None => {
+            let cfg = model_config(m).map_err(|msg| ("model.config".to_string(), msg))?;
+            cfg.validate()
+                .map_err(|msg| ("model.config".to_string(), msg.to_string()))?;
+        }
+        Some(src) => {
+            let field = if m.path.is_some() {
+                "model.path"
+            } else {
+                "model.hub"
+            };
+            src.and_then(|src| src.resolve(&crate::hub::HubOptions::from_env()?))
+                .map_err(|err| (field.to_string(), err.to_string()))?;
+        }
+    }
     Ok(())
 }
 
 /// The model config of a spec: the family's tiny config with the overrides applied.
+/// (Checkpoint models read theirs from `config.json`: see [`Case::model_config`].)
 pub fn model_config(spec: &ModelSpec) -> Result<ModelConfig, String> {
-    let tiny = ModelConfig::tiny(spec.family);
+    let Some(family) = spec.family else {
+        return Err("a checkpoint model's config comes from its config.json".into());
+    };
+    let tiny = ModelConfig::tiny(family);
     let mut v = serde_json::to_value(&tiny).map_err(|e| e.to_string())?;
     let Value::Object(m) = &mut v else {
         return Err("internal: config is not a mapping".into());
@@ -655,18 +751,31 @@ pub fn model_config(spec: &ModelSpec) -> Result<ModelConfig, String> {
                 .unwrap_or_default();
             return Err(format!(
                 "unknown {} config field `{k}`{hint} (fields: {})",
-                spec.family.name(),
+                family.name(),
                 known.join(", ")
             ));
         }
         m.insert(k.clone(), val.clone());
     }
-    serde_json::from_value(v).map_err(|e| format!("{}: {e}", spec.family.name()))
+    serde_json::from_value(v).map_err(|e| format!("{}: {e}", family.name()))
 }
 
 impl Case {
+    /// The model's config: the tiny family config with overrides, or the checkpoint's
+    /// `config.json`.
     pub fn model_config(&self) -> Result<ModelConfig, String> {
-        model_config(&self.scenario.model)
+        match self.scenario.model.source(&self.dir) {
+            None => model_config(&self.scenario.model),
+            Some(src) => {
+                let files = src
+                    .and_then(|s| s.resolve(&crate::hub::HubOptions::from_env()?))
+                    .map_err(|e| e.to_string())?;
+                let text = std::fs::read_to_string(&files.config)
+                    .map_err(|e| format!("{}: {e}", slash(&files.config)))?;
+                ModelConfig::from_hf_json(&text)
+                    .map_err(|e| format!("{e} (in {})", slash(&files.config)))
+            }
+        }
     }
 
     pub fn prefix_config(&self) -> PrefixConfig {
@@ -684,10 +793,11 @@ impl Case {
         }
     }
 
-    /// The cache config; `prompt_len` is the batch's prompt length (static default size).
-    pub fn cache_config(&self, prompt_len: usize) -> CacheConfig {
+    /// The cache config; `prompt_len` is the batch's prompt length and `p` the number
+    /// of virtual tokens (from the adapter when there is one): together they size a
+    /// static cache by default.
+    pub fn cache_config(&self, prompt_len: usize, p: usize) -> CacheConfig {
         let c = &self.scenario.cache;
-        let p = self.scenario.prefix.virtual_tokens;
         let new = self.scenario.generate.max_new_tokens;
         let mode = match c.mode {
             CacheModeName::None => CacheMode::None,
@@ -713,6 +823,7 @@ impl Case {
         let d = &self.scenario.data;
         if let Some(f) = &d.file {
             let text = std::fs::read_to_string(self.dir.join(portable(f)))?;
+            let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
             return Ok(text
                 .lines()
                 .map(|l| l.trim_end_matches('\r').to_string())
@@ -745,17 +856,47 @@ impl Case {
             .map(|a| self.dir.join(portable(a)))
     }
 
+    /// The expectation on this platform: `expect_on.<os>` when given, else `expect`.
+    pub fn expect(&self) -> &Expect {
+        Platform::current()
+            .and_then(|p| self.scenario.expect_on.get(&p))
+            .map(|e| &e.0)
+            .unwrap_or(&self.scenario.expect)
+    }
+
     /// Whether the case runs on this platform, and if not why.
     pub fn skip_reason(&self) -> Option<String> {
         let wanted = self.scenario.platforms.as_ref()?;
         match Platform::current() {
             Some(p) if wanted.contains(&p) => None,
             _ => Some(format!(
-                "meant for {:?}, this is {}",
-                wanted,
+                "meant for {}; this is {}",
+                wanted
+                    .iter()
+                    .map(Platform::name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 std::env::consts::OS
             )),
         }
+    }
+}
+
+/// Write every relative path with `/`, whatever separator the file used, so a
+/// scenario serialises (snapshots, shrunk files, reports) the same on every OS.
+fn normalise_paths(s: &mut Scenario) {
+    let fix = |p: &mut PathBuf| *p = PathBuf::from(p.to_string_lossy().replace('\\', "/"));
+    if let Some(p) = s.data.file.as_mut() {
+        fix(p);
+    }
+    if let Some(p) = s.prefix.adapter.as_mut() {
+        fix(p);
+    }
+    if let Some(p) = s.model.path.as_mut() {
+        fix(p);
+    }
+    if let Some(t) = s.tokenizer.as_mut() {
+        *t = t.replace('\\', "/");
     }
 }
 
@@ -771,6 +912,9 @@ pub fn check_paths_inside(s: &Scenario, dir: &Path) -> Result<(), (String, Strin
     }
     if let Some(a) = &s.prefix.adapter {
         named.push(("prefix.adapter", a.clone()));
+    }
+    if let Some(p) = &s.model.path {
+        named.push(("model.path", p.clone()));
     }
     if let Some(t) = s.tokenizer.as_deref().filter(|t| *t != "builtin") {
         named.push(("tokenizer", PathBuf::from(t)));
@@ -825,7 +969,10 @@ fn check_matrix_path(doc: &Value, key: &str) -> Result<(), String> {
         "expect",
     ];
     const SECTIONS: &[(&str, &[&str])] = &[
-        ("model", &["family", "config", "seed"]),
+        (
+            "model",
+            &["family", "config", "seed", "path", "hub", "revision"],
+        ),
         (
             "prefix",
             &[

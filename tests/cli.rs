@@ -288,3 +288,56 @@ fn a_case_over_the_memory_budget_is_refused_with_the_estimate() {
     );
     assert!(table.contains("MiB (weights"), "{table}");
 }
+
+#[test]
+fn a_per_platform_expectation_replaces_expect_on_that_platform() {
+    let os = if cfg!(windows) {
+        "windows"
+    } else if cfg!(target_os = "macos") {
+        "macos"
+    } else {
+        "linux"
+    };
+    let d = scratch("expect-on");
+    let body = format!(
+        "name: only-here\nmodel:\n  family: bloom\nprefix:\n  virtual_tokens: 2\n  layout: bloom-legacy\ngenerate:\n  max_new_tokens: 2\nexpect: pass\nexpect_on:\n  {os}: {{error: rank, layer: 0, tensor: key}}\n"
+    );
+    let f = write(&d, "e.yaml", &body);
+    let out = run(&["run", &f]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("rank @ layer 0 key"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn a_checkpoint_scenario_runs_a_transformers_model_with_a_peft_adapter() {
+    let out = run(&["run", "tests/fixtures/llama-gqa.scenario.yaml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).ends_with("4 passed, 0 failed, 0 skipped\n"));
+}
+
+#[test]
+fn a_hub_id_that_is_not_cached_is_invalid_input_naming_the_cache_searched() {
+    let d = scratch("hub");
+    let cache = d.join("empty-cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let f = write(
+        &d,
+        "h.yaml",
+        "name: hub\nmodel:\n  hub: some-org/not-cached\nprefix:\n  virtual_tokens: 2\n",
+    );
+    let out = bin()
+        .args(["validate", &f])
+        .env("HF_HUB_CACHE", &cache)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("model.hub") && err.contains("models--some-org--not-cached"),
+        "{err}"
+    );
+}

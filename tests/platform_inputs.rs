@@ -165,7 +165,6 @@ fn backslashes_in_relative_data_paths_work_everywhere() {
 
 /// A data file saved with a byte order mark (Notepad) gives the same prompts.
 #[test]
-#[ignore = "scenario.rs: Case::prompts keeps a UTF-8 BOM at the start of a data file (the first prompt gains U+FEFF); strip it like scenario files do"]
 fn a_bom_in_a_data_file_is_not_part_of_the_first_prompt() {
     let d = scratch("data-bom");
     std::fs::write(d.join("p.txt"), "\u{feff}hello\nworld\n").unwrap();
@@ -178,7 +177,6 @@ fn a_bom_in_a_data_file_is_not_part_of_the_first_prompt() {
 /// A scenario as the harness writes it back (reports, snapshots, `repro`) shows
 /// relative paths with `/`, whichever separator the file used.
 #[test]
-#[ignore = "scenario.rs: data.file (PathBuf) keeps the `\\` it was written with, so a parsed scenario serialises differently on the two platforms; normalise it to `/` when parsing"]
 fn parsed_scenarios_serialise_relative_paths_with_slashes() {
     let d = scratch("serialise");
     std::fs::create_dir_all(d.join("sub")).unwrap();
