@@ -29,8 +29,8 @@
 //!   position of a padding token is a convention and its output is never used). PEFT's
 //!   forward WITHOUT position ids keeps positions P.. on every row; that comparison is
 //!   the ignored test `left_padding_against_peft_forward_without_position_ids`.
-//! - T5 v1.1 as transformers 5.24 saves it (`scale_decoder_outputs: false`) is not read
-//!   correctly by the engine yet: the ignored test `t5_v1_1_unscaled_tied_head`.
+//! - T5 v1.1 as transformers 5.24 saves it (`scale_decoder_outputs: false`): the test
+//!   `t5_v1_1_unscaled_tied_head`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -590,8 +590,6 @@ fn t5_d_kv_projection() {
 /// argmax does not change under a positive scale). The test also prints the difference
 /// with that factor undone.
 #[test]
-#[ignore = "engine gap: src/model/t5.rs ignores `scale_decoder_outputs` (transformers >= 5 \
-            T5 configs); run with --ignored for the measured difference"]
 fn t5_v1_1_unscaled_tied_head() {
     let exp = expected("t5-v1_1");
     let cache = cache_for(&exp);

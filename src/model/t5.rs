@@ -51,6 +51,11 @@ pub struct Config {
     pub feed_forward_proj: String,
     #[serde(default = "default_true")]
     pub tie_word_embeddings: bool,
+    /// transformers >= 5: whether the decoder output is scaled by d_model^-0.5 before a
+    /// tied LM head (older configs say it through `tie_word_embeddings`: T5 v1.1 is
+    /// untied and unscaled). Default: `tie_word_embeddings`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_decoder_outputs: Option<bool>,
     #[serde(default, deserialize_with = "start_id")]
     pub decoder_start_token_id: u32,
     #[serde(default, deserialize_with = "pad_id")]
@@ -149,6 +154,7 @@ impl Config {
             layer_norm_epsilon: 1e-6,
             feed_forward_proj: "relu".to_string(),
             tie_word_embeddings: true,
+            scale_decoder_outputs: None,
             decoder_start_token_id: 0,
             pad_token_id: 0,
             eos_token_id: 1,
@@ -635,10 +641,20 @@ impl Model for T5 {
         // [B, S, d_model]
         let h = rms_norm(&h, &self.decoder_ln, eps).ctx("decoder final_layer_norm")?;
         // [B, S, V]
+        let scale = self
+            .cfg
+            .scale_decoder_outputs
+            .unwrap_or(self.cfg.tie_word_embeddings);
+        let h = if scale {
+            (h * (self.cfg.d_model as f64).powf(-0.5))
+                .ctx("scale decoder output by d_model^-0.5")?
+        } else {
+            h
+        };
         match &self.lm_head {
-            None => (h * (self.cfg.d_model as f64).powf(-0.5))
-                .and_then(|h| h.broadcast_matmul(&self.shared.t()?))
-                .ctx("lm head (tied, scaled by d_model^-0.5)"),
+            None => h
+                .broadcast_matmul(&self.shared.t().ctx("lm head")?)
+                .ctx("lm head (tied)"),
             Some(w) => linear(&h, w, None).ctx("lm head"),
         }
     }
