@@ -525,7 +525,22 @@ impl ModelCache {
                         .at(site_v, "evict")?
                         .detach(),
                 );
-                let kv_start = l.seen + s_new - total;
+                // The held keys end at position `seen`; more keys than positions means
+                // the prefix's length disagrees with what was seeded.
+                let Some(kv_start) = (l.seen + s_new).checked_sub(total) else {
+                    return Err(Diagnosis::new(
+                        DiagnosisClass::SeqLen,
+                        format!(
+                            "the sliding cache holds {total} keys for only {} positions (prefix {} + tokens)",
+                            l.seen + s_new,
+                            l.prefix_len
+                        ),
+                    )
+                    .at(layer, att, TensorKind::Key)
+                    .shapes(&[l.seen + s_new], &[total])
+                    .hint("the prefix has more positions than the P it was seeded with")
+                    .into());
+                };
                 (rk, rv, kv_start)
             }
         };

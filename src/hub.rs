@@ -622,12 +622,12 @@ pub fn load_files(
     Ok((cfg, model, tokenizer))
 }
 
+/// What [`load_files_recorded`] returns: config, model, every weight it read, tokenizer.
+pub type Recorded = (ModelConfig, Box<dyn Model>, BaseWeights, Option<Tokenizer>);
+
 /// [`load_files`], also returning every weight the model read ([`BaseWeights`]), so
 /// training can prove the base model stayed bit-identical.
-pub fn load_files_recorded(
-    files: &ModelFiles,
-    device: &Device,
-) -> Result<(ModelConfig, Box<dyn Model>, BaseWeights, Option<Tokenizer>)> {
+pub fn load_files_recorded(files: &ModelFiles, device: &Device) -> Result<Recorded> {
     let text = std::fs::read_to_string(&files.config)
         .map_err(|e| cfg_err(format!("{}: {e}", files.config.display())))?;
     let cfg = ModelConfig::from_hf_json(&text).map_err(|e| match e {
