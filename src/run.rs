@@ -136,50 +136,55 @@ pub fn estimate_memory(case: &Case) -> Result<(u64, u64, u64), String> {
     let cfg = case.model_config()?;
     let g = cfg.geometry();
     let s = &case.scenario;
-    let (e, l, v) = (
-        g.hidden_size as u64,
-        g.num_layers as u64,
-        g.vocab_size as u64,
-    );
-    let (h, kvh, d) = (
-        g.num_attention_heads as u64,
-        g.num_kv_heads as u64,
-        g.head_dim as u64,
-    );
+    // f64 arithmetic: absurd sizes give absurd estimates, never an overflow.
+    let f = |x: usize| x as f64;
+    let (e, l, v) = (f(g.hidden_size), f(g.num_layers), f(g.vocab_size));
+    let (h, kvh, d) = (f(g.num_attention_heads), f(g.num_kv_heads), f(g.head_dim));
     let inner = match &cfg {
-        crate::model::ModelConfig::Gpt2(c) => c.n_inner.unwrap_or(4 * c.n_embd) as u64,
-        crate::model::ModelConfig::GptBigcode(c) => c.n_inner.unwrap_or(4 * c.n_embd) as u64,
-        crate::model::ModelConfig::Llama(c) => c.intermediate_size as u64,
-        crate::model::ModelConfig::T5(c) => c.d_ff as u64,
-        crate::model::ModelConfig::Bloom(_) => 4 * e,
+        crate::model::ModelConfig::Gpt2(c) => c.n_inner.map(f).unwrap_or(4.0 * e),
+        crate::model::ModelConfig::GptBigcode(c) => c.n_inner.map(f).unwrap_or(4.0 * e),
+        crate::model::ModelConfig::Llama(c) => f(c.intermediate_size),
+        crate::model::ModelConfig::T5(c) => f(c.d_ff),
+        crate::model::ModelConfig::Bloom(_) => 4.0 * e,
     };
-    let stacks = if g.encoder_decoder { 3 } else { 1 }; // encoder, decoder, cross
-    let per_layer = 4 * e * h * d + 3 * e * inner;
-    let weights = 4 * (2 * v * e + stacks * l * per_layer);
-    let p = s.prefix.virtual_tokens.max(1) as u64;
-    let rows = (s.data.batch_size as u64)
+    let stacks = if g.encoder_decoder { 3.0 } else { 1.0 }; // encoder, decoder, cross
+    let per_layer = 4.0 * e * h * d + 3.0 * e * inner;
+    let weights = 4.0 * (2.0 * v * e + stacks * l * per_layer);
+    let p = f(s.prefix.virtual_tokens.max(1));
+    let rows = f(s.data.batch_size)
         * match &s.generate.strategy {
-            crate::generate::Strategy::Beam { num_beams, .. } => *num_beams as u64,
-            _ => s.generate.num_return_sequences as u64,
+            crate::generate::Strategy::Beam { num_beams, .. } => f(*num_beams),
+            _ => f(s.generate.num_return_sequences),
         };
-    let total = p + s.data.max_prompt_len as u64 + s.generate.max_new_tokens as u64;
-    let caches = 4 * 2 * stacks.min(2) * l * rows * kvh * total * d;
-    let train_factor = if s.train.is_some() { 4 + 2 * l } else { 2 };
+    let total = p + f(s.data.max_prompt_len) + f(s.generate.max_new_tokens);
+    let caches = 4.0 * 2.0 * stacks.min(2.0) * l * rows * kvh * total * d;
+    let train_factor = if s.train.is_some() {
+        4.0 + 2.0 * l
+    } else {
+        2.0
+    };
     let activations =
-        4 * train_factor * rows * (3 * h * total * total + total * (v + 4 * e + inner));
-    Ok((weights, caches, activations))
+        4.0 * train_factor * rows * (3.0 * h * total * total + total * (v + 4.0 * e + inner));
+    let bytes = |x: f64| {
+        if x >= u64::MAX as f64 {
+            u64::MAX
+        } else {
+            x as u64
+        }
+    };
+    Ok((bytes(weights), bytes(caches), bytes(activations)))
 }
 
 /// Run one case in this thread, refusing it when its memory estimate is over
 /// `max_memory` bytes.
 pub fn run_case_limited(case: &Case, max_memory: u64) -> CaseResult {
     if let Ok((w, c, a)) = estimate_memory(case) {
-        if w + c + a > max_memory {
+        if w.saturating_add(c).saturating_add(a) > max_memory {
             let mut r = CaseResult::new(case, Status::Error);
             let mib = |x: u64| x as f64 / (1u64 << 20) as f64;
             r.message = Some(format!(
                 "resource guard: the case needs about {:.0} MiB (weights {:.0}, caches {:.0}, activations {:.0}), over the budget of {:.0} MiB (--max-memory)",
-                mib(w + c + a),
+                mib(w.saturating_add(c).saturating_add(a)),
                 mib(w),
                 mib(c),
                 mib(a),

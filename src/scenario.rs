@@ -16,6 +16,9 @@ use crate::prefix::{HeadDimFrom, HeadsFrom, PrefixConfig, PrefixInit, PrefixLayo
 
 /// Largest number of cases one file may expand to.
 pub const MAX_CASES_PER_FILE: usize = 4096;
+/// Largest value accepted for any size in a scenario (tokens, rows, window, ...):
+/// far above anything a CPU run can hold; the memory guard refuses big cases.
+pub const MAX_SIZE: usize = 1 << 24;
 /// Largest scenario file accepted, in bytes.
 pub const MAX_FILE_BYTES: usize = 1 << 20;
 
@@ -602,6 +605,36 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
     let e = |f: &str, m: &str| Err((f.to_string(), m.to_string()));
     if s.name.trim().is_empty() {
         return e("name", "expected a non-empty name");
+    }
+    let sizes = [
+        ("prefix.virtual_tokens", s.prefix.virtual_tokens),
+        ("prefix.encoder_hidden_size", s.prefix.encoder_hidden_size),
+        ("data.batch_size", s.data.batch_size),
+        ("data.max_prompt_len", s.data.max_prompt_len),
+        ("generate.max_new_tokens", s.generate.max_new_tokens),
+        (
+            "generate.num_return_sequences",
+            s.generate.num_return_sequences,
+        ),
+        ("cache.max_len", s.cache.max_len.unwrap_or(0)),
+        ("cache.window", s.cache.window.unwrap_or(0)),
+    ];
+    if let Some((field, v)) = sizes.iter().find(|(_, v)| *v > MAX_SIZE) {
+        return Err((
+            field.to_string(),
+            format!("{v} is too large: expected at most {MAX_SIZE}"),
+        ));
+    }
+    if let Some((k, v)) = s
+        .model
+        .config
+        .iter()
+        .find(|(_, v)| v.as_u64().is_some_and(|n| n > MAX_SIZE as u64))
+    {
+        return Err((
+            format!("model.config.{k}"),
+            format!("{v} is too large: expected at most {MAX_SIZE}"),
+        ));
     }
     if s.prefix.adapter.is_none() && s.prefix.virtual_tokens == 0 {
         return e("prefix.virtual_tokens", "expected at least 1 virtual token");
