@@ -342,8 +342,15 @@ fn run_command(args: RunArgs) -> ExitCode {
         .max(1);
     // Tiny tensors do not pay for threads: one case per thread, one thread per case
     // (DESIGN.md, speed facts), unless the user chose otherwise.
-    if jobs > 1 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        std::env::set_var("RAYON_NUM_THREADS", "1");
+    // Always set it: when unset, candle 0.11 parses /proc/cpuinfo on every matmul to
+    // find the thread count (about 40% of a tiny run, measured in ci/bench/README.md).
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = if jobs > 1 {
+            1
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        };
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
     let opts = RunOptions {
         jobs,

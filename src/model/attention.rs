@@ -191,3 +191,49 @@ pub fn merge_heads(x: &Tensor) -> candle_core::Result<Tensor> {
     let (b, h, s, d) = x.dims4()?;
     x.transpose(1, 2)?.reshape((b, s, h * d))
 }
+
+/// Decoder self-attention through the cache, the same in every family: append the new
+/// keys and values, build the mask over every key the cache returns (prefix, cached
+/// and new positions; causal, windowed, padding), record the mask in the trace, and
+/// attend.
+///
+/// `q: [B, H, S, D]`, `k, v: [B, KVH, S, D]` for the S new tokens at positions
+/// `past..past+S` (`past` read before layer 0 updated the cache); `bias(kv_start,
+/// kv_len)` returns an additive `[1 or B, H, S, K]` bias (ALiBi, T5 relative
+/// positions) or `None`. Returns `[B, H, S, D]`.
+#[allow(clippy::too_many_arguments)]
+pub fn cached_self_attention(
+    fw: &mut super::Forward,
+    layer: usize,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    past: usize,
+    window: Option<usize>,
+    scale: f64,
+    bias: &mut dyn FnMut(usize, usize) -> Result<Option<Tensor>>,
+) -> Result<Tensor> {
+    let att = Attention::SelfAttn;
+    let s = q
+        .dim(2)
+        .at(Site::new(layer, att, TensorKind::Query), "queries")?;
+    // view.k, view.v: [B, KVH, K, D]
+    let view = fw.cache.update_self(layer, k, v, (past, past + s))?;
+    let kv_len = view
+        .k
+        .dim(2)
+        .at(Site::new(layer, att, TensorKind::Key), "key length")?;
+    let spec = MaskSpec {
+        q_start: past,
+        q_len: s,
+        kv_start: view.kv_start,
+        kv_len,
+        causal: true,
+        window,
+    };
+    // [B, 1, S, K]
+    let mask = additive_mask(fw.mask, spec, layer, att)?;
+    fw.cache.note_mask(layer, att, mask.dims());
+    let bias = bias(view.kv_start, kv_len)?;
+    sdpa(q, &view.k, &view.v, &mask, bias.as_ref(), scale, layer, att)
+}

@@ -10,7 +10,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::attention::{additive_mask, merge_heads, sdpa, MaskSpec};
+use super::attention::{cached_self_attention, merge_heads};
 use super::nn::{embed, gelu_tanh, layer_norm, linear};
 use super::weights::{bias, ones, weight};
 use super::{backbone, Family, Forward, Model, ModelGeometry};
@@ -221,28 +221,19 @@ impl Model for Bloom {
             let q = part(0).at(site, "query")?;
             let k = part(1).at(site, "key")?;
             let v = part(2).at(site, "value")?;
-            let view = fw.cache.update_self(i, &k, &v, (past, past + s))?;
-            let kv_len = view.k.dim(2).at(site, "key length")?;
-            let spec = MaskSpec {
-                q_start: past,
-                q_len: s,
-                kv_start: view.kv_start,
-                kv_len,
-                causal: true,
-                window: fw.cache.window(),
-            };
-            let mask = additive_mask(fw.mask, spec, i, Attention::SelfAttn)?;
-            fw.cache.note_mask(i, Attention::SelfAttn, mask.dims());
-            let alibi = self.alibi(fw.mask, view.kv_start, kv_len, site)?;
-            let o = sdpa(
-                &q,
-                &view.k,
-                &view.v,
-                &mask,
-                Some(&alibi),
-                1.0 / (d as f64).sqrt(),
+            let pad = fw.mask;
+            let scale = 1.0 / (d as f64).sqrt();
+            // [B, H, S, D]; ALiBi [B, H, 1, K] over the keys the cache returns
+            let o = cached_self_attention(
+                fw,
                 i,
-                Attention::SelfAttn,
+                &q,
+                &k,
+                &v,
+                past,
+                fw.cache.window(),
+                scale,
+                &mut |kv_start, kv_len| self.alibi(pad, kv_start, kv_len, site).map(Some),
             )?;
             let o = merge_heads(&o)
                 .and_then(|o| linear(&o, &blk.dense.0, Some(&blk.dense.1)))

@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::attention::{additive_mask, merge_heads, sdpa, split_heads, MaskSpec};
+use super::attention::{cached_self_attention, merge_heads, split_heads};
 use super::nn::{conv1d, embed, gelu_tanh, layer_norm};
 use super::weights::{bias, ones, weight};
 use super::{backbone, learned_positions, Family, Forward, Model, ModelGeometry};
@@ -168,27 +168,18 @@ impl Model for Gpt2 {
                 .narrow(2, 2 * e, e)
                 .and_then(|t| split_heads(&t, heads, d))
                 .at(site, "v")?;
-            let view = fw.cache.update_self(i, &k, &v, (past, past + s))?;
-            let kv_len = view.k.dim(2).at(site, "key length")?;
-            let spec = MaskSpec {
-                q_start: past,
-                q_len: s,
-                kv_start: view.kv_start,
-                kv_len,
-                causal: true,
-                window: fw.cache.window(),
-            };
-            let mask = additive_mask(fw.mask, spec, i, Attention::SelfAttn)?;
-            fw.cache.note_mask(i, Attention::SelfAttn, mask.dims());
-            let o = sdpa(
-                &q,
-                &view.k,
-                &view.v,
-                &mask,
-                None,
-                1.0 / (d as f64).sqrt(),
+            let scale = 1.0 / (d as f64).sqrt();
+            // [B, H, S, D]
+            let o = cached_self_attention(
+                fw,
                 i,
-                Attention::SelfAttn,
+                &q,
+                &k,
+                &v,
+                past,
+                fw.cache.window(),
+                scale,
+                &mut |_, _| Ok(None),
             )?;
             let o = merge_heads(&o)
                 .and_then(|o| conv1d(&o, &blk.c_proj.0, &blk.c_proj.1))

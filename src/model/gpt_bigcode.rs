@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::attention::{additive_mask, merge_heads, sdpa, split_heads, MaskSpec};
+use super::attention::{cached_self_attention, merge_heads, split_heads};
 use super::nn::{embed, gelu_tanh, layer_norm, linear};
 use super::weights::{bias, ones, weight};
 use super::{backbone, learned_positions, Family, Forward, Model, ModelGeometry};
@@ -192,28 +192,18 @@ impl Model for GptBigcode {
             let qkv = linear(&a, &blk.c_attn.0, Some(&blk.c_attn.1)).at(site, "c_attn")?;
             // q [B, H, S, D], k/v [B, KVH, S, D]
             let (q, k, v) = self.split_qkv(&qkv).at(site, "split c_attn")?;
-            let view = fw.cache.update_self(i, &k, &v, (past, past + s))?;
-            let kv_len = view.k.dim(2).at(site, "key length")?;
-            let spec = MaskSpec {
-                q_start: past,
-                q_len: s,
-                kv_start: view.kv_start,
-                kv_len,
-                causal: true,
-                window: fw.cache.window(),
-            };
-            let mask = additive_mask(fw.mask, spec, i, Attention::SelfAttn)?;
-            fw.cache.note_mask(i, Attention::SelfAttn, mask.dims());
             let scale = 1.0 / (g.head_dim as f64).sqrt();
-            let o = sdpa(
-                &q,
-                &view.k,
-                &view.v,
-                &mask,
-                None,
-                scale,
+            // [B, H, S, D]
+            let o = cached_self_attention(
+                fw,
                 i,
-                Attention::SelfAttn,
+                &q,
+                &k,
+                &v,
+                past,
+                fw.cache.window(),
+                scale,
+                &mut |_, _| Ok(None),
             )?;
             let o = merge_heads(&o)
                 .and_then(|o| linear(&o, &blk.c_proj.0, Some(&blk.c_proj.1)))

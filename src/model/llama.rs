@@ -11,7 +11,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::attention::{additive_mask, merge_heads, sdpa, split_heads, MaskSpec};
+use super::attention::{cached_self_attention, merge_heads, split_heads};
 use super::nn::{embed, linear, rms_norm};
 use super::weights::{bias, ones, weight};
 use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry};
@@ -428,30 +428,11 @@ impl Model for Llama {
                 .and_then(|t| split_heads(&t, kvh, d))
                 .at(site_v, "v_proj")?;
             // view.k, view.v: [B, KVH, K, D]
-            let view = fw.cache.update_self(i, &k, &v, (past, past + s))?;
-            let kv_len = view.k.dim(2).at(site_k, "key length")?;
-            let spec = MaskSpec {
-                q_start: past,
-                q_len: s,
-                kv_start: view.kv_start,
-                kv_len,
-                causal: true,
-                window,
-            };
-            // [B, 1, S, K]
-            let mask = additive_mask(fw.mask, spec, i, Attention::SelfAttn)?;
-            fw.cache.note_mask(i, Attention::SelfAttn, mask.dims());
             // [B, H, S, D]
-            let o = sdpa(
-                &q,
-                &view.k,
-                &view.v,
-                &mask,
-                None,
-                1.0 / (d as f64).sqrt(),
-                i,
-                Attention::SelfAttn,
-            )?;
+            let scale = 1.0 / (d as f64).sqrt();
+            let o = cached_self_attention(fw, i, &q, &k, &v, past, window, scale, &mut |_, _| {
+                Ok(None)
+            })?;
             // [B, S, E]
             let o = merge_heads(&o)
                 .and_then(|o| apply(&o, &l.o_proj))

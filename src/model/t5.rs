@@ -17,7 +17,9 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::attention::{additive_mask, merge_heads, sdpa, split_heads, MaskSpec};
+use super::attention::{
+    additive_mask, cached_self_attention, merge_heads, sdpa, split_heads, MaskSpec,
+};
 use super::nn::{embed, gelu_tanh, linear, rms_norm};
 use super::weights::{ones, weight};
 use super::{Encoded, Family, Forward, Model, ModelGeometry};
@@ -536,43 +538,32 @@ impl Model for T5 {
             let q = self.heads(&a, &blk.self_attn.q).at(site, "q")?;
             let k = self.heads(&a, &blk.self_attn.k).at(site, "k")?;
             let v = self.heads(&a, &blk.self_attn.v).at(site, "v")?;
-            // [B, H, K, d_kv], keys at kv_start..kv_start+K
-            let view = fw.cache.update_self(i, &k, &v, (past, past + s))?;
-            let kv_len = view.k.dim(2).at(site, "key length")?;
-            let spec = MaskSpec {
-                q_start: past,
-                q_len: s,
-                kv_start: view.kv_start,
-                kv_len,
-                causal: true,
-                window: fw.cache.window(),
-            };
-            // [B, 1, S, K]
-            let mask = additive_mask(fw.mask, spec, i, Attention::SelfAttn)?;
-            fw.cache.note_mask(i, Attention::SelfAttn, mask.dims());
-            let span = (view.kv_start, kv_len);
-            let bias = match &self_bias {
-                Some((key, t)) if *key == span => t.clone(),
-                _ => {
-                    // [1, H, S, K]
+            // [B, H, S, d_kv]; relative position bias [1, H, S, K] over the keys the cache
+            // returns (computed once per pass, shared by every layer), no score scaling.
+            let o = cached_self_attention(
+                fw,
+                i,
+                &q,
+                &k,
+                &v,
+                past,
+                fw.cache.window(),
+                1.0,
+                &mut |kv_start, kv_len| {
+                    let span = (kv_start, kv_len);
+                    if let Some((key, t)) = &self_bias {
+                        if *key == span {
+                            return Ok(Some(t.clone()));
+                        }
+                    }
                     let t = position_bias(&self.decoder_bias, &self.cfg, (past, s), span, false)
                         .at(
                             Site::new(i, Attention::SelfAttn, TensorKind::Positions),
                             "relative position bias",
                         )?;
                     self_bias = Some((span, t.clone()));
-                    t
-                }
-            };
-            let o = sdpa(
-                &q,
-                &view.k,
-                &view.v,
-                &mask,
-                Some(&bias),
-                1.0,
-                i,
-                Attention::SelfAttn,
+                    Ok(Some(t))
+                },
             )?;
             let o = self.output(&o, &blk.self_attn.o).at(site, "o")?;
             h = (h + o).at(site, "residual")?;
