@@ -341,3 +341,77 @@ fn a_hub_id_that_is_not_cached_is_invalid_input_naming_the_cache_searched() {
         "{err}"
     );
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_fixture_model_and_adapter_from_a_fake_hub_cache_run_offline_and_fail_clearly_without_it() {
+    let d = scratch("fake-hub");
+    // The Hugging Face cache layout: refs/main (no trailing newline) -> snapshots/<rev>/.
+    let repo = d.join("cache").join("models--test-org--tiny-llama-gqa");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), "0123456789abcdef").unwrap();
+    copy_dir(
+        Path::new("tests/fixtures/models/llama-gqa"),
+        &repo.join("snapshots").join("0123456789abcdef"),
+    );
+    copy_dir(
+        Path::new("tests/fixtures/llama-gqa/adapter"),
+        &d.join("scen").join("adapter"),
+    );
+    let f = write(
+        &d.join("scen"),
+        "hub.yaml",
+        "name: from-hub\nmodel:\n  hub: test-org/tiny-llama-gqa\nprefix:\n  adapter: adapter\ndata:\n  batch_size: 2\ngenerate:\n  max_new_tokens: 3\n",
+    );
+    let out = bin()
+        .args(["run", &f])
+        .env("HF_HUB_CACHE", d.join("cache"))
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    std::fs::remove_dir_all(d.join("cache")).unwrap();
+    let out = bin()
+        .args(["run", &f])
+        .env("HF_HUB_CACHE", d.join("cache"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("model.hub") && err.contains("models--test-org--tiny-llama-gqa"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_scenario_declaring_the_wrong_diagnosis_fails_showing_both_classes() {
+    let d = scratch("wrong-class");
+    let f = write(
+        &d,
+        "w.yaml",
+        "name: wrong\nmodel:\n  family: bloom\nprefix:\n  virtual_tokens: 2\n  layout: bloom-legacy\ngenerate:\n  max_new_tokens: 2\nexpect: {error: kv-heads, layer: 0, tensor: key}\n",
+    );
+    let out = run(&["run", &f]);
+    assert_eq!(out.status.code(), Some(1));
+    let table = text(&out.stdout);
+    assert!(
+        table.contains("expected kv-heads") && table.contains("but got: rank at layer 0 self key"),
+        "{table}"
+    );
+}
