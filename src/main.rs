@@ -348,7 +348,9 @@ fn run_command(args: RunArgs) -> ExitCode {
         let threads = if jobs > 1 {
             1
         } else {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
         };
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }

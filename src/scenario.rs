@@ -537,11 +537,19 @@ pub fn parse_with(path: &Path, text: &str, opts: LoadOptions) -> Result<Vec<Case
         check_matrix_path(&doc, key).map_err(|m| err(&field, m))?;
         axes.push((key.clone(), list.clone()));
     }
-    let total: usize = axes.iter().map(|(_, v)| v.len()).product();
+    // Saturating: a matrix of many long axes must be refused, not overflow.
+    let total: usize = axes
+        .iter()
+        .try_fold(1usize, |acc, (_, v)| acc.checked_mul(v.len()))
+        .unwrap_or(usize::MAX);
     if total > MAX_CASES_PER_FILE {
         return Err(err(
             "matrix",
-            format!("the matrix expands to {total} cases; at most {MAX_CASES_PER_FILE} are allowed per file"),
+            if total == usize::MAX {
+                format!("the matrix expands to more than {} cases; at most {MAX_CASES_PER_FILE} are allowed per file", usize::MAX)
+            } else {
+                format!("the matrix expands to {total} cases; at most {MAX_CASES_PER_FILE} are allowed per file")
+            },
         ));
     }
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -742,11 +750,12 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
     if m.revision.is_some() && m.hub.is_none() {
         return e("model.revision", "a revision needs `hub`");
     }
-    match m.source(dir) {
+    let cfg = match m.source(dir) {
         None => {
             let cfg = model_config(m).map_err(|msg| ("model.config".to_string(), msg))?;
             cfg.validate()
                 .map_err(|msg| ("model.config".to_string(), msg.to_string()))?;
+            cfg
         }
         Some(src) => {
             let field = if m.path.is_some() {
@@ -754,9 +763,44 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
             } else {
                 "model.hub"
             };
-            src.and_then(|src| src.resolve(&crate::hub::HubOptions::from_env()?))
+            let files = src
+                .and_then(|src| src.resolve(&crate::hub::HubOptions::from_env()?))
                 .map_err(|err| (field.to_string(), err.to_string()))?;
+            let text = std::fs::read_to_string(&files.config).map_err(|err| {
+                (
+                    field.to_string(),
+                    format!("{}: {err}", slash(&files.config)),
+                )
+            })?;
+            ModelConfig::from_hf_json(&text).map_err(|err| {
+                (
+                    field.to_string(),
+                    format!("{err} (in {})", slash(&files.config)),
+                )
+            })?
         }
+    };
+    let g = cfg.geometry();
+    for (field, id) in [
+        ("generate.eos_token_id", s.generate.eos_token_id),
+        ("generate.pad_token_id", s.generate.pad_token_id),
+    ] {
+        if let Some(id) = id.filter(|id| *id as usize >= g.vocab_size) {
+            return Err((
+                field.to_string(),
+                format!(
+                    "token id {id} is outside the model's vocabulary of {}",
+                    g.vocab_size
+                ),
+            ));
+        }
+    }
+    // A PEFT adapter's files are read here (a missing or corrupt file is invalid
+    // input); a mismatch with the model is the case's diagnosis when it runs, so a
+    // scenario can expect it.
+    if let Some(a) = &s.prefix.adapter {
+        crate::adapter::load(&dir.join(portable(a)), &candle_core::Device::Cpu)
+            .map_err(|err| ("prefix.adapter".to_string(), err.to_string()))?;
     }
     Ok(())
 }
@@ -1105,7 +1149,11 @@ fn set_path(doc: &mut Value, key: &str, value: Value) {
 /// The 1-based line where the last segment of `field` is written as a key, if it is
 /// written exactly once.
 fn locate(text: &str, field: &str) -> Option<usize> {
-    let key = field.rsplit('.').next()?;
+    // Matrix keys are written whole (`prefix.virtual_tokens:` under `matrix:`).
+    let key = match field.strip_prefix("matrix.") {
+        Some(k) if !k.is_empty() => k,
+        _ => field.rsplit('.').next()?,
+    };
     if key.is_empty() {
         return None;
     }

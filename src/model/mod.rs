@@ -210,6 +210,19 @@ impl ModelConfig {
                 self.family().name()
             ));
         }
+        let explicit_head_dim = match self {
+            ModelConfig::Llama(c) => c.head_dim.is_some(),
+            ModelConfig::T5(_) => true,
+            _ => false,
+        };
+        if !explicit_head_dim && !g.hidden_size.is_multiple_of(g.num_attention_heads) {
+            return bad(format!(
+                "{}: {} attention heads do not divide the hidden size {}",
+                self.family().name(),
+                g.num_attention_heads,
+                g.hidden_size
+            ));
+        }
         if !g.num_attention_heads.is_multiple_of(g.num_kv_heads) {
             return bad(format!(
                 "{}: {} attention heads are not a multiple of {} key/value heads",
