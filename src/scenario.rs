@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::cache::{CacheConfig, CacheMode};
-use crate::check::{Attention, DiagnosisClass, TensorKind};
+use crate::check::{Attention, DiagnosisClass, EngineError, TensorKind};
 use crate::model::{Family, ModelConfig};
 use crate::prefix::{HeadDimFrom, HeadsFrom, PrefixConfig, PrefixInit, PrefixLayout};
 
@@ -21,6 +21,11 @@ pub const MAX_CASES_PER_FILE: usize = 4096;
 pub const MAX_SIZE: usize = 1 << 24;
 /// Largest scenario file accepted, in bytes.
 pub const MAX_FILE_BYTES: usize = 1 << 20;
+/// Most YAML nodes one scenario file may hold, aliases counted expanded (the shipped
+/// 150-case grid has about 60): a billion-laughs file is refused after this many.
+pub const MAX_YAML_NODES: usize = 20_000;
+/// Deepest YAML nesting accepted (real scenarios nest 4 levels).
+pub const MAX_YAML_DEPTH: usize = 32;
 
 /// A problem with a scenario file: which file, where, which field, what was expected.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -408,24 +413,21 @@ fn ser_expect<S: serde::Serializer>(e: &Expect, s: S) -> Result<S::Ok, S::Error>
     }
 }
 
-/// `expect: pass` or `expect: {error: ...}`.
+/// `expect: pass` or `expect: {error: ...}`. The mapping is read through a JSON value so
+/// that its own error (unknown key, unknown class) reaches the user.
 fn de_expect<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Expect, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Word(String),
-        Failure(ExpectedFailure),
-    }
     use serde::de::Error;
-    match Raw::deserialize(d) {
-        Ok(Raw::Word(w)) if w == "pass" => Ok(Expect::Pass),
-        Ok(Raw::Word(w)) => Err(D::Error::custom(format!(
+    match Value::deserialize(d)? {
+        Value::String(w) if w == "pass" => Ok(Expect::Pass),
+        Value::String(w) => Err(D::Error::custom(format!(
             "expected `pass` or a mapping like `{{error: rank, layer: 0, tensor: key}}`, got `{w}`"
         ))),
-        Ok(Raw::Failure(f)) => Ok(Expect::Error(f)),
-        Err(_) => Err(D::Error::custom(
-            "expected `pass` or a mapping `{error: CLASS, layer: N, attention: self|cross, tensor: key|value|mask|positions}` with CLASS one of rank, kv-heads, head-dim, seq-len, mask-width, batch, dtype, position, shape",
-        )),
+        v @ Value::Object(_) => serde_json::from_value(v)
+            .map(Expect::Error)
+            .map_err(|e| D::Error::custom(e.to_string())),
+        other => Err(D::Error::custom(format!(
+            "expected `pass` or a mapping like `{{error: rank, layer: 0, tensor: key}}`, got `{other}`"
+        ))),
     }
 }
 
@@ -502,6 +504,19 @@ pub fn load_with(path: &Path, opts: LoadOptions) -> Result<Vec<Case>, InputError
     parse_with(path, &text, opts)
 }
 
+/// The parser's input budgets for scenario files (bug reports come from strangers).
+fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_nodes = MAX_YAML_NODES;
+    budget.max_events = 4 * MAX_YAML_NODES;
+    budget.max_depth = MAX_YAML_DEPTH;
+    budget.max_total_scalar_bytes = MAX_FILE_BYTES;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options.alias_limits.max_total_replayed_events = MAX_YAML_NODES;
+    options
+}
+
 /// Parse and expand scenario text (`path` is used in errors and to resolve files).
 pub fn parse(path: &Path, text: &str) -> Result<Vec<Case>, InputError> {
     parse_with(path, text, LoadOptions::default())
@@ -511,8 +526,22 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Case>, InputError> {
 pub fn parse_with(path: &Path, text: &str, opts: LoadOptions) -> Result<Vec<Case>, InputError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     // Typed parse first: unknown keys, wrong types and negative sizes get a line and column.
-    let base: Scenario = serde_saphyr::from_str(text).map_err(|e| yaml_error(path, text, &e))?;
-    let doc: Value = serde_saphyr::from_str(text).map_err(|e| yaml_error(path, text, &e))?;
+    if text.lines().all(|l| {
+        let t = l.trim();
+        t.is_empty() || t.starts_with('#') || t == "---" || t == "..."
+    }) {
+        return Err(InputError {
+            file: path.to_path_buf(),
+            line: None,
+            column: None,
+            field: String::new(),
+            message: "the file holds no YAML document; a scenario needs at least `name`, `model` and `prefix`".into(),
+        });
+    }
+    let base: Scenario = serde_saphyr::from_str_with_options(text, yaml_options())
+        .map_err(|e| yaml_error(path, text, &e))?;
+    let doc: Value = serde_saphyr::from_str_with_options(text, yaml_options())
+        .map_err(|e| yaml_error(path, text, &e))?;
     let mut doc = doc;
     if let Value::Object(m) = &mut doc {
         m.remove("matrix");
@@ -583,7 +612,22 @@ pub fn parse_with(path: &Path, text: &str, opts: LoadOptions) -> Result<Vec<Case
         })?;
         let mut scenario = scenario;
         normalise_paths(&mut scenario);
-        validate(&scenario, &dir).map_err(|(field, m)| err(&field, m))?;
+        validate(&scenario, &dir).map_err(|(field, m)| {
+            // A field a matrix axis sets (or lies inside, or contains): blame the axis
+            // and name the case, not the base value the matrix replaced.
+            let axis = axes.iter().map(|(k, _)| k).find(|k| {
+                field == **k
+                    || field.starts_with(&format!("{k}."))
+                    || k.starts_with(&format!("{field}."))
+            });
+            match axis {
+                Some(k) => err(
+                    &format!("matrix.{k}"),
+                    format!("the case [{}]: {m}", labels.join(",")),
+                ),
+                None => err(&field, m),
+            }
+        })?;
         if !opts.allow_outside_paths {
             check_paths_inside(&scenario, &dir).map_err(|(field, m)| err(&field, m))?;
         }
@@ -772,12 +816,24 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
                     format!("{}: {err}", slash(&files.config)),
                 )
             })?;
-            ModelConfig::from_hf_json(&text).map_err(|err| {
+            let cfg = ModelConfig::from_hf_json(&text).map_err(|err| {
                 (
                     field.to_string(),
                     format!("{err} (in {})", slash(&files.config)),
                 )
-            })?
+            })?;
+            // Every weights file must be a complete safetensors file (header and length
+            // only: a checkpoint can be gigabytes; `run` reads the tensors).
+            for w in &files.weights {
+                check_safetensors_file(w).map_err(|m| {
+                    let m = format!(
+                        "{}: not a valid safetensors file (truncated or corrupt?): {m}",
+                        slash(w)
+                    );
+                    (field.to_string(), EngineError::Config(m).to_string())
+                })?;
+            }
+            cfg
         }
     };
     let g = cfg.geometry();
@@ -801,6 +857,42 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
     if let Some(a) = &s.prefix.adapter {
         crate::adapter::load(&dir.join(portable(a)), &candle_core::Device::Cpu)
             .map_err(|err| ("prefix.adapter".to_string(), err.to_string()))?;
+    }
+    Ok(())
+}
+
+/// The checks `safetensors::SafeTensors::read_metadata` makes, from the header alone:
+/// the header fits, is JSON, and the tensors' data offsets cover the rest of the file
+/// exactly. Messages are the safetensors crate's.
+fn check_safetensors_file(path: &Path) -> Result<(), String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    let mut n = [0u8; 8];
+    if len < 8 || f.read_exact(&mut n).is_err() {
+        return Err("header too small".into());
+    }
+    let n = u64::from_le_bytes(n);
+    if n > 100_000_000 {
+        return Err("header too large".into());
+    }
+    if 8 + n > len {
+        return Err("invalid header length".into());
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| e.to_string())?;
+    let header =
+        std::str::from_utf8(&header).map_err(|e| format!("invalid UTF-8 in header: {e}"))?;
+    let meta: serde_json::Map<String, Value> =
+        serde_json::from_str(header).map_err(|e| format!("invalid JSON in header: {e}"))?;
+    let end = meta
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .filter_map(|(_, t)| t.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0);
+    if (8 + n).checked_add(end) != Some(len) {
+        return Err("incomplete metadata, file not fully covered".into());
     }
     Ok(())
 }
@@ -1213,7 +1305,46 @@ fn yaml_error(path: &Path, text: &str, e: &serde_saphyr::Error) -> InputError {
         Some(_) => first.splitn(3, ": ").nth(2).unwrap_or(first).to_string(),
         None => first.trim_start_matches("error: ").to_string(),
     };
-    let field = line.map(|l| field_at(text, l)).unwrap_or_default();
+    let mut field = line.map(|l| field_at(text, l)).unwrap_or_default();
+    let inner = innermost(e);
+    if let serde_saphyr::Error::Budget { breach, .. } = inner {
+        message = budget_message(breach);
+    } else if let serde_saphyr::Error::AliasReplayLimitExceeded { .. } = inner {
+        message = budget_message(&serde_saphyr::budget::BudgetBreach::Nodes { nodes: 0 });
+    } else if message.starts_with("multiple YAML documents detected") {
+        message =
+            "a scenario file holds one YAML document; a second one starts here (`---`)".into();
+        field.clear();
+    } else if let Some(rest) = message.strip_prefix("duplicate mapping key: ") {
+        let key = rest.split(',').next().unwrap_or(rest).trim();
+        message = format!("duplicate key `{key}`");
+    } else if let Some(rest) = message.strip_prefix("missing field `") {
+        // The parser stops at a sibling key (or the section's own key at the top
+        // level): name the missing field, not that one.
+        let missing = rest.split('`').next().unwrap_or(rest);
+        let parent = field.rsplit_once('.').map(|(p, _)| p).unwrap_or("");
+        field = if parent.is_empty() {
+            missing.to_string()
+        } else {
+            format!("{parent}.{missing}")
+        };
+    } else if let Some(rest) = message.strip_prefix("unknown variant `") {
+        if let Some((unknown, tail)) = rest.split_once('`') {
+            let expected: Vec<&str> = tail
+                .trim_start_matches(", expected one of ")
+                .trim_start_matches(", expected ")
+                .split(", ")
+                .map(|s| s.trim_matches('`'))
+                .filter(|s| !s.is_empty())
+                .collect();
+            if let Some(s) = suggest(unknown, &expected) {
+                message = format!(
+                    "unknown variant `{unknown}`, did you mean `{s}`? (expected one of: {})",
+                    expected.join(", ")
+                );
+            }
+        }
+    }
     if let Some(rest) = message.strip_prefix("unknown field `") {
         if let Some((unknown, tail)) = rest.split_once('`') {
             let expected: Vec<&str> = tail
@@ -1238,6 +1369,14 @@ fn yaml_error(path: &Path, text: &str, e: &serde_saphyr::Error) -> InputError {
             .unwrap_or_default();
         message = format!("expected a non-negative whole number, got `{got}`");
     }
+    let syntax = matches!(
+        inner,
+        serde_saphyr::Error::ExternalMessage { source, .. }
+            if matches!(**source, serde_saphyr::localizer::ExternalMessageSource::Parser(_))
+    );
+    if let Some((l, c, open)) = line.filter(|_| syntax).and_then(|l| unclosed_flow(text, l)) {
+        message += &format!(" (is the `{open}` opened at line {l} column {c} closed?)");
+    }
     InputError {
         file: path.to_path_buf(),
         line,
@@ -1245,6 +1384,56 @@ fn yaml_error(path: &Path, text: &str, e: &serde_saphyr::Error) -> InputError {
         field,
         message,
     }
+}
+
+/// The error under snippet and alias wrappers.
+fn innermost(e: &serde_saphyr::Error) -> &serde_saphyr::Error {
+    match e.without_snippet() {
+        serde_saphyr::Error::AliasError { error, .. } => innermost(error),
+        other => other,
+    }
+}
+
+/// What a budget breach means for a scenario author.
+fn budget_message(breach: &serde_saphyr::budget::BudgetBreach) -> String {
+    use serde_saphyr::budget::BudgetBreach as B;
+    match breach {
+        B::Nodes { .. } | B::Events { .. } | B::Aliases { .. } | B::AliasAnchorRatio { .. } => {
+            format!(
+                "the YAML expands to more than {MAX_YAML_NODES} nodes (aliases count expanded); scenario files are limited to {MAX_YAML_NODES}"
+            )
+        }
+        B::Depth { .. } => format!(
+            "the YAML nests deeper than {MAX_YAML_DEPTH} levels; scenario files are limited to {MAX_YAML_DEPTH}"
+        ),
+        B::Documents { .. } => "a scenario file holds one YAML document".into(),
+        other => format!("the YAML is over a parser limit ({other:?})"),
+    }
+}
+
+/// A flow collection (`[` or `{`) opened before 1-based `line` and still open at its
+/// start: `(line, column, bracket)` of the opener. Quotes and comments are skipped.
+fn unclosed_flow(text: &str, line: usize) -> Option<(usize, usize, char)> {
+    let mut open: Vec<(usize, usize, char)> = vec![];
+    for (i, l) in text.lines().enumerate().take(line.saturating_sub(1)) {
+        let mut quote: Option<char> = None;
+        let mut prev = ' ';
+        for (j, ch) in l.chars().enumerate() {
+            match (quote, ch) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') if prev == ' ' || "[{,:".contains(prev) => quote = Some(ch),
+                (None, '#') if prev == ' ' || j == 0 => break,
+                (None, '[' | '{') => open.push((i + 1, j + 1, ch)),
+                (None, ']' | '}') => {
+                    open.pop();
+                }
+                _ => {}
+            }
+            prev = ch;
+        }
+    }
+    open.first().copied()
 }
 
 /// The dotted path of the key written on 1-based `line`, from indentation
