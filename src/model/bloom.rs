@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_self_attention, merge_heads};
 use super::nn::{embed, gelu_tanh, layer_norm, linear};
-use super::weights::{bias, ones, weight};
+use super::weights::{layer_norm_params, linear_params, weight};
 use super::{backbone, Family, Forward, Model, ModelGeometry};
 use crate::check::{Attention, CandleExt, Result, Site, TensorKind};
 
@@ -88,18 +88,6 @@ pub struct Bloom {
     slopes: Vec<f32>,
 }
 
-fn ln(vb: &VarBuilder, name: &str, e: usize) -> Result<Lin> {
-    let w = ones(vb, e, &format!("{name}.weight")).ctx(name)?;
-    let b = bias(vb, e, &format!("{name}.bias")).ctx(name)?;
-    Ok((w, b))
-}
-
-fn lin(vb: &VarBuilder, name: &str, i: usize, o: usize) -> Result<Lin> {
-    let w = weight(vb, (o, i), &format!("{name}.weight")).ctx(name)?;
-    let b = bias(vb, o, &format!("{name}.bias")).ctx(name)?;
-    Ok((w, b))
-}
-
 /// ALiBi slopes of transformers' `build_alibi_tensor` for `n` heads.
 pub fn alibi_slopes(n: usize) -> Vec<f32> {
     let cp = 1usize << (usize::BITS - 1 - n.max(1).leading_zeros()); // largest power of 2 <= n
@@ -119,25 +107,29 @@ impl Bloom {
         let e = cfg.hidden_size;
         let word_embeddings =
             weight(&vb, (cfg.vocab_size, e), "word_embeddings.weight").ctx("word_embeddings")?;
-        let word_embeddings_layernorm = ln(&vb, "word_embeddings_layernorm", e)?;
+        let word_embeddings_layernorm = layer_norm_params(&vb, "word_embeddings_layernorm", e)?;
         let mut blocks = vec![];
         for i in 0..cfg.n_layer {
             let p = format!("h.{i}");
             blocks.push(Block {
-                input_layernorm: ln(&vb, &format!("{p}.input_layernorm"), e)?,
-                query_key_value: lin(
+                input_layernorm: layer_norm_params(&vb, &format!("{p}.input_layernorm"), e)?,
+                query_key_value: linear_params(
                     &vb,
                     &format!("{p}.self_attention.query_key_value"),
                     e,
                     3 * e,
                 )?,
-                dense: lin(&vb, &format!("{p}.self_attention.dense"), e, e)?,
-                post_attention_layernorm: ln(&vb, &format!("{p}.post_attention_layernorm"), e)?,
-                dense_h_to_4h: lin(&vb, &format!("{p}.mlp.dense_h_to_4h"), e, 4 * e)?,
-                dense_4h_to_h: lin(&vb, &format!("{p}.mlp.dense_4h_to_h"), 4 * e, e)?,
+                dense: linear_params(&vb, &format!("{p}.self_attention.dense"), e, e)?,
+                post_attention_layernorm: layer_norm_params(
+                    &vb,
+                    &format!("{p}.post_attention_layernorm"),
+                    e,
+                )?,
+                dense_h_to_4h: linear_params(&vb, &format!("{p}.mlp.dense_h_to_4h"), e, 4 * e)?,
+                dense_4h_to_h: linear_params(&vb, &format!("{p}.mlp.dense_4h_to_h"), 4 * e, e)?,
             });
         }
-        let ln_f = ln(&vb, "ln_f", e)?;
+        let ln_f = layer_norm_params(&vb, "ln_f", e)?;
         Ok(Self {
             cfg: cfg.clone(),
             word_embeddings,

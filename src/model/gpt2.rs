@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_self_attention, merge_heads, split_heads};
 use super::nn::{conv1d, embed, gelu_tanh, layer_norm};
-use super::weights::{bias, ones, weight};
+use super::weights::{conv1d_params, layer_norm_params, weight};
 use super::{backbone, learned_positions, Family, Forward, Model, ModelGeometry};
 use crate::check::{Attention, CandleExt, Result, Site, TensorKind};
 
@@ -82,18 +82,6 @@ pub struct Gpt2 {
     ln_f: (Tensor, Tensor),
 }
 
-fn ln(vb: &VarBuilder, name: &str, e: usize) -> Result<(Tensor, Tensor)> {
-    let w = ones(vb, e, &format!("{name}.weight")).ctx(name)?;
-    let b = bias(vb, e, &format!("{name}.bias")).ctx(name)?;
-    Ok((w, b))
-}
-
-fn conv(vb: &VarBuilder, name: &str, i: usize, o: usize) -> Result<(Tensor, Tensor)> {
-    let w = weight(vb, (i, o), &format!("{name}.weight")).ctx(name)?;
-    let b = bias(vb, o, &format!("{name}.bias")).ctx(name)?;
-    Ok((w, b))
-}
-
 impl Gpt2 {
     pub fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let vb = backbone(&vb, "transformer", "wte.weight");
@@ -105,15 +93,15 @@ impl Gpt2 {
         for i in 0..cfg.n_layer {
             let p = format!("h.{i}");
             blocks.push(Block {
-                ln_1: ln(&vb, &format!("{p}.ln_1"), e)?,
-                c_attn: conv(&vb, &format!("{p}.attn.c_attn"), e, 3 * e)?,
-                c_proj: conv(&vb, &format!("{p}.attn.c_proj"), e, e)?,
-                ln_2: ln(&vb, &format!("{p}.ln_2"), e)?,
-                c_fc: conv(&vb, &format!("{p}.mlp.c_fc"), e, inner)?,
-                mlp_proj: conv(&vb, &format!("{p}.mlp.c_proj"), inner, e)?,
+                ln_1: layer_norm_params(&vb, &format!("{p}.ln_1"), e)?,
+                c_attn: conv1d_params(&vb, &format!("{p}.attn.c_attn"), e, 3 * e)?,
+                c_proj: conv1d_params(&vb, &format!("{p}.attn.c_proj"), e, e)?,
+                ln_2: layer_norm_params(&vb, &format!("{p}.ln_2"), e)?,
+                c_fc: conv1d_params(&vb, &format!("{p}.mlp.c_fc"), e, inner)?,
+                mlp_proj: conv1d_params(&vb, &format!("{p}.mlp.c_proj"), inner, e)?,
             });
         }
-        let ln_f = ln(&vb, "ln_f", e)?;
+        let ln_f = layer_norm_params(&vb, "ln_f", e)?;
         Ok(Self {
             cfg: cfg.clone(),
             wte,

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_self_attention, merge_heads, split_heads};
 use super::nn::{embed, gelu_tanh, layer_norm, linear};
-use super::weights::{bias, ones, weight};
+use super::weights::{layer_norm_params, linear_params, weight};
 use super::{backbone, learned_positions, Family, Forward, Model, ModelGeometry};
 use crate::check::{Attention, CandleExt, Result, Site, TensorKind};
 
@@ -94,18 +94,6 @@ pub struct GptBigcode {
     ln_f: Lin,
 }
 
-fn ln(vb: &VarBuilder, name: &str, e: usize) -> Result<Lin> {
-    let w = ones(vb, e, &format!("{name}.weight")).ctx(name)?;
-    let b = bias(vb, e, &format!("{name}.bias")).ctx(name)?;
-    Ok((w, b))
-}
-
-fn lin(vb: &VarBuilder, name: &str, i: usize, o: usize) -> Result<Lin> {
-    let w = weight(vb, (o, i), &format!("{name}.weight")).ctx(name)?;
-    let b = bias(vb, o, &format!("{name}.bias")).ctx(name)?;
-    Ok((w, b))
-}
-
 impl GptBigcode {
     pub fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let vb = backbone(&vb, "transformer", "wte.weight");
@@ -119,15 +107,15 @@ impl GptBigcode {
         for i in 0..cfg.n_layer {
             let p = format!("h.{i}");
             blocks.push(Block {
-                ln_1: ln(&vb, &format!("{p}.ln_1"), e)?,
-                c_attn: lin(&vb, &format!("{p}.attn.c_attn"), e, qkv_out)?,
-                c_proj: lin(&vb, &format!("{p}.attn.c_proj"), e, e)?,
-                ln_2: ln(&vb, &format!("{p}.ln_2"), e)?,
-                c_fc: lin(&vb, &format!("{p}.mlp.c_fc"), e, inner)?,
-                mlp_proj: lin(&vb, &format!("{p}.mlp.c_proj"), inner, e)?,
+                ln_1: layer_norm_params(&vb, &format!("{p}.ln_1"), e)?,
+                c_attn: linear_params(&vb, &format!("{p}.attn.c_attn"), e, qkv_out)?,
+                c_proj: linear_params(&vb, &format!("{p}.attn.c_proj"), e, e)?,
+                ln_2: layer_norm_params(&vb, &format!("{p}.ln_2"), e)?,
+                c_fc: linear_params(&vb, &format!("{p}.mlp.c_fc"), e, inner)?,
+                mlp_proj: linear_params(&vb, &format!("{p}.mlp.c_proj"), inner, e)?,
             });
         }
-        let ln_f = ln(&vb, "ln_f", e)?;
+        let ln_f = layer_norm_params(&vb, "ln_f", e)?;
         Ok(Self {
             cfg: cfg.clone(),
             wte,

@@ -105,54 +105,51 @@ pub fn digest(t: &Tensor) -> candle_core::Result<u64> {
     Ok(crate::rng::fnv1a(&bytes))
 }
 
-/// A backend that serves seeded weights and remembers every tensor it served, so the
-/// exact weights of a model can be handed to another implementation (a parity test
-/// against candle-transformers) or written to a `model.safetensors` file.
-#[derive(Clone)]
-pub struct RecordingBackend {
-    pub inner: SeededBackend,
-    pub served: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Tensor>>>,
-}
-
-impl SimpleBackend for RecordingBackend {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        h: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let t = self.inner.get(s, name, h, dtype, dev)?;
-        self.served
-            .lock()
-            .expect("weights recorder lock")
-            .insert(name.to_string(), t.clone());
-        Ok(t)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.inner.get_unchecked(name, dtype, dev)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.inner.contains_tensor(name)
-    }
-}
-
 /// Every weight (by Hugging Face name) of `cfg` built from `seed`, exactly as the
-/// model sees them.
+/// model sees them (recorded by [`crate::train::BaseWeights`]).
 pub fn materialize(
     cfg: &super::ModelConfig,
     seed: u64,
     device: &Device,
 ) -> crate::check::Result<std::collections::HashMap<String, Tensor>> {
-    let rec = RecordingBackend {
-        inner: SeededBackend { seed },
-        served: Default::default(),
-    };
-    let vb = VarBuilder::from_backend(Box::new(rec.clone()), DType::F32, device.clone());
-    cfg.build(vb)?;
-    let map = rec.served.lock().expect("weights recorder lock").clone();
-    Ok(map)
+    let (_, base) = crate::train::BaseWeights::seeded(cfg, seed, device)?;
+    Ok(base.tensors.into_iter().collect())
+}
+
+/// LayerNorm parameters by name: scale `[E]` (starts at one) and bias `[E]`.
+pub fn layer_norm_params(
+    vb: &VarBuilder,
+    name: &str,
+    e: usize,
+) -> crate::check::Result<(Tensor, Tensor)> {
+    use crate::check::CandleExt;
+    let w = ones(vb, e, &format!("{name}.weight")).ctx(name)?;
+    let b = bias(vb, e, &format!("{name}.bias")).ctx(name)?;
+    Ok((w, b))
+}
+
+/// `nn.Linear` parameters by name: weight `[out, in]`, bias `[out]`.
+pub fn linear_params(
+    vb: &VarBuilder,
+    name: &str,
+    i: usize,
+    o: usize,
+) -> crate::check::Result<(Tensor, Tensor)> {
+    use crate::check::CandleExt;
+    let w = weight(vb, (o, i), &format!("{name}.weight")).ctx(name)?;
+    let b = bias(vb, o, &format!("{name}.bias")).ctx(name)?;
+    Ok((w, b))
+}
+
+/// GPT-2 `Conv1D` parameters by name: weight `[in, out]`, bias `[out]`.
+pub fn conv1d_params(
+    vb: &VarBuilder,
+    name: &str,
+    i: usize,
+    o: usize,
+) -> crate::check::Result<(Tensor, Tensor)> {
+    use crate::check::CandleExt;
+    let w = weight(vb, (i, o), &format!("{name}.weight")).ctx(name)?;
+    let b = bias(vb, o, &format!("{name}.bias")).ctx(name)?;
+    Ok((w, b))
 }
