@@ -70,6 +70,8 @@ fn matmul_peak(dev: &Device) -> candle_core::Result<f64> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As the CLI does with --jobs 1: all cores for one case, freed memory reused.
+    prefix_harness::run::prepare_process(1);
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str, default: usize| -> usize {
         args.iter()

@@ -340,20 +340,7 @@ fn run_command(args: RunArgs) -> ExitCode {
                 .unwrap_or(1)
         })
         .max(1);
-    // Tiny tensors do not pay for threads: one case per thread, one thread per case
-    // (DESIGN.md, speed facts), unless the user chose otherwise.
-    // Always set it: when unset, candle 0.11 parses /proc/cpuinfo on every matmul to
-    // find the thread count (about 40% of a tiny run, measured in ci/bench/README.md).
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let threads = if jobs > 1 {
-            1
-        } else {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        };
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    }
+    run::prepare_process(jobs);
     let opts = RunOptions {
         jobs,
         timeout: (args.timeout > 0.0).then(|| Duration::from_secs_f64(args.timeout)),

@@ -17,6 +17,46 @@ use crate::prefix::PrefixEncoder;
 use crate::scenario::{Case, Expect};
 use crate::trace::Trace;
 
+/// Process-wide settings for running cases with `jobs` worker threads; call once, at
+/// start-up, before any other thread exists (it sets environment variables).
+///
+/// - `RAYON_NUM_THREADS`, unless the user set it: 1 per case when cases run in
+///   parallel (tiny tensors do not pay for threads: DESIGN.md, speed facts), else all
+///   cores. Always set, because when it is unset candle 0.11 parses /proc/cpuinfo on
+///   every matmul to find the thread count (about 40% of a tiny run, ci/bench/README.md).
+/// - On glibc, keep freed memory for reuse ([`keep_freed_memory`]).
+pub fn prepare_process(jobs: usize) {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = if jobs > 1 {
+            1
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        };
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    keep_freed_memory();
+}
+
+/// Every tensor op allocates a fresh buffer of up to a few MiB. glibc serves those with
+/// `mmap` and returns them to the kernel on free, so every op paid page faults and page
+/// zeroing again (15-25% of a compute-bound training step, ci/bench/README.md). Raise
+/// the mmap threshold to its maximum (32 MiB) and stop trimming the heap: freed buffers
+/// are reused. Peak RSS is unchanged (the peak is live tensors); RSS stays at the peak.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn keep_freed_memory() {
+    // SAFETY: mallopt only changes allocator parameters; called before other threads.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
+/// Other allocators keep freed memory by default.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn keep_freed_memory() {}
+
 /// The outcome of a case.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -27,7 +27,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Shape, Tensor, Var, D};
+use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{AdamW, Init, Optimizer, ParamsAdamW, VarBuilder};
 use serde::{Deserialize, Serialize};
@@ -380,8 +380,7 @@ impl RowOrder {
 /// Sum of the negative log-likelihood over labelled positions, and their number.
 /// `logits: [B, T, V]`, `labels: [B, T]` i64 with [`IGNORE_INDEX`] -> (scalar, count).
 ///
-/// Differentiable all the way: `candle_nn::ops::log_softmax` is composed of `max`,
-/// `sub`, `exp`, `sum`, `log` (all with backward), and `gather` has a backward.
+/// Differentiable in the logits (`nn::cross_entropy_rows` has its own backward pass).
 fn nll_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
     let (b, t, v) = logits.dims3().ctx("logits [B, T, V]")?;
     let (lb, lt) = labels.dims2().ctx("labels [B, T]")?;
@@ -408,21 +407,17 @@ fn nll_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
     let dev = logits.device();
     let weights: Vec<f32> = host.iter().map(|&x| f32::from(u8::from(x >= 0))).collect();
     let targets: Vec<u32> = host.iter().map(|&x| x.max(0) as u32).collect();
-    // [B, T, 1]
-    let targets = Tensor::from_vec(targets, (b, t, 1), dev).ctx("targets")?;
-    // [B, T]
-    let weights = Tensor::from_vec(weights, (b, t), dev).ctx("label weights")?;
-    // [B, T, V]
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32).ctx("logits")?, D::Minus1)
-        .ctx("log_softmax")?;
-    // [B, T]
-    let picked = logp
-        .gather(&targets, 2)
-        .and_then(|x| x.squeeze(2))
-        .ctx("gather label log-probs")?;
-    let sum = (picked * weights)
+    // [B*T]
+    let weights = Tensor::from_vec(weights, b * t, dev).ctx("label weights")?;
+    // [B*T, V]
+    let logits = logits
+        .to_dtype(DType::F32)
+        .and_then(|l| l.reshape((b * t, v)))
+        .ctx("logits")?;
+    // [B*T]
+    let nll = crate::model::nn::cross_entropy_rows(&logits, &targets).ctx("cross-entropy")?;
+    let sum = (nll * weights)
         .and_then(|x| x.sum_all())
-        .and_then(|x| x.neg())
         .ctx("masked nll")?;
     Ok((sum, count))
 }

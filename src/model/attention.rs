@@ -164,16 +164,23 @@ pub fn sdpa(
         .contiguous()
         .and_then(|q| q.matmul(&k.t()?.contiguous()?))
         .at(site_k, "attention scores")?;
-    if scale != 1.0 {
-        scores = (scores * scale).at(site_k, "scale scores")?;
-    }
-    if let Some(bias) = bias {
-        scores = scores.broadcast_add(bias).at(site_k, "attention bias")?;
-    }
-    let scores = scores
-        .broadcast_add(mask)
-        .at(Site::new(layer, attention, TensorKind::Mask), "apply mask")?;
-    let probs = super::nn::softmax(&scores).at(site_k, "softmax")?;
+    let adds: Vec<&Tensor> = bias.into_iter().chain([mask]).collect();
+    let fused = super::nn::scaled_masked_softmax(&scores, scale, &adds).at(site_k, "softmax")?;
+    let probs = match fused {
+        Some(probs) => probs,
+        None => {
+            if scale != 1.0 {
+                scores = (scores * scale).at(site_k, "scale scores")?;
+            }
+            if let Some(bias) = bias {
+                scores = scores.broadcast_add(bias).at(site_k, "attention bias")?;
+            }
+            let scores = scores
+                .broadcast_add(mask)
+                .at(Site::new(layer, attention, TensorKind::Mask), "apply mask")?;
+            super::nn::softmax(&scores).at(site_k, "softmax")?
+        }
+    };
     probs.matmul(&v.contiguous().at(site_k, "values")?).at(
         Site::new(layer, attention, TensorKind::Value),
         "attention output",

@@ -247,7 +247,7 @@ impl Model for Bloom {
         }
         // [B, S, V]
         layer_norm(&h, &self.ln_f.0, &self.ln_f.1, eps)
-            .and_then(|h| h.broadcast_matmul(&self.word_embeddings.t()?))
+            .and_then(|h| linear(&h, &self.word_embeddings, None))
             .ctx("lm head")
     }
 }

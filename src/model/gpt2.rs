@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_self_attention, merge_heads, split_heads};
-use super::nn::{conv1d, embed, gelu_tanh, layer_norm};
+use super::nn::{conv1d, embed, gelu_tanh, layer_norm, linear};
 use super::weights::{conv1d_params, layer_norm_params, weight};
 use super::{backbone, learned_positions, Family, Forward, Model, ModelGeometry};
 use crate::check::{Attention, CandleExt, Result, Site, TensorKind};
@@ -182,7 +182,7 @@ impl Model for Gpt2 {
         }
         // [B, S, V]
         layer_norm(&h, &self.ln_f.0, &self.ln_f.1, eps)
-            .and_then(|h| h.broadcast_matmul(&self.wte.t()?))
+            .and_then(|h| linear(&h, &self.wte, None))
             .ctx("lm head")
     }
 }

@@ -206,7 +206,7 @@ impl Model for GptBigcode {
         }
         // [B, S, V]
         layer_norm(&h, &self.ln_f.0, &self.ln_f.1, eps)
-            .and_then(|h| h.broadcast_matmul(&self.wte.t()?))
+            .and_then(|h| linear(&h, &self.wte, None))
             .ctx("lm head")
     }
 }

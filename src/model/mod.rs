@@ -10,6 +10,7 @@ pub mod attention;
 pub mod bloom;
 pub mod gpt2;
 pub mod gpt_bigcode;
+pub mod kernels;
 pub mod llama;
 pub mod nn;
 pub mod t5;

@@ -1,13 +1,17 @@
 //! Building blocks shared by the model families.
 //!
 //! candle-nn's fused `softmax_last_dim`, `rms_norm`, `layer_norm` and `rope` have no
-//! backward pass (DESIGN.md): gradients silently stop at them. By default everything
-//! here is composed from differentiable tensor ops so that the prefix trains through
-//! it; [`with_fused_ops`] switches the softmax and norms to the fused kernels.
+//! backward pass (DESIGN.md): gradients silently stop at them. By default the softmax,
+//! log-softmax and norms here are this crate's own kernels with a backward pass
+//! ([`super::kernels`], f32 on the CPU) or, for other dtypes and devices, composed from
+//! differentiable tensor ops, so that the prefix trains through them.
+//! [`with_fused_ops`] switches them to candle-nn's fused kernels (no backward pass).
 
 use std::cell::Cell;
 
 use candle_core::{DType, Tensor, D};
+
+use super::kernels;
 
 thread_local! {
     /// Use candle-nn's fused kernels (no backward pass) on this thread.
@@ -28,36 +32,119 @@ fn fused() -> bool {
     FUSED.with(Cell::get)
 }
 
-/// `x @ w.T + b` for a PyTorch `nn.Linear` weight `w: [out, in]`.
-/// `x: [..., in]` -> `[..., out]`
-pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    let y = x.broadcast_matmul(&w.t()?)?;
-    match b {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
+/// A frozen linear layer, `x @ w_t + b`, as every family holds its projections.
+///
+/// The weight is kept transposed and contiguous, `w_t: [in, out]`: a PyTorch
+/// `nn.Linear` weight `[out, in]` is transposed once at load. candle's matmul (the
+/// `gemm` crate) re-packs a transposed right-hand side on every call; for a decode step
+/// (a few rows) that costs 5-8x the product itself (ci/bench/README.md).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `[in, out]`, contiguous.
+    w_t: Tensor,
+    /// `[out]`
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    /// From a PyTorch `nn.Linear` weight `w: [out, in]` and bias `b: [out]`.
+    pub fn from_torch(w: &Tensor, b: Option<Tensor>) -> candle_core::Result<Self> {
+        Ok(Self {
+            w_t: w.t()?.contiguous()?,
+            b,
+        })
+    }
+
+    /// From a GPT-2 `Conv1D` weight `w: [in, out]` and bias `b: [out]`.
+    pub fn from_conv1d(w: &Tensor, b: Option<Tensor>) -> candle_core::Result<Self> {
+        Ok(Self {
+            w_t: w.contiguous()?,
+            b,
+        })
+    }
+
+    /// `x: [..., in]` -> `[..., out]`
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        frozen_matmul(x, &self.w_t, self.b.as_ref())
     }
 }
 
-/// `x @ w + b` for a GPT-2 `Conv1D` weight `w: [in, out]`.
+/// `x @ w_t + b` where the weight `w_t: [in, out]` (any strides, e.g. a transposed
+/// `[out, in]` Linear weight) and the bias `b: [out]` are frozen base weights.
 /// `x: [..., in]` -> `[..., out]`
-pub fn conv1d(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    x.broadcast_matmul(w)?.broadcast_add(b)
+///
+/// candle's matmul backward computes the gradient of both operands, so a plain
+/// `broadcast_matmul` spends as many FLOPs on gradients of the frozen weights as on the
+/// one the prefix needs, and builds them as `[batch, in, out]` before summing. Here the
+/// batch is flattened into one `[B*S, in] @ [in, out]` product and the backward pass
+/// returns the gradient of `x` only ([`kernels::FrozenLinear`]). On a shape mismatch, or off the
+/// CPU, it takes the plain path so that the error is candle's usual one.
+fn frozen_matmul(x: &Tensor, w_t: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let plain = || {
+        let y = x.broadcast_matmul(w_t)?;
+        match b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    };
+    let (k, n) = match w_t.dims() {
+        &[k, n] => (k, n),
+        _ => return plain(),
+    };
+    if dims.last() != Some(&k)
+        || !x.device().is_cpu()
+        || x.dtype() != w_t.dtype()
+        || !b.is_none_or(|b| b.dims() == [n] && b.dtype() == DType::F32 && x.dtype() == DType::F32)
+    {
+        return plain();
+    }
+    let m = dims.iter().product::<usize>() / k.max(1);
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("rank >= 1: checked above") = n;
+    let op = kernels::FrozenLinear {
+        w_t: w_t.clone(),
+        b: b.map(Tensor::contiguous).transpose()?,
+    };
+    x.reshape((m, k))?.apply_op1(op)?.reshape(out_dims)
 }
 
-/// LayerNorm over the last dimension (differentiable). `x: [..., H]`.
+/// LayerNorm over the last dimension (differentiable in `x`; `w`, `b` frozen).
+/// `x: [..., H]`, `w, b: [H]` -> `[..., H]`
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     if fused() {
         return candle_nn::ops::layer_norm(&x.contiguous()?, w, b, eps as f32);
     }
+    if own_kernel(x, &[w, b]) {
+        let (w, b, eps) = (w.clone(), b.clone(), eps as f32);
+        return x.contiguous()?.apply_op1(kernels::LayerNorm { w, b, eps });
+    }
     candle_nn::ops::layer_norm_slow(x, w, b, eps as f32)
 }
 
-/// RMSNorm over the last dimension (differentiable). `x: [..., H]`.
+/// RMSNorm over the last dimension (differentiable in `x`; `w` frozen).
+/// `x: [..., H]`, `w: [H]` -> `[..., H]`
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     if fused() {
         return candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32);
     }
+    if own_kernel(x, &[w]) {
+        let (w, eps) = (w.clone(), eps as f32);
+        return x.contiguous()?.apply_op1(kernels::RmsNorm { w, eps });
+    }
     candle_nn::ops::rms_norm_slow(x, w, eps as f32)
+}
+
+/// Whether [`kernels`] handle `x: [..., n]` with per-feature weights `ws: [n]`: f32 on
+/// the CPU. Anything else takes the composed ops, whose errors are candle's usual ones.
+fn own_kernel(x: &Tensor, ws: &[&Tensor]) -> bool {
+    let n = x.dims().last().copied();
+    x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && n.is_some_and(|n| n > 0)
+        && ws.iter().all(|w| {
+            w.dtype() == DType::F32 && Some(w.dims()) == n.as_ref().map(std::slice::from_ref)
+        })
 }
 
 /// GELU, tanh approximation (GPT-2 `gelu_new`, Bloom, `gelu_pytorch_tanh`).
@@ -66,11 +153,72 @@ pub fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// Softmax over the last dimension (differentiable, unlike `softmax_last_dim`).
+/// `x: [..., n]` -> `[..., n]`
 pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
     if fused() {
         return candle_nn::ops::softmax_last_dim(&x.contiguous()?);
     }
+    if own_kernel(x, &[]) {
+        let op = kernels::Softmax {
+            scale: 1.0,
+            adds: vec![],
+        };
+        return x.contiguous()?.apply_op1(op);
+    }
     candle_nn::ops::softmax(x, D::Minus1)
+}
+
+/// `softmax(scale * scores + sum(adds))` in one differentiable kernel, when it applies:
+/// f32 on the CPU, not in fused-ops mode, and every add (mask, bias) broadcasts to the
+/// scores' own shape. `None` otherwise: the caller then composes the ops, which also
+/// report shape errors the usual way. `scores: [..., n]`, `adds[i]` broadcastable.
+pub fn scaled_masked_softmax(
+    scores: &Tensor,
+    scale: f64,
+    adds: &[&Tensor],
+) -> candle_core::Result<Option<Tensor>> {
+    if fused() || !own_kernel(scores, &[]) {
+        return Ok(None);
+    }
+    let shape = scores.shape();
+    let mut broadcast = vec![];
+    for add in adds {
+        let fits = add.dtype() == DType::F32
+            && add.device().is_cpu()
+            && shape
+                .broadcast_shape_binary_op(add.shape(), "broadcast_add")
+                .is_ok_and(|s| &s == shape);
+        if !fits {
+            return Ok(None);
+        }
+        let b = add.contiguous()?.broadcast_as(shape)?;
+        if b.stride().last() != Some(&1) {
+            return Ok(None);
+        }
+        broadcast.push(b);
+    }
+    let op = kernels::Softmax {
+        scale: scale as f32,
+        adds: broadcast,
+    };
+    scores.contiguous()?.apply_op1(op).map(Some)
+}
+
+/// Cross-entropy per row: `logits: [N, V]`, one target id `< V` per row ->
+/// `-log softmax(logits)[target]: [N]`, differentiable in the logits.
+pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
+    if own_kernel(logits, &[]) && logits.rank() == 2 {
+        let op = kernels::CrossEntropy {
+            targets: targets.to_vec(),
+        };
+        return logits.contiguous()?.apply_op1(op);
+    }
+    let (n, _) = logits.dims2()?;
+    let targets = Tensor::from_vec(targets.to_vec(), (n, 1), logits.device())?;
+    candle_nn::ops::log_softmax(logits, D::Minus1)?
+        .gather(&targets, 1)?
+        .squeeze(1)?
+        .neg()
 }
 
 /// Rows of `table: [V, H]` for `ids: [B, S]` -> `[B, S, H]`.

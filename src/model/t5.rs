@@ -643,9 +643,7 @@ impl Model for T5 {
             h
         };
         match &self.lm_head {
-            None => h
-                .broadcast_matmul(&self.shared.t().ctx("lm head")?)
-                .ctx("lm head (tied)"),
+            None => linear(&h, &self.shared, None).ctx("lm head (tied)"),
             Some(w) => linear(&h, w, None).ctx("lm head"),
         }
     }

@@ -1,0 +1,441 @@
+//! CPU kernels with their own backward pass, for the hot spots of prefix training.
+//!
+//! candle's composed ops (`softmax`, `log_softmax` + `gather`, `rms_norm_slow`,
+//! `layer_norm_slow`)
+//! train correctly but cost 5-7 tensor ops each, every one with its own buffer and, in
+//! the backward pass, more ops plus a zero-filled gradient buffer per input. candle-nn's
+//! fused kernels are fast but have no backward pass (gradients silently stop there,
+//! DESIGN.md). These are fused *and* differentiable: one pass over the rows forward, one
+//! backward, in f32, parallel over rows.
+//!
+//! Every op works on the last dimension of a contiguous f32 tensor `[..., n]`; the
+//! callers in [`super::nn`] check that and fall back to the composed ops otherwise.
+//! Norm weights and biases are frozen base weights: no gradient flows to them (the
+//! prefix is the only trainable parameter in this crate).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Below this many elements a kernel runs on the calling thread.
+const PARALLEL_MIN: usize = 1 << 15;
+
+/// The f32 values of a contiguous CPU tensor argument, and its last dimension.
+fn rows<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<(&'a [f32], usize)> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{op}: expected f32, got {:?}", s.dtype())
+    };
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: expected a contiguous tensor")
+    };
+    let n = l.dims().last().copied().unwrap_or(1).max(1);
+    Ok((&v[start..end], n))
+}
+
+/// The f32 values of a frozen weight `[n]`.
+fn weight_values(w: &Tensor, op: &str) -> candle_core::Result<Vec<f32>> {
+    w.flatten_all()
+        .and_then(|w| w.to_vec1::<f32>())
+        .map_err(|e| candle_core::Error::Msg(format!("{op}: weight: {e}")))
+}
+
+/// Apply `f(row_in, row_out)` to every row of `n` values, in parallel when large.
+fn map_rows(input: &[f32], n: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; input.len()];
+    if input.len() < PARALLEL_MIN {
+        input
+            .chunks_exact(n)
+            .zip(out.chunks_exact_mut(n))
+            .for_each(|(x, y)| f(x, y));
+    } else {
+        let per_task = (PARALLEL_MIN / n).max(1) * n;
+        input
+            .par_chunks(per_task)
+            .zip(out.par_chunks_mut(per_task))
+            .for_each(|(xs, ys)| {
+                xs.chunks_exact(n)
+                    .zip(ys.chunks_exact_mut(n))
+                    .for_each(|(x, y)| f(x, y))
+            });
+    }
+    out
+}
+
+/// Apply `f(row_a, row_b, row_out)` to every pair of rows of `n` values.
+fn map_rows2(
+    a: &[f32],
+    b: &[f32],
+    n: usize,
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; a.len()];
+    if a.len() < PARALLEL_MIN {
+        a.chunks_exact(n)
+            .zip(b.chunks_exact(n))
+            .zip(out.chunks_exact_mut(n))
+            .for_each(|((a, b), y)| f(a, b, y));
+    } else {
+        let per_task = (PARALLEL_MIN / n).max(1) * n;
+        a.par_chunks(per_task)
+            .zip(b.par_chunks(per_task))
+            .zip(out.par_chunks_mut(per_task))
+            .for_each(|((a, b), ys)| {
+                a.chunks_exact(n)
+                    .zip(b.chunks_exact(n))
+                    .zip(ys.chunks_exact_mut(n))
+                    .for_each(|((a, b), y)| f(a, b, y))
+            });
+    }
+    out
+}
+
+fn output(values: Vec<f32>, l: &Layout) -> (CpuStorage, Shape) {
+    (CpuStorage::F32(values), l.shape().clone())
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(a, b)| a * b).sum()
+}
+
+/// `x @ w_t + b` with a frozen weight `w_t: [in, out]` (any strides) and bias
+/// `b: [out]` (contiguous f32): `x: [m, in]` -> `[m, out]`. The backward pass returns
+/// the gradient of `x` only: candle's matmul backward would also compute the gradient
+/// of the weight, as many FLOPs again, only to throw it away.
+pub struct FrozenLinear {
+    /// `[in, out]`
+    pub w_t: Tensor,
+    /// `[out]`
+    pub b: Option<Tensor>,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, x_l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = x_l.shape().dims2()?;
+        let (_, n) = self.w_t.dims2()?;
+        let (w, w_l) = self.w_t.storage_and_layout();
+        let Storage::Cpu(w) = &*w else {
+            candle_core::bail!("frozen-linear: the weight is not on the CPU")
+        };
+        let mut y = BackendStorage::matmul(x, w, (1, m, n, k), x_l, w_l)?; // [m, n]
+        if let Some(b) = &self.b {
+            let (bias, b_l) = b.storage_and_layout();
+            let (CpuStorage::F32(y), Storage::Cpu(CpuStorage::F32(bias))) = (&mut y, &*bias) else {
+                candle_core::bail!("frozen-linear: the bias must be f32 like the input")
+            };
+            let bias = &bias[b_l.start_offset()..b_l.start_offset() + n];
+            for row in y.chunks_exact_mut(n) {
+                row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+            }
+        }
+        Ok((y, Shape::from((m, n))))
+    }
+
+    /// `grad: [m, out]` -> `[m, in]`.
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.matmul(&self.w_t.t()?)?))
+    }
+}
+
+/// Attention probabilities: `softmax(scale * x + sum(adds))` over the last dimension.
+/// `x: [..., n]` contiguous; every `adds[i]` has `x`'s shape, any strides with a last
+/// stride of 1 (a broadcast mask `[B, 1, S, K]` or bias `[1, H, S, K]` seen as
+/// `[B, H, S, K]`). The adds are constants (masks, frozen biases): no gradient.
+pub struct Softmax {
+    pub scale: f32,
+    pub adds: Vec<Tensor>,
+}
+
+impl Softmax {
+    /// Element offset of row `r` in a strided `[..., n]` tensor (last stride 1).
+    fn row_offset(l: &Layout, mut r: usize) -> usize {
+        let (dims, strides) = (l.dims(), l.stride());
+        let mut offset = l.start_offset();
+        for i in (0..dims.len().saturating_sub(1)).rev() {
+            offset += (r % dims[i]) * strides[i];
+            r /= dims[i];
+        }
+        offset
+    }
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax-with-backward"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, n) = rows(s, l, self.name())?;
+        let guards: Vec<_> = self.adds.iter().map(Tensor::storage_and_layout).collect();
+        let mut adds: Vec<(&[f32], &Layout)> = vec![];
+        for (storage, layout) in &guards {
+            let Storage::Cpu(CpuStorage::F32(v)) = &**storage else {
+                candle_core::bail!("{}: the mask and bias must be f32 on the CPU", self.name())
+            };
+            if layout.dims() != l.dims() || layout.stride().last() != Some(&1) {
+                candle_core::bail!("{}: a mask or bias does not match the scores", self.name())
+            }
+            adds.push((v.as_slice(), *layout));
+        }
+        let scale = self.scale;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(n)
+            .zip(x.par_chunks(n))
+            .enumerate()
+            .with_min_len((PARALLEL_MIN / n).max(1))
+            .for_each(|(r, (y, x))| {
+                for (y, x) in y.iter_mut().zip(x) {
+                    *y = x * scale;
+                }
+                for (v, layout) in &adds {
+                    let add = &v[Self::row_offset(layout, r)..][..n];
+                    y.iter_mut().zip(add).for_each(|(y, a)| *y += a);
+                }
+                let max = y.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for y in y.iter_mut() {
+                    *y = (*y - max).exp();
+                    sum += *y;
+                }
+                y.iter_mut().for_each(|y| *y /= sum);
+            });
+        Ok(output(y, l))
+    }
+
+    /// `dx = scale * y * (g - sum(g * y))` per row.
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let op = SoftmaxGrad { scale: self.scale };
+        Ok(Some(y.apply_op2_no_bwd(&grad, &op)?))
+    }
+}
+
+struct SoftmaxGrad {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let ((y, n), (g, _)) = (rows(ys, yl, self.name())?, rows(gs, gl, self.name())?);
+        let dx = map_rows2(y, g, n, |y, g, dx| {
+            let s = dot(g, y);
+            for ((dx, y), g) in dx.iter_mut().zip(y).zip(g) {
+                *dx = self.scale * y * (g - s);
+            }
+        });
+        Ok(output(dx, yl))
+    }
+}
+
+/// Cross-entropy per row: `logits: [N, V]` -> `-log softmax(logits)[target]: [N]`.
+/// The backward pass is `g * (softmax(logits) - onehot(target))` per row, computed
+/// from the logits in one pass: no `[N, V]` log-probabilities, gather or scatter.
+pub struct CrossEntropy {
+    /// One target id per row, each `< V`.
+    pub targets: Vec<u32>,
+}
+
+impl CrossEntropy {
+    /// `(max, ln(sum(exp(x - max))))` of one row.
+    fn log_sum_exp(x: &[f32]) -> (f32, f32) {
+        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        (max, x.iter().map(|x| (x - max).exp()).sum::<f32>().ln())
+    }
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy-with-backward"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, v) = rows(s, l, self.name())?;
+        let n = x.len() / v;
+        if self.targets.len() != n || self.targets.iter().any(|&t| t as usize >= v) {
+            candle_core::bail!(
+                "{}: {} targets (< {v}) for {n} rows",
+                self.name(),
+                self.targets.len()
+            )
+        }
+        let nll: Vec<f32> = x
+            .par_chunks(v)
+            .zip(self.targets.par_iter())
+            .with_min_len((PARALLEL_MIN / v).max(1))
+            .map(|(x, &t)| {
+                let (max, lse) = Self::log_sum_exp(x);
+                max + lse - x[t as usize]
+            })
+            .collect();
+        Ok((CpuStorage::F32(nll), Shape::from(n)))
+    }
+
+    /// `grad: [N]` -> `[N, V]`.
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.to_vec1::<f32>()?;
+        let (x_s, x_l) = x.storage_and_layout();
+        let Storage::Cpu(x_s) = &*x_s else {
+            candle_core::bail!("{}: the logits are not on the CPU", self.name())
+        };
+        let (xv, v) = rows(x_s, x_l, self.name())?;
+        let mut dx = vec![0f32; xv.len()];
+        dx.par_chunks_mut(v)
+            .zip(xv.par_chunks(v))
+            .zip(self.targets.par_iter().zip(&g))
+            .with_min_len((PARALLEL_MIN / v).max(1))
+            .for_each(|((dx, x), (&t, &g))| {
+                let (max, lse) = Self::log_sum_exp(x);
+                let shift = max + lse;
+                for (dx, x) in dx.iter_mut().zip(x) {
+                    *dx = g * (x - shift).exp();
+                }
+                dx[t as usize] -= g;
+            });
+        Tensor::from_vec(dx, x.shape(), x.device()).map(Some)
+    }
+}
+
+/// RMSNorm with a frozen weight `w: [n]`: `x: [..., n]` -> `x / sqrt(mean(x^2) + eps) * w`.
+pub struct RmsNorm {
+    pub w: Tensor,
+    pub eps: f32,
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm-with-backward"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, n) = rows(s, l, self.name())?;
+        let w = weight_values(&self.w, self.name())?;
+        let eps = self.eps;
+        let y = map_rows(x, n, |x, y| {
+            let r = 1.0 / (dot(x, x) / n as f32 + eps).sqrt();
+            for ((y, x), w) in y.iter_mut().zip(x).zip(&w) {
+                *y = x * r * w;
+            }
+        });
+        Ok(output(y, l))
+    }
+
+    /// With `gw = g * w` and `r = 1 / sqrt(mean(x^2) + eps)`:
+    /// `dx = r * gw - x * r^3 * sum(gw * x) / n`.
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let op = NormGrad {
+            w: weight_values(&self.w, self.name())?,
+            eps: self.eps,
+            centred: false,
+        };
+        Ok(Some(x.apply_op2_no_bwd(&grad, &op)?))
+    }
+}
+
+/// LayerNorm with a frozen weight and bias `w, b: [n]`:
+/// `x: [..., n]` -> `(x - mean) / sqrt(var + eps) * w + b`.
+pub struct LayerNorm {
+    pub w: Tensor,
+    pub b: Tensor,
+    pub eps: f32,
+}
+
+impl CustomOp1 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm-with-backward"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, n) = rows(s, l, self.name())?;
+        let w = weight_values(&self.w, self.name())?;
+        let b = weight_values(&self.b, self.name())?;
+        let eps = self.eps;
+        let y = map_rows(x, n, |x, y| {
+            let mean = x.iter().sum::<f32>() / n as f32;
+            let var = x.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / n as f32;
+            let r = 1.0 / (var + eps).sqrt();
+            for (((y, x), w), b) in y.iter_mut().zip(x).zip(&w).zip(&b) {
+                *y = (x - mean) * r * w + b;
+            }
+        });
+        Ok(output(y, l))
+    }
+
+    /// With `gw = g * w`, `xh = (x - mean) * r`:
+    /// `dx = r * (gw - mean(gw) - xh * mean(gw * xh))`.
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let op = NormGrad {
+            w: weight_values(&self.w, self.name())?,
+            eps: self.eps,
+            centred: true,
+        };
+        Ok(Some(x.apply_op2_no_bwd(&grad, &op)?))
+    }
+}
+
+/// The input gradient of [`RmsNorm`] (`centred: false`) or [`LayerNorm`] (`true`):
+/// `(x, g)`, both `[..., n]` -> `dx: [..., n]`.
+struct NormGrad {
+    w: Vec<f32>,
+    eps: f32,
+    centred: bool,
+}
+
+impl CustomOp2 for NormGrad {
+    fn name(&self) -> &'static str {
+        "norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let ((x, n), (g, _)) = (rows(xs, xl, self.name())?, rows(gs, gl, self.name())?);
+        let nf = n as f32;
+        let dx = map_rows2(x, g, n, |x, g, dx| {
+            let mean = if self.centred {
+                x.iter().sum::<f32>() / nf
+            } else {
+                0.0
+            };
+            let var = x.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / nf;
+            let r = 1.0 / (var + self.eps).sqrt();
+            // dx holds gw = g * w for now.
+            for ((dx, g), w) in dx.iter_mut().zip(g).zip(&self.w) {
+                *dx = g * w;
+            }
+            let mean_gw = if self.centred {
+                dx.iter().sum::<f32>() / nf
+            } else {
+                0.0
+            };
+            let mean_gw_xh = dx
+                .iter()
+                .zip(x)
+                .map(|(gw, x)| gw * (x - mean) * r)
+                .sum::<f32>()
+                / nf;
+            for (dx, x) in dx.iter_mut().zip(x) {
+                *dx = r * (*dx - mean_gw - (x - mean) * r * mean_gw_xh);
+            }
+        });
+        Ok(output(dx, xl))
+    }
+}
