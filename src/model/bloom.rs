@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_self_attention, merge_heads};
-use super::nn::{embed, gelu_tanh, layer_norm, linear};
+use super::nn::{embed, gelu_tanh, layer_norm, Linear};
 use super::weights::{layer_norm_params, linear_params, weight};
 use super::{backbone, Family, Forward, Model, ModelGeometry};
 use crate::check::{Attention, CandleExt, Result, Site, TensorKind};
@@ -62,28 +62,29 @@ impl Config {
     }
 }
 
-type Lin = (Tensor, Tensor);
-
 struct Block {
-    input_layernorm: Lin,
-    /// `[3E, E]`, rows per head `[H, 3, D]` (q, k, v of head 0, then head 1, ...)
-    query_key_value: Lin,
-    /// `[E, E]`
-    dense: Lin,
-    post_attention_layernorm: Lin,
-    /// `[4E, E]`
-    dense_h_to_4h: Lin,
-    /// `[E, 4E]`
-    dense_4h_to_h: Lin,
+    input_layernorm: (Tensor, Tensor),
+    /// `Linear` `[E, 3E]`, columns per head `[H, 3, D]` (q, k, v of head 0, then
+    /// head 1, ...)
+    query_key_value: Linear,
+    /// `Linear` `[E, E]`
+    dense: Linear,
+    post_attention_layernorm: (Tensor, Tensor),
+    /// `Linear` `[E, 4E]`
+    dense_h_to_4h: Linear,
+    /// `Linear` `[4E, E]`
+    dense_4h_to_h: Linear,
 }
 
 pub struct Bloom {
     cfg: Config,
-    /// `[V, E]`, also the LM head.
+    /// `[V, E]`, the token embeddings.
     word_embeddings: Tensor,
-    word_embeddings_layernorm: Lin,
+    word_embeddings_layernorm: (Tensor, Tensor),
     blocks: Vec<Block>,
-    ln_f: Lin,
+    ln_f: (Tensor, Tensor),
+    /// Tied LM head: `Linear` `[E, V]`, `word_embeddings` transposed, no bias.
+    lm_head: Linear,
     /// ALiBi slope per head, `[H]`.
     slopes: Vec<f32>,
 }
@@ -130,12 +131,14 @@ impl Bloom {
             });
         }
         let ln_f = layer_norm_params(&vb, "ln_f", e)?;
+        let lm_head = Linear::from_torch(&word_embeddings, None).ctx("word_embeddings")?;
         Ok(Self {
             cfg: cfg.clone(),
             word_embeddings,
             word_embeddings_layernorm,
             blocks,
             ln_f,
+            lm_head,
             slopes: alibi_slopes(cfg.n_head),
         })
     }
@@ -205,7 +208,9 @@ impl Model for Bloom {
             let residual = if post_ln { a.clone() } else { h.clone() };
             // [B, S, 3E] -> [B, S, H, 3, D]
             let (b, _, _) = a.dims3().at(site, "hidden")?;
-            let qkv = linear(&a, &blk.query_key_value.0, Some(&blk.query_key_value.1))
+            let qkv = blk
+                .query_key_value
+                .forward(&a)
                 .and_then(|x| x.reshape((b, s, heads, 3, d)))
                 .at(site, "query_key_value")?;
             // [B, H, S, D] each
@@ -228,7 +233,7 @@ impl Model for Bloom {
                 &mut |kv_start, kv_len| self.alibi(pad, kv_start, kv_len, site).map(Some),
             )?;
             let o = merge_heads(&o)
-                .and_then(|o| linear(&o, &blk.dense.0, Some(&blk.dense.1)))
+                .and_then(|o| blk.dense.forward(&o))
                 .at(site, "dense")?;
             h = (o + residual).at(site, "residual")?;
             let m_in = layer_norm(
@@ -239,15 +244,17 @@ impl Model for Bloom {
             )
             .at(site, "post_attention_layernorm")?;
             let residual = if post_ln { m_in.clone() } else { h.clone() };
-            let m = linear(&m_in, &blk.dense_h_to_4h.0, Some(&blk.dense_h_to_4h.1))
+            let m = blk
+                .dense_h_to_4h
+                .forward(&m_in)
                 .and_then(|m| gelu_tanh(&m))
-                .and_then(|m| linear(&m, &blk.dense_4h_to_h.0, Some(&blk.dense_4h_to_h.1)))
+                .and_then(|m| blk.dense_4h_to_h.forward(&m))
                 .at(site, "mlp")?;
             h = (m + residual).at(site, "residual")?;
         }
         // [B, S, V]
         layer_norm(&h, &self.ln_f.0, &self.ln_f.1, eps)
-            .and_then(|h| linear(&h, &self.word_embeddings, None))
+            .and_then(|h| self.lm_head.forward(&h))
             .ctx("lm head")
     }
 }

@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_self_attention, merge_heads, split_heads};
-use super::nn::{conv1d, embed, gelu_tanh, layer_norm, linear};
+use super::nn::{embed, gelu_tanh, layer_norm, Linear};
 use super::weights::{conv1d_params, layer_norm_params, weight};
 use super::{backbone, learned_positions, Family, Forward, Model, ModelGeometry};
 use crate::check::{Attention, CandleExt, Result, Site, TensorKind};
@@ -61,25 +61,27 @@ impl Config {
 
 struct Block {
     ln_1: (Tensor, Tensor),
-    /// `[E, 3E]`, `[3E]`
-    c_attn: (Tensor, Tensor),
-    /// `[E, E]`, `[E]`
-    c_proj: (Tensor, Tensor),
+    /// `Linear` `[E, 3E]`, bias `[3E]`
+    c_attn: Linear,
+    /// `Linear` `[E, E]`, bias `[E]`
+    c_proj: Linear,
     ln_2: (Tensor, Tensor),
-    /// `[E, inner]`, `[inner]`
-    c_fc: (Tensor, Tensor),
-    /// `[inner, E]`, `[E]`
-    mlp_proj: (Tensor, Tensor),
+    /// `Linear` `[E, inner]`, bias `[inner]`
+    c_fc: Linear,
+    /// `Linear` `[inner, E]`, bias `[E]`
+    mlp_proj: Linear,
 }
 
 pub struct Gpt2 {
     cfg: Config,
-    /// `[V, E]`, also the LM head.
+    /// `[V, E]`, the token embeddings.
     wte: Tensor,
     /// `[n_positions, E]`
     wpe: Tensor,
     blocks: Vec<Block>,
     ln_f: (Tensor, Tensor),
+    /// Tied LM head: `Linear` `[E, V]`, `wte` transposed, no bias.
+    lm_head: Linear,
 }
 
 impl Gpt2 {
@@ -102,12 +104,14 @@ impl Gpt2 {
             });
         }
         let ln_f = layer_norm_params(&vb, "ln_f", e)?;
+        let lm_head = Linear::from_torch(&wte, None).ctx("wte")?;
         Ok(Self {
             cfg: cfg.clone(),
             wte,
             wpe,
             blocks,
             ln_f,
+            lm_head,
         })
     }
 }
@@ -142,7 +146,7 @@ impl Model for Gpt2 {
         for (i, blk) in self.blocks.iter().enumerate() {
             let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
             let a = layer_norm(&h, &blk.ln_1.0, &blk.ln_1.1, eps).at(site, "ln_1")?;
-            let qkv = conv1d(&a, &blk.c_attn.0, &blk.c_attn.1).at(site, "c_attn")?;
+            let qkv = blk.c_attn.forward(&a).at(site, "c_attn")?;
             // [B, H, S, D] each
             let q = qkv
                 .narrow(2, 0, e)
@@ -170,19 +174,19 @@ impl Model for Gpt2 {
                 &mut |_, _| Ok(None),
             )?;
             let o = merge_heads(&o)
-                .and_then(|o| conv1d(&o, &blk.c_proj.0, &blk.c_proj.1))
+                .and_then(|o| blk.c_proj.forward(&o))
                 .at(site, "c_proj")?;
             h = (h + o).at(site, "residual")?;
             let m = layer_norm(&h, &blk.ln_2.0, &blk.ln_2.1, eps)
-                .and_then(|m| conv1d(&m, &blk.c_fc.0, &blk.c_fc.1))
+                .and_then(|m| blk.c_fc.forward(&m))
                 .and_then(|m| gelu_tanh(&m))
-                .and_then(|m| conv1d(&m, &blk.mlp_proj.0, &blk.mlp_proj.1))
+                .and_then(|m| blk.mlp_proj.forward(&m))
                 .at(site, "mlp")?;
             h = (h + m).at(site, "residual")?;
         }
         // [B, S, V]
         layer_norm(&h, &self.ln_f.0, &self.ln_f.1, eps)
-            .and_then(|h| linear(&h, &self.wte, None))
+            .and_then(|h| self.lm_head.forward(&h))
             .ctx("lm head")
     }
 }

@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_self_attention, merge_heads, split_heads};
-use super::nn::{embed, gelu_tanh, layer_norm, linear};
+use super::nn::{embed, gelu_tanh, layer_norm, Linear};
 use super::weights::{layer_norm_params, linear_params, weight};
 use super::{backbone, learned_positions, Family, Forward, Model, ModelGeometry};
 use crate::check::{Attention, CandleExt, Result, Site, TensorKind};
@@ -68,30 +68,30 @@ impl Config {
     }
 }
 
-type Lin = (Tensor, Tensor);
-
 struct Block {
-    ln_1: Lin,
-    /// `[E + 2*KVH*D, E]`: queries, then keys, then values (multi-query); per-head
-    /// interleaved `[H, 3, D]` rows otherwise.
-    c_attn: Lin,
-    /// `[E, E]`
-    c_proj: Lin,
-    ln_2: Lin,
-    /// `[inner, E]`
-    c_fc: Lin,
-    /// `[E, inner]`
-    mlp_proj: Lin,
+    ln_1: (Tensor, Tensor),
+    /// `Linear` `[E, E + 2*KVH*D]`: queries, then keys, then values (multi-query);
+    /// per-head interleaved `[H, 3, D]` columns otherwise.
+    c_attn: Linear,
+    /// `Linear` `[E, E]`
+    c_proj: Linear,
+    ln_2: (Tensor, Tensor),
+    /// `Linear` `[E, inner]`
+    c_fc: Linear,
+    /// `Linear` `[inner, E]`
+    mlp_proj: Linear,
 }
 
 pub struct GptBigcode {
     cfg: Config,
-    /// `[V, E]`, also the LM head.
+    /// `[V, E]`, the token embeddings.
     wte: Tensor,
     /// `[n_positions, E]`
     wpe: Tensor,
     blocks: Vec<Block>,
-    ln_f: Lin,
+    ln_f: (Tensor, Tensor),
+    /// Tied LM head: `Linear` `[E, V]`, `wte` transposed, no bias.
+    lm_head: Linear,
 }
 
 impl GptBigcode {
@@ -116,12 +116,14 @@ impl GptBigcode {
             });
         }
         let ln_f = layer_norm_params(&vb, "ln_f", e)?;
+        let lm_head = Linear::from_torch(&wte, None).ctx("wte")?;
         Ok(Self {
             cfg: cfg.clone(),
             wte,
             wpe,
             blocks,
             ln_f,
+            lm_head,
         })
     }
 
@@ -177,7 +179,7 @@ impl Model for GptBigcode {
         for (i, blk) in self.blocks.iter().enumerate() {
             let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
             let a = layer_norm(&h, &blk.ln_1.0, &blk.ln_1.1, eps).at(site, "ln_1")?;
-            let qkv = linear(&a, &blk.c_attn.0, Some(&blk.c_attn.1)).at(site, "c_attn")?;
+            let qkv = blk.c_attn.forward(&a).at(site, "c_attn")?;
             // q [B, H, S, D], k/v [B, KVH, S, D]
             let (q, k, v) = self.split_qkv(&qkv).at(site, "split c_attn")?;
             let scale = 1.0 / (g.head_dim as f64).sqrt();
@@ -194,19 +196,19 @@ impl Model for GptBigcode {
                 &mut |_, _| Ok(None),
             )?;
             let o = merge_heads(&o)
-                .and_then(|o| linear(&o, &blk.c_proj.0, Some(&blk.c_proj.1)))
+                .and_then(|o| blk.c_proj.forward(&o))
                 .at(site, "c_proj")?;
             h = (h + o).at(site, "residual")?;
             let m = layer_norm(&h, &blk.ln_2.0, &blk.ln_2.1, eps)
-                .and_then(|m| linear(&m, &blk.c_fc.0, Some(&blk.c_fc.1)))
+                .and_then(|m| blk.c_fc.forward(&m))
                 .and_then(|m| gelu_tanh(&m))
-                .and_then(|m| linear(&m, &blk.mlp_proj.0, Some(&blk.mlp_proj.1)))
+                .and_then(|m| blk.mlp_proj.forward(&m))
                 .at(site, "mlp")?;
             h = (h + m).at(site, "residual")?;
         }
         // [B, S, V]
         layer_norm(&h, &self.ln_f.0, &self.ln_f.1, eps)
-            .and_then(|h| linear(&h, &self.wte, None))
+            .and_then(|h| self.lm_head.forward(&h))
             .ctx("lm head")
     }
 }

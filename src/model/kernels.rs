@@ -439,3 +439,151 @@ impl CustomOp2 for NormGrad {
         Ok(output(dx, xl))
     }
 }
+
+/// Rotary position embedding, Hugging Face convention (rotate halves):
+/// `x: [B, H, S, D]` -> `x * cos + rotate_half(x) * sin` with `rotate_half(x) = [-x2, x1]`.
+/// `cos, sin: [B, 1, S, D]` contiguous f32 tables (constants: no gradient).
+pub struct Rope {
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+impl Rope {
+    /// The f32 values of the `cos` and `sin` tables.
+    fn tables(&self) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+        let cos = self.cos.flatten_all()?.to_vec1::<f32>()?;
+        let sin = self.sin.flatten_all()?.to_vec1::<f32>()?;
+        Ok((cos, sin))
+    }
+
+    /// `y = x * cos + rotate_half(x) * sin` (`inverse: false`) or its transpose
+    /// applied to a gradient, `dx = g * cos + rotate_half^T(g * sin)` (`inverse: true`).
+    fn apply(&self, x: &[f32], dims: &[usize], inverse: bool) -> candle_core::Result<Vec<f32>> {
+        let &[b, h, s, d] = dims else {
+            candle_core::bail!("rope: expected [B, H, S, D], got {dims:?}")
+        };
+        if d % 2 != 0 || self.cos.dims() != [b, 1, s, d] || self.sin.dims() != [b, 1, s, d] {
+            candle_core::bail!(
+                "rope: tables {:?} / {:?} do not fit [{b}, {h}, {s}, {d}]",
+                self.cos.dims(),
+                self.sin.dims()
+            )
+        }
+        let (cos, sin) = self.tables()?;
+        let half = d / 2;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .enumerate()
+            .with_min_len((PARALLEL_MIN / d).max(1))
+            .for_each(|(r, (y, x))| {
+                // row r = (bi, hi, si); the tables have no head axis.
+                let (bi, si) = (r / (h * s), r % s);
+                let t = (bi * s + si) * d;
+                let (c, sn) = (&cos[t..t + d], &sin[t..t + d]);
+                for i in 0..half {
+                    let (x1, x2) = (x[i], x[i + half]);
+                    if inverse {
+                        y[i] = x1 * c[i] + x2 * sn[i + half];
+                        y[i + half] = x2 * c[i + half] - x1 * sn[i];
+                    } else {
+                        y[i] = x1 * c[i] - x2 * sn[i];
+                        y[i + half] = x2 * c[i + half] + x1 * sn[i + half];
+                    }
+                }
+            });
+        Ok(y)
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope-with-backward"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, _) = rows(s, l, self.name())?;
+        Ok(output(self.apply(x, l.dims(), false)?, l))
+    }
+
+    /// `grad: [B, H, S, D]` -> `[B, H, S, D]`.
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.contiguous()?;
+        let dx = self.apply(&g.flatten_all()?.to_vec1::<f32>()?, g.dims(), true)?;
+        Tensor::from_vec(dx, g.shape(), g.device()).map(Some)
+    }
+}
+
+/// SwiGLU, `silu(gate) * up` (Llama's MLP), differentiable in both:
+/// `gate, up: [..., n]` (same shape, contiguous) -> `[..., n]`.
+pub struct SwiGlu;
+
+/// `(silu(x), d silu / dx)` with `silu(x) = x * sigmoid(x)`.
+fn silu_and_slope(x: f32) -> (f32, f32) {
+    let sig = 1.0 / (1.0 + (-x).exp());
+    (x * sig, sig * (1.0 + x * (1.0 - sig)))
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu-with-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let ((gate, n), (up, _)) = (rows(gs, gl, self.name())?, rows(us, ul, self.name())?);
+        if gl.dims() != ul.dims() {
+            candle_core::bail!(
+                "{}: gate {:?} and up {:?} differ",
+                self.name(),
+                gl.dims(),
+                ul.dims()
+            )
+        }
+        let y = map_rows2(gate, up, n, |g, u, y| {
+            for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
+                *y = silu_and_slope(*g).0 * u;
+            }
+        });
+        Ok(output(y, gl))
+    }
+
+    /// `d gate = grad * up * silu'(gate)`, `d up = grad * silu(gate)`.
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let g = gate.flatten_all()?.to_vec1::<f32>()?;
+        let u = up.flatten_all()?.to_vec1::<f32>()?;
+        let n = gate.dims().last().copied().unwrap_or(1).max(1);
+        let mut d_gate = vec![0f32; g.len()];
+        let d_up = map_rows2(&g, &grad, n, |g, dy, d_up| {
+            for ((d, g), dy) in d_up.iter_mut().zip(g).zip(dy) {
+                *d = dy * silu_and_slope(*g).0;
+            }
+        });
+        d_gate
+            .par_chunks_mut(n)
+            .zip(g.par_chunks(n).zip(u.par_chunks(n)).zip(grad.par_chunks(n)))
+            .with_min_len((PARALLEL_MIN / n).max(1))
+            .for_each(|(d, ((g, u), dy))| {
+                for (((d, g), u), dy) in d.iter_mut().zip(g).zip(u).zip(dy) {
+                    *d = dy * u * silu_and_slope(*g).1;
+                }
+            });
+        let (shape, dev) = (gate.shape(), gate.device());
+        Ok((
+            Some(Tensor::from_vec(d_gate, shape, dev)?),
+            Some(Tensor::from_vec(d_up, shape, dev)?),
+        ))
+    }
+}

@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_self_attention, merge_heads, split_heads};
-use super::nn::{embed, linear, rms_norm};
+use super::nn::{embed, rms_norm, rope, swiglu, Linear};
 use super::weights::{bias, ones, weight};
 use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry};
 use crate::check::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
@@ -246,28 +246,25 @@ impl Config {
     }
 }
 
-/// A projection `nn.Linear`: weight `[out, in]`, optional bias `[out]`.
-type Lin = (Tensor, Option<Tensor>);
-
 struct Layer {
     /// `[E]`
     input_layernorm: Tensor,
-    /// `[H*D, E]`
-    q_proj: Lin,
-    /// `[KVH*D, E]`
-    k_proj: Lin,
-    /// `[KVH*D, E]`
-    v_proj: Lin,
-    /// `[E, H*D]`
-    o_proj: Lin,
+    /// `Linear` `[E, H*D]`
+    q_proj: Linear,
+    /// `Linear` `[E, KVH*D]`
+    k_proj: Linear,
+    /// `Linear` `[E, KVH*D]`
+    v_proj: Linear,
+    /// `Linear` `[H*D, E]`
+    o_proj: Linear,
     /// `[E]`
     post_attention_layernorm: Tensor,
-    /// `[I, E]`
-    gate_proj: Lin,
-    /// `[I, E]`
-    up_proj: Lin,
-    /// `[E, I]`
-    down_proj: Lin,
+    /// `Linear` `[E, I]`
+    gate_proj: Linear,
+    /// `Linear` `[E, I]`
+    up_proj: Linear,
+    /// `Linear` `[I, E]`
+    down_proj: Linear,
 }
 
 pub struct Llama {
@@ -277,25 +274,22 @@ pub struct Llama {
     layers: Vec<Layer>,
     /// `[E]`
     norm: Tensor,
-    /// `[V, E]` (the embedding table when `tie_word_embeddings`)
-    lm_head: Tensor,
+    /// `Linear` `[E, V]` (the embedding table transposed when `tie_word_embeddings`)
+    lm_head: Linear,
     /// RoPE inverse frequencies `[1, D/2]` (f32, as transformers computes them).
     inv_freq: Tensor,
 }
 
-fn lin(vb: &VarBuilder, name: &str, i: usize, o: usize, with_bias: bool) -> Result<Lin> {
+/// A projection `nn.Linear` by name (weight `[out, in]`, optional bias `[out]`) as a
+/// `Linear` `[in, out]`.
+fn lin(vb: &VarBuilder, name: &str, i: usize, o: usize, with_bias: bool) -> Result<Linear> {
     let w = weight(vb, (o, i), &format!("{name}.weight")).ctx(name)?;
     let b = if with_bias {
         Some(bias(vb, o, &format!("{name}.bias")).ctx(name)?)
     } else {
         None
     };
-    Ok((w, b))
-}
-
-/// `x: [..., in]` -> `[..., out]`
-fn apply(x: &Tensor, l: &Lin) -> candle_core::Result<Tensor> {
-    linear(x, &l.0, l.1.as_ref())
+    Linear::from_torch(&w, b).ctx(name)
 }
 
 impl Llama {
@@ -329,9 +323,10 @@ impl Llama {
         }
         let norm = ones(&vb, e, "norm.weight").ctx("norm")?;
         let lm_head = if cfg.tie_word_embeddings {
-            embed_tokens.clone()
+            Linear::from_torch(&embed_tokens, None).ctx("embed_tokens")?
         } else {
-            weight(&root, (cfg.vocab_size, e), "lm_head.weight").ctx("lm_head")?
+            let w = weight(&root, (cfg.vocab_size, e), "lm_head.weight").ctx("lm_head")?;
+            Linear::from_torch(&w, None).ctx("lm_head")?
         };
         let inv: Vec<f32> = cfg.inv_freq()?.into_iter().map(|f| f as f32).collect();
         let inv_freq =
@@ -371,14 +366,6 @@ impl Llama {
     }
 }
 
-/// RoPE, HF convention, differentiable: `x: [B, H, S, D]`, `cos, sin: [B, 1, S, D]`.
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    let d = x.dim(3)?;
-    let (x1, x2) = (x.narrow(3, 0, d / 2)?, x.narrow(3, d / 2, d / 2)?);
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
-}
-
 impl Model for Llama {
     fn family(&self) -> Family {
         Family::Llama
@@ -414,17 +401,23 @@ impl Model for Llama {
             // [B, S, E]
             let a = rms_norm(&h, &l.input_layernorm, eps).at(site_q, "input_layernorm")?;
             // [B, H, S, D]
-            let q = apply(&a, &l.q_proj)
+            let q = l
+                .q_proj
+                .forward(&a)
                 .and_then(|t| split_heads(&t, heads, d))
                 .and_then(|t| rope(&t, &cos, &sin))
                 .at(site_q, "q_proj + rope")?;
             // [B, KVH, S, D]: RoPE on the new keys only (the prefix is not rotated).
-            let k = apply(&a, &l.k_proj)
+            let k = l
+                .k_proj
+                .forward(&a)
                 .and_then(|t| split_heads(&t, kvh, d))
                 .and_then(|t| rope(&t, &cos, &sin))
                 .at(site_k, "k_proj + rope")?;
             // [B, KVH, S, D]
-            let v = apply(&a, &l.v_proj)
+            let v = l
+                .v_proj
+                .forward(&a)
                 .and_then(|t| split_heads(&t, kvh, d))
                 .at(site_v, "v_proj")?;
             // view.k, view.v: [B, KVH, K, D]
@@ -435,21 +428,21 @@ impl Model for Llama {
             })?;
             // [B, S, E]
             let o = merge_heads(&o)
-                .and_then(|o| apply(&o, &l.o_proj))
+                .and_then(|o| l.o_proj.forward(&o))
                 .at(site_q, "o_proj")?;
             h = (h + o).at(site_q, "residual")?;
             // [B, S, E]: down(silu(gate(x)) * up(x))
             let m = rms_norm(&h, &l.post_attention_layernorm, eps)
                 .and_then(|x| {
-                    let gate = apply(&x, &l.gate_proj)?.silu()?;
-                    apply(&(gate * apply(&x, &l.up_proj)?)?, &l.down_proj)
+                    let (gate, up) = (l.gate_proj.forward(&x)?, l.up_proj.forward(&x)?);
+                    l.down_proj.forward(&swiglu(&gate, &up)?)
                 })
                 .at(site_q, "mlp")?;
             h = (h + m).at(site_q, "residual")?;
         }
         // [B, S, V]
         rms_norm(&h, &self.norm, eps)
-            .and_then(|h| linear(&h, &self.lm_head, None))
+            .and_then(|h| self.lm_head.forward(&h))
             .ctx("lm head")
     }
 }

@@ -147,6 +147,16 @@ fn own_kernel(x: &Tensor, ws: &[&Tensor]) -> bool {
         })
 }
 
+/// SwiGLU, `silu(gate) * up`, differentiable in both: `gate, up: [..., n]` -> `[..., n]`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    if own_kernel(gate, &[]) && own_kernel(up, &[]) && gate.dims() == up.dims() {
+        return gate
+            .contiguous()?
+            .apply_op2(&up.contiguous()?, kernels::SwiGlu);
+    }
+    gate.silu()? * up
+}
+
 /// GELU, tanh approximation (GPT-2 `gelu_new`, Bloom, `gelu_pytorch_tanh`).
 pub fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
     x.gelu()
@@ -219,6 +229,28 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32]) -> candle_core::Resu
         .gather(&targets, 1)?
         .squeeze(1)?
         .neg()
+}
+
+/// RoPE, Hugging Face convention (rotate halves), differentiable in `x`:
+/// `x: [B, H, S, D]`, `cos, sin: [B, 1, S, D]` -> `[B, H, S, D]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let tables_fit = [cos, sin]
+        .iter()
+        .all(|t| t.dtype() == DType::F32 && t.dims().len() == 4 && t.dim(1).is_ok_and(|h| h == 1));
+    if own_kernel(x, &[]) && x.rank() == 4 && tables_fit {
+        let (b, _, s, d) = x.dims4()?;
+        if cos.dims() == [b, 1, s, d] && sin.dims() == [b, 1, s, d] && d % 2 == 0 {
+            let op = kernels::Rope {
+                cos: cos.clone(),
+                sin: sin.clone(),
+            };
+            return x.contiguous()?.apply_op1(op);
+        }
+    }
+    let d = x.dim(3)?;
+    let (x1, x2) = (x.narrow(3, 0, d / 2)?, x.narrow(3, d / 2, d / 2)?);
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
 /// Rows of `table: [V, H]` for `ids: [B, S]` -> `[B, S, H]`.

@@ -20,7 +20,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use super::attention::{
     additive_mask, cached_self_attention, merge_heads, sdpa, split_heads, MaskSpec,
 };
-use super::nn::{embed, gelu_tanh, linear, rms_norm};
+use super::nn::{embed, gelu_tanh, rms_norm, Linear};
 use super::weights::{ones, weight};
 use super::{Encoded, Family, Forward, Model, ModelGeometry};
 use crate::check::{
@@ -272,22 +272,23 @@ fn position_bias(
         .unsqueeze(0)
 }
 
-/// One `T5Attention`: `q, k, v: [H*d_kv, d_model]`, `o: [d_model, H*d_kv]`.
+/// One `T5Attention` (no biases): `q, k, v`: `Linear` `[d_model, H*d_kv]`,
+/// `o`: `Linear` `[H*d_kv, d_model]`.
 struct Attn {
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    o: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
 }
 
-/// `T5DenseActDense` (`wi`) or `T5DenseGatedActDense` (`wi_0`, `wi_1`).
+/// `T5DenseActDense` (`wi`) or `T5DenseGatedActDense` (`wi_0`, `wi_1`), no biases.
 struct FeedForward {
-    /// `[d_ff, d_model]`: `wi`, or `wi_0` when gated.
-    wi: Tensor,
-    /// `[d_ff, d_model]`: `wi_1` when gated.
-    wi_1: Option<Tensor>,
-    /// `[d_model, d_ff]`
-    wo: Tensor,
+    /// `Linear` `[d_model, d_ff]`: `wi`, or `wi_0` when gated.
+    wi: Linear,
+    /// `Linear` `[d_model, d_ff]`: `wi_1` when gated.
+    wi_1: Option<Linear>,
+    /// `Linear` `[d_ff, d_model]`
+    wo: Linear,
 }
 
 struct EncoderBlock {
@@ -310,7 +311,7 @@ struct DecoderBlock {
 pub struct T5 {
     cfg: Config,
     act: FfActivation,
-    /// `[V, d_model]`, the LM head when tied.
+    /// `[V, d_model]`, the token embeddings of both stacks.
     shared: Tensor,
     encoder: Vec<EncoderBlock>,
     /// Block 0's `relative_attention_bias` `[buckets, H]`.
@@ -319,16 +320,22 @@ pub struct T5 {
     decoder: Vec<DecoderBlock>,
     decoder_bias: Tensor,
     decoder_ln: Tensor,
-    /// `[V, d_model]` when the head is not tied.
-    lm_head: Option<Tensor>,
+    /// `Linear` `[d_model, V]`: `shared` transposed when `tie_word_embeddings`,
+    /// `lm_head.weight` transposed otherwise.
+    lm_head: Linear,
+}
+
+/// The bias-free `nn.Linear` `{p}.{n}.weight` of `shape` `[out, in]` as a `Linear`
+/// `[in, out]`.
+fn lin(vb: &VarBuilder, p: &str, n: &str, shape: (usize, usize)) -> Result<Linear> {
+    let name = format!("{p}.{n}.weight");
+    let w = weight(vb, shape, &name).ctx(&name)?;
+    Linear::from_torch(&w, None).ctx(&name)
 }
 
 fn attn(vb: &VarBuilder, p: &str, cfg: &Config) -> Result<Attn> {
     let (e, inner) = (cfg.d_model, cfg.num_heads * cfg.d_kv);
-    let w = |n: &str, shape: (usize, usize)| {
-        let name = format!("{p}.{n}.weight");
-        weight(vb, shape, &name).ctx(&name)
-    };
+    let w = |n: &str, shape: (usize, usize)| lin(vb, p, n, shape);
     Ok(Attn {
         q: w("q", (inner, e))?,
         k: w("k", (inner, e))?,
@@ -339,10 +346,7 @@ fn attn(vb: &VarBuilder, p: &str, cfg: &Config) -> Result<Attn> {
 
 fn feed_forward(vb: &VarBuilder, p: &str, cfg: &Config, gated: bool) -> Result<FeedForward> {
     let (e, f) = (cfg.d_model, cfg.d_ff);
-    let w = |n: &str, shape: (usize, usize)| {
-        let name = format!("{p}.{n}.weight");
-        weight(vb, shape, &name).ctx(&name)
-    };
+    let w = |n: &str, shape: (usize, usize)| lin(vb, p, n, shape);
     Ok(if gated {
         FeedForward {
             wi: w("wi_0", (f, e))?,
@@ -419,9 +423,10 @@ impl T5 {
         let decoder_bias = weight(&vb, (buckets, heads), name).ctx(name)?;
         let decoder_ln = norm(&vb, "decoder.final_layer_norm", e)?;
         let lm_head = if cfg.tie_word_embeddings {
-            None
+            Linear::from_torch(&shared, None).ctx(shared_name)?
         } else {
-            Some(weight(&vb, (cfg.vocab_size, e), "lm_head.weight").ctx("lm_head.weight")?)
+            let w = weight(&vb, (cfg.vocab_size, e), "lm_head.weight").ctx("lm_head.weight")?;
+            Linear::from_torch(&w, None).ctx("lm_head.weight")?
         };
         Ok(Self {
             cfg: cfg.clone(),
@@ -440,22 +445,22 @@ impl T5 {
     /// `x: [B, S, d_model]` -> `[B, S, d_model]`
     fn feed_forward(&self, ff: &FeedForward, x: &Tensor) -> candle_core::Result<Tensor> {
         // [B, S, d_ff]
-        let hidden = self.act.apply(&linear(x, &ff.wi, None)?)?;
+        let hidden = self.act.apply(&ff.wi.forward(x)?)?;
         let hidden = match &ff.wi_1 {
-            Some(wi_1) => (hidden * linear(x, wi_1, None)?)?,
+            Some(wi_1) => (hidden * wi_1.forward(x)?)?,
             None => hidden,
         };
-        linear(&hidden, &ff.wo, None)
+        ff.wo.forward(&hidden)
     }
 
     /// Queries (or keys, values) of `x: [B, S, d_model]` -> `[B, H, S, d_kv]`.
-    fn heads(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-        split_heads(&linear(x, w, None)?, self.cfg.num_heads, self.cfg.d_kv)
+    fn heads(&self, x: &Tensor, w: &Linear) -> candle_core::Result<Tensor> {
+        split_heads(&w.forward(x)?, self.cfg.num_heads, self.cfg.d_kv)
     }
 
     /// Attention output `[B, H, S, d_kv]` through `o` -> `[B, S, d_model]`.
-    fn output(&self, o: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-        linear(&merge_heads(o)?, w, None)
+    fn output(&self, o: &Tensor, w: &Linear) -> candle_core::Result<Tensor> {
+        w.forward(&merge_heads(o)?)
     }
 }
 
@@ -642,9 +647,11 @@ impl Model for T5 {
         } else {
             h
         };
-        match &self.lm_head {
-            None => linear(&h, &self.shared, None).ctx("lm head (tied)"),
-            Some(w) => linear(&h, w, None).ctx("lm head"),
+        let logits = self.lm_head.forward(&h);
+        if self.cfg.tie_word_embeddings {
+            logits.ctx("lm head (tied)")
+        } else {
+            logits.ctx("lm head")
         }
     }
 }

@@ -5,6 +5,7 @@
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::{var_builder::SimpleBackend, Init, VarBuilder};
 
+use super::nn::Linear;
 use crate::rng::Rng;
 
 /// A `VarBuilder` backend that invents every requested tensor from `(seed, name)`.
@@ -128,28 +129,30 @@ pub fn layer_norm_params(
     Ok((w, b))
 }
 
-/// `nn.Linear` parameters by name: weight `[out, in]`, bias `[out]`.
+/// `nn.Linear` parameters by name (weight `[out, in]`, bias `[out]`) as a [`Linear`]
+/// `[in, out]` (the weight transposed once here).
 pub fn linear_params(
     vb: &VarBuilder,
     name: &str,
     i: usize,
     o: usize,
-) -> crate::check::Result<(Tensor, Tensor)> {
+) -> crate::check::Result<Linear> {
     use crate::check::CandleExt;
     let w = weight(vb, (o, i), &format!("{name}.weight")).ctx(name)?;
     let b = bias(vb, o, &format!("{name}.bias")).ctx(name)?;
-    Ok((w, b))
+    Linear::from_torch(&w, Some(b)).ctx(name)
 }
 
-/// GPT-2 `Conv1D` parameters by name: weight `[in, out]`, bias `[out]`.
+/// GPT-2 `Conv1D` parameters by name (weight `[in, out]`, bias `[out]`) as a
+/// [`Linear`] `[in, out]`.
 pub fn conv1d_params(
     vb: &VarBuilder,
     name: &str,
     i: usize,
     o: usize,
-) -> crate::check::Result<(Tensor, Tensor)> {
+) -> crate::check::Result<Linear> {
     use crate::check::CandleExt;
     let w = weight(vb, (i, o), &format!("{name}.weight")).ctx(name)?;
     let b = bias(vb, o, &format!("{name}.bias")).ctx(name)?;
-    Ok((w, b))
+    Linear::from_conv1d(&w, Some(b)).ctx(name)
 }
