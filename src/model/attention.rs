@@ -155,14 +155,33 @@ pub fn sdpa(
             "the prefix was built with a head count that is not the model's num_key_value_heads",
         );
     }
-    let k = repeat_kv(k, h / kvh).at(site_k, "repeat kv heads")?;
-    let v = repeat_kv(v, h / kvh).at(
-        Site::new(layer, attention, TensorKind::Value),
-        "repeat kv heads",
-    )?;
+    let site_v = Site::new(layer, attention, TensorKind::Value);
+    // Grouped-query attention without copying keys and values per query head: the G
+    // query heads that share a KV head (HF repeat_kv order: head i reads KV head i / G)
+    // are consecutive, so `[B, H, S, D]` is `[B, KVH, G*S, D]` with the same data.
+    // When k and v disagree the shapes go the long way, so that the error (a
+    // diagnosis) names the same shapes as plain attention.
+    let (group, s) = (h / kvh, q.dim(2).at(site_k, "queries")?);
+    let grouped = group > 1 && k.dims() == v.dims();
+    // Contiguous keys: their transpose is a layout gemm takes as it is (copying the
+    // transposed keys instead cost 18% of a decode step, ci/bench/README.md).
+    let (k, v) = if grouped {
+        (k.contiguous().at(site_k, "keys")?, v.clone())
+    } else {
+        let k = repeat_kv(k, group).at(site_k, "repeat kv heads")?;
+        let k = k.contiguous().at(site_k, "keys")?;
+        (k, repeat_kv(v, group).at(site_v, "repeat kv heads")?)
+    };
+    // [B, H, S, K]
     let mut scores = q
         .contiguous()
-        .and_then(|q| q.matmul(&k.t()?.contiguous()?))
+        .and_then(|q| match grouped {
+            true => q
+                .reshape((qb, kvh, group * s, qd))?
+                .matmul(&k.t()?)?
+                .reshape((qb, h, s, kl)),
+            false => q.matmul(&k.t()?),
+        })
         .at(site_k, "attention scores")?;
     let adds: Vec<&Tensor> = bias.into_iter().chain([mask]).collect();
     let fused = super::nn::scaled_masked_softmax(&scores, scale, &adds).at(site_k, "softmax")?;
@@ -181,10 +200,16 @@ pub fn sdpa(
             super::nn::softmax(&scores).at(site_k, "softmax")?
         }
     };
-    probs.matmul(&v.contiguous().at(site_k, "values")?).at(
-        Site::new(layer, attention, TensorKind::Value),
-        "attention output",
-    )
+    let v = v.contiguous().at(site_k, "values")?;
+    // [B, H, S, D]
+    match grouped {
+        true => probs
+            .reshape((qb, kvh, group * s, kl))
+            .and_then(|p| p.matmul(&v))
+            .and_then(|o| o.reshape((qb, h, s, qd))),
+        false => probs.matmul(&v),
+    }
+    .at(site_v, "attention output")
 }
 
 /// `[B, S, H*D]` -> `[B, H, S, D]`
