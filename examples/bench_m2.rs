@@ -6,9 +6,10 @@
 //!     cargo run --release --example bench_m2 -- --steps 5 --tokens 32 --fused
 //!
 //! A training step = forward through `train::batch_logits_in` (prefix in a fresh `none`
-//! cache, differentiable ops), `train::masked_cross_entropy`, `backward`, and AdamW over
-//! the prefix variables only. Generation = `generate::greedy` with a dynamic cache
-//! (`--fused`: inside `model::nn::with_fused_ops`, the default; `--no-fused`: without).
+//! cache), `train::masked_cross_entropy`, `backward`, and AdamW over the prefix
+//! variables only. Generation = `generate::greedy` with a dynamic cache, the path
+//! `prefix-harness run` takes (`--fused`: inside `model::nn::with_fused_ops`, candle-nn's
+//! softmax / norm kernels instead of the crate's own; measured equal within noise).
 //! Also measures candle's 1024^3 f32 matmul peak in the same process. Prints one
 //! `key=value` line per number (ci/bench/peft_m2.py prints the same keys).
 
@@ -82,7 +83,7 @@ fn main() -> anyhow::Result<()> {
     };
     let steps = arg("--steps", 5);
     let tokens = arg("--tokens", 32);
-    let fused = !args.iter().any(|a| a == "--no-fused");
+    let fused = args.iter().any(|a| a == "--fused");
     let skip_train = args.iter().any(|a| a == "--no-train");
     let skip_gen = args.iter().any(|a| a == "--no-gen");
     let dev = Device::Cpu;

@@ -478,6 +478,7 @@ fn decode(
                 cache,
                 mask: &mask,
                 encoder: encoded.as_ref(),
+                last_only: true,
             },
         )?;
         // [N, V]
@@ -1000,6 +1001,7 @@ pub fn forward_logits(
             cache: &mut mc,
             mask: &mask,
             encoder: encoded.as_ref(),
+            last_only: false,
         },
     )?;
     Ok((out, mc))

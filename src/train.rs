@@ -19,9 +19,12 @@
 //! optimizer sees, so the guard is against a regression that makes them trainable
 //! (an optimizer built over a `VarMap` that also holds the base model, a weight updated
 //! in place through a `Var`). [`BaseWeights::build`] builds the model through a
-//! recording `VarBuilder` that keeps a handle on every tensor it served: the handles
-//! share storage with the tensors inside the model, so an in-place update of any base
-//! weight changes its digest ([`weights::digest`], exact bits).
+//! recording `VarBuilder` that keeps a handle on every tensor it served: norms,
+//! embeddings and GPT-2 Conv1D weights share storage with the tensors inside the model,
+//! so an in-place update of them changes their digest ([`weights::digest`], exact
+//! bits). PyTorch `nn.Linear` weights are held transposed (`nn::Linear`, a copy made
+//! at load, frozen by construction: its op returns no weight gradient); the check
+//! covers the loaded originals.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -469,6 +472,7 @@ pub fn batch_logits_in(
             cache: &mut cache,
             mask: &mask,
             encoder: encoded.as_ref(),
+            last_only: false,
         },
     )
 }
@@ -685,7 +689,7 @@ fn embedding_is_zero(prefix: &PrefixEncoder) -> Result<bool> {
 // Base weights
 
 /// A `VarBuilder` backend that serves another `VarBuilder`'s tensors and keeps a
-/// handle on each (same storage as the tensor the model holds).
+/// handle on each (the tensor the model was built from).
 struct Recorder<'a> {
     inner: VarBuilder<'a>,
     served: Arc<Mutex<BTreeMap<String, Tensor>>>,

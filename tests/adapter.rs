@@ -647,6 +647,7 @@ fn logits_self_prefix_only(
                 cache: &mut mc,
                 mask: &mask,
                 encoder: Some(&enc),
+                last_only: false,
             },
         )
         .expect("forward")

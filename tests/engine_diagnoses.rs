@@ -203,6 +203,7 @@ fn prefix_built_for_another_batch_size_is_a_batch_failure() {
                 cache: &mut cache,
                 mask: &mask,
                 encoder: None,
+                last_only: false,
             },
         )
         .expect_err("batch mismatch");
@@ -239,6 +240,7 @@ fn prefix_in_another_dtype_is_a_dtype_failure() {
                 cache: &mut cache,
                 mask: &mask,
                 encoder: None,
+                last_only: false,
             },
         )
         .expect_err("dtype mismatch");

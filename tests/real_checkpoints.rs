@@ -311,6 +311,7 @@ fn forward(
                 cache: &mut mc,
                 mask: &mask,
                 encoder: encoded.as_ref(),
+                last_only: false,
             },
         )
         .expect("forward")
@@ -345,6 +346,7 @@ fn greedy_t5_self_only(
                     cache: &mut mc,
                     mask: &mask,
                     encoder: Some(&enc),
+                    last_only: false,
                 },
             )
             .expect("decode step");
@@ -656,6 +658,7 @@ fn t5_peft_default_token_dim_is_a_head_dim_diagnosis() {
                 cache: &mut mc,
                 mask: &mask,
                 encoder: Some(&enc),
+                last_only: false,
             },
         )
         .expect_err("the prefix does not fit the cache");
@@ -722,6 +725,7 @@ fn probe_logits(model: &dyn Model) -> Tensor {
                 ),
                 mask: &Tensor::ones((1, 3), DType::F32, &Device::Cpu).expect("mask"),
                 encoder: None,
+                last_only: false,
             },
         )
         .expect("forward")

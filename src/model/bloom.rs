@@ -252,8 +252,8 @@ impl Model for Bloom {
                 .at(site, "mlp")?;
             h = (m + residual).at(site, "residual")?;
         }
-        // [B, S, V]
-        layer_norm(&h, &self.ln_f.0, &self.ln_f.1, eps)
+        // [B, S, V], or [B, 1, V] with fw.last_only
+        layer_norm(&fw.kept_positions(&h)?, &self.ln_f.0, &self.ln_f.1, eps)
             .and_then(|h| self.lm_head.forward(&h))
             .ctx("lm head")
     }

@@ -440,8 +440,8 @@ impl Model for Llama {
                 .at(site_q, "mlp")?;
             h = (h + m).at(site_q, "residual")?;
         }
-        // [B, S, V]
-        rms_norm(&h, &self.norm, eps)
+        // [B, S, V], or [B, 1, V] with fw.last_only
+        rms_norm(&fw.kept_positions(&h)?, &self.norm, eps)
             .and_then(|h| self.lm_head.forward(&h))
             .ctx("lm head")
     }

@@ -99,6 +99,23 @@ pub struct Forward<'a> {
     pub mask: &'a Tensor,
     /// Encoder-decoders: the encoder output.
     pub encoder: Option<&'a Encoded>,
+    /// Logits for the last position only (`[B, 1, V]`), as generation needs them
+    /// (transformers' `logits_to_keep=1`): the final norm and LM head skip the others.
+    pub last_only: bool,
+}
+
+impl Forward<'_> {
+    /// The hidden states the final norm and LM head see:
+    /// `h: [B, S, E]` -> `[B, S, E]`, or `[B, 1, E]` with [`Forward::last_only`].
+    pub fn kept_positions(&self, h: &Tensor) -> Result<Tensor> {
+        use crate::check::CandleExt;
+        if !self.last_only {
+            return Ok(h.clone());
+        }
+        let s = h.dim(1).ctx("hidden states [B, S, E]")?;
+        h.narrow(1, s.saturating_sub(1), 1.min(s))
+            .ctx("last position")
+    }
 }
 
 /// A model of one family, loaded with weights.

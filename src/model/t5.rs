@@ -634,9 +634,10 @@ impl Model for T5 {
                 .at(site, "feed-forward")?;
             h = (h + f).at(site, "residual")?;
         }
-        // [B, S, d_model]
-        let h = rms_norm(&h, &self.decoder_ln, eps).ctx("decoder final_layer_norm")?;
-        // [B, S, V]
+        // [B, S, d_model], or [B, 1, d_model] with fw.last_only
+        let h = rms_norm(&fw.kept_positions(&h)?, &self.decoder_ln, eps)
+            .ctx("decoder final_layer_norm")?;
+        // [B, S or 1, V]
         let scale = self
             .cfg
             .scale_decoder_outputs
