@@ -238,3 +238,21 @@ fn swiglu_matches_silu_times_up_for_both_inputs() {
         assert_same(&up, 1e-5, |u| nn::swiglu(&gate, u), |u| gate.silu()? * u);
     }
 }
+
+#[test]
+fn split_and_merge_heads_match_reshape_and_transpose() {
+    use prefix_harness::model::attention::{merge_heads, split_heads};
+    for (b, s, h, d) in [(2, 3, 4, 5), (3, 33, 8, 64)] {
+        let x = rand(&[b, s, h * d], 22);
+        assert_same(
+            &x,
+            0.0,
+            |x| split_heads(x, h, d),
+            |x| x.reshape((b, s, h, d))?.transpose(1, 2),
+        );
+        let y = rand(&[b, h, s, d], 23);
+        assert_same(&y, 0.0, merge_heads, |y| {
+            y.transpose(1, 2)?.reshape((b, s, h * d))
+        });
+    }
+}

@@ -212,15 +212,26 @@ pub fn sdpa(
     .at(site_v, "attention output")
 }
 
-/// `[B, S, H*D]` -> `[B, H, S, D]`
+/// `[B, S, H*D]` -> `[B, H, S, D]` (contiguous when f32 on the CPU: one graph node).
 pub fn split_heads(x: &Tensor, heads: usize, head_dim: usize) -> candle_core::Result<Tensor> {
-    let (b, s, _) = x.dims3()?;
+    let (b, s, hd) = x.dims3()?;
+    if super::nn::own_kernel(x, &[]) && heads > 0 && hd == heads * head_dim {
+        let op = super::kernels::Heads { heads, split: true };
+        return x.contiguous()?.apply_op1(op);
+    }
     x.reshape((b, s, heads, head_dim))?.transpose(1, 2)
 }
 
-/// `[B, H, S, D]` -> `[B, S, H*D]`
+/// `[B, H, S, D]` -> `[B, S, H*D]` (one graph node when f32 on the CPU).
 pub fn merge_heads(x: &Tensor) -> candle_core::Result<Tensor> {
     let (b, h, s, d) = x.dims4()?;
+    if super::nn::own_kernel(x, &[]) {
+        let op = super::kernels::Heads {
+            heads: h,
+            split: false,
+        };
+        return x.contiguous()?.apply_op1(op);
+    }
     x.transpose(1, 2)?.reshape((b, s, h * d))
 }
 

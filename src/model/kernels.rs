@@ -98,9 +98,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `x @ w_t + b` with a frozen weight `w_t: [in, out]` (any strides) and bias
-/// `b: [out]` (contiguous f32): `x: [m, in]` -> `[m, out]`. The backward pass returns
-/// the gradient of `x` only: candle's matmul backward would also compute the gradient
-/// of the weight, as many FLOPs again, only to throw it away.
+/// `b: [out]` (contiguous f32): `x: [..., in]` (contiguous) -> `[..., out]`. The
+/// backward pass returns the gradient of `x` only: candle's matmul backward would also
+/// compute the gradient of the weight, as many FLOPs again, only to throw it away.
+/// Leading dimensions are flattened inside the op (one `[m, in] @ [in, out]` product)
+/// rather than by reshapes around it: every reshape is one more graph node, and each
+/// node costs a zero-filled buffer and an add in candle's backward pass.
 pub struct FrozenLinear {
     /// `[in, out]`
     pub w_t: Tensor,
@@ -114,13 +117,18 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, x_l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, k) = x_l.shape().dims2()?;
-        let (_, n) = self.w_t.dims2()?;
+        let dims = x_l.dims();
+        let (k, n) = self.w_t.dims2()?;
+        if !x_l.is_contiguous() || dims.last() != Some(&k) {
+            candle_core::bail!("frozen-linear: expected a contiguous [..., {k}], got {dims:?}")
+        }
+        let m = dims.iter().product::<usize>() / k.max(1);
+        let rows = Layout::contiguous_with_offset((m, k), x_l.start_offset());
         let (w, w_l) = self.w_t.storage_and_layout();
         let Storage::Cpu(w) = &*w else {
             candle_core::bail!("frozen-linear: the weight is not on the CPU")
         };
-        let mut y = BackendStorage::matmul(x, w, (1, m, n, k), x_l, w_l)?; // [m, n]
+        let mut y = BackendStorage::matmul(x, w, (1, m, n, k), &rows, w_l)?; // [m, n]
         if let Some(b) = &self.b {
             let (bias, b_l) = b.storage_and_layout();
             let (CpuStorage::F32(y), Storage::Cpu(CpuStorage::F32(bias))) = (&mut y, &*bias) else {
@@ -131,12 +139,17 @@ impl CustomOp1 for FrozenLinear {
                 row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
             }
         }
-        Ok((y, Shape::from((m, n))))
+        let mut out = dims.to_vec();
+        *out.last_mut().expect("rank >= 1: checked above") = n;
+        Ok((y, Shape::from(out)))
     }
 
-    /// `grad: [m, out]` -> `[m, in]`.
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.matmul(&self.w_t.t()?)?))
+    /// `grad: [..., out]` -> `[..., in]`.
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let n = self.w_t.dim(1)?;
+        let m = grad.elem_count() / n.max(1);
+        let dx = grad.contiguous()?.reshape((m, n))?.matmul(&self.w_t.t()?)?;
+        Ok(Some(dx.reshape(x.shape())?))
     }
 }
 
@@ -585,5 +598,72 @@ impl CustomOp2 for SwiGlu {
             Some(Tensor::from_vec(d_gate, shape, dev)?),
             Some(Tensor::from_vec(d_up, shape, dev)?),
         ))
+    }
+}
+
+/// Head split and merge as single graph nodes (one copy each way):
+/// `split: true` is `[B, S, H*D]` -> `[B, H, S, D]`, `split: false` is the inverse.
+/// Composed from `reshape` + `transpose` + `contiguous` this is three nodes, each with a
+/// zero-filled gradient buffer and an add in candle's backward pass.
+pub struct Heads {
+    pub heads: usize,
+    pub split: bool,
+}
+
+impl Heads {
+    /// `[B, S, H*D]` <-> `[B, H, S, D]` for contiguous f32 `x` of `dims`.
+    fn permute(
+        &self,
+        x: &[f32],
+        dims: &[usize],
+        split: bool,
+    ) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let h = self.heads;
+        let (b, s, d, out): (usize, usize, usize, Shape) = match (split, dims) {
+            (true, &[b, s, hd]) if h > 0 && hd % h == 0 => (b, s, hd / h, (b, h, s, hd / h).into()),
+            (false, &[b, hh, s, d]) if hh == h => (b, s, d, (b, s, h * d).into()),
+            _ => candle_core::bail!(
+                "heads: cannot {} {dims:?} over {h} heads",
+                if split { "split" } else { "merge" }
+            ),
+        };
+        let mut y = vec![0f32; x.len()];
+        // Output rows of D values; each comes from one input row of D values.
+        y.par_chunks_mut(d)
+            .enumerate()
+            .with_min_len((PARALLEL_MIN / d.max(1)).max(1))
+            .for_each(|(r, row)| {
+                let src = if split {
+                    // r = (bi, hi, si) in [B, H, S] -> input (bi, si, hi) in [B, S, H].
+                    let (bi, hi, si) = (r / (h * s), (r / s) % h, r % s);
+                    ((bi * s + si) * h + hi) * d
+                } else {
+                    // r = (bi, si, hi) in [B, S, H] -> input (bi, hi, si) in [B, H, S].
+                    let (bi, si, hi) = (r / (s * h), (r / h) % s, r % h);
+                    ((bi * h + hi) * s + si) * d
+                };
+                row.copy_from_slice(&x[src..src + d]);
+            });
+        let _ = b;
+        Ok((y, out))
+    }
+}
+
+impl CustomOp1 for Heads {
+    fn name(&self) -> &'static str {
+        "heads-with-backward"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, _) = rows(s, l, self.name())?;
+        let (y, shape) = self.permute(x, l.dims(), self.split)?;
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    /// The inverse permutation of the gradient.
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.contiguous()?;
+        let (dx, _) = self.permute(&g.flatten_all()?.to_vec1::<f32>()?, g.dims(), !self.split)?;
+        Tensor::from_vec(dx, x.shape(), x.device()).map(Some)
     }
 }

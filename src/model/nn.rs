@@ -99,14 +99,11 @@ fn frozen_matmul(x: &Tensor, w_t: &Tensor, b: Option<&Tensor>) -> candle_core::R
     {
         return plain();
     }
-    let m = dims.iter().product::<usize>() / k.max(1);
-    let mut out_dims = dims.to_vec();
-    *out_dims.last_mut().expect("rank >= 1: checked above") = n;
     let op = kernels::FrozenLinear {
         w_t: w_t.clone(),
         b: b.map(Tensor::contiguous).transpose()?,
     };
-    x.reshape((m, k))?.apply_op1(op)?.reshape(out_dims)
+    x.contiguous()?.apply_op1(op)
 }
 
 /// LayerNorm over the last dimension (differentiable in `x`; `w`, `b` frozen).
@@ -137,7 +134,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor>
 
 /// Whether [`kernels`] handle `x: [..., n]` with per-feature weights `ws: [n]`: f32 on
 /// the CPU. Anything else takes the composed ops, whose errors are candle's usual ones.
-fn own_kernel(x: &Tensor, ws: &[&Tensor]) -> bool {
+pub(crate) fn own_kernel(x: &Tensor, ws: &[&Tensor]) -> bool {
     let n = x.dims().last().copied();
     x.device().is_cpu()
         && x.dtype() == DType::F32
