@@ -2,6 +2,9 @@
 //! composed candle ops they replace: same values and same input gradient, on shapes
 //! below and above the size where the kernels switch to parallel rows.
 
+mod common;
+use common::max_abs_diff;
+
 use candle_core::{DType, Device, Tensor, Var, D};
 use prefix_harness::model::nn;
 
@@ -21,21 +24,6 @@ fn rand(shape: &[usize], seed: u64) -> Tensor {
         })
         .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-/// Max abs difference between two tensors of the same shape.
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// `f(x)` and `d sum(f(x) * r) / dx` for a random `r` (fixed by `seed`).
@@ -65,7 +53,7 @@ fn assert_same(
 ) {
     let (y1, g1) = value_and_grad(x, 7, ours);
     let (y2, g2) = value_and_grad(x, 7, reference);
-    let (dy, dg) = (max_diff(&y1, &y2), max_diff(&g1, &g2));
+    let (dy, dg) = (max_abs_diff(&y1, &y2), max_abs_diff(&g1, &g2));
     let g_scale = g2.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
     assert!(
         g_scale.to_scalar::<f32>().unwrap() > 1e-3,

@@ -2,6 +2,9 @@
 //! the explicit `head_dim` cache geometry, config parsing, and gradients reaching the
 //! prefix.
 
+mod common;
+use common::max_abs_diff;
+
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, D};
@@ -14,20 +17,6 @@ use prefix_harness::prefix::{PrefixConfig, PrefixEncoder};
 
 const SEED: u64 = 7;
 const TOL: f32 = 1e-4;
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "compared tensors differ in shape");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 /// The tiny config with `head_dim` = hidden / heads (16): candle-transformers' `llama`
 /// and `llama2_c` both derive the head size as `hidden_size / num_attention_heads` and

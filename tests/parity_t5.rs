@@ -2,6 +2,9 @@
 //! self and cross caches, cache modes against recomputation, the historical
 //! "cross cache marked updated" bug, and `config.json` parsing.
 
+mod common;
+use common::max_abs_diff;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::t5 as ct5;
@@ -40,19 +43,6 @@ const GATED_JSON: &str = r#"{
   "is_encoder_decoder": true,
   "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0
 }"#;
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 fn t5_config(json: &str) -> Config {
     match ModelConfig::from_hf_json(json).unwrap() {

@@ -321,64 +321,36 @@ impl CustomOp1 for CrossEntropy {
     }
 }
 
-/// RMSNorm with a frozen weight `w: [n]`: `x: [..., n]` -> `x / sqrt(mean(x^2) + eps) * w`.
-pub struct RmsNorm {
+/// RMSNorm (`centred: false`, no bias): `x / sqrt(mean(x^2) + eps) * w`, or LayerNorm
+/// (`centred: true`): `(x - mean) / sqrt(var + eps) * w + b`, with a frozen weight and
+/// bias `w, b: [n]`. `x: [..., n]` -> `[..., n]`.
+pub struct Norm {
     pub w: Tensor,
+    pub b: Option<Tensor>,
     pub eps: f32,
+    pub centred: bool,
 }
 
-impl CustomOp1 for RmsNorm {
+impl CustomOp1 for Norm {
     fn name(&self) -> &'static str {
-        "rms-norm-with-backward"
+        "norm-with-backward"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, n) = rows(s, l, self.name())?;
         let w = weight_values(&self.w, self.name())?;
-        let eps = self.eps;
-        let y = map_rows(x, n, |x, y| {
-            let r = 1.0 / (dot(x, x) / n as f32 + eps).sqrt();
-            for ((y, x), w) in y.iter_mut().zip(x).zip(&w) {
-                *y = x * r * w;
-            }
-        });
-        Ok(output(y, l))
-    }
-
-    /// With `gw = g * w` and `r = 1 / sqrt(mean(x^2) + eps)`:
-    /// `dx = r * gw - x * r^3 * sum(gw * x) / n`.
-    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        let op = NormGrad {
-            w: weight_values(&self.w, self.name())?,
-            eps: self.eps,
-            centred: false,
+        let b = match &self.b {
+            Some(b) => weight_values(b, self.name())?,
+            None => vec![0.0; n],
         };
-        Ok(Some(x.apply_op2_no_bwd(&grad, &op)?))
-    }
-}
-
-/// LayerNorm with a frozen weight and bias `w, b: [n]`:
-/// `x: [..., n]` -> `(x - mean) / sqrt(var + eps) * w + b`.
-pub struct LayerNorm {
-    pub w: Tensor,
-    pub b: Tensor,
-    pub eps: f32,
-}
-
-impl CustomOp1 for LayerNorm {
-    fn name(&self) -> &'static str {
-        "layer-norm-with-backward"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, n) = rows(s, l, self.name())?;
-        let w = weight_values(&self.w, self.name())?;
-        let b = weight_values(&self.b, self.name())?;
-        let eps = self.eps;
+        let (eps, centred, nf) = (self.eps, self.centred, n as f32);
         let y = map_rows(x, n, |x, y| {
-            let mean = x.iter().sum::<f32>() / n as f32;
-            let var = x.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / n as f32;
+            let mean = if centred {
+                x.iter().sum::<f32>() / nf
+            } else {
+                0.0
+            };
+            let var = x.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / nf;
             let r = 1.0 / (var + eps).sqrt();
             for (((y, x), w), b) in y.iter_mut().zip(x).zip(&w).zip(&b) {
                 *y = (x - mean) * r * w + b;
@@ -387,20 +359,21 @@ impl CustomOp1 for LayerNorm {
         Ok(output(y, l))
     }
 
-    /// With `gw = g * w`, `xh = (x - mean) * r`:
-    /// `dx = r * (gw - mean(gw) - xh * mean(gw * xh))`.
+    /// With `gw = g * w`, `r = 1 / sqrt(var + eps)` and `xh = (x - mean) * r`:
+    /// `dx = r * (gw - mean(gw) - xh * mean(gw * xh))` (RMSNorm: mean = 0, and no
+    /// `mean(gw)` term).
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let grad = grad.contiguous()?;
         let op = NormGrad {
             w: weight_values(&self.w, self.name())?,
             eps: self.eps,
-            centred: true,
+            centred: self.centred,
         };
         Ok(Some(x.apply_op2_no_bwd(&grad, &op)?))
     }
 }
 
-/// The input gradient of [`RmsNorm`] (`centred: false`) or [`LayerNorm`] (`true`):
+/// The input gradient of [`Norm`]:
 /// `(x, g)`, both `[..., n]` -> `dx: [..., n]`.
 struct NormGrad {
     w: Vec<f32>,

@@ -113,8 +113,13 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::
         return candle_nn::ops::layer_norm(&x.contiguous()?, w, b, eps as f32);
     }
     if own_kernel(x, &[w, b]) {
-        let (w, b, eps) = (w.clone(), b.clone(), eps as f32);
-        return x.contiguous()?.apply_op1(kernels::LayerNorm { w, b, eps });
+        let op = kernels::Norm {
+            w: w.clone(),
+            b: Some(b.clone()),
+            eps: eps as f32,
+            centred: true,
+        };
+        return x.contiguous()?.apply_op1(op);
     }
     candle_nn::ops::layer_norm_slow(x, w, b, eps as f32)
 }
@@ -126,8 +131,13 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor>
         return candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32);
     }
     if own_kernel(x, &[w]) {
-        let (w, eps) = (w.clone(), eps as f32);
-        return x.contiguous()?.apply_op1(kernels::RmsNorm { w, eps });
+        let op = kernels::Norm {
+            w: w.clone(),
+            b: None,
+            eps: eps as f32,
+            centred: false,
+        };
+        return x.contiguous()?.apply_op1(op);
     }
     candle_nn::ops::rms_norm_slow(x, w, eps as f32)
 }
