@@ -32,6 +32,16 @@ fn rows<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<(&'a
     Ok((&v[start..end], n))
 }
 
+/// `f` over the f32 values of a contiguous CPU tensor, read in place (no copy).
+fn with_values<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("{op}: expected a CPU tensor")
+    };
+    let (values, _) = rows(cpu, layout, op)?;
+    Ok(f(values))
+}
+
 /// The f32 values of a frozen weight `[n]`.
 fn weight_values(w: &Tensor, op: &str) -> candle_core::Result<Vec<f32>> {
     w.flatten_all()
@@ -495,7 +505,9 @@ impl CustomOp1 for Rope {
     /// `grad: [B, H, S, D]` -> `[B, H, S, D]`.
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let g = grad.contiguous()?;
-        let dx = self.apply(&g.flatten_all()?.to_vec1::<f32>()?, g.dims(), true)?;
+        let dx = with_values(&g, self.name(), |g_values| {
+            self.apply(g_values, g.dims(), true)
+        })??;
         Tensor::from_vec(dx, g.shape(), g.device()).map(Some)
     }
 }
@@ -547,25 +559,29 @@ impl CustomOp2 for SwiGlu {
         _y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let g = gate.flatten_all()?.to_vec1::<f32>()?;
-        let u = up.flatten_all()?.to_vec1::<f32>()?;
+        let grad = grad.contiguous()?;
         let n = gate.dims().last().copied().unwrap_or(1).max(1);
-        let mut d_gate = vec![0f32; g.len()];
-        let d_up = map_rows2(&g, &grad, n, |g, dy, d_up| {
-            for ((d, g), dy) in d_up.iter_mut().zip(g).zip(dy) {
-                *d = dy * silu_and_slope(*g).0;
-            }
-        });
-        d_gate
-            .par_chunks_mut(n)
-            .zip(g.par_chunks(n).zip(u.par_chunks(n)).zip(grad.par_chunks(n)))
-            .with_min_len((PARALLEL_MIN / n).max(1))
-            .for_each(|(d, ((g, u), dy))| {
-                for (((d, g), u), dy) in d.iter_mut().zip(g).zip(u).zip(dy) {
-                    *d = dy * u * silu_and_slope(*g).1;
-                }
-            });
+        let len = gate.elem_count();
+        let (mut d_gate, mut d_up) = (vec![0f32; len], vec![0f32; len]);
+        let name = self.name();
+        with_values(gate, name, |g| {
+            with_values(up, name, |u| {
+                with_values(&grad, name, |dy| {
+                    d_gate
+                        .par_chunks_mut(n)
+                        .zip(d_up.par_chunks_mut(n))
+                        .zip(g.par_chunks(n).zip(u.par_chunks(n)).zip(dy.par_chunks(n)))
+                        .with_min_len((PARALLEL_MIN / n).max(1))
+                        .for_each(|((dg, du), ((g, u), dy))| {
+                            for i in 0..g.len() {
+                                let (silu, slope) = silu_and_slope(g[i]);
+                                du[i] = dy[i] * silu;
+                                dg[i] = dy[i] * u[i] * slope;
+                            }
+                        })
+                })
+            })
+        })???;
         let (shape, dev) = (gate.shape(), gate.device());
         Ok((
             Some(Tensor::from_vec(d_gate, shape, dev)?),
@@ -636,7 +652,9 @@ impl CustomOp1 for Heads {
     /// The inverse permutation of the gradient.
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let g = grad.contiguous()?;
-        let (dx, _) = self.permute(&g.flatten_all()?.to_vec1::<f32>()?, g.dims(), !self.split)?;
+        let (dx, _) = with_values(&g, self.name(), |g_values| {
+            self.permute(g_values, g.dims(), !self.split)
+        })??;
         Tensor::from_vec(dx, x.shape(), x.device()).map(Some)
     }
 }
