@@ -5,12 +5,12 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use prefix_harness::cache::{CacheConfig, CacheMode};
+use prefix_harness::cache::{CacheConfig, CacheMode, ModelCache};
 use prefix_harness::check::{
     from_candle, Attention, Diagnosis, DiagnosisClass, EngineError, TensorKind,
 };
 use prefix_harness::generate::{greedy, prepare_cache, DecodeOptions};
-use prefix_harness::model::{Family, Forward};
+use prefix_harness::model::{Family, Forward, Model};
 use prefix_harness::prefix::{HeadDimFrom, HeadsFrom, PrefixConfig, PrefixEncoder, PrefixLayout};
 
 fn diagnose(family: Family, p: usize, opts: DecodeOptions, cfg: Option<PrefixConfig>) -> Diagnosis {
@@ -24,6 +24,25 @@ fn diagnose(family: Family, p: usize, opts: DecodeOptions, cfg: Option<PrefixCon
         Err(EngineError::Shape(d)) => *d,
         Err(e) => panic!("{family:?}: expected a shape diagnosis, got {e}"),
     }
+}
+
+/// The diagnosis of one forward pass that must fail: `ids: [B, S]`, `mask: [B, P + S]`.
+fn failing_forward(
+    model: &dyn Model,
+    cache: &mut ModelCache,
+    ids: &Tensor,
+    mask: &Tensor,
+) -> Diagnosis {
+    let mut fw = Forward {
+        cache,
+        mask,
+        encoder: None,
+        last_only: false,
+    };
+    let err = model
+        .forward(ids, &mut fw)
+        .expect_err("the forward pass fails");
+    err.diagnosis().expect("diagnosed").clone()
 }
 
 fn opts(mode: CacheMode) -> DecodeOptions {
@@ -196,18 +215,7 @@ fn prefix_built_for_another_batch_size_is_a_batch_failure() {
     let ids = prompt(3, 5);
     let mask = Tensor::ones((3, 9), DType::F32, &Device::Cpu).unwrap();
     cache.next_step();
-    let err = model
-        .forward(
-            &ids,
-            &mut Forward {
-                cache: &mut cache,
-                mask: &mask,
-                encoder: None,
-                last_only: false,
-            },
-        )
-        .expect_err("batch mismatch");
-    let d = err.diagnosis().expect("diagnosed").clone();
+    let d = failing_forward(model.as_ref(), &mut cache, &ids, &mask);
     assert_place(
         &d,
         DiagnosisClass::Batch,
@@ -233,18 +241,7 @@ fn prefix_in_another_dtype_is_a_dtype_failure() {
     }
     let mask = Tensor::ones((2, 9), DType::F32, &Device::Cpu).unwrap();
     cache.next_step();
-    let err = model
-        .forward(
-            &prompt(2, 5),
-            &mut Forward {
-                cache: &mut cache,
-                mask: &mask,
-                encoder: None,
-                last_only: false,
-            },
-        )
-        .expect_err("dtype mismatch");
-    let d = err.diagnosis().expect("diagnosed").clone();
+    let d = failing_forward(model.as_ref(), &mut cache, &prompt(2, 5), &mask);
     assert_place(
         &d,
         DiagnosisClass::Dtype,

@@ -17,14 +17,7 @@ const STEPS: usize = 5;
 const WINDOW: usize = 8;
 
 fn mode(name: &str) -> CacheMode {
-    match name {
-        "none" => CacheMode::None,
-        "dynamic" => CacheMode::Dynamic,
-        "static" => CacheMode::Static { max_len: 48 },
-        "sliding" => CacheMode::Sliding { window: WINDOW },
-        "legacy" => CacheMode::Legacy,
-        other => panic!("unknown mode {other}"),
-    }
+    common::cache_mode(name, 48, WINDOW)
 }
 
 #[rstest]

@@ -20,14 +20,7 @@ const P: usize = 4;
 const WINDOW: usize = 8;
 
 fn mode(name: &str) -> CacheMode {
-    match name {
-        "none" => CacheMode::None,
-        "dynamic" => CacheMode::Dynamic,
-        "static" => CacheMode::Static { max_len: 64 },
-        "sliding" => CacheMode::Sliding { window: WINDOW },
-        "legacy" => CacheMode::Legacy,
-        other => panic!("unknown mode {other}"),
-    }
+    common::cache_mode(name, 64, WINDOW)
 }
 
 /// The recompute reference of `cfg`: cache `none` with the same attention window.

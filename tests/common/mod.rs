@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Tensor};
-use prefix_harness::cache::Layout;
+use prefix_harness::cache::{CacheMode, Layout};
 use prefix_harness::model::{weights, Family, Model, ModelConfig};
 use prefix_harness::prefix::{PrefixConfig, PrefixEncoder};
 
@@ -18,6 +18,20 @@ pub fn prefix(model: &dyn Model, p: usize) -> PrefixEncoder {
     let mut cfg = PrefixConfig::new(p);
     cfg.seed = SEED + 1;
     PrefixEncoder::new(&cfg, &model.geometry(), &Device::Cpu).expect("prefix builds")
+}
+
+/// A cache mode by its rstest name, with the static capacity and sliding window given.
+pub fn cache_mode(name: &str, static_max_len: usize, window: usize) -> CacheMode {
+    match name {
+        "none" => CacheMode::None,
+        "dynamic" => CacheMode::Dynamic,
+        "static" => CacheMode::Static {
+            max_len: static_max_len,
+        },
+        "sliding" => CacheMode::Sliding { window },
+        "legacy" => CacheMode::Legacy,
+        other => panic!("unknown mode {other}"),
+    }
 }
 
 /// A `[B, S]` prompt of distinct-looking rows (row r is shifted by 37 r).
