@@ -161,7 +161,7 @@ fn main() -> anyhow::Result<()> {
         }
         let step_s = median(&mut times);
         // Useful work: forward + the backward pass to the activations (2x forward);
-        // PyTorch skips the weight gradients of frozen weights, candle computes them.
+        // neither side computes gradients of the frozen weights (ours: nn::Linear).
         let flops = 2.0 * forward_flops(S, P + S, S);
         println!("train_step_s={step_s:.4}");
         println!("train_forward_s={:.4}", median(&mut fwd_t));
