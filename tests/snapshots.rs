@@ -12,7 +12,7 @@
 //! One snapshot per case, named after the case id (`grid[family=t5,cache=sliding/16,P=8,B=3]`
 //! -> `grid__family-t5_cache-sliding-16_P-8_B-3`). A snapshot holds only what must be
 //! identical on every platform: status, diagnosis class, place and shapes, the
-//! generated token ids, the training loss rounded to one decimal, and the trace
+//! generated token ids of untrained cases, whether training lowered the loss, and the trace
 //! condensed to one line per step, attention and operation, with the layers that
 //! behave identically merged (`L0-1`; the order of events within a step is not
 //! kept). Durations, logits and the messages of passing cases are left out. A trace
@@ -58,7 +58,7 @@ struct CaseSnapshot {
     #[serde(skip_serializing_if = "Option::is_none")]
     message: Option<String>,
     diagnosis: Option<DiagnosisSnapshot>,
-    /// `steps N, loss A -> B` (one decimal), when the case trained.
+    /// `steps N, loss decreased` (or `did not decrease`), when the case trained.
     #[serde(skip_serializing_if = "Option::is_none")]
     training: Option<String>,
     /// Generated ids, one line per batch row.
@@ -187,12 +187,6 @@ fn condense(trace: &Trace, layout: &str) -> Vec<String> {
     lines
 }
 
-/// One decimal, with `-0.0` shown as `0.0`.
-fn round1(x: f32) -> String {
-    let r = (f64::from(x) * 10.0).round() / 10.0;
-    format!("{:.1}", if r == 0.0 { 0.0 } else { r })
-}
-
 fn snapshot_of(r: &CaseResult) -> CaseSnapshot {
     let trace = r.trace.clone().unwrap_or_default();
     let layout = trace
@@ -217,18 +211,30 @@ fn snapshot_of(r: &CaseResult) -> CaseSnapshot {
         }),
         training: match (r.losses.first(), r.losses.last()) {
             (Some(&a), Some(&b)) => Some(format!(
-                "steps {}, loss {} -> {}",
+                "steps {}, loss {}",
                 r.losses.len(),
-                round1(a),
-                round1(b)
+                if b < a {
+                    "decreased"
+                } else {
+                    "did not decrease"
+                }
             )),
             _ => None,
         },
-        tokens: r
-            .tokens
-            .iter()
-            .map(|row| row.iter().map(u32::to_string).collect::<Vec<_>>().join(" "))
-            .collect(),
+        tokens: if r.losses.is_empty() {
+            r.tokens
+                .iter()
+                .map(|row| row.iter().map(u32::to_string).collect::<Vec<_>>().join(" "))
+                .collect()
+        } else {
+            // After training, greedy ids sit on near-ties that one ulp of rounding moves
+            // (AdamW turns near-zero gradient noise into full steps), and with them the
+            // length (EOS): only the row count. The JSON report has the ids.
+            vec![format!(
+                "{} rows (ids after training are not compared)",
+                r.tokens.len()
+            )]
+        },
         trace: condense(&trace, layout.as_deref().unwrap_or("")),
         layout,
     }
@@ -440,6 +446,4 @@ fn snapshot_names_are_portable_and_readable() {
     assert_eq!(snapshot_name("peft-2192-fixed"), "peft-2192-fixed");
     assert_eq!(snapshot_name("a b:c"), "a~b~c");
     assert_eq!(layer_ranges(&[0, 1, 2, 4, 6, 7]), "0-2,4,6-7");
-    assert_eq!(round1(-0.04), "0.0");
-    assert_eq!(round1(2.349), "2.3");
 }

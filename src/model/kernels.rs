@@ -306,9 +306,11 @@ impl CustomOp1 for CrossEntropy {
         Ok((CpuStorage::F32(nll), Shape::from(n)))
     }
 
-    /// `grad: [N]` -> `[N, V]`.
-    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    /// `grad: [N]` -> `[N, V]`. The row's `max + ln(sum(exp(x - max)))` is the forward
+    /// output plus the target logit: one pass over the logits, not two.
+    fn bwd(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let g = grad.to_vec1::<f32>()?;
+        let nll = y.to_vec1::<f32>()?;
         let (x_s, x_l) = x.storage_and_layout();
         let Storage::Cpu(x_s) = &*x_s else {
             candle_core::bail!("{}: the logits are not on the CPU", self.name())
@@ -317,11 +319,10 @@ impl CustomOp1 for CrossEntropy {
         let mut dx = vec![0f32; xv.len()];
         dx.par_chunks_mut(v)
             .zip(xv.par_chunks(v))
-            .zip(self.targets.par_iter().zip(&g))
+            .zip(self.targets.par_iter().zip(&g).zip(&nll))
             .with_min_len((PARALLEL_MIN / v).max(1))
-            .for_each(|((dx, x), (&t, &g))| {
-                let (max, lse) = Self::log_sum_exp(x);
-                let shift = max + lse;
+            .for_each(|((dx, x), ((&t, &g), &nll))| {
+                let shift = nll + x[t as usize];
                 for (dx, x) in dx.iter_mut().zip(x) {
                     *dx = g * (x - shift).exp();
                 }
