@@ -1,15 +1,16 @@
 //! CPU kernels with their own backward pass, for the hot spots of prefix training.
 //!
 //! candle's composed ops (`softmax`, `log_softmax` + `gather`, `rms_norm_slow`,
-//! `layer_norm_slow`)
-//! train correctly but cost 5-7 tensor ops each, every one with its own buffer and, in
+//! `layer_norm_slow`, RoPE's narrow/neg/cat/mul, reshape + transpose + contiguous)
+//! train correctly but cost 3-7 tensor ops each, every one with its own buffer and, in
 //! the backward pass, more ops plus a zero-filled gradient buffer per input. candle-nn's
 //! fused kernels are fast but have no backward pass (gradients silently stop there,
 //! DESIGN.md). These are fused *and* differentiable: one pass over the rows forward, one
 //! backward, in f32, parallel over rows.
 //!
-//! Every op works on the last dimension of a contiguous f32 tensor `[..., n]`; the
-//! callers in [`super::nn`] check that and fall back to the composed ops otherwise.
+//! The ops work on rows (the last dimension) of contiguous f32 CPU tensors; the callers
+//! in [`super::nn`] and [`super::attention`] check that and fall back to the composed
+//! ops otherwise. Each op's shapes are on its struct.
 //! Norm weights and biases are frozen base weights: no gradient flows to them (the
 //! prefix is the only trainable parameter in this crate).
 
@@ -609,9 +610,9 @@ impl Heads {
         split: bool,
     ) -> candle_core::Result<(Vec<f32>, Shape)> {
         let h = self.heads;
-        let (b, s, d, out): (usize, usize, usize, Shape) = match (split, dims) {
-            (true, &[b, s, hd]) if h > 0 && hd % h == 0 => (b, s, hd / h, (b, h, s, hd / h).into()),
-            (false, &[b, hh, s, d]) if hh == h => (b, s, d, (b, s, h * d).into()),
+        let (s, d, out): (usize, usize, Shape) = match (split, dims) {
+            (true, &[b, s, hd]) if h > 0 && hd % h == 0 => (s, hd / h, (b, h, s, hd / h).into()),
+            (false, &[b, hh, s, d]) if hh == h => (s, d, (b, s, h * d).into()),
             _ => candle_core::bail!(
                 "heads: cannot {} {dims:?} over {h} heads",
                 if split { "split" } else { "merge" }
@@ -634,7 +635,6 @@ impl Heads {
                 };
                 row.copy_from_slice(&x[src..src + d]);
             });
-        let _ = b;
         Ok((y, out))
     }
 }

@@ -2,10 +2,11 @@
 //!
 //! candle-nn's fused `softmax_last_dim`, `rms_norm`, `layer_norm` and `rope` have no
 //! backward pass (DESIGN.md): gradients silently stop at them. By default the softmax,
-//! log-softmax and norms here are this crate's own kernels with a backward pass
-//! ([`super::kernels`], f32 on the CPU) or, for other dtypes and devices, composed from
-//! differentiable tensor ops, so that the prefix trains through them.
-//! [`with_fused_ops`] switches them to candle-nn's fused kernels (no backward pass).
+//! cross-entropy, norms, RoPE, SwiGLU and linears here are this crate's own kernels with
+//! a backward pass ([`super::kernels`], f32 on the CPU) or, for other dtypes and
+//! devices, composed from differentiable tensor ops, so that the prefix trains through
+//! them. [`with_fused_ops`] switches the softmax and norms to candle-nn's fused kernels
+//! (no backward pass: the historical bug `train.fused_ops` reproduces).
 
 use std::cell::Cell;
 
@@ -77,8 +78,8 @@ impl Linear {
 /// `broadcast_matmul` spends as many FLOPs on gradients of the frozen weights as on the
 /// one the prefix needs, and builds them as `[batch, in, out]` before summing. Here the
 /// batch is flattened into one `[B*S, in] @ [in, out]` product and the backward pass
-/// returns the gradient of `x` only ([`kernels::FrozenLinear`]). On a shape mismatch, or off the
-/// CPU, it takes the plain path so that the error is candle's usual one.
+/// returns the gradient of `x` only ([`kernels::FrozenLinear`]). On a shape mismatch,
+/// or off the CPU, it takes the plain path so that the error is candle's usual one.
 fn frozen_matmul(x: &Tensor, w_t: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
     let dims = x.dims();
     let plain = || {
