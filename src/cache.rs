@@ -4,7 +4,7 @@
 //! `[batch, kv_heads, seq, head_dim]` and hands them to [`ModelCache::update_self`].
 //! The cache converts them to the layout it stores, checks them against what it
 //! already holds (the prefix, then earlier tokens) and turns any disagreement into a
-//! [`Diagnosis`], appends, records a [`TraceEvent`], and returns everything the
+//! [`Diagnosis`], appends, records a [`TraceEvent`](crate::trace::TraceEvent), and returns everything the
 //! attention may read, back in the standard layout.
 //!
 //! The prefix is placed with [`ModelCache::seed`] *as given*, in whatever layout the

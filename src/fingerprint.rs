@@ -370,8 +370,8 @@ mod logits_list {
 
 /// Turn every JSON number that has a fraction or an exponent into a JSON string with
 /// the same text, leaving integers and the contents of strings alone, so that floats
-/// reach [`Num`] as text and are parsed by `str::parse` (correctly rounded). Every
-/// float field of a fingerprint is a [`Num`]; integers (token ids, counts) stay
+/// reach `Num` as text and are parsed by `str::parse` (correctly rounded). Every
+/// float field of a fingerprint is a `Num`; integers (token ids, counts) stay
 /// numbers. Invalid JSON stays invalid (serde_json reports it).
 pub fn quote_floats(json: &str) -> String {
     let b = json.as_bytes();

@@ -8,7 +8,7 @@
 //! 2. [`PrefixEncoder::forward`]: `[P, L * 2 * token_dim]` (PEFT's `prompt_embeddings`).
 //! 3. [`PrefixEncoder::past_key_values`]: view `[B, P, 2L, H, D]`, duplicated along the
 //!    layer axis for encoder-decoders, permuted to `[2L, B, H, P, D]`, split per layer.
-//! 4. [`PrefixLayout::shape`]: standard 4-D, or a legacy layout.
+//! 4. [`shape_for_layout`]: standard 4-D, or a legacy layout.
 
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
