@@ -52,21 +52,34 @@ fn weight_values(w: &Tensor, op: &str) -> candle_core::Result<Vec<f32>> {
 
 /// Apply `f(row_in, row_out)` to every row of `n` values, in parallel when large.
 fn map_rows(input: &[f32], n: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
+    map_rows_indexed(input, n, |_, x, y| f(x, y))
+}
+
+/// Apply `f(row_index, row_in, row_out)` to every row of `n` values, in parallel (in
+/// tasks of about [`PARALLEL_MIN`] values) when large.
+fn map_rows_indexed(
+    input: &[f32],
+    n: usize,
+    f: impl Fn(usize, &[f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
     let mut out = vec![0f32; input.len()];
     if input.len() < PARALLEL_MIN {
         input
             .chunks_exact(n)
             .zip(out.chunks_exact_mut(n))
-            .for_each(|(x, y)| f(x, y));
+            .enumerate()
+            .for_each(|(r, (x, y))| f(r, x, y));
     } else {
-        let per_task = (PARALLEL_MIN / n).max(1) * n;
+        let rows_per_task = (PARALLEL_MIN / n).max(1);
         input
-            .par_chunks(per_task)
-            .zip(out.par_chunks_mut(per_task))
-            .for_each(|(xs, ys)| {
+            .par_chunks(rows_per_task * n)
+            .zip(out.par_chunks_mut(rows_per_task * n))
+            .enumerate()
+            .for_each(|(task, (xs, ys))| {
                 xs.chunks_exact(n)
                     .zip(ys.chunks_exact_mut(n))
-                    .for_each(|(x, y)| f(x, y))
+                    .enumerate()
+                    .for_each(|(r, (x, y))| f(task * rows_per_task + r, x, y))
             });
     }
     out
@@ -205,27 +218,22 @@ impl CustomOp1 for Softmax {
             adds.push((v.as_slice(), *layout));
         }
         let scale = self.scale;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(n)
-            .zip(x.par_chunks(n))
-            .enumerate()
-            .with_min_len((PARALLEL_MIN / n).max(1))
-            .for_each(|(r, (y, x))| {
-                for (y, x) in y.iter_mut().zip(x) {
-                    *y = x * scale;
-                }
-                for (v, layout) in &adds {
-                    let add = &v[Self::row_offset(layout, r)..][..n];
-                    y.iter_mut().zip(add).for_each(|(y, a)| *y += a);
-                }
-                let max = y.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for y in y.iter_mut() {
-                    *y = (*y - max).exp();
-                    sum += *y;
-                }
-                y.iter_mut().for_each(|y| *y /= sum);
-            });
+        let y = map_rows_indexed(x, n, |r, x, y| {
+            for (y, x) in y.iter_mut().zip(x) {
+                *y = x * scale;
+            }
+            for (v, layout) in &adds {
+                let add = &v[Self::row_offset(layout, r)..][..n];
+                y.iter_mut().zip(add).for_each(|(y, a)| *y += a);
+            }
+            let max = y.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for y in y.iter_mut() {
+                *y = (*y - max).exp();
+                sum += *y;
+            }
+            y.iter_mut().for_each(|y| *y /= sum);
+        });
         Ok(output(y, l))
     }
 
@@ -469,27 +477,22 @@ impl Rope {
         }
         let (cos, sin) = self.tables()?;
         let half = d / 2;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .enumerate()
-            .with_min_len((PARALLEL_MIN / d).max(1))
-            .for_each(|(r, (y, x))| {
-                // row r = (bi, hi, si); the tables have no head axis.
-                let (bi, si) = (r / (h * s), r % s);
-                let t = (bi * s + si) * d;
-                let (c, sn) = (&cos[t..t + d], &sin[t..t + d]);
-                for i in 0..half {
-                    let (x1, x2) = (x[i], x[i + half]);
-                    if inverse {
-                        y[i] = x1 * c[i] + x2 * sn[i + half];
-                        y[i + half] = x2 * c[i + half] - x1 * sn[i];
-                    } else {
-                        y[i] = x1 * c[i] - x2 * sn[i];
-                        y[i + half] = x2 * c[i + half] + x1 * sn[i + half];
-                    }
+        let y = map_rows_indexed(x, d, |r, x, y| {
+            // row r = (bi, hi, si); the tables have no head axis.
+            let (bi, si) = (r / (h * s), r % s);
+            let t = (bi * s + si) * d;
+            let (c, sn) = (&cos[t..t + d], &sin[t..t + d]);
+            for i in 0..half {
+                let (x1, x2) = (x[i], x[i + half]);
+                if inverse {
+                    y[i] = x1 * c[i] + x2 * sn[i + half];
+                    y[i + half] = x2 * c[i + half] - x1 * sn[i];
+                } else {
+                    y[i] = x1 * c[i] - x2 * sn[i];
+                    y[i + half] = x2 * c[i + half] + x1 * sn[i + half];
                 }
-            });
+            }
+        });
         Ok(y)
     }
 }
