@@ -259,10 +259,9 @@ struct Layer {
     o_proj: Linear,
     /// `[E]`
     post_attention_layernorm: Tensor,
-    /// `Linear` `[E, I]`
-    gate_proj: Linear,
-    /// `Linear` `[E, I]`
-    up_proj: Linear,
+    /// `mlp.gate_proj` and `mlp.up_proj` side by side: `Linear` `[E, 2*I]` (gate
+    /// columns first), one product for both.
+    gate_up_proj: Linear,
     /// `Linear` `[I, E]`
     down_proj: Linear,
 }
@@ -316,8 +315,11 @@ impl Llama {
                 v_proj: lin(&vb, &format!("{p}.self_attn.v_proj"), e, kvh * d, ab)?,
                 o_proj: lin(&vb, &format!("{p}.self_attn.o_proj"), heads * d, e, ab)?,
                 post_attention_layernorm: norm("post_attention_layernorm")?,
-                gate_proj: lin(&vb, &format!("{p}.mlp.gate_proj"), e, inter, mb)?,
-                up_proj: lin(&vb, &format!("{p}.mlp.up_proj"), e, inter, mb)?,
+                gate_up_proj: Linear::concat(&[
+                    &lin(&vb, &format!("{p}.mlp.gate_proj"), e, inter, mb)?,
+                    &lin(&vb, &format!("{p}.mlp.up_proj"), e, inter, mb)?,
+                ])
+                .ctx("mlp.gate_proj + mlp.up_proj")?,
                 down_proj: lin(&vb, &format!("{p}.mlp.down_proj"), inter, e, mb)?,
             });
         }
@@ -434,8 +436,9 @@ impl Model for Llama {
             // [B, S, E]: down(silu(gate(x)) * up(x))
             let m = rms_norm(&h, &l.post_attention_layernorm, eps)
                 .and_then(|x| {
-                    let (gate, up) = (l.gate_proj.forward(&x)?, l.up_proj.forward(&x)?);
-                    l.down_proj.forward(&swiglu(&gate, &up)?)
+                    // [B, S, 2*I] -> [B, S, I]
+                    let h = swiglu(&l.gate_up_proj.forward(&x)?)?;
+                    l.down_proj.forward(&h)
                 })
                 .at(site_q, "mlp")?;
             h = (h + m).at(site_q, "residual")?;
