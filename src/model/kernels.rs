@@ -545,10 +545,8 @@ impl CustomOp1 for Rope {
     }
 }
 
-/// SwiGLU on the fused gate/up projection (Llama's MLP): `gu: [..., 2n]`, the gate in
-/// the first `n` columns and the up projection in the last `n` -> `silu(gate) * up:
-/// [..., n]`, differentiable in `gu`. One product for both projections and one graph
-/// node, instead of two products, two nodes and the narrows between them.
+/// SwiGLU, `silu(gate) * up` (Llama's MLP), differentiable in both:
+/// `gate, up: [..., n]` (same shape, contiguous) -> `[..., n]`.
 pub struct SwiGlu;
 
 /// `(silu(x), d silu / dx)` with `silu(x) = x * sigmoid(x)`.
@@ -557,63 +555,71 @@ fn silu_and_slope(x: f32) -> (f32, f32) {
     (x * sig, sig * (1.0 + x * (1.0 - sig)))
 }
 
-impl SwiGlu {
-    /// `n` of a `[..., 2n]` input, or an error.
-    fn half(dims: &[usize]) -> candle_core::Result<usize> {
-        match dims.last() {
-            Some(&n2) if n2 > 0 && n2 % 2 == 0 => Ok(n2 / 2),
-            _ => candle_core::bail!("swiglu: expected [..., 2n] (gate then up), got {dims:?}"),
-        }
-    }
-}
-
-impl CustomOp1 for SwiGlu {
+impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "swiglu-with-backward"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (gu, _) = rows(s, l, self.name())?;
-        let n = Self::half(l.dims())?;
-        let mut y = vec![0f32; gu.len() / 2];
-        y.par_chunks_mut(n)
-            .zip(gu.par_chunks(2 * n))
-            .with_min_len((PARALLEL_MIN / n).max(1))
-            .for_each(|(y, gu)| {
-                let (g, u) = gu.split_at(n);
-                for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
-                    *y = silu_and_slope(*g).0 * u;
-                }
-            });
-        let mut dims = l.dims().to_vec();
-        *dims.last_mut().expect("rank >= 1: checked by half") = n;
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let ((gate, n), (up, _)) = (rows(gs, gl, self.name())?, rows(us, ul, self.name())?);
+        if gl.dims() != ul.dims() {
+            candle_core::bail!(
+                "{}: gate {:?} and up {:?} differ",
+                self.name(),
+                gl.dims(),
+                ul.dims()
+            )
+        }
+        let y = map_rows2(gate, up, n, |g, u, y| {
+            for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
+                *y = silu_and_slope(*g).0 * u;
+            }
+        });
+        Ok(output(y, gl))
     }
 
-    /// `grad: [..., n]` -> `[..., 2n]`: `d gate = grad * up * silu'(gate)`,
-    /// `d up = grad * silu(gate)`.
-    fn bwd(&self, gu: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    /// `d gate = grad * up * silu'(gate)`, `d up = grad * silu(gate)`.
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let n = Self::half(gu.dims())?;
-        let mut d = vec![0f32; gu.elem_count()];
+        let n = gate.dims().last().copied().unwrap_or(1).max(1);
+        let len = gate.elem_count();
+        let (mut d_gate, mut d_up) = (vec![0f32; len], vec![0f32; len]);
         let name = self.name();
-        with_values(gu, name, |gu| {
-            with_values(&grad, name, |dy| {
-                d.par_chunks_mut(2 * n)
-                    .zip(gu.par_chunks(2 * n).zip(dy.par_chunks(n)))
-                    .with_min_len((PARALLEL_MIN / n).max(1))
-                    .for_each(|(d, (gu, dy))| {
-                        let (g, u) = gu.split_at(n);
-                        let (d_gate, d_up) = d.split_at_mut(n);
-                        for i in 0..n {
-                            let (silu, slope) = silu_and_slope(g[i]);
-                            d_up[i] = dy[i] * silu;
-                            d_gate[i] = dy[i] * u[i] * slope;
-                        }
-                    })
+        with_values(gate, name, |g| {
+            with_values(up, name, |u| {
+                with_values(&grad, name, |dy| {
+                    d_gate
+                        .par_chunks_mut(n)
+                        .zip(d_up.par_chunks_mut(n))
+                        .zip(g.par_chunks(n).zip(u.par_chunks(n)).zip(dy.par_chunks(n)))
+                        .with_min_len((PARALLEL_MIN / n).max(1))
+                        .for_each(|((dg, du), ((g, u), dy))| {
+                            for i in 0..g.len() {
+                                let (silu, slope) = silu_and_slope(g[i]);
+                                du[i] = dy[i] * silu;
+                                dg[i] = dy[i] * u[i] * slope;
+                            }
+                        })
+                })
             })
-        })??;
-        Tensor::from_vec(d, gu.shape(), gu.device()).map(Some)
+        })???;
+        let (shape, dev) = (gate.shape(), gate.device());
+        Ok((
+            Some(Tensor::from_vec(d_gate, shape, dev)?),
+            Some(Tensor::from_vec(d_up, shape, dev)?),
+        ))
     }
 }
 

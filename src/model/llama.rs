@@ -259,9 +259,10 @@ struct Layer {
     o_proj: Linear,
     /// `[E]`
     post_attention_layernorm: Tensor,
-    /// `mlp.gate_proj` and `mlp.up_proj` side by side: `Linear` `[E, 2*I]` (gate
-    /// columns first), one product for both.
-    gate_up_proj: Linear,
+    /// `Linear` `[E, I]`
+    gate_proj: Linear,
+    /// `Linear` `[E, I]`
+    up_proj: Linear,
     /// `Linear` `[I, E]`
     down_proj: Linear,
 }
@@ -315,11 +316,8 @@ impl Llama {
                 v_proj: lin(&vb, &format!("{p}.self_attn.v_proj"), e, kvh * d, ab)?,
                 o_proj: lin(&vb, &format!("{p}.self_attn.o_proj"), heads * d, e, ab)?,
                 post_attention_layernorm: norm("post_attention_layernorm")?,
-                gate_up_proj: Linear::concat(&[
-                    &lin(&vb, &format!("{p}.mlp.gate_proj"), e, inter, mb)?,
-                    &lin(&vb, &format!("{p}.mlp.up_proj"), e, inter, mb)?,
-                ])
-                .ctx("mlp.gate_proj + mlp.up_proj")?,
+                gate_proj: lin(&vb, &format!("{p}.mlp.gate_proj"), e, inter, mb)?,
+                up_proj: lin(&vb, &format!("{p}.mlp.up_proj"), e, inter, mb)?,
                 down_proj: lin(&vb, &format!("{p}.mlp.down_proj"), inter, e, mb)?,
             });
         }
@@ -436,9 +434,8 @@ impl Model for Llama {
             // [B, S, E]: down(silu(gate(x)) * up(x))
             let m = rms_norm(&h, &l.post_attention_layernorm, eps)
                 .and_then(|x| {
-                    // [B, S, 2*I] -> [B, S, I]
-                    let h = swiglu(&l.gate_up_proj.forward(&x)?)?;
-                    l.down_proj.forward(&h)
+                    let (gate, up) = (l.gate_proj.forward(&x)?, l.up_proj.forward(&x)?);
+                    l.down_proj.forward(&swiglu(&gate, &up)?)
                 })
                 .at(site_q, "mlp")?;
             h = (h + m).at(site_q, "residual")?;

@@ -64,17 +64,6 @@ impl Linear {
         })
     }
 
-    /// One layer computing `parts` side by side: output columns of the first part, then
-    /// the second, ... (`[in, out_1 + out_2 + ...]`). All parts have a bias or none.
-    pub fn concat(parts: &[&Linear]) -> candle_core::Result<Self> {
-        let ws: Vec<&Tensor> = parts.iter().map(|l| &l.w_t).collect();
-        let bs: Option<Vec<&Tensor>> = parts.iter().map(|l| l.b.as_ref()).collect();
-        Ok(Self {
-            w_t: Tensor::cat(&ws, 1)?,
-            b: bs.map(|bs| Tensor::cat(&bs, 0)).transpose()?,
-        })
-    }
-
     /// `x: [..., in]` -> `[..., out]`
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         frozen_matmul(x, &self.w_t, self.b.as_ref())
@@ -166,16 +155,14 @@ pub(crate) fn own_kernel(x: &Tensor, ws: &[&Tensor]) -> bool {
         })
 }
 
-/// SwiGLU on a fused gate/up projection, differentiable:
-/// `gu: [..., 2n]` (gate columns, then up columns) -> `silu(gate) * up: [..., n]`.
-pub fn swiglu(gu: &Tensor) -> candle_core::Result<Tensor> {
-    let n2 = gu.dims().last().copied().unwrap_or(0);
-    if own_kernel(gu, &[]) && n2 % 2 == 0 {
-        return gu.contiguous()?.apply_op1(kernels::SwiGlu);
+/// SwiGLU, `silu(gate) * up`, differentiable in both: `gate, up: [..., n]` -> `[..., n]`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    if own_kernel(gate, &[]) && own_kernel(up, &[]) && gate.dims() == up.dims() {
+        return gate
+            .contiguous()?
+            .apply_op2(&up.contiguous()?, kernels::SwiGlu);
     }
-    let n = n2 / 2;
-    let d = gu.rank().saturating_sub(1);
-    gu.narrow(d, 0, n)?.silu()? * gu.narrow(d, n, n)?
+    gate.silu()? * up
 }
 
 /// GELU, tanh approximation (GPT-2 `gelu_new`, Bloom, `gelu_pytorch_tanh`).
