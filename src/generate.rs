@@ -259,20 +259,8 @@ pub fn greedy(
     input_ids: &Tensor,
     pad: Option<&Tensor>,
 ) -> Result<DecodeOutput> {
-    greedy_traced(model, prefix, opts, input_ids, pad).0
-}
-
-/// [`greedy`], also returning the trace recorded up to the end or to the failure
-/// (what a bug report shows: every cache event before the diagnosis).
-pub fn greedy_traced(
-    model: &dyn Model,
-    prefix: Option<&PrefixEncoder>,
-    opts: &DecodeOptions,
-    input_ids: &Tensor,
-    pad: Option<&Tensor>,
-) -> (Result<DecodeOutput>, Trace) {
     let opts = opts.clone().with_strategy(Strategy::Greedy);
-    generate_traced(model, prefix, &opts, input_ids, pad)
+    generate_traced(model, prefix, &opts, input_ids, pad).0
 }
 
 /// Generation with `opts.strategy` after `input_ids: [B, S]` (u32) with an optional

@@ -12,9 +12,9 @@
 //! ```
 
 mod common;
+use common::TempDir;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{Device, Tensor};
 use common::*;
@@ -27,30 +27,6 @@ use prefix_harness::check::DiagnosisClass;
 use prefix_harness::generate::forward_logits;
 use prefix_harness::model::{llama, weights, Family, Model, ModelConfig, ModelGeometry};
 use prefix_harness::prefix::{HeadDimFrom, HeadsFrom, PrefixConfig, PrefixEncoder};
-
-/// A temporary folder removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let p = std::env::temp_dir().join(format!("ph-adapter-{}-{tag}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn prefix_with(model: &dyn Model, p: usize, projection: bool) -> PrefixEncoder {
     let mut cfg = PrefixConfig::new(p);

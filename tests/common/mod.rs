@@ -1,6 +1,9 @@
 //! Helpers shared by the engine tests: tiny seeded models, prompts, comparisons.
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use candle_core::{DType, Device, Tensor};
 use prefix_harness::cache::{CacheMode, Layout};
 use prefix_harness::model::{weights, Family, Model, ModelConfig};
@@ -82,5 +85,29 @@ pub fn stored_batch(layout: Layout, shape: &[usize], kvh: usize) -> usize {
     match layout {
         Layout::BloomLegacy => first / kvh.max(1),
         _ => first,
+    }
+}
+
+/// A temporary folder removed on drop: `<temp>/ph-<pid>-<tag>-<n>`.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("ph-{}-{tag}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
