@@ -14,8 +14,9 @@ tokens from B left-padded prompts cut to 16 bytes.
 Greedy decoding is a manual loop: `PeftModel.generate()` drops the prefix on
 transformers 5.24 (ci/fixtures/README.md). The loop starts from the cache PEFT's
 `get_prompt` builds and feeds one token per step to the base model, as
-ci/fixtures/make_fixtures.py's `greedy_cached` does (the fastest correct path; it is
-checked there to give the same tokens as recomputing through `PeftModel.forward`).
+ci/fixtures/make_fixtures.py does, with the same `greedy_cached` (ci/peft/peft_greedy.py;
+the fastest correct path, checked there to give the same tokens as recomputing through
+`PeftModel.forward`).
 
 Whole-process time is what ci/bench/run.sh measures (`/usr/bin/time -v`); this script
 also prints its import time and its work time on stderr.
@@ -23,6 +24,7 @@ also prints its import time and its work time on stderr.
 
 import sys
 import time
+from pathlib import Path
 import warnings
 
 warnings.filterwarnings("ignore")  # past_key_values deprecation noise from PEFT
@@ -40,6 +42,9 @@ from transformers import (  # noqa: E402
     T5Config,
     T5ForConditionalGeneration,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "peft"))
+from peft_greedy import greedy_cached  # noqa: E402  (ci/peft/peft_greedy.py)
 
 T_IMPORT = time.perf_counter() - T0
 
@@ -113,31 +118,6 @@ def prompts(b):
     return ids, mask
 
 
-def greedy_cached(model, ids, mask, enc_dec):
-    base = model.get_base_model()
-    b, p = ids.shape[0], model.active_peft_config.num_virtual_tokens
-    cache = model.get_prompt(b)
-    tokens = []
-    with torch.no_grad():
-        if enc_dec:
-            encoded = base.get_encoder()(input_ids=ids, attention_mask=mask)
-            inp = torch.zeros((b, 1), dtype=torch.long)
-            for _ in range(NEW_TOKENS):
-                out = base(encoder_outputs=encoded, attention_mask=mask,
-                           decoder_input_ids=inp, cache=cache, use_cache=True)
-                cache, inp = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
-                tokens.append(inp)
-        else:
-            m = torch.cat([torch.ones((b, p), dtype=mask.dtype), mask], 1)
-            inp = ids
-            for _ in range(NEW_TOKENS):
-                out = base(input_ids=inp, attention_mask=m, cache=cache, use_cache=True)
-                cache, inp = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
-                tokens.append(inp)
-                m = torch.cat([m, torch.ones_like(inp)], 1)
-    return torch.cat(tokens, 1).tolist()
-
-
 def run_case(family, p, b):
     torch.manual_seed(11)
     enc_dec = family == "t5"
@@ -157,7 +137,7 @@ def run_case(family, p, b):
         losses.append(out.loss.item())
     model.eval()
     ids, mask = prompts(b)
-    tokens = greedy_cached(model, ids, mask, enc_dec)
+    tokens = greedy_cached(model, ids, mask, enc_dec, NEW_TOKENS)
     return losses, tokens
 
 
