@@ -483,13 +483,6 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// The f32 values of the `cos` and `sin` tables.
-    fn tables(&self) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
-        let cos = self.cos.flatten_all()?.to_vec1::<f32>()?;
-        let sin = self.sin.flatten_all()?.to_vec1::<f32>()?;
-        Ok((cos, sin))
-    }
-
     /// `y = x * cos + rotate_half(x) * sin` (`inverse: false`) or its transpose
     /// applied to a gradient, `dx = g * cos + rotate_half^T(g * sin)` (`inverse: true`).
     fn apply(&self, x: &[f32], dims: &[usize], inverse: bool) -> candle_core::Result<Vec<f32>> {
@@ -503,24 +496,28 @@ impl Rope {
                 self.sin.dims()
             )
         }
-        let (cos, sin) = self.tables()?;
         let half = d / 2;
-        let y = map_rows_indexed(x, d, |r, x, y| {
-            // row r = (bi, hi, si); the tables have no head axis.
-            let (bi, si) = (r / (h * s), r % s);
-            let t = (bi * s + si) * d;
-            let (c, sn) = (&cos[t..t + d], &sin[t..t + d]);
-            for i in 0..half {
-                let (x1, x2) = (x[i], x[i + half]);
-                if inverse {
-                    y[i] = x1 * c[i] + x2 * sn[i + half];
-                    y[i + half] = x2 * c[i + half] - x1 * sn[i];
-                } else {
-                    y[i] = x1 * c[i] - x2 * sn[i];
-                    y[i + half] = x2 * c[i + half] + x1 * sn[i + half];
-                }
-            }
-        });
+        // The tables are read in place (contiguous, checked by `with_values`).
+        let y = with_values(&self.cos, "rope", |cos| {
+            with_values(&self.sin, "rope", |sin| {
+                map_rows_indexed(x, d, |r, x, y| {
+                    // row r = (bi, hi, si); the tables have no head axis.
+                    let (bi, si) = (r / (h * s), r % s);
+                    let t = (bi * s + si) * d;
+                    let (c, sn) = (&cos[t..t + d], &sin[t..t + d]);
+                    for i in 0..half {
+                        let (x1, x2) = (x[i], x[i + half]);
+                        if inverse {
+                            y[i] = x1 * c[i] + x2 * sn[i + half];
+                            y[i + half] = x2 * c[i + half] - x1 * sn[i];
+                        } else {
+                            y[i] = x1 * c[i] - x2 * sn[i];
+                            y[i + half] = x2 * c[i + half] + x1 * sn[i + half];
+                        }
+                    }
+                })
+            })
+        })??;
         Ok(y)
     }
 }

@@ -249,8 +249,8 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
         let (b, _, s, d) = x.dims4()?;
         if cos.dims() == [b, 1, s, d] && sin.dims() == [b, 1, s, d] && d % 2 == 0 {
             let op = kernels::Rope {
-                cos: cos.clone(),
-                sin: sin.clone(),
+                cos: cos.contiguous()?,
+                sin: sin.contiguous()?,
             };
             return x.contiguous()?.apply_op1(op);
         }
