@@ -244,3 +244,29 @@ fn split_and_merge_heads_match_reshape_and_transpose() {
         });
     }
 }
+
+#[test]
+fn swiglu_mlp_block_matches_the_composed_llama_mlp_with_residual() {
+    // Serial and parallel rows; E -> I -> E as in Llama's MLP.
+    for (b, s, e, i) in [(2, 3, 5, 7), (3, 33, 64, 96)] {
+        let x = rand(&[b, s, e], 24);
+        let norm_w = rand(&[e], 25);
+        // Weights scaled by 1/sqrt(fan_in), as initialised models are, so that values
+        // and gradients stay O(1) and an absolute tolerance means something.
+        let w = |shape: [usize; 2], seed| (rand(&shape, seed) / (shape[1] as f64).sqrt()).unwrap();
+        let (wg, wu, wd) = (w([i, e], 26), w([i, e], 27), w([e, i], 28));
+        let lin = |w: &Tensor| nn::Linear::from_torch(w, None).unwrap();
+        let (gate, up, down) = (lin(&wg), lin(&wu), lin(&wd));
+        assert_same(
+            &x,
+            1e-4,
+            |x| nn::swiglu_mlp(x, &norm_w, 1e-6, &gate, &up, &down),
+            |x| {
+                let n = candle_nn::ops::rms_norm_slow(x, &norm_w, 1e-6)?;
+                let g = n.broadcast_matmul(&wg.t()?)?;
+                let u = n.broadcast_matmul(&wu.t()?)?;
+                x + (g.silu()? * u)?.broadcast_matmul(&wd.t()?)?
+            },
+        );
+    }
+}

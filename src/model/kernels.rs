@@ -18,6 +18,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::nn::Linear;
+
 /// Below this many elements a kernel runs on the calling thread.
 const PARALLEL_MIN: usize = 1 << 15;
 
@@ -151,19 +153,14 @@ fn exp(x: f32) -> f32 {
     }
 }
 
-/// `x @ w_t + b` with a frozen weight `w_t: [in, out]` (any strides) and bias
-/// `b: [out]` (contiguous f32): `x: [..., in]` (contiguous) -> `[..., out]`. The
-/// backward pass returns the gradient of `x` only: candle's matmul backward would also
-/// compute the gradient of the weight, as many FLOPs again, only to throw it away.
-/// Leading dimensions are flattened inside the op (one `[m, in] @ [in, out]` product)
-/// rather than by reshapes around it: every reshape is one more graph node, and each
-/// node costs a zero-filled buffer and an add in candle's backward pass.
-pub struct FrozenLinear {
-    /// `[in, out]`
-    pub w_t: Tensor,
-    /// `[out]`
-    pub b: Option<Tensor>,
-}
+/// A frozen linear layer's product `x @ w_t + b` ([`Linear`]): `x: [..., in]`
+/// (contiguous) -> `[..., out]`. The backward pass returns the gradient of `x` only:
+/// candle's matmul backward would also compute the gradient of the weight, as many
+/// FLOPs again, only to throw it away. Leading dimensions are flattened inside the op
+/// (one `[m, in] @ [in, out]` product) rather than by reshapes around it: every reshape
+/// is one more graph node, and each node costs a zero-filled buffer and an add in
+/// candle's backward pass.
+pub struct FrozenLinear(pub Linear);
 
 impl CustomOp1 for FrozenLinear {
     fn name(&self) -> &'static str {
@@ -172,18 +169,18 @@ impl CustomOp1 for FrozenLinear {
 
     fn cpu_fwd(&self, x: &CpuStorage, x_l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = x_l.dims();
-        let (k, n) = self.w_t.dims2()?;
+        let (k, n) = self.0.w_t().dims2()?;
         if !x_l.is_contiguous() || dims.last() != Some(&k) {
             candle_core::bail!("frozen-linear: expected a contiguous [..., {k}], got {dims:?}")
         }
         let m = dims.iter().product::<usize>() / k.max(1);
         let rows = Layout::contiguous_with_offset((m, k), x_l.start_offset());
-        let (w, w_l) = self.w_t.storage_and_layout();
+        let (w, w_l) = self.0.w_t().storage_and_layout();
         let Storage::Cpu(w) = &*w else {
             candle_core::bail!("frozen-linear: the weight is not on the CPU")
         };
         let mut y = BackendStorage::matmul(x, w, (1, m, n, k), &rows, w_l)?; // [m, n]
-        if let Some(b) = &self.b {
+        if let Some(b) = self.0.bias() {
             let (bias, b_l) = b.storage_and_layout();
             let (CpuStorage::F32(y), Storage::Cpu(CpuStorage::F32(bias))) = (&mut y, &*bias) else {
                 candle_core::bail!("frozen-linear: the bias must be f32 like the input")
@@ -199,11 +196,8 @@ impl CustomOp1 for FrozenLinear {
     }
 
     /// `grad: [..., out]` -> `[..., in]`.
-    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let n = self.w_t.dim(1)?;
-        let m = grad.elem_count() / n.max(1);
-        let dx = grad.contiguous()?.reshape((m, n))?.matmul(&self.w_t.t()?)?;
-        Ok(Some(dx.reshape(x.shape())?))
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        self.0.input_grad(grad).map(Some)
     }
 }
 
@@ -589,34 +583,101 @@ impl CustomOp2 for SwiGlu {
         _y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let n = gate.dims().last().copied().unwrap_or(1).max(1);
-        let len = gate.elem_count();
-        let (mut d_gate, mut d_up) = (vec![0f32; len], vec![0f32; len]);
-        let name = self.name();
-        with_values(gate, name, |g| {
-            with_values(up, name, |u| {
-                with_values(&grad, name, |dy| {
-                    d_gate
-                        .par_chunks_mut(n)
-                        .zip(d_up.par_chunks_mut(n))
-                        .zip(g.par_chunks(n).zip(u.par_chunks(n)).zip(dy.par_chunks(n)))
-                        .with_min_len((PARALLEL_MIN / n).max(1))
-                        .for_each(|((dg, du), ((g, u), dy))| {
-                            for i in 0..g.len() {
-                                let (silu, slope) = silu_and_slope(g[i]);
-                                du[i] = dy[i] * silu;
-                                dg[i] = dy[i] * u[i] * slope;
-                            }
-                        })
-                })
+        let (d_gate, d_up) = swiglu_grad(gate, up, grad)?;
+        Ok((Some(d_gate), Some(d_up)))
+    }
+}
+
+/// The input gradients of [`SwiGlu`]: `gate, up, grad: [..., n]` (gate and up
+/// contiguous) -> `(d gate, d up)`, each `[..., n]`.
+fn swiglu_grad(gate: &Tensor, up: &Tensor, grad: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    let grad = grad.contiguous()?;
+    let n = gate.dims().last().copied().unwrap_or(1).max(1);
+    let len = gate.elem_count();
+    let (mut d_gate, mut d_up) = (vec![0f32; len], vec![0f32; len]);
+    let name = "swiglu-grad";
+    with_values(gate, name, |g| {
+        with_values(up, name, |u| {
+            with_values(&grad, name, |dy| {
+                d_gate
+                    .par_chunks_mut(n)
+                    .zip(d_up.par_chunks_mut(n))
+                    .zip(g.par_chunks(n).zip(u.par_chunks(n)).zip(dy.par_chunks(n)))
+                    .with_min_len((PARALLEL_MIN / n).max(1))
+                    .for_each(|((dg, du), ((g, u), dy))| {
+                        for i in 0..g.len() {
+                            let (silu, slope) = silu_and_slope(g[i]);
+                            du[i] = dy[i] * silu;
+                            dg[i] = dy[i] * u[i] * slope;
+                        }
+                    })
             })
-        })???;
-        let (shape, dev) = (gate.shape(), gate.device());
-        Ok((
-            Some(Tensor::from_vec(d_gate, shape, dev)?),
-            Some(Tensor::from_vec(d_up, shape, dev)?),
-        ))
+        })
+    })???;
+    let (shape, dev) = (gate.shape(), gate.device());
+    Ok((
+        Tensor::from_vec(d_gate, shape, dev)?,
+        Tensor::from_vec(d_up, shape, dev)?,
+    ))
+}
+
+/// Llama's whole MLP sub-block, residual included, as one graph node:
+/// `x + down(silu(gate(n)) * up(n))` with `n = rms_norm(x) * norm_w`,
+/// `x: [..., E]` -> `[..., E]` (gate, up: `E -> I`, down: `I -> E`), differentiable in
+/// `x` (the weights are frozen).
+///
+/// Composed, this is seven nodes (norm, gate, up, SwiGLU, down, add and the norm
+/// output's second use), and candle's backward pass gives every input of every node a
+/// zero-filled buffer plus an add, on `[B*S, E]` and `[B*S, I]` tensors. Here the
+/// forward pass is computed outside the graph by the same kernels
+/// ([`super::nn::swiglu_mlp`]); the op only hands its output `y` to the graph (one
+/// copy) and keeps `gate(n)` and `up(n)` (`[..., I]` each) for its backward pass.
+pub struct SwiGluMlp {
+    /// `[..., E]`, the block's output, computed outside the graph.
+    pub y: Tensor,
+    /// `[..., I]`: `gate(n)` and `up(n)`.
+    pub gate_out: Tensor,
+    pub up_out: Tensor,
+    /// `[E]`
+    pub norm_w: Tensor,
+    pub eps: f32,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl CustomOp1 for SwiGluMlp {
+    fn name(&self) -> &'static str {
+        "swiglu-mlp-block"
+    }
+
+    fn cpu_fwd(&self, _x: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l.dims() != self.y.dims() {
+            candle_core::bail!(
+                "{}: input {:?} is not the block's {:?}",
+                self.name(),
+                l.dims(),
+                self.y.dims()
+            )
+        }
+        let y = with_values(&self.y, self.name(), <[f32]>::to_vec)?;
+        Ok((CpuStorage::F32(y), self.y.shape().clone()))
+    }
+
+    /// `da = dy @ down`, `(dg, du)` from SwiGLU, `dn = dg @ gate + du @ up`,
+    /// `dx = dy + rms_norm'(x) dn`.
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dy = dy.contiguous()?; // [..., E]
+        let da = self.down.input_grad(&dy)?; // [..., I]
+        let (dg, du) = swiglu_grad(&self.gate_out, &self.up_out, &da)?;
+        let dn = (self.gate.input_grad(&dg)? + self.up.input_grad(&du)?)?; // [..., E]
+        let norm = NormGrad {
+            w: weight_values(&self.norm_w, self.name())?,
+            eps: self.eps,
+            centred: false,
+        };
+        let dx = x.contiguous()?.apply_op2_no_bwd(&dn, &norm)?;
+        (dy + dx).map(Some)
     }
 }
 

@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_self_attention, merge_heads, split_heads};
-use super::nn::{embed, rms_norm, rope, swiglu, Linear};
+use super::nn::{embed, rms_norm, rope, swiglu_mlp, Linear};
 use super::weights::{bias, ones, weight};
 use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry};
 use crate::check::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
@@ -432,13 +432,13 @@ impl Model for Llama {
                 .at(site_q, "o_proj")?;
             h = (h + o).at(site_q, "residual")?;
             // [B, S, E]: down(silu(gate(x)) * up(x))
-            let m = rms_norm(&h, &l.post_attention_layernorm, eps)
-                .and_then(|x| {
-                    let (gate, up) = (l.gate_proj.forward(&x)?, l.up_proj.forward(&x)?);
-                    l.down_proj.forward(&swiglu(&gate, &up)?)
-                })
-                .at(site_q, "mlp")?;
-            h = (h + m).at(site_q, "residual")?;
+            let (norm_w, gate, up, down) = (
+                &l.post_attention_layernorm,
+                &l.gate_proj,
+                &l.up_proj,
+                &l.down_proj,
+            );
+            h = swiglu_mlp(&h, norm_w, eps, gate, up, down).at(site_q, "mlp + residual")?;
         }
         // [B, S, V], or [B, 1, V] with fw.last_only
         rms_norm(&fw.kept_positions(&h)?, &self.norm, eps)

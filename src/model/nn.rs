@@ -9,6 +9,7 @@
 //! (no backward pass: the historical bug `train.fused_ops` reproduces).
 
 use std::cell::Cell;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Tensor, D};
 
@@ -45,66 +46,86 @@ pub struct Linear {
     w_t: Tensor,
     /// `[out]`
     b: Option<Tensor>,
+    /// `[out, in]`, contiguous: the weight the backward pass multiplies by, built by the
+    /// first backward pass (generation never needs it). Shared by clones.
+    w: Arc<OnceLock<Tensor>>,
 }
 
 impl Linear {
     /// From a PyTorch `nn.Linear` weight `w: [out, in]` and bias `b: [out]`.
     pub fn from_torch(w: &Tensor, b: Option<Tensor>) -> candle_core::Result<Self> {
-        Ok(Self {
-            w_t: w.t()?.contiguous()?,
-            b,
-        })
+        Self::new(w.t()?.contiguous()?, b)
     }
 
     /// From a GPT-2 `Conv1D` weight `w: [in, out]` and bias `b: [out]`.
     pub fn from_conv1d(w: &Tensor, b: Option<Tensor>) -> candle_core::Result<Self> {
+        Self::new(w.contiguous()?, b)
+    }
+
+    fn new(w_t: Tensor, b: Option<Tensor>) -> candle_core::Result<Self> {
         Ok(Self {
-            w_t: w.contiguous()?,
-            b,
+            w_t,
+            b: b.map(|b| b.contiguous()).transpose()?,
+            w: Arc::default(),
         })
     }
 
-    /// `x: [..., in]` -> `[..., out]`
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        frozen_matmul(x, &self.w_t, self.b.as_ref())
+    /// `[in, out]`, contiguous.
+    pub(crate) fn w_t(&self) -> &Tensor {
+        &self.w_t
     }
-}
 
-/// `x @ w_t + b` where the weight `w_t: [in, out]` (any strides, e.g. a transposed
-/// `[out, in]` Linear weight) and the bias `b: [out]` are frozen base weights.
-/// `x: [..., in]` -> `[..., out]`
-///
-/// candle's matmul backward computes the gradient of both operands, so a plain
-/// `broadcast_matmul` spends as many FLOPs on gradients of the frozen weights as on the
-/// one the prefix needs, and builds them as `[batch, in, out]` before summing. Here the
-/// batch is flattened into one `[B*S, in] @ [in, out]` product and the backward pass
-/// returns the gradient of `x` only ([`kernels::FrozenLinear`]). On a shape mismatch,
-/// or off the CPU, it takes the plain path so that the error is candle's usual one.
-fn frozen_matmul(x: &Tensor, w_t: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    let dims = x.dims();
-    let plain = || {
-        let y = x.broadcast_matmul(w_t)?;
-        match b {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
-    };
-    let (k, n) = match w_t.dims() {
-        &[k, n] => (k, n),
-        _ => return plain(),
-    };
-    if dims.last() != Some(&k)
-        || !x.device().is_cpu()
-        || x.dtype() != w_t.dtype()
-        || !b.is_none_or(|b| b.dims() == [n] && b.dtype() == DType::F32 && x.dtype() == DType::F32)
-    {
-        return plain();
+    /// `[out]`, contiguous.
+    pub(crate) fn bias(&self) -> Option<&Tensor> {
+        self.b.as_ref()
     }
-    let op = kernels::FrozenLinear {
-        w_t: w_t.clone(),
-        b: b.map(Tensor::contiguous).transpose()?,
-    };
-    x.contiguous()?.apply_op1(op)
+
+    /// `x @ w_t + b`: `x: [..., in]` -> `[..., out]`.
+    ///
+    /// candle's matmul backward computes the gradient of both operands, so a plain
+    /// `broadcast_matmul` spends as many FLOPs on gradients of the frozen weight as on
+    /// the one the prefix needs, and builds them as `[batch, in, out]` before summing.
+    /// Here the batch is flattened into one `[B*S, in] @ [in, out]` product and the
+    /// backward pass returns the gradient of `x` only ([`kernels::FrozenLinear`]). On a
+    /// shape mismatch, or off the CPU, it takes the plain path so that the error is
+    /// candle's usual one.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (k, n) = self.w_t.dims2()?;
+        let fits = x.dims().last() == Some(&k)
+            && x.device().is_cpu()
+            && x.dtype() == self.w_t.dtype()
+            && self.b.as_ref().is_none_or(|b| {
+                b.dims() == [n] && b.dtype() == DType::F32 && x.dtype() == DType::F32
+            });
+        if !fits {
+            let y = x.broadcast_matmul(&self.w_t)?;
+            return match &self.b {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            };
+        }
+        x.contiguous()?
+            .apply_op1(kernels::FrozenLinear(self.clone()))
+    }
+
+    /// The gradient of the input from the gradient of the output:
+    /// `grad: [..., out]` -> `grad @ w: [..., in]`, with `w: [out, in]` made contiguous
+    /// by the first call (gemm packs a transposed right-hand side 10-40% slower than a
+    /// contiguous one, ci/bench/README.md; generation never builds it).
+    pub(crate) fn input_grad(&self, grad: &Tensor) -> candle_core::Result<Tensor> {
+        let (k, n) = self.w_t.dims2()?;
+        if self.w.get().is_none() {
+            // A race only builds the same tensor twice.
+            let _ = self.w.set(self.w_t.t()?.contiguous()?);
+        }
+        let w = self.w.get().expect("set above");
+        let mut dims = grad.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = k;
+        }
+        let m = grad.elem_count() / n.max(1);
+        grad.contiguous()?.reshape((m, n))?.matmul(w)?.reshape(dims)
+    }
 }
 
 /// LayerNorm over the last dimension (differentiable in `x`; `w`, `b` frozen).
@@ -163,6 +184,46 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
             .apply_op2(&up.contiguous()?, kernels::SwiGlu);
     }
     gate.silu()? * up
+}
+
+/// Llama's MLP sub-block with its residual: `x + down(swiglu(gate(n), up(n)))`,
+/// `n = rms_norm(x, norm_w)`. `x: [..., E]`, `norm_w: [E]` -> `[..., E]`.
+///
+/// When `x` is in a training graph (CPU, f32), the block is one graph node with its own
+/// backward pass ([`kernels::SwiGluMlp`]); otherwise (generation, other devices, fused
+/// ops) it is composed from the ops above. Both compute the forward pass with the same
+/// kernels, so the values are the same.
+pub fn swiglu_mlp(
+    x: &Tensor,
+    norm_w: &Tensor,
+    eps: f64,
+    gate: &Linear,
+    up: &Linear,
+    down: &Linear,
+) -> candle_core::Result<Tensor> {
+    let block = |x: &Tensor| -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let n = rms_norm(x, norm_w, eps)?;
+        let (g, u) = (gate.forward(&n)?, up.forward(&n)?);
+        let y = (x + down.forward(&swiglu(&g, &u)?)?)?;
+        Ok((y, g, u))
+    };
+    if !x.track_op() || fused() || !own_kernel(x, &[norm_w]) {
+        return Ok(block(x)?.0);
+    }
+    let (y, gate_out, up_out) = block(&x.detach())?;
+    if !(own_kernel(&gate_out, &[]) && gate_out.is_contiguous() && up_out.is_contiguous()) {
+        return Ok(block(x)?.0);
+    }
+    x.contiguous()?.apply_op1(kernels::SwiGluMlp {
+        y,
+        gate_out,
+        up_out,
+        norm_w: norm_w.clone(),
+        eps: eps as f32,
+        gate: gate.clone(),
+        up: up.clone(),
+        down: down.clone(),
+    })
 }
 
 /// GELU, tanh approximation (GPT-2 `gelu_new`, Bloom, `gelu_pytorch_tanh`).
