@@ -270,3 +270,75 @@ fn swiglu_mlp_block_matches_the_composed_llama_mlp_with_residual() {
         );
     }
 }
+
+/// `y = f(q, k, v)` and the gradients of `sum(y * r)` for q, k and v.
+fn attention_grads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    f: impl Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>,
+) -> (Tensor, Vec<Tensor>) {
+    let vars: Vec<Var> = [q, k, v]
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let y = f(
+        vars[0].as_tensor(),
+        vars[1].as_tensor(),
+        vars[2].as_tensor(),
+    )
+    .unwrap();
+    let r = rand(y.dims(), 33);
+    let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = vars
+        .iter()
+        .map(|v| grads.get(v.as_tensor()).expect("a gradient").clone())
+        .collect();
+    (y.detach(), g)
+}
+
+#[test]
+fn attention_core_matches_composed_grouped_attention_for_queries_keys_and_values() {
+    use prefix_harness::check::Attention;
+    use prefix_harness::model::attention::{repeat_kv, sdpa};
+    // (B, H, KVH, S, K, D): serial and parallel softmax rows; K - S prefix columns.
+    for (b, h, kvh, s, kl, d) in [(2, 4, 2, 3, 5, 8), (2, 8, 2, 33, 40, 16)] {
+        let (q, k, v) = (
+            rand(&[b, h, s, d], 30),
+            rand(&[b, kvh, kl, d], 31),
+            rand(&[b, kvh, kl, d], 32),
+        );
+        // Causal over the S new positions, the K - S prefix columns always visible.
+        let mask: Vec<f32> = (0..b * s * kl)
+            .map(|i| match (i % kl) > (i / kl) % s + (kl - s) {
+                true => f32::NEG_INFINITY,
+                false => 0.0,
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, 1, s, kl), &Device::Cpu).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        let (y1, g1) = attention_grads(&q, &k, &v, |q, k, v| {
+            sdpa(q, k, v, &mask, None, scale, 0, Attention::SelfAttn)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        });
+        let (y2, g2) = attention_grads(&q, &k, &v, |q, k, v| {
+            let (k, v) = (repeat_kv(k, h / kvh)?, repeat_kv(v, h / kvh)?);
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
+            candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)
+        });
+        assert!(
+            max_abs_diff(&y1, &y2) <= 1e-5,
+            "values differ by {}",
+            max_abs_diff(&y1, &y2)
+        );
+        for (name, (a, b)) in ["q", "k", "v"].iter().zip(g1.iter().zip(&g2)) {
+            let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            assert!(
+                scale.to_scalar::<f32>().unwrap() > 1e-3,
+                "reference d{name} is ~0"
+            );
+            let diff = max_abs_diff(a, b);
+            assert!(diff <= 1e-5, "d{name} differs by {diff}");
+        }
+    }
+}

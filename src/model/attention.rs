@@ -109,7 +109,6 @@ pub fn sdpa(
     layer: usize,
     attention: Attention,
 ) -> Result<Tensor> {
-    let site_k = Site::new(layer, attention, TensorKind::Key);
     let (qb, h, _s, qd) = q
         .dims4()
         .at(Site::new(layer, attention, TensorKind::Query), "queries")?;
@@ -155,13 +154,51 @@ pub fn sdpa(
             "the prefix was built with a head count that is not the model's num_key_value_heads",
         );
     }
+    // Training: the whole product as one graph node with its own backward pass, when
+    // the crate's softmax kernel takes the scores (not inside `with_fused_ops`, whose
+    // candle-nn softmax must keep cutting the gradient). The forward pass runs outside
+    // the graph on detached tensors, through the same code as below.
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    if tracked && k.dims() == v.dims() {
+        let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+        let (out, probs, own_softmax) = attend(&qd, &kd, &vd, mask, bias, scale, layer, attention)?;
+        if own_softmax {
+            let op = super::kernels::AttentionCore {
+                out,
+                probs,
+                scale: scale as f32,
+            };
+            return q
+                .apply_op3(k, v, op)
+                .at(Site::new(layer, attention, TensorKind::Value), "attention");
+        }
+    }
+    attend(q, k, v, mask, bias, scale, layer, attention).map(|(out, _, _)| out)
+}
+
+/// The body of [`sdpa`] once the shapes are checked: `(output [B, H, S, D], attention
+/// probabilities [B, H, S, K], whether the crate's softmax kernel computed them)`.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+    layer: usize,
+    attention: Attention,
+) -> Result<(Tensor, Tensor, bool)> {
+    let site_k = Site::new(layer, attention, TensorKind::Key);
+    let (qb, h, s, qd) = q.dims4().at(site_k, "queries")?;
+    let (kvh, kl) = (k.dim(1).at(site_k, "keys")?, k.dim(2).at(site_k, "keys")?);
     let site_v = Site::new(layer, attention, TensorKind::Value);
     // Grouped-query attention without copying keys and values per query head: the G
     // query heads that share a KV head (HF repeat_kv order: head i reads KV head i / G)
     // are consecutive, so `[B, H, S, D]` is `[B, KVH, G*S, D]` with the same data.
     // When k and v disagree the shapes go the long way, so that the error (a
     // diagnosis) names the same shapes as plain attention.
-    let (group, s) = (h / kvh, q.dim(2).at(site_k, "queries")?);
+    let group = h / kvh;
     let grouped = group > 1 && k.dims() == v.dims();
     // Contiguous keys: their transpose is a layout gemm takes as it is (copying the
     // transposed keys instead cost 18% of a decode step, ci/bench/README.md).
@@ -185,6 +222,7 @@ pub fn sdpa(
         .at(site_k, "attention scores")?;
     let adds: Vec<&Tensor> = bias.into_iter().chain([mask]).collect();
     let fused = super::nn::scaled_masked_softmax(&scores, scale, &adds).at(site_k, "softmax")?;
+    let own_softmax = fused.is_some();
     let probs = match fused {
         Some(probs) => probs,
         None => {
@@ -202,14 +240,15 @@ pub fn sdpa(
     };
     let v = v.contiguous().at(site_k, "values")?;
     // [B, H, S, D]
-    match grouped {
+    let out = match grouped {
         true => probs
             .reshape((qb, kvh, group * s, kl))
             .and_then(|p| p.matmul(&v))
             .and_then(|o| o.reshape((qb, h, s, qd))),
         false => probs.matmul(&v),
     }
-    .at(site_v, "attention output")
+    .at(site_v, "attention output")?;
+    Ok((out, probs, own_softmax))
 }
 
 /// `[B, S, H*D]` -> `[B, H, S, D]` (contiguous when f32 on the CPU: one graph node).

@@ -15,7 +15,7 @@
 //! prefix is the only trainable parameter in this crate).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::nn::Linear;
@@ -291,6 +291,90 @@ impl CustomOp2 for SoftmaxGrad {
             }
         });
         Ok(output(dx, yl))
+    }
+}
+
+/// Scaled dot-product attention as one graph node, for training:
+/// `(q: [B, H, S, D], k: [B, KVH, K, D], v: [B, KVH, K, D])` -> `[B, H, S, D]`, with the
+/// `G = H / KVH` query heads of a KV head consecutive (`[B, H, S, D]` read as
+/// `[B, KVH, G*S, D]`, as `attention::sdpa` does).
+///
+/// `attention::sdpa` computes the output and the probabilities outside the graph; this
+/// op hands the output to the graph (one copy) and keeps the probabilities for its
+/// backward pass. Composed, the same product is about eight nodes (reshapes, two
+/// matmuls, the softmax), each with a zero-filled gradient buffer and an add in
+/// candle's backward pass, on `[B, H, S, K]` scores and probabilities.
+pub struct AttentionCore {
+    /// `[B, H, S, D]`
+    pub out: Tensor,
+    /// `[B, H, S, K]`, contiguous: `softmax(scale * q k^T + bias + mask)`.
+    pub probs: Tensor,
+    pub scale: f32,
+}
+
+impl CustomOp3 for AttentionCore {
+    fn name(&self) -> &'static str {
+        "attention-core"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _q: &CpuStorage,
+        ql: &Layout,
+        _k: &CpuStorage,
+        _kl: &Layout,
+        _v: &CpuStorage,
+        _vl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if ql.dims() != self.out.dims() {
+            candle_core::bail!(
+                "{}: queries {:?} are not the output's {:?}",
+                self.name(),
+                ql.dims(),
+                self.out.dims()
+            )
+        }
+        let out = with_values(&self.out.contiguous()?, self.name(), <[f32]>::to_vec)?;
+        Ok((CpuStorage::F32(out), self.out.shape().clone()))
+    }
+
+    /// With `P` the probabilities and everything grouped per KV head
+    /// (`[B, KVH, G*S, ..]`): `dV = P^T dO`, `dS = scale * P * (dO V^T - rowsum)`,
+    /// `dQ = dS K`, `dK = dS^T Q`. Inputs outside the graph get no gradient.
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, h, s, d) = q.dims4()?;
+        let (_, kvh, kl, _) = k.dims4()?;
+        let gs = (h / kvh.max(1)) * s;
+        let p = self.probs.reshape((b, kvh, gs, kl))?; // [B, KVH, G*S, K]
+        let d_out = grad.contiguous()?.reshape((b, kvh, gs, d))?; // [B, KVH, G*S, D]
+        let dv = match v.track_op() {
+            true => Some(p.t()?.matmul(&d_out)?), // [B, KVH, K, D]
+            false => None,
+        };
+        if !q.track_op() && !k.track_op() {
+            return Ok((None, None, dv));
+        }
+        let dp = d_out.matmul(&v.contiguous()?.t()?)?; // [B, KVH, G*S, K]
+        let ds = p.apply_op2_no_bwd(&dp, &SoftmaxGrad { scale: self.scale })?;
+        let dq = match q.track_op() {
+            true => Some(ds.matmul(&k.contiguous()?)?.reshape((b, h, s, d))?),
+            false => None,
+        };
+        let dk = match k.track_op() {
+            true => {
+                let q = q.contiguous()?.reshape((b, kvh, gs, d))?;
+                Some(ds.t()?.matmul(&q)?) // [B, KVH, K, D]
+            }
+            false => None,
+        };
+        Ok((dq, dk, dv))
     }
 }
 
