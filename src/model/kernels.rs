@@ -119,8 +119,74 @@ fn output(values: Vec<f32>, l: &Layout) -> (CpuStorage, Shape) {
     (CpuStorage::F32(values), l.shape().clone())
 }
 
+/// Accumulators of the row reductions below. An ordered f32 fold cannot be vectorised
+/// (each add waits for the previous one); `LANES` interleaved partial results, combined
+/// in a fixed order, can, and give the same bits on every platform (the compiler never
+/// reorders float operations itself).
+const LANES: usize = 8;
+
+/// The partial results of a reduction, combined pairwise in a fixed order.
+#[inline(always)]
+fn combine(acc: [f32; LANES], op: impl Fn(f32, f32) -> f32) -> f32 {
+    op(
+        op(op(acc[0], acc[4]), op(acc[1], acc[5])),
+        op(op(acc[2], acc[6]), op(acc[3], acc[7])),
+    )
+}
+
+/// `sum(f(x_i))` over a row.
+#[inline(always)]
+fn sum_map(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for j in 0..LANES {
+            acc[j] += f(c[j]);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    combine(acc, |a, b| a + b) + tail
+}
+
+/// `sum(f(a_i, b_i))` over two rows of the same length.
+#[inline(always)]
+fn sum_map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (mut ca, mut cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for j in 0..LANES {
+            acc[j] += f(x[j], y[j]);
+        }
+    }
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(&x, &y)| f(x, y))
+        .sum();
+    combine(acc, |a, b| a + b) + tail
+}
+
+/// The largest value of a row (`-inf` for an empty row).
+#[inline(always)]
+fn row_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for j in 0..LANES {
+            acc[j] = acc[j].max(c[j]);
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    combine(acc, f32::max).max(tail)
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(a, b)| a * b).sum()
+    sum_map2(a, b, |a, b| a * b)
 }
 
 /// `e^x` in f32 from IEEE basic operations only: the same bits on every platform (libm's
@@ -250,10 +316,10 @@ impl CustomOp1 for Softmax {
                 let add = &v[Self::row_offset(layout, r)..][..n];
                 y.iter_mut().zip(add).for_each(|(y, a)| *y += a);
             }
-            let max = y.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let max = row_max(y);
             // Separate loops: the exp loop vectorises, the (ordered) sum does not.
             y.iter_mut().for_each(|y| *y = exp(*y - max));
-            let sum: f32 = y.iter().sum();
+            let sum = sum_map(y, |v| v);
             y.iter_mut().for_each(|y| *y /= sum);
         });
         Ok(output(y, l))
@@ -389,8 +455,8 @@ pub struct CrossEntropy {
 impl CrossEntropy {
     /// `(max, ln(sum(exp(x - max))))` of one row.
     fn log_sum_exp(x: &[f32]) -> (f32, f32) {
-        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        (max, x.iter().map(|x| exp(x - max)).sum::<f32>().ln())
+        let max = row_max(x);
+        (max, sum_map(x, |x| exp(x - max)).ln())
     }
 }
 
@@ -471,12 +537,8 @@ impl CustomOp1 for Norm {
         };
         let (eps, centred, nf) = (self.eps, self.centred, n as f32);
         let y = map_rows(x, n, |x, y| {
-            let mean = if centred {
-                x.iter().sum::<f32>() / nf
-            } else {
-                0.0
-            };
-            let var = x.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / nf;
+            let mean = if centred { sum_map(x, |v| v) / nf } else { 0.0 };
+            let var = sum_map(x, |x| (x - mean) * (x - mean)) / nf;
             let r = 1.0 / (var + eps).sqrt();
             for (((y, x), w), b) in y.iter_mut().zip(x).zip(&w).zip(&b) {
                 *y = (x - mean) * r * w + b;
@@ -523,27 +585,22 @@ impl CustomOp2 for NormGrad {
         let nf = n as f32;
         let dx = map_rows2(x, g, n, |x, g, dx| {
             let mean = if self.centred {
-                x.iter().sum::<f32>() / nf
+                sum_map(x, |v| v) / nf
             } else {
                 0.0
             };
-            let var = x.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / nf;
+            let var = sum_map(x, |x| (x - mean) * (x - mean)) / nf;
             let r = 1.0 / (var + self.eps).sqrt();
             // dx holds gw = g * w for now.
             for ((dx, g), w) in dx.iter_mut().zip(g).zip(&self.w) {
                 *dx = g * w;
             }
             let mean_gw = if self.centred {
-                dx.iter().sum::<f32>() / nf
+                sum_map(dx, |v| v) / nf
             } else {
                 0.0
             };
-            let mean_gw_xh = dx
-                .iter()
-                .zip(x)
-                .map(|(gw, x)| gw * (x - mean) * r)
-                .sum::<f32>()
-                / nf;
+            let mean_gw_xh = sum_map2(dx, x, |gw, x| gw * (x - mean) * r) / nf;
             for (dx, x) in dx.iter_mut().zip(x) {
                 *dx = r * (*dx - mean_gw - (x - mean) * r * mean_gw_xh);
             }
@@ -835,7 +892,43 @@ impl CustomOp1 for Heads {
 
 #[cfg(test)]
 mod tests {
-    use super::exp;
+    use super::{dot, exp, row_max, sum_map};
+
+    #[test]
+    fn lane_reductions_cover_every_element_including_the_tail() {
+        // Lengths below, at and above the lane count, with and without a tail.
+        for n in [0usize, 1, 5, 8, 13, 16, 160, 4099] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let y: Vec<f32> = (0..n)
+                .map(|i| ((i * 11 % 29) as f32 - 14.0) / 3.0)
+                .collect();
+            let sum: f64 = x.iter().map(|&v| f64::from(v)).sum();
+            let dot64: f64 = x
+                .iter()
+                .zip(&y)
+                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                .sum();
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let tol = 1e-5 * (1.0 + n as f64);
+            assert!(
+                (f64::from(sum_map(&x, |v| v)) - sum).abs() <= tol,
+                "sum of {n}"
+            );
+            assert!(
+                (f64::from(dot(&x, &y)) - dot64).abs() <= tol * 10.0,
+                "dot of {n}"
+            );
+            assert_eq!(row_max(&x), max, "max of {n}");
+        }
+        // The maximum is found in every lane position and in the tail.
+        for at in 0..13 {
+            let mut x = vec![0f32; 13];
+            x[at] = 1.0;
+            assert_eq!(row_max(&x), 1.0, "max at {at}");
+        }
+    }
 
     #[test]
     fn portable_exp_is_within_two_ulps_of_libm_and_zero_below_the_normal_range() {
