@@ -219,6 +219,70 @@ fn exp(x: f32) -> f32 {
     }
 }
 
+/// `fn name(args) body`, compiled twice: for baseline x86-64 (the crate's target, SSE2)
+/// and with AVX2 enabled, the AVX2 build picked at run time when the CPU has it (8-wide
+/// vectors in the row loops instead of 4-wide). The body must return `()` and call only
+/// `#[inline(always)]` helpers (`exp`, `row_max`, `sum_map`), so that all of it is
+/// compiled for AVX2. The two builds give the same bits: Rust never contracts or
+/// reorders float operations, only the vector width changes.
+macro_rules! with_avx2 {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2, checked just above.
+                return unsafe { $name::avx2($($arg),*) };
+            }
+            $name::baseline($($arg),*)
+        }
+
+        /// The two builds of the function of the same name (tests compare them).
+        #[allow(clippy::too_many_arguments)]
+        mod $name {
+            use super::*;
+
+            #[inline(always)]
+            pub(super) fn baseline($($arg: $ty),*) $body
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2")]
+            pub(super) unsafe fn avx2($($arg: $ty),*) {
+                baseline($($arg),*)
+            }
+        }
+    };
+}
+
+with_avx2! {
+    /// Cross-entropy of rows of `v` logits: `out[r] = logsumexp(x_r) - x_r[targets[r]]`.
+    fn nll_rows(x: &[f32], v: usize, targets: &[u32], out: &mut [f32]) {
+        // exp into a scratch row first: that loop vectorises, an exp inside the
+        // reduction does not.
+        let mut e = vec![0f32; v];
+        for ((x, &t), out) in x.chunks_exact(v).zip(targets).zip(out) {
+            let max = row_max(x);
+            e.iter_mut().zip(x).for_each(|(e, x)| *e = exp(x - max));
+            *out = max + sum_map(&e, |e| e).ln() - x[t as usize];
+        }
+    }
+}
+
+with_avx2! {
+    /// The gradient of [`nll_rows`] scaled by `g[r]`: `g * (softmax(x_r) - onehot(t))`,
+    /// with `softmax(x_r) = exp(x_r - (nll[r] + x_r[t]))`.
+    fn nll_grad_rows(x: &[f32], v: usize, targets: &[u32], g: &[f32], nll: &[f32], dx: &mut [f32]) {
+        let rows = x.chunks_exact(v).zip(dx.chunks_exact_mut(v));
+        for ((x, dx), ((&t, &g), &nll)) in rows.zip(targets.iter().zip(g).zip(nll)) {
+            let shift = nll + x[t as usize];
+            for (dx, x) in dx.iter_mut().zip(x) {
+                *dx = g * exp(x - shift);
+            }
+            dx[t as usize] -= g;
+        }
+    }
+}
+
 /// A frozen linear layer's product `x @ w_t + b` ([`Linear`]): `x: [..., in]`
 /// (contiguous) -> `[..., out]`. The backward pass returns the gradient of `x` only:
 /// candle's matmul backward would also compute the gradient of the weight, as many
@@ -289,6 +353,34 @@ impl Softmax {
     }
 }
 
+with_avx2! {
+    /// [`Softmax`] of rows of `n` values, the first being row `first` of the scores:
+    /// `y = softmax(scale * x + sum(adds))`, each add a strided `[..., n]` tensor's
+    /// values and layout.
+    fn softmax_rows(
+        x: &[f32],
+        n: usize,
+        first: usize,
+        scale: f32,
+        adds: &[(&[f32], &Layout)],
+        y: &mut [f32],
+    ) {
+        for (r, (x, y)) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)).enumerate() {
+            for (y, x) in y.iter_mut().zip(x) {
+                *y = x * scale;
+            }
+            for (v, layout) in adds {
+                let add = &v[Softmax::row_offset(layout, first + r)..][..n];
+                y.iter_mut().zip(add).for_each(|(y, a)| *y += a);
+            }
+            let max = row_max(y);
+            y.iter_mut().for_each(|y| *y = exp(*y - max));
+            let sum = sum_map(y, |v| v);
+            y.iter_mut().for_each(|y| *y /= sum);
+        }
+    }
+}
+
 impl CustomOp1 for Softmax {
     fn name(&self) -> &'static str {
         "softmax-with-backward"
@@ -307,21 +399,18 @@ impl CustomOp1 for Softmax {
             }
             adds.push((v.as_slice(), *layout));
         }
-        let scale = self.scale;
-        let y = map_rows_indexed(x, n, |r, x, y| {
-            for (y, x) in y.iter_mut().zip(x) {
-                *y = x * scale;
-            }
-            for (v, layout) in &adds {
-                let add = &v[Self::row_offset(layout, r)..][..n];
-                y.iter_mut().zip(add).for_each(|(y, a)| *y += a);
-            }
-            let max = row_max(y);
-            // Separate loops: the exp loop vectorises, the (ordered) sum does not.
-            y.iter_mut().for_each(|y| *y = exp(*y - max));
-            let sum = sum_map(y, |v| v);
-            y.iter_mut().for_each(|y| *y /= sum);
-        });
+        let (scale, rows_per_task) = (self.scale, (PARALLEL_MIN / n).max(1));
+        let mut y = vec![0f32; x.len()];
+        if x.len() < PARALLEL_MIN {
+            softmax_rows(x, n, 0, scale, &adds, &mut y);
+        } else {
+            x.par_chunks(rows_per_task * n)
+                .zip(y.par_chunks_mut(rows_per_task * n))
+                .enumerate()
+                .for_each(|(task, (x, y))| {
+                    softmax_rows(x, n, task * rows_per_task, scale, &adds, y)
+                });
+        }
         Ok(output(y, l))
     }
 
@@ -452,14 +541,6 @@ pub struct CrossEntropy {
     pub targets: Vec<u32>,
 }
 
-impl CrossEntropy {
-    /// `(max, ln(sum(exp(x - max))))` of one row.
-    fn log_sum_exp(x: &[f32]) -> (f32, f32) {
-        let max = row_max(x);
-        (max, sum_map(x, |x| exp(x - max)).ln())
-    }
-}
-
 impl CustomOp1 for CrossEntropy {
     fn name(&self) -> &'static str {
         "cross-entropy-with-backward"
@@ -475,15 +556,12 @@ impl CustomOp1 for CrossEntropy {
                 self.targets.len()
             )
         }
-        let nll: Vec<f32> = x
-            .par_chunks(v)
-            .zip(self.targets.par_iter())
-            .with_min_len((PARALLEL_MIN / v).max(1))
-            .map(|(x, &t)| {
-                let (max, lse) = Self::log_sum_exp(x);
-                max + lse - x[t as usize]
-            })
-            .collect();
+        let mut nll = vec![0f32; n];
+        let rows_per_task = (PARALLEL_MIN / v).max(1);
+        x.par_chunks(rows_per_task * v)
+            .zip(self.targets.par_chunks(rows_per_task))
+            .zip(nll.par_chunks_mut(rows_per_task))
+            .for_each(|((x, t), out)| nll_rows(x, v, t, out));
         Ok((CpuStorage::F32(nll), Shape::from(n)))
     }
 
@@ -498,17 +576,16 @@ impl CustomOp1 for CrossEntropy {
         };
         let (xv, v) = rows(x_s, x_l, self.name())?;
         let mut dx = vec![0f32; xv.len()];
-        dx.par_chunks_mut(v)
-            .zip(xv.par_chunks(v))
-            .zip(self.targets.par_iter().zip(&g).zip(&nll))
-            .with_min_len((PARALLEL_MIN / v).max(1))
-            .for_each(|((dx, x), ((&t, &g), &nll))| {
-                let shift = nll + x[t as usize];
-                for (dx, x) in dx.iter_mut().zip(x) {
-                    *dx = g * exp(x - shift);
-                }
-                dx[t as usize] -= g;
-            });
+        let rows_per_task = (PARALLEL_MIN / v).max(1);
+        let targets = self.targets.par_chunks(rows_per_task);
+        dx.par_chunks_mut(rows_per_task * v)
+            .zip(xv.par_chunks(rows_per_task * v))
+            .zip(
+                targets
+                    .zip(g.par_chunks(rows_per_task))
+                    .zip(nll.par_chunks(rows_per_task)),
+            )
+            .for_each(|((dx, x), ((t, g), nll))| nll_grad_rows(x, v, t, g, nll, dx));
         Tensor::from_vec(dx, x.shape(), x.device()).map(Some)
     }
 }
@@ -892,7 +969,41 @@ impl CustomOp1 for Heads {
 
 #[cfg(test)]
 mod tests {
-    use super::{dot, exp, row_max, sum_map};
+    use super::{dot, exp, nll_grad_rows, nll_rows, row_max, softmax_rows, sum_map};
+    use candle_core::Layout;
+
+    /// The AVX2 build of each `with_avx2!` kernel gives the same bits as the baseline
+    /// build (run where the CPU has AVX2; elsewhere only the baseline exists).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_builds_of_the_row_kernels_give_the_same_bits_as_the_baseline() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let (rows, v) = (6, 37); // a row length with a tail after the 8-wide lanes
+        let x: Vec<f32> = (0..rows * v)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 5.0)
+            .collect();
+        let targets: Vec<u32> = (0..rows as u32).map(|r| r * 5 % v as u32).collect();
+        let (mut a, mut b) = (vec![0f32; rows], vec![0f32; rows]);
+        nll_rows::baseline(&x, v, &targets, &mut a);
+        unsafe { nll_rows::avx2(&x, v, &targets, &mut b) };
+        assert_eq!(a, b, "nll_rows");
+        let g: Vec<f32> = (0..rows).map(|r| 0.5 + r as f32).collect();
+        let (mut da, mut db) = (vec![0f32; rows * v], vec![0f32; rows * v]);
+        nll_grad_rows::baseline(&x, v, &targets, &g, &a, &mut da);
+        unsafe { nll_grad_rows::avx2(&x, v, &targets, &g, &a, &mut db) };
+        assert_eq!(da, db, "nll_grad_rows");
+        let mask: Vec<f32> = (0..rows * v)
+            .map(|i| if i % 7 == 3 { f32::NEG_INFINITY } else { 0.0 })
+            .collect();
+        let layout = Layout::contiguous((rows, v));
+        let (mut sa, mut sb) = (vec![0f32; rows * v], vec![0f32; rows * v]);
+        softmax_rows::baseline(&x, v, 0, 0.3, &[(&mask, &layout)], &mut sa);
+        unsafe { softmax_rows::avx2(&x, v, 0, 0.3, &[(&mask, &layout)], &mut sb) };
+        assert_eq!(sa, sb, "softmax_rows");
+        assert!(sa.iter().all(|p| p.is_finite()) && sa.contains(&0.0));
+    }
 
     #[test]
     fn lane_reductions_cover_every_element_including_the_tail() {
