@@ -759,9 +759,30 @@ impl CustomOp1 for Rope {
 pub struct SwiGlu;
 
 /// `(silu(x), d silu / dx)` with `silu(x) = x * sigmoid(x)`.
+#[inline(always)]
 fn silu_and_slope(x: f32) -> (f32, f32) {
     let sig = 1.0 / (1.0 + exp(-x));
     (x * sig, sig * (1.0 + x * (1.0 - sig)))
+}
+
+with_avx2! {
+    /// `y = silu(g) * u`, element by element.
+    fn swiglu_values(g: &[f32], u: &[f32], y: &mut [f32]) {
+        for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
+            *y = silu_and_slope(*g).0 * u;
+        }
+    }
+}
+
+with_avx2! {
+    /// `du = dy * silu(g)`, `dg = dy * u * silu'(g)`, element by element.
+    fn swiglu_grad_values(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+        for i in 0..g.len().min(u.len()).min(dy.len()).min(dg.len()).min(du.len()) {
+            let (silu, slope) = silu_and_slope(g[i]);
+            du[i] = dy[i] * silu;
+            dg[i] = dy[i] * u[i] * slope;
+        }
+    }
 }
 
 impl CustomOp2 for SwiGlu {
@@ -776,7 +797,7 @@ impl CustomOp2 for SwiGlu {
         us: &CpuStorage,
         ul: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let ((gate, n), (up, _)) = (rows(gs, gl, self.name())?, rows(us, ul, self.name())?);
+        let ((gate, _), (up, _)) = (rows(gs, gl, self.name())?, rows(us, ul, self.name())?);
         if gl.dims() != ul.dims() {
             candle_core::bail!(
                 "{}: gate {:?} and up {:?} differ",
@@ -785,11 +806,13 @@ impl CustomOp2 for SwiGlu {
                 ul.dims()
             )
         }
-        let y = map_rows2(gate, up, n, |g, u, y| {
-            for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
-                *y = silu_and_slope(*g).0 * u;
-            }
-        });
+        let mut y = vec![0f32; gate.len()];
+        y.par_chunks_mut(PARALLEL_MIN)
+            .zip(
+                gate.par_chunks(PARALLEL_MIN)
+                    .zip(up.par_chunks(PARALLEL_MIN)),
+            )
+            .for_each(|(y, (g, u))| swiglu_values(g, u, y));
         Ok(output(y, gl))
     }
 
@@ -810,25 +833,22 @@ impl CustomOp2 for SwiGlu {
 /// contiguous) -> `(d gate, d up)`, each `[..., n]`.
 fn swiglu_grad(gate: &Tensor, up: &Tensor, grad: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
     let grad = grad.contiguous()?;
-    let n = gate.dims().last().copied().unwrap_or(1).max(1);
     let len = gate.elem_count();
     let (mut d_gate, mut d_up) = (vec![0f32; len], vec![0f32; len]);
     let name = "swiglu-grad";
+    let chunk = PARALLEL_MIN;
     with_values(gate, name, |g| {
         with_values(up, name, |u| {
             with_values(&grad, name, |dy| {
                 d_gate
-                    .par_chunks_mut(n)
-                    .zip(d_up.par_chunks_mut(n))
-                    .zip(g.par_chunks(n).zip(u.par_chunks(n)).zip(dy.par_chunks(n)))
-                    .with_min_len((PARALLEL_MIN / n).max(1))
-                    .for_each(|((dg, du), ((g, u), dy))| {
-                        for i in 0..g.len() {
-                            let (silu, slope) = silu_and_slope(g[i]);
-                            du[i] = dy[i] * silu;
-                            dg[i] = dy[i] * u[i] * slope;
-                        }
-                    })
+                    .par_chunks_mut(chunk)
+                    .zip(d_up.par_chunks_mut(chunk))
+                    .zip(
+                        g.par_chunks(chunk)
+                            .zip(u.par_chunks(chunk))
+                            .zip(dy.par_chunks(chunk)),
+                    )
+                    .for_each(|((dg, du), ((g, u), dy))| swiglu_grad_values(g, u, dy, dg, du))
             })
         })
     })???;
@@ -969,7 +989,10 @@ impl CustomOp1 for Heads {
 
 #[cfg(test)]
 mod tests {
-    use super::{dot, exp, nll_grad_rows, nll_rows, row_max, softmax_rows, sum_map};
+    use super::{
+        dot, exp, nll_grad_rows, nll_rows, row_max, softmax_rows, sum_map, swiglu_grad_values,
+        swiglu_values,
+    };
     use candle_core::Layout;
 
     /// The AVX2 build of each `with_avx2!` kernel gives the same bits as the baseline
@@ -1003,6 +1026,18 @@ mod tests {
         unsafe { softmax_rows::avx2(&x, v, 0, 0.3, &[(&mask, &layout)], &mut sb) };
         assert_eq!(sa, sb, "softmax_rows");
         assert!(sa.iter().all(|p| p.is_finite()) && sa.contains(&0.0));
+        let (u, dy) = (&sa, &da); // any values of the same length
+        let (mut ya, mut yb) = (vec![0f32; rows * v], vec![0f32; rows * v]);
+        swiglu_values::baseline(&x, u, &mut ya);
+        unsafe { swiglu_values::avx2(&x, u, &mut yb) };
+        assert_eq!(ya, yb, "swiglu_values");
+        let mut grads: Vec<Vec<f32>> = vec![vec![0f32; rows * v]; 4];
+        let [dga, dua, dgb, dub] = &mut grads[..] else {
+            unreachable!()
+        };
+        swiglu_grad_values::baseline(&x, u, dy, dga, dua);
+        unsafe { swiglu_grad_values::avx2(&x, u, dy, dgb, dub) };
+        assert_eq!((&dga, &dua), (&dgb, &dub), "swiglu_grad_values");
     }
 
     #[test]
