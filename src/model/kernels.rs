@@ -52,43 +52,30 @@ fn weight_values(w: &Tensor, op: &str) -> candle_core::Result<Vec<f32>> {
         .map_err(|e| candle_core::Error::Msg(format!("{op}: weight: {e}")))
 }
 
-/// Apply `f(row_in, row_out)` to every row of `n` values, in parallel when large.
-fn map_rows(input: &[f32], n: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
-    map_rows_indexed(input, n, |_, x, y| f(x, y))
-}
-
-/// Apply `f(row_index, row_in, row_out)` to every row of `n` values, in parallel (in
-/// tasks of about [`PARALLEL_MIN`] values) when large.
-fn map_rows_indexed(
+/// `f(first_row, rows_in, rows_out)` over tasks of whole rows of `n` values (about
+/// [`PARALLEL_MIN`] values each), in parallel when the input is large; returns the
+/// output. `f` is a `with_avx2!` row kernel.
+fn map_row_tasks(
     input: &[f32],
     n: usize,
     f: impl Fn(usize, &[f32], &mut [f32]) + Sync,
 ) -> Vec<f32> {
     let mut out = vec![0f32; input.len()];
     if input.len() < PARALLEL_MIN {
-        input
-            .chunks_exact(n)
-            .zip(out.chunks_exact_mut(n))
-            .enumerate()
-            .for_each(|(r, (x, y))| f(r, x, y));
+        f(0, input, &mut out);
     } else {
         let rows_per_task = (PARALLEL_MIN / n).max(1);
         input
             .par_chunks(rows_per_task * n)
             .zip(out.par_chunks_mut(rows_per_task * n))
             .enumerate()
-            .for_each(|(task, (xs, ys))| {
-                xs.chunks_exact(n)
-                    .zip(ys.chunks_exact_mut(n))
-                    .enumerate()
-                    .for_each(|(r, (x, y))| f(task * rows_per_task + r, x, y))
-            });
+            .for_each(|(task, (xs, ys))| f(task * rows_per_task, xs, ys));
     }
     out
 }
 
-/// Apply `f(row_a, row_b, row_out)` to every pair of rows of `n` values.
-fn map_rows2(
+/// [`map_row_tasks`] over two inputs of the same shape: `f(rows_a, rows_b, rows_out)`.
+fn map_row_tasks2(
     a: &[f32],
     b: &[f32],
     n: usize,
@@ -96,21 +83,13 @@ fn map_rows2(
 ) -> Vec<f32> {
     let mut out = vec![0f32; a.len()];
     if a.len() < PARALLEL_MIN {
-        a.chunks_exact(n)
-            .zip(b.chunks_exact(n))
-            .zip(out.chunks_exact_mut(n))
-            .for_each(|((a, b), y)| f(a, b, y));
+        f(a, b, &mut out);
     } else {
         let per_task = (PARALLEL_MIN / n).max(1) * n;
         a.par_chunks(per_task)
             .zip(b.par_chunks(per_task))
             .zip(out.par_chunks_mut(per_task))
-            .for_each(|((a, b), ys)| {
-                a.chunks_exact(n)
-                    .zip(b.chunks_exact(n))
-                    .zip(ys.chunks_exact_mut(n))
-                    .for_each(|((a, b), y)| f(a, b, y))
-            });
+            .for_each(|((a, b), ys)| f(a, b, ys));
     }
     out
 }
@@ -185,6 +164,7 @@ fn row_max(x: &[f32]) -> f32 {
     combine(acc, f32::max).max(tail)
 }
 
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     sum_map2(a, b, |a, b| a * b)
 }
@@ -240,6 +220,7 @@ macro_rules! with_avx2 {
         /// The two builds of the function of the same name (tests compare them).
         #[allow(clippy::too_many_arguments)]
         mod $name {
+            #[allow(unused_imports)] // a body may need nothing from the module
             use super::*;
 
             #[inline(always)]
@@ -426,6 +407,19 @@ struct SoftmaxGrad {
     scale: f32,
 }
 
+with_avx2! {
+    /// [`SoftmaxGrad`] over rows of `n` values: `dx = scale * y * (g - sum(g * y))`.
+    fn softmax_grad_rows(y: &[f32], g: &[f32], n: usize, scale: f32, dx: &mut [f32]) {
+        let rows = y.chunks_exact(n).zip(g.chunks_exact(n));
+        for ((y, g), dx) in rows.zip(dx.chunks_exact_mut(n)) {
+            let s = dot(g, y);
+            for ((dx, y), g) in dx.iter_mut().zip(y).zip(g) {
+                *dx = scale * y * (g - s);
+            }
+        }
+    }
+}
+
 impl CustomOp2 for SoftmaxGrad {
     fn name(&self) -> &'static str {
         "softmax-grad"
@@ -439,12 +433,8 @@ impl CustomOp2 for SoftmaxGrad {
         gl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let ((y, n), (g, _)) = (rows(ys, yl, self.name())?, rows(gs, gl, self.name())?);
-        let dx = map_rows2(y, g, n, |y, g, dx| {
-            let s = dot(g, y);
-            for ((dx, y), g) in dx.iter_mut().zip(y).zip(g) {
-                *dx = self.scale * y * (g - s);
-            }
-        });
+        let scale = self.scale;
+        let dx = map_row_tasks2(y, g, n, |y, g, dx| softmax_grad_rows(y, g, n, scale, dx));
         Ok(output(dx, yl))
     }
 }
@@ -600,6 +590,44 @@ pub struct Norm {
     pub centred: bool,
 }
 
+with_avx2! {
+    /// [`Norm`] over rows of `n` values: `y = (x - mean) * r * w + b` with
+    /// `r = 1 / sqrt(var + eps)` (`centred: false`: mean 0, RMSNorm).
+    fn norm_rows(x: &[f32], n: usize, w: &[f32], b: &[f32], eps: f32, centred: bool, y: &mut [f32]) {
+        let nf = n as f32;
+        for (x, y) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+            let mean = if centred { sum_map(x, |v| v) / nf } else { 0.0 };
+            let var = sum_map(x, |x| (x - mean) * (x - mean)) / nf;
+            let r = 1.0 / (var + eps).sqrt();
+            for (((y, x), w), b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                *y = (x - mean) * r * w + b;
+            }
+        }
+    }
+}
+
+with_avx2! {
+    /// [`NormGrad`] over rows of `n` values (see [`Norm`]'s backward pass).
+    fn norm_grad_rows(x: &[f32], g: &[f32], n: usize, w: &[f32], eps: f32, centred: bool, dx: &mut [f32]) {
+        let nf = n as f32;
+        let rows = x.chunks_exact(n).zip(g.chunks_exact(n));
+        for ((x, g), dx) in rows.zip(dx.chunks_exact_mut(n)) {
+            let mean = if centred { sum_map(x, |v| v) / nf } else { 0.0 };
+            let var = sum_map(x, |x| (x - mean) * (x - mean)) / nf;
+            let r = 1.0 / (var + eps).sqrt();
+            // dx holds gw = g * w for now.
+            for ((dx, g), w) in dx.iter_mut().zip(g).zip(w) {
+                *dx = g * w;
+            }
+            let mean_gw = if centred { sum_map(dx, |v| v) / nf } else { 0.0 };
+            let mean_gw_xh = sum_map2(dx, x, |gw, x| gw * (x - mean) * r) / nf;
+            for (dx, x) in dx.iter_mut().zip(x) {
+                *dx = r * (*dx - mean_gw - (x - mean) * r * mean_gw_xh);
+            }
+        }
+    }
+}
+
 impl CustomOp1 for Norm {
     fn name(&self) -> &'static str {
         "norm-with-backward"
@@ -612,15 +640,8 @@ impl CustomOp1 for Norm {
             Some(b) => weight_values(b, self.name())?,
             None => vec![0.0; n],
         };
-        let (eps, centred, nf) = (self.eps, self.centred, n as f32);
-        let y = map_rows(x, n, |x, y| {
-            let mean = if centred { sum_map(x, |v| v) / nf } else { 0.0 };
-            let var = sum_map(x, |x| (x - mean) * (x - mean)) / nf;
-            let r = 1.0 / (var + eps).sqrt();
-            for (((y, x), w), b) in y.iter_mut().zip(x).zip(&w).zip(&b) {
-                *y = (x - mean) * r * w + b;
-            }
-        });
+        let (eps, centred) = (self.eps, self.centred);
+        let y = map_row_tasks(x, n, |_, x, y| norm_rows(x, n, &w, &b, eps, centred, y));
         Ok(output(y, l))
     }
 
@@ -659,28 +680,9 @@ impl CustomOp2 for NormGrad {
         gl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let ((x, n), (g, _)) = (rows(xs, xl, self.name())?, rows(gs, gl, self.name())?);
-        let nf = n as f32;
-        let dx = map_rows2(x, g, n, |x, g, dx| {
-            let mean = if self.centred {
-                sum_map(x, |v| v) / nf
-            } else {
-                0.0
-            };
-            let var = sum_map(x, |x| (x - mean) * (x - mean)) / nf;
-            let r = 1.0 / (var + self.eps).sqrt();
-            // dx holds gw = g * w for now.
-            for ((dx, g), w) in dx.iter_mut().zip(g).zip(&self.w) {
-                *dx = g * w;
-            }
-            let mean_gw = if self.centred {
-                sum_map(dx, |v| v) / nf
-            } else {
-                0.0
-            };
-            let mean_gw_xh = sum_map2(dx, x, |gw, x| gw * (x - mean) * r) / nf;
-            for (dx, x) in dx.iter_mut().zip(x) {
-                *dx = r * (*dx - mean_gw - (x - mean) * r * mean_gw_xh);
-            }
+        let (w, eps, centred) = (&self.w, self.eps, self.centred);
+        let dx = map_row_tasks2(x, g, n, |x, g, dx| {
+            norm_grad_rows(x, g, n, w, eps, centred, dx)
         });
         Ok(output(dx, xl))
     }
@@ -708,29 +710,49 @@ impl Rope {
                 self.sin.dims()
             )
         }
-        let half = d / 2;
         // The tables are read in place (contiguous, checked by `with_values`).
         let y = with_values(&self.cos, "rope", |cos| {
             with_values(&self.sin, "rope", |sin| {
-                map_rows_indexed(x, d, |r, x, y| {
-                    // row r = (bi, hi, si); the tables have no head axis.
-                    let (bi, si) = (r / (h * s), r % s);
-                    let t = (bi * s + si) * d;
-                    let (c, sn) = (&cos[t..t + d], &sin[t..t + d]);
-                    for i in 0..half {
-                        let (x1, x2) = (x[i], x[i + half]);
-                        if inverse {
-                            y[i] = x1 * c[i] + x2 * sn[i + half];
-                            y[i + half] = x2 * c[i + half] - x1 * sn[i];
-                        } else {
-                            y[i] = x1 * c[i] - x2 * sn[i];
-                            y[i + half] = x2 * c[i + half] + x1 * sn[i + half];
-                        }
-                    }
+                map_row_tasks(x, d, |first, x, y| {
+                    rope_rows(x, d, (h, s), first, (cos, sin), inverse, y)
                 })
             })
         })??;
         Ok(y)
+    }
+}
+
+with_avx2! {
+    /// [`Rope`] over rows of `d` values of `[B, H, S, D]`, the first being row `first`:
+    /// `y = x * cos + rotate_half(x) * sin`, or its transpose on a gradient
+    /// (`inverse`). `tables = (cos, sin)`, each `[B, 1, S, D]`; `hs = (H, S)`.
+    fn rope_rows(
+        x: &[f32],
+        d: usize,
+        hs: (usize, usize),
+        first: usize,
+        tables: (&[f32], &[f32]),
+        inverse: bool,
+        y: &mut [f32],
+    ) {
+        let ((h, s), (cos, sin), half) = (hs, tables, d / 2);
+        for (i, (x, y)) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).enumerate() {
+            // row r = (bi, hi, si); the tables have no head axis.
+            let r = first + i;
+            let (bi, si) = (r / (h * s), r % s);
+            let t = (bi * s + si) * d;
+            let (c, sn) = (&cos[t..t + d], &sin[t..t + d]);
+            for i in 0..half {
+                let (x1, x2) = (x[i], x[i + half]);
+                if inverse {
+                    y[i] = x1 * c[i] + x2 * sn[i + half];
+                    y[i + half] = x2 * c[i + half] - x1 * sn[i];
+                } else {
+                    y[i] = x1 * c[i] - x2 * sn[i];
+                    y[i + half] = x2 * c[i + half] + x1 * sn[i + half];
+                }
+            }
+        }
     }
 }
 
@@ -990,8 +1012,8 @@ impl CustomOp1 for Heads {
 #[cfg(test)]
 mod tests {
     use super::{
-        dot, exp, nll_grad_rows, nll_rows, row_max, softmax_rows, sum_map, swiglu_grad_values,
-        swiglu_values,
+        dot, exp, nll_grad_rows, nll_rows, norm_grad_rows, norm_rows, rope_rows, row_max,
+        softmax_grad_rows, softmax_rows, sum_map, swiglu_grad_values, swiglu_values,
     };
     use candle_core::Layout;
 
@@ -1038,6 +1060,40 @@ mod tests {
         swiglu_grad_values::baseline(&x, u, dy, dga, dua);
         unsafe { swiglu_grad_values::avx2(&x, u, dy, dgb, dub) };
         assert_eq!((&dga, &dua), (&dgb, &dub), "swiglu_grad_values");
+        let same = |name: &str, f: &dyn Fn(&mut [f32]), g: &dyn Fn(&mut [f32])| {
+            let (mut a, mut b) = (vec![0f32; rows * v], vec![0f32; rows * v]);
+            f(&mut a);
+            g(&mut b);
+            assert_eq!(a, b, "{name}");
+            assert!(a.iter().any(|&x| x != 0.0), "{name} wrote nothing");
+        };
+        let (w, bias) = (&x[..v], &u[..v]);
+        same(
+            "softmax_grad_rows",
+            &|o| softmax_grad_rows::baseline(u, dy, v, 0.3, o),
+            &|o| unsafe { softmax_grad_rows::avx2(u, dy, v, 0.3, o) },
+        );
+        for centred in [false, true] {
+            same(
+                "norm_rows",
+                &|o| norm_rows::baseline(&x, v, w, bias, 1e-5, centred, o),
+                &|o| unsafe { norm_rows::avx2(&x, v, w, bias, 1e-5, centred, o) },
+            );
+            same(
+                "norm_grad_rows",
+                &|o| norm_grad_rows::baseline(&x, dy, v, w, 1e-5, centred, o),
+                &|o| unsafe { norm_grad_rows::avx2(&x, dy, v, w, 1e-5, centred, o) },
+            );
+        }
+        // RoPE over [B 2, H 3, S 1, D 12]: the tables are [2, 1, 1, 12].
+        let (d, tables) = (12, (&u[..24], &dy[..24]));
+        let xr = &x[..72];
+        for inverse in [false, true] {
+            let (mut a, mut b) = (vec![0f32; 72], vec![0f32; 72]);
+            rope_rows::baseline(xr, d, (3, 1), 0, tables, inverse, &mut a);
+            unsafe { rope_rows::avx2(xr, d, (3, 1), 0, tables, inverse, &mut b) };
+            assert_eq!(a, b, "rope_rows");
+        }
     }
 
     #[test]
