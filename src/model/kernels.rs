@@ -10,7 +10,12 @@
 //!
 //! The ops work on rows (the last dimension) of contiguous f32 CPU tensors; the callers
 //! in [`super::nn`] and [`super::attention`] check that and fall back to the composed
-//! ops otherwise. Each op's shapes are on its struct.
+//! ops otherwise. Each op's shapes are on its struct. Two ops are whole blocks, used
+//! only when training: [`AttentionCore`] (scores, softmax, weighted values) and
+//! [`SwiGluMlp`] (Llama's MLP with its residual); their forward pass is computed outside
+//! the graph by the same kernels, and they bring their own backward pass. The hottest
+//! row loops are `with_avx2!` functions, built twice (baseline x86-64 and AVX2, same
+//! bits) and chosen at run time.
 //! Norm weights and biases are frozen base weights: no gradient flows to them (the
 //! prefix is the only trainable parameter in this crate).
 
@@ -96,6 +101,21 @@ fn map_row_tasks2(
 
 fn output(values: Vec<f32>, l: &Layout) -> (CpuStorage, Shape) {
     (CpuStorage::F32(values), l.shape().clone())
+}
+
+/// The forward pass of a block op ([`AttentionCore`], [`SwiGluMlp`]): its output `y`
+/// was computed outside the graph from the same input, so the op only copies it into
+/// the graph, after checking that the input (`[B, S, E]` or `[B, H, S, D]`, the output's
+/// shape in both ops) is the one `y` was computed for.
+fn handed_over(op: &str, input: &[usize], y: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
+    if input != y.dims() {
+        candle_core::bail!(
+            "{op}: input {input:?} is not the one of the output {:?}",
+            y.dims()
+        )
+    }
+    let values = with_values(&y.contiguous()?, op, <[f32]>::to_vec)?;
+    Ok((CpuStorage::F32(values), y.shape().clone()))
 }
 
 /// Accumulators of the row reductions below. An ordered f32 fold cannot be vectorised
@@ -201,9 +221,9 @@ fn exp(x: f32) -> f32 {
 
 /// `fn name(args) body`, compiled twice: for baseline x86-64 (the crate's target, SSE2)
 /// and with AVX2 enabled, the AVX2 build picked at run time when the CPU has it (8-wide
-/// vectors in the row loops instead of 4-wide). The body must return `()` and call only
-/// `#[inline(always)]` helpers (`exp`, `row_max`, `sum_map`), so that all of it is
-/// compiled for AVX2. The two builds give the same bits: Rust never contracts or
+/// vectors in the row loops instead of 4-wide). The body must return `()`, and its
+/// float loops may call only `#[inline(always)]` helpers (`exp`, `row_max`, `sum_map`,
+/// `dot`): a call that is not inlined runs in the baseline build. The two builds give the same bits: Rust never contracts or
 /// reorders float operations, only the vector width changes.
 macro_rules! with_avx2 {
     ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
@@ -233,35 +253,6 @@ macro_rules! with_avx2 {
             }
         }
     };
-}
-
-with_avx2! {
-    /// Cross-entropy of rows of `v` logits: `out[r] = logsumexp(x_r) - x_r[targets[r]]`.
-    fn nll_rows(x: &[f32], v: usize, targets: &[u32], out: &mut [f32]) {
-        // exp into a scratch row first: that loop vectorises, an exp inside the
-        // reduction does not.
-        let mut e = vec![0f32; v];
-        for ((x, &t), out) in x.chunks_exact(v).zip(targets).zip(out) {
-            let max = row_max(x);
-            e.iter_mut().zip(x).for_each(|(e, x)| *e = exp(x - max));
-            *out = max + sum_map(&e, |e| e).ln() - x[t as usize];
-        }
-    }
-}
-
-with_avx2! {
-    /// The gradient of [`nll_rows`] scaled by `g[r]`: `g * (softmax(x_r) - onehot(t))`,
-    /// with `softmax(x_r) = exp(x_r - (nll[r] + x_r[t]))`.
-    fn nll_grad_rows(x: &[f32], v: usize, targets: &[u32], g: &[f32], nll: &[f32], dx: &mut [f32]) {
-        let rows = x.chunks_exact(v).zip(dx.chunks_exact_mut(v));
-        for ((x, dx), ((&t, &g), &nll)) in rows.zip(targets.iter().zip(g).zip(nll)) {
-            let shift = nll + x[t as usize];
-            for (dx, x) in dx.iter_mut().zip(x) {
-                *dx = g * exp(x - shift);
-            }
-            dx[t as usize] -= g;
-        }
-    }
 }
 
 /// A frozen linear layer's product `x @ w_t + b` ([`Linear`]): `x: [..., in]`
@@ -380,18 +371,10 @@ impl CustomOp1 for Softmax {
             }
             adds.push((v.as_slice(), *layout));
         }
-        let (scale, rows_per_task) = (self.scale, (PARALLEL_MIN / n).max(1));
-        let mut y = vec![0f32; x.len()];
-        if x.len() < PARALLEL_MIN {
-            softmax_rows(x, n, 0, scale, &adds, &mut y);
-        } else {
-            x.par_chunks(rows_per_task * n)
-                .zip(y.par_chunks_mut(rows_per_task * n))
-                .enumerate()
-                .for_each(|(task, (x, y))| {
-                    softmax_rows(x, n, task * rows_per_task, scale, &adds, y)
-                });
-        }
+        let scale = self.scale;
+        let y = map_row_tasks(x, n, |first, x, y| {
+            softmax_rows(x, n, first, scale, &adds, y)
+        });
         Ok(output(y, l))
     }
 
@@ -471,16 +454,7 @@ impl CustomOp3 for AttentionCore {
         _v: &CpuStorage,
         _vl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        if ql.dims() != self.out.dims() {
-            candle_core::bail!(
-                "{}: queries {:?} are not the output's {:?}",
-                self.name(),
-                ql.dims(),
-                self.out.dims()
-            )
-        }
-        let out = with_values(&self.out.contiguous()?, self.name(), <[f32]>::to_vec)?;
-        Ok((CpuStorage::F32(out), self.out.shape().clone()))
+        handed_over(self.name(), ql.dims(), &self.out)
     }
 
     /// With `P` the probabilities and everything grouped per KV head
@@ -529,6 +503,35 @@ impl CustomOp3 for AttentionCore {
 pub struct CrossEntropy {
     /// One target id per row, each `< V`.
     pub targets: Vec<u32>,
+}
+
+with_avx2! {
+    /// Cross-entropy of rows of `v` logits: `out[r] = logsumexp(x_r) - x_r[targets[r]]`.
+    fn nll_rows(x: &[f32], v: usize, targets: &[u32], out: &mut [f32]) {
+        // exp into a scratch row first: that loop vectorises, an exp inside the
+        // reduction does not.
+        let mut e = vec![0f32; v];
+        for ((x, &t), out) in x.chunks_exact(v).zip(targets).zip(out) {
+            let max = row_max(x);
+            e.iter_mut().zip(x).for_each(|(e, x)| *e = exp(x - max));
+            *out = max + sum_map(&e, |e| e).ln() - x[t as usize];
+        }
+    }
+}
+
+with_avx2! {
+    /// The gradient of [`nll_rows`] scaled by `g[r]`: `g * (softmax(x_r) - onehot(t))`,
+    /// with `softmax(x_r) = exp(x_r - (nll[r] + x_r[t]))`.
+    fn nll_grad_rows(x: &[f32], v: usize, targets: &[u32], g: &[f32], nll: &[f32], dx: &mut [f32]) {
+        let rows = x.chunks_exact(v).zip(dx.chunks_exact_mut(v));
+        for ((x, dx), ((&t, &g), &nll)) in rows.zip(targets.iter().zip(g).zip(nll)) {
+            let shift = nll + x[t as usize];
+            for (dx, x) in dx.iter_mut().zip(x) {
+                *dx = g * exp(x - shift);
+            }
+            dx[t as usize] -= g;
+        }
+    }
 }
 
 impl CustomOp1 for CrossEntropy {
@@ -649,13 +652,19 @@ impl CustomOp1 for Norm {
     /// `dx = r * (gw - mean(gw) - xh * mean(gw * xh))` (RMSNorm: mean = 0, and no
     /// `mean(gw)` term).
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let grad = grad.contiguous()?;
+        self.input_grad(x, grad).map(Some)
+    }
+}
+
+impl Norm {
+    /// The gradient of the input: `x, grad: [..., n]` -> `[..., n]` ([`NormGrad`]).
+    fn input_grad(&self, x: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
         let op = NormGrad {
-            w: weight_values(&self.w, self.name())?,
+            w: weight_values(&self.w, "norm-grad")?,
             eps: self.eps,
             centred: self.centred,
         };
-        Ok(Some(x.apply_op2_no_bwd(&grad, &op)?))
+        x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &op)
     }
 }
 
@@ -898,9 +907,8 @@ pub struct SwiGluMlp {
     /// `[..., I]`: `gate(n)` and `up(n)`.
     pub gate_out: Tensor,
     pub up_out: Tensor,
-    /// `[E]`
-    pub norm_w: Tensor,
-    pub eps: f32,
+    /// The block's RMSNorm (`centred: false`, weight `[E]`).
+    pub norm: Norm,
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
@@ -912,16 +920,7 @@ impl CustomOp1 for SwiGluMlp {
     }
 
     fn cpu_fwd(&self, _x: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        if l.dims() != self.y.dims() {
-            candle_core::bail!(
-                "{}: input {:?} is not the block's {:?}",
-                self.name(),
-                l.dims(),
-                self.y.dims()
-            )
-        }
-        let y = with_values(&self.y, self.name(), <[f32]>::to_vec)?;
-        Ok((CpuStorage::F32(y), self.y.shape().clone()))
+        handed_over(self.name(), l.dims(), &self.y)
     }
 
     /// `da = dy @ down`, `(dg, du)` from SwiGLU, `dn = dg @ gate + du @ up`,
@@ -931,13 +930,7 @@ impl CustomOp1 for SwiGluMlp {
         let da = self.down.input_grad(&dy)?; // [..., I]
         let (dg, du) = swiglu_grad(&self.gate_out, &self.up_out, &da)?;
         let dn = (self.gate.input_grad(&dg)? + self.up.input_grad(&du)?)?; // [..., E]
-        let norm = NormGrad {
-            w: weight_values(&self.norm_w, self.name())?,
-            eps: self.eps,
-            centred: false,
-        };
-        let dx = x.contiguous()?.apply_op2_no_bwd(&dn, &norm)?;
-        (dy + dx).map(Some)
+        (dy + self.norm.input_grad(x, &dn)?).map(Some)
     }
 }
 
