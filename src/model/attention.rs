@@ -4,6 +4,7 @@
 
 use candle_core::Tensor;
 
+use crate::cache::KvView;
 use crate::check::{Attention, CandleExt, Diagnosis, DiagnosisClass, Result, Site, TensorKind};
 
 /// Which keys a query may see.
@@ -109,6 +110,51 @@ pub fn sdpa(
     layer: usize,
     attention: Attention,
 ) -> Result<Tensor> {
+    // Training: the whole product as one graph node with its own backward pass, when
+    // the crate's softmax kernel takes the scores (not inside `with_fused_ops`, whose
+    // candle-nn softmax must keep cutting the gradient). The forward pass runs outside
+    // the graph on detached tensors, through the same code as below.
+    if q.track_op() || k.track_op() || v.track_op() {
+        let (out, probs) = sdpa_detached(q, k, v, mask, bias, scale, layer, attention)?;
+        if let Some(probs) = probs {
+            let op = super::kernels::AttentionCore {
+                out,
+                probs,
+                scale: scale as f32,
+            };
+            return q
+                .apply_op3(k, v, op)
+                .at(Site::new(layer, attention, TensorKind::Value), "attention");
+        }
+    }
+    check_keys(q, k, layer, attention)?;
+    attend(q, k, v, mask, bias, scale, layer, attention).map(|(out, _)| out)
+}
+
+/// [`sdpa`] outside the graph (on detached inputs), for the ops that bring their own
+/// backward pass: `(output [B, H, S, D], probabilities [B, H, S, K])`, the
+/// probabilities only when the crate's softmax kernel computed them and `k`, `v` have
+/// the same shape (what those backward passes assume).
+#[allow(clippy::too_many_arguments)]
+pub fn sdpa_detached(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+    layer: usize,
+    attention: Attention,
+) -> Result<(Tensor, Option<Tensor>)> {
+    check_keys(q, k, layer, attention)?;
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let (out, probs) = attend(&qd, &kd, &vd, mask, bias, scale, layer, attention)?;
+    Ok((out, probs.filter(|_| k.dims() == v.dims())))
+}
+
+/// The keys' shape against the queries' `[B, H, S, D]`: a diagnosis naming the layer
+/// when the rank, batch, head_dim or KV head grouping disagree.
+fn check_keys(q: &Tensor, k: &Tensor, layer: usize, attention: Attention) -> Result<()> {
     let (qb, h, _s, qd) = q
         .dims4()
         .at(Site::new(layer, attention, TensorKind::Query), "queries")?;
@@ -154,30 +200,11 @@ pub fn sdpa(
             "the prefix was built with a head count that is not the model's num_key_value_heads",
         );
     }
-    // Training: the whole product as one graph node with its own backward pass, when
-    // the crate's softmax kernel takes the scores (not inside `with_fused_ops`, whose
-    // candle-nn softmax must keep cutting the gradient). The forward pass runs outside
-    // the graph on detached tensors, through the same code as below.
-    let tracked = q.track_op() || k.track_op() || v.track_op();
-    if tracked && k.dims() == v.dims() {
-        let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-        let (out, probs, own_softmax) = attend(&qd, &kd, &vd, mask, bias, scale, layer, attention)?;
-        if own_softmax {
-            let op = super::kernels::AttentionCore {
-                out,
-                probs,
-                scale: scale as f32,
-            };
-            return q
-                .apply_op3(k, v, op)
-                .at(Site::new(layer, attention, TensorKind::Value), "attention");
-        }
-    }
-    attend(q, k, v, mask, bias, scale, layer, attention).map(|(out, _, _)| out)
+    Ok(())
 }
 
 /// The body of [`sdpa`] once the shapes are checked: `(output [B, H, S, D], attention
-/// probabilities [B, H, S, K], whether the crate's softmax kernel computed them)`.
+/// probabilities [B, H, S, K] when the crate's softmax kernel computed them)`.
 #[allow(clippy::too_many_arguments)]
 fn attend(
     q: &Tensor,
@@ -188,7 +215,7 @@ fn attend(
     scale: f64,
     layer: usize,
     attention: Attention,
-) -> Result<(Tensor, Tensor, bool)> {
+) -> Result<(Tensor, Option<Tensor>)> {
     let site_k = Site::new(layer, attention, TensorKind::Key);
     let (qb, h, s, qd) = q.dims4().at(site_k, "queries")?;
     let (kvh, kl) = (k.dim(1).at(site_k, "keys")?, k.dim(2).at(site_k, "keys")?);
@@ -248,7 +275,7 @@ fn attend(
         false => probs.matmul(&v),
     }
     .at(site_v, "attention output")?;
-    Ok((out, probs, own_softmax))
+    Ok((out, own_softmax.then_some(probs)))
 }
 
 /// `[B, S, H*D]` -> `[B, H, S, D]` (contiguous when f32 on the CPU: one graph node).
@@ -275,9 +302,7 @@ pub fn merge_heads(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// Decoder self-attention through the cache, the same in every family: append the new
-/// keys and values, build the mask over every key the cache returns (prefix, cached
-/// and new positions; causal, windowed, padding), record the mask in the trace, and
-/// attend.
+/// keys and values and build the mask ([`cached_keys`]), and attend.
 ///
 /// `q: [B, H, S, D]`, `k, v: [B, KVH, S, D]` for the S new tokens at positions
 /// `past..past+S` (`past` read before layer 0 updated the cache); `bias(kv_start,
@@ -295,10 +320,30 @@ pub fn cached_self_attention(
     scale: f64,
     bias: &mut dyn FnMut(usize, usize) -> Result<Option<Tensor>>,
 ) -> Result<Tensor> {
+    let (view, mask) = cached_keys(fw, layer, k, v, past, window)?;
+    let kv_len = view.k.dims()[2];
+    let bias = bias(view.kv_start, kv_len)?;
     let att = Attention::SelfAttn;
-    let s = q
+    sdpa(q, &view.k, &view.v, &mask, bias.as_ref(), scale, layer, att)
+}
+
+/// The cache's side of decoder self-attention: append the new keys and values
+/// `k, v: [B, KVH, S, D]` (positions `past..past+S`), and build the mask `[B, 1, S, K]`
+/// over every key the cache returns (prefix, cached and new positions; causal,
+/// windowed, padding), recorded in the trace. Returns the cache's view (keys and
+/// values `[B, KVH, K, D]`, the S new ones last) and the mask.
+pub fn cached_keys(
+    fw: &mut super::Forward,
+    layer: usize,
+    k: &Tensor,
+    v: &Tensor,
+    past: usize,
+    window: Option<usize>,
+) -> Result<(KvView, Tensor)> {
+    let att = Attention::SelfAttn;
+    let s = k
         .dim(2)
-        .at(Site::new(layer, att, TensorKind::Query), "queries")?;
+        .at(Site::new(layer, att, TensorKind::Key), "new keys")?;
     // view.k, view.v: [B, KVH, K, D]
     let view = fw.cache.update_self(layer, k, v, (past, past + s))?;
     let kv_len = view
@@ -316,6 +361,5 @@ pub fn cached_self_attention(
     // [B, 1, S, K]
     let mask = additive_mask(fw.mask, spec, layer, att)?;
     fw.cache.note_mask(layer, att, mask.dims());
-    let bias = bias(view.kv_start, kv_len)?;
-    sdpa(q, &view.k, &view.v, &mask, bias.as_ref(), scale, layer, att)
+    Ok((view, mask))
 }

@@ -457,9 +457,7 @@ impl CustomOp3 for AttentionCore {
         handed_over(self.name(), ql.dims(), &self.out)
     }
 
-    /// With `P` the probabilities and everything grouped per KV head
-    /// (`[B, KVH, G*S, ..]`): `dV = P^T dO`, `dS = scale * P * (dO V^T - rowsum)`,
-    /// `dQ = dS K`, `dK = dS^T Q`. Inputs outside the graph get no gradient.
+    /// See [`attention_grads`]. Inputs outside the graph get no gradient.
     fn bwd(
         &self,
         q: &Tensor,
@@ -468,32 +466,144 @@ impl CustomOp3 for AttentionCore {
         _out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, h, s, d) = q.dims4()?;
-        let (_, kvh, kl, _) = k.dims4()?;
-        let gs = (h / kvh.max(1)) * s;
-        let p = self.probs.reshape((b, kvh, gs, kl))?; // [B, KVH, G*S, K]
-        let d_out = grad.contiguous()?.reshape((b, kvh, gs, d))?; // [B, KVH, G*S, D]
-        let dv = match v.track_op() {
-            true => Some(p.t()?.matmul(&d_out)?), // [B, KVH, K, D]
-            false => None,
-        };
-        if !q.track_op() && !k.track_op() {
-            return Ok((None, None, dv));
+        let want = [q.track_op(), k.track_op(), v.track_op()];
+        attention_grads(&self.probs, self.scale, (q, k, v), grad, want)
+    }
+}
+
+/// The gradients of attention's product `P V` with `P = softmax(scale * q k^T + ...)`
+/// (the probabilities `probs: [B, H, S, K]`, contiguous), from the output's gradient
+/// `grad: [B, H, S, D]`, for the inputs `want`ed: `q: [B, H, S, D]` -> `dq: [B, H, S,
+/// D]`, `k, v: [B, KVH, K, D]` -> `dk, dv: [B, KVH, K, D]`. With everything grouped per
+/// KV head (`[B, KVH, G*S, ..]`): `dV = P^T dO`, `dS = scale * P * (dO V^T - rowsum)`,
+/// `dQ = dS K`, `dK = dS^T Q`.
+#[allow(clippy::type_complexity)]
+fn attention_grads(
+    probs: &Tensor,
+    scale: f32,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    grad: &Tensor,
+    [want_q, want_k, want_v]: [bool; 3],
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (b, h, s, d) = q.dims4()?;
+    let (_, kvh, kl, _) = k.dims4()?;
+    let gs = (h / kvh.max(1)) * s;
+    let p = probs.reshape((b, kvh, gs, kl))?; // [B, KVH, G*S, K]
+    let d_out = grad.contiguous()?.reshape((b, kvh, gs, d))?; // [B, KVH, G*S, D]
+    let dv = match want_v {
+        true => Some(p.t()?.matmul(&d_out)?), // [B, KVH, K, D]
+        false => None,
+    };
+    if !want_q && !want_k {
+        return Ok((None, None, dv));
+    }
+    let dp = d_out.matmul(&v.contiguous()?.t()?)?; // [B, KVH, G*S, K]
+    let ds = p.apply_op2_no_bwd(&dp, &SoftmaxGrad { scale })?;
+    let dq = match want_q {
+        true => Some(ds.matmul(&k.contiguous()?)?.reshape((b, h, s, d))?),
+        false => None,
+    };
+    let dk = match want_k {
+        true => {
+            let q = q.contiguous()?.reshape((b, kvh, gs, d))?;
+            Some(ds.t()?.matmul(&q)?) // [B, KVH, K, D]
         }
-        let dp = d_out.matmul(&v.contiguous()?.t()?)?; // [B, KVH, G*S, K]
-        let ds = p.apply_op2_no_bwd(&dp, &SoftmaxGrad { scale: self.scale })?;
-        let dq = match q.track_op() {
-            true => Some(ds.matmul(&k.contiguous()?)?.reshape((b, h, s, d))?),
-            false => None,
+        false => None,
+    };
+    Ok((dq, dk, dv))
+}
+
+/// Llama's whole attention sub-block, residual included, as one graph node when
+/// training: `x + o(merge(attention(rope(q(n)), kf, vf)))` with
+/// `n = rms_norm(x) * norm_w`. `x: [B, S, E]`, `kf, vf: [B, KVH, K, D]` -> `[B, S, E]`.
+///
+/// `kf` and `vf` are what the cache returned: the prefix (and cached positions), then
+/// the S new keys `rope(k(n))` and values `v(n)`, which were computed from `x` outside
+/// the graph. The backward pass gives `kf` and `vf` their gradient at all K positions
+/// (the graph carries the prefix's rows on to the prefix), and `x` its gradient through
+/// the queries, the S new keys and values, the norm and the residual.
+///
+/// Composed (as other families, and the fused-ops mode, still run it) this is about
+/// fifteen graph nodes: the norm, three projections with head split and RoPE, the
+/// attention product, the head merge, the output projection and the residual add,
+/// every input with a zero-filled gradient buffer and an add in candle's backward pass.
+pub struct AttentionBlock {
+    /// `[B, S, E]`, the block's output, computed outside the graph.
+    pub y: Tensor,
+    /// `[B, H, S, D]`, contiguous: the rotated queries.
+    pub q: Tensor,
+    /// `[B, H, S, K]`, contiguous: the attention probabilities.
+    pub probs: Tensor,
+    pub scale: f32,
+    /// The block's RMSNorm (`centred: false`, weight `[E]`).
+    pub norm: Norm,
+    /// The RoPE tables of the S new positions, `[B, 1, S, D]` each.
+    pub rope: Rope,
+    /// `E -> H*D`, `E -> KVH*D`, `E -> KVH*D`, `H*D -> E`.
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+}
+
+impl CustomOp3 for AttentionBlock {
+    fn name(&self) -> &'static str {
+        "attention-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &CpuStorage,
+        xl: &Layout,
+        _k: &CpuStorage,
+        _kl: &Layout,
+        _v: &CpuStorage,
+        _vl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        handed_over(self.name(), xl.dims(), &self.y)
+    }
+
+    /// `dO = split(dy @ o)`; `(dq, dkf, dvf)` from [`attention_grads`]; the last S rows
+    /// of `dkf` and `dvf` are the new keys' and values'; `dn = q'(dq) + k'(dk) + v'(dv)`
+    /// through RoPE's transpose, the head merge and the projections;
+    /// `dx = dy + rms_norm'(x) dn`.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        kf: &Tensor,
+        vf: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let s = x.dim(1)?;
+        let (heads, kl) = (self.q.dim(1)?, kf.dim(2)?);
+        let dy = dy.contiguous()?; // [B, S, E]
+        let d_out = to_heads(&self.o_proj.input_grad(&dy)?, heads)?; // [B, H, S, D]
+        let want = [x.track_op(), true, true];
+        let (dq, dkf, dvf) =
+            attention_grads(&self.probs, self.scale, (&self.q, kf, vf), &d_out, want)?;
+        let (Some(dkf), Some(dvf)) = (dkf, dvf) else {
+            candle_core::bail!("{}: no key or value gradient", self.name())
         };
-        let dk = match k.track_op() {
-            true => {
-                let q = q.contiguous()?.reshape((b, kvh, gs, d))?;
-                Some(ds.t()?.matmul(&q)?) // [B, KVH, K, D]
+        let dx = match dq {
+            Some(dq) if kl >= s => {
+                // [B, KVH, S, D] each
+                let new = |g: &Tensor| g.narrow(2, kl - s, s)?.contiguous();
+                let dq = from_heads(&self.rope.transpose(&dq)?)?; // [B, S, H*D]
+                let dk = from_heads(&self.rope.transpose(&new(&dkf)?)?)?; // [B, S, KVH*D]
+                let dv = from_heads(&new(&dvf)?)?; // [B, S, KVH*D]
+                let dn = ((self.q_proj.input_grad(&dq)? + self.k_proj.input_grad(&dk)?)?
+                    + self.v_proj.input_grad(&dv)?)?; // [B, S, E]
+                Some((dy + self.norm.input_grad(x, &dn)?)?)
             }
-            false => None,
+            Some(_) => candle_core::bail!(
+                "{}: the cache returned {kl} keys, fewer than the {s} new ones",
+                self.name()
+            ),
+            None => None,
         };
-        Ok((dq, dk, dv))
+        let (kf_in, vf_in) = (kf.track_op(), vf.track_op());
+        Ok((dx, kf_in.then_some(dkf), vf_in.then_some(dvf)))
     }
 }
 
@@ -706,6 +816,16 @@ pub struct Rope {
 }
 
 impl Rope {
+    /// RoPE's transpose on a gradient outside the graph: `grad: [B, H, S, D]` ->
+    /// `[B, H, S, D]`.
+    fn transpose(&self, grad: &Tensor) -> candle_core::Result<Tensor> {
+        let g = grad.contiguous()?;
+        let dx = with_values(&g, "rope-grad", |g_values| {
+            self.apply(g_values, g.dims(), true)
+        })??;
+        Tensor::from_vec(dx, g.shape(), g.device())
+    }
+
     /// `y = x * cos + rotate_half(x) * sin` (`inverse: false`) or its transpose
     /// applied to a gradient, `dx = g * cos + rotate_half^T(g * sin)` (`inverse: true`).
     fn apply(&self, x: &[f32], dims: &[usize], inverse: bool) -> candle_core::Result<Vec<f32>> {
@@ -777,11 +897,7 @@ impl CustomOp1 for Rope {
 
     /// `grad: [B, H, S, D]` -> `[B, H, S, D]`.
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let g = grad.contiguous()?;
-        let dx = with_values(&g, self.name(), |g_values| {
-            self.apply(g_values, g.dims(), true)
-        })??;
-        Tensor::from_vec(dx, g.shape(), g.device()).map(Some)
+        self.transpose(grad).map(Some)
     }
 }
 
@@ -993,13 +1109,35 @@ impl CustomOp1 for Heads {
     }
 
     /// The inverse permutation of the gradient.
-    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let g = grad.contiguous()?;
-        let (dx, _) = with_values(&g, self.name(), |g_values| {
-            self.permute(g_values, g.dims(), !self.split)
-        })??;
-        Tensor::from_vec(dx, x.shape(), x.device()).map(Some)
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        self.apply(grad, !self.split).map(Some)
     }
+}
+
+impl Heads {
+    /// The permutation outside the graph (`split`, or its inverse).
+    fn apply(&self, x: &Tensor, split: bool) -> candle_core::Result<Tensor> {
+        let x = x.contiguous()?;
+        let (y, shape) = with_values(&x, self.name(), |values| {
+            self.permute(values, x.dims(), split)
+        })??;
+        Tensor::from_vec(y, shape, x.device())
+    }
+}
+
+/// `[B, S, H*D]` -> `[B, H, S, D]` outside the graph.
+fn to_heads(x: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    Heads { heads, split: true }.apply(x, true)
+}
+
+/// `[B, H, S, D]` -> `[B, S, H*D]` outside the graph.
+fn from_heads(x: &Tensor) -> candle_core::Result<Tensor> {
+    let heads = x.dim(1)?;
+    Heads {
+        heads,
+        split: false,
+    }
+    .apply(x, false)
 }
 
 #[cfg(test)]

@@ -11,8 +11,11 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::attention::{cached_self_attention, merge_heads, split_heads};
-use super::nn::{embed, rms_norm, rope, swiglu_mlp, Linear};
+use super::attention::{
+    cached_keys, cached_self_attention, merge_heads, sdpa_detached, split_heads,
+};
+use super::kernels;
+use super::nn::{block_ops, embed, rms_norm, rope, swiglu_mlp, Linear};
 use super::weights::{bias, ones, weight};
 use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry};
 use crate::check::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
@@ -341,6 +344,116 @@ impl Llama {
         })
     }
 
+    /// Layer `i`'s attention sub-block with its residual: `h + o(attention(rope(q(n)),
+    /// keys, values))`, `n = rms_norm(h)`, the new keys and values going through the
+    /// cache. `h: [B, S, E]`, `cos, sin: [B, 1, S, D]` -> `[B, S, E]`.
+    ///
+    /// With the crate's kernels (f32 on the CPU; not in fused-ops or composed-blocks
+    /// mode, [`super::nn::block_ops`]) the block is computed outside the graph and, when
+    /// training, joins it as one node with its own backward pass
+    /// ([`kernels::AttentionBlock`]); otherwise it is composed from differentiable ops.
+    /// Both give the same values.
+    #[allow(clippy::too_many_arguments)]
+    fn self_attention(
+        &self,
+        fw: &mut Forward,
+        i: usize,
+        l: &Layer,
+        h: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        past: usize,
+        window: Option<usize>,
+    ) -> Result<Tensor> {
+        let (heads, kvh, d) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_kv_heads(),
+            self.cfg.head_dim(),
+        );
+        let att = Attention::SelfAttn;
+        let site_q = Site::new(i, att, TensorKind::Query);
+        let site_k = Site::new(i, att, TensorKind::Key);
+        let site_v = Site::new(i, att, TensorKind::Value);
+        let eps = self.cfg.rms_norm_eps;
+        let block = block_ops(h, &[&l.input_layernorm]);
+        // [B, S, E]: outside the graph for the block op
+        let x = if block { h.detach() } else { h.clone() };
+        let a = rms_norm(&x, &l.input_layernorm, eps).at(site_q, "input_layernorm")?;
+        // [B, H, S, D]
+        let q = l
+            .q_proj
+            .forward(&a)
+            .and_then(|t| split_heads(&t, heads, d))
+            .and_then(|t| rope(&t, cos, sin))
+            .at(site_q, "q_proj + rope")?;
+        // [B, KVH, S, D]: RoPE on the new keys only (the prefix is not rotated).
+        let k = l
+            .k_proj
+            .forward(&a)
+            .and_then(|t| split_heads(&t, kvh, d))
+            .and_then(|t| rope(&t, cos, sin))
+            .at(site_k, "k_proj + rope")?;
+        // [B, KVH, S, D]
+        let v = l
+            .v_proj
+            .forward(&a)
+            .and_then(|t| split_heads(&t, kvh, d))
+            .at(site_v, "v_proj")?;
+        let scale = 1.0 / (d as f64).sqrt();
+        if !block {
+            // [B, H, S, D]
+            let o = cached_self_attention(fw, i, &q, &k, &v, past, window, scale, &mut |_, _| {
+                Ok(None)
+            })?;
+            // [B, S, E]
+            let o = merge_heads(&o)
+                .and_then(|o| l.o_proj.forward(&o))
+                .at(site_q, "o_proj")?;
+            return (h + o).at(site_q, "residual");
+        }
+        // view.k, view.v: [B, KVH, K, D], the S new positions last; mask [B, 1, S, K]
+        let (view, mask) = cached_keys(fw, i, &k, &v, past, window)?;
+        // out [B, H, S, D], probs [B, H, S, K]
+        let (out, probs) = sdpa_detached(&q, &view.k, &view.v, &mask, None, scale, i, att)?;
+        // [B, S, E]
+        let y = merge_heads(&out)
+            .and_then(|o| l.o_proj.forward(&o))
+            .and_then(|o| x + o)
+            .at(site_q, "o_proj + residual")?;
+        if !(h.track_op() || view.k.track_op() || view.v.track_op()) {
+            return Ok(y);
+        }
+        let Some(probs) = probs else {
+            // sdpa_detached keeps the probabilities whenever the shapes it has just
+            // checked hold and the crate's softmax runs, which `block` ensures.
+            return Err(EngineError::Config(format!(
+                "llama layer {i}: the attention probabilities were not kept for the backward pass"
+            )));
+        };
+        let op = kernels::AttentionBlock {
+            y,
+            q: q.contiguous().at(site_q, "queries")?,
+            probs,
+            scale: scale as f32,
+            norm: kernels::Norm {
+                w: l.input_layernorm.clone(),
+                b: None,
+                eps: eps as f32,
+                centred: false,
+            },
+            rope: kernels::Rope {
+                cos: cos.contiguous().at(site_q, "rope tables")?,
+                sin: sin.contiguous().at(site_q, "rope tables")?,
+            },
+            q_proj: l.q_proj.clone(),
+            k_proj: l.k_proj.clone(),
+            v_proj: l.v_proj.clone(),
+            o_proj: l.o_proj.clone(),
+        };
+        h.contiguous()
+            .and_then(|h| h.apply_op3(&view.k, &view.v, op))
+            .at(site_v, "attention block")
+    }
+
     /// RoPE tables for the positions `[B][S]` of each row: `(cos, sin)`, each
     /// `[B, 1, S, D]` (halves repeated, HF's rotate_half convention), in `dtype`.
     /// Computed per pass, so no position is ever out of a table's range.
@@ -378,11 +491,6 @@ impl Model for Llama {
     fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
         let (_b, s) = ids.dims2().ctx("input ids [B, S]")?;
         let past = fw.cache.past_len();
-        let (heads, kvh, d) = (
-            self.cfg.num_attention_heads,
-            self.cfg.num_kv_heads(),
-            self.cfg.head_dim(),
-        );
         let eps = self.cfg.rms_norm_eps;
         let window = fw.cache.window().or(self.cfg.sliding_window);
         // [B, 1, S, D] each: real tokens sit at positions P.. (after the prefix), per
@@ -396,41 +504,7 @@ impl Model for Llama {
         let mut h = embed(&self.embed_tokens, ids).ctx("embed_tokens")?;
         for (i, l) in self.layers.iter().enumerate() {
             let site_q = Site::new(i, Attention::SelfAttn, TensorKind::Query);
-            let site_k = Site::new(i, Attention::SelfAttn, TensorKind::Key);
-            let site_v = Site::new(i, Attention::SelfAttn, TensorKind::Value);
-            // [B, S, E]
-            let a = rms_norm(&h, &l.input_layernorm, eps).at(site_q, "input_layernorm")?;
-            // [B, H, S, D]
-            let q = l
-                .q_proj
-                .forward(&a)
-                .and_then(|t| split_heads(&t, heads, d))
-                .and_then(|t| rope(&t, &cos, &sin))
-                .at(site_q, "q_proj + rope")?;
-            // [B, KVH, S, D]: RoPE on the new keys only (the prefix is not rotated).
-            let k = l
-                .k_proj
-                .forward(&a)
-                .and_then(|t| split_heads(&t, kvh, d))
-                .and_then(|t| rope(&t, &cos, &sin))
-                .at(site_k, "k_proj + rope")?;
-            // [B, KVH, S, D]
-            let v = l
-                .v_proj
-                .forward(&a)
-                .and_then(|t| split_heads(&t, kvh, d))
-                .at(site_v, "v_proj")?;
-            // view.k, view.v: [B, KVH, K, D]
-            // [B, H, S, D]
-            let scale = 1.0 / (d as f64).sqrt();
-            let o = cached_self_attention(fw, i, &q, &k, &v, past, window, scale, &mut |_, _| {
-                Ok(None)
-            })?;
-            // [B, S, E]
-            let o = merge_heads(&o)
-                .and_then(|o| l.o_proj.forward(&o))
-                .at(site_q, "o_proj")?;
-            h = (h + o).at(site_q, "residual")?;
+            h = self.self_attention(fw, i, l, &h, (&cos, &sin), past, window)?;
             // [B, S, E]: down(silu(gate(x)) * up(x))
             let (norm_w, gate, up, down) = (
                 &l.post_attention_layernorm,

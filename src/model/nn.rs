@@ -18,6 +18,8 @@ use super::kernels;
 thread_local! {
     /// Use candle-nn's fused kernels (no backward pass) on this thread.
     static FUSED: Cell<bool> = const { Cell::new(false) };
+    /// Compose the block ops from the single ops on this thread.
+    static COMPOSED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Run `f` with candle-nn's fused softmax / norms on this thread: faster, but they have
@@ -30,8 +32,28 @@ pub fn with_fused_ops<T>(f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// Whether [`with_fused_ops`] is on for this thread.
 fn fused() -> bool {
     FUSED.with(Cell::get)
+}
+
+/// Run `f` with Llama's attention and MLP sub-blocks composed from the single ops
+/// (norm, projections, RoPE, attention product, SwiGLU, residual add), each a graph node
+/// of its own, instead of as the block ops [`kernels::AttentionBlock`] and
+/// [`kernels::SwiGluMlp`]. The values are the same; this is the reference the block
+/// ops' backward passes are tested against, and a way to bisect a gradient problem.
+pub fn with_composed_blocks<T>(f: impl FnOnce() -> T) -> T {
+    let before = COMPOSED.with(|c| c.replace(true));
+    let out = f();
+    COMPOSED.with(|c| c.set(before));
+    out
+}
+
+/// Whether a block op may replace the composed sub-block for `x: [..., n]` with
+/// per-feature weights `ws: [n]`: the crate's kernels apply ([`own_kernel`]), and
+/// neither [`with_fused_ops`] nor [`with_composed_blocks`] is on.
+pub(crate) fn block_ops(x: &Tensor, ws: &[&Tensor]) -> bool {
+    !fused() && !COMPOSED.with(Cell::get) && own_kernel(x, ws)
 }
 
 /// A frozen linear layer, `x @ w_t + b`, as every family holds its projections.
@@ -207,7 +229,7 @@ pub fn swiglu_mlp(
         let y = (x + down.forward(&swiglu(&g, &u)?)?)?;
         Ok((y, g, u))
     };
-    if !x.track_op() || fused() || !own_kernel(x, &[norm_w]) {
+    if !x.track_op() || !block_ops(x, &[norm_w]) {
         return Ok(block(x)?.0);
     }
     let (y, gate_out, up_out) = block(&x.detach())?;
