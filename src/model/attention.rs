@@ -4,6 +4,7 @@
 
 use candle_core::Tensor;
 
+use super::kernels::matmul;
 use crate::cache::KvView;
 use crate::check::{Attention, CandleExt, Diagnosis, DiagnosisClass, Result, Site, TensorKind};
 
@@ -240,11 +241,8 @@ fn attend(
     let mut scores = q
         .contiguous()
         .and_then(|q| match grouped {
-            true => q
-                .reshape((qb, kvh, group * s, qd))?
-                .matmul(&k.t()?)?
-                .reshape((qb, h, s, kl)),
-            false => q.matmul(&k.t()?),
+            true => matmul(&q.reshape((qb, kvh, group * s, qd))?, &k.t()?)?.reshape((qb, h, s, kl)),
+            false => matmul(&q, &k.t()?),
         })
         .at(site_k, "attention scores")?;
     let adds: Vec<&Tensor> = bias.into_iter().chain([mask]).collect();
@@ -270,9 +268,9 @@ fn attend(
     let out = match grouped {
         true => probs
             .reshape((qb, kvh, group * s, kl))
-            .and_then(|p| p.matmul(&v))
+            .and_then(|p| matmul(&p, &v))
             .and_then(|o| o.reshape((qb, h, s, qd))),
-        false => probs.matmul(&v),
+        false => matmul(&probs, &v),
     }
     .at(site_v, "attention output")?;
     Ok((out, own_softmax.then_some(probs)))

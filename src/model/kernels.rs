@@ -99,6 +99,160 @@ fn map_row_tasks2(
     out
 }
 
+/// One operand of [`gemm_batched`]: f32 values read as `[batches, rows, cols]` with a
+/// row stride, a column stride, and the offset between batches (0: one matrix shared by
+/// every batch).
+#[derive(Clone, Copy)]
+struct Operand<'a> {
+    v: &'a [f32],
+    rs: usize,
+    cs: usize,
+    skip: usize,
+}
+
+impl Operand<'_> {
+    /// Whether `batches` matrices of `rows x cols` lie within the values.
+    fn fits(&self, batches: usize, rows: usize, cols: usize) -> bool {
+        let last = self.skip * (batches - 1) + self.rs * (rows - 1) + self.cs * (cols - 1);
+        last < self.v.len()
+    }
+}
+
+/// `batches` products `a[i] @ b[i]`, `[m, k] @ [k, n]`, into a new contiguous
+/// `[batches, m, n]`, through the `gemm` crate directly.
+///
+/// candle's matmul first zero-fills its output on the calling thread: serial work
+/// (about a tenth of a training step's wall time went to such fills) in a step that is
+/// otherwise parallel. Here gemm writes every output value without reading it, so the
+/// buffer is never filled. Many batches (attention's per-head products) run in
+/// parallel, one single-threaded gemm each, instead of one after another with every
+/// product split across the threads.
+fn gemm_batched(
+    batches: usize,
+    (m, n, k): (usize, usize, usize),
+    a: Operand,
+    b: Operand,
+) -> candle_core::Result<Vec<f32>> {
+    let len = batches * m * n;
+    if len == 0 || k == 0 {
+        return Ok(vec![0f32; len]);
+    }
+    if !a.fits(batches, m, k) || !b.fits(batches, k, n) {
+        candle_core::bail!("matmul: [{batches}, {m}, {k}] @ [{k}, {n}] reads past an operand")
+    }
+    let threads = rayon::current_num_threads();
+    let product = |i: usize, dst: *mut f32, parallelism: gemm::Parallelism| {
+        // SAFETY: `fits` checked that every value gemm reads lies within the operands;
+        // `dst` points to `m * n` values of the output that only this call writes, and
+        // with `read_dst: false` gemm writes each of them without reading it.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst,
+                1,
+                n as isize,
+                false,
+                a.v.as_ptr().add(i * a.skip),
+                a.cs as isize,
+                a.rs as isize,
+                b.v.as_ptr().add(i * b.skip),
+                b.cs as isize,
+                b.rs as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            )
+        }
+    };
+    let mut out = Vec::<f32>::with_capacity(len);
+    let dst = &mut out.spare_capacity_mut()[..len];
+    if batches >= 2 * threads && threads > 1 {
+        dst.par_chunks_mut(m * n)
+            .enumerate()
+            .for_each(|(i, c)| product(i, c.as_mut_ptr().cast(), gemm::Parallelism::None));
+    } else {
+        let parallelism = match threads {
+            1 => gemm::Parallelism::None,
+            t => gemm::Parallelism::Rayon(t),
+        };
+        for (i, c) in dst.chunks_mut(m * n).enumerate() {
+            product(i, c.as_mut_ptr().cast(), parallelism);
+        }
+    }
+    // SAFETY: the chunks cover all `len` values and gemm wrote each of them.
+    unsafe { out.set_len(len) };
+    Ok(out)
+}
+
+/// `a @ b` outside the graph: `a: [..., M, K]` and `b: [..., K, N]` with the same
+/// leading dimensions, or `b: [K, N]` shared by all -> `[..., M, N]`, contiguous.
+/// Through [`gemm_batched`] when both are f32 CPU tensors whose leading dimensions
+/// collapse to one batch stride (contiguous batches, any strides within a matrix);
+/// candle's matmul otherwise, which also reports shape errors.
+pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    /// `(batches, rows, cols, operand)` when the leading dimensions collapse.
+    fn operand<'a>(
+        t: &Tensor,
+        s: &'a CpuStorage,
+        l: &Layout,
+    ) -> Option<(usize, usize, usize, Operand<'a>)> {
+        let CpuStorage::F32(v) = s else { return None };
+        let (dims, stride) = (l.dims(), l.stride());
+        let r = dims.len();
+        if r < 2 || t.track_op() {
+            return None;
+        }
+        let batches: usize = dims[..r - 2].iter().product();
+        // The leading dimensions must step by one stride: each one's stride is the
+        // next one's times its size (size-1 dimensions excepted).
+        let mut skip = None;
+        for i in (0..r - 2).rev() {
+            if dims[i] == 1 {
+                continue;
+            }
+            match skip {
+                None => skip = Some((stride[i], dims[i])),
+                Some((st, count)) if stride[i] == st * count => skip = Some((st, count * dims[i])),
+                Some(_) => return None,
+            }
+        }
+        let op = Operand {
+            v: &v[l.start_offset()..],
+            rs: stride[r - 2],
+            cs: stride[r - 1],
+            skip: skip.map_or(0, |(st, _)| st),
+        };
+        Some((batches, dims[r - 2], dims[r - 1], op))
+    }
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    let (Storage::Cpu(ca), Storage::Cpu(cb)) = (&*sa, &*sb) else {
+        return a.matmul(b);
+    };
+    let (Some((ba, m, k, oa)), Some((bb, kb, n, mut ob))) =
+        (operand(a, ca, la), operand(b, cb, lb))
+    else {
+        return a.matmul(b);
+    };
+    let shared = b.rank() == 2;
+    if kb != k || !(bb == ba && b.dims()[..b.rank() - 2] == a.dims()[..a.rank() - 2] || shared) {
+        return a.matmul(b);
+    }
+    if shared {
+        ob.skip = 0;
+    }
+    let values = gemm_batched(ba, (m, n, k), oa, ob)?;
+    let mut dims = a.dims().to_vec();
+    *dims.last_mut().expect("rank >= 2") = n;
+    drop((sa, sb));
+    Tensor::from_vec(values, dims, a.device())
+}
+
 fn output(values: Vec<f32>, l: &Layout) -> (CpuStorage, Shape) {
     (CpuStorage::F32(values), l.shape().clone())
 }
@@ -276,15 +430,28 @@ impl CustomOp1 for FrozenLinear {
             candle_core::bail!("frozen-linear: expected a contiguous [..., {k}], got {dims:?}")
         }
         let m = dims.iter().product::<usize>() / k.max(1);
-        let rows = Layout::contiguous_with_offset((m, k), x_l.start_offset());
+        let (x, _) = rows(x, x_l, self.name())?; // [m, k]
         let (w, w_l) = self.0.w_t().storage_and_layout();
         let Storage::Cpu(w) = &*w else {
             candle_core::bail!("frozen-linear: the weight is not on the CPU")
         };
-        let mut y = BackendStorage::matmul(x, w, (1, m, n, k), &rows, w_l)?; // [m, n]
+        let (w, _) = rows(w, w_l, self.name())?; // [k, n]
+        let x = Operand {
+            v: x,
+            rs: k,
+            cs: 1,
+            skip: 0,
+        };
+        let w = Operand {
+            v: w,
+            rs: n,
+            cs: 1,
+            skip: 0,
+        };
+        let mut y = gemm_batched(1, (m, n, k), x, w)?; // [m, n]
         if let Some(b) = self.0.bias() {
             let (bias, b_l) = b.storage_and_layout();
-            let (CpuStorage::F32(y), Storage::Cpu(CpuStorage::F32(bias))) = (&mut y, &*bias) else {
+            let Storage::Cpu(CpuStorage::F32(bias)) = &*bias else {
                 candle_core::bail!("frozen-linear: the bias must be f32 like the input")
             };
             let bias = &bias[b_l.start_offset()..b_l.start_offset() + n];
@@ -294,7 +461,7 @@ impl CustomOp1 for FrozenLinear {
         }
         let mut out = dims.to_vec();
         *out.last_mut().expect("rank >= 1: checked above") = n;
-        Ok((y, Shape::from(out)))
+        Ok((CpuStorage::F32(y), Shape::from(out)))
     }
 
     /// `grad: [..., out]` -> `[..., in]`.
@@ -491,22 +658,22 @@ fn attention_grads(
     let p = probs.reshape((b, kvh, gs, kl))?; // [B, KVH, G*S, K]
     let d_out = grad.contiguous()?.reshape((b, kvh, gs, d))?; // [B, KVH, G*S, D]
     let dv = match want_v {
-        true => Some(p.t()?.matmul(&d_out)?), // [B, KVH, K, D]
+        true => Some(matmul(&p.t()?, &d_out)?), // [B, KVH, K, D]
         false => None,
     };
     if !want_q && !want_k {
         return Ok((None, None, dv));
     }
-    let dp = d_out.matmul(&v.contiguous()?.t()?)?; // [B, KVH, G*S, K]
+    let dp = matmul(&d_out, &v.contiguous()?.t()?)?; // [B, KVH, G*S, K]
     let ds = p.apply_op2_no_bwd(&dp, &SoftmaxGrad { scale })?;
     let dq = match want_q {
-        true => Some(ds.matmul(&k.contiguous()?)?.reshape((b, h, s, d))?),
+        true => Some(matmul(&ds, &k.contiguous()?)?.reshape((b, h, s, d))?),
         false => None,
     };
     let dk = match want_k {
         true => {
             let q = q.contiguous()?.reshape((b, kvh, gs, d))?;
-            Some(ds.t()?.matmul(&q)?) // [B, KVH, K, D]
+            Some(matmul(&ds.t()?, &q)?) // [B, KVH, K, D]
         }
         false => None,
     };
@@ -1146,7 +1313,64 @@ mod tests {
         dot, exp, nll_grad_rows, nll_rows, norm_grad_rows, norm_rows, rope_rows, row_max,
         softmax_grad_rows, softmax_rows, sum_map, swiglu_grad_values, swiglu_values,
     };
-    use candle_core::Layout;
+    use candle_core::{Device, Layout, Tensor};
+
+    /// [`super::matmul`] (gemm without a zero-filled output, batches in parallel) gives
+    /// candle's matmul values: batched, with transposed operands (strided rows and
+    /// columns), a right-hand side shared by every batch (2-D, or broadcast with batch
+    /// stride 0), and more batches than threads (one single-threaded gemm each) as well
+    /// as fewer.
+    #[test]
+    fn gemm_matmul_matches_candle_matmul_on_batched_transposed_and_shared_operands() {
+        let t = |dims: &[usize], seed: f32| {
+            let n: usize = dims.iter().product();
+            let v: Vec<f32> = (0..n).map(|i| ((i as f32 + seed) * 0.731).sin()).collect();
+            Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+        };
+        let cases: Vec<(Tensor, Tensor)> = vec![
+            (t(&[2, 3, 5, 4], 1.0), t(&[2, 3, 4, 6], 2.0)),
+            (t(&[8, 3, 5, 4], 1.0), t(&[8, 3, 4, 6], 2.0)),
+            (t(&[2, 3, 5, 4], 1.0), t(&[2, 3, 6, 4], 2.0).t().unwrap()),
+            (t(&[9, 4, 5], 1.0).t().unwrap(), t(&[9, 4, 6], 2.0)),
+            (t(&[7, 4], 1.0), t(&[4, 3], 2.0)),
+            (t(&[2, 5, 4], 1.0), t(&[4, 6], 2.0)),
+            (
+                t(&[1, 33, 64], 3.0),
+                t(&[64, 40], 4.0).t().unwrap().t().unwrap(),
+            ),
+            (
+                t(&[2, 3, 5, 4], 1.0),
+                t(&[4, 6], 2.0).broadcast_as((2, 3, 4, 6)).unwrap(),
+            ),
+        ];
+        for (a, b) in &cases {
+            let ours = super::matmul(a, b).unwrap();
+            let theirs = a.broadcast_matmul(b).unwrap();
+            assert_eq!(
+                ours.dims(),
+                theirs.dims(),
+                "{:?} @ {:?}",
+                a.dims(),
+                b.dims()
+            );
+            let diff = (ours - theirs)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff <= 1e-5,
+                "{:?} @ {:?}: differs by {diff}",
+                a.dims(),
+                b.dims()
+            );
+        }
+    }
 
     /// The AVX2 build of each `with_avx2!` kernel gives the same bits as the baseline
     /// build (run where the CPU has AVX2; elsewhere only the baseline exists).

@@ -146,7 +146,7 @@ impl Linear {
             *last = k;
         }
         let m = grad.elem_count() / n.max(1);
-        grad.contiguous()?.reshape((m, n))?.matmul(w)?.reshape(dims)
+        kernels::matmul(&grad.contiguous()?.reshape((m, n))?, w)?.reshape(dims)
     }
 }
 
