@@ -24,6 +24,11 @@ use crate::trace::Trace;
 ///   parallel (tiny tensors do not pay for threads: DESIGN.md, speed facts), else all
 ///   cores. Always set, because when it is unset candle 0.11 parses /proc/cpuinfo on
 ///   every matmul to find the thread count (about 40% of a tiny run, ci/bench/README.md).
+/// - `CANDLE_BARRIER_POOL_SPIN_LIMIT`, unless the user set it: 200. candle 0.11 runs
+///   its element-wise ops on a pool of its own besides rayon's, whose idle threads spin
+///   25 000 times (about a millisecond) after each op before they sleep. In a training
+///   step that spin took 6% of the CPU time, on cores that the matmuls' rayon threads
+///   were waiting for; a short spin made the step about 7% faster (ci/bench/README.md).
 /// - On glibc, keep freed memory for reuse ([`keep_freed_memory`]).
 pub fn prepare_process(jobs: usize) {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
@@ -35,6 +40,9 @@ pub fn prepare_process(jobs: usize) {
                 .unwrap_or(1)
         };
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "200");
     }
     keep_freed_memory();
 }
