@@ -273,10 +273,37 @@ fn output(values: Vec<f32>, l: &Layout) -> (CpuStorage, Shape) {
     (CpuStorage::F32(values), l.shape().clone())
 }
 
-/// The forward pass of a block op ([`AttentionCore`], [`SwiGluMlp`]): its output `y`
-/// was computed outside the graph from the same input, so the op only copies it into
-/// the graph, after checking that the input (`[B, S, E]` or `[B, H, S, D]`, the output's
-/// shape in both ops) is the one `y` was computed for.
+/// The forward pass of a residual block op ([`AttentionBlock`], [`SwiGluMlp`]):
+/// `x + branch`, the branch (`[..., E]`, like `x`) computed outside the graph from the
+/// same `x`. The sum is written straight into the op's output, in parallel: no separate
+/// add and copy.
+fn residual(
+    op: &str,
+    x: &CpuStorage,
+    xl: &Layout,
+    branch: &Tensor,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    if xl.dims() != branch.dims() {
+        candle_core::bail!(
+            "{op}: input {:?} is not the one of the branch {:?}",
+            xl.dims(),
+            branch.dims()
+        )
+    }
+    let (x, n) = rows(x, xl, op)?;
+    let y = with_values(&branch.contiguous()?, op, |b| {
+        map_row_tasks2(x, b, n, |x, b, y| {
+            for ((y, x), b) in y.iter_mut().zip(x).zip(b) {
+                *y = x + b;
+            }
+        })
+    })?;
+    Ok(output(y, xl))
+}
+
+/// The forward pass of [`AttentionCore`]: its output `y` was computed outside the graph
+/// from the same input, so the op only copies it into the graph, after checking that
+/// the input (`[B, H, S, D]`, the output's shape) is the one `y` was computed for.
 fn handed_over(op: &str, input: &[usize], y: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
     if input != y.dims() {
         candle_core::bail!(
@@ -711,8 +738,9 @@ fn attention_grads(
 /// attention product, the head merge, the output projection and the residual add,
 /// every input with a zero-filled gradient buffer and an add in candle's backward pass.
 pub struct AttentionBlock {
-    /// `[B, S, E]`, the block's output, computed outside the graph.
-    pub y: Tensor,
+    /// `[B, S, E]`: `o(merge(attention(..)))`, computed outside the graph; the op's
+    /// output is `x + branch`.
+    pub branch: Tensor,
     /// `[B, H, S, D]`, contiguous: the rotated queries.
     pub q: Tensor,
     /// `[B, H, S, K]`, contiguous: the attention probabilities.
@@ -736,14 +764,14 @@ impl CustomOp3 for AttentionBlock {
 
     fn cpu_fwd(
         &self,
-        _x: &CpuStorage,
+        x: &CpuStorage,
         xl: &Layout,
         _k: &CpuStorage,
         _kl: &Layout,
         _v: &CpuStorage,
         _vl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        handed_over(self.name(), xl.dims(), &self.y)
+        residual(self.name(), x, xl, &self.branch)
     }
 
     /// `dO = split(dy @ o)`; `(dq, dkf, dvf)` from [`attention_grads`]; the last S rows
@@ -1197,12 +1225,13 @@ fn swiglu_grad(gate: &Tensor, up: &Tensor, grad: &Tensor) -> candle_core::Result
 /// Composed, this is seven nodes (norm, gate, up, SwiGLU, down, add and the norm
 /// output's second use), and candle's backward pass gives every input of every node a
 /// zero-filled buffer plus an add, on `[B*S, E]` and `[B*S, I]` tensors. Here the
-/// forward pass is computed outside the graph by the same kernels
-/// ([`super::nn::swiglu_mlp`]); the op only hands its output `y` to the graph (one
-/// copy) and keeps `gate(n)` and `up(n)` (`[..., I]` each) for its backward pass.
+/// branch is computed outside the graph by the same kernels
+/// ([`super::nn::swiglu_mlp`]); the op adds it to `x` as its output and keeps `gate(n)`
+/// and `up(n)` (`[..., I]` each) for its backward pass.
 pub struct SwiGluMlp {
-    /// `[..., E]`, the block's output, computed outside the graph.
-    pub y: Tensor,
+    /// `[..., E]`: `down(silu(gate(n)) * up(n))`, computed outside the graph; the op's
+    /// output is `x + branch`.
+    pub branch: Tensor,
     /// `[..., I]`: `gate(n)` and `up(n)`.
     pub gate_out: Tensor,
     pub up_out: Tensor,
@@ -1218,8 +1247,8 @@ impl CustomOp1 for SwiGluMlp {
         "swiglu-mlp-block"
     }
 
-    fn cpu_fwd(&self, _x: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        handed_over(self.name(), l.dims(), &self.y)
+    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        residual(self.name(), x, l, &self.branch)
     }
 
     /// `da = dy @ down`, `(dg, du)` from SwiGLU, `dn = dg @ gate + du @ up`,

@@ -415,12 +415,11 @@ impl Llama {
         // out [B, H, S, D], probs [B, H, S, K]
         let (out, probs) = sdpa_detached(&q, &view.k, &view.v, &mask, None, scale, i, att)?;
         // [B, S, E]
-        let y = merge_heads(&out)
+        let branch = merge_heads(&out)
             .and_then(|o| l.o_proj.forward(&o))
-            .and_then(|o| x + o)
-            .at(site_q, "o_proj + residual")?;
+            .at(site_q, "o_proj")?;
         if !(h.track_op() || view.k.track_op() || view.v.track_op()) {
-            return Ok(y);
+            return (x + branch).at(site_q, "residual");
         }
         let Some(probs) = probs else {
             // sdpa_detached keeps the probabilities whenever the shapes it has just
@@ -430,7 +429,7 @@ impl Llama {
             )));
         };
         let op = kernels::AttentionBlock {
-            y,
+            branch,
             q: q.contiguous().at(site_q, "queries")?,
             probs,
             scale: scale as f32,

@@ -223,21 +223,21 @@ pub fn swiglu_mlp(
     up: &Linear,
     down: &Linear,
 ) -> candle_core::Result<Tensor> {
-    let block = |x: &Tensor| -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    // (down(swiglu(gate(n), up(n))), gate(n), up(n)): [..., E], [..., I], [..., I]
+    let branch = |x: &Tensor| -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let n = rms_norm(x, norm_w, eps)?;
         let (g, u) = (gate.forward(&n)?, up.forward(&n)?);
-        let y = (x + down.forward(&swiglu(&g, &u)?)?)?;
-        Ok((y, g, u))
+        Ok((down.forward(&swiglu(&g, &u)?)?, g, u))
     };
     if !x.track_op() || !block_ops(x, &[norm_w]) {
-        return Ok(block(x)?.0);
+        return x + branch(x)?.0;
     }
-    let (y, gate_out, up_out) = block(&x.detach())?;
+    let (branch_out, gate_out, up_out) = branch(&x.detach())?;
     if !(own_kernel(&gate_out, &[]) && gate_out.is_contiguous() && up_out.is_contiguous()) {
-        return Ok(block(x)?.0);
+        return x + branch(x)?.0;
     }
     x.contiguous()?.apply_op1(kernels::SwiGluMlp {
-        y,
+        branch: branch_out,
         gate_out,
         up_out,
         norm: kernels::Norm {
