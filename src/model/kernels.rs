@@ -23,7 +23,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::nn::Linear;
+use super::nn::{input_grad_sum, Linear};
 
 /// Below this many elements a kernel runs on the calling thread.
 const PARALLEL_MIN: usize = 1 << 15;
@@ -95,22 +95,25 @@ fn map_row_tasks(
     out
 }
 
-/// [`map_row_tasks`] over two inputs of the same shape: `f(rows_a, rows_b, rows_out)`.
+/// [`map_row_tasks`] over two inputs of the same shape:
+/// `f(first_value, rows_a, rows_b, rows_out)`, `first_value` the offset of the task's
+/// first value.
 fn map_row_tasks2(
     a: &[f32],
     b: &[f32],
     n: usize,
-    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+    f: impl Fn(usize, &[f32], &[f32], &mut [f32]) + Sync,
 ) -> Vec<f32> {
     let mut out = zeros(a.len());
     if a.len() < PARALLEL_MIN {
-        f(a, b, &mut out);
+        f(0, a, b, &mut out);
     } else {
         let per_task = (PARALLEL_MIN / n).max(1) * n;
         a.par_chunks(per_task)
             .zip(b.par_chunks(per_task))
             .zip(out.par_chunks_mut(per_task))
-            .for_each(|((a, b), ys)| f(a, b, ys));
+            .enumerate()
+            .for_each(|(task, ((a, b), ys))| f(task * per_task, a, b, ys));
     }
     out
 }
@@ -132,6 +135,44 @@ impl Operand<'_> {
         let last = self.skip * (batches - 1) + self.rs * (rows - 1) + self.cs * (cols - 1);
         last < self.v.len()
     }
+}
+
+/// One gemm product of batch `i`: `dst = a[i] @ b[i]`, or `dst += a[i] @ b[i]` when
+/// `accumulate`; `[m, k] @ [k, n]`, `dst` contiguous `[m, n]`.
+///
+/// # Safety
+///
+/// The operands must [`Operand::fits`] `i + 1` batches; `dst` must point to `m * n`
+/// values that nothing else accesses during the call, initialised when `accumulate`.
+unsafe fn gemm_one(
+    dst: *mut f32,
+    (m, n, k): (usize, usize, usize),
+    (a, b): (Operand, Operand),
+    i: usize,
+    accumulate: bool,
+    parallelism: gemm::Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        n as isize,
+        accumulate,
+        a.v.as_ptr().add(i * a.skip),
+        a.cs as isize,
+        a.rs as isize,
+        b.v.as_ptr().add(i * b.skip),
+        b.cs as isize,
+        b.rs as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        parallelism,
+    )
 }
 
 /// `batches` products `a[i] @ b[i]`, `[m, k] @ [k, n]`, into a new contiguous
@@ -160,30 +201,8 @@ fn gemm_batched(
     let product = |i: usize, dst: *mut f32, parallelism: gemm::Parallelism| {
         // SAFETY: `fits` checked that every value gemm reads lies within the operands;
         // `dst` points to `m * n` values of the output that only this call writes, and
-        // with `read_dst: false` gemm writes each of them without reading it.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst,
-                1,
-                n as isize,
-                false,
-                a.v.as_ptr().add(i * a.skip),
-                a.cs as isize,
-                a.rs as isize,
-                b.v.as_ptr().add(i * b.skip),
-                b.cs as isize,
-                b.rs as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            )
-        }
+        // without `accumulate` gemm writes each of them without reading it.
+        unsafe { gemm_one(dst, (m, n, k), (a, b), i, false, parallelism) }
     };
     let mut out = Vec::<f32>::with_capacity(len);
     let dst = &mut out.spare_capacity_mut()[..len];
@@ -205,46 +224,49 @@ fn gemm_batched(
     Ok(out)
 }
 
+/// A matmul operand from an f32 CPU tensor outside the graph, `[..., rows, cols]`:
+/// `(batches, rows, cols, operand)` when its leading dimensions collapse to one batch
+/// stride; `None` otherwise.
+fn operand<'a>(
+    t: &Tensor,
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> Option<(usize, usize, usize, Operand<'a>)> {
+    let CpuStorage::F32(v) = s else { return None };
+    let (dims, stride) = (l.dims(), l.stride());
+    let r = dims.len();
+    if r < 2 || t.track_op() {
+        return None;
+    }
+    let batches: usize = dims[..r - 2].iter().product();
+    // The leading dimensions must step by one stride: each one's stride is the
+    // next one's times its size (size-1 dimensions excepted).
+    let mut skip = None;
+    for i in (0..r - 2).rev() {
+        if dims[i] == 1 {
+            continue;
+        }
+        match skip {
+            None => skip = Some((stride[i], dims[i])),
+            Some((st, count)) if stride[i] == st * count => skip = Some((st, count * dims[i])),
+            Some(_) => return None,
+        }
+    }
+    let op = Operand {
+        v: &v[l.start_offset()..],
+        rs: stride[r - 2],
+        cs: stride[r - 1],
+        skip: skip.map_or(0, |(st, _)| st),
+    };
+    Some((batches, dims[r - 2], dims[r - 1], op))
+}
+
 /// `a @ b` outside the graph: `a: [..., M, K]` and `b: [..., K, N]` with the same
 /// leading dimensions, or `b: [K, N]` shared by all -> `[..., M, N]`, contiguous.
 /// Through [`gemm_batched`] when both are f32 CPU tensors whose leading dimensions
 /// collapse to one batch stride (contiguous batches, any strides within a matrix);
 /// candle's matmul otherwise, which also reports shape errors.
 pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    /// `(batches, rows, cols, operand)` when the leading dimensions collapse.
-    fn operand<'a>(
-        t: &Tensor,
-        s: &'a CpuStorage,
-        l: &Layout,
-    ) -> Option<(usize, usize, usize, Operand<'a>)> {
-        let CpuStorage::F32(v) = s else { return None };
-        let (dims, stride) = (l.dims(), l.stride());
-        let r = dims.len();
-        if r < 2 || t.track_op() {
-            return None;
-        }
-        let batches: usize = dims[..r - 2].iter().product();
-        // The leading dimensions must step by one stride: each one's stride is the
-        // next one's times its size (size-1 dimensions excepted).
-        let mut skip = None;
-        for i in (0..r - 2).rev() {
-            if dims[i] == 1 {
-                continue;
-            }
-            match skip {
-                None => skip = Some((stride[i], dims[i])),
-                Some((st, count)) if stride[i] == st * count => skip = Some((st, count * dims[i])),
-                Some(_) => return None,
-            }
-        }
-        let op = Operand {
-            v: &v[l.start_offset()..],
-            rs: stride[r - 2],
-            cs: stride[r - 1],
-            skip: skip.map_or(0, |(st, _)| st),
-        };
-        Some((batches, dims[r - 2], dims[r - 1], op))
-    }
     let (sa, la) = a.storage_and_layout();
     let (sb, lb) = b.storage_and_layout();
     let (Storage::Cpu(ca), Storage::Cpu(cb)) = (&*sa, &*sb) else {
@@ -267,6 +289,63 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     *dims.last_mut().expect("rank >= 2") = n;
     drop((sa, sb));
     Tensor::from_vec(values, dims, a.device())
+}
+
+/// `sum_i a_i @ b_i` outside the graph, `a_i: [m, k_i]`, `b_i: [k_i, n]` -> `[m, n]`
+/// contiguous: the input gradient of an activation that feeds several linears. gemm
+/// writes the first product and adds the others into it (`dst += a b`): no zero-fill
+/// and no separate adds. For operands it cannot take (see [`matmul`]), the products
+/// are added the usual way.
+pub(crate) fn matmul_sum(terms: &[(&Tensor, &Tensor)]) -> candle_core::Result<Tensor> {
+    let Some(&(a0, b0)) = terms.first() else {
+        candle_core::bail!("matmul_sum: no terms")
+    };
+    let (m, n) = (a0.dim(0)?, b0.dim(1)?);
+    let guards: Vec<_> = terms
+        .iter()
+        .map(|(a, b)| (a.storage_and_layout(), b.storage_and_layout()))
+        .collect();
+    let mut operands = Vec::with_capacity(terms.len());
+    for (((sa, la), (sb, lb)), (a, b)) in guards.iter().zip(terms) {
+        let (Storage::Cpu(ca), Storage::Cpu(cb)) = (&**sa, &**sb) else {
+            break;
+        };
+        match (operand(a, ca, la), operand(b, cb, lb)) {
+            (Some((1, am, k, oa)), Some((1, kb, bn, ob))) if (am, bn) == (m, n) && kb == k => {
+                if k > 0 && oa.fits(1, m, k) && ob.fits(1, k, n) {
+                    operands.push((k, oa, ob));
+                    continue;
+                }
+                break;
+            }
+            _ => break,
+        }
+    }
+    if operands.len() < terms.len() || m * n == 0 {
+        drop(guards);
+        let mut sum = matmul(a0, b0)?;
+        for (a, b) in &terms[1..] {
+            sum = (sum + matmul(a, b)?)?;
+        }
+        return Ok(sum);
+    }
+    let parallelism = match rayon::current_num_threads() {
+        1 => gemm::Parallelism::None,
+        t => gemm::Parallelism::Rayon(t),
+    };
+    let mut out = Vec::<f32>::with_capacity(m * n);
+    for (i, &(k, oa, ob)) in operands.iter().enumerate() {
+        // SAFETY: each pair fits (checked above); `out` has room for `m * n` values that
+        // only this call touches; the first call writes all of them (`accumulate:
+        // false`) before the later ones read them.
+        unsafe { gemm_one(out.as_mut_ptr(), (m, n, k), (oa, ob), 0, i > 0, parallelism) };
+        if i == 0 {
+            // SAFETY: the first product wrote all `m * n` values.
+            unsafe { out.set_len(m * n) };
+        }
+    }
+    drop(guards);
+    Tensor::from_vec(out, (m, n), a0.device())
 }
 
 fn output(values: Vec<f32>, l: &Layout) -> (CpuStorage, Shape) {
@@ -292,7 +371,7 @@ fn residual(
     }
     let (x, n) = rows(x, xl, op)?;
     let y = with_values(&branch.contiguous()?, op, |b| {
-        map_row_tasks2(x, b, n, |x, b, y| {
+        map_row_tasks2(x, b, n, |_, x, b, y| {
             for ((y, x), b) in y.iter_mut().zip(x).zip(b) {
                 *y = x + b;
             }
@@ -627,7 +706,7 @@ impl CustomOp2 for SoftmaxGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let ((y, n), (g, _)) = (rows(ys, yl, self.name())?, rows(gs, gl, self.name())?);
         let scale = self.scale;
-        let dx = map_row_tasks2(y, g, n, |y, g, dx| softmax_grad_rows(y, g, n, scale, dx));
+        let dx = map_row_tasks2(y, g, n, |_, y, g, dx| softmax_grad_rows(y, g, n, scale, dx));
         Ok(output(dx, yl))
     }
 }
@@ -695,6 +774,9 @@ fn attention_grads(
     grad: &Tensor,
     [want_q, want_k, want_v]: [bool; 3],
 ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    // The inputs are graph tensors; only their values are needed here (and [`matmul`]
+    // takes candle's slower path for a tensor in the graph).
+    let (q, k, v) = (q.detach(), k.detach(), v.detach());
     let (b, h, s, d) = q.dims4()?;
     let (_, kvh, kl, _) = k.dims4()?;
     let gs = (h / kvh.max(1)) * s;
@@ -803,9 +885,12 @@ impl CustomOp3 for AttentionBlock {
                 let dq = from_heads(&self.rope.transpose(&dq)?)?; // [B, S, H*D]
                 let dk = from_heads(&self.rope.transpose(&new(&dkf)?)?)?; // [B, S, KVH*D]
                 let dv = from_heads(&new(&dvf)?)?; // [B, S, KVH*D]
-                let dn = ((self.q_proj.input_grad(&dq)? + self.k_proj.input_grad(&dk)?)?
-                    + self.v_proj.input_grad(&dv)?)?; // [B, S, E]
-                Some((dy + self.norm.input_grad(x, &dn)?)?)
+                let dn = input_grad_sum(&[
+                    (&self.q_proj, &dq),
+                    (&self.k_proj, &dk),
+                    (&self.v_proj, &dv),
+                ])?; // [B, S, E]
+                Some(self.norm.input_grad(x, &dn, Some(&dy))?)
             }
             Some(_) => candle_core::bail!(
                 "{}: the cache returned {kl} keys, fewer than the {s} new ones",
@@ -973,28 +1058,36 @@ impl CustomOp1 for Norm {
     /// `dx = r * (gw - mean(gw) - xh * mean(gw * xh))` (RMSNorm: mean = 0, and no
     /// `mean(gw)` term).
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        self.input_grad(x, grad).map(Some)
+        self.input_grad(x, grad, None).map(Some)
     }
 }
 
 impl Norm {
-    /// The gradient of the input: `x, grad: [..., n]` -> `[..., n]` ([`NormGrad`]).
-    fn input_grad(&self, x: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+    /// The gradient of the input, plus `plus` (a residual branch's gradient) if given:
+    /// `x, grad, plus: [..., n]` -> `[..., n]` ([`NormGrad`]).
+    fn input_grad(
+        &self,
+        x: &Tensor,
+        grad: &Tensor,
+        plus: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let op = NormGrad {
             w: weight_values(&self.w, "norm-grad")?,
             eps: self.eps,
             centred: self.centred,
+            plus: plus.map(|p| p.contiguous()).transpose()?,
         };
         x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &op)
     }
 }
 
-/// The input gradient of [`Norm`]:
-/// `(x, g)`, both `[..., n]` -> `dx: [..., n]`.
+/// The input gradient of [`Norm`], plus a residual gradient added in the same pass:
+/// `(x, g)`, both `[..., n]`, `plus: [..., n]` -> `dx: [..., n]`.
 struct NormGrad {
     w: Vec<f32>,
     eps: f32,
     centred: bool,
+    plus: Option<Tensor>,
 }
 
 impl CustomOp2 for NormGrad {
@@ -1011,9 +1104,25 @@ impl CustomOp2 for NormGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let ((x, n), (g, _)) = (rows(xs, xl, self.name())?, rows(gs, gl, self.name())?);
         let (w, eps, centred) = (&self.w, self.eps, self.centred);
-        let dx = map_row_tasks2(x, g, n, |x, g, dx| {
-            norm_grad_rows(x, g, n, w, eps, centred, dx)
-        });
+        let run = |plus: Option<&[f32]>| {
+            map_row_tasks2(x, g, n, |first, x, g, dx| {
+                norm_grad_rows(x, g, n, w, eps, centred, dx);
+                if let Some(p) = plus {
+                    for (dx, p) in dx.iter_mut().zip(&p[first..]) {
+                        *dx += p;
+                    }
+                }
+            })
+        };
+        let dx = match &self.plus {
+            Some(p) if p.dims() != xl.dims() => candle_core::bail!(
+                "norm-grad: the residual {:?} is not the input's {:?}",
+                p.dims(),
+                xl.dims()
+            ),
+            Some(p) => with_values(p, self.name(), |p| run(Some(p)))?,
+            None => run(None),
+        };
         Ok(output(dx, xl))
     }
 }
@@ -1257,8 +1366,8 @@ impl CustomOp1 for SwiGluMlp {
         let dy = dy.contiguous()?; // [..., E]
         let da = self.down.input_grad(&dy)?; // [..., I]
         let (dg, du) = swiglu_grad(&self.gate_out, &self.up_out, &da)?;
-        let dn = (self.gate.input_grad(&dg)? + self.up.input_grad(&du)?)?; // [..., E]
-        (dy + self.norm.input_grad(x, &dn)?).map(Some)
+        let dn = input_grad_sum(&[(&self.gate, &dg), (&self.up, &du)])?; // [..., E]
+        self.norm.input_grad(x, &dn, Some(&dy)).map(Some)
     }
 }
 
@@ -1415,6 +1524,43 @@ mod tests {
                 b.dims()
             );
         }
+    }
+
+    /// [`super::matmul_sum`] (gemm adding each product into the first) gives the sum of
+    /// candle's products, for contiguous and transposed operands of different inner
+    /// sizes, and for one term.
+    #[test]
+    fn gemm_matmul_sum_matches_the_sum_of_candle_products() {
+        let t = |dims: &[usize], seed: f32| {
+            let n: usize = dims.iter().product();
+            let v: Vec<f32> = (0..n).map(|i| ((i as f32 + seed) * 0.377).cos()).collect();
+            Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+        };
+        let (a1, b1) = (t(&[37, 16], 1.0), t(&[16, 24], 2.0));
+        let (a2, b2) = (t(&[37, 5], 3.0), t(&[24, 5], 4.0).t().unwrap());
+        let (a3, b3) = (t(&[9, 37], 5.0).t().unwrap(), t(&[9, 24], 6.0));
+        let max_diff = |x: Tensor, y: Tensor| {
+            (x - y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let ours = super::matmul_sum(&[(&a1, &b1), (&a2, &b2), (&a3, &b3)]).unwrap();
+        let theirs = ((a1.matmul(&b1).unwrap() + a2.matmul(&b2).unwrap()).unwrap()
+            + a3.matmul(&b3).unwrap())
+        .unwrap();
+        assert_eq!(ours.dims(), [37, 24]);
+        let d = max_diff(ours, theirs);
+        assert!(d <= 1e-5, "three terms differ by {d}");
+        let one = super::matmul_sum(&[(&a1, &b1)]).unwrap();
+        let d = max_diff(one, a1.matmul(&b1).unwrap());
+        assert!(d <= 1e-5, "one term differs by {d}");
     }
 
     /// The AVX2 build of each `with_avx2!` kernel gives the same bits as the baseline

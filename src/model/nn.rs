@@ -135,19 +135,41 @@ impl Linear {
     /// by the first call (gemm packs a transposed right-hand side 10-40% slower than a
     /// contiguous one, ci/bench/README.md; generation never builds it).
     pub(crate) fn input_grad(&self, grad: &Tensor) -> candle_core::Result<Tensor> {
-        let (k, n) = self.w_t.dims2()?;
+        input_grad_sum(&[(self, grad)])
+    }
+
+    /// `[out, in]`, contiguous: built by the first call.
+    fn w(&self) -> candle_core::Result<&Tensor> {
         if self.w.get().is_none() {
             // A race only builds the same tensor twice.
             let _ = self.w.set(self.w_t.t()?.contiguous()?);
         }
-        let w = self.w.get().expect("set above");
-        let mut dims = grad.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = k;
-        }
-        let m = grad.elem_count() / n.max(1);
-        kernels::matmul(&grad.contiguous()?.reshape((m, n))?, w)?.reshape(dims)
+        Ok(self.w.get().expect("set above"))
     }
+}
+
+/// The input gradient of an activation that feeds several linears (each `in` wide):
+/// `sum_i grad_i @ w_i`, `grad_i: [..., out_i]` with the same leading dimensions ->
+/// `[..., in]`. gemm adds each product into the first one ([`kernels::matmul_sum`]),
+/// so the sum costs no separate adds.
+pub(crate) fn input_grad_sum(terms: &[(&Linear, &Tensor)]) -> candle_core::Result<Tensor> {
+    let Some((first, g0)) = terms.first() else {
+        candle_core::bail!("input_grad_sum: no terms")
+    };
+    let k = first.w_t.dim(0)?;
+    let mut dims = g0.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = k;
+    }
+    // grad_i as [m, out_i], w_i as [out_i, in]
+    let mut rows = Vec::with_capacity(terms.len());
+    for (lin, grad) in terms {
+        let n = lin.w_t.dim(1)?;
+        let m = grad.elem_count() / n.max(1);
+        rows.push((grad.contiguous()?.reshape((m, n))?, lin.w()?.clone()));
+    }
+    let pairs: Vec<(&Tensor, &Tensor)> = rows.iter().map(|(g, w)| (g, w)).collect();
+    kernels::matmul_sum(&pairs)?.reshape(dims)
 }
 
 /// LayerNorm over the last dimension (differentiable in `x`; `w`, `b` frozen).
