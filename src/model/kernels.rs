@@ -10,12 +10,14 @@
 //!
 //! The ops work on rows (the last dimension) of contiguous f32 CPU tensors; the callers
 //! in [`super::nn`] and [`super::attention`] check that and fall back to the composed
-//! ops otherwise. Each op's shapes are on its struct. Two ops are whole blocks, used
-//! only when training: [`AttentionCore`] (scores, softmax, weighted values) and
-//! [`SwiGluMlp`] (Llama's MLP with its residual); their forward pass is computed outside
-//! the graph by the same kernels, and they bring their own backward pass. The hottest
-//! row loops are `with_avx2!` functions, built twice (baseline x86-64 and AVX2, same
-//! bits) and chosen at run time.
+//! ops otherwise. Each op's shapes are on its struct. Three ops are whole blocks, used
+//! only when training: [`AttentionCore`] (scores, softmax, weighted values, every
+//! family), [`AttentionBlock`] and [`SwiGluMlp`] (Llama's attention and MLP sub-blocks
+//! with their residuals); their forward pass is computed outside the graph by the same
+//! kernels, and they bring their own backward pass. Products outside the graph call
+//! gemm directly (`matmul`, `matmul_sum`): no zero-filled output, per-head products
+//! in parallel. The hottest row loops are `with_avx2!` functions, built twice (baseline
+//! x86-64 and AVX2, same bits) and chosen at run time.
 //! Norm weights and biases are frozen base weights: no gradient flows to them (the
 //! prefix is the only trainable parameter in this crate).
 
@@ -746,7 +748,7 @@ impl CustomOp3 for AttentionCore {
         handed_over(self.name(), ql.dims(), &self.out)
     }
 
-    /// See [`attention_grads`]. Inputs outside the graph get no gradient.
+    /// See `attention_grads`. Inputs outside the graph get no gradient.
     fn bwd(
         &self,
         q: &Tensor,
@@ -856,7 +858,7 @@ impl CustomOp3 for AttentionBlock {
         residual(self.name(), x, xl, &self.branch)
     }
 
-    /// `dO = split(dy @ o)`; `(dq, dkf, dvf)` from [`attention_grads`]; the last S rows
+    /// `dO = split(dy @ o)`; `(dq, dkf, dvf)` from `attention_grads`; the last S rows
     /// of `dkf` and `dvf` are the new keys' and values'; `dn = q'(dq) + k'(dk) + v'(dv)`
     /// through RoPE's transpose, the head merge and the projections;
     /// `dx = dy + rms_norm'(x) dn`.

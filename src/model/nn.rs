@@ -6,7 +6,9 @@
 //! a backward pass ([`super::kernels`], f32 on the CPU) or, for other dtypes and
 //! devices, composed from differentiable tensor ops, so that the prefix trains through
 //! them. [`with_fused_ops`] switches the softmax and norms to candle-nn's fused kernels
-//! (no backward pass: the historical bug `train.fused_ops` reproduces).
+//! (no backward pass: the historical bug `train.fused_ops` reproduces);
+//! [`with_composed_blocks`] turns Llama's block ops off (the reference they are tested
+//! against).
 
 use std::cell::Cell;
 use std::sync::{Arc, OnceLock};
