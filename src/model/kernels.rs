@@ -1471,6 +1471,20 @@ mod tests {
     };
     use candle_core::{Device, Layout, Tensor};
 
+    /// `dims` of deterministic values in [-1, 1], `seed` shifting the sequence.
+    fn values(dims: &[usize], seed: f32) -> Tensor {
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n).map(|i| ((i as f32 + seed) * 0.731).sin()).collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+            .unwrap()
+    }
+
     /// [`super::matmul`] (gemm without a zero-filled output, batches in parallel) gives
     /// candle's matmul values: batched, with transposed operands (strided rows and
     /// columns), a right-hand side shared by every batch (2-D, or broadcast with batch
@@ -1478,11 +1492,7 @@ mod tests {
     /// as fewer.
     #[test]
     fn gemm_matmul_matches_candle_matmul_on_batched_transposed_and_shared_operands() {
-        let t = |dims: &[usize], seed: f32| {
-            let n: usize = dims.iter().product();
-            let v: Vec<f32> = (0..n).map(|i| ((i as f32 + seed) * 0.731).sin()).collect();
-            Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-        };
+        let t = values;
         let cases: Vec<(Tensor, Tensor)> = vec![
             (t(&[2, 3, 5, 4], 1.0), t(&[2, 3, 4, 6], 2.0)),
             (t(&[8, 3, 5, 4], 1.0), t(&[8, 3, 4, 6], 2.0)),
@@ -1501,30 +1511,8 @@ mod tests {
         ];
         for (a, b) in &cases {
             let ours = super::matmul(a, b).unwrap();
-            let theirs = a.broadcast_matmul(b).unwrap();
-            assert_eq!(
-                ours.dims(),
-                theirs.dims(),
-                "{:?} @ {:?}",
-                a.dims(),
-                b.dims()
-            );
-            let diff = (ours - theirs)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(
-                diff <= 1e-5,
-                "{:?} @ {:?}: differs by {diff}",
-                a.dims(),
-                b.dims()
-            );
+            let d = max_abs_diff(&ours, &a.broadcast_matmul(b).unwrap());
+            assert!(d <= 1e-5, "{:?} @ {:?}: differs by {d}", a.dims(), b.dims());
         }
     }
 
@@ -1533,35 +1521,19 @@ mod tests {
     /// sizes, and for one term.
     #[test]
     fn gemm_matmul_sum_matches_the_sum_of_candle_products() {
-        let t = |dims: &[usize], seed: f32| {
-            let n: usize = dims.iter().product();
-            let v: Vec<f32> = (0..n).map(|i| ((i as f32 + seed) * 0.377).cos()).collect();
-            Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-        };
+        let t = values;
         let (a1, b1) = (t(&[37, 16], 1.0), t(&[16, 24], 2.0));
         let (a2, b2) = (t(&[37, 5], 3.0), t(&[24, 5], 4.0).t().unwrap());
         let (a3, b3) = (t(&[9, 37], 5.0).t().unwrap(), t(&[9, 24], 6.0));
-        let max_diff = |x: Tensor, y: Tensor| {
-            (x - y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let product = |a: &Tensor, b: &Tensor| a.matmul(b).unwrap();
         let ours = super::matmul_sum(&[(&a1, &b1), (&a2, &b2), (&a3, &b3)]).unwrap();
-        let theirs = ((a1.matmul(&b1).unwrap() + a2.matmul(&b2).unwrap()).unwrap()
-            + a3.matmul(&b3).unwrap())
-        .unwrap();
+        let theirs =
+            ((product(&a1, &b1) + product(&a2, &b2)).unwrap() + product(&a3, &b3)).unwrap();
         assert_eq!(ours.dims(), [37, 24]);
-        let d = max_diff(ours, theirs);
+        let d = max_abs_diff(&ours, &theirs);
         assert!(d <= 1e-5, "three terms differ by {d}");
         let one = super::matmul_sum(&[(&a1, &b1)]).unwrap();
-        let d = max_diff(one, a1.matmul(&b1).unwrap());
+        let d = max_abs_diff(&one, &product(&a1, &b1));
         assert!(d <= 1e-5, "one term differs by {d}");
     }
 
