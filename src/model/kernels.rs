@@ -1266,7 +1266,7 @@ impl CustomOp2 for SwiGlu {
         us: &CpuStorage,
         ul: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let ((gate, _), (up, _)) = (rows(gs, gl, self.name())?, rows(us, ul, self.name())?);
+        let ((gate, n), (up, _)) = (rows(gs, gl, self.name())?, rows(us, ul, self.name())?);
         if gl.dims() != ul.dims() {
             candle_core::bail!(
                 "{}: gate {:?} and up {:?} differ",
@@ -1275,13 +1275,7 @@ impl CustomOp2 for SwiGlu {
                 ul.dims()
             )
         }
-        let mut y = zeros(gate.len());
-        y.par_chunks_mut(PARALLEL_MIN)
-            .zip(
-                gate.par_chunks(PARALLEL_MIN)
-                    .zip(up.par_chunks(PARALLEL_MIN)),
-            )
-            .for_each(|(y, (g, u))| swiglu_values(g, u, y));
+        let y = map_row_tasks2(gate, up, n, |_, g, u, y| swiglu_values(g, u, y));
         Ok(output(y, gl))
     }
 
