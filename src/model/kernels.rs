@@ -177,6 +177,14 @@ unsafe fn gemm_one(
     )
 }
 
+/// One gemm product split over all of rayon's threads (none to split over with one).
+fn all_threads() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        1 => gemm::Parallelism::None,
+        t => gemm::Parallelism::Rayon(t),
+    }
+}
+
 /// `batches` products `a[i] @ b[i]`, `[m, k] @ [k, n]`, into a new contiguous
 /// `[batches, m, n]`, through the `gemm` crate directly.
 ///
@@ -213,12 +221,8 @@ fn gemm_batched(
             .enumerate()
             .for_each(|(i, c)| product(i, c.as_mut_ptr().cast(), gemm::Parallelism::None));
     } else {
-        let parallelism = match threads {
-            1 => gemm::Parallelism::None,
-            t => gemm::Parallelism::Rayon(t),
-        };
         for (i, c) in dst.chunks_mut(m * n).enumerate() {
-            product(i, c.as_mut_ptr().cast(), parallelism);
+            product(i, c.as_mut_ptr().cast(), all_threads());
         }
     }
     // SAFETY: the chunks cover all `len` values and gemm wrote each of them.
@@ -307,34 +311,33 @@ pub(crate) fn matmul_sum(terms: &[(&Tensor, &Tensor)]) -> candle_core::Result<Te
         .iter()
         .map(|(a, b)| (a.storage_and_layout(), b.storage_and_layout()))
         .collect();
-    let mut operands = Vec::with_capacity(terms.len());
-    for (((sa, la), (sb, lb)), (a, b)) in guards.iter().zip(terms) {
-        let (Storage::Cpu(ca), Storage::Cpu(cb)) = (&**sa, &**sb) else {
-            break;
-        };
-        match (operand(a, ca, la), operand(b, cb, lb)) {
-            (Some((1, am, k, oa)), Some((1, kb, bn, ob))) if (am, bn) == (m, n) && kb == k => {
-                if k > 0 && oa.fits(1, m, k) && ob.fits(1, k, n) {
-                    operands.push((k, oa, ob));
-                    continue;
+    // (k_i, a_i, b_i) for every term gemm can take, `None` if one it cannot.
+    let operands: Option<Vec<_>> = guards
+        .iter()
+        .zip(terms)
+        .map(|(((sa, la), (sb, lb)), (a, b))| {
+            let (Storage::Cpu(ca), Storage::Cpu(cb)) = (&**sa, &**sb) else {
+                return None;
+            };
+            match (operand(a, ca, la), operand(b, cb, lb)) {
+                (Some((1, am, k, oa)), Some((1, kb, bn, ob)))
+                    if (am, bn) == (m, n) && kb == k && k > 0 =>
+                {
+                    (oa.fits(1, m, k) && ob.fits(1, k, n)).then_some((k, oa, ob))
                 }
-                break;
+                _ => None,
             }
-            _ => break,
-        }
-    }
-    if operands.len() < terms.len() || m * n == 0 {
+        })
+        .collect();
+    let Some(operands) = operands.filter(|_| m * n > 0) else {
         drop(guards);
         let mut sum = matmul(a0, b0)?;
         for (a, b) in &terms[1..] {
             sum = (sum + matmul(a, b)?)?;
         }
         return Ok(sum);
-    }
-    let parallelism = match rayon::current_num_threads() {
-        1 => gemm::Parallelism::None,
-        t => gemm::Parallelism::Rayon(t),
     };
+    let parallelism = all_threads();
     let mut out = Vec::<f32>::with_capacity(m * n);
     for (i, &(k, oa, ob)) in operands.iter().enumerate() {
         // SAFETY: each pair fits (checked above); `out` has room for `m * n` values that
