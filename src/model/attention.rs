@@ -114,8 +114,10 @@ pub fn sdpa(
     // Training: the whole product as one graph node with its own backward pass, when
     // the crate's softmax kernel takes the scores (not inside `with_fused_ops`, whose
     // candle-nn softmax must keep cutting the gradient). The forward pass runs outside
-    // the graph on detached tensors, through the same code as below.
-    if q.track_op() || k.track_op() || v.track_op() {
+    // the graph on detached tensors, through the same code as below; asking first
+    // keeps the other cases from computing it twice.
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    if tracked && k.dims() == v.dims() && super::nn::own_softmax(q) {
         let (out, probs) = sdpa_detached(q, k, v, mask, bias, scale, layer, attention)?;
         if let Some(probs) = probs {
             let op = super::kernels::AttentionCore {

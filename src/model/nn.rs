@@ -306,7 +306,7 @@ pub fn scaled_masked_softmax(
     scale: f64,
     adds: &[&Tensor],
 ) -> candle_core::Result<Option<Tensor>> {
-    if fused() || !own_kernel(scores, &[]) {
+    if !own_softmax(scores) {
         return Ok(None);
     }
     let shape = scores.shape();
@@ -331,6 +331,12 @@ pub fn scaled_masked_softmax(
         adds: broadcast,
     };
     scores.contiguous()?.apply_op1(op).map(Some)
+}
+
+/// Whether [`scaled_masked_softmax`] takes scores of `x`'s dtype and device (f32 on the
+/// CPU, not in fused-ops mode): callers ask before they compute the scores.
+pub(crate) fn own_softmax(x: &Tensor) -> bool {
+    !fused() && own_kernel(x, &[])
 }
 
 /// Cross-entropy per row: `logits: [N, V]`, one target id `< V` per row ->
