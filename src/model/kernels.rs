@@ -504,8 +504,9 @@ fn exp(x: f32) -> f32 {
 /// and with AVX2 enabled, the AVX2 build picked at run time when the CPU has it (8-wide
 /// vectors in the row loops instead of 4-wide). The body must return `()`, and its
 /// float loops may call only `#[inline(always)]` helpers (`exp`, `row_max`, `sum_map`,
-/// `dot`): a call that is not inlined runs in the baseline build. The two builds give the same bits: Rust never contracts or
-/// reorders float operations, only the vector width changes.
+/// `dot`): a call that is not inlined runs in the baseline build. The two builds give
+/// the same bits: Rust never contracts or reorders float operations, only the vector
+/// width changes.
 macro_rules! with_avx2 {
     ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$m])*
