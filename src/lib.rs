@@ -18,6 +18,7 @@ pub mod repro;
 pub mod rng;
 pub mod run;
 pub mod scenario;
+pub mod stack;
 pub mod tokenizer;
 pub mod trace;
 pub mod train;

@@ -110,6 +110,21 @@ struct RunArgs {
     /// summaries, environment) here, for `compare`.
     #[arg(long)]
     fingerprint: Option<PathBuf>,
+    /// Also run every case on the Python stack and compare: `peft` (torch +
+    /// transformers + PEFT of the interpreter given by --python).
+    #[arg(long, value_enum)]
+    against: Option<Against>,
+    /// The Python interpreter for --against (default: $PREFIX_HARNESS_PYTHON, else
+    /// python3).
+    #[arg(long)]
+    python: Option<PathBuf>,
+}
+
+/// What `--against` compares the engine with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Against {
+    /// torch + transformers + PEFT, through the embedded driver.
+    Peft,
 }
 
 fn parse_shard(s: &str) -> Result<(usize, usize), String> {
@@ -217,18 +232,8 @@ fn repro_command(
                     .file_stem()
                     .map(|s| s.to_string_lossy().to_string())
                     .unwrap_or_default();
-                let safe: String = case
-                    .id
-                    .chars()
-                    .map(|c| {
-                        if c.is_ascii_alphanumeric() || c == '-' {
-                            c
-                        } else {
-                            '_'
-                        }
-                    })
-                    .collect();
-                file.with_file_name(format!("{stem}.{safe}.shrunk.yaml"))
+                let safe = prefix_harness::repro::shrunk_name(&case.id);
+                file.with_file_name(format!("{stem}.{safe}.yaml"))
             } else {
                 target
             };
@@ -297,6 +302,23 @@ fn load_all(paths: &[PathBuf]) -> Result<Vec<Case>, Vec<InputError>> {
         match scenario::load_with(f, load_options()) {
             Ok(c) => cases.extend(c),
             Err(e) => errors.push(e),
+        }
+    }
+    // Case ids key snapshots, fingerprints and `compare`: two cases with one id (two
+    // files with one `name`) would be matched with each other's results.
+    let mut seen: std::collections::HashMap<&str, &Case> = Default::default();
+    for c in &cases {
+        if let Some(first) = seen.insert(&c.id, c) {
+            errors.push(InputError {
+                file: PathBuf::from(&c.file),
+                line: None,
+                column: None,
+                field: "name".into(),
+                message: format!(
+                    "the case id `{}` is also a case of {}; case ids must be unique across a run (give one of the scenarios another `name`)",
+                    c.id, first.file
+                ),
+            });
         }
     }
     if files.is_empty() {
@@ -372,9 +394,38 @@ fn run_command(args: RunArgs) -> ExitCode {
             ),
         }
     };
-    let results = run::run_all(&cases, &opts, &on_done);
+    let mut results = run::run_all(&cases, &opts, &on_done);
     if let Some(b) = &bar {
         b.finish_and_clear();
+    }
+    if args.against == Some(Against::Peft) {
+        let stack_opts = prefix_harness::stack::StackOptions {
+            python: prefix_harness::stack::interpreter(args.python.as_deref()),
+            timeout: opts.timeout,
+        };
+        let n = results.len();
+        let rep =
+            prefix_harness::stack::run_against(&cases[..n], &mut results, &stack_opts, &|line| {
+                eprintln!("{line}")
+            });
+        if let Some(env) = &rep.env {
+            eprintln!(
+                "stack: python {} ({}), {}",
+                env.python.as_deref().unwrap_or("?"),
+                stack_opts.python.display(),
+                env.describe()
+            );
+            for w in env.warnings() {
+                eprintln!("warning: {w}");
+            }
+        }
+        eprintln!(
+            "stack: driver {:.1} s, harness {:.2} s ({:.1}% of the stack's wall time)",
+            rep.driver_wall.as_secs_f64(),
+            rep.harness_wall.as_secs_f64(),
+            100.0 * rep.harness_wall.as_secs_f64()
+                / (rep.driver_wall + rep.harness_wall).as_secs_f64().max(1e-9)
+        );
     }
     print!("{}", report::table(&results));
     let env = Environment::capture(jobs);

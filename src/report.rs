@@ -192,6 +192,14 @@ pub fn table(results: &[CaseResult]) -> String {
                     format!("{diag}; {text}")
                 };
             }
+            if let Some(o) = &r.stack {
+                let text = format!("stack {}", o.describe());
+                diag = if diag.is_empty() {
+                    text
+                } else {
+                    format!("{diag}; {text}")
+                };
+            }
             if let (Some(first), Some(last)) = (r.losses.first(), r.losses.last()) {
                 let loss = format!("loss {first:.3} -> {last:.3} ({} steps)", r.losses.len());
                 diag = if diag.is_empty() {
@@ -209,6 +217,9 @@ pub fn table(results: &[CaseResult]) -> String {
             ]
         })
         .collect();
+    // A cell is cut at `MAX_CELL` characters: the table stays readable, and no column
+    // width can exceed what `format!` accepts (u16::MAX; the JSON report keeps all).
+    let rows: Vec<[String; 5]> = rows.into_iter().map(|r| r.map(cut_cell)).collect();
     let head = ["case", "outcome", "expected", "time", "diagnosis"];
     let mut w = head.map(str::len);
     for row in &rows {
@@ -249,6 +260,19 @@ pub fn table(results: &[CaseResult]) -> String {
     out
 }
 
+/// Longest table cell, in characters.
+pub const MAX_CELL: usize = 400;
+
+/// `text` cut to [`MAX_CELL`] characters, the cut marked with `...`.
+fn cut_cell(text: String) -> String {
+    if text.chars().count() <= MAX_CELL {
+        return text;
+    }
+    let mut cut: String = text.chars().take(MAX_CELL - 3).collect();
+    cut.push_str("...");
+    cut
+}
+
 /// Write `contents` to `path` atomically: a temporary file beside it, then a rename,
 /// so an existing file is never left truncated.
 pub fn write_atomic(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
@@ -265,4 +289,50 @@ pub fn write_atomic(path: &std::path::Path, contents: &str) -> std::io::Result<(
     std::fs::rename(&tmp, path).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(id: String, message: Option<String>) -> CaseResult {
+        CaseResult {
+            id,
+            scenario: "s.yaml".into(),
+            status: Status::Error,
+            expected: "pass".into(),
+            duration_ms: 1.0,
+            diagnosis: None,
+            warnings: vec![],
+            message,
+            losses: vec![],
+            tokens: vec![],
+            logits: vec![],
+            trace_digest: None,
+            stack: None,
+            trace: None,
+            raised: false,
+        }
+    }
+
+    #[test]
+    fn table_cells_are_cut_so_that_huge_ids_and_messages_do_not_panic() {
+        // Column widths above u16::MAX made `format!` panic.
+        let huge = "x".repeat(70_000);
+        let t = table(&[result(huge.clone(), Some(huge)), result("b".into(), None)]);
+        let first = t.lines().nth(1).unwrap();
+        assert!(first.starts_with(&format!("{}...", "x".repeat(MAX_CELL - 3))));
+        assert!(
+            first.len() < 3 * MAX_CELL,
+            "cells cut: {} bytes",
+            first.len()
+        );
+        assert!(t.contains("0 passed, 2 failed, 0 skipped"));
+        let short = "y".repeat(MAX_CELL);
+        assert_eq!(
+            cut_cell(short.clone()),
+            short,
+            "a cell at the limit is kept whole"
+        );
+    }
 }

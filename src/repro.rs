@@ -247,14 +247,39 @@ fn set_knob(c: &mut Case, knob: usize, v: usize) {
     }
 }
 
-/// The shrunk case as a scenario file (no matrix, the case's own name and id).
+/// The shrunk case as a scenario file: no matrix, and a name of its own
+/// ([`shrunk_name`]) so that it never shares a case id with the file it came from.
+/// The header names the original by file name only (no absolute path leaks into a
+/// public bug report).
 pub fn to_yaml(case: &Case) -> Result<String, String> {
     let mut s = case.scenario.clone();
     s.matrix.clear();
+    s.name = shrunk_name(&case.id);
     s.description = format!("shrunk from `{}`: {}", case.id, s.description);
     let body = serde_saphyr::to_string(&s).map_err(|e| e.to_string())?;
+    let from = std::path::Path::new(&case.file)
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     Ok(format!(
-        "# Shrunk by `prefix-harness repro --shrink` from {}\n{body}",
-        case.file
+        "# Shrunk by `prefix-harness repro --shrink` from {from}\n{body}"
     ))
+}
+
+/// The name of a shrunk case: the original case id with every character other than
+/// ASCII letters, digits and `-` as `_`, then `-shrunk`, within the name length limit.
+pub fn shrunk_name(id: &str) -> String {
+    const SUFFIX: &str = "-shrunk";
+    let safe: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(crate::scenario::MAX_NAME_CHARS - SUFFIX.len())
+        .collect();
+    format!("{}{SUFFIX}", safe.trim_end_matches('_'))
 }

@@ -111,8 +111,15 @@ pub struct CaseResult {
     pub logits: Vec<LogitsSummary>,
     /// Digest of the shape trace (None when nothing ran).
     pub trace_digest: Option<String>,
+    /// The same case on the Python stack (`run --against peft`), compared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stack: Option<crate::stack::StackOutcome>,
     #[serde(skip)]
     pub trace: Option<Trace>,
+    /// Whether the engine run ended in an error (a diagnosis that stopped it), whatever
+    /// the expectation said.
+    #[serde(skip)]
+    pub raised: bool,
 }
 
 impl CaseResult {
@@ -130,7 +137,9 @@ impl CaseResult {
             tokens: vec![],
             logits: vec![],
             trace_digest: None,
+            stack: None,
             trace: None,
+            raised: false,
         }
     }
 }
@@ -251,6 +260,7 @@ pub fn run_case_limited(case: &Case, max_memory: u64) -> CaseResult {
     let outcome = execute(case, &mut r);
     r.duration_ms = start.elapsed().as_secs_f64() * 1e3;
     let ran = outcome.is_ok();
+    r.raised = !ran;
     judge(case, outcome, &mut r);
     if ran && r.status == Status::Pass {
         if let Some(why) = extra_checks(case, &r) {
@@ -261,9 +271,23 @@ pub fn run_case_limited(case: &Case, max_memory: u64) -> CaseResult {
     r
 }
 
-/// Build and run the case: model, prefix (fresh or a PEFT adapter), optional
-/// training, then generation. Fills losses, tokens, logits and the trace.
-fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
+/// What a case runs on, built from the scenario before anything runs: the model, its
+/// weights by Hugging Face name, the prefix (fresh or a PEFT adapter, untrained), the
+/// prompt batch and the decoding options. `run` executes it; `--against peft` hands the
+/// same inputs to the Python stack.
+pub struct Prepared {
+    pub model: Box<dyn crate::model::Model>,
+    pub base: crate::train::BaseWeights,
+    pub prefix: PrefixEncoder,
+    /// Prompt ids `[B, S]` (u32), left-padded with id 0.
+    pub ids: candle_core::Tensor,
+    /// Prompt padding mask `[B, S]` (f32, 1 = token).
+    pub mask: candle_core::Tensor,
+    pub opts: DecodeOptions,
+}
+
+/// Build everything `case` runs on (see [`Prepared`]).
+pub fn prepare(case: &Case) -> Result<Prepared, EngineError> {
     let dev = Device::Cpu;
     let (model, base, checkpoint_tokenizer) = match case.scenario.model.source(&case.dir) {
         None => {
@@ -281,10 +305,6 @@ fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
         Some(dir) => crate::adapter::load_for(&dir, &model.geometry(), &dev)?.1,
         None => PrefixEncoder::new(&case.prefix_config(), &model.geometry(), &dev)?,
     };
-    if let Some(train) = &case.scenario.train {
-        let report = crate::train::train_checked(model.as_ref(), &base, &prefix, train)?;
-        r.losses = report.losses;
-    }
     // A checkpoint's own tokenizer.json unless the scenario names one.
     let tokenizer = match (checkpoint_tokenizer, &case.scenario.tokenizer) {
         (Some(t), None) => t,
@@ -314,6 +334,34 @@ fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
     opts.pad_token_id = g.pad_token_id;
     opts.num_return_sequences = g.num_return_sequences;
     opts.expand_prefix = g.expand_prefix;
+    Ok(Prepared {
+        model,
+        base,
+        prefix,
+        ids,
+        mask,
+        opts,
+    })
+}
+
+/// Build and run the case: model, prefix (fresh or a PEFT adapter), optional
+/// training, then generation. Fills losses, tokens, logits and the trace.
+fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
+    let Prepared {
+        model,
+        base,
+        prefix,
+        ids,
+        mask,
+        opts,
+    } = prepare(case)?;
+    if let Some(train) = &case.scenario.train {
+        let report = crate::train::train_checked(model.as_ref(), &base, &prefix, train)?;
+        r.losses = report.losses;
+    }
+    let prompt_len = ids
+        .dim(1)
+        .map_err(|e| crate::check::from_candle(e, None, "prompt"))?;
     if let (CacheMode::Sliding { window }, p) =
         (opts.cache.mode, prefix.geometry.num_virtual_tokens)
     {

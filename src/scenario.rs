@@ -19,6 +19,9 @@ pub const MAX_CASES_PER_FILE: usize = 4096;
 /// Largest value accepted for any size in a scenario (tokens, rows, window, ...):
 /// far above anything a CPU run can hold; the memory guard refuses big cases.
 pub const MAX_SIZE: usize = 1 << 24;
+/// Longest scenario `name`, in characters: case ids, snapshot file names and report
+/// rows start with it.
+pub const MAX_NAME_CHARS: usize = 100;
 /// Largest scenario file accepted, in bytes.
 pub const MAX_FILE_BYTES: usize = 1 << 20;
 /// Most YAML nodes one scenario file may hold, aliases counted expanded (the shipped
@@ -393,6 +396,10 @@ pub struct Scenario {
     /// reproduces only on Windows: `expect_on: {windows: {error: mask-width}}`.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub expect_on: std::collections::BTreeMap<Platform, PlatformExpect>,
+    /// What the Python stack does with this case (`run --against peft`), by installed
+    /// versions; the first entry whose `when` holds applies, default `agree`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expect_stack: Vec<crate::stack::StackExpectation>,
     /// Dotted field path -> list of values; expanded into cases.
     #[serde(default)]
     pub matrix: serde_json::Map<String, Value>,
@@ -612,6 +619,11 @@ pub fn parse_with(path: &Path, text: &str, opts: LoadOptions) -> Result<Vec<Case
         })?;
         let mut scenario = scenario;
         normalise_paths(&mut scenario);
+        // Confinement first: validation probes the files a scenario names, and its
+        // messages must never describe a folder the scenario may not reach.
+        if !opts.allow_outside_paths {
+            check_paths_inside(&scenario, &dir).map_err(|(field, m)| err(&field, m))?;
+        }
         validate(&scenario, &dir).map_err(|(field, m)| {
             // A field a matrix axis sets (or lies inside, or contains): blame the axis
             // and name the case, not the base value the matrix replaced.
@@ -628,9 +640,6 @@ pub fn parse_with(path: &Path, text: &str, opts: LoadOptions) -> Result<Vec<Case
                 None => err(&field, m),
             }
         })?;
-        if !opts.allow_outside_paths {
-            check_paths_inside(&scenario, &dir).map_err(|(field, m)| err(&field, m))?;
-        }
         let id = if labels.is_empty() {
             scenario.name.clone()
         } else {
@@ -657,6 +666,15 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
     let e = |f: &str, m: &str| Err((f.to_string(), m.to_string()));
     if s.name.trim().is_empty() {
         return e("name", "expected a non-empty name");
+    }
+    if s.name.chars().count() > MAX_NAME_CHARS {
+        return Err((
+            "name".into(),
+            format!(
+                "a name of {} characters is too long: expected at most {MAX_NAME_CHARS} (case ids and snapshot file names start with it)",
+                s.name.chars().count()
+            ),
+        ));
     }
     let sizes = [
         ("prefix.virtual_tokens", s.prefix.virtual_tokens),
@@ -733,6 +751,7 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
             ));
         }
     }
+    crate::stack::validate_expectations(&s.expect_stack)?;
     if s.checks.loss.is_some() && s.train.is_none() {
         return e("checks.loss", "a loss check needs a `train` section");
     }
@@ -794,6 +813,7 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
     if m.revision.is_some() && m.hub.is_none() {
         return e("model.revision", "a revision needs `hub`");
     }
+    let mut checkpoint_tokenizer = None;
     let cfg = match m.source(dir) {
         None => {
             let cfg = model_config(m).map_err(|msg| ("model.config".to_string(), msg))?;
@@ -822,6 +842,7 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
                     format!("{err} (in {})", slash(&files.config)),
                 )
             })?;
+            checkpoint_tokenizer = files.tokenizer.clone();
             // Every weights file must be a complete safetensors file (header and length
             // only: a checkpoint can be gigabytes; `run` reads the tensors).
             for w in &files.weights {
@@ -851,6 +872,7 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
             ));
         }
     }
+    check_vocabulary(s, dir, g.vocab_size, checkpoint_tokenizer.as_deref())?;
     // A PEFT adapter's files are read here (a missing or corrupt file is invalid
     // input); a mismatch with the model is the case's diagnosis when it runs, so a
     // scenario can expect it.
@@ -859,6 +881,92 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
             .map_err(|err| ("prefix.adapter".to_string(), err.to_string()))?;
     }
     Ok(())
+}
+
+/// Every token id the case feeds the model must be inside its vocabulary: the prompts
+/// through the case's tokenizer (the scenario's, else the checkpoint's, else the
+/// built-in one), cut as the batch cuts them, and the training rows (byte-level ids,
+/// plus the decoder's start and end ids for encoder-decoders). Otherwise the embedding
+/// lookup fails deep inside a forward pass; here the error names the tokenizer, the
+/// largest id and the vocabulary.
+fn check_vocabulary(
+    s: &Scenario,
+    dir: &Path,
+    vocab: usize,
+    checkpoint_tokenizer: Option<&Path>,
+) -> Result<(), (String, String)> {
+    let tok_field = if s.tokenizer.is_some() {
+        "tokenizer"
+    } else {
+        "model"
+    };
+    let tokenizer = match (s.tokenizer.as_deref(), checkpoint_tokenizer) {
+        (None, Some(f)) => crate::tokenizer::Tokenizer::from_file(f),
+        (None | Some("builtin"), _) => crate::tokenizer::Tokenizer::builtin(),
+        (Some(f), _) => crate::tokenizer::Tokenizer::from_file(dir.join(portable(Path::new(f)))),
+    }
+    .map_err(|e| (tok_field.to_string(), e.to_string()))?;
+    let prompts = scenario_prompts(s, dir).map_err(|e| ("data.file".to_string(), e.to_string()))?;
+    let mut largest: Option<(u32, String)> = None;
+    for p in &prompts {
+        let mut ids = tokenizer
+            .encode(p)
+            .map_err(|e| (tok_field.to_string(), e.to_string()))?;
+        ids.truncate(s.data.max_prompt_len.max(1));
+        if let Some(&max) = ids.iter().max() {
+            if largest.as_ref().is_none_or(|(l, _)| max > *l) {
+                largest = Some((max, p.clone()));
+            }
+        }
+    }
+    if let Some((id, prompt)) = largest.filter(|(id, _)| *id as usize >= vocab) {
+        let shown: String = prompt.chars().take(40).collect();
+        return Err((
+            tok_field.to_string(),
+            format!(
+                "{} gives token id {id} (prompt \"{shown}\"), outside the model's vocabulary of {vocab} ids (vocab_size): use a tokenizer that matches the model, or a model with vocab_size above {id}",
+                tokenizer.source()
+            ),
+        ));
+    }
+    if s.train.is_some() {
+        // Training rows are the built-in sentences, byte-level (`data::encode_bytes`).
+        let id = crate::data::SENTIMENT
+            .iter()
+            .flat_map(|(a, b)| a.bytes().chain(b.bytes()).chain(" => ".bytes()))
+            .map(u32::from)
+            .chain([crate::train::SEQ2SEQ_EOS])
+            .max()
+            .unwrap_or(0);
+        if id as usize >= vocab {
+            return Err((
+                "train".to_string(),
+                format!(
+                    "training feeds byte-level token ids up to {id} (the built-in sentiment data), outside the model's vocabulary of {vocab} ids (vocab_size): training needs vocab_size above {id}"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The prompts of a scenario: inline, from its data file, or built in.
+fn scenario_prompts(s: &Scenario, dir: &Path) -> std::io::Result<Vec<String>> {
+    let d = &s.data;
+    if let Some(f) = &d.file {
+        let text = std::fs::read_to_string(dir.join(portable(f)))?;
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        return Ok(text
+            .lines()
+            .map(|l| l.trim_end_matches('\r').to_string())
+            .filter(|l| !l.is_empty())
+            .collect());
+    }
+    if d.prompts.is_empty() {
+        Ok(crate::data::default_prompts())
+    } else {
+        Ok(d.prompts.clone())
+    }
 }
 
 /// The checks `safetensors::SafeTensors::read_metadata` makes, from the header alone:
@@ -989,21 +1097,7 @@ impl Case {
 
     /// The prompts of the case: inline, from the data file, or built in.
     pub fn prompts(&self) -> std::io::Result<Vec<String>> {
-        let d = &self.scenario.data;
-        if let Some(f) = &d.file {
-            let text = std::fs::read_to_string(self.dir.join(portable(f)))?;
-            let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-            return Ok(text
-                .lines()
-                .map(|l| l.trim_end_matches('\r').to_string())
-                .filter(|l| !l.is_empty())
-                .collect());
-        }
-        if d.prompts.is_empty() {
-            Ok(crate::data::default_prompts())
-        } else {
-            Ok(d.prompts.clone())
-        }
+        scenario_prompts(&self.scenario, &self.dir)
     }
 
     /// The tokenizer of the case: built in, or a `tokenizer.json` next to the scenario.

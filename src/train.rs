@@ -335,6 +335,28 @@ pub fn batch_for(
     }
 }
 
+/// The batch of every training step, in order: `cfg.batch_size` rows a step in the
+/// seeded [`RowOrder`], built by [`batch_for`]. The Python stack is fed these same
+/// batches (`--against peft`).
+pub fn step_batches(
+    model: &dyn Model,
+    cfg: &TrainConfig,
+    rows: &[(&str, &str)],
+    device: &Device,
+) -> Result<Vec<Batch>> {
+    let mut order = RowOrder::new(cfg.seed, rows.len());
+    (0..cfg.steps)
+        .map(|_| {
+            let picked: Vec<(&str, &str)> = order
+                .take(cfg.batch_size)
+                .into_iter()
+                .filter_map(|i| rows.get(i).copied())
+                .collect();
+            batch_for(model, &picked, cfg.max_len, device)
+        })
+        .collect()
+}
+
 /// Seeded order of data rows: epochs of shuffled rows (Fisher-Yates with the portable
 /// generator), so every row is seen once per epoch and the order is the same on every
 /// platform.
@@ -888,17 +910,10 @@ pub fn train_on(
         Ok(Some(v))
     };
     let data_loss_before = evaluate("before training")?;
-    let mut order = RowOrder::new(cfg.seed, rows.len());
     let mut losses = Vec::with_capacity(cfg.steps);
     let mut grad_check = GradCheck::default();
-    for step in 0..cfg.steps {
-        let picked: Vec<(&str, &str)> = order
-            .take(cfg.batch_size)
-            .into_iter()
-            .filter_map(|i| rows.get(i).copied())
-            .collect();
-        let batch = batch_for(model, &picked, cfg.max_len, &device)?;
-        let loss = batch_loss(model, prefix, &batch)?; // []
+    for (step, batch) in step_batches(model, cfg, rows, &device)?.iter().enumerate() {
+        let loss = batch_loss(model, prefix, batch)?; // []
         let value = loss.to_scalar::<f32>().ctx("loss value")?;
         if !value.is_finite() {
             return Err(Diagnosis::new(

@@ -415,3 +415,55 @@ fn a_scenario_declaring_the_wrong_diagnosis_fails_showing_both_classes() {
         "{table}"
     );
 }
+
+#[test]
+fn two_files_with_one_case_id_are_refused_naming_both_files() {
+    let d = scratch("dup-ids");
+    let a = write(&d, "a.yaml", BASE);
+    let b = write(&d, "b.yaml", BASE);
+    for cmd in ["run", "list", "validate"] {
+        let out = run(&[cmd, d.to_str().unwrap()]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
+        assert!(
+            err.contains("case id `demo`") && err.contains(&a.replace('\\', "/")),
+            "{cmd}: {err}"
+        );
+        assert!(err.contains(&b.replace('\\', "/")), "{cmd}: {err}");
+    }
+}
+
+#[test]
+fn a_shrunk_scenario_beside_its_original_keeps_case_ids_unique_and_paths_relative() {
+    let d = scratch("shrink-ids");
+    let src =
+        std::fs::read_to_string("scenarios/bugs/peft-pr1901-gqa-attention-heads.yaml").unwrap();
+    let file = write(&d, "bug.yaml", &src);
+    let out = run(&[
+        "repro",
+        &file,
+        "--shrink",
+        "-o",
+        d.join("report.md").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let shrunk = std::fs::read_to_string(d.join("bug.shrunk.yaml")).unwrap();
+    assert!(
+        shrunk.starts_with("# Shrunk by `prefix-harness repro --shrink` from bug.yaml\n"),
+        "{shrunk}"
+    );
+    assert!(
+        !shrunk.contains(d.to_str().unwrap()),
+        "no absolute path in the shrunk file:\n{shrunk}"
+    );
+    let list = run(&["list", d.to_str().unwrap()]);
+    assert_eq!(list.status.code(), Some(0), "{}", text(&list.stderr));
+    let ids: Vec<String> = text(&list.stdout).lines().map(str::to_string).collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(
+        ids.contains(&"peft-pr1901-gqa-attention-heads-shrunk".to_string()),
+        "{ids:?}"
+    );
+    let out = run(&["run", d.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}

@@ -54,6 +54,18 @@ impl Family {
         }
     }
 
+    /// The transformers class a checkpoint of this family is saved from
+    /// (`architectures` in `config.json`).
+    pub fn architecture(&self) -> &'static str {
+        match self {
+            Family::Gpt2 => "GPT2LMHeadModel",
+            Family::Llama => "LlamaForCausalLM",
+            Family::Bloom => "BloomForCausalLM",
+            Family::GptBigcode => "GPTBigCodeForCausalLM",
+            Family::T5 => "T5ForConditionalGeneration",
+        }
+    }
+
     pub fn from_name(name: &str) -> Option<Family> {
         Family::ALL.into_iter().find(|f| f.name() == name)
     }
