@@ -37,6 +37,10 @@ pub enum DiagnosisClass {
     PrefixEvicted,
     /// A shape failure that fits none of the classes above.
     Shape,
+    /// The Python stack raised an exception that is not a shape failure (a `KeyError`
+    /// in PEFT's `prepare_inputs_for_generation`, an `AttributeError`, ...): `run
+    /// --against peft` only; the engine never gives it.
+    Exception,
 }
 
 impl DiagnosisClass {
@@ -54,6 +58,7 @@ impl DiagnosisClass {
             Self::NonFinite => "non-finite",
             Self::PrefixEvicted => "prefix-evicted",
             Self::Shape => "shape",
+            Self::Exception => "exception",
         }
     }
 }

@@ -116,7 +116,24 @@ pub struct PrefixConfig {
     /// Historical switch: cast the prefix to another dtype than the model's (PEFT PR 520).
     #[serde(default)]
     pub dtype: PrefixDtype,
+    /// Encoder-decoders: whether the cross-attention part reaches the cross cache.
+    #[serde(default)]
+    pub cross: CrossPrefix,
     pub seed: u64,
+}
+
+/// What happens to the cross-attention part of an encoder-decoder prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CrossPrefix {
+    /// Placed in front of the encoder's keys and values (what PEFT's `get_prompt`
+    /// builds; PEFT 0.12 with transformers 4.46 passes it on).
+    #[default]
+    Inject,
+    /// Dropped: the cross cache holds the encoder's keys and values only (PEFT 0.21.2
+    /// with transformers 5.24 replaces the cross cache with an empty one; the cross
+    /// blocks of `prompt_embeddings` are then never used nor trained).
+    Drop,
 }
 
 impl PrefixConfig {
@@ -130,6 +147,7 @@ impl PrefixConfig {
             heads_from: HeadsFrom::KvHeads,
             head_dim_from: HeadDimFrom::Config,
             dtype: PrefixDtype::Model,
+            cross: CrossPrefix::Inject,
             seed: 0,
         }
     }
@@ -362,7 +380,7 @@ impl PrefixEncoder {
             out.push(LayerPrefix {
                 key: get(0)?,
                 value: get(1)?,
-                cross: if sub == 2 {
+                cross: if sub == 2 && self.config.cross == CrossPrefix::Inject {
                     Some((get(2)?, get(3)?))
                 } else {
                     None

@@ -301,10 +301,11 @@ pub fn prepare(case: &Case) -> Result<Prepared, EngineError> {
             (m, b, tok)
         }
     };
-    let prefix = match case.adapter_dir() {
+    let mut prefix = match case.adapter_dir() {
         Some(dir) => crate::adapter::load_for(&dir, &model.geometry(), &dev)?.1,
         None => PrefixEncoder::new(&case.prefix_config(), &model.geometry(), &dev)?,
     };
+    prefix.config.cross = case.scenario.prefix.cross;
     // A checkpoint's own tokenizer.json unless the scenario names one.
     let tokenizer = match (checkpoint_tokenizer, &case.scenario.tokenizer) {
         (Some(t), None) => t,

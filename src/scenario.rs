@@ -137,6 +137,10 @@ pub struct PrefixSpec {
     /// Prepend P visible columns to the attention mask (`false`: historical bug).
     #[serde(default = "yes")]
     pub extend_mask: bool,
+    /// Encoder-decoders: `inject` the cross-attention part of the prefix (default) or
+    /// `drop` it, as PEFT 0.21.2 with transformers 5.x does.
+    #[serde(default)]
+    pub cross: crate::prefix::CrossPrefix,
     #[serde(default = "default_prefix_seed")]
     pub seed: u64,
 }
@@ -1066,6 +1070,7 @@ impl Case {
             heads_from: p.heads_from,
             head_dim_from: p.head_dim_from,
             dtype: p.dtype,
+            cross: p.cross,
             seed: p.seed,
         }
     }
@@ -1247,6 +1252,7 @@ fn check_matrix_path(doc: &Value, key: &str) -> Result<(), String> {
                 "heads_from",
                 "head_dim_from",
                 "extend_mask",
+                "cross",
                 "seed",
             ],
         ),

@@ -663,6 +663,11 @@ pub fn check_prefix_grads(grads: &GradStore, prefix: &PrefixEncoder) -> Result<G
                     continue;
                 }
                 let uses = block_uses(g, j);
+                let dropped = prefix.config.cross == crate::prefix::CrossPrefix::Drop;
+                if dropped && uses.iter().all(|(_, a, _)| *a == Attention::Cross) {
+                    // Only the dropped cross-attention prefix reads this block.
+                    continue;
+                }
                 let what = if n.is_finite() {
                     "an exactly zero"
                 } else {

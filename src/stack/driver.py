@@ -83,6 +83,7 @@ Then one line per case, in job order::
     {"id": ..., "status": "ok" | "skip" | "error", "reason": null | str,
      "duration_ms": float, "error": null | ERR,
      "model_type": "gpt2" | ..., "num_virtual_tokens": int | null,
+     "adapter_fields_dropped": [str],   # adapter_config.json fields this PEFT lacks
      "phases": null | {
        "forward":   {"logits_last": [[float]], "events": [...], "calls": [...],
                      "error": null | ERR, ...},
@@ -477,6 +478,23 @@ class Feats:
 
     def is_cache(self, obj):
         return self.Cache is not None and isinstance(obj, self.Cache)
+
+
+def read_prefix_config(adapter_dir, config_class):
+    """The adapter's PrefixTuningConfig, keeping only the fields the installed PEFT
+    knows (a newer PEFT writes fields an older one refuses). Returns (config, the
+    names of the fields dropped)."""
+    import dataclasses
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    ptype = raw.get("peft_type")
+    if ptype != "PREFIX_TUNING":
+        raise ValueError(f"adapter {adapter_dir} is {ptype}, not PREFIX_TUNING")
+    known = {f.name for f in dataclasses.fields(config_class)}
+    kept = {k: v for k, v in raw.items() if k in known}
+    dropped = sorted(k for k in raw if k not in known)
+    return config_class(**kept), dropped
 
 
 def cache_kwarg(model):
@@ -972,17 +990,16 @@ class Case:
 
     def load(self):
         from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-        from peft import PeftModel, PeftConfig
-        pcfg = PeftConfig.from_pretrained(self.spec["adapter_dir"])
-        ptype = getattr(pcfg.peft_type, "value", pcfg.peft_type)
-        if str(ptype) != "PREFIX_TUNING":
-            raise ValueError(f"adapter {self.spec['adapter_dir']} is {ptype}, not PREFIX_TUNING")
+        from peft import PeftModel, PrefixTuningConfig
+        pcfg, self.dropped_fields = read_prefix_config(self.spec["adapter_dir"], PrefixTuningConfig)
         auto = AutoModelForSeq2SeqLM if self.enc_dec else AutoModelForCausalLM
         # transformers 5 renamed torch_dtype to dtype
         kwargs = {"dtype" if self.feats.layered else "torch_dtype": torch.float32}
         base = auto.from_pretrained(self.spec["model_dir"], **kwargs)
         base.eval()
-        model = PeftModel.from_pretrained(base, self.spec["adapter_dir"])
+        # The config is passed in: older PEFT versions refuse fields newer ones write
+        # (e.g. PEFT 0.12 and `init_weights`); read_prefix_config dropped those.
+        model = PeftModel.from_pretrained(base, self.spec["adapter_dir"], config=pcfg)
         model.eval()
         self.model = model
         self.base = model.get_base_model()
@@ -1313,6 +1330,7 @@ def run_case(spec, feats):
                 raise Skip(reason)
             case.load()
             res["num_virtual_tokens"] = case.P
+            res["adapter_fields_dropped"] = case.dropped_fields
         except Skip as s:
             res.update(status="skip", reason=str(s))
             return res

@@ -55,7 +55,8 @@ pub struct StackExpectation {
     pub expect: StackExpect,
 }
 
-/// Packages a `when` may name.
+/// Packages a `when` may name. Besides them, `case: TEXT` holds for the cases whose id
+/// contains TEXT (one expectation list for a whole matrix).
 pub const PACKAGES: &[&str] = &["python", "torch", "transformers", "peft", "safetensors"];
 
 /// Check the `expect_stack` entries of a scenario: packages known, ranges parseable.
@@ -63,10 +64,16 @@ pub fn validate_expectations(list: &[StackExpectation]) -> Result<(), (String, S
     for (i, e) in list.iter().enumerate() {
         for (pkg, range) in &e.when {
             let field = format!("expect_stack[{i}].when.{pkg}");
+            if pkg == "case" {
+                continue;
+            }
             if !PACKAGES.contains(&pkg.as_str()) {
                 return Err((
                     field,
-                    format!("unknown package; expected one of {}", PACKAGES.join(", ")),
+                    format!(
+                        "unknown package; expected `case` or one of {}",
+                        PACKAGES.join(", ")
+                    ),
                 ));
             }
             version_matches("0", range).map_err(|m| (field, m))?;
@@ -75,11 +82,15 @@ pub fn validate_expectations(list: &[StackExpectation]) -> Result<(), (String, S
     Ok(())
 }
 
-/// The expectation for `env`: the first entry whose `when` holds, else `agree`.
-pub fn expectation_for(list: &[StackExpectation], env: &StackEnv) -> StackExpect {
+/// The expectation for case `id` on `env`: the first entry whose `when` holds, else
+/// `agree`.
+pub fn expectation_for(list: &[StackExpectation], id: &str, env: &StackEnv) -> StackExpect {
     list.iter()
         .find(|e| {
             e.when.iter().all(|(pkg, range)| {
+                if pkg == "case" {
+                    return id.contains(range.as_str());
+                }
                 env.version(pkg)
                     .is_some_and(|v| version_matches(v, range).unwrap_or(false))
             })
@@ -240,17 +251,30 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            expectation_for(&list, &env("4.46.3", "0.12.0")),
+            expectation_for(&list, "c", &env("4.46.3", "0.12.0")),
             StackExpect::Error(_)
         ));
         assert_eq!(
-            expectation_for(&list, &env("5.24.0", "0.21.2")),
+            expectation_for(&list, "c", &env("5.24.0", "0.21.2")),
             StackExpect::Diverges {
                 diverges: Divergence::Generate
             }
         );
         assert_eq!(
-            expectation_for(&list, &env("4.46.3", "0.13.0")),
+            expectation_for(&list, "c", &env("4.46.3", "0.13.0")),
+            StackExpect::Word(StackWord::Agree)
+        );
+        let by_case: Vec<StackExpectation> =
+            serde_json::from_str(r#"[{"when": {"case": "cache=static"}, "expect": "skip"}]"#)
+                .unwrap();
+        validate_expectations(&by_case).unwrap();
+        let any = StackEnv::default();
+        assert_eq!(
+            expectation_for(&by_case, "grid[cache=static]", &any),
+            StackExpect::Word(StackWord::Skip)
+        );
+        assert_eq!(
+            expectation_for(&by_case, "grid[cache=dynamic]", &any),
             StackExpect::Word(StackWord::Agree)
         );
         let bad: Vec<StackExpectation> =
@@ -276,7 +300,7 @@ mod tests {
             logits_max_diff: None,
             duration_ms: 0.0,
         };
-        let rank = expectation_for(&list, &env("4.46.3", "0.12.0"));
+        let rank = expectation_for(&list, "c", &env("4.46.3", "0.12.0"));
         assert_eq!(judge_stack(&rank, &o), None);
         let agree = StackExpect::Word(StackWord::Agree);
         assert!(judge_stack(&agree, &o).is_some());

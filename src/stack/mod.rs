@@ -179,7 +179,7 @@ fn error_outcome(detail: String) -> StackOutcome {
 /// against `expect_stack`.
 fn fold(case: &Case, r: &mut CaseResult, o: StackOutcome) {
     use crate::run::Status;
-    let want = expectation_for(&case.scenario.expect_stack, &o.versions);
+    let want = expectation_for(&case.scenario.expect_stack, &case.id, &o.versions);
     let why = judge_stack(&want, &o);
     match (o.verdict, why) {
         (_, None) => {}

@@ -291,7 +291,7 @@ pub fn verdict(
         if let Some((row, step, a, b)) = first_token_difference(&o.tokens, &o.generate_tokens) {
             return o.diverges(
                 Divergence::Generate,
-                format!("PeftModel.generate gives token {b} at row {row} step {step}, the PEFT forward {a} (generate dropped or misplaced the prefix)"),
+                format!("PeftModel.generate gives token {b} at row {row} step {step}, decoding through the PEFT forward {a}"),
             );
         }
     }
@@ -407,7 +407,12 @@ pub fn diagnose(e: &StackError, events: &[StackEvent]) -> Diagnosis {
     let msg = e.message.as_str();
     let failed = events.iter().rev().find(|ev| ev.failed);
     let dim = mismatched_dim(msg);
-    let class = if msg.contains("must have same number of dimensions") {
+    // torch reports shape and dtype failures as RuntimeError (IndexError for an
+    // embedding index); anything else is a plain exception of the stack's code.
+    let tensor_error = matches!(e.kind.as_str(), "RuntimeError" | "IndexError");
+    let class = if !tensor_error {
+        DiagnosisClass::Exception
+    } else if msg.contains("must have same number of dimensions") {
         DiagnosisClass::Rank
     } else if msg.contains("dtype") || msg.contains("scalar type") {
         DiagnosisClass::Dtype
@@ -447,7 +452,11 @@ pub fn diagnose(e: &StackError, events: &[StackEvent]) -> Diagnosis {
     } else if class == DiagnosisClass::MaskWidth {
         d = d.at(0, Attention::SelfAttn, TensorKind::Mask);
     }
-    d.hint("raised by the Python stack; the shapes are the key written and the key the cache held")
+    d.hint(if class == DiagnosisClass::Exception {
+        "raised by the Python stack's own code (see the file and line), not by a tensor operation"
+    } else {
+        "raised by the Python stack; the shapes are the key written and the key the cache held"
+    })
 }
 
 /// The dimension torch names in "... at non-singleton dimension N" or "... except in
@@ -534,6 +543,9 @@ mod tests {
         assert_eq!(d.class, DiagnosisClass::Dtype);
         let d = diagnose(&err("something else"), &[]);
         assert_eq!(d.class, DiagnosisClass::Shape);
+        let mut key = err("'cache_position'");
+        key.kind = "KeyError".into();
+        assert_eq!(diagnose(&key, &[]).class, DiagnosisClass::Exception);
     }
 
     #[test]
