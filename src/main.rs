@@ -402,6 +402,7 @@ fn run_command(args: RunArgs) -> ExitCode {
         let stack_opts = prefix_harness::stack::StackOptions {
             python: prefix_harness::stack::interpreter(args.python.as_deref()),
             timeout: opts.timeout,
+            startup: prefix_harness::stack::STARTUP,
         };
         let n = results.len();
         let rep =

@@ -192,11 +192,7 @@ pub fn table(results: &[CaseResult]) -> String {
                     format!("{diag}; {text}")
                 };
             }
-            if let Some(o) = r
-                .stack
-                .as_ref()
-                .filter(|_| !diag.starts_with("stack: "))
-            {
+            if let Some(o) = r.stack.as_ref().filter(|_| !diag.starts_with("stack: ")) {
                 let text = format!("stack {}", o.describe());
                 diag = if diag.is_empty() {
                     text

@@ -224,8 +224,11 @@ impl StackCase {
 #[derive(Debug, Clone)]
 pub struct StackOptions {
     pub python: PathBuf,
-    /// Per-case limit (the first case also gets [`STARTUP`] for importing torch).
+    /// Per-case limit (the first case also gets `startup` for importing torch).
     pub timeout: Option<Duration>,
+    /// Time for the driver to start (imports) before the first case's clock runs;
+    /// default [`STARTUP`].
+    pub startup: Duration,
 }
 
 /// Time allowed for the driver to start (imports) before the first case's clock runs.
@@ -323,10 +326,13 @@ fn run_driver(
     let (tx, rx) = mpsc::channel::<Line>();
     let stdout = child.stdout.take().expect("piped stdout");
     let stderr = child.stderr.take().expect("piped stderr");
-    let err_reader = std::thread::spawn(move || {
+    // stderr is read on its own thread and handed over through a channel: a process
+    // the driver started may keep the pipe open after the driver is killed.
+    let (err_tx, err_rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
         let mut text = String::new();
         let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut text);
-        text
+        let _ = err_tx.send(text);
     });
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
@@ -347,7 +353,7 @@ fn run_driver(
     });
     let mut env = None;
     let mut done: Vec<StackCase> = vec![];
-    let mut limit = opts.timeout.map(|t| t + STARTUP);
+    let mut limit = opts.timeout.map(|t| t + opts.startup);
     let mut failure: Option<String> = None;
     while done.len() < cases.len() {
         let id = &cases[done.len()].id;
@@ -408,7 +414,9 @@ fn run_driver(
     }
     let _ = child.kill();
     let status = child.wait().ok();
-    let stderr = err_reader.join().unwrap_or_default();
+    let stderr = err_rx
+        .recv_timeout(Duration::from_secs(2))
+        .unwrap_or_default();
     if let Some(why) = failure {
         let why = if why.is_empty() {
             let code = status
