@@ -617,3 +617,39 @@ fn cli_fingerprints_compare_across_thread_counts_and_catch_an_edit() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("missing.json"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The golden fingerprint: every untrained shipped case (training amplifies rounding
+/// across CPUs, see the README's known limitations), with its statuses, diagnoses,
+/// trace digests, tokens and logits summaries, compared with the committed file within
+/// `compare`'s default tolerances. Snapshots pin shapes and tokens; this pins the
+/// numbers, so a change that moves logits while shapes stay put (an attention scale, a
+/// norm epsilon) fails here. Trace lines are left out (the snapshots hold them).
+/// Bless with `BLESS=1 cargo test --test fingerprint golden`, and say why in the commit.
+#[test]
+fn golden_fingerprint_of_the_untrained_shipped_scenarios() {
+    const GOLDEN: &str = "tests/golden/untrained.fingerprint.json";
+    let cases: Vec<Case> = cases(&["scenarios"], &[])
+        .into_iter()
+        .filter(|c| c.scenario.train.is_none())
+        .collect();
+    assert!(cases.len() > 150, "{} untrained cases", cases.len());
+    let mut fp = Fingerprint::from_results(&run_cases(&cases, 2), Environment::capture(2));
+    fp.environment = env();
+    for c in &mut fp.cases {
+        c.trace.clear();
+    }
+    let path = repo(GOLDEN);
+    if std::env::var_os("BLESS").is_some_and(|v| !v.is_empty() && v != "0") {
+        fp.write(&path).expect("write the golden fingerprint");
+        return;
+    }
+    let golden = Fingerprint::read(&path).unwrap_or_else(|e| {
+        panic!("{GOLDEN}: {e}; run `BLESS=1 cargo test --test fingerprint golden`")
+    });
+    let cmp = compare(&golden, &fp, Tolerance::default());
+    assert!(
+        cmp.is_equivalent(),
+        "the untrained shipped cases moved away from {GOLDEN} (bless with BLESS=1 if intended):\n{}",
+        cmp.render()
+    );
+}
