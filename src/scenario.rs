@@ -1233,6 +1233,7 @@ fn check_matrix_path(doc: &Value, key: &str) -> Result<(), String> {
         "cache",
         "data",
         "generate",
+        "train",
         "platforms",
         "expect",
     ];

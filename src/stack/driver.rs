@@ -199,23 +199,32 @@ impl StackCase {
         }
     }
 
-    /// The stack's first exception, in the order that decides the outcome: training,
-    /// the PEFT forward, `generate`, decoding from PEFT's cache, recomputation.
+    /// The stack's first exception, in the order that decides the outcome: the PEFT
+    /// forward (it records the cache updates, so its failure has a place), training,
+    /// `generate`, decoding from PEFT's cache, recomputation.
     pub fn first_error(&self) -> Option<(&'static str, &StackError, &[StackEvent])> {
         let p = &self.phases;
-        if let Some(e) = p.train.as_ref().and_then(|t| t.error.as_ref()) {
-            return Some(("train", e, &[]));
-        }
-        [
-            ("forward", &p.forward),
-            ("generate", &p.generate),
-            ("cached", &p.cached),
-            ("recompute", &p.recompute),
-        ]
-        .into_iter()
-        .find_map(|(name, ph)| {
-            let ph = ph.as_ref()?;
-            ph.error.as_ref().map(|e| (name, e, ph.events.as_slice()))
+        let forward = p.forward.as_ref().and_then(|ph| {
+            ph.error
+                .as_ref()
+                .map(|e| ("forward", e, ph.events.as_slice()))
+        });
+        let train = p
+            .train
+            .as_ref()
+            .and_then(|t| t.error.as_ref())
+            .map(|e| ("train", e, &[][..]));
+        forward.or(train).or_else(|| {
+            [
+                ("generate", &p.generate),
+                ("cached", &p.cached),
+                ("recompute", &p.recompute),
+            ]
+            .into_iter()
+            .find_map(|(name, ph)| {
+                let ph = ph.as_ref()?;
+                ph.error.as_ref().map(|e| (name, e, ph.events.as_slice()))
+            })
         })
     }
 }

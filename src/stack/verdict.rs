@@ -88,12 +88,16 @@ pub struct StackOutcome {
 pub const LOGITS_RTOL: f64 = 1e-4;
 pub const LOGITS_ATOL: f64 = 1e-4;
 
-/// Loss tolerance at training step `k` (0-based): the first loss is a plain forward
-/// pass (1e-4 like the logits); every AdamW step can turn a rounding difference in a
-/// gradient into a parameter difference of up to `lr` (Adam normalises the update), so
-/// the bound grows with the steps taken: `1e-4 + 2e-3 * k` relative.
+/// Loss tolerance at training step `k` (0-based), relative: `1e-4 + 2e-4 k`. The first
+/// loss is a plain forward pass (1e-4, like the logits); every AdamW step can turn a
+/// rounding difference in a gradient into a parameter difference (Adam normalises the
+/// update), so the bound grows with the steps taken. Measured against torch.optim.AdamW
+/// through PEFT 0.21.2: unpadded rows (scenarios/stack/train-adamw.yaml) stay within
+/// 3e-7 over 10 steps; right-padded rows (scenarios/examples/gpt2-causal-lm.yaml)
+/// start at 4e-5 and reach 1.2e-3 at step 29 (the bound there: 5.9e-3). Dropping the
+/// weight decay of 0.5 moves the tenth loss by 2%.
 pub fn loss_tolerance(k: usize) -> f64 {
-    1e-4 + 2e-3 * k as f64
+    1e-4 + 2e-4 * k as f64
 }
 
 /// Compare the engine's result `r` (with `raised`: whether the engine run failed) and
