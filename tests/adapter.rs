@@ -436,6 +436,9 @@ fn hf_config(family: Family) -> serde_json::Value {
         ModelConfig::Bloom(c) => serde_json::to_value(c),
         ModelConfig::GptBigcode(c) => serde_json::to_value(c),
         ModelConfig::T5(c) => serde_json::to_value(c),
+        ModelConfig::Qwen2(c) => serde_json::to_value(c),
+        ModelConfig::Mistral(c) => serde_json::to_value(c),
+        ModelConfig::Qwen3(c) => serde_json::to_value(c),
     }
     .expect("config to json");
     let obj = v.as_object_mut().expect("object");
@@ -462,6 +465,10 @@ fn hf_config(family: Family) -> serde_json::Value {
         Family::T5 => (
             "T5ForConditionalGeneration",
             serde_json::json!({"is_encoder_decoder": true}),
+        ),
+        Family::Qwen2 | Family::Mistral | Family::Qwen3 => (
+            family.architecture(),
+            serde_json::json!({"bos_token_id": 0, "eos_token_id": 0}),
         ),
     };
     obj.insert("model_type".into(), family.name().into());

@@ -3,6 +3,11 @@
 //! `hidden_size / num_attention_heads`, RMSNorm, SwiGLU MLP and an optional sliding
 //! window. Parameter names follow `LlamaForCausalLM`.
 //!
+//! The decoder here is shared by the Llama-like families: [`Block`] says what a family
+//! changes (biases on q/k/v and o, a per-head RMSNorm on queries and keys, the
+//! attention window of each layer), and `qwen2`, `mistral` and `qwen3` are each a
+//! config file that maps its `config.json` onto a [`Config`] and a [`Block`].
+//!
 //! Cache geometry: `[B, num_key_value_heads, S, head_dim]`. The P virtual tokens occupy
 //! positions `0..P`; real tokens are rotated for positions `P..P+S`. Prefix keys enter
 //! the cache as given, without RoPE (as PEFT's prefix does in transformers).
@@ -39,8 +44,12 @@ pub struct Config {
     pub rms_norm_eps: f64,
     #[serde(default = "default_theta")]
     pub rope_theta: f64,
-    /// transformers < 5: `{"rope_type" | "type": "linear" | "llama3", "factor": ..}`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// transformers < 5: `{"rope_type" | "type": "linear" | "llama3", "factor": ..}`
+    /// (Llama 3.x: `llama3` with `low_freq_factor`, `high_freq_factor`,
+    /// `original_max_position_embeddings`). Written as `null` when absent, so that a
+    /// scenario's `model.config` can set it; transformers 5 reads it into
+    /// `rope_parameters`.
+    #[serde(default)]
     pub rope_scaling: Option<Box<RopeParameters>>,
     /// transformers >= 5: `{"rope_theta": .., "rope_type": ..}` (replaces both
     /// `rope_theta` and `rope_scaling` when present).
@@ -226,32 +235,81 @@ impl Config {
     }
 
     /// What `ModelConfig::validate` cannot see: head_dim even (RoPE rotates pairs),
-    /// the activation, the RoPE type.
-    fn check(&self) -> Result<()> {
+    /// the activation, the RoPE type, the windows of `block` (`name`: the family).
+    pub(crate) fn check(&self, block: &Block) -> Result<()> {
+        let name = block.family.name();
         let d = self.head_dim();
         if !d.is_multiple_of(2) {
             return Err(EngineError::Config(format!(
-                "llama: head_dim {d} must be even (RoPE rotates pairs of dimensions)"
+                "{name}: head_dim {d} must be even (RoPE rotates pairs of dimensions)"
             )));
         }
         if self.hidden_act != "silu" {
             return Err(EngineError::Config(format!(
-                "llama: hidden_act `{}` is not supported (Llama uses silu)",
+                "{name}: hidden_act `{}` is not supported (only silu)",
                 self.hidden_act
             )));
         }
-        if self.sliding_window == Some(0) {
-            return Err(EngineError::Config(
-                "llama: sliding_window must be at least 1".into(),
-            ));
+        if block.windows.contains(&Some(0)) {
+            return Err(EngineError::Config(format!(
+                "{name}: sliding_window must be at least 1"
+            )));
         }
-        self.inv_freq().map(|_| ())
+        if block.windows.len() != self.num_hidden_layers {
+            return Err(EngineError::Config(format!(
+                "{name}: {} layer attention types for {} layers",
+                block.windows.len(),
+                self.num_hidden_layers
+            )));
+        }
+        self.inv_freq().map_err(|e| match e {
+            EngineError::Config(m) => EngineError::Config(m.replacen("llama", name, 1)),
+            other => other,
+        })?;
+        Ok(())
+    }
+}
+
+/// What a Llama-like family changes in the decoder block. `Llama` is the plain case
+/// ([`Block::llama`]); the other families build theirs from their `config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Block {
+    /// The family the model reports (`Model::family`).
+    pub family: Family,
+    /// Biases on `q_proj`, `k_proj`, `v_proj` (`[H*D]`, `[KVH*D]`, `[KVH*D]`).
+    pub qkv_bias: bool,
+    /// Bias on `o_proj` (`[E]`).
+    pub o_bias: bool,
+    /// Per-head RMSNorm on queries and keys (`self_attn.q_norm`, `self_attn.k_norm`,
+    /// weights `[D]`), applied to `[B, H, S, D]` before RoPE (Qwen3). The prefix keys
+    /// are not normalised (they enter the cache as given, like the un-rotated prefix).
+    pub qk_norm: bool,
+    /// The attention window of each layer from the config (`None`: full attention):
+    /// query at p sees keys in (p - W, p]. A cache's own window (`cache.window`)
+    /// replaces it in every layer.
+    pub windows: Vec<Option<usize>>,
+}
+
+impl Block {
+    /// `LlamaForCausalLM`: `attention_bias` on q/k/v and o, no q/k norm, the config's
+    /// `sliding_window` (if any) in every layer.
+    pub fn llama(cfg: &Config) -> Self {
+        Self {
+            family: Family::Llama,
+            qkv_bias: cfg.attention_bias,
+            o_bias: cfg.attention_bias,
+            qk_norm: false,
+            windows: vec![cfg.sliding_window; cfg.num_hidden_layers],
+        }
     }
 }
 
 struct Layer {
     /// `[E]`
     input_layernorm: Tensor,
+    /// `[D]` each, with [`Block::qk_norm`].
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
     /// `Linear` `[E, H*D]`
     q_proj: Linear,
     /// `Linear` `[E, KVH*D]`
@@ -272,6 +330,7 @@ struct Layer {
 
 pub struct Llama {
     cfg: Config,
+    block: Block,
     /// `[V, E]`
     embed_tokens: Tensor,
     layers: Vec<Layer>,
@@ -297,7 +356,13 @@ fn lin(vb: &VarBuilder, name: &str, i: usize, o: usize, with_bias: bool) -> Resu
 
 impl Llama {
     pub fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        cfg.check()?;
+        Self::load_block(cfg, Block::llama(cfg), vb)
+    }
+
+    /// A Llama-like model of `block.family`: the Llama decoder with `block`'s biases,
+    /// q/k norm and windows.
+    pub fn load_block(cfg: &Config, block: Block, vb: VarBuilder) -> Result<Self> {
+        cfg.check(&block)?;
         let root = vb.clone();
         let vb = backbone(&vb, "model", "embed_tokens.weight");
         let (e, inter) = (cfg.hidden_size, cfg.intermediate_size);
@@ -307,18 +372,21 @@ impl Llama {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("layers.{i}");
-            let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
-            let norm = |n: &str| {
+            let (qb, ob, mb) = (block.qkv_bias, block.o_bias, cfg.mlp_bias);
+            let norm = |n: &str, size: usize| {
                 let name = format!("{p}.{n}.weight");
-                ones(&vb, e, &name).ctx(&name)
+                ones(&vb, size, &name).ctx(&name)
             };
+            let head_norm = |n: &str| block.qk_norm.then(|| norm(n, d)).transpose();
             layers.push(Layer {
-                input_layernorm: norm("input_layernorm")?,
-                q_proj: lin(&vb, &format!("{p}.self_attn.q_proj"), e, heads * d, ab)?,
-                k_proj: lin(&vb, &format!("{p}.self_attn.k_proj"), e, kvh * d, ab)?,
-                v_proj: lin(&vb, &format!("{p}.self_attn.v_proj"), e, kvh * d, ab)?,
-                o_proj: lin(&vb, &format!("{p}.self_attn.o_proj"), heads * d, e, ab)?,
-                post_attention_layernorm: norm("post_attention_layernorm")?,
+                input_layernorm: norm("input_layernorm", e)?,
+                q_norm: head_norm("self_attn.q_norm")?,
+                k_norm: head_norm("self_attn.k_norm")?,
+                q_proj: lin(&vb, &format!("{p}.self_attn.q_proj"), e, heads * d, qb)?,
+                k_proj: lin(&vb, &format!("{p}.self_attn.k_proj"), e, kvh * d, qb)?,
+                v_proj: lin(&vb, &format!("{p}.self_attn.v_proj"), e, kvh * d, qb)?,
+                o_proj: lin(&vb, &format!("{p}.self_attn.o_proj"), heads * d, e, ob)?,
+                post_attention_layernorm: norm("post_attention_layernorm", e)?,
                 gate_proj: lin(&vb, &format!("{p}.mlp.gate_proj"), e, inter, mb)?,
                 up_proj: lin(&vb, &format!("{p}.mlp.up_proj"), e, inter, mb)?,
                 down_proj: lin(&vb, &format!("{p}.mlp.down_proj"), inter, e, mb)?,
@@ -336,6 +404,7 @@ impl Llama {
             Tensor::from_vec(inv, (1, d / 2), embed_tokens.device()).ctx("rope inv_freq")?;
         Ok(Self {
             cfg: cfg.clone(),
+            block,
             embed_tokens,
             layers,
             norm,
@@ -346,7 +415,8 @@ impl Llama {
 
     /// Layer `i`'s attention sub-block with its residual: `h + o(attention(rope(q(n)),
     /// keys, values))`, `n = rms_norm(h)`, the new keys and values going through the
-    /// cache. `h: [B, S, E]`, `cos, sin: [B, 1, S, D]` -> `[B, S, E]`.
+    /// cache. `h: [B, S, E]`, `cos, sin: [B, 1, S, D]` -> `[B, S, E]`. With
+    /// [`Block::qk_norm`] the queries and keys are RMS-normalised per head before RoPE.
     ///
     /// With the crate's kernels (f32 on the CPU; not in fused-ops or composed-blocks
     /// mode, [`super::nn::block_ops`]) the block is computed outside the graph and, when
@@ -362,8 +432,10 @@ impl Llama {
         h: &Tensor,
         (cos, sin): (&Tensor, &Tensor),
         past: usize,
-        window: Option<usize>,
+        cache_window: Option<usize>,
     ) -> Result<Tensor> {
+        // Keys visible to a query: the cache's window, else this layer's own.
+        let window = cache_window.or(self.block.windows[i]);
         let (heads, kvh, d) = (
             self.cfg.num_attention_heads,
             self.cfg.num_kv_heads(),
@@ -374,15 +446,23 @@ impl Llama {
         let site_k = Site::new(i, att, TensorKind::Key);
         let site_v = Site::new(i, att, TensorKind::Value);
         let eps = self.cfg.rms_norm_eps;
-        let block = block_ops(h, &[&l.input_layernorm]);
+        // The block op's backward pass knows no q/k norm: Qwen3 takes the composed ops.
+        let block = !self.block.qk_norm && block_ops(h, &[&l.input_layernorm]);
         // [B, S, E]: outside the graph for the block op
         let x = if block { h.detach() } else { h.clone() };
         let a = rms_norm(&x, &l.input_layernorm, eps).at(site_q, "input_layernorm")?;
+        // `t: [B, H or KVH, S, D]` -> the same, RMS-normalised per head over D with
+        // `w: [D]` (Qwen3's q_norm / k_norm), or unchanged.
+        let head_norm = |t: Tensor, w: &Option<Tensor>| match w {
+            Some(w) => rms_norm(&t, w, eps),
+            None => Ok(t),
+        };
         // [B, H, S, D]
         let q = l
             .q_proj
             .forward(&a)
             .and_then(|t| split_heads(&t, heads, d))
+            .and_then(|t| head_norm(t, &l.q_norm))
             .and_then(|t| rope(&t, cos, sin))
             .at(site_q, "q_proj + rope")?;
         // [B, KVH, S, D]: RoPE on the new keys only (the prefix is not rotated).
@@ -390,6 +470,7 @@ impl Llama {
             .k_proj
             .forward(&a)
             .and_then(|t| split_heads(&t, kvh, d))
+            .and_then(|t| head_norm(t, &l.k_norm))
             .and_then(|t| rope(&t, cos, sin))
             .at(site_k, "k_proj + rope")?;
         // [B, KVH, S, D]
@@ -480,7 +561,7 @@ impl Llama {
 
 impl Model for Llama {
     fn family(&self) -> Family {
-        Family::Llama
+        self.block.family
     }
 
     fn geometry(&self) -> ModelGeometry {
@@ -491,7 +572,8 @@ impl Model for Llama {
         let (_b, s) = ids.dims2().ctx("input ids [B, S]")?;
         let past = fw.cache.past_len();
         let eps = self.cfg.rms_norm_eps;
-        let window = fw.cache.window().or(self.cfg.sliding_window);
+        // A cache window applies to every layer; otherwise each layer has its own.
+        let window = fw.cache.window();
         // [B, 1, S, D] each: real tokens sit at positions P.. (after the prefix), per
         // row from the attention mask, so left padding does not shift them.
         let positions = row_positions(fw.mask, past, s)?;

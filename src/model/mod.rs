@@ -12,7 +12,10 @@ pub mod gpt2;
 pub mod gpt_bigcode;
 pub mod kernels;
 pub mod llama;
+pub mod mistral;
 pub mod nn;
+pub mod qwen2;
+pub mod qwen3;
 pub mod t5;
 pub mod weights;
 
@@ -32,15 +35,21 @@ pub enum Family {
     Bloom,
     GptBigcode,
     T5,
+    Qwen2,
+    Mistral,
+    Qwen3,
 }
 
 impl Family {
-    pub const ALL: [Family; 5] = [
+    pub const ALL: [Family; 8] = [
         Family::Gpt2,
         Family::Llama,
         Family::Bloom,
         Family::GptBigcode,
         Family::T5,
+        Family::Qwen2,
+        Family::Mistral,
+        Family::Qwen3,
     ];
 
     /// The Hugging Face `model_type`.
@@ -51,6 +60,9 @@ impl Family {
             Family::Bloom => "bloom",
             Family::GptBigcode => "gpt_bigcode",
             Family::T5 => "t5",
+            Family::Qwen2 => "qwen2",
+            Family::Mistral => "mistral",
+            Family::Qwen3 => "qwen3",
         }
     }
 
@@ -63,6 +75,9 @@ impl Family {
             Family::Bloom => "BloomForCausalLM",
             Family::GptBigcode => "GPTBigCodeForCausalLM",
             Family::T5 => "T5ForConditionalGeneration",
+            Family::Qwen2 => "Qwen2ForCausalLM",
+            Family::Mistral => "MistralForCausalLM",
+            Family::Qwen3 => "Qwen3ForCausalLM",
         }
     }
 
@@ -159,6 +174,9 @@ pub enum ModelConfig {
     Bloom(bloom::Config),
     GptBigcode(gpt_bigcode::Config),
     T5(t5::Config),
+    Qwen2(qwen2::Config),
+    Mistral(mistral::Config),
+    Qwen3(qwen3::Config),
 }
 
 impl ModelConfig {
@@ -171,6 +189,9 @@ impl ModelConfig {
             Family::Bloom => ModelConfig::Bloom(bloom::Config::tiny()),
             Family::GptBigcode => ModelConfig::GptBigcode(gpt_bigcode::Config::tiny()),
             Family::T5 => ModelConfig::T5(t5::Config::tiny()),
+            Family::Qwen2 => ModelConfig::Qwen2(qwen2::Config::tiny()),
+            Family::Mistral => ModelConfig::Mistral(mistral::Config::tiny()),
+            Family::Qwen3 => ModelConfig::Qwen3(qwen3::Config::tiny()),
         }
     }
 
@@ -199,6 +220,9 @@ impl ModelConfig {
             Family::Bloom => ModelConfig::Bloom(serde_json::from_value(v).map_err(err)?),
             Family::GptBigcode => ModelConfig::GptBigcode(serde_json::from_value(v).map_err(err)?),
             Family::T5 => ModelConfig::T5(serde_json::from_value(v).map_err(err)?),
+            Family::Qwen2 => ModelConfig::Qwen2(serde_json::from_value(v).map_err(err)?),
+            Family::Mistral => ModelConfig::Mistral(serde_json::from_value(v).map_err(err)?),
+            Family::Qwen3 => ModelConfig::Qwen3(serde_json::from_value(v).map_err(err)?),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -211,6 +235,9 @@ impl ModelConfig {
             ModelConfig::Bloom(_) => Family::Bloom,
             ModelConfig::GptBigcode(_) => Family::GptBigcode,
             ModelConfig::T5(_) => Family::T5,
+            ModelConfig::Qwen2(_) => Family::Qwen2,
+            ModelConfig::Mistral(_) => Family::Mistral,
+            ModelConfig::Qwen3(_) => Family::Qwen3,
         }
     }
 
@@ -221,6 +248,9 @@ impl ModelConfig {
             ModelConfig::Bloom(c) => c.geometry(),
             ModelConfig::GptBigcode(c) => c.geometry(),
             ModelConfig::T5(c) => c.geometry(),
+            ModelConfig::Qwen2(c) => c.geometry(),
+            ModelConfig::Mistral(c) => c.geometry(),
+            ModelConfig::Qwen3(c) => c.geometry(),
         }
     }
 
@@ -242,7 +272,8 @@ impl ModelConfig {
         }
         let explicit_head_dim = match self {
             ModelConfig::Llama(c) => c.head_dim.is_some(),
-            ModelConfig::T5(_) => true,
+            ModelConfig::Mistral(c) => c.head_dim.is_some(),
+            ModelConfig::T5(_) | ModelConfig::Qwen3(_) => true,
             _ => false,
         };
         if !explicit_head_dim && !g.hidden_size.is_multiple_of(g.num_attention_heads) {
@@ -273,7 +304,31 @@ impl ModelConfig {
             ModelConfig::Bloom(c) => Box::new(bloom::Bloom::load(c, vb)?),
             ModelConfig::GptBigcode(c) => Box::new(gpt_bigcode::GptBigcode::load(c, vb)?),
             ModelConfig::T5(c) => Box::new(t5::T5::load(c, vb)?),
+            ModelConfig::Qwen2(c) => {
+                let (cfg, block) = c.decoder();
+                Box::new(llama::Llama::load_block(&cfg, block, vb)?)
+            }
+            ModelConfig::Mistral(c) => {
+                let (cfg, block) = c.decoder();
+                Box::new(llama::Llama::load_block(&cfg, block, vb)?)
+            }
+            ModelConfig::Qwen3(c) => {
+                let (cfg, block) = c.decoder();
+                Box::new(llama::Llama::load_block(&cfg, block, vb)?)
+            }
         })
+    }
+
+    /// The Llama decoder and block of a Llama-like family (`llama`, `qwen2`,
+    /// `mistral`, `qwen3`); `None` for the others.
+    pub fn decoder(&self) -> Option<(llama::Config, llama::Block)> {
+        match self {
+            ModelConfig::Llama(c) => Some((c.clone(), llama::Block::llama(c))),
+            ModelConfig::Qwen2(c) => Some(c.decoder()),
+            ModelConfig::Mistral(c) => Some(c.decoder()),
+            ModelConfig::Qwen3(c) => Some(c.decoder()),
+            _ => None,
+        }
     }
 }
 

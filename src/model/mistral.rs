@@ -1,0 +1,143 @@
+//! Mistral: the Llama decoder ([`super::llama`]) without biases, with grouped-query
+//! attention, an optional explicit `head_dim` and a `sliding_window` (every layer;
+//! `null` for none) that limits attention. Parameter names follow
+//! `MistralForCausalLM` (Llama's).
+//!
+//! Cache geometry: `[B, num_key_value_heads, S, head_dim]`.
+
+use serde::{Deserialize, Serialize};
+
+use super::llama::{self, Block, RopeParameters};
+use super::{Family, ModelGeometry};
+
+/// `MistralConfig` (Hugging Face field names and defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    #[serde(default = "d::vocab_size")]
+    pub vocab_size: usize,
+    #[serde(default = "d::hidden_size")]
+    pub hidden_size: usize,
+    #[serde(default = "d::intermediate_size")]
+    pub intermediate_size: usize,
+    #[serde(default = "d::layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d::heads")]
+    pub num_attention_heads: usize,
+    /// Absent: 8, like transformers; `null`: `num_attention_heads`.
+    #[serde(default = "d::kv_heads")]
+    pub num_key_value_heads: Option<usize>,
+    /// `None`: `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "d::act")]
+    pub hidden_act: String,
+    #[serde(default = "d::max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "d::eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "d::theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_scaling: Option<Box<RopeParameters>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<Box<RopeParameters>>,
+    /// Absent: 4096 (Mistral 7B v0.1); `null`: full attention (v0.2 on).
+    #[serde(default = "d::window")]
+    pub sliding_window: Option<usize>,
+}
+
+/// transformers' defaults (Mistral 7B).
+mod d {
+    pub fn vocab_size() -> usize {
+        32_000
+    }
+    pub fn hidden_size() -> usize {
+        4096
+    }
+    pub fn intermediate_size() -> usize {
+        14_336
+    }
+    pub fn layers() -> usize {
+        32
+    }
+    pub fn heads() -> usize {
+        32
+    }
+    pub fn kv_heads() -> Option<usize> {
+        Some(8)
+    }
+    pub fn act() -> String {
+        "silu".into()
+    }
+    pub fn max_positions() -> usize {
+        4096 * 32
+    }
+    pub fn eps() -> f64 {
+        1e-6
+    }
+    pub fn theta() -> f64 {
+        10_000.0
+    }
+    pub fn window() -> Option<usize> {
+        Some(4096)
+    }
+}
+
+impl Config {
+    /// Hidden 64, 3 layers, 8 attention heads over 2 KV heads, head_dim 8 (hidden /
+    /// heads, not written: `head_dim: null`), vocabulary 256, and a window of 4096
+    /// that the tiny prompts never reach (a scenario shortens it).
+    pub fn tiny() -> Self {
+        Self {
+            vocab_size: 256,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_hidden_layers: 3,
+            num_attention_heads: 8,
+            num_key_value_heads: Some(2),
+            head_dim: None,
+            hidden_act: d::act(),
+            max_position_embeddings: 256,
+            rms_norm_eps: 1e-5,
+            tie_word_embeddings: false,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            rope_parameters: None,
+            sliding_window: Some(4096),
+        }
+    }
+
+    /// The Llama decoder this config describes.
+    pub fn decoder(&self) -> (llama::Config, Block) {
+        let cfg = llama::Config {
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: self.num_key_value_heads,
+            head_dim: self.head_dim,
+            rms_norm_eps: self.rms_norm_eps,
+            rope_theta: self.rope_theta,
+            rope_scaling: self.rope_scaling.clone(),
+            rope_parameters: self.rope_parameters.clone(),
+            max_position_embeddings: self.max_position_embeddings,
+            tie_word_embeddings: self.tie_word_embeddings,
+            attention_bias: false,
+            mlp_bias: false,
+            hidden_act: self.hidden_act.clone(),
+            sliding_window: self.sliding_window,
+        };
+        let block = Block {
+            family: Family::Mistral,
+            ..Block::llama(&cfg)
+        };
+        (cfg, block)
+    }
+
+    pub fn geometry(&self) -> ModelGeometry {
+        self.decoder().0.geometry()
+    }
+}

@@ -1,0 +1,195 @@
+//! Qwen2: the Llama decoder ([`super::llama`]) with biases on the q/k/v projections
+//! (none on `o_proj`), grouped-query attention and an optional sliding window that only
+//! the upper layers use. Parameter names follow `Qwen2ForCausalLM` (the same as
+//! Llama's, plus `self_attn.{q,k,v}_proj.bias`).
+//!
+//! Cache geometry: `[B, num_key_value_heads, S, hidden_size / num_attention_heads]`.
+//!
+//! Sliding window (transformers 5's `Qwen2Config`): `sliding_window` counts only when
+//! `use_sliding_window` is true; then layer `i` slides when `layer_types[i]` is
+//! `"sliding_attention"`, or, without `layer_types`, when `i >= max_window_layers`.
+//! (transformers 4.x's eager/sdpa attention applied the window to every layer.)
+
+use serde::{Deserialize, Serialize};
+
+use super::llama::{self, Block, RopeParameters};
+use super::{Family, ModelGeometry};
+
+/// `Qwen2Config` (Hugging Face field names and defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    #[serde(default = "d::vocab_size")]
+    pub vocab_size: usize,
+    #[serde(default = "d::hidden_size")]
+    pub hidden_size: usize,
+    #[serde(default = "d::intermediate_size")]
+    pub intermediate_size: usize,
+    #[serde(default = "d::layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d::heads")]
+    pub num_attention_heads: usize,
+    /// Absent: 32, like transformers; `null`: `num_attention_heads`.
+    #[serde(default = "d::kv_heads")]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default = "d::act")]
+    pub hidden_act: String,
+    #[serde(default = "d::max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "d::eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "d::theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_scaling: Option<Box<RopeParameters>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<Box<RopeParameters>>,
+    #[serde(default)]
+    pub use_sliding_window: bool,
+    /// Absent: 4096; `null`: no window.
+    #[serde(default = "d::window")]
+    pub sliding_window: Option<usize>,
+    #[serde(default = "d::max_window_layers")]
+    pub max_window_layers: usize,
+    /// `"full_attention"` | `"sliding_attention"` per layer (transformers 5); `null`:
+    /// from `max_window_layers`.
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+}
+
+/// transformers' defaults (Qwen2-7B).
+mod d {
+    pub fn vocab_size() -> usize {
+        151_936
+    }
+    pub fn hidden_size() -> usize {
+        4096
+    }
+    pub fn intermediate_size() -> usize {
+        22_016
+    }
+    pub fn layers() -> usize {
+        32
+    }
+    pub fn heads() -> usize {
+        32
+    }
+    pub fn kv_heads() -> Option<usize> {
+        Some(32)
+    }
+    pub fn act() -> String {
+        "silu".into()
+    }
+    pub fn max_positions() -> usize {
+        32_768
+    }
+    pub fn eps() -> f64 {
+        1e-6
+    }
+    pub fn theta() -> f64 {
+        10_000.0
+    }
+    pub fn window() -> Option<usize> {
+        Some(4096)
+    }
+    pub fn max_window_layers() -> usize {
+        28
+    }
+}
+
+impl Config {
+    /// Hidden 64, 3 layers, 4 attention heads over one KV head (multi-query),
+    /// head_dim 16, vocabulary 256, tied embeddings, `rope_theta` 1e6 (Qwen2's), and a
+    /// window of 16 that is off (`use_sliding_window: false`; with it on, layers 1 and 2
+    /// slide: `max_window_layers` 1).
+    pub fn tiny() -> Self {
+        Self {
+            vocab_size: 256,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_hidden_layers: 3,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(1),
+            hidden_act: d::act(),
+            max_position_embeddings: 256,
+            rms_norm_eps: 1e-6,
+            tie_word_embeddings: true,
+            rope_theta: 1_000_000.0,
+            rope_scaling: None,
+            rope_parameters: None,
+            use_sliding_window: false,
+            sliding_window: Some(16),
+            max_window_layers: 1,
+            layer_types: None,
+        }
+    }
+
+    /// The attention window of each layer (see the module docs).
+    pub fn windows(&self) -> Vec<Option<usize>> {
+        layer_windows(
+            self.num_hidden_layers,
+            self.use_sliding_window,
+            self.sliding_window,
+            self.max_window_layers,
+            self.layer_types.as_deref(),
+        )
+    }
+
+    /// The Llama decoder this config describes.
+    pub fn decoder(&self) -> (llama::Config, Block) {
+        let cfg = llama::Config {
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: self.num_key_value_heads,
+            head_dim: None,
+            rms_norm_eps: self.rms_norm_eps,
+            rope_theta: self.rope_theta,
+            rope_scaling: self.rope_scaling.clone(),
+            rope_parameters: self.rope_parameters.clone(),
+            max_position_embeddings: self.max_position_embeddings,
+            tie_word_embeddings: self.tie_word_embeddings,
+            attention_bias: true,
+            mlp_bias: false,
+            hidden_act: self.hidden_act.clone(),
+            sliding_window: None,
+        };
+        let block = Block {
+            family: Family::Qwen2,
+            qkv_bias: true,
+            o_bias: false,
+            qk_norm: false,
+            windows: self.windows(),
+        };
+        (cfg, block)
+    }
+
+    pub fn geometry(&self) -> ModelGeometry {
+        self.decoder().0.geometry()
+    }
+}
+
+/// Qwen2's (and Qwen3's) rule for the window of each of `layers` layers: none unless
+/// `use_sliding_window`; then `sliding_window` in the layers whose `layer_types` entry
+/// is `"sliding_attention"`, or, without `layer_types`, in layers `max_window_layers..`.
+pub fn layer_windows(
+    layers: usize,
+    use_sliding_window: bool,
+    sliding_window: Option<usize>,
+    max_window_layers: usize,
+    layer_types: Option<&[String]>,
+) -> Vec<Option<usize>> {
+    let window = sliding_window.filter(|_| use_sliding_window);
+    (0..layers)
+        .map(|i| {
+            let slides = match layer_types {
+                Some(types) => types.get(i).map(String::as_str) == Some("sliding_attention"),
+                None => i >= max_window_layers,
+            };
+            window.filter(|_| slides)
+        })
+        .collect()
+}

@@ -1,0 +1,171 @@
+//! Qwen3: the Llama decoder ([`super::llama`]) with a per-head RMSNorm on queries and
+//! keys (`self_attn.q_norm`, `self_attn.k_norm`, weights `[head_dim]`, applied to
+//! `[B, H, S, D]` before RoPE), an explicit `head_dim` that usually differs from
+//! `hidden_size / num_attention_heads`, `attention_bias` (q/k/v and o, off by default)
+//! and Qwen2's sliding-window settings. Parameter names follow `Qwen3ForCausalLM`.
+//!
+//! Cache geometry: `[B, num_key_value_heads, S, head_dim]`. PEFT before 0.18 sized the
+//! prefix from `hidden_size / num_attention_heads` instead (`head_dim_from:
+//! hidden-over-heads` reproduces it).
+
+use serde::{Deserialize, Serialize};
+
+use super::llama::{self, Block, RopeParameters};
+use super::{Family, ModelGeometry};
+
+/// `Qwen3Config` (Hugging Face field names and defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    #[serde(default = "d::vocab_size")]
+    pub vocab_size: usize,
+    #[serde(default = "d::hidden_size")]
+    pub hidden_size: usize,
+    #[serde(default = "d::intermediate_size")]
+    pub intermediate_size: usize,
+    #[serde(default = "d::layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d::heads")]
+    pub num_attention_heads: usize,
+    /// Absent: 32, like transformers; `null`: `num_attention_heads`.
+    #[serde(default = "d::kv_heads")]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default = "d::head_dim")]
+    pub head_dim: usize,
+    #[serde(default = "d::act")]
+    pub hidden_act: String,
+    #[serde(default = "d::max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "d::eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "d::theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_scaling: Option<Box<RopeParameters>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<Box<RopeParameters>>,
+    /// Biases on q/k/v and o.
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub use_sliding_window: bool,
+    #[serde(default = "d::window")]
+    pub sliding_window: Option<usize>,
+    #[serde(default = "d::max_window_layers")]
+    pub max_window_layers: usize,
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+}
+
+/// transformers' defaults.
+mod d {
+    pub fn vocab_size() -> usize {
+        151_936
+    }
+    pub fn hidden_size() -> usize {
+        4096
+    }
+    pub fn intermediate_size() -> usize {
+        22_016
+    }
+    pub fn layers() -> usize {
+        32
+    }
+    pub fn heads() -> usize {
+        32
+    }
+    pub fn kv_heads() -> Option<usize> {
+        Some(32)
+    }
+    pub fn head_dim() -> usize {
+        128
+    }
+    pub fn act() -> String {
+        "silu".into()
+    }
+    pub fn max_positions() -> usize {
+        32_768
+    }
+    pub fn eps() -> f64 {
+        1e-6
+    }
+    pub fn theta() -> f64 {
+        10_000.0
+    }
+    pub fn window() -> Option<usize> {
+        Some(4096)
+    }
+    pub fn max_window_layers() -> usize {
+        28
+    }
+}
+
+impl Config {
+    /// Hidden 64, 3 layers, 4 attention heads over 2 KV heads, head_dim 24 (not
+    /// 64 / 4 = 16), vocabulary 256, no attention bias, tied embeddings.
+    pub fn tiny() -> Self {
+        Self {
+            vocab_size: 256,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_hidden_layers: 3,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            head_dim: 24,
+            hidden_act: d::act(),
+            max_position_embeddings: 256,
+            rms_norm_eps: 1e-6,
+            tie_word_embeddings: true,
+            rope_theta: 1_000_000.0,
+            rope_scaling: None,
+            rope_parameters: None,
+            attention_bias: false,
+            use_sliding_window: false,
+            sliding_window: Some(16),
+            max_window_layers: 1,
+            layer_types: None,
+        }
+    }
+
+    /// The Llama decoder this config describes.
+    pub fn decoder(&self) -> (llama::Config, Block) {
+        let cfg = llama::Config {
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: self.num_key_value_heads,
+            head_dim: Some(self.head_dim),
+            rms_norm_eps: self.rms_norm_eps,
+            rope_theta: self.rope_theta,
+            rope_scaling: self.rope_scaling.clone(),
+            rope_parameters: self.rope_parameters.clone(),
+            max_position_embeddings: self.max_position_embeddings,
+            tie_word_embeddings: self.tie_word_embeddings,
+            attention_bias: self.attention_bias,
+            mlp_bias: false,
+            hidden_act: self.hidden_act.clone(),
+            sliding_window: None,
+        };
+        let block = Block {
+            family: Family::Qwen3,
+            qkv_bias: self.attention_bias,
+            o_bias: self.attention_bias,
+            qk_norm: true,
+            windows: super::qwen2::layer_windows(
+                self.num_hidden_layers,
+                self.use_sliding_window,
+                self.sliding_window,
+                self.max_window_layers,
+                self.layer_types.as_deref(),
+            ),
+        };
+        (cfg, block)
+    }
+
+    pub fn geometry(&self) -> ModelGeometry {
+        self.decoder().0.geometry()
+    }
+}
