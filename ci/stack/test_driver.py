@@ -157,6 +157,18 @@ def case(family, mode="dynamic", cid=None, **extra):
     return c
 
 
+def unknown_model_type_dir():
+    """A copy of the llama model folder whose config.json names a model_type no
+    transformers knows (as qwen3 is unknown to transformers 4.46)."""
+    src = Path(build("llama")[0])
+    dst = Path(TMP) / "unknown-model-type"
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["model_type"] = "no_such_architecture"
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return str(dst)
+
+
 def run_driver(job, python=None, args=()):
     """(exit code, stdout lines as JSON, stderr) of the driver on a job object/text."""
     path = Path(TMP) / f"job-{os.getpid()}-{len(os.listdir(TMP))}.json"
@@ -214,6 +226,8 @@ class Matrix(unittest.TestCase):
         cases.append(case("llama", "static"))
         cases.append(case("gpt2", "dynamic", cid="missing-model",
                           model_dir=str(Path(TMP) / "no-such-model")))
+        cases.append(case("llama", "dynamic", cid="unknown-model-type",
+                          model_dir=unknown_model_type_dir()))
         train = {"lr": 0.1, "weight_decay": 0.0, "steps": 3, "batches": []}
         ids, mask = prompt()
         labels = [[t if m else -100 for t, m in zip(r[1:] + [-100], mr)] for r, mr in zip(ids, mask)]
@@ -392,6 +406,13 @@ class Matrix(unittest.TestCase):
         else:
             self.assertIsNone(g["error"])
             self.assertEqual(len(g["tokens"]), B)
+
+    def test_unknown_model_type_is_a_skip(self):
+        r = self.by_id["unknown-model-type"]
+        self.assertEqual(r["status"], "skip")
+        self.assertIn("no_such_architecture", r["reason"])
+        self.assertIn(transformers.__version__, r["reason"])
+        self.assertIsNone(r["phases"])
 
     def test_skips(self):
         r = self.by_id["gpt2-sliding"]

@@ -99,7 +99,8 @@ Then one line per case, in job order::
   failed, adapter is not prefix tuning...). ``reason`` is the error as text,
   ``error`` the ERR, ``phases`` is null.
 - ``status: "skip"``: the installed stack cannot express the case (see the cache
-  mode mapping); ``reason`` says why, ``phases`` is null.
+  mode mapping), or its transformers does not know the model's ``model_type`` (e.g.
+  ``qwen3`` on transformers 4.46); ``reason`` says why, ``phases`` is null.
 - ``status: "ok"``: every phase was attempted. A phase that raised has its ERR in
   ``error`` (its other fields are null or partial); the other phases still ran.
 
@@ -948,10 +949,25 @@ class Case:
     # -- setup
     def load_config(self):
         from transformers import AutoConfig
+        self.skip_unknown_model_type()
         self.config = AutoConfig.from_pretrained(self.spec["model_dir"])
         self.start = self.spec.get("decoder_start_token_id")
         if self.start is None:
             self.start = getattr(self.config, "decoder_start_token_id", None) or 0
+
+    def skip_unknown_model_type(self):
+        """Skip when config.json names a ``model_type`` this transformers does not
+        have (an architecture added after it); an unreadable config is left to
+        AutoConfig (a case error)."""
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        try:
+            with open(os.path.join(self.spec["model_dir"], "config.json"), encoding="utf-8") as f:
+                model_type = json.load(f).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            return
+        if isinstance(model_type, str) and model_type not in CONFIG_MAPPING:
+            raise Skip(f"model_type {model_type}: transformers {transformers.__version__} "
+                       "does not know this architecture")
 
     def model_class(self):
         from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
