@@ -27,7 +27,10 @@ fn cached_decoding_matches_recompute_and_keys_have_the_declared_layout(
         Family::Llama,
         Family::Bloom,
         Family::GptBigcode,
-        Family::T5
+        Family::T5,
+        Family::Qwen2,
+        Family::Mistral,
+        Family::Qwen3
     )]
     family: Family,
     #[values("none", "dynamic", "static", "sliding", "legacy")] mode_name: &str,

@@ -20,7 +20,8 @@ use prefix_harness::generate::{
 };
 use prefix_harness::model::attention::{additive_mask, MaskSpec};
 use prefix_harness::model::{
-    bloom, gpt2, gpt_bigcode, llama, t5, weights, Family, Model, ModelConfig, ModelGeometry,
+    bloom, gpt2, gpt_bigcode, llama, mistral, qwen2, qwen3, t5, weights, Family, Model,
+    ModelConfig, ModelGeometry,
 };
 use prefix_harness::prefix::{PrefixConfig, PrefixEncoder};
 use prefix_harness::trace::{CacheOp, Trace, TraceEvent};
@@ -116,6 +117,31 @@ impl Setup {
                 num_key_value_heads: Some(1 << (self.heads.h - self.heads.group.min(self.heads.h))),
                 head_dim: Some(2 * self.heads.half),
                 ..llama::Config::tiny()
+            }),
+            // head_dim = hidden / heads: the hidden size follows the drawn head_dim. The
+            // upper two layers slide with a window of P + W (the first real token sees
+            // every virtual token, so every prefix parameter can get a gradient).
+            Family::Qwen2 => ModelConfig::Qwen2(qwen2::Config {
+                num_attention_heads: heads,
+                num_key_value_heads: Some(1 << (self.heads.h - self.heads.group.min(self.heads.h))),
+                hidden_size: heads * 2 * self.heads.half,
+                use_sliding_window: true,
+                sliding_window: Some(self.p + self.window),
+                ..qwen2::Config::tiny()
+            }),
+            Family::Mistral => ModelConfig::Mistral(mistral::Config {
+                num_attention_heads: heads,
+                num_key_value_heads: Some(1 << (self.heads.h - self.heads.group.min(self.heads.h))),
+                head_dim: Some(2 * self.heads.half),
+                // Every layer slides, with a window of P + W (see Qwen2).
+                sliding_window: Some(self.p + self.window),
+                ..mistral::Config::tiny()
+            }),
+            Family::Qwen3 => ModelConfig::Qwen3(qwen3::Config {
+                num_attention_heads: heads,
+                num_key_value_heads: Some(1 << (self.heads.h - self.heads.group.min(self.heads.h))),
+                head_dim: 2 * self.heads.half,
+                ..qwen3::Config::tiny()
             }),
             Family::T5 => ModelConfig::T5(t5::Config {
                 num_heads: heads,
