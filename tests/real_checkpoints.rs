@@ -882,10 +882,11 @@ fn broken_model_folders_give_clear_errors() {
     let dir = model_copy("mt", "gpt2");
     let c = dir.path().join(hub::CONFIG_FILE);
     let text = std::fs::read_to_string(&c).expect("config");
-    std::fs::write(&c, text.replace("\"gpt2\"", "\"mistral\"")).expect("write");
+    std::fs::write(&c, text.replace("\"gpt2\"", "\"mamba\"")).expect("write");
     let msg = load_err(dir.path());
     assert!(
-        msg.contains("mistral") && msg.contains("gpt2, llama, bloom, gpt_bigcode, t5"),
+        msg.contains("mamba")
+            && msg.contains("gpt2, llama, bloom, gpt_bigcode, t5, qwen2, mistral, qwen3"),
         "{msg}"
     );
     assert!(msg.contains(&c.display().to_string()), "{msg}");

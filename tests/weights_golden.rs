@@ -36,6 +36,15 @@ const GOLDEN: &[(&str, &str)] = &[
     ("weights/t5", "a1aff79a60f89d02"),              // 230400 values
     ("prefix/t5/flat", "2781f7e640d9df4b"),          // 3072 values
     ("prefix/t5/projection", "84d84fc5e7138f1c"),    // 16544 values
+    ("weights/qwen2", "a451d1f0313216c4"),           // 121568 values
+    ("prefix/qwen2/flat", "ae4ce058717fb8f4"),       // 768 values
+    ("prefix/qwen2/projection", "9f3e6359eecb3cfd"), // 3840 values
+    ("weights/mistral", "3d55e32b585d250f"),         // 137664 values
+    ("prefix/mistral/flat", "ae4ce058717fb8f4"),     // 768 values (same shapes as qwen2)
+    ("prefix/mistral/projection", "9f3e6359eecb3cfd"), // 3840 values
+    ("weights/qwen3", "d81879830c12250d"),           // 146000 values
+    ("prefix/qwen3/flat", "aab7b02832ad848d"),       // 2304 values
+    ("prefix/qwen3/projection", "210881feec6a58c4"), // 11456 values
     ("data/default-batch-3x16", "d3dc0e53abe2adcb"), // 48 values
 ];
 
