@@ -636,6 +636,35 @@ impl Sampler {
     /// row's stream stays aligned whatever the settings.
     pub fn sample(&self, logits: &[f32], rng: &mut Rng) -> Result<u32> {
         let u = rng.next_unit();
+        let (order, w) = self.candidates(logits)?;
+        let kept: f64 = w.iter().sum();
+        let target = u * kept;
+        let mut cum = 0.0;
+        for (i, x) in w.iter().enumerate() {
+            cum += x;
+            if target < cum {
+                return Ok(order[i] as u32);
+            }
+        }
+        Ok(order[w.len() - 1] as u32)
+    }
+
+    /// The probability of every token of `logits` (`[V]`) under this sampler: what
+    /// [`Sampler::sample`] draws from (0 for the tokens top-k and top-p removed).
+    pub fn distribution(&self, logits: &[f32]) -> Result<Vec<f64>> {
+        let (order, w) = self.candidates(logits)?;
+        let kept: f64 = w.iter().sum();
+        let mut p = vec![0.0; logits.len()];
+        for (i, x) in order.iter().zip(&w) {
+            p[*i] = x / kept;
+        }
+        Ok(p)
+    }
+
+    /// The tokens that may be drawn, best first, with their unnormalised probabilities
+    /// `exp((x - max) / T)` after temperature, top-k and top-p. Temperature 0 (argmax)
+    /// and all-`-inf` logits keep only the best token, with weight 1.
+    fn candidates(&self, logits: &[f32]) -> Result<(Vec<usize>, Vec<f64>)> {
         if logits.iter().any(|x| x.is_nan() || *x == f32::INFINITY) {
             return Err(non_finite("sampling"));
         }
@@ -648,7 +677,7 @@ impl Sampler {
         let mut order: Vec<usize> = (0..logits.len()).collect();
         order.sort_by(|a, b| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b)));
         if self.temperature <= 0.0 {
-            return Ok(order[0] as u32);
+            return Ok((vec![order[0]], vec![1.0]));
         }
         let keep = self
             .top_k
@@ -658,15 +687,13 @@ impl Sampler {
         let t = self.temperature;
         let m = logits[order[0]] as f64 / t;
         if m == f64::NEG_INFINITY {
-            return Ok(order[0] as u32);
+            return Ok((vec![order[0]], vec![1.0]));
         }
-        // Unnormalised probabilities exp((x - max) / T), best first.
-        let w: Vec<f64> = order
+        let mut w: Vec<f64> = order
             .iter()
             .map(|i| pmath::exp(logits[*i] as f64 / t - m))
             .collect();
         let total: f64 = w.iter().sum();
-        let mut cut = w.len();
         if let Some(top_p) = self.top_p {
             if top_p < 1.0 {
                 // The smallest best-first set whose probability reaches top_p.
@@ -674,22 +701,14 @@ impl Sampler {
                 for (i, x) in w.iter().enumerate() {
                     cum += x;
                     if cum >= top_p * total {
-                        cut = i + 1;
+                        w.truncate(i + 1);
+                        order.truncate(i + 1);
                         break;
                     }
                 }
             }
         }
-        let kept: f64 = w[..cut].iter().sum();
-        let target = u * kept;
-        let mut cum = 0.0;
-        for (i, x) in w[..cut].iter().enumerate() {
-            cum += x;
-            if target < cum {
-                return Ok(order[i] as u32);
-            }
-        }
-        Ok(order[cut - 1] as u32)
+        Ok((order, w))
     }
 }
 

@@ -283,3 +283,60 @@ fn diagnoses_read_as_one_line_with_place_shapes_and_cause() {
     );
     assert!(text.contains("PEFT issue 2192"), "{text}");
 }
+
+/// The judge matches every place field of an expected failure, in both directions: the
+/// exact place passes, and each field changed on its own (layer, attention, tensor, and
+/// the class) fails with the expectation and the diagnosis in the message.
+#[test]
+fn the_judge_matches_every_place_field_of_an_expected_failure() {
+    use prefix_harness::run::{run_case, Status};
+    use prefix_harness::scenario;
+    let file = std::path::Path::new("scenarios/bugs/t5-cross-cache-marked-computed.yaml");
+    let text = std::fs::read_to_string(file).unwrap();
+    let exact = "expect: {error: seq-len, layer: 0, attention: cross, tensor: key}";
+    assert!(
+        text.contains(exact),
+        "the scenario's expectation changed: update this test"
+    );
+    let judge = |expect: &str| {
+        let case = scenario::parse(file, &text.replace(exact, expect))
+            .unwrap()
+            .remove(0);
+        run_case(&case)
+    };
+    assert_eq!(judge(exact).status, Status::Pass);
+    assert_eq!(
+        judge("expect: {error: seq-len}").status,
+        Status::Pass,
+        "no place: any place"
+    );
+    for other in [
+        "expect: {error: seq-len, layer: 1, attention: cross, tensor: key}",
+        "expect: {error: seq-len, layer: 0, attention: self, tensor: key}",
+        "expect: {error: seq-len, layer: 0, attention: cross, tensor: value}",
+        "expect: {error: seq-len, layer: 1}",
+        "expect: {error: seq-len, attention: self}",
+        "expect: {error: seq-len, tensor: mask}",
+        "expect: {error: rank, layer: 0, attention: cross, tensor: key}",
+    ] {
+        let r = judge(other);
+        assert_eq!(r.status, Status::Fail, "{other}");
+        let m = r.message.unwrap_or_default();
+        assert!(
+            m.starts_with("expected ") && m.contains("seq-len"),
+            "{other}: {m}"
+        );
+    }
+    // A passing case expected to fail, and a failing one expected to pass.
+    let fixed = text.replace(
+        "cross_prefix_marks_updated: true",
+        "cross_prefix_marks_updated: false",
+    );
+    let case = scenario::parse(file, &fixed).unwrap().remove(0);
+    let r = run_case(&case);
+    assert_eq!(r.status, Status::Fail);
+    assert!(r.message.unwrap().contains("fixed? update the scenario"));
+    let r = judge("expect: pass");
+    assert_eq!(r.status, Status::Fail);
+    assert_eq!(r.diagnosis.unwrap().layer, Some(0));
+}
