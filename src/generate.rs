@@ -1018,6 +1018,46 @@ pub fn forward_logits(
 mod tests {
     use super::*;
 
+    /// The length penalty ranks finished hypotheses by `sum_logprobs / len ^ penalty`:
+    /// a penalty of 2 prefers the longer of two hypotheses, 0 the likelier one, and at
+    /// most `num_beams` are kept, best first.
+    #[test]
+    fn beam_hypotheses_are_ranked_with_the_length_penalty() {
+        let mut b = Beams::new(1, 2, 2.0, false, Some(1), 0);
+        assert!((b.penalty(3) - 9.0).abs() < 1e-12);
+        assert_eq!(b.penalty(0), 1.0);
+        b.add(0, -3.0, vec![1]); // -3 / 1
+        b.add(0, -6.0, vec![5, 6, 1]); // -6 / 9
+        b.add(0, -60.0, vec![5, 6, 7, 1]); // -60 / 16: dropped (third of two)
+        let tokens: Vec<usize> = b.hyps[0].iter().map(|h| h.tokens.len()).collect();
+        assert_eq!(tokens, [3, 1]);
+        assert!((b.hyps[0][0].score - (-6.0 / 9.0)).abs() < 1e-12);
+        let mut b = Beams::new(1, 2, 0.0, false, Some(1), 0);
+        b.add(0, -3.0, vec![1]);
+        b.add(0, -6.0, vec![5, 6, 1]);
+        assert_eq!(b.hyps[0][0].tokens, [1], "no penalty: the likelier wins");
+    }
+
+    /// A row is done when it holds `num_beams` hypotheses and either `early_stopping`,
+    /// or no running beam can beat the worst of them any more.
+    #[test]
+    fn a_beam_row_is_done_by_early_stopping_or_when_no_running_beam_can_win() {
+        let mut b = Beams::new(1, 2, 1.0, false, Some(1), 0);
+        b.add(0, -2.0, vec![4, 1]); // -1.0
+        assert!(!b.is_done(0, -100.0, 2), "one hypothesis of two");
+        b.add(0, -4.0, vec![4, 4, 1]); // -4/3
+                                       // worst = -4/3; best running -6 at length 4: -1.5 < -4/3 -> done.
+        assert!(b.is_done(0, -6.0, 4));
+        // best running -2 at length 4: -0.5 could still beat it -> not done.
+        assert!(!b.is_done(0, -2.0, 4));
+        let mut e = b.clone();
+        e.early_stopping = true;
+        assert!(
+            e.is_done(0, -2.0, 4),
+            "early stopping ends the row at num_beams hypotheses"
+        );
+    }
+
     #[test]
     fn portable_exp_and_ln_match_std_to_a_few_ulp() {
         let mut x = -700.0;

@@ -617,3 +617,74 @@ fn masked_cross_entropy_matches_candle_on_labelled_positions() {
         Err(EngineError::Config(_))
     ));
 }
+
+#[test]
+fn a_train_report_names_its_first_and_last_loss() {
+    let cfg = TrainConfig {
+        steps: 3,
+        evaluate: false,
+        ..TrainConfig::default()
+    };
+    let model = tiny_model(Family::Gpt2);
+    let prefix = PrefixEncoder::new(&PrefixConfig::new(2), &model.geometry(), &cpu()).unwrap();
+    let r: TrainReport = train(model.as_ref(), &prefix, &cfg).unwrap();
+    assert_eq!(r.losses.len(), 3);
+    assert_eq!(r.first_loss(), Some(r.losses[0]));
+    assert_eq!(r.last_loss(), Some(r.losses[2]));
+    assert_ne!(r.first_loss(), r.last_loss(), "the loss moved");
+    let empty = TrainReport {
+        losses: vec![],
+        ..r
+    };
+    assert_eq!((empty.first_loss(), empty.last_loss()), (None, None));
+}
+
+/// The memory guard's estimate of the weights is an upper bound of what the model
+/// really holds, and not a wild one: between 1x and 2x the bytes of every weight the
+/// model read (measured 1.10x to 1.50x), for every family (a tiny config and a wider,
+/// deeper one).
+#[test]
+fn the_weights_estimate_bounds_the_real_weights_within_2x() {
+    use prefix_harness::run::estimate_memory;
+    use prefix_harness::scenario;
+    for family in Family::ALL {
+        for wide in [false, true] {
+            let cfg = if !wide {
+                String::new()
+            } else {
+                // Twice the width, three layers, in each family's own field names.
+                let (h, l) = match family {
+                    Family::Gpt2 | Family::GptBigcode => ("n_embd", "n_layer"),
+                    Family::Llama => ("hidden_size", "num_hidden_layers"),
+                    Family::Bloom => ("hidden_size", "n_layer"),
+                    Family::T5 => ("d_model", "num_layers"),
+                    #[allow(unreachable_patterns)]
+                    _ => continue,
+                };
+                format!("\n  config: {{{h}: 128, {l}: 3}}")
+            };
+            let yaml = format!(
+                "name: est\nmodel:\n  family: {}{cfg}\nprefix:\n  virtual_tokens: 2\n",
+                family.name()
+            );
+            let case = scenario::parse(std::path::Path::new("est.yaml"), &yaml)
+                .unwrap()
+                .remove(0);
+            let (weights, caches, activations) = estimate_memory(&case).unwrap();
+            let mcfg = case.model_config().unwrap();
+            let (_, base) = BaseWeights::seeded(&mcfg, 1, &cpu()).unwrap();
+            let real: u64 = base
+                .tensors
+                .values()
+                .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+                .sum();
+            let ratio = weights as f64 / real as f64;
+            assert!(
+                (1.0..=2.0).contains(&ratio),
+                "{} {cfg}: estimated {weights} bytes of weights, the model holds {real} ({ratio:.2}x)",
+                family.name()
+            );
+            assert!(caches > 0 && activations > 0);
+        }
+    }
+}
