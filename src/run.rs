@@ -21,8 +21,7 @@ use crate::trace::Trace;
 /// start-up, before any other thread exists (it sets environment variables).
 ///
 /// - `RAYON_NUM_THREADS`, unless the user set it: 1 per case when cases run in
-///   parallel (tiny tensors do not pay for threads: DESIGN.md, speed facts), else all
-///   cores. Always set, because when it is unset candle 0.11 parses /proc/cpuinfo on
+///   parallel (tiny tensors do not pay for threads), else all cores. Always set, because when it is unset candle 0.11 parses /proc/cpuinfo on
 ///   every matmul to find the thread count (about 40% of a tiny run, ci/bench/README.md).
 /// - `CANDLE_BARRIER_POOL_SPIN_LIMIT`, unless the user set it: 200. candle 0.11 runs
 ///   its element-wise ops on a pool of its own besides rayon's, whose idle threads spin

@@ -5,7 +5,7 @@
 //! train correctly but cost 3-7 tensor ops each, every one with its own buffer and, in
 //! the backward pass, more ops plus a zero-filled gradient buffer per input. candle-nn's
 //! fused kernels are fast but have no backward pass (gradients silently stop there,
-//! DESIGN.md). These are fused *and* differentiable: one pass over the rows forward, one
+//! ARCHITECTURE.md). These are fused *and* differentiable: one pass over the rows forward, one
 //! backward, in f32, parallel over rows.
 //!
 //! The ops work on rows (the last dimension) of contiguous f32 CPU tensors; the callers

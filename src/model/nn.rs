@@ -1,7 +1,7 @@
 //! Building blocks shared by the model families.
 //!
 //! candle-nn's fused `softmax_last_dim`, `rms_norm`, `layer_norm` and `rope` have no
-//! backward pass (DESIGN.md): gradients silently stop at them. By default the softmax,
+//! backward pass (ARCHITECTURE.md, "Ops modes"): gradients silently stop at them. By default the softmax,
 //! cross-entropy, norms, RoPE, SwiGLU and linears here are this crate's own kernels with
 //! a backward pass ([`super::kernels`], f32 on the CPU) or, for other dtypes and
 //! devices, composed from differentiable tensor ops, so that the prefix trains through
@@ -25,7 +25,7 @@ thread_local! {
 }
 
 /// Run `f` with candle-nn's fused softmax / norms on this thread: faster, but they have
-/// no backward pass, so gradients silently stop at them (DESIGN.md). For generation,
+/// no backward pass, so gradients silently stop at them (ARCHITECTURE.md). For generation,
 /// and to reproduce the historical "training through fused ops" bug (`no-grad`).
 pub fn with_fused_ops<T>(f: impl FnOnce() -> T) -> T {
     let before = FUSED.with(|c| c.replace(true));

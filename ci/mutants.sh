@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Mutation testing with cargo-mutants (`cargo install cargo-mutants --locked`) on the code
+# that decides verdicts and shapes. Not part of .ci/run: a sitting takes from minutes to
+# an hour. Results go to target/mutants-<set>/ (outcomes.json, caught.txt, missed.txt,
+# unviable.txt); write the counts into ci/mutants.md.
+#
+#   ci/mutants.sh judge            every mutant of the judge and the diagnosis code
+#   ci/mutants.sh sample K         shard K/20 (round-robin) of the core modules
+#   ci/mutants.sh diff [BASE]      the mutants in lines changed since BASE (default main)
+#
+# Mutants are built in place (`--in-place`: the warm target/ is reused; the tree is
+# restored after each mutant) and judged by `cargo test` over the test binaries that
+# exercise these modules (TESTS below; set MUTANTS_TESTS=all for every binary).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v cargo-mutants >/dev/null 2>&1 || {
+    echo "ci/mutants.sh: cargo-mutants is not installed: cargo install cargo-mutants --locked" >&2
+    exit 2
+}
+TESTS=(--lib --test engine_diagnoses --test stack --test cli --test repro --test generate
+       --test train --test reference_math --test fingerprint --test engine_matrix)
+if [ "${MUTANTS_TESTS:-}" = all ]; then TESTS=(); fi
+common=(--in-place --no-shuffle --timeout-multiplier 3 --baseline skip)
+run() {
+    local out="$1"; shift
+    cargo mutants "${common[@]}" --output "target/$out" "$@" -- "${TESTS[@]}" || true
+    local m="target/$out/mutants.out"
+    for k in caught missed unviable timeout; do
+        printf '%-9s %s\n' "$k" "$( [ -f "$m/$k.txt" ] && wc -l < "$m/$k.txt" || echo 0)"
+    done
+}
+case "${1:-}" in
+    judge)
+        # The diagnosis classes and places, the stack's verdict and expectations.
+        run mutants-judge -f src/check.rs -f src/stack/verdict.rs -f src/stack/expect.rs
+        # The judge itself lives in run.rs: only its functions.
+        run mutants-judge-run -f src/run.rs --re 'judge|extra_checks'
+        ;;
+    sample)
+        k="${2:?usage: ci/mutants.sh sample K (1..20)}"
+        run "mutants-sample-$k" --shard "$((k - 1))/20" --sharding round-robin \
+            -f src/scenario.rs -f src/check.rs -f src/cache.rs -f src/prefix.rs \
+            -f src/generate.rs -f src/train.rs -f src/fingerprint.rs \
+            -f src/model/attention.rs -f src/run.rs -f src/stack/verdict.rs
+        ;;
+    diff)
+        base="${2:-main}"
+        git diff "$base" > target/mutants.diff
+        run mutants-diff --in-diff target/mutants.diff
+        ;;
+    *)
+        sed -n '2,14p' "$0" >&2
+        exit 2
+        ;;
+esac
