@@ -169,6 +169,20 @@ def unknown_model_type_dir():
     return str(dst)
 
 
+def missing_bias_dir():
+    """A copy of the llama model folder whose model.safetensors lacks one weight (what
+    an exporter that never wrote a bias would hand over)."""
+    from safetensors.torch import load_file, save_file
+    src = Path(build("llama")[0])
+    dst = Path(TMP) / "missing-weight"
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    tensors = load_file(str(dst / "model.safetensors"))
+    name = sorted(k for k in tensors if k.endswith("layers.0.self_attn.q_proj.weight"))[0]
+    del tensors[name]
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return str(dst)
+
+
 def run_driver(job, python=None, args=()):
     """(exit code, stdout lines as JSON, stderr) of the driver on a job object/text."""
     path = Path(TMP) / f"job-{os.getpid()}-{len(os.listdir(TMP))}.json"
@@ -228,6 +242,8 @@ class Matrix(unittest.TestCase):
                           model_dir=str(Path(TMP) / "no-such-model")))
         cases.append(case("llama", "dynamic", cid="unknown-model-type",
                           model_dir=unknown_model_type_dir()))
+        cases.append(case("llama", "dynamic", cid="missing-weight",
+                          model_dir=missing_bias_dir()))
         train = {"lr": 0.1, "weight_decay": 0.0, "steps": 3, "batches": []}
         ids, mask = prompt()
         labels = [[t if m else -100 for t, m in zip(r[1:] + [-100], mr)] for r, mr in zip(ids, mask)]
@@ -262,6 +278,13 @@ class Matrix(unittest.TestCase):
         self.assertTrue(r["error"]["type"])
         # the other cases still ran
         self.assertEqual(self.by_id["llama-dynamic"]["status"], "ok")
+
+    def test_a_weight_missing_from_the_folder_is_a_case_error(self):
+        # transformers would initialise it at random: the sides would differ in model.
+        r = self.by_id["missing-weight"]
+        self.assertEqual(r["status"], "error")
+        self.assertIn("lacks 1 weight(s)", r["reason"])
+        self.assertIn("layers.0.self_attn.q_proj.weight", r["reason"])
 
     def test_recompute_equals_hand_rolled_greedy(self):
         for fam in FAMILIES:

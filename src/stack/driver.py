@@ -1011,7 +1011,17 @@ class Case:
         auto = AutoModelForSeq2SeqLM if self.enc_dec else AutoModelForCausalLM
         # transformers 5 renamed torch_dtype to dtype
         kwargs = {"dtype" if self.feats.layered else "torch_dtype": torch.float32}
-        base = auto.from_pretrained(self.spec["model_dir"], **kwargs)
+        base, info = auto.from_pretrained(self.spec["model_dir"], output_loading_info=True,
+                                          **kwargs)
+        # A weight the folder lacks is initialised at random by transformers: the two
+        # sides would then run different models and could still agree by chance (a
+        # dropped bias is zero on both). Refuse the case instead.
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:
+            shown = ", ".join(missing[:6]) + (", ..." if len(missing) > 6 else "")
+            raise ValueError(
+                f"the model folder lacks {len(missing)} weight(s) that transformers "
+                f"initialises at random: {shown}")
         base.eval()
         # The config is passed in: older PEFT versions refuse fields newer ones write
         # (e.g. PEFT 0.12 and `init_weights`); read_prefix_config dropped those.
