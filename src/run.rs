@@ -290,6 +290,13 @@ pub struct Prepared {
 
 /// Build everything `case` runs on (see [`Prepared`]).
 pub fn prepare(case: &Case) -> Result<Prepared, EngineError> {
+    prepare_with(case, true)
+}
+
+/// [`prepare`]; with `check_adapter: false` a PEFT adapter is taken with the geometry
+/// its file states, unchecked against the model: what the Python stack is handed,
+/// so that it fails (or not) in its own way.
+pub fn prepare_with(case: &Case, check_adapter: bool) -> Result<Prepared, EngineError> {
     let dev = Device::Cpu;
     let (model, base, checkpoint_tokenizer) = match case.scenario.model.source(&case.dir) {
         None => {
@@ -304,7 +311,8 @@ pub fn prepare(case: &Case) -> Result<Prepared, EngineError> {
         }
     };
     let mut prefix = match case.adapter_dir() {
-        Some(dir) => crate::adapter::load_for(&dir, &model.geometry(), &dev)?.1,
+        Some(dir) if check_adapter => crate::adapter::load_for(&dir, &model.geometry(), &dev)?.1,
+        Some(dir) => crate::adapter::load(&dir, &dev)?.prefix_encoder_unchecked()?,
         None => PrefixEncoder::new(&case.prefix_config(), &model.geometry(), &dev)?,
     };
     prefix.config.cross = case.scenario.prefix.cross;

@@ -688,3 +688,33 @@ fn the_weights_estimate_bounds_the_real_weights_within_2x() {
         }
     }
 }
+
+/// Decoupled weight decay reaches AdamW: with `weight_decay` the prefix shrinks towards
+/// zero on top of the Adam update, so from the second step on the losses differ from
+/// the same run without it, and the first loss (before any update) does not. The
+/// values themselves are checked against torch.optim.AdamW by
+/// `scenarios/stack/train-adamw.yaml` (`.ci/run`).
+#[test]
+fn weight_decay_changes_training_from_the_second_step_on() {
+    let model = tiny_model(Family::Llama);
+    let run = |wd: f64| {
+        let prefix = PrefixEncoder::new(&PrefixConfig::new(2), &model.geometry(), &cpu()).unwrap();
+        let cfg = TrainConfig {
+            steps: 4,
+            weight_decay: wd,
+            evaluate: false,
+            ..TrainConfig::default()
+        };
+        train(model.as_ref(), &prefix, &cfg).unwrap().losses
+    };
+    let (plain, decayed) = (run(0.0), run(0.5));
+    assert_eq!(plain[0], decayed[0], "the first loss is before any update");
+    for k in 1..4 {
+        assert!(
+            (plain[k] - decayed[k]).abs() > 1e-4,
+            "step {k}: {} vs {}: weight decay had no effect",
+            plain[k],
+            decayed[k]
+        );
+    }
+}

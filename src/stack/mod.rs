@@ -117,7 +117,7 @@ pub fn run_against(
                 continue;
             }
             let dir = scratch.0.join(format!("case-{n}"));
-            let made = crate::run::prepare(case)
+            let made = crate::run::prepare_with(case, false)
                 .map_err(|e| e.to_string())
                 .and_then(|p| export_case(case, &p, &dir, opts.timeout));
             match made {

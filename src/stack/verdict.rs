@@ -410,6 +410,9 @@ pub fn same_failure(a: &Diagnosis, b: &Diagnosis) -> bool {
 pub fn diagnose(e: &StackError, events: &[StackEvent]) -> Diagnosis {
     let msg = e.message.as_str();
     let failed = events.iter().rev().find(|ev| ev.failed);
+    // In a failed cache update, the shapes written and held say which dimension
+    // differs, whatever torch's message calls it (`cat` names the axis it joins).
+    let from_shapes = failed.and_then(differing_dim);
     let dim = mismatched_dim(msg);
     // torch reports shape and dtype failures as RuntimeError (IndexError for an
     // embedding index); anything else is a plain exception of the stack's code.
@@ -422,6 +425,8 @@ pub fn diagnose(e: &StackError, events: &[StackEvent]) -> Diagnosis {
         DiagnosisClass::Dtype
     } else if msg.contains("index out of range") {
         DiagnosisClass::Position
+    } else if let Some((_, class)) = from_shapes {
+        class
     } else if let Some(d) = dim {
         match (failed.is_some(), d) {
             (true, 0) => DiagnosisClass::Batch,
@@ -449,8 +454,13 @@ pub fn diagnose(e: &StackError, events: &[StackEvent]) -> Diagnosis {
         } else {
             Attention::SelfAttn
         };
-        d = d.at(ev.layer, attention, TensorKind::Key);
-        if let (Some(w), Some(held)) = (&ev.key_written, &ev.key_before) {
+        let tensor = from_shapes.map_or(TensorKind::Key, |(t, _)| t);
+        d = d.at(ev.layer, attention, tensor);
+        let (written, held) = match tensor {
+            TensorKind::Value => (&ev.value_written, &ev.value_before),
+            _ => (&ev.key_written, &ev.key_before),
+        };
+        if let (Some(w), Some(held)) = (written, held) {
             d = d.shapes(w, held);
         }
     } else if class == DiagnosisClass::MaskWidth {
@@ -459,7 +469,35 @@ pub fn diagnose(e: &StackError, events: &[StackEvent]) -> Diagnosis {
     d.hint(if class == DiagnosisClass::Exception {
         "raised by the Python stack's own code (see the file and line), not by a tensor operation"
     } else {
-        "raised by the Python stack; the shapes are the key written and the key the cache held"
+        "raised by the Python stack; the shapes are the tensor written and the one the cache held"
+    })
+}
+
+/// The first dimension in which a failed update's written and held tensors differ
+/// (keys first, then values), as a class: a different rank is `rank`; in `[B, H, S, D]`
+/// dimension 0 is `batch`, 1 `kv-heads`, 3 `head-dim` (the sequence axis 2 is the one
+/// the cache appends along, so it may differ).
+fn differing_dim(ev: &StackEvent) -> Option<(TensorKind, DiagnosisClass)> {
+    let pairs = [
+        (TensorKind::Key, &ev.key_written, &ev.key_before),
+        (TensorKind::Value, &ev.value_written, &ev.value_before),
+    ];
+    pairs.into_iter().find_map(|(t, w, h)| {
+        let (w, h) = (w.as_ref()?, h.as_ref()?);
+        if w.len() != h.len() {
+            return Some((t, DiagnosisClass::Rank));
+        }
+        if w.len() != 4 {
+            return None;
+        }
+        [0, 1, 3].into_iter().find(|&i| w[i] != h[i]).map(|i| {
+            let c = match i {
+                0 => DiagnosisClass::Batch,
+                1 => DiagnosisClass::KvHeads,
+                _ => DiagnosisClass::HeadDim,
+            };
+            (t, c)
+        })
     })
 }
 
@@ -535,11 +573,32 @@ mod tests {
         for (n, want) in cases {
             let d = diagnose(
                 &err(&msg(n)),
-                &[event(1, vec![1, 2, 3, 4], vec![1, 4, 3, 4])],
+                &[event(1, vec![1, 2, 3, 4], vec![1, 2, 3, 4])],
             );
             assert_eq!(d.class, want, "dimension {n}");
             assert_eq!(d.layer, Some(1));
         }
+        // torch.cat names the axis it joins; the event's shapes name the one that differs.
+        let cat = "Sizes of tensors must match except in dimension 2. Expected size 8 but got size 12 for tensor number 1 in the list.";
+        let mut ev = event(0, vec![2, 4, 3, 8], vec![2, 4, 1, 12]);
+        ev.value_before = Some(vec![2, 4, 3, 8]);
+        ev.value_written = Some(vec![2, 4, 1, 12]);
+        let d = diagnose(&err(cat), &[ev.clone()]);
+        assert_eq!(
+            (d.class, d.tensor),
+            (DiagnosisClass::HeadDim, Some(TensorKind::Key))
+        );
+        assert_eq!(
+            (d.expected_shape.clone(), d.actual_shape.clone()),
+            (vec![2, 4, 1, 12], vec![2, 4, 3, 8])
+        );
+        ev.key_written = Some(vec![2, 4, 1, 8]);
+        ev.value_written = Some(vec![2, 2, 1, 8]);
+        let d = diagnose(&err(cat), &[ev]);
+        assert_eq!(
+            (d.class, d.tensor),
+            (DiagnosisClass::KvHeads, Some(TensorKind::Value))
+        );
         let d = diagnose(&err(&msg(3)), &[]);
         assert_eq!(d.class, DiagnosisClass::MaskWidth, "outside a cache update");
         assert_eq!(d.tensor, Some(TensorKind::Mask));
