@@ -20,6 +20,7 @@ command -v cargo-mutants >/dev/null 2>&1 || {
 TESTS=(--lib --test engine_diagnoses --test stack --test cli --test repro --test generate
        --test train --test reference_math --test fingerprint --test engine_matrix)
 if [ "${MUTANTS_TESTS:-}" = all ]; then TESTS=(); fi
+mkdir -p target
 common=(--in-place --no-shuffle --timeout-multiplier 3 --baseline skip)
 run() {
     local out="$1"; shift
