@@ -136,6 +136,10 @@ pub struct CaseFingerprint {
     /// Next-token logits of every decoding step, summarised.
     #[serde(default, with = "logits_list")]
     pub logits: Vec<LogitsSummary>,
+    /// With `run --against peft`: the stack's verdict and versions, one line
+    /// (`stack-fails: rank at layer 0 self key (...); torch 2.5.1, transformers ...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stack: Option<String>,
 }
 
 impl CaseFingerprint {
@@ -161,6 +165,10 @@ impl CaseFingerprint {
             tokens: r.tokens.clone(),
             losses: r.losses.iter().map(|x| *x as f64).collect(),
             logits: r.logits.clone(),
+            stack: r
+                .stack
+                .as_ref()
+                .map(|o| format!("{}; {}", o.describe(), o.versions.describe())),
         }
     }
 }
@@ -466,6 +474,11 @@ pub enum Difference {
         a: Option<String>,
         b: Option<String>,
     },
+    /// The Python stack's verdicts (or versions) differ (`run --against peft`).
+    Stack {
+        a: Option<String>,
+        b: Option<String>,
+    },
     /// The shape traces differ: the first differing event (0-based), as written on
     /// each side (None: that side has fewer events).
     Trace {
@@ -505,6 +518,7 @@ impl Difference {
         match self {
             Difference::Status { .. } => "status",
             Difference::Diagnosis { .. } => "diagnosis",
+            Difference::Stack { .. } => "stack",
             Difference::Trace { .. } => "trace",
             Difference::Tokens { .. } => "tokens",
             Difference::Length { .. } => "length",
@@ -706,6 +720,10 @@ impl Comparison {
                 "the diagnoses differ".into(),
                 vec![side(la, show(a)), side(lb, show(b))],
             ),
+            Difference::Stack { a, b } => (
+                "the Python stack's verdicts differ".into(),
+                vec![side(la, show(a)), side(lb, show(b))],
+            ),
             Difference::Trace {
                 event,
                 a,
@@ -860,6 +878,14 @@ fn compare_case(
         out.push(Difference::Diagnosis {
             a: a.diagnosis.clone(),
             b: b.diagnosis.clone(),
+        });
+    }
+    // Only when both runs went to a stack: an engine-only fingerprint compares with one
+    // made with --against on the engine's side alone.
+    if a.stack.is_some() && b.stack.is_some() && a.stack != b.stack {
+        out.push(Difference::Stack {
+            a: a.stack.clone(),
+            b: b.stack.clone(),
         });
     }
     if a.trace_digest != b.trace_digest || a.trace != b.trace {

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use prefix_harness::report::{self, Environment, Summary};
 use prefix_harness::run::{self, CaseResult, RunOptions};
 use prefix_harness::scenario::{self, Case, InputError};
+use prefix_harness::stack::StackOptions;
 
 #[derive(Parser)]
 #[command(
@@ -44,6 +45,12 @@ enum Command {
         /// write it as FILE.shrunk.yaml beside the scenario.
         #[arg(long)]
         shrink: bool,
+        /// Also run the cases on the Python stack (see `run --against`).
+        #[arg(long, value_enum)]
+        against: Option<Against>,
+        /// The Python interpreter for --against.
+        #[arg(long)]
+        python: Option<PathBuf>,
     },
     /// Compare two fingerprint files (`run --fingerprint`): shapes, statuses and tokens
     /// exactly, losses and logits within tolerance. Exit 0 equivalent, 1 different,
@@ -177,7 +184,16 @@ fn main() -> ExitCode {
             file,
             output,
             shrink,
-        } => repro_command(&file, output.as_deref(), shrink),
+            against,
+            python,
+        } => {
+            let stack = (against == Some(Against::Peft)).then(|| StackOptions {
+                python: prefix_harness::stack::interpreter(python.as_deref()),
+                timeout: Some(Duration::from_secs(300)),
+                startup: prefix_harness::stack::STARTUP,
+            });
+            repro_command(&file, output.as_deref(), shrink, stack.as_ref())
+        }
     }
 }
 
@@ -207,13 +223,17 @@ fn repro_command(
     file: &std::path::Path,
     output: Option<&std::path::Path>,
     shrink: bool,
+    stack: Option<&StackOptions>,
 ) -> ExitCode {
     let cases = match scenario::load_with(file, load_options()) {
         Ok(c) => c,
         Err(e) => return invalid(&[e]),
     };
     let text = std::fs::read_to_string(file).unwrap_or_default();
-    let results: Vec<CaseResult> = cases.iter().map(|c| run::run_isolated(c, None)).collect();
+    let mut results: Vec<CaseResult> = cases.iter().map(|c| run::run_isolated(c, None)).collect();
+    if let Some(opts) = stack {
+        prefix_harness::stack::run_against(&cases, &mut results, opts, &|l| eprintln!("{l}"));
+    }
     let env = Environment::capture(1);
     let mut md = prefix_harness::repro::markdown(file, &text, &cases, &results, &env);
     let mut status = if Summary::of(&results).ok() {
@@ -399,7 +419,7 @@ fn run_command(args: RunArgs) -> ExitCode {
         b.finish_and_clear();
     }
     if args.against == Some(Against::Peft) {
-        let stack_opts = prefix_harness::stack::StackOptions {
+        let stack_opts = StackOptions {
             python: prefix_harness::stack::interpreter(args.python.as_deref()),
             timeout: opts.timeout,
             startup: prefix_harness::stack::STARTUP,

@@ -103,7 +103,44 @@ pub fn case_markdown(case: &Case, r: &CaseResult) -> String {
     if !r.tokens.is_empty() {
         md += &format!("Generated ids: `{:?}`\n\n", r.tokens);
     }
+    if let Some(o) = &r.stack {
+        md += &stack_markdown(o);
+    }
     md
+}
+
+/// What the Python stack did with the case (`repro --against peft`).
+fn stack_markdown(o: &crate::stack::StackOutcome) -> String {
+    let v = &o.versions;
+    let mut md = format!(
+        "### On the Python stack\n\npython {}, {}: **{}**: {}\n\n",
+        v.python.as_deref().unwrap_or("?"),
+        v.describe(),
+        o.verdict.as_str(),
+        o.detail
+    );
+    if let Some(d) = &o.diagnosis {
+        md += &format!("- diagnosis: `{}` at {}\n", d.class.as_str(), d.place());
+        if !d.expected_shape.is_empty() || !d.actual_shape.is_empty() {
+            md += &format!(
+                "- written `{:?}`, held by the cache `{:?}`\n",
+                d.expected_shape, d.actual_shape
+            );
+        }
+    }
+    if let Some(e) = &o.error {
+        md += &format!("- exception: `{e}`\n");
+    }
+    if !o.tokens.is_empty() {
+        md += &format!("- greedy ids through the PEFT forward: `{:?}`\n", o.tokens);
+    }
+    if !o.generate_tokens.is_empty() {
+        md += &format!("- `PeftModel.generate` ids: `{:?}`\n", o.generate_tokens);
+    }
+    for w in v.warnings() {
+        md += &format!("- warning: {w}\n");
+    }
+    md + "\n"
 }
 
 /// The whole report for a scenario file.

@@ -89,6 +89,7 @@ fn case(id: &str) -> CaseFingerprint {
         tokens: vec![vec![1, 2, 3], vec![4, 5, 6]],
         losses: vec![2.5, 2.0, 1.5],
         logits: vec![summary(0.5), summary(-0.25)],
+        stack: None,
     }
 }
 
@@ -310,6 +311,35 @@ fn tokens_status_and_diagnosis_must_match_exactly() {
     let r = c.render();
     assert!(r.contains("row 1 differs from position 2"), "{r}");
     assert!(r.contains("A pass, B fail"), "{r}");
+}
+
+#[test]
+fn the_stacks_verdicts_are_compared_when_both_runs_went_to_a_stack() {
+    let mut a = fingerprint(vec![case("x")]);
+    let mut b = a.clone();
+    b.cases[0].stack =
+        Some("agree: 4 tokens per row; torch 2.15.0, transformers 5.24.0, peft 0.21.2".into());
+    assert!(
+        compare(&a, &b, Tolerance::default()).is_equivalent(),
+        "engine-only vs --against"
+    );
+    a.cases[0].stack = Some(
+        "stack-fails: rank at layer 0 self key; torch 2.5.1, transformers 4.46.3, peft 0.12.0"
+            .into(),
+    );
+    let c = compare(&a, &b, Tolerance::default());
+    let kinds: Vec<&str> = c.cases[0].differences.iter().map(|d| d.kind()).collect();
+    assert_eq!(kinds, ["stack"]);
+    let r = c.render();
+    assert!(
+        r.contains("the Python stack's verdicts differ") && r.contains("transformers 4.46.3"),
+        "{r}"
+    );
+    let back = Fingerprint::from_json(&a.to_json()).unwrap();
+    assert_eq!(
+        back.cases[0].stack, a.cases[0].stack,
+        "the stack side survives the file"
+    );
 }
 
 #[test]

@@ -360,3 +360,29 @@ fn without_a_python_the_cli_reports_stack_errors_and_keeps_the_engine_results() 
         "the engine's tokens are kept: {c}"
     );
 }
+
+#[test]
+fn repro_against_the_stack_reports_its_side_in_the_markdown() {
+    let d = scratch("repro");
+    let out = Command::new(env!("CARGO_BIN_EXE_prefix-harness"))
+        .args([
+            "repro",
+            "scenarios/stack/peft-2192.yaml",
+            "--against",
+            "peft",
+            "--python",
+        ])
+        .arg(d.join("no-such-python"))
+        .output()
+        .unwrap();
+    let md = String::from_utf8_lossy(&out.stdout);
+    assert!(md.contains("### On the Python stack"), "{md}");
+    assert!(
+        md.contains("**error**: cannot start the Python interpreter"),
+        "{md}"
+    );
+    assert!(
+        md.contains("Generated ids:"),
+        "the engine's side stays: {md}"
+    );
+}
