@@ -2,6 +2,8 @@
 //! (`ci/fixtures/make_reference_math.py`): PEFT's projection `PrefixEncoder` on the
 //! same weights, and transformers' sampling warpers on the same logits.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -9,6 +11,8 @@ use candle_core::{Device, Tensor};
 use prefix_harness::generate::Sampler;
 use prefix_harness::model::ModelGeometry;
 use prefix_harness::prefix::{PrefixConfig, PrefixEncoder};
+
+use common::max_abs_diff;
 
 const DIR: &str = "tests/fixtures/reference";
 
@@ -18,14 +22,6 @@ fn tensors() -> HashMap<String, Tensor> {
         &Device::Cpu,
     )
     .expect("prefix_mlp.safetensors")
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| d.abs())
-        .and_then(|d| d.max_all())
-        .and_then(|d| d.to_scalar::<f32>())
-        .expect("comparable tensors")
 }
 
 /// PEFT's `PrefixEncoder` with `prefix_projection=True`: embedding `[P, token_dim]`,

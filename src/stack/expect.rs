@@ -189,7 +189,8 @@ fn cmp_versions(a: &[u64], b: &[u64]) -> std::cmp::Ordering {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stack::{diagnose, StackError, StackEvent};
+    use crate::stack::diagnose;
+    use crate::stack::verdict::testing::{err, event};
 
     #[test]
     fn version_ranges() {
@@ -208,32 +209,6 @@ mod tests {
         );
         assert!(version_matches("1.0", "4.44").is_err());
         assert!(version_matches("1.0", ">=x").is_err());
-    }
-
-    fn err(msg: &str) -> StackError {
-        StackError {
-            kind: "RuntimeError".into(),
-            message: msg.into(),
-            file: Some("transformers/cache_utils.py".into()),
-            line: Some(10),
-            function: Some("update".into()),
-        }
-    }
-
-    fn event(layer: usize, before: Vec<usize>, written: Vec<usize>) -> StackEvent {
-        StackEvent {
-            step: 0,
-            layer,
-            attention: "self".into(),
-            op: "update".into(),
-            key_before: Some(before),
-            value_before: None,
-            key_written: Some(written),
-            value_written: None,
-            key_after: None,
-            value_after: None,
-            failed: true,
-        }
     }
 
     #[test]
@@ -285,20 +260,11 @@ mod tests {
         );
 
         let mut o = StackOutcome {
-            verdict: VerdictKind::StackFails,
-            divergence: None,
-            detail: String::new(),
             diagnosis: Some(diagnose(
                 &err("Tensors must have same number of dimensions: got 3 and 4"),
                 &[event(0, vec![8, 16, 8], vec![2, 4, 5, 16])],
             )),
-            error: None,
-            versions: StackEnv::default(),
-            tokens: vec![],
-            generate_tokens: vec![],
-            losses: vec![],
-            logits_max_diff: None,
-            duration_ms: 0.0,
+            ..StackOutcome::new(VerdictKind::StackFails, String::new(), StackEnv::default())
         };
         let rank = expectation_for(&list, "c", &env("4.46.3", "0.12.0"));
         assert_eq!(judge_stack(&rank, &o), None);

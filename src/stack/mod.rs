@@ -20,7 +20,7 @@
 mod driver;
 mod expect;
 mod job;
-mod verdict;
+pub(crate) mod verdict;
 
 pub use driver::{
     run_job, JobOutput, Phase, Phases, StackCase, StackEnv, StackError, StackEvent, StackOptions,
@@ -159,19 +159,7 @@ pub fn run_against(
 }
 
 fn error_outcome(detail: String) -> StackOutcome {
-    StackOutcome {
-        verdict: VerdictKind::Error,
-        divergence: None,
-        detail,
-        diagnosis: None,
-        error: None,
-        versions: StackEnv::default(),
-        tokens: vec![],
-        generate_tokens: vec![],
-        losses: vec![],
-        logits_max_diff: None,
-        duration_ms: 0.0,
-    }
+    StackOutcome::new(VerdictKind::Error, detail, StackEnv::default())
 }
 
 /// Fold the stack's outcome into the case's result: an error on the stack is the

@@ -110,12 +110,6 @@ pub fn verdict(
     env: &StackEnv,
 ) -> StackOutcome {
     let mut o = StackOutcome {
-        verdict: VerdictKind::Agree,
-        divergence: None,
-        detail: String::new(),
-        diagnosis: None,
-        error: None,
-        versions: env.clone(),
         tokens: s
             .phases
             .recompute
@@ -134,8 +128,8 @@ pub fn verdict(
             .as_ref()
             .map(|t| t.losses.clone())
             .unwrap_or_default(),
-        logits_max_diff: None,
         duration_ms: s.duration_ms,
+        ..StackOutcome::new(VerdictKind::Agree, String::new(), env.clone())
     };
     match s.status.as_str() {
         "skip" => {
@@ -308,6 +302,23 @@ pub fn verdict(
 }
 
 impl StackOutcome {
+    /// An outcome with nothing from the stack but its verdict, detail and versions.
+    pub fn new(verdict: VerdictKind, detail: String, versions: StackEnv) -> Self {
+        Self {
+            verdict,
+            divergence: None,
+            detail,
+            diagnosis: None,
+            error: None,
+            versions,
+            tokens: vec![],
+            generate_tokens: vec![],
+            losses: vec![],
+            logits_max_diff: None,
+            duration_ms: 0.0,
+        }
+    }
+
     fn diverges(mut self, d: Divergence, detail: String) -> Self {
         self.verdict = VerdictKind::Diverges;
         self.divergence = Some(d);
@@ -514,11 +525,12 @@ fn mismatched_dim(msg: &str) -> Option<usize> {
         .ok()
 }
 
+/// A stack error and a failed cache update, for the tests of this folder.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
 
-    fn err(msg: &str) -> StackError {
+    pub(crate) fn err(msg: &str) -> StackError {
         StackError {
             kind: "RuntimeError".into(),
             message: msg.into(),
@@ -528,7 +540,7 @@ mod tests {
         }
     }
 
-    fn event(layer: usize, before: Vec<usize>, written: Vec<usize>) -> StackEvent {
+    pub(crate) fn event(layer: usize, before: Vec<usize>, written: Vec<usize>) -> StackEvent {
         StackEvent {
             step: 0,
             layer,
@@ -543,6 +555,12 @@ mod tests {
             failed: true,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{err, event};
+    use super::*;
 
     #[test]
     fn the_2192_message_with_its_failed_event_is_rank_at_the_event() {
