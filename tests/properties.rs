@@ -20,7 +20,7 @@ use prefix_harness::generate::{
 };
 use prefix_harness::model::attention::{additive_mask, MaskSpec};
 use prefix_harness::model::{
-    bloom, gpt2, gpt_bigcode, llama, mistral, qwen2, qwen3, t5, weights, Family, Model,
+    bloom, gpt2, gpt_bigcode, llama, mistral, phi3, qwen2, qwen3, t5, weights, Family, Model,
     ModelConfig, ModelGeometry,
 };
 use prefix_harness::prefix::{PrefixConfig, PrefixEncoder};
@@ -142,6 +142,15 @@ impl Setup {
                 num_key_value_heads: Some(1 << (self.heads.h - self.heads.group.min(self.heads.h))),
                 head_dim: 2 * self.heads.half,
                 ..qwen3::Config::tiny()
+            }),
+            // head_dim = hidden / heads; every layer slides with a window of P + W
+            // (see Qwen2).
+            Family::Phi3 => ModelConfig::Phi3(phi3::Config {
+                num_attention_heads: heads,
+                num_key_value_heads: Some(1 << (self.heads.h - self.heads.group.min(self.heads.h))),
+                hidden_size: heads * 2 * self.heads.half,
+                sliding_window: Some(self.p + self.window),
+                ..phi3::Config::tiny()
             }),
             Family::T5 => ModelConfig::T5(t5::Config {
                 num_heads: heads,
@@ -671,6 +680,7 @@ fn hostile_scenario() -> impl Strategy<Value = String> {
             "qwen2",
             "mistral",
             "qwen3",
+            "phi3",
         ],
         &["nope"],
     );

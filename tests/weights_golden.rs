@@ -45,6 +45,9 @@ const GOLDEN: &[(&str, &str)] = &[
     ("weights/qwen3", "d81879830c12250d"),           // 146000 values
     ("prefix/qwen3/flat", "aab7b02832ad848d"),       // 2304 values
     ("prefix/qwen3/projection", "210881feec6a58c4"), // 11456 values
+    ("weights/phi3", "6ad61e9ac1903658"),            // 125376 values
+    ("prefix/phi3/flat", "4a2d2d52a5cde89c"),        // 1536 values
+    ("prefix/phi3/projection", "97c6cf36dd17fe90"),  // 7648 values
     ("data/default-batch-3x16", "d3dc0e53abe2adcb"), // 48 values
 ];
 

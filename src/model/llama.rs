@@ -288,6 +288,10 @@ pub struct Block {
     /// query at p sees keys in (p - W, p]. A cache's own window (`cache.window`)
     /// replaces it in every layer.
     pub windows: Vec<Option<usize>>,
+    /// Fused projections (Phi-3): `self_attn.qkv_proj` `[H*D + 2*KVH*D, E]` (q, k, v
+    /// along the output dimension) and `mlp.gate_up_proj` `[2*I, E]` (gate, then up),
+    /// split into the separate projections when loaded. No biases.
+    pub fused: bool,
 }
 
 impl Block {
@@ -300,6 +304,7 @@ impl Block {
             o_bias: cfg.attention_bias,
             qk_norm: false,
             windows: vec![cfg.sliding_window; cfg.num_hidden_layers],
+            fused: false,
         }
     }
 }
@@ -354,6 +359,33 @@ fn lin(vb: &VarBuilder, name: &str, i: usize, o: usize, with_bias: bool) -> Resu
     Linear::from_torch(&w, b).ctx(name)
 }
 
+/// A fused `nn.Linear` without bias (weight `[sum(outs), in]`) split along its output
+/// dimension into `N` `Linear`s `[in, outs[j]]`, in order.
+fn fused<const N: usize>(
+    vb: &VarBuilder,
+    name: &str,
+    i: usize,
+    outs: [usize; N],
+) -> Result<[Linear; N]> {
+    let total = outs.iter().sum::<usize>();
+    // [sum(outs), in]
+    let w = weight(vb, (total, i), &format!("{name}.weight")).ctx(name)?;
+    let mut start = 0;
+    let mut parts = Vec::with_capacity(N);
+    for o in outs {
+        // [o, in] -> Linear [in, o]
+        let part = w
+            .narrow(0, start, o)
+            .and_then(|p| Linear::from_torch(&p, None))
+            .ctx(name)?;
+        parts.push(part);
+        start += o;
+    }
+    parts
+        .try_into()
+        .map_err(|_| EngineError::Config(format!("{name}: split into {N} projections failed")))
+}
+
 impl Llama {
     pub fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         Self::load_block(cfg, Block::llama(cfg), vb)
@@ -378,17 +410,36 @@ impl Llama {
                 ones(&vb, size, &name).ctx(&name)
             };
             let head_norm = |n: &str| block.qk_norm.then(|| norm(n, d)).transpose();
+            let ([q_proj, k_proj, v_proj], [gate_proj, up_proj]) = if block.fused {
+                let qkv = format!("{p}.self_attn.qkv_proj");
+                let gate_up = format!("{p}.mlp.gate_up_proj");
+                (
+                    fused(&vb, &qkv, e, [heads * d, kvh * d, kvh * d])?,
+                    fused(&vb, &gate_up, e, [inter, inter])?,
+                )
+            } else {
+                let attn = |n: &str, o: usize| lin(&vb, &format!("{p}.self_attn.{n}"), e, o, qb);
+                let mlp = |n: &str| lin(&vb, &format!("{p}.mlp.{n}"), e, inter, mb);
+                (
+                    [
+                        attn("q_proj", heads * d)?,
+                        attn("k_proj", kvh * d)?,
+                        attn("v_proj", kvh * d)?,
+                    ],
+                    [mlp("gate_proj")?, mlp("up_proj")?],
+                )
+            };
             layers.push(Layer {
                 input_layernorm: norm("input_layernorm", e)?,
                 q_norm: head_norm("self_attn.q_norm")?,
                 k_norm: head_norm("self_attn.k_norm")?,
-                q_proj: lin(&vb, &format!("{p}.self_attn.q_proj"), e, heads * d, qb)?,
-                k_proj: lin(&vb, &format!("{p}.self_attn.k_proj"), e, kvh * d, qb)?,
-                v_proj: lin(&vb, &format!("{p}.self_attn.v_proj"), e, kvh * d, qb)?,
+                q_proj,
+                k_proj,
+                v_proj,
                 o_proj: lin(&vb, &format!("{p}.self_attn.o_proj"), heads * d, e, ob)?,
                 post_attention_layernorm: norm("post_attention_layernorm", e)?,
-                gate_proj: lin(&vb, &format!("{p}.mlp.gate_proj"), e, inter, mb)?,
-                up_proj: lin(&vb, &format!("{p}.mlp.up_proj"), e, inter, mb)?,
+                gate_proj,
+                up_proj,
                 down_proj: lin(&vb, &format!("{p}.mlp.down_proj"), inter, e, mb)?,
             });
         }

@@ -14,6 +14,7 @@ pub mod kernels;
 pub mod llama;
 pub mod mistral;
 pub mod nn;
+pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
 pub mod t5;
@@ -38,10 +39,11 @@ pub enum Family {
     Qwen2,
     Mistral,
     Qwen3,
+    Phi3,
 }
 
 impl Family {
-    pub const ALL: [Family; 8] = [
+    pub const ALL: [Family; 9] = [
         Family::Gpt2,
         Family::Llama,
         Family::Bloom,
@@ -50,6 +52,7 @@ impl Family {
         Family::Qwen2,
         Family::Mistral,
         Family::Qwen3,
+        Family::Phi3,
     ];
 
     /// The Hugging Face `model_type`.
@@ -63,6 +66,7 @@ impl Family {
             Family::Qwen2 => "qwen2",
             Family::Mistral => "mistral",
             Family::Qwen3 => "qwen3",
+            Family::Phi3 => "phi3",
         }
     }
 
@@ -78,6 +82,7 @@ impl Family {
             Family::Qwen2 => "Qwen2ForCausalLM",
             Family::Mistral => "MistralForCausalLM",
             Family::Qwen3 => "Qwen3ForCausalLM",
+            Family::Phi3 => "Phi3ForCausalLM",
         }
     }
 
@@ -177,6 +182,7 @@ pub enum ModelConfig {
     Qwen2(qwen2::Config),
     Mistral(mistral::Config),
     Qwen3(qwen3::Config),
+    Phi3(phi3::Config),
 }
 
 impl ModelConfig {
@@ -192,6 +198,7 @@ impl ModelConfig {
             Family::Qwen2 => ModelConfig::Qwen2(qwen2::Config::tiny()),
             Family::Mistral => ModelConfig::Mistral(mistral::Config::tiny()),
             Family::Qwen3 => ModelConfig::Qwen3(qwen3::Config::tiny()),
+            Family::Phi3 => ModelConfig::Phi3(phi3::Config::tiny()),
         }
     }
 
@@ -223,6 +230,7 @@ impl ModelConfig {
             Family::Qwen2 => ModelConfig::Qwen2(serde_json::from_value(v).map_err(err)?),
             Family::Mistral => ModelConfig::Mistral(serde_json::from_value(v).map_err(err)?),
             Family::Qwen3 => ModelConfig::Qwen3(serde_json::from_value(v).map_err(err)?),
+            Family::Phi3 => ModelConfig::Phi3(serde_json::from_value(v).map_err(err)?),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -238,6 +246,7 @@ impl ModelConfig {
             ModelConfig::Qwen2(_) => Family::Qwen2,
             ModelConfig::Mistral(_) => Family::Mistral,
             ModelConfig::Qwen3(_) => Family::Qwen3,
+            ModelConfig::Phi3(_) => Family::Phi3,
         }
     }
 
@@ -251,6 +260,7 @@ impl ModelConfig {
             ModelConfig::Qwen2(c) => c.geometry(),
             ModelConfig::Mistral(c) => c.geometry(),
             ModelConfig::Qwen3(c) => c.geometry(),
+            ModelConfig::Phi3(c) => c.geometry(),
         }
     }
 
@@ -269,6 +279,9 @@ impl ModelConfig {
                 "{}: heads and head_dim must be at least 1",
                 self.family().name()
             ));
+        }
+        if let ModelConfig::Phi3(c) = self {
+            c.check()?;
         }
         let explicit_head_dim = match self {
             ModelConfig::Llama(c) => c.head_dim.is_some(),
@@ -316,17 +329,22 @@ impl ModelConfig {
                 let (cfg, block) = c.decoder();
                 Box::new(llama::Llama::load_block(&cfg, block, vb)?)
             }
+            ModelConfig::Phi3(c) => {
+                let (cfg, block) = c.decoder();
+                Box::new(llama::Llama::load_block(&cfg, block, vb)?)
+            }
         })
     }
 
     /// The Llama decoder and block of a Llama-like family (`llama`, `qwen2`,
-    /// `mistral`, `qwen3`); `None` for the others.
+    /// `mistral`, `qwen3`, `phi3`); `None` for the others.
     pub fn decoder(&self) -> Option<(llama::Config, llama::Block)> {
         match self {
             ModelConfig::Llama(c) => Some((c.clone(), llama::Block::llama(c))),
             ModelConfig::Qwen2(c) => Some(c.decoder()),
             ModelConfig::Mistral(c) => Some(c.decoder()),
             ModelConfig::Qwen3(c) => Some(c.decoder()),
+            ModelConfig::Phi3(c) => Some(c.decoder()),
             _ => None,
         }
     }

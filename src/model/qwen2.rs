@@ -163,6 +163,7 @@ impl Config {
             o_bias: false,
             qk_norm: false,
             windows: self.windows(),
+            fused: false,
         };
         (cfg, block)
     }

@@ -161,6 +161,7 @@ impl Config {
                 self.max_window_layers,
                 self.layer_types.as_deref(),
             ),
+            fused: false,
         };
         (cfg, block)
     }
