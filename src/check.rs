@@ -352,3 +352,39 @@ impl<T> CandleExt<T> for candle_core::Result<T> {
         self.map_err(|e| from_candle(e, None, what))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The one-line form names the class and place, the message, both shapes when
+    /// either is known (an empty one shows as `[]`), and the hint when there is one.
+    #[test]
+    fn a_diagnosis_reads_as_one_line_with_shapes_only_when_known() {
+        let plain = Diagnosis::new(DiagnosisClass::Rank, "got 3 and 4");
+        assert_eq!(plain.to_string(), "rank at model: got 3 and 4");
+        let placed = plain
+            .clone()
+            .at(1, Attention::Cross, TensorKind::Value)
+            .shapes(&[2, 4, 8, 16], &[8, 16, 8])
+            .hint("a legacy prefix");
+        assert_eq!(
+            placed.to_string(),
+            "rank at layer 1 cross value: got 3 and 4 (expected [2, 4, 8, 16], rank 4; actual [8, 16, 8], rank 3); likely cause: a legacy prefix"
+        );
+        let expected_only = plain.clone().shapes(&[2, 4], &[]);
+        assert!(
+            expected_only
+                .to_string()
+                .ends_with("(expected [2, 4], rank 2; actual [], rank 0)"),
+            "{expected_only}"
+        );
+        let actual_only = plain.shapes(&[], &[3]);
+        assert!(
+            actual_only
+                .to_string()
+                .ends_with("(expected [], rank 0; actual [3], rank 1)"),
+            "{actual_only}"
+        );
+    }
+}
