@@ -192,9 +192,12 @@ pub fn markdown(
 fn layer_field(f: Family) -> &'static str {
     match f {
         Family::Gpt2 | Family::Bloom | Family::GptBigcode => "n_layer",
-        Family::Llama | Family::Qwen2 | Family::Mistral | Family::Qwen3 | Family::Phi3 => {
-            "num_hidden_layers"
-        }
+        Family::Llama
+        | Family::Qwen2
+        | Family::Mistral
+        | Family::Qwen3
+        | Family::Phi3
+        | Family::GptNeox => "num_hidden_layers",
         Family::T5 => "num_layers",
     }
 }

@@ -31,7 +31,8 @@ fn cached_decoding_matches_recompute_and_keys_have_the_declared_layout(
         Family::Qwen2,
         Family::Mistral,
         Family::Qwen3,
-        Family::Phi3
+        Family::Phi3,
+        Family::GptNeox
     )]
     family: Family,
     #[values("none", "dynamic", "static", "sliding", "legacy")] mode_name: &str,

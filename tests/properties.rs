@@ -20,8 +20,8 @@ use prefix_harness::generate::{
 };
 use prefix_harness::model::attention::{additive_mask, MaskSpec};
 use prefix_harness::model::{
-    bloom, gpt2, gpt_bigcode, llama, mistral, phi3, qwen2, qwen3, t5, weights, Family, Model,
-    ModelConfig, ModelGeometry,
+    bloom, gpt2, gpt_bigcode, gpt_neox, llama, mistral, phi3, qwen2, qwen3, t5, weights, Family,
+    Model, ModelConfig, ModelGeometry,
 };
 use prefix_harness::prefix::{PrefixConfig, PrefixEncoder};
 use prefix_harness::trace::{CacheOp, Trace, TraceEvent};
@@ -151,6 +151,18 @@ impl Setup {
                 hidden_size: heads * 2 * self.heads.half,
                 sliding_window: Some(self.p + self.window),
                 ..phi3::Config::tiny()
+            }),
+            // MHA, head_dim = hidden / heads; rotary on half of each head when that
+            // is even (pct 0.5 x 2 * half = half), else on all of it.
+            Family::GptNeox => ModelConfig::GptNeox(gpt_neox::Config {
+                num_attention_heads: heads,
+                hidden_size: heads * 2 * self.heads.half,
+                rotary_pct: if self.heads.half.is_multiple_of(2) {
+                    0.5
+                } else {
+                    1.0
+                },
+                ..gpt_neox::Config::tiny()
             }),
             Family::T5 => ModelConfig::T5(t5::Config {
                 num_heads: heads,
@@ -681,6 +693,7 @@ fn hostile_scenario() -> impl Strategy<Value = String> {
             "mistral",
             "qwen3",
             "phi3",
+            "gpt_neox",
         ],
         &["nope"],
     );

@@ -48,6 +48,9 @@ const GOLDEN: &[(&str, &str)] = &[
     ("weights/phi3", "6ad61e9ac1903658"),            // 125376 values
     ("prefix/phi3/flat", "4a2d2d52a5cde89c"),        // 1536 values
     ("prefix/phi3/projection", "97c6cf36dd17fe90"),  // 7648 values
+    ("weights/gpt_neox", "ba660aaf1a1b7862"),        // 108096 values
+    ("prefix/gpt_neox/flat", "4f32b82fd0d0a3c8"),    // 2048 values
+    ("prefix/gpt_neox/projection", "80b1096fbb40a374"), // 11040 values
     ("data/default-batch-3x16", "d3dc0e53abe2adcb"), // 48 values
 ];
 

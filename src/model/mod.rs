@@ -10,6 +10,7 @@ pub mod attention;
 pub mod bloom;
 pub mod gpt2;
 pub mod gpt_bigcode;
+pub mod gpt_neox;
 pub mod kernels;
 pub mod llama;
 pub mod mistral;
@@ -40,10 +41,11 @@ pub enum Family {
     Mistral,
     Qwen3,
     Phi3,
+    GptNeox,
 }
 
 impl Family {
-    pub const ALL: [Family; 9] = [
+    pub const ALL: [Family; 10] = [
         Family::Gpt2,
         Family::Llama,
         Family::Bloom,
@@ -53,6 +55,7 @@ impl Family {
         Family::Mistral,
         Family::Qwen3,
         Family::Phi3,
+        Family::GptNeox,
     ];
 
     /// The Hugging Face `model_type`.
@@ -67,6 +70,7 @@ impl Family {
             Family::Mistral => "mistral",
             Family::Qwen3 => "qwen3",
             Family::Phi3 => "phi3",
+            Family::GptNeox => "gpt_neox",
         }
     }
 
@@ -83,6 +87,7 @@ impl Family {
             Family::Mistral => "MistralForCausalLM",
             Family::Qwen3 => "Qwen3ForCausalLM",
             Family::Phi3 => "Phi3ForCausalLM",
+            Family::GptNeox => "GPTNeoXForCausalLM",
         }
     }
 
@@ -183,6 +188,7 @@ pub enum ModelConfig {
     Mistral(mistral::Config),
     Qwen3(qwen3::Config),
     Phi3(phi3::Config),
+    GptNeox(gpt_neox::Config),
 }
 
 impl ModelConfig {
@@ -199,6 +205,7 @@ impl ModelConfig {
             Family::Mistral => ModelConfig::Mistral(mistral::Config::tiny()),
             Family::Qwen3 => ModelConfig::Qwen3(qwen3::Config::tiny()),
             Family::Phi3 => ModelConfig::Phi3(phi3::Config::tiny()),
+            Family::GptNeox => ModelConfig::GptNeox(gpt_neox::Config::tiny()),
         }
     }
 
@@ -231,6 +238,7 @@ impl ModelConfig {
             Family::Mistral => ModelConfig::Mistral(serde_json::from_value(v).map_err(err)?),
             Family::Qwen3 => ModelConfig::Qwen3(serde_json::from_value(v).map_err(err)?),
             Family::Phi3 => ModelConfig::Phi3(serde_json::from_value(v).map_err(err)?),
+            Family::GptNeox => ModelConfig::GptNeox(serde_json::from_value(v).map_err(err)?),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -247,6 +255,7 @@ impl ModelConfig {
             ModelConfig::Mistral(_) => Family::Mistral,
             ModelConfig::Qwen3(_) => Family::Qwen3,
             ModelConfig::Phi3(_) => Family::Phi3,
+            ModelConfig::GptNeox(_) => Family::GptNeox,
         }
     }
 
@@ -261,6 +270,7 @@ impl ModelConfig {
             ModelConfig::Mistral(c) => c.geometry(),
             ModelConfig::Qwen3(c) => c.geometry(),
             ModelConfig::Phi3(c) => c.geometry(),
+            ModelConfig::GptNeox(c) => c.geometry(),
         }
     }
 
@@ -281,6 +291,9 @@ impl ModelConfig {
             ));
         }
         if let ModelConfig::Phi3(c) = self {
+            c.check()?;
+        }
+        if let ModelConfig::GptNeox(c) = self {
             c.check()?;
         }
         let explicit_head_dim = match self {
@@ -333,6 +346,7 @@ impl ModelConfig {
                 let (cfg, block) = c.decoder();
                 Box::new(llama::Llama::load_block(&cfg, block, vb)?)
             }
+            ModelConfig::GptNeox(c) => Box::new(gpt_neox::GptNeox::load(c, vb)?),
         })
     }
 
