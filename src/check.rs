@@ -387,4 +387,65 @@ mod tests {
             "{actual_only}"
         );
     }
+
+    fn diagnosis_of(e: candle_core::Error) -> Diagnosis {
+        let site = Some(Site::new(2, Attention::SelfAttn, TensorKind::Key));
+        match from_candle(e, site, "op") {
+            EngineError::Shape(d) => *d,
+            other => panic!("expected a diagnosis, got {other}"),
+        }
+    }
+
+    /// Each kind of candle shape or dtype error becomes a diagnosis with its class, the
+    /// place it happened and the expected and actual shapes in that order; other
+    /// candle errors stay candle errors with their context.
+    #[test]
+    fn candle_errors_become_diagnoses_with_expected_and_actual_in_order() {
+        use candle_core::{DType, Device, Tensor};
+        let dev = Device::Cpu;
+        let t = |dims: &[usize]| Tensor::zeros(dims, DType::F32, &dev).unwrap();
+        // cat of another rank: the rank expected, and the shape given.
+        let d = diagnosis_of(Tensor::cat(&[&t(&[2, 4, 3, 8]), &t(&[2, 4, 3])], 2).unwrap_err());
+        assert_eq!(
+            (d.class, d.expected_shape.len(), d.actual_shape.clone()),
+            (DiagnosisClass::Rank, 4, vec![2, 4, 3])
+        );
+        assert_eq!(d.place(), "layer 2 self key");
+        // cat of the same rank: the first operand is what the others must match.
+        let d = diagnosis_of(Tensor::cat(&[&t(&[2, 4, 3, 8]), &t(&[2, 2, 3, 8])], 2).unwrap_err());
+        assert_eq!(
+            (d.class, d.expected_shape.clone(), d.actual_shape.clone()),
+            (DiagnosisClass::Shape, vec![2, 4, 3, 8], vec![2, 2, 3, 8])
+        );
+        // A binary op: the right-hand side is what the left-hand side must match.
+        let d = diagnosis_of((t(&[2, 3]) + t(&[2, 4])).unwrap_err());
+        assert_eq!(
+            (d.class, d.expected_shape.clone(), d.actual_shape.clone()),
+            (DiagnosisClass::Shape, vec![2, 4], vec![2, 3])
+        );
+        let d = diagnosis_of((t(&[2, 3]) + t(&[2, 3, 1])).unwrap_err());
+        assert_eq!(d.class, DiagnosisClass::Rank);
+        // Broadcasting: the target shape is expected.
+        let d = diagnosis_of(t(&[3]).broadcast_as((2, 4)).unwrap_err());
+        assert_eq!(
+            (d.class, d.expected_shape.clone(), d.actual_shape.clone()),
+            (DiagnosisClass::Shape, vec![2, 4], vec![3])
+        );
+        // dtypes.
+        let half = Tensor::zeros((2, 3), DType::F16, &dev).unwrap();
+        let d = diagnosis_of((t(&[2, 3]) + half).unwrap_err());
+        assert_eq!(d.class, DiagnosisClass::Dtype);
+        // Rank of a reshape-free op.
+        let d = diagnosis_of(t(&[2, 3]).dims4().unwrap_err());
+        assert_eq!(d.class, DiagnosisClass::Rank);
+        // Something else stays a candle error with its place in the context.
+        let other = candle_core::Error::Msg("disk full".into());
+        let site = Some(Site::new(1, Attention::Cross, TensorKind::Value));
+        match from_candle(other, site, "write") {
+            EngineError::Candle { context, .. } => {
+                assert_eq!(context, "write at layer 1 cross value")
+            }
+            e => panic!("{e}"),
+        }
+    }
 }

@@ -340,3 +340,27 @@ fn the_judge_matches_every_place_field_of_an_expected_failure() {
     assert_eq!(r.status, Status::Fail);
     assert_eq!(r.diagnosis.unwrap().layer, Some(0));
 }
+
+/// `checks: {loss: decreases}` holds when training lowers the loss and fails the case,
+/// with both losses, when it does not (one step: the last loss is the first).
+#[test]
+fn the_loss_check_fails_a_case_whose_loss_does_not_decrease() {
+    use prefix_harness::run::{run_case, Status};
+    use prefix_harness::scenario;
+    let yaml = |steps: usize| {
+        format!(
+            "name: loss\nmodel:\n  family: gpt2\nprefix:\n  virtual_tokens: 2\ntrain: {{steps: {steps}, batch_size: 2, max_len: 16, evaluate: false}}\ngenerate:\n  max_new_tokens: 1\nchecks:\n  loss: decreases\n"
+        )
+    };
+    let file = std::path::Path::new("loss.yaml");
+    let run = |steps| run_case(&scenario::parse(file, &yaml(steps)).unwrap().remove(0));
+    let r = run(10);
+    assert_eq!(r.status, Status::Pass, "{:?}", r.message);
+    let r = run(1);
+    assert_eq!(r.status, Status::Fail);
+    let m = r.message.unwrap();
+    assert!(
+        m.starts_with("checks.loss: decreases, but the loss went from"),
+        "{m}"
+    );
+}
