@@ -364,3 +364,35 @@ fn the_loss_check_fails_a_case_whose_loss_does_not_decrease() {
         "{m}"
     );
 }
+
+/// A warning-level diagnosis (`prefix-evicted`) meets an expectation of its class: the
+/// run completes, the case passes and reports the warning as its diagnosis; expecting
+/// another class fails it.
+#[test]
+fn an_expected_warning_passes_the_judge_and_another_class_does_not() {
+    use prefix_harness::run::{run_case, Status};
+    use prefix_harness::scenario;
+    let file = std::path::Path::new("scenarios/bugs/sliding-window-evicts-prefix.yaml");
+    let text = std::fs::read_to_string(file).unwrap();
+    let exact = "expect: {error: prefix-evicted, layer: 0, attention: self, tensor: key}";
+    assert!(
+        text.contains(exact),
+        "the scenario's expectation changed: update this test"
+    );
+    let judge = |expect: &str| {
+        run_case(
+            &scenario::parse(file, &text.replace(exact, expect))
+                .unwrap()
+                .remove(0),
+        )
+    };
+    let r = judge(exact);
+    assert_eq!(r.status, Status::Pass, "{:?}", r.message);
+    assert_eq!(r.diagnosis.unwrap().class, DiagnosisClass::PrefixEvicted);
+    let r = judge("expect: {error: seq-len}");
+    assert_eq!(r.status, Status::Fail);
+    assert!(r
+        .message
+        .unwrap()
+        .contains("expected a `seq-len` failure but the case passed"));
+}

@@ -298,4 +298,23 @@ mod tests {
         };
         assert!(env.warnings().is_empty());
     }
+
+    #[test]
+    fn expectations_describe_themselves_as_the_table_shows_them() {
+        let list: Vec<StackExpectation> = serde_json::from_str(
+            r#"[{"expect": "agree"}, {"expect": "skip"}, {"expect": {"diverges": "generate"}},
+                {"expect": {"error": "rank", "layer": 0, "attention": "self", "tensor": "key"}}]"#,
+        )
+        .unwrap();
+        let text: Vec<String> = list.iter().map(|e| e.expect.describe()).collect();
+        assert_eq!(
+            text,
+            [
+                "agree",
+                "skip",
+                "diverges (generate)",
+                "stack-fails: rank @ layer 0 self key"
+            ]
+        );
+    }
 }
