@@ -270,6 +270,14 @@ mod tests {
         assert_eq!(judge_stack(&rank, &o), None);
         let agree = StackExpect::Word(StackWord::Agree);
         assert!(judge_stack(&agree, &o).is_some());
+        let agreeing =
+            StackOutcome::new(VerdictKind::Agree, "4 tokens".into(), StackEnv::default());
+        assert_eq!(judge_stack(&agree, &agreeing), None, "agree meets agree");
+        let skip = StackExpect::Word(StackWord::Skip);
+        assert!(
+            judge_stack(&skip, &agreeing).is_some(),
+            "agree is not a skip"
+        );
         o.diagnosis.as_mut().unwrap().layer = Some(1);
         let why = judge_stack(&rank, &o).expect("another layer does not match");
         assert!(why.contains("fixed upstream?"), "{why}");
