@@ -278,6 +278,16 @@ mod tests {
             judge_stack(&skip, &agreeing).is_some(),
             "agree is not a skip"
         );
+        let skipping = StackOutcome::new(
+            VerdictKind::Skip,
+            "no tuple caches".into(),
+            StackEnv::default(),
+        );
+        assert_eq!(judge_stack(&skip, &skipping), None, "skip meets skip");
+        assert!(
+            judge_stack(&agree, &skipping).is_some(),
+            "a skip is not agreement"
+        );
         o.diagnosis.as_mut().unwrap().layer = Some(1);
         let why = judge_stack(&rank, &o).expect("another layer does not match");
         assert!(why.contains("fixed upstream?"), "{why}");
