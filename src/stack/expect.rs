@@ -269,7 +269,11 @@ mod tests {
         let rank = expectation_for(&list, "c", &env("4.46.3", "0.12.0"));
         assert_eq!(judge_stack(&rank, &o), None);
         let agree = StackExpect::Word(StackWord::Agree);
-        assert!(judge_stack(&agree, &o).is_some());
+        let why = judge_stack(&agree, &o).expect("a failure is not agreement");
+        assert!(
+            !why.contains("fixed upstream"),
+            "an expected agreement that fails is not a fixed bug: {why}"
+        );
         let agreeing =
             StackOutcome::new(VerdictKind::Agree, "4 tokens".into(), StackEnv::default());
         assert_eq!(judge_stack(&agree, &agreeing), None, "agree meets agree");
