@@ -204,6 +204,10 @@ mod tests {
         assert!(version_matches("0.21.2", "!=0.21.1").unwrap());
         assert!(!version_matches("0.21.2", "!=0.21.2").unwrap());
         assert!(
+            version_matches("0.21.0", "!=0.21.2").unwrap(),
+            "older is not equal either"
+        );
+        assert!(
             version_matches("4.44", ">=4.44.0").unwrap(),
             "missing parts count as 0"
         );
