@@ -158,22 +158,27 @@ pub struct LogitsSummary {
 impl LogitsSummary {
     /// Summarise `logits: [B, V]` (any shape works: all values are pooled).
     pub fn of(logits: &candle_core::Tensor) -> candle_core::Result<Self> {
-        let mut v: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let v: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        Ok(Self::of_values(v.into_iter().map(f64::from).collect()))
+    }
+
+    /// Summarise plain values (the Python stack's logits `[B, V]`, flattened).
+    pub fn of_values(mut v: Vec<f64>) -> Self {
         v.sort_by(|a, b| a.total_cmp(b));
         let at = |q: f64| -> f64 {
             if v.is_empty() {
                 return 0.0;
             }
-            v[((v.len() - 1) as f64 * q).round() as usize] as f64
+            v[((v.len() - 1) as f64 * q).round() as usize]
         };
-        Ok(Self {
+        Self {
             min: at(0.0),
             q25: at(0.25),
             median: at(0.5),
             q75: at(0.75),
             max: at(1.0),
-            sum: v.iter().map(|x| *x as f64).sum(),
-        })
+            sum: v.iter().sum(),
+        }
     }
 }
 

@@ -240,7 +240,8 @@ pub fn verdict(
         r.logits.first(),
         forward.and_then(|f| f.logits_last.as_ref()),
     ) {
-        let stack = summary(l);
+        // [B, V] -> the same order statistics as the engine's summary.
+        let stack = crate::run::LogitsSummary::of_values(l.iter().flatten().copied().collect());
         let pairs = [
             (first.min, stack.min),
             (first.q25, stack.q25),
@@ -329,26 +330,6 @@ impl StackOutcome {
     /// `agree (...)`, `stack-fails: rank at layer 0 self key`, ...
     pub fn describe(&self) -> String {
         format!("{}: {}", self.verdict.as_str(), self.detail)
-    }
-}
-
-/// Order statistics of `[B, V]` values, as [`crate::run::LogitsSummary`] computes them.
-fn summary(rows: &[Vec<f64>]) -> crate::run::LogitsSummary {
-    let mut v: Vec<f64> = rows.iter().flatten().copied().collect();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| -> f64 {
-        if v.is_empty() {
-            return 0.0;
-        }
-        v[((v.len() - 1) as f64 * q).round() as usize]
-    };
-    crate::run::LogitsSummary {
-        min: at(0.0),
-        q25: at(0.25),
-        median: at(0.5),
-        q75: at(0.75),
-        max: at(1.0),
-        sum: v.iter().sum(),
     }
 }
 
