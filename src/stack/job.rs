@@ -71,12 +71,14 @@ pub struct JobBatch {
     pub labels: Vec<Vec<i64>>,
 }
 
+/// Token ids `[B, S]` (any integer dtype) as rows of JSON numbers.
 fn ids2(t: &Tensor) -> Result<Vec<Vec<u32>>, String> {
     t.to_dtype(DType::U32)
         .and_then(|t| t.to_vec2())
         .map_err(|e| format!("ids: {e}"))
 }
 
+/// A padding mask `[B, S]` (f32, 1 = token) as rows of 0 / 1.
 fn mask2(t: &Tensor) -> Result<Vec<Vec<u8>>, String> {
     let m: Vec<Vec<f32>> = t
         .to_dtype(DType::F32)
