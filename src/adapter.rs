@@ -468,9 +468,21 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
 /// "pt"})` writes it: tensors sorted by name (all f32 here), header padded with spaces to
 /// a multiple of 8 bytes, little-endian data. Each tensor is converted to f32.
 pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
+    safetensors_bytes_with(tensors, &[("format", "pt")])
+}
+
+/// [`safetensors_bytes`] with other `__metadata__` entries (string keys and values).
+pub fn safetensors_bytes_with(
+    tensors: &[(String, Tensor)],
+    metadata: &[(&str, &str)],
+) -> Result<Vec<u8>> {
     let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut header = String::from("{\"__metadata__\":{\"format\":\"pt\"}");
+    let meta: serde_json::Map<String, serde_json::Value> = metadata
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
+        .collect();
+    let mut header = format!("{{\"__metadata__\":{}", serde_json::Value::Object(meta));
     let mut data: Vec<u8> = vec![];
     for (name, t) in sorted {
         // Any shape; stored row-major as f32.
@@ -505,13 +517,17 @@ pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
 
 /// Write [`safetensors_bytes`] to `path` atomically (the folder must exist).
 pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let bytes = safetensors_bytes(tensors)?;
+    write_file_atomic(path, &safetensors_bytes(tensors)?)
+}
+
+/// Write `bytes` to `path` atomically (the folder must exist).
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| EngineError::Config(format!("{}: not a file path", path.display())))?;
-    write_atomic(dir, name, &bytes)
+    write_atomic(dir, name, bytes)
 }
 
 /// Save `prefix` as a PEFT PREFIX_TUNING adapter in `dir` (created if needed):

@@ -37,6 +37,11 @@ pub enum DiagnosisClass {
     PrefixEvicted,
     /// A shape failure that fits none of the classes above.
     Shape,
+    /// Silent wrong output: the run generated other tokens (or logits) than a
+    /// reference that must agree with it (whole prefill for a chunked one, the
+    /// uninterrupted run for a saved and restored cache, the row alone for a padded
+    /// row); the message names the step, the row and the first differing layer.
+    Divergence,
     /// The Python stack raised an exception that is not a shape failure (a `KeyError`
     /// in PEFT's `prepare_inputs_for_generation`, an `AttributeError`, ...): `run
     /// --against peft` only; the engine never gives it.
@@ -58,6 +63,7 @@ impl DiagnosisClass {
             Self::NonFinite => "non-finite",
             Self::PrefixEvicted => "prefix-evicted",
             Self::Shape => "shape",
+            Self::Divergence => "divergence",
             Self::Exception => "exception",
         }
     }

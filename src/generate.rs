@@ -114,6 +114,16 @@ pub struct DecodeOptions {
     /// Expand the prefix to batch x beams rows (the fix); `false` reproduces the
     /// historical bug of a prefix built for the input batch only (UnifiedSKG issue 24).
     pub expand_prefix: bool,
+    /// Feed the prompt in chunks of this many tokens after the prefix (`None`: the
+    /// whole prompt in one pass). Each chunk is a forward pass with its own mask
+    /// `[N, 1, chunk, K]` and positions, recorded as a trace step.
+    pub prefill_chunk: Option<usize>,
+    /// After the forward pass of this step (0: the prefill), write the cache to
+    /// `cache_file`, read it back into a fresh cache and go on with that one.
+    pub save_at: Option<usize>,
+    /// Where `save_at` writes the cache (`None`: a temporary file, removed after it
+    /// is read back).
+    pub cache_file: Option<std::path::PathBuf>,
 }
 
 impl DecodeOptions {
@@ -128,6 +138,9 @@ impl DecodeOptions {
             pad_token_id: None,
             num_return_sequences: 1,
             expand_prefix: true,
+            prefill_chunk: None,
+            save_at: None,
+            cache_file: None,
         }
     }
 
@@ -154,6 +167,14 @@ impl DecodeOptions {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(EngineError::Config(format!("generate: {m}")));
         let n = self.num_return_sequences;
+        if self.prefill_chunk == Some(0) {
+            return bad("prefill_chunk must be at least 1".into());
+        }
+        if self.prefill_chunk.is_some() && self.cache.mode == CacheMode::None {
+            return bad(
+                "prefill_chunk needs a cache that keeps keys (`cache: none` recomputes the whole sequence every step)".into(),
+            );
+        }
         if n == 0 {
             return bad("num_return_sequences must be at least 1".into());
         }
@@ -453,22 +474,45 @@ fn decode(
             // The cache follows the beams chosen at the previous step.
             cache.reorder(&src)?;
         }
-        let mask = with_prefix(&seq_pad)?; // [N, P + T]
         let ids = if recompute || step == 0 {
             &seq
         } else {
             &next_input
         };
-        // [N, S or 1, V]
-        let out = model.forward(
-            ids,
-            &mut Forward {
-                cache,
-                mask: &mask,
-                encoder: encoded.as_ref(),
-                last_only: true,
-            },
-        )?;
+        // The prefill in chunks: [N, c] ids each over the mask [N, P + end of chunk].
+        let t = ids.dim(1).ctx("ids")?;
+        let chunk = match opts.prefill_chunk {
+            Some(c) if step == 0 && !recompute => c.min(t),
+            _ => t,
+        };
+        let mut out = None;
+        for start in (0..t).step_by(chunk.max(1)) {
+            if start > 0 {
+                cache.next_step();
+            }
+            let len = chunk.min(t - start);
+            let (ids, pad) = if len == t {
+                (ids.clone(), seq_pad.clone())
+            } else {
+                let fed = seq_pad.dim(1).ctx("mask")? - t + start + len;
+                (
+                    ids.narrow(1, start, len).ctx("prompt chunk")?,
+                    seq_pad.narrow(1, 0, fed).ctx("chunk mask")?,
+                )
+            };
+            let mask = with_prefix(&pad)?; // [N, P + T so far]
+                                           // [N, len or 1, V]
+            out = Some(model.forward(
+                &ids,
+                &mut Forward {
+                    cache,
+                    mask: &mask,
+                    encoder: encoded.as_ref(),
+                    last_only: true,
+                },
+            )?);
+        }
+        let out = out.ok_or_else(|| EngineError::Config("generate: an empty prompt".into()))?;
         // [N, V]
         let last = out
             .narrow(1, out.dim(1).ctx("logits")? - 1, 1)
@@ -546,6 +590,9 @@ fn decode(
         if all_done {
             break;
         }
+        if opts.save_at == Some(step) {
+            *cache = save_and_reload(cache, opts.cache_file.as_deref())?;
+        }
     }
     let (tokens, scores) = match chooser {
         Chooser::Greedy => (hist, None),
@@ -562,6 +609,30 @@ fn decode(
         logits,
         scores,
     })
+}
+
+/// Write `cache` to `file` (else a temporary file, removed afterwards) and read it back
+/// into a fresh cache of the same mode, which carries the trace on.
+fn save_and_reload(cache: &mut ModelCache, file: Option<&std::path::Path>) -> Result<ModelCache> {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let temp = file.is_none();
+    let path = match file {
+        Some(f) => f.to_path_buf(),
+        None => std::env::temp_dir().join(format!(
+            "prefix-harness-{}-{}.cache.safetensors",
+            std::process::id(),
+            COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        )),
+    };
+    let result = cache.save(&path).and_then(|_| {
+        // The fresh cache carries the trace on, the save events included.
+        let mut fresh = cache.emptied();
+        fresh.restore(&path).map(|_| fresh)
+    });
+    if temp {
+        let _ = std::fs::remove_file(&path);
+    }
+    result
 }
 
 /// `[N, V]` logits to host rows (f32).

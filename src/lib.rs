@@ -8,6 +8,7 @@ pub mod adapter;
 pub mod cache;
 pub mod check;
 pub mod data;
+pub mod divergence;
 pub mod fingerprint;
 pub mod generate;
 pub mod hub;

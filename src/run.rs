@@ -352,6 +352,8 @@ pub fn prepare_with(case: &Case, check_adapter: bool) -> Result<Prepared, Engine
     opts.pad_token_id = g.pad_token_id;
     opts.num_return_sequences = g.num_return_sequences;
     opts.expand_prefix = g.expand_prefix;
+    opts.prefill_chunk = g.prefill_chunk;
+    opts.save_at = case.scenario.cache.save_at;
     Ok(Prepared {
         model,
         base,
@@ -380,7 +382,7 @@ fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
     let prompt_len = ids
         .dim(1)
         .map_err(|e| crate::check::from_candle(e, None, "prompt"))?;
-    if let (CacheMode::Sliding { window }, p) =
+    if let (CacheMode::Sliding { window } | CacheMode::Rotating { window }, p) =
         (opts.cache.mode, prefix.geometry.num_virtual_tokens)
     {
         // Positions the last forward pass queries: P + S + (new - 1) - 1.
@@ -405,6 +407,26 @@ fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
     r.trace_digest = Some(trace.digest());
     r.trace = Some(trace);
     let out = out?;
+    // Settings that must not change the tokens: against the run without them.
+    let outcome = crate::divergence::check_reference(
+        model.as_ref(),
+        Some(&prefix),
+        &opts,
+        &ids,
+        Some(&mask),
+        &out,
+    )
+    .and_then(|_| match case.scenario.checks.padding {
+        Some(crate::scenario::PaddingCheck::Invariant) => crate::divergence::check_padding(
+            model.as_ref(),
+            Some(&prefix),
+            &opts,
+            &ids,
+            &mask,
+            &out,
+        ),
+        None => Ok(()),
+    });
     r.tokens = out.tokens;
     r.logits = out
         .logits
@@ -421,7 +443,7 @@ fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
         .hint("non-finite weights, prefix values or an overflow in attention")
         .into());
     }
-    Ok(())
+    outcome
 }
 
 /// Checks beyond the expectation (`checks:`): `None` when they hold, else why not.

@@ -164,6 +164,7 @@ pub enum CacheModeName {
     Dynamic,
     Static,
     Sliding,
+    Rotating,
     Legacy,
 }
 
@@ -176,13 +177,22 @@ pub struct CacheSpec {
     /// `static`: capacity in positions (default: P + prompt + max_new_tokens).
     #[serde(default)]
     pub max_len: Option<usize>,
-    /// `sliding`: window in positions (required).
+    /// `sliding` and `rotating`: window in positions (required).
     #[serde(default)]
     pub window: Option<usize>,
     /// Historical transformers behaviour: a prefix in the T5 cross cache marks it
     /// "already computed" (before transformers PR 34312).
     #[serde(default)]
     pub cross_prefix_marks_updated: bool,
+    /// After this generation step (0: the prefill) the cache is written to a
+    /// safetensors file, read back into a fresh cache, and generation goes on; the
+    /// tokens must equal the uninterrupted run's.
+    #[serde(default)]
+    pub save_at: Option<usize>,
+    /// Historical (llama.cpp issue 25295): a restored `rotating` cache loses its ring
+    /// head.
+    #[serde(default)]
+    pub ring_head_lost_on_load: bool,
 }
 
 /// Padding side of batched prompts.
@@ -253,6 +263,14 @@ pub struct GenerateSpec {
     /// Expand the prefix to batch x beams (the fix); `false`: historical bug.
     #[serde(default = "yes")]
     pub expand_prefix: bool,
+    /// Feed the prompt in chunks of this many tokens (default: all at once); the
+    /// tokens must equal the whole prefill's.
+    #[serde(default)]
+    pub prefill_chunk: Option<usize>,
+    /// How a prompt chunk's causal mask is aligned: `lower-right` (the fix),
+    /// `upper-left` or `square` (historical bugs).
+    #[serde(default)]
+    pub chunk_mask: crate::cache::ChunkMask,
 }
 
 fn default_new_tokens() -> usize {
@@ -271,6 +289,8 @@ impl Default for GenerateSpec {
             pad_token_id: None,
             num_return_sequences: 1,
             expand_prefix: true,
+            prefill_chunk: None,
+            chunk_mask: crate::cache::ChunkMask::LowerRight,
         }
     }
 }
@@ -282,6 +302,17 @@ pub struct Checks {
     /// `decreases`: the last training loss is below the first.
     #[serde(default)]
     pub loss: Option<LossCheck>,
+    /// `invariant`: every left-padded row generates what it generates alone, else a
+    /// `divergence` naming the row and the step.
+    #[serde(default)]
+    pub padding: Option<PaddingCheck>,
+}
+
+/// What left padding may do to a row's generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PaddingCheck {
+    Invariant,
 }
 
 /// What the training loss must do.
@@ -781,10 +812,45 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
         .validate()
         .map_err(|m| ("generate".to_string(), m.to_string()))?;
     match s.cache.mode {
-        CacheModeName::Sliding if s.cache.window.is_none() => {
-            return e("cache.window", "`sliding` needs a window (positions kept)")
+        CacheModeName::Sliding | CacheModeName::Rotating if s.cache.window.is_none() => {
+            return e(
+                "cache.window",
+                "`sliding` and `rotating` need a window (positions kept)",
+            )
         }
         _ => {}
+    }
+    if s.generate.prefill_chunk == Some(0) {
+        return e("generate.prefill_chunk", "expected at least 1");
+    }
+    if s.generate.prefill_chunk.is_some() && s.cache.mode == CacheModeName::None {
+        return e(
+            "generate.prefill_chunk",
+            "needs a cache that keeps keys (`cache.mode: none` recomputes the whole sequence every step)",
+        );
+    }
+    if s.checks.padding.is_some()
+        && matches!(
+            s.generate.strategy,
+            crate::generate::Strategy::Sample { .. }
+        )
+    {
+        return e(
+            "checks.padding",
+            "needs greedy or beam decoding (a sampled row draws from its own random stream, which differs alone)",
+        );
+    }
+    if let Some(at) = s.cache.save_at {
+        if at + 1 >= s.generate.max_new_tokens {
+            return e(
+                "cache.save_at",
+                &format!(
+                    "expected a step before the last (0 to {}) so that generation goes on from the restored cache; max_new_tokens is {}",
+                    s.generate.max_new_tokens.saturating_sub(2),
+                    s.generate.max_new_tokens
+                ),
+            );
+        }
     }
     if s.cache.window == Some(0) {
         return e("cache.window", "expected at least 1");
@@ -1090,6 +1156,9 @@ impl Case {
             CacheModeName::Sliding => CacheMode::Sliding {
                 window: c.window.unwrap_or(usize::MAX),
             },
+            CacheModeName::Rotating => CacheMode::Rotating {
+                window: c.window.unwrap_or(usize::MAX),
+            },
             CacheModeName::Legacy => CacheMode::Legacy,
         };
         let mut cfg = CacheConfig::new(mode);
@@ -1097,6 +1166,8 @@ impl Case {
             cfg.window = c.window;
         }
         cfg.cross_prefix_marks_updated = c.cross_prefix_marks_updated;
+        cfg.ring_head_lost_on_load = c.ring_head_lost_on_load;
+        cfg.chunk_mask = self.scenario.generate.chunk_mask;
         cfg
     }
 
@@ -1259,7 +1330,14 @@ fn check_matrix_path(doc: &Value, key: &str) -> Result<(), String> {
         ),
         (
             "cache",
-            &["mode", "max_len", "window", "cross_prefix_marks_updated"],
+            &[
+                "mode",
+                "max_len",
+                "window",
+                "cross_prefix_marks_updated",
+                "save_at",
+                "ring_head_lost_on_load",
+            ],
         ),
         (
             "data",
@@ -1280,6 +1358,8 @@ fn check_matrix_path(doc: &Value, key: &str) -> Result<(), String> {
                 "pad_token_id",
                 "num_return_sequences",
                 "expand_prefix",
+                "prefill_chunk",
+                "chunk_mask",
             ],
         ),
         (

@@ -19,6 +19,10 @@ pub enum CacheOp {
     /// The batch rows of every stored tensor were selected (beam search: the cache
     /// follows the chosen beams; also the expansion of a batch to batch x beams).
     Reorder,
+    /// The cache was written to a file (`cache.save_at`).
+    Save,
+    /// A fresh cache was filled from that file.
+    Load,
 }
 
 /// One cache event.
@@ -47,6 +51,9 @@ pub struct TraceEvent {
     pub mask: Option<Vec<usize>>,
     /// Positions of the queries of this step, `start..end` (prefix is `0..P`).
     pub positions: Option<(usize, usize)>,
+    /// `rotating` caches: the ring slot the next position goes to, after the event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring_head: Option<usize>,
 }
 
 /// An ordered list of cache events for one run.
@@ -112,5 +119,6 @@ pub fn event(layer: usize, attention: Attention, op: CacheOp, layout: &str) -> T
         value_read: None,
         mask: None,
         positions: None,
+        ring_head: None,
     }
 }

@@ -5,7 +5,7 @@
 use candle_core::Tensor;
 
 use super::kernels::matmul;
-use crate::cache::KvView;
+use crate::cache::{ChunkMask, KvView};
 use crate::check::{Attention, CandleExt, Diagnosis, DiagnosisClass, Result, Site, TensorKind};
 
 /// Which keys a query may see.
@@ -130,7 +130,7 @@ pub fn sdpa(
                 .at(Site::new(layer, attention, TensorKind::Value), "attention");
         }
     }
-    check_keys(q, k, layer, attention)?;
+    check_keys(q, k, mask, layer, attention)?;
     attend(q, k, v, mask, bias, scale, layer, attention).map(|(out, _)| out)
 }
 
@@ -149,15 +149,22 @@ pub fn sdpa_detached(
     layer: usize,
     attention: Attention,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    check_keys(q, k, layer, attention)?;
+    check_keys(q, k, mask, layer, attention)?;
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let (out, probs) = attend(&qd, &kd, &vd, mask, bias, scale, layer, attention)?;
     Ok((out, probs.filter(|_| k.dims() == v.dims())))
 }
 
-/// The keys' shape against the queries' `[B, H, S, D]`: a diagnosis naming the layer
-/// when the rank, batch, head_dim or KV head grouping disagree.
-fn check_keys(q: &Tensor, k: &Tensor, layer: usize, attention: Attention) -> Result<()> {
+/// The keys' shape against the queries' `[B, H, S, D]`, and the mask's against both
+/// (`[B or 1, 1, S, K]`): a diagnosis naming the layer when the rank, batch, head_dim,
+/// KV head grouping or mask width disagree.
+fn check_keys(
+    q: &Tensor,
+    k: &Tensor,
+    mask: &Tensor,
+    layer: usize,
+    attention: Attention,
+) -> Result<()> {
     let (qb, h, _s, qd) = q
         .dims4()
         .at(Site::new(layer, attention, TensorKind::Query), "queries")?;
@@ -202,6 +209,25 @@ fn check_keys(q: &Tensor, k: &Tensor, layer: usize, attention: Attention) -> Res
             format!("{h} query heads cannot be grouped over {kvh} key/value heads"),
             "the prefix was built with a head count that is not the model's num_key_value_heads",
         );
+    }
+    let s = q.dims()[2];
+    let m = mask.dims().to_vec();
+    let fits = m.len() == 4 && (m[0] == qb || m[0] == 1) && m[1] == 1 && m[2] == s && m[3] == kl;
+    if !fits {
+        return Err(Diagnosis::new(
+            DiagnosisClass::MaskWidth,
+            format!(
+                "the attention mask is {m:?} but {s} queries attend over {kl} keys (expected [{qb}, 1, {s}, {kl}])"
+            ),
+        )
+        .at(layer, attention, TensorKind::Mask)
+        .shapes(&[qb, 1, s, kl], &m)
+        .hint(if m.len() == 4 && m[3] < kl {
+            "the mask was built for fewer keys than the cache returns: a prompt chunk's mask must span the prefix, the earlier chunks and the chunk ([S, past + S]), not only the chunk (candle issue 2153)"
+        } else {
+            "the mask and the keys disagree on the number of positions"
+        })
+        .into());
     }
     Ok(())
 }
@@ -350,7 +376,7 @@ pub fn cached_keys(
         .k
         .dim(2)
         .at(Site::new(layer, att, TensorKind::Key), "key length")?;
-    let spec = MaskSpec {
+    let mut spec = MaskSpec {
         q_start: past,
         q_len: s,
         kv_start: view.kv_start,
@@ -358,8 +384,31 @@ pub fn cached_keys(
         causal: true,
         window,
     };
+    // A prompt chunk after cached prompt positions (several queries, fewer than the
+    // keys past the prefix): where the historical chunk-mask bugs show.
+    let prefix_len = fw.cache.prefix_len();
+    let later_chunk = s > 1 && past > prefix_len;
+    let chunk_mask = fw.cache.config.chunk_mask;
+    if later_chunk && chunk_mask == ChunkMask::UpperLeft {
+        // The triangle starts right after the prefix: query i of the chunk is taken
+        // for position P + i and sees none of the earlier chunks' later positions.
+        spec.q_start = prefix_len;
+    }
     // [B, 1, S, K]
-    let mask = additive_mask(fw.mask, spec, layer, att)?;
+    let mut mask = additive_mask(fw.mask, spec, layer, att)?;
+    if later_chunk && chunk_mask == ChunkMask::Square {
+        // [B, 1, S, P + S]: the prefix columns and the chunk's own, nothing between.
+        let site = Site::new(layer, att, TensorKind::Mask);
+        let p = prefix_len.saturating_sub(view.kv_start).min(kv_len);
+        mask = Tensor::cat(
+            &[
+                &mask.narrow(3, 0, p).at(site, "mask")?,
+                &mask.narrow(3, kv_len - s, s).at(site, "mask")?,
+            ],
+            3,
+        )
+        .at(site, "square chunk mask")?;
+    }
     fw.cache.note_mask(layer, att, mask.dims());
     Ok((view, mask))
 }

@@ -189,7 +189,8 @@ fn mode_name(m: CacheModeName) -> &'static str {
         CacheModeName::None => "none",
         CacheModeName::Dynamic => "dynamic",
         CacheModeName::Static => "static",
-        CacheModeName::Sliding => "sliding",
+        // transformers' sliding layers; how the stack orders its slots is its own.
+        CacheModeName::Sliding | CacheModeName::Rotating => "sliding",
         CacheModeName::Legacy => "legacy",
     }
 }

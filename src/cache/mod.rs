@@ -19,6 +19,9 @@ use serde::{Deserialize, Serialize};
 use crate::check::{Attention, CandleExt, Diagnosis, DiagnosisClass, Result, Site, TensorKind};
 use crate::trace::{event, CacheOp, Trace};
 
+mod file;
+mod ring;
+
 /// How keys and values are kept between forward passes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "mode")]
@@ -30,9 +33,14 @@ pub enum CacheMode {
     /// Preallocated to `max_len` positions, written in place (candle-nn `KvCache`;
     /// transformers `StaticCache`). Prefix + prompt + new tokens must fit.
     Static { max_len: usize },
-    /// Keeps the last `window` positions (candle-nn `RotatingKvCache`; transformers
-    /// `SlidingWindowCache`); attention is limited to the same window.
+    /// Keeps the last `window` positions in time order (transformers'
+    /// `DynamicSlidingWindowLayer`); attention is limited to the same window.
     Sliding { window: usize },
+    /// Keeps the last `window` positions in a ring of `window` slots with a head index
+    /// (transformers' static sliding layers, mlx-lm `RotatingKVCache`, candle-nn
+    /// `RotatingKvCache`): a decoding step overwrites the oldest slot in place. Reads
+    /// are unrolled to time order, so it must give the tokens of `sliding`.
+    Rotating { window: usize },
     /// The tuple layouts of older transformers: Bloom 3-D, GPT-BigCode fused K|V,
     /// standard 4-D for the other families.
     Legacy,
@@ -45,6 +53,7 @@ impl CacheMode {
             CacheMode::Dynamic => "dynamic",
             CacheMode::Static { .. } => "static",
             CacheMode::Sliding { .. } => "sliding",
+            CacheMode::Rotating { .. } => "rotating",
             CacheMode::Legacy => "legacy",
         }
     }
@@ -168,20 +177,48 @@ pub struct CacheConfig {
     /// with the prefix marked it "already computed", so the encoder's keys were never
     /// added. `false` is the fixed behaviour.
     pub cross_prefix_marks_updated: bool,
+    /// How the causal mask of a prompt chunk (a forward pass of several queries after
+    /// cached positions) is aligned: [`ChunkMask::LowerRight`] is the fix.
+    pub chunk_mask: ChunkMask,
+    /// Historical (llama.cpp issue 25295): restoring a saved `rotating` cache resets its
+    /// ring head to slot 0, so the next step overwrites a slot that is not the oldest
+    /// and reads the ring in the wrong order. `false` is the fixed behaviour.
+    pub ring_head_lost_on_load: bool,
 }
 
 impl CacheConfig {
     pub fn new(mode: CacheMode) -> Self {
         let window = match mode {
-            CacheMode::Sliding { window } => Some(window),
+            CacheMode::Sliding { window } | CacheMode::Rotating { window } => Some(window),
             _ => None,
         };
         Self {
             mode,
             window,
             cross_prefix_marks_updated: false,
+            chunk_mask: ChunkMask::LowerRight,
+            ring_head_lost_on_load: false,
         }
     }
+}
+
+/// The causal mask of a forward pass with several queries `S` over `K` keys, when
+/// earlier positions are cached (`S < K`: a prompt chunk after the prefix and the
+/// chunks before it). Single-token decoding steps are never affected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChunkMask {
+    /// Query `i` sits at its absolute position and sees every earlier key (the
+    /// triangle aligned to the lower right): the fix.
+    #[default]
+    LowerRight,
+    /// Historical (executorch PR 21749): the chunk's triangle is aligned to the upper
+    /// left, as if the chunk began right after the prefix, so its queries do not see
+    /// the earlier chunks' positions. Silently wrong outputs.
+    UpperLeft,
+    /// Historical (candle issue 2153): the mask is built `[S, P + S]`, for the prefix
+    /// and the chunk only, instead of `[S, K]`: the shape failure at the second chunk.
+    Square,
 }
 
 /// What the attention reads after an update.
@@ -206,6 +243,8 @@ enum Store {
         k: Option<Tensor>,
         v: Option<Tensor>,
     },
+    /// The last `window` positions in ring order, standard layout.
+    Rotating(ring::Ring),
     /// Stored as-is in the legacy layout.
     Legacy {
         k: Option<Tensor>,
@@ -270,6 +309,7 @@ impl ModelCache {
             CacheMode::Dynamic => Store::Dynamic(ConcatKvCache::new(2)),
             CacheMode::Static { max_len } => Store::Static(KvCache::new(2, max_len)),
             CacheMode::Sliding { .. } => Store::Sliding { k: None, v: None },
+            CacheMode::Rotating { .. } => Store::Rotating(ring::Ring::default()),
             CacheMode::Legacy => Store::Legacy { k: None, v: None },
         };
         let layer = LayerCache {
@@ -501,9 +541,16 @@ impl ModelCache {
                 *sv = Some(rv.detach());
                 (rk, rv, 0)
             }
-            Store::Sliding { k: sk, v: sv } => {
+            Store::Sliding { .. } | Store::Rotating(_) => {
                 let window = self.config.window.unwrap_or(usize::MAX);
-                let base = prefix.clone().or_else(|| sk.clone().zip(sv.clone()));
+                // [B, KVH, L, D] each, in time order (a ring is unrolled)
+                let base = match (&prefix, &l.store) {
+                    (Some(p), _) => Some(p.clone()),
+                    (None, Store::Sliding { k, v }) => k.clone().zip(v.clone()),
+                    (None, Store::Rotating(r)) => r.unrolled().at(site_k, "unroll ring")?,
+                    _ => None,
+                };
+                // [B, KVH, L + S, D]
                 let (rk, rv) = match base {
                     Some((bk, bv)) => (
                         Tensor::cat(&[&bk, &k_new], 2).at(site_k, "append keys")?,
@@ -514,24 +561,35 @@ impl ModelCache {
                 // The attention reads everything it was given this step (its mask
                 // limits each query to the window); the cache keeps the last W.
                 let total = rk.dim(2).at(site_k, "key length")?;
-                let keep = total.min(window);
-                *sk = Some(
-                    rk.narrow(2, total - keep, keep)
-                        .at(site_k, "evict")?
-                        .detach(),
-                );
-                *sv = Some(
-                    rv.narrow(2, total - keep, keep)
-                        .at(site_v, "evict")?
-                        .detach(),
-                );
+                match &mut l.store {
+                    Store::Rotating(r) => {
+                        r.store(&rk, &rv, &k_new, &v_new, window)
+                            .at(site_k, "write ring")?;
+                        e.ring_head = Some(r.head);
+                    }
+                    Store::Sliding { k: sk, v: sv } => {
+                        let keep = total.min(window);
+                        *sk = Some(
+                            rk.narrow(2, total - keep, keep)
+                                .at(site_k, "evict")?
+                                .detach(),
+                        );
+                        *sv = Some(
+                            rv.narrow(2, total - keep, keep)
+                                .at(site_v, "evict")?
+                                .detach(),
+                        );
+                    }
+                    _ => {}
+                }
                 // The held keys end at position `seen`; more keys than positions means
                 // the prefix's length disagrees with what was seeded.
                 let Some(kv_start) = (l.seen + s_new).checked_sub(total) else {
                     return Err(Diagnosis::new(
                         DiagnosisClass::SeqLen,
                         format!(
-                            "the sliding cache holds {total} keys for only {} positions (prefix {} + tokens)",
+                            "the {} cache holds {total} keys for only {} positions (prefix {} + tokens)",
+                            self.config.mode.name(),
                             l.seen + s_new,
                             l.prefix_len
                         ),
@@ -557,6 +615,7 @@ impl ModelCache {
             Store::Sliding { k, v } | Store::Legacy { k, v } => {
                 (k.as_ref().map(shape), v.as_ref().map(shape))
             }
+            Store::Rotating(r) => (r.k.as_ref().map(shape), r.v.as_ref().map(shape)),
         };
         e.key_after = after_k;
         e.value_after = after_v;
@@ -652,6 +711,7 @@ impl ModelCache {
             Store::Dynamic(c) => c.k().map(shape),
             Store::Static(c) => c.k().ok().flatten().map(|t| shape(&t)),
             Store::Sliding { k, .. } | Store::Legacy { k, .. } => k.as_ref().map(shape),
+            Store::Rotating(r) => r.k.as_ref().map(shape),
         }
     }
 
@@ -660,6 +720,21 @@ impl ModelCache {
     /// values, e.g. `([B, KVH, K, D], [B, KVH, K, D])` for the standard layout.
     pub fn stored_self(&self, layer: usize) -> Option<(Tensor, Tensor)> {
         self.layers.get(layer)?.held()
+    }
+
+    /// [`ModelCache::stored_self`] with a `rotating` ring unrolled to time order: what
+    /// two caches of the same positions are compared by.
+    pub fn stored_self_in_time_order(&self, layer: usize) -> Result<Option<(Tensor, Tensor)>> {
+        let Some(l) = self.layers.get(layer) else {
+            return Ok(None);
+        };
+        match (&l.prefix, &l.store) {
+            (None, Store::Rotating(r)) => r.unrolled().at(
+                Site::new(layer, Attention::SelfAttn, TensorKind::Key),
+                "unroll ring",
+            ),
+            _ => Ok(l.held()),
+        }
     }
 
     /// What layer `layer`'s cross-attention cache holds: the computed keys/values
@@ -724,7 +799,10 @@ impl ModelCache {
                         *c = n;
                     }
                 }
-                Store::Sliding { k, v } | Store::Legacy { k, v } => {
+                Store::Sliding { k, v }
+                | Store::Legacy { k, v }
+                | Store::Rotating(ring::Ring { k, v, .. }) => {
+                    // A ring keeps its head: every row's slots move together.
                     if let (Some(sk), Some(sv)) = (k.as_ref(), v.as_ref()) {
                         let (nk, nv) = pair(sk, sv)?;
                         *k = Some(nk);
@@ -775,9 +853,9 @@ impl LayerCache {
             (Some(p), _) => Some(p.clone()),
             (None, Store::Dynamic(c)) => c.k().cloned().zip(c.v().cloned()),
             (None, Store::Static(c)) => c.k().ok().flatten().zip(c.v().ok().flatten()),
-            (None, Store::Sliding { k, v }) | (None, Store::Legacy { k, v }) => {
-                k.clone().zip(v.clone())
-            }
+            (None, Store::Sliding { k, v })
+            | (None, Store::Legacy { k, v })
+            | (None, Store::Rotating(ring::Ring { k, v, .. })) => k.clone().zip(v.clone()),
             (None, Store::Recompute) => None,
         }
     }

@@ -1,0 +1,360 @@
+//! A cache written to a safetensors file and read back into a fresh cache
+//! (`cache.save_at`), in every mode and layout.
+//!
+//! Format, version 1. A safetensors file whose tensors are stored as f32:
+//! - `self.{layer}.key`, `self.{layer}.value`: what the layer's self-attention cache
+//!   holds, raw, in the layout it stores (standard `[B, KVH, K, D]`; bloom-legacy keys
+//!   `[B*KVH, D, K]` and values `[B*KVH, K, D]`; bigcode-fused `[B, K, 2D]`; ring order
+//!   for `rotating`). With `none`, the prefix it keeps.
+//! - `cross.{layer}.key`, `cross.{layer}.value`: encoder-decoders, the computed cross
+//!   keys and values `[B, KVH, P+E, D]`;
+//!   `cross.{layer}.prefix_key`, `cross.{layer}.prefix_value`: the cross prefix
+//!   `[B, KVH, P, D]`.
+//!
+//! The `__metadata__` holds `format` = `prefix-harness-cache`, `version` = `1` and
+//! `state`, the JSON of [`SavedState`]: the mode, layout, window, key/value heads and
+//! dtype of the cache, and per layer the positions seen, the prefix length, whether
+//! the prefix was not yet merged, and the ring head. Reading checks all of it
+//! against the cache it fills: a file of another mode, layout, window or layer count,
+//! a truncated file or a missing tensor is a clear error naming the file.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::kv_cache::{ConcatKvCache, KvCache};
+use serde::{Deserialize, Serialize};
+
+use super::{ring::Ring, CacheMode, ModelCache, Store};
+use crate::check::{Attention, CandleExt, EngineError, Result};
+use crate::trace::{event, CacheOp};
+
+const FORMAT: &str = "prefix-harness-cache";
+const VERSION: &str = "1";
+
+/// The metadata of a saved cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedState {
+    /// [`CacheMode::name`]
+    pub mode: String,
+    /// `static`: capacity; `sliding` / `rotating`: window.
+    pub capacity: Option<usize>,
+    /// [`super::Layout::name`]
+    pub layout: String,
+    pub kv_heads: Option<usize>,
+    /// The dtype the tensors had (they are stored as f32).
+    pub dtype: Option<String>,
+    pub layers: Vec<SavedLayer>,
+    pub cross: Vec<SavedCross>,
+}
+
+/// One self-attention layer of a saved cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedLayer {
+    /// Positions written so far, prefix and evicted ones included.
+    pub seen: usize,
+    pub prefix_len: usize,
+    /// The tensors are the prefix as seeded, not yet merged into the store (`none`).
+    pub pending_prefix: bool,
+    /// `rotating`: the slot the next position goes to.
+    pub head: usize,
+    /// Whether tensors were saved for this layer.
+    pub held: bool,
+}
+
+/// One cross-attention layer of a saved cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedCross {
+    pub prefix_len: usize,
+    pub is_updated: bool,
+    pub has_kv: bool,
+    pub has_prefix: bool,
+}
+
+fn capacity(mode: CacheMode) -> Option<usize> {
+    match mode {
+        CacheMode::Static { max_len } => Some(max_len),
+        CacheMode::Sliding { window } | CacheMode::Rotating { window } => Some(window),
+        _ => None,
+    }
+}
+
+fn bad(path: &Path, what: impl std::fmt::Display) -> EngineError {
+    EngineError::Config(format!("cache file {}: {what}", path.display()))
+}
+
+impl ModelCache {
+    /// Write the cache to `path` (atomically: a temporary file renamed into place) and
+    /// record a [`CacheOp::Save`] event per layer.
+    pub fn save(&mut self, path: &Path) -> Result<()> {
+        let mut tensors: Vec<(String, Tensor)> = vec![];
+        let mut dtype = None;
+        let mut layers = vec![];
+        for (i, l) in self.layers.iter().enumerate() {
+            let held = l.held();
+            if let Some((k, v)) = &held {
+                dtype = Some(k.dtype().as_str().to_string());
+                tensors.push((format!("self.{i}.key"), k.clone()));
+                tensors.push((format!("self.{i}.value"), v.clone()));
+            }
+            layers.push(SavedLayer {
+                seen: l.seen,
+                prefix_len: l.prefix_len,
+                pending_prefix: l.prefix.is_some(),
+                head: match &l.store {
+                    Store::Rotating(r) => r.head,
+                    _ => 0,
+                },
+                held: held.is_some(),
+            });
+        }
+        let mut cross = vec![];
+        for (i, c) in self.cross.iter().enumerate() {
+            if let Some((k, v)) = &c.kv {
+                tensors.push((format!("cross.{i}.key"), k.clone()));
+                tensors.push((format!("cross.{i}.value"), v.clone()));
+            }
+            if let Some((k, v)) = &c.prefix {
+                tensors.push((format!("cross.{i}.prefix_key"), k.clone()));
+                tensors.push((format!("cross.{i}.prefix_value"), v.clone()));
+            }
+            cross.push(SavedCross {
+                prefix_len: c.prefix_len,
+                is_updated: c.is_updated,
+                has_kv: c.kv.is_some(),
+                has_prefix: c.prefix.is_some(),
+            });
+        }
+        let state = SavedState {
+            mode: self.config.mode.name().to_string(),
+            capacity: capacity(self.config.mode),
+            layout: self.layout.name().to_string(),
+            kv_heads: self.kv_heads,
+            dtype,
+            layers,
+            cross,
+        };
+        let state_json = serde_json::to_string(&state)
+            .map_err(|e| EngineError::Config(format!("cache state: {e}")))?;
+        let bytes = crate::adapter::safetensors_bytes_with(
+            &tensors,
+            &[
+                ("format", FORMAT),
+                ("version", VERSION),
+                ("state", &state_json),
+            ],
+        )?;
+        crate::adapter::write_file_atomic(path, &bytes)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            let mut e = event(i, Attention::SelfAttn, CacheOp::Save, self.layout.name());
+            let held = l.held();
+            e.key_before = held.as_ref().map(|(k, _)| k.dims().to_vec());
+            e.value_before = held.as_ref().map(|(_, v)| v.dims().to_vec());
+            e.ring_head = match &l.store {
+                Store::Rotating(r) => Some(r.head),
+                _ => None,
+            };
+            self.trace.push(e);
+        }
+        Ok(())
+    }
+
+    /// An empty cache of the same mode, layout, layers and key/value heads, carrying
+    /// this cache's trace: what [`ModelCache::restore`] fills.
+    pub fn emptied(&self) -> ModelCache {
+        let mut fresh = ModelCache::new(
+            self.config.clone(),
+            self.layout,
+            self.layers.len(),
+            !self.cross.is_empty(),
+        );
+        // `new` picks the layout from the mode; keep the one this cache stores.
+        fresh.layout = self.layout;
+        fresh.kv_heads = self.kv_heads;
+        fresh.trace = self.trace.clone();
+        fresh
+    }
+
+    /// Fill this (empty) cache from a file written by [`ModelCache::save`]; records a
+    /// [`CacheOp::Load`] event per layer. With `ring_head_lost_on_load` (historical)
+    /// a ring's head is reset to slot 0.
+    pub fn restore(&mut self, path: &Path) -> Result<()> {
+        let bytes = std::fs::read(path).map_err(|e| bad(path, format!("cannot read: {e}")))?;
+        let state = read_state(path, &bytes)?;
+        self.check_state(path, &state)?;
+        let mut tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+            .map_err(|e| bad(path, format!("not a readable safetensors file: {e}")))?;
+        let dtype = match &state.dtype {
+            Some(d) => d
+                .parse::<DType>()
+                .map_err(|_| bad(path, format!("unknown dtype `{d}` in its state")))?,
+            None => DType::F32,
+        };
+        let mut take = |name: String| -> Result<Tensor> {
+            tensors
+                .remove(&name)
+                .ok_or_else(|| {
+                    bad(
+                        path,
+                        format!("the tensor `{name}` its state announces is missing"),
+                    )
+                })?
+                .to_dtype(dtype)
+                .ctx("cache file: convert dtype")
+        };
+        let lost_head = self.config.ring_head_lost_on_load;
+        for (i, (l, s)) in self.layers.iter_mut().zip(&state.layers).enumerate() {
+            l.seen = s.seen;
+            l.prefix_len = s.prefix_len;
+            if !s.held {
+                continue;
+            }
+            let (k, v) = (
+                take(format!("self.{i}.key"))?,
+                take(format!("self.{i}.value"))?,
+            );
+            let site =
+                crate::check::Site::new(i, Attention::SelfAttn, crate::check::TensorKind::Key);
+            if s.pending_prefix {
+                l.prefix = Some((k, v));
+                continue;
+            }
+            match &mut l.store {
+                Store::Recompute => l.prefix = Some((k, v)),
+                Store::Dynamic(c) => {
+                    let mut n = ConcatKvCache::new(2);
+                    n.append(&k, &v).at(site, "load dynamic cache")?;
+                    *c = n;
+                }
+                Store::Static(c) => {
+                    let mut n = KvCache::new(2, c.k_cache().max_seq_len());
+                    let (k, v) = (k.contiguous(), v.contiguous());
+                    n.append(&k.at(site, "keys")?, &v.at(site, "values")?)
+                        .at(site, "load static cache")?;
+                    *c = n;
+                }
+                Store::Sliding { k: sk, v: sv } | Store::Legacy { k: sk, v: sv } => {
+                    *sk = Some(k);
+                    *sv = Some(v);
+                }
+                Store::Rotating(r) => {
+                    *r = Ring {
+                        k: Some(k),
+                        v: Some(v),
+                        head: if lost_head { 0 } else { s.head },
+                    };
+                }
+            }
+        }
+        for (i, (c, s)) in self.cross.iter_mut().zip(&state.cross).enumerate() {
+            c.prefix_len = s.prefix_len;
+            c.is_updated = s.is_updated;
+            if s.has_kv {
+                c.kv = Some((
+                    take(format!("cross.{i}.key"))?,
+                    take(format!("cross.{i}.value"))?,
+                ));
+            }
+            if s.has_prefix {
+                c.prefix = Some((
+                    take(format!("cross.{i}.prefix_key"))?,
+                    take(format!("cross.{i}.prefix_value"))?,
+                ));
+            }
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            let mut e = event(i, Attention::SelfAttn, CacheOp::Load, self.layout.name());
+            let held = l.held();
+            e.key_after = held.as_ref().map(|(k, _)| k.dims().to_vec());
+            e.value_after = held.as_ref().map(|(_, v)| v.dims().to_vec());
+            e.ring_head = match &l.store {
+                Store::Rotating(r) => Some(r.head),
+                _ => None,
+            };
+            self.trace.push(e);
+        }
+        Ok(())
+    }
+
+    /// The file's state against this cache: same mode, capacity, layout, layers.
+    fn check_state(&self, path: &Path, s: &SavedState) -> Result<()> {
+        let mine = (self.config.mode.name(), capacity(self.config.mode));
+        if (s.mode.as_str(), s.capacity) != mine {
+            return Err(bad(
+                path,
+                format!(
+                    "written by a `{}` cache (capacity {:?}) but read into a `{}` cache (capacity {:?})",
+                    s.mode, s.capacity, mine.0, mine.1
+                ),
+            ));
+        }
+        if s.layout != self.layout.name() {
+            return Err(bad(
+                path,
+                format!(
+                    "holds the `{}` layout but this cache stores `{}`",
+                    s.layout,
+                    self.layout.name()
+                ),
+            ));
+        }
+        if s.layers.len() != self.layers.len() || s.cross.len() != self.cross.len() {
+            return Err(bad(
+                path,
+                format!(
+                    "holds {} self-attention and {} cross-attention layers but this model has {} and {}",
+                    s.layers.len(),
+                    s.cross.len(),
+                    self.layers.len(),
+                    self.cross.len()
+                ),
+            ));
+        }
+        if let (Some(a), Some(b)) = (s.kv_heads, self.kv_heads) {
+            if a != b {
+                return Err(bad(
+                    path,
+                    format!("holds {a} key/value heads but this model has {b}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `__metadata__` of a cache file: format, version and state.
+fn read_state(path: &Path, bytes: &[u8]) -> Result<SavedState> {
+    let n = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as usize)
+        .ok_or_else(|| bad(path, "shorter than a safetensors header (8 bytes)"))?;
+    let header = bytes.get(8..8usize.saturating_add(n)).ok_or_else(|| {
+        bad(
+            path,
+            format!("its header announces {n} bytes but the file is truncated"),
+        )
+    })?;
+    let header: serde_json::Value = serde_json::from_slice(header)
+        .map_err(|e| bad(path, format!("its header is not JSON: {e}")))?;
+    let meta = header.get("__metadata__").cloned().unwrap_or_default();
+    let field = |k: &str| meta.get(k).and_then(|v| v.as_str()).unwrap_or("");
+    if field("format") != FORMAT {
+        return Err(bad(
+            path,
+            format!(
+                "not a prefix-harness cache (its metadata `format` is `{}`, expected `{FORMAT}`)",
+                field("format")
+            ),
+        ));
+    }
+    if field("version") != VERSION {
+        return Err(bad(
+            path,
+            format!(
+                "cache format version `{}`; this build reads version {VERSION}",
+                field("version")
+            ),
+        ));
+    }
+    serde_json::from_str(field("state"))
+        .map_err(|e| bad(path, format!("its `state` metadata is not valid: {e}")))
+}

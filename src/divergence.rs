@@ -1,0 +1,299 @@
+//! Silent wrong outputs: a generation compared with a reference run that must give
+//! the same tokens, and the first difference turned into a `divergence` diagnosis that
+//! names the step, the row and the first layer whose cache differs.
+//!
+//! Two comparisons:
+//! - [`check_reference`]: a case that feeds the prompt in chunks, saves and restores
+//!   its cache, or keeps a `rotating` ring is run again without those (whole prefill,
+//!   uninterrupted, the time-ordered `sliding` store): chunked = whole prefill, save /
+//!   load = uninterrupted, ring = time order.
+//! - [`check_padding`] (`checks: {padding: invariant}`): every input row generated
+//!   alone, without its left padding, against its rows in the batch.
+
+use candle_core::{DType, Tensor};
+
+use crate::cache::{CacheMode, ChunkMask, ModelCache};
+use crate::check::{Attention, CandleExt, Diagnosis, DiagnosisClass, Result, TensorKind};
+use crate::generate::{generate, DecodeOptions, DecodeOutput};
+use crate::model::Model;
+use crate::prefix::PrefixEncoder;
+
+/// Logits that differ by more than this (absolute, per element) diverge even when the
+/// chosen tokens agree: summation order alone moves them by about 1e-6 here.
+pub const LOGIT_TOLERANCE: f32 = 1e-3;
+
+/// The reference a case must agree with, and what it is called in messages; `None`
+/// when the case uses none of the settings that must leave the tokens unchanged.
+pub fn reference_options(opts: &DecodeOptions) -> Option<(DecodeOptions, String)> {
+    let mut what = vec![];
+    let mut r = opts.clone();
+    if opts.prefill_chunk.is_some() {
+        what.push("the whole prompt in one prefill");
+        r.prefill_chunk = None;
+        r.cache.chunk_mask = ChunkMask::LowerRight;
+    }
+    if opts.save_at.is_some() {
+        what.push("the cache never saved and restored");
+        r.save_at = None;
+        r.cache_file = None;
+    }
+    if let CacheMode::Rotating { window } = opts.cache.mode {
+        what.push("the time-ordered `sliding` store");
+        r.cache.mode = CacheMode::Sliding { window };
+    }
+    if what.is_empty() {
+        return None;
+    }
+    Some((r, what.join(", ")))
+}
+
+/// Where two generations first differ.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FirstDifference {
+    /// Generation step (0: the token chosen after the prefill).
+    pub step: usize,
+    /// Output row.
+    pub row: usize,
+    /// The row's token in each run at that step (None: the run had stopped).
+    pub tokens: (Option<u32>, Option<u32>),
+    /// Largest absolute difference of that row's logits at that step.
+    pub logit_diff: f32,
+}
+
+/// The first step and row at which `rows_a` and `rows_b` (row `i` of one is row
+/// `pair[i]` of the other, see [`first_difference`]) choose different tokens or their
+/// logits `[N, V]` differ by more than [`LOGIT_TOLERANCE`].
+fn first_difference_rows(
+    a: &DecodeOutput,
+    b: &DecodeOutput,
+    pairs: &[(usize, usize)],
+) -> Result<Option<FirstDifference>> {
+    let steps = a.logits.len().max(b.logits.len());
+    for step in 0..steps {
+        let (la, lb) = (rows(a.logits.get(step))?, rows(b.logits.get(step))?);
+        for &(ra, rb) in pairs {
+            let ta = a.tokens.get(ra).and_then(|t| t.get(step)).copied();
+            let tb = b.tokens.get(rb).and_then(|t| t.get(step)).copied();
+            let diff = match (la.get(ra), lb.get(rb)) {
+                (Some(x), Some(y)) => max_abs_diff(x, y),
+                _ => f32::INFINITY,
+            };
+            if ta != tb || diff > LOGIT_TOLERANCE {
+                return Ok(Some(FirstDifference {
+                    step,
+                    row: ra,
+                    tokens: (ta, tb),
+                    logit_diff: diff,
+                }));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The first difference between two generations of the same rows.
+pub fn first_difference(a: &DecodeOutput, b: &DecodeOutput) -> Result<Option<FirstDifference>> {
+    let n = a.tokens.len().max(b.tokens.len());
+    let pairs: Vec<(usize, usize)> = (0..n).map(|i| (i, i)).collect();
+    first_difference_rows(a, b, &pairs)
+}
+
+/// `[N, V]` logits as host rows (empty when the step did not run).
+fn rows(t: Option<&Tensor>) -> Result<Vec<Vec<f32>>> {
+    match t {
+        Some(t) => t
+            .to_dtype(DType::F32)
+            .and_then(|t| t.to_vec2::<f32>())
+            .ctx("logits [N, V]"),
+        None => Ok(vec![]),
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    if a.len() != b.len() {
+        return f32::INFINITY;
+    }
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            let d = (x - y).abs();
+            if d.is_nan() {
+                f32::INFINITY
+            } else {
+                d
+            }
+        })
+        .fold(0.0, f32::max)
+}
+
+/// The first self-attention layer whose cache holds other keys or values in `a` than
+/// in `b`, compared in time order (a ring is unrolled); `None` when all agree.
+pub fn first_differing_layer(a: &ModelCache, b: &ModelCache) -> Result<Option<usize>> {
+    for layer in 0..a.num_layers().max(b.num_layers()) {
+        let (x, y) = (
+            a.stored_self_in_time_order(layer)?,
+            b.stored_self_in_time_order(layer)?,
+        );
+        let differs = match (x, y) {
+            (None, None) => false,
+            (Some((ka, va)), Some((kb, vb))) => {
+                tensors_differ(&ka, &kb)? || tensors_differ(&va, &vb)?
+            }
+            _ => true,
+        };
+        if differs {
+            return Ok(Some(layer));
+        }
+    }
+    Ok(None)
+}
+
+fn tensors_differ(a: &Tensor, b: &Tensor) -> Result<bool> {
+    if a.dims() != b.dims() {
+        return Ok(true);
+    }
+    let flat = |t: &Tensor| -> Result<Vec<f32>> {
+        t.to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .ctx("cache contents")
+    };
+    Ok(max_abs_diff(&flat(a)?, &flat(b)?) > LOGIT_TOLERANCE)
+}
+
+/// What the caches of the two runs say, for the message.
+fn layer_text(layer: Option<usize>) -> String {
+    match layer {
+        Some(0) => "; the cache of layer 0 already holds other keys or values".to_string(),
+        Some(l) => format!(
+            "; the caches agree up to layer {}, layer {l}'s differs (its keys come from layer {}'s output)",
+            l - 1,
+            l - 1
+        ),
+        None => "; every layer's cache agrees, only the logits differ".to_string(),
+    }
+}
+
+/// The `divergence` diagnosis of `d`, at the first differing layer when known.
+fn diagnosis(
+    d: &FirstDifference,
+    what: &str,
+    layer: Option<usize>,
+    place: String,
+    hint: &str,
+) -> Diagnosis {
+    let tok = |t: Option<u32>| t.map_or("nothing".to_string(), |t| t.to_string());
+    let chose = if d.tokens.0 == d.tokens.1 {
+        format!(
+            "the run and {what} both chose {} but their logits differ by up to {:.3e}",
+            tok(d.tokens.0),
+            d.logit_diff
+        )
+    } else {
+        format!(
+            "the run chose {} where {what} chooses {} (logits differ by up to {:.3e})",
+            tok(d.tokens.0),
+            tok(d.tokens.1),
+            d.logit_diff
+        )
+    };
+    let msg = format!("step {} row {}: {chose}{place}", d.step, d.row);
+    let mut diag = Diagnosis::new(DiagnosisClass::Divergence, msg).hint(hint);
+    if let Some(l) = layer {
+        diag = diag.at(l, Attention::SelfAttn, TensorKind::Key);
+    }
+    diag
+}
+
+/// Generate the first `steps` tokens of both runs again and name the first layer whose
+/// cache differs after them.
+fn localise(
+    model: &dyn Model,
+    prefix: Option<&PrefixEncoder>,
+    (a, b): (&DecodeOptions, &DecodeOptions),
+    ids: &Tensor,
+    pad: Option<&Tensor>,
+    steps: usize,
+) -> Result<Option<usize>> {
+    let cut = |o: &DecodeOptions| {
+        let mut o = o.clone();
+        o.max_new_tokens = steps;
+        if o.save_at.is_some_and(|s| s + 1 >= steps) {
+            // Saving after the last step would only change what is compared.
+            o.save_at = None;
+        }
+        o
+    };
+    let ca = generate(model, prefix, &cut(a), ids, pad)?.cache;
+    let cb = generate(model, prefix, &cut(b), ids, pad)?.cache;
+    first_differing_layer(&ca, &cb)
+}
+
+/// Run the case's reference ([`reference_options`]) and fail with a `divergence`
+/// diagnosis when `out` differs from it. Nothing to do when the case has no reference.
+pub fn check_reference(
+    model: &dyn Model,
+    prefix: Option<&PrefixEncoder>,
+    opts: &DecodeOptions,
+    ids: &Tensor,         // [B, S] u32
+    pad: Option<&Tensor>, // [B, S], 1 = token
+    out: &DecodeOutput,
+) -> Result<()> {
+    let Some((ref_opts, what)) = reference_options(opts) else {
+        return Ok(());
+    };
+    let reference = generate(model, prefix, &ref_opts, ids, pad)?;
+    let Some(d) = first_difference(out, &reference)? else {
+        return Ok(());
+    };
+    let layer = localise(model, prefix, (opts, &ref_opts), ids, pad, d.step + 1)?;
+    let hint = if opts.prefill_chunk.is_some() && opts.cache.chunk_mask != ChunkMask::LowerRight {
+        "a prompt chunk's causal mask must be aligned to the lower right (query i of a chunk starting at position p sits at p + i and sees every earlier key); an upper-left triangle hides the earlier chunks (executorch PR 21749)"
+    } else if opts.save_at.is_some() && opts.cache.ring_head_lost_on_load {
+        "a rotating cache must save and restore its ring head: restored at slot 0, the next step overwrites a slot that is not the oldest (llama.cpp issue 25295)"
+    } else {
+        "chunking the prefill, saving and restoring the cache or keeping a ring must not change what is generated: compare the caches of the two runs at that step"
+    };
+    let place = layer_text(layer);
+    Err(diagnosis(&d, &what, layer, place, hint).into())
+}
+
+/// `checks: {padding: invariant}`: generate every input row alone, without its left
+/// padding, and fail with a `divergence` diagnosis at the first step where a batch
+/// row differs from it. `ids: [B, S]`, `pad: [B, S]` (1 = token); `out` has `B * R`
+/// rows (R rows per input row).
+pub fn check_padding(
+    model: &dyn Model,
+    prefix: Option<&PrefixEncoder>,
+    opts: &DecodeOptions,
+    ids: &Tensor,
+    pad: &Tensor,
+    out: &DecodeOutput,
+) -> Result<()> {
+    let (b, s) = ids.dims2().ctx("input ids [B, S]")?;
+    let r = opts.rows_per_input();
+    let mask: Vec<Vec<f32>> = pad
+        .to_dtype(DType::F32)
+        .and_then(|m| m.to_vec2())
+        .ctx("padding mask [B, S]")?;
+    for (i, row_mask) in mask.iter().enumerate().take(b) {
+        let start = row_mask.iter().position(|m| *m > 0.5).unwrap_or(s);
+        if start == 0 || start == s {
+            // Unpadded rows (or empty ones) are their own alone-run.
+            continue;
+        }
+        // [1, S - start]
+        let alone_ids = ids
+            .narrow(0, i, 1)
+            .and_then(|t| t.narrow(1, start, s - start))
+            .ctx("row alone")?;
+        let alone = generate(model, prefix, opts, &alone_ids, None)?;
+        let pairs: Vec<(usize, usize)> = (0..r).map(|j| (i * r + j, j)).collect();
+        if let Some(d) = first_difference_rows(out, &alone, &pairs)? {
+            let what = format!("the row generated alone without its {start} padding positions");
+            let hint = "left padding changes what the row generates: padding positions count inside a sliding window, or the mask, positions or cache of the batch leak padding into the row";
+            return Err(diagnosis(&d, &what, None, String::new(), hint).into());
+        }
+    }
+    Ok(())
+}
