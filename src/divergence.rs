@@ -28,23 +28,23 @@ pub fn reference_options(opts: &DecodeOptions) -> Option<(DecodeOptions, String)
     let mut what = vec![];
     let mut r = opts.clone();
     if opts.prefill_chunk.is_some() {
-        what.push("the whole prompt in one prefill");
+        what.push("whole prompt in one prefill");
         r.prefill_chunk = None;
         r.cache.chunk_mask = ChunkMask::LowerRight;
     }
     if opts.save_at.is_some() {
-        what.push("the cache never saved and restored");
+        what.push("cache never saved and restored");
         r.save_at = None;
         r.cache_file = None;
     }
     if let CacheMode::Rotating { window } = opts.cache.mode {
-        what.push("the time-ordered `sliding` store");
+        what.push("time-ordered `sliding` store");
         r.cache.mode = CacheMode::Sliding { window };
     }
     if what.is_empty() {
         return None;
     }
-    Some((r, what.join(", ")))
+    Some((r, format!("the reference run ({})", what.join("; "))))
 }
 
 /// Where two generations first differ.
@@ -291,9 +291,103 @@ pub fn check_padding(
         let pairs: Vec<(usize, usize)> = (0..r).map(|j| (i * r + j, j)).collect();
         if let Some(d) = first_difference_rows(out, &alone, &pairs)? {
             let what = format!("the row generated alone without its {start} padding positions");
-            let hint = "left padding changes what the row generates: padding positions count inside a sliding window, or the mask, positions or cache of the batch leak padding into the row";
+            let hint = if opts.mask_buffer_one_row {
+                "every row read the first row's padding mask (a mask buffer sized for one row, candle issue 3582): build the mask [B, P + T] per row"
+            } else {
+                "left padding changes what the row generates: padding positions count inside a sliding window, or the mask, positions or cache of the batch leak padding into the row"
+            };
             return Err(diagnosis(&d, &what, None, String::new(), hint).into());
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::{CacheConfig, Layout};
+    use candle_core::Device;
+
+    fn output(tokens: Vec<Vec<u32>>, logits: Vec<Vec<f32>>) -> DecodeOutput {
+        // one logits row per output row, the same at every step: [N, V] per step
+        let n = tokens.len();
+        let v = logits[0].len();
+        let flat: Vec<f32> = logits.concat();
+        let step = Tensor::from_vec(flat, (n, v), &Device::Cpu).unwrap();
+        let steps = tokens.iter().map(|t| t.len()).max().unwrap_or(0);
+        DecodeOutput {
+            tokens,
+            logits: vec![step; steps],
+            scores: None,
+            cache: ModelCache::new(
+                CacheConfig::new(CacheMode::Dynamic),
+                Layout::Standard,
+                1,
+                false,
+            ),
+        }
+    }
+
+    #[test]
+    fn the_first_difference_names_the_step_and_row_of_a_token_or_a_logit() {
+        let a = output(
+            vec![vec![1, 2, 3], vec![4, 5, 6]],
+            vec![vec![0.0, 1.0], vec![2.0, 3.0]],
+        );
+        assert_eq!(first_difference(&a, &a.clone()).unwrap(), None);
+        let b = output(
+            vec![vec![1, 2, 3], vec![4, 9, 6]],
+            vec![vec![0.0, 1.0], vec![2.0, 3.0]],
+        );
+        let d = first_difference(&a, &b).unwrap().unwrap();
+        assert_eq!((d.step, d.row, d.tokens), (1, 1, (Some(5), Some(9))));
+        // Same tokens, logits apart by more than the tolerance: step 0.
+        let c = output(
+            vec![vec![1, 2, 3], vec![4, 5, 6]],
+            vec![vec![0.0, 1.0], vec![2.0, 3.01]],
+        );
+        let d = first_difference(&a, &c).unwrap().unwrap();
+        assert_eq!((d.step, d.row), (0, 1));
+        assert!((d.logit_diff - 0.01).abs() < 1e-4);
+        // Within the tolerance: no difference.
+        let e = output(
+            vec![vec![1, 2, 3], vec![4, 5, 6]],
+            vec![vec![0.0, 1.0], vec![2.0, 3.0005]],
+        );
+        assert_eq!(first_difference(&a, &e).unwrap(), None);
+        // A run that stopped early differs where the other goes on.
+        let f = output(
+            vec![vec![1, 2], vec![4, 5]],
+            vec![vec![0.0, 1.0], vec![2.0, 3.0]],
+        );
+        let d = first_difference(&a, &f).unwrap().unwrap();
+        assert_eq!((d.step, d.row, d.tokens), (2, 0, (Some(3), None)));
+        let msg = diagnosis(&d, "the reference", Some(1), layer_text(Some(1)), "h").to_string();
+        assert!(msg.starts_with("divergence at layer 1 self key: step 2 row 0: the run chose 3 where the reference chooses nothing"), "{msg}");
+    }
+
+    #[test]
+    fn the_reference_drops_exactly_the_settings_that_must_not_matter() {
+        let mut o = DecodeOptions::new(CacheConfig::new(CacheMode::Dynamic), 4);
+        assert!(reference_options(&o).is_none());
+        o.prefill_chunk = Some(3);
+        o.cache.chunk_mask = ChunkMask::UpperLeft;
+        o.save_at = Some(1);
+        o.cache.mode = CacheMode::Rotating { window: 6 };
+        o.mask_buffer_one_row = true;
+        let (r, what) = reference_options(&o).unwrap();
+        assert_eq!(r.prefill_chunk, None);
+        assert_eq!(r.cache.chunk_mask, ChunkMask::LowerRight);
+        assert_eq!(r.save_at, None);
+        assert_eq!(r.cache.mode, CacheMode::Sliding { window: 6 });
+        // Not a setting that must leave the tokens unchanged: kept.
+        assert!(r.mask_buffer_one_row);
+        assert_eq!(r.max_new_tokens, 4);
+        assert!(
+            what.contains("whole prompt")
+                && what.contains("never saved")
+                && what.contains("`sliding`"),
+            "{what}"
+        );
+    }
 }

@@ -124,6 +124,10 @@ pub struct DecodeOptions {
     /// Where `save_at` writes the cache (`None`: a temporary file, removed after it
     /// is read back).
     pub cache_file: Option<std::path::PathBuf>,
+    /// Historical (candle issue 3582): the padding mask lives in a buffer sized for one
+    /// row and is read for every row of the batch, so rows after the first see the
+    /// first row's padding. `false` is the fix.
+    pub mask_buffer_one_row: bool,
 }
 
 impl DecodeOptions {
@@ -141,6 +145,7 @@ impl DecodeOptions {
             prefill_chunk: None,
             save_at: None,
             cache_file: None,
+            mask_buffer_one_row: false,
         }
     }
 
@@ -393,11 +398,20 @@ fn decode(
     };
     let ones = |k: usize| Tensor::ones((n, k), DType::F32, &dev).ctx("mask"); // [N, k]
     let with_prefix = |m: &Tensor| -> Result<Tensor> {
+        // Historical: one row's buffer read for every row, [N, T] <- [1, T].
+        let m = if opts.mask_buffer_one_row {
+            m.narrow(0, 0, 1)
+                .and_then(|r| r.broadcast_as(m.dims()))
+                .and_then(|r| r.contiguous())
+                .ctx("mask buffer of one row")?
+        } else {
+            m.clone()
+        };
         // [N, T] -> [N, P + T]
         if opts.extend_mask && p > 0 {
-            extend_mask(m, p)
+            extend_mask(&m, p)
         } else {
-            Ok(m.clone())
+            Ok(m)
         }
     };
     let expand = expansion(b, r);

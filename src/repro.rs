@@ -28,7 +28,10 @@ fn event_row(e: &TraceEvent) -> String {
         e.layer,
         e.attention,
         e.op,
-        e.layout,
+        match e.ring_head {
+            Some(h) => format!("{}, ring head {h}", e.layout),
+            None => e.layout.clone(),
+        },
         shape(&e.key_before),
         shape(&e.key_written),
         shape(&e.key_after),
@@ -40,17 +43,23 @@ fn event_row(e: &TraceEvent) -> String {
 }
 
 fn diagnosis_block(d: &Diagnosis) -> String {
-    format!(
-        "**Diagnosis:** `{}` at {}\n\n- expected shape: `{:?}` (rank {})\n- actual shape: `{:?}` (rank {})\n- message: {}\n- likely cause: {}\n",
-        d.class.as_str(),
-        d.place(),
-        d.expected_shape,
-        d.expected_shape.len(),
-        d.actual_shape,
-        d.actual_shape.len(),
+    let mut md = format!("**Diagnosis:** `{}` at {}\n\n", d.class.as_str(), d.place());
+    // Silent failures (divergence, no-grad) have no shapes to show.
+    if !d.expected_shape.is_empty() || !d.actual_shape.is_empty() {
+        md += &format!(
+            "- expected shape: `{:?}` (rank {})\n- actual shape: `{:?}` (rank {})\n",
+            d.expected_shape,
+            d.expected_shape.len(),
+            d.actual_shape,
+            d.actual_shape.len(),
+        );
+    }
+    md += &format!(
+        "- message: {}\n- likely cause: {}\n",
         d.message,
         if d.hint.is_empty() { "-" } else { &d.hint },
-    )
+    );
+    md
 }
 
 /// The Markdown section of one case.

@@ -353,6 +353,7 @@ pub fn prepare_with(case: &Case, check_adapter: bool) -> Result<Prepared, Engine
     opts.num_return_sequences = g.num_return_sequences;
     opts.expand_prefix = g.expand_prefix;
     opts.prefill_chunk = g.prefill_chunk;
+    opts.mask_buffer_one_row = g.mask_buffer_one_row;
     opts.save_at = case.scenario.cache.save_at;
     Ok(Prepared {
         model,

@@ -271,6 +271,9 @@ pub struct GenerateSpec {
     /// `upper-left` or `square` (historical bugs).
     #[serde(default)]
     pub chunk_mask: crate::cache::ChunkMask,
+    /// Historical (candle issue 3582): every row reads the first row's padding mask.
+    #[serde(default)]
+    pub mask_buffer_one_row: bool,
 }
 
 fn default_new_tokens() -> usize {
@@ -291,6 +294,7 @@ impl Default for GenerateSpec {
             expand_prefix: true,
             prefill_chunk: None,
             chunk_mask: crate::cache::ChunkMask::LowerRight,
+            mask_buffer_one_row: false,
         }
     }
 }
@@ -1360,6 +1364,7 @@ fn check_matrix_path(doc: &Value, key: &str) -> Result<(), String> {
                 "expand_prefix",
                 "prefill_chunk",
                 "chunk_mask",
+                "mask_buffer_one_row",
             ],
         ),
         (

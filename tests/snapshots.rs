@@ -27,7 +27,9 @@
 //! stored, `none` mode); values had the same shapes as keys (`=k`); the attention read
 //! keys and values `[1,4,14,16]` (standard layout) under a mask `[B,1,S,K]` of
 //! `[1,1,1,14]`, for query positions 13..14. Shapes are in the layout of the cache
-//! (`layout:` in the snapshot), reads always in the standard `[B, H, K, D]`.
+//! (`layout:` in the snapshot), reads always in the standard `[B, H, K, D]`. A
+//! `rotating` cache adds its ring head after the event (`head 3`); `save` and `load`
+//! lines show what was written to the cache file and what was read back.
 //!
 //! `SNAPSHOT_FILTER=substring` runs only the cases whose id contains it (and skips the
 //! check for snapshots without a case).
@@ -142,6 +144,9 @@ fn event_text(e: &TraceEvent, layout: &str) -> String {
     }
     if let Some((a, b)) = e.positions {
         s += &format!(" pos {a}..{b}");
+    }
+    if let Some(h) = e.ring_head {
+        s += &format!(" head {h}");
     }
     s
 }
