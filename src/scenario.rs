@@ -817,10 +817,15 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
         .map_err(|m| ("generate".to_string(), m.to_string()))?;
     match s.cache.mode {
         CacheModeName::Sliding | CacheModeName::Rotating if s.cache.window.is_none() => {
+            let mode = if s.cache.mode == CacheModeName::Sliding {
+                "sliding"
+            } else {
+                "rotating"
+            };
             return e(
                 "cache.window",
-                "`sliding` and `rotating` need a window (positions kept)",
-            )
+                &format!("`{mode}` needs a window (positions kept)"),
+            );
         }
         _ => {}
     }
