@@ -66,6 +66,26 @@ fn the_same_tokens_agree_and_the_first_other_token_is_named_by_row_and_step() {
     s.phases.generate.as_mut().unwrap().tokens = Some(other);
     let o = verdict(&c, &r, r.raised, &s, &env);
     assert_eq!(o.divergence, Some(Divergence::Generate), "{}", o.detail);
+    // Decoding from PEFT's cache (the prompt in chunks when the case says so) is
+    // compared with the engine's tokens too.
+    let mut s = ok_stack(&c.id, r.tokens.clone());
+    let mut cached = r.tokens.clone();
+    cached[0][1] = cached[0][1].wrapping_add(1) % 256;
+    s.phases.cached = Some(Phase {
+        tokens: Some(cached),
+        ..Default::default()
+    });
+    let o = verdict(&c, &r, r.raised, &s, &env);
+    assert_eq!(o.divergence, Some(Divergence::Tokens), "{}", o.detail);
+    assert!(
+        o.detail.starts_with("row 0 step 1: engine token")
+            && o.detail.contains("decoding from PEFT's cache"),
+        "{}",
+        o.detail
+    );
+    s.phases.cached.as_mut().unwrap().tokens = Some(r.tokens.clone());
+    let o = verdict(&c, &r, r.raised, &s, &env);
+    assert_eq!(o.verdict, VerdictKind::Agree, "{}", o.detail);
 }
 
 #[test]
@@ -204,6 +224,7 @@ fn job(ids: &[&str]) -> Job {
                     eos_token_id: None,
                     pad_token_id: None,
                     num_return_sequences: 1,
+                    prefill_chunk: None,
                 },
                 train: None,
                 timeout_s: 1.0,

@@ -250,6 +250,9 @@ class Matrix(unittest.TestCase):
         for _ in range(3):
             train["batches"].append({"input_ids": ids, "attention_mask": mask,
                                      "decoder_input_ids": None, "labels": labels})
+        chunked = case("llama", "dynamic", cid="llama-chunked")
+        chunked["generate"]["prefill_chunk"] = 2
+        cases.append(chunked)
         cases.append(case("llama", "dynamic", cid="llama-train", train=train))
         cls.code, cls.lines, cls.stderr = run_driver({"protocol": 1, "cases": cases})
         cls.by_id = {line["id"]: line for line in cls.lines[1:]}
@@ -380,6 +383,17 @@ class Matrix(unittest.TestCase):
                 self.assertIsNone(ph["cached"]["error"])
                 self.assertEqual(ph["cached"]["tokens"], ph["recompute"]["tokens"])
                 self.assertEqual(len(ph["cached"]["calls"]), N)
+
+    def test_chunked_prefill_decodes_like_the_whole_prompt(self):
+        r = self.by_id["llama-chunked"]
+        self.assertEqual(r["status"], "ok")
+        c = r["phases"]["cached"]
+        self.assertIsNone(c["error"])
+        self.assertEqual(c["tokens"], self.by_id["llama-dynamic"]["phases"]["cached"]["tokens"])
+        # one call per chunk before the last, then the last chunk and N - 1 tokens
+        chunks = -(-S // 2)
+        self.assertEqual(len(c["calls"]), chunks - 1 + N)
+        self.assertIn("prefill in chunks of 2", r["phases"]["cached"].get("notes", []) + r.get("notes", []))
 
     def test_static_cache(self):
         r = self.by_id["llama-static"]

@@ -51,7 +51,11 @@ JOB.json
                               | {"beam": {"num_beams": 2, "length_penalty": 1.0,
                                           "early_stopping": false}},
                     "eos_token_id": null, "pad_token_id": null,
-                    "num_return_sequences": 1},
+                    "num_return_sequences": 1,
+                    "prefill_chunk": null | int},   # the prompt in chunks: generate's
+                                                    # prefill_chunk_size (transformers 5;
+                                                    # else a note) and the cached phase's
+                                                    # calls
        "train": null | {"lr": 0.1, "weight_decay": 0.0, "steps": 3,
                         "batches": [{"input_ids": [[int]], "attention_mask": [[int]],
                                      "decoder_input_ids": null | [[int]],
@@ -331,6 +335,7 @@ def validate_case(c, i):
         raise JobError(f"{where}: generate.max_new_tokens must be a non-negative integer")
     for key in ("eos_token_id", "pad_token_id"):
         _opt_int(g, key, f"{where}: generate")
+    _opt_int(g, "prefill_chunk", f"{where}: generate")
     g.setdefault("num_return_sequences", 1)
     if not _is_int(g["num_return_sequences"]) or g["num_return_sequences"] < 1:
         raise JobError(f"{where}: generate.num_return_sequences must be a positive integer")
@@ -1117,6 +1122,13 @@ class Case:
         elif self.mode == "legacy":
             notes.append("legacy: generate chooses its own cache (tuples only where the model "
                          "has no Cache class support)")
+        chunk = g.get("prefill_chunk")
+        if chunk is not None:
+            if hasattr(gc, "prefill_chunk_size"):
+                settings["prefill_chunk_size"] = int(chunk)
+            else:
+                notes.append(f"prefill_chunk {chunk} not applied: transformers "
+                             f"{transformers.__version__} has no prefill_chunk_size (whole prefill)")
         for k, v in settings.items():
             setattr(gc, k, v)
         saved = self.base.generation_config
@@ -1253,6 +1265,18 @@ class Case:
                 else:
                     m = torch.cat([torch.ones((self.B, self.P), dtype=self.mask.dtype), self.mask], 1)
                     inp = self.ids
+                    chunk = self.spec["generate"].get("prefill_chunk")
+                    if chunk is not None and chunk < self.S:
+                        # The prompt in chunks: each a call over the mask up to its end.
+                        r["notes"].append(f"prefill in chunks of {chunk}")
+                        for start in range(0, self.S - chunk, chunk):
+                            end = start + chunk
+                            out = base(input_ids=self.ids[:, start:end],
+                                       attention_mask=m[:, :self.P + end], use_cache=True,
+                                       **{ck: cache})
+                            cache = out_cache(out)
+                        last = ((self.S - 1) // chunk) * chunk
+                        inp = self.ids[:, last:]
                     for _ in range(self.n):
                         out = base(input_ids=inp, attention_mask=m, use_cache=True, **{ck: cache})
                         cache = out_cache(out)

@@ -50,6 +50,9 @@ pub struct JobGenerate {
     pub eos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
     pub num_return_sequences: usize,
+    /// The prompt in chunks of this many tokens (transformers' `prefill_chunk_size`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefill_chunk: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -178,6 +181,7 @@ pub fn export_case(
             eos_token_id: gen.eos_token_id,
             pad_token_id: gen.pad_token_id,
             num_return_sequences: gen.num_return_sequences,
+            prefill_chunk: gen.prefill_chunk,
         },
         train,
         timeout_s: timeout.map(|t| t.as_secs_f64()).unwrap_or(0.0),

@@ -284,6 +284,17 @@ pub fn verdict(
         if !cached.events.is_empty() {
             agreed.push(format!("{} cache events", cached.events.len()));
         }
+        // And the tokens of that decoding (the prompt in chunks when the case says so).
+        if let (true, false, Some(toks)) = (greedy, trained, cached.tokens.as_ref()) {
+            if let Some((row, step, a, b)) = first_token_difference(&r.tokens, toks) {
+                return o.diverges(
+                    Divergence::Tokens,
+                    format!(
+                        "row {row} step {step}: engine token {a}, decoding from PEFT's cache {b}"
+                    ),
+                );
+            }
+        }
     }
     // The stack against itself: generate() should equal the PEFT forward.
     if greedy {
