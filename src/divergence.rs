@@ -258,10 +258,10 @@ pub fn check_reference(
     Err(diagnosis(&d, &what, layer, place, hint).into())
 }
 
-/// `checks: {padding: invariant}`: generate every input row alone, without its left
-/// padding, and fail with a `divergence` diagnosis at the first step where a batch
-/// row differs from it. `ids: [B, S]`, `pad: [B, S]` (1 = token); `out` has `B * R`
-/// rows (R rows per input row).
+/// `checks: {padding: invariant}`: generate every left-padded input row alone,
+/// without its padding, and fail with a `divergence` diagnosis at the first step where
+/// its rows in the batch differ from it. `ids: [B, S]`, `pad: [B, S]` (1 = token);
+/// `out` has `B * R` rows (R rows per input row).
 pub fn check_padding(
     model: &dyn Model,
     prefix: Option<&PrefixEncoder>,
@@ -269,6 +269,28 @@ pub fn check_padding(
     ids: &Tensor,
     pad: &Tensor,
     out: &DecodeOutput,
+) -> Result<()> {
+    let hint = if opts.mask_buffer_one_row {
+        "every row read the first row's padding mask (a mask buffer sized for one row, candle issue 3582): build the mask [B, P + T] per row"
+    } else {
+        "left padding changes what the row generates: padding positions count inside a sliding window, or the mask, positions or cache of the batch leak padding into the row"
+    };
+    check_rows_alone(model, prefix, opts, ids, pad, out, false, hint)
+}
+
+/// Generate input rows alone (every row, or only the left-padded ones) without their
+/// padding, with `opts`, and fail with a `divergence` diagnosis (with `hint`) at the
+/// first step where `out`'s rows of that input differ from it.
+#[allow(clippy::too_many_arguments)]
+pub fn check_rows_alone(
+    model: &dyn Model,
+    prefix: Option<&PrefixEncoder>,
+    opts: &DecodeOptions,
+    ids: &Tensor, // [B, S] u32
+    pad: &Tensor, // [B, S], 1 = token
+    out: &DecodeOutput,
+    every_row: bool,
+    hint: &str,
 ) -> Result<()> {
     let (b, s) = ids.dims2().ctx("input ids [B, S]")?;
     let r = opts.rows_per_input();
@@ -278,8 +300,8 @@ pub fn check_padding(
         .ctx("padding mask [B, S]")?;
     for (i, row_mask) in mask.iter().enumerate().take(b) {
         let start = row_mask.iter().position(|m| *m > 0.5).unwrap_or(s);
-        if start == 0 || start == s {
-            // Unpadded rows (or empty ones) are their own alone-run.
+        if start == s || (start == 0 && !every_row) {
+            // Empty rows, and unpadded ones unless every row is asked for.
             continue;
         }
         // [1, S - start]
@@ -290,11 +312,10 @@ pub fn check_padding(
         let alone = generate(model, prefix, opts, &alone_ids, None)?;
         let pairs: Vec<(usize, usize)> = (0..r).map(|j| (i * r + j, j)).collect();
         if let Some(d) = first_difference_rows(out, &alone, &pairs)? {
-            let what = format!("the row generated alone without its {start} padding positions");
-            let hint = if opts.mask_buffer_one_row {
-                "every row read the first row's padding mask (a mask buffer sized for one row, candle issue 3582): build the mask [B, P + T] per row"
+            let what = if start == 0 {
+                "the row generated alone".to_string()
             } else {
-                "left padding changes what the row generates: padding positions count inside a sliding window, or the mask, positions or cache of the batch leak padding into the row"
+                format!("the row generated alone without its {start} padding positions")
             };
             return Err(diagnosis(&d, &what, None, String::new(), hint).into());
         }

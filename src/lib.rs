@@ -5,6 +5,7 @@
 //! decoding), [`trace`] (the shape trace), [`check`] (diagnoses).
 
 pub mod adapter;
+pub mod batching;
 pub mod cache;
 pub mod check;
 pub mod data;

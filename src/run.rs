@@ -404,7 +404,19 @@ fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
             );
         }
     }
-    let (out, trace) = generate_traced(model.as_ref(), Some(&prefix), &opts, &ids, Some(&mask));
+    let g = &case.scenario.generate;
+    let (out, trace) = match g.merge_rows_at {
+        Some(at) => crate::batching::generate_merged(
+            model.as_ref(),
+            Some(&prefix),
+            &opts,
+            &ids,
+            &mask,
+            at,
+            g.merge_fill_from_first_row,
+        ),
+        None => generate_traced(model.as_ref(), Some(&prefix), &opts, &ids, Some(&mask)),
+    };
     r.trace_digest = Some(trace.digest());
     r.trace = Some(trace);
     let out = out?;
@@ -417,6 +429,24 @@ fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
         Some(&mask),
         &out,
     )
+    .and_then(|_| match g.merge_rows_at {
+        // Continuous batching: every row against itself alone.
+        Some(_) => crate::divergence::check_rows_alone(
+            model.as_ref(),
+            Some(&prefix),
+            &opts,
+            &ids,
+            &mask,
+            &out,
+            true,
+            if g.merge_fill_from_first_row {
+                "the merge sliced every row's cache to the first row's fill level: rows with more positions lost their oldest ones (the prefix first), rows with fewer attend to empty slots; slice each row by its own fill level and mask its padding"
+            } else {
+                "merging per-row caches must keep each row's positions and mask its padding slots: compare the merged cache with the rows' own"
+            },
+        ),
+        None => Ok(()),
+    })
     .and_then(|_| match case.scenario.checks.padding {
         Some(crate::scenario::PaddingCheck::Invariant) => crate::divergence::check_padding(
             model.as_ref(),

@@ -274,6 +274,15 @@ pub struct GenerateSpec {
     /// Historical (candle issue 3582): every row reads the first row's padding mask.
     #[serde(default)]
     pub mask_buffer_one_row: bool,
+    /// Continuous batching: every row is generated alone up to this step, then the
+    /// per-row caches are merged into one batch for the remaining steps; each row must
+    /// generate what it generates alone.
+    #[serde(default)]
+    pub merge_rows_at: Option<usize>,
+    /// Historical (mlx-lm cache merges): the merge slices every row to the first
+    /// row's fill level.
+    #[serde(default)]
+    pub merge_fill_from_first_row: bool,
 }
 
 fn default_new_tokens() -> usize {
@@ -295,6 +304,8 @@ impl Default for GenerateSpec {
             prefill_chunk: None,
             chunk_mask: crate::cache::ChunkMask::LowerRight,
             mask_buffer_one_row: false,
+            merge_rows_at: None,
+            merge_fill_from_first_row: false,
         }
     }
 }
@@ -849,6 +860,27 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
             "needs greedy or beam decoding (a sampled row draws from its own random stream, which differs alone)",
         );
     }
+    if let Some(at) = s.generate.merge_rows_at {
+        let mut probe = crate::generate::DecodeOptions::new(
+            CacheConfig::new(match s.cache.mode {
+                CacheModeName::Dynamic => CacheMode::Dynamic,
+                CacheModeName::None => CacheMode::None,
+                CacheModeName::Legacy => CacheMode::Legacy,
+                // Only the mode's name matters here.
+                CacheModeName::Static => CacheMode::Static { max_len: 0 },
+                CacheModeName::Sliding => CacheMode::Sliding { window: 0 },
+                CacheModeName::Rotating => CacheMode::Rotating { window: 0 },
+            }),
+            s.generate.max_new_tokens,
+        );
+        probe.strategy = s.generate.strategy.clone();
+        probe.eos_token_id = s.generate.eos_token_id;
+        probe.save_at = s.cache.save_at;
+        let enc_dec = s.model.family == Some(crate::model::Family::T5);
+        if let Some(why) = crate::batching::unsupported(&probe, at, enc_dec) {
+            return e("generate.merge_rows_at", &why);
+        }
+    }
     if let Some(at) = s.cache.save_at {
         if at + 1 >= s.generate.max_new_tokens {
             return e(
@@ -1370,6 +1402,8 @@ fn check_matrix_path(doc: &Value, key: &str) -> Result<(), String> {
                 "prefill_chunk",
                 "chunk_mask",
                 "mask_buffer_one_row",
+                "merge_rows_at",
+                "merge_fill_from_first_row",
             ],
         ),
         (

@@ -23,6 +23,8 @@ pub enum CacheOp {
     Save,
     /// A fresh cache was filled from that file.
     Load,
+    /// Per-row caches were merged into one batch (`generate.merge_rows_at`).
+    Merge,
 }
 
 /// One cache event.

@@ -20,7 +20,10 @@ use crate::check::{Attention, CandleExt, Diagnosis, DiagnosisClass, Result, Site
 use crate::trace::{event, CacheOp, Trace};
 
 mod file;
+mod merge;
 mod ring;
+
+pub use merge::{merge_rows, Merged};
 
 /// How keys and values are kept between forward passes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
