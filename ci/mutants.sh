@@ -40,7 +40,7 @@ case "${1:-}" in
     sample)
         k="${2:?usage: ci/mutants.sh sample K (1..20)}"
         run "mutants-sample-$k" --shard "$((k - 1))/20" --sharding round-robin \
-            -f src/scenario.rs -f src/check.rs -f src/cache.rs -f src/prefix.rs \
+            -f src/scenario.rs -f src/check.rs -f src/cache/mod.rs -f src/cache/ring.rs -f src/cache/file.rs -f src/cache/merge.rs -f src/divergence.rs -f src/prefix.rs \
             -f src/generate.rs -f src/train.rs -f src/fingerprint.rs \
             -f src/model/attention.rs -f src/run.rs -f src/stack/verdict.rs
         ;;
