@@ -108,6 +108,99 @@ fn eight_bits_stay_close_to_dynamic(
     assert!(drift > 0.0, "{}: no drift at all", family.name());
 }
 
+/// `[1, 2, n, 3]` of irregular values from `seed`.
+fn kv(n: usize, seed: f32) -> Tensor {
+    let v: Vec<f32> = (0..2 * n * 3)
+        .map(|i| (i as f32 * 0.73 + seed).sin() * 2.0 + (i as f32 * 0.11).cos())
+        .collect();
+    Tensor::from_vec(v, (1, 2, n, 3), &candle_core::Device::Cpu).unwrap()
+}
+
+fn cat(parts: &[&Tensor]) -> Tensor {
+    Tensor::cat(parts, 2).unwrap()
+}
+
+/// `x: [1, 2, n, 3]` through 4-bit codes and back.
+fn round_trip(x: &Tensor) -> Tensor {
+    use prefix_harness::cache::quant::{dequantize, quantize};
+    dequantize(&quantize(x, 4).unwrap()).unwrap()
+}
+
+/// What attention reads, through `ModelCache::update_self` itself: the held positions
+/// dequantized (the prefix too, at the first step, unless pinned) and the step's own
+/// keys exact; the positions that leave the exact window are quantized afterwards,
+/// together with the dequantized older ones.
+#[rstest]
+fn a_step_reads_the_held_positions_dequantized_and_its_own_exact(
+    #[values(false, true)] pinned: bool,
+) {
+    use prefix_harness::cache::{Layout, ModelCache};
+    use prefix_harness::check::Attention;
+    let exact = |a: &Tensor, b: &Tensor, what: &str| {
+        assert_eq!(a.dims(), b.dims(), "pinned {pinned}: {what}");
+        assert_eq!(max_abs_diff(a, b), 0.0, "pinned {pinned}: {what}");
+    };
+    // P 6, R 2, 4 bits: at the prefill 5 prompt positions, then 1.
+    let mut c = ModelCache::new(
+        CacheConfig::new(quantized(4, 2, pinned)),
+        Layout::Standard,
+        1,
+        false,
+    );
+    let (pk, pv) = (kv(6, 0.5), kv(6, 1.5));
+    c.seed(0, Attention::SelfAttn, pk.clone(), pv.clone(), 6)
+        .unwrap();
+    let (k1, v1) = (kv(5, 2.5), kv(5, 3.5));
+    let read = c.update_self(0, &k1, &v1, (6, 11)).unwrap();
+    // The prefix: pinned exact, else its first 4 positions quantized, the last 2 exact.
+    let prefix_read = |t: &Tensor| {
+        if pinned {
+            t.clone()
+        } else {
+            cat(&[
+                &round_trip(&t.narrow(2, 0, 4).unwrap()),
+                &t.narrow(2, 4, 2).unwrap(),
+            ])
+        }
+    };
+    exact(
+        &read.k,
+        &cat(&[&prefix_read(&pk), &k1]),
+        "keys read at the prefill",
+    );
+    exact(
+        &read.v,
+        &cat(&[&prefix_read(&pv), &v1]),
+        "values read at the prefill",
+    );
+    // Held afterwards: everything but the last 2 positions quantized again (the prefix
+    // stays out when pinned).
+    let held = |p: &Tensor, new: &Tensor| {
+        if pinned {
+            cat(&[
+                p,
+                &round_trip(&new.narrow(2, 0, 3).unwrap()),
+                &new.narrow(2, 3, 2).unwrap(),
+            ])
+        } else {
+            let old = cat(&[&prefix_read(p), &new.narrow(2, 0, 3).unwrap()]);
+            cat(&[&round_trip(&old), &new.narrow(2, 3, 2).unwrap()])
+        }
+    };
+    let (k2, v2) = (kv(1, 4.5), kv(1, 5.5));
+    let read = c.update_self(0, &k2, &v2, (11, 12)).unwrap();
+    exact(
+        &read.k,
+        &cat(&[&held(&pk, &k1), &k2]),
+        "keys read at step 1",
+    );
+    exact(
+        &read.v,
+        &cat(&[&held(&pv, &v1), &v2]),
+        "values read at step 1",
+    );
+}
+
 /// With a residual beyond every position nothing is quantized: the store must then
 /// give exactly what `dynamic` gives, greedy and with beams (whose reorders select the
 /// rows of every part), with the prefix pinned or not. This pins the plumbing (the

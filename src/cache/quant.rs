@@ -343,7 +343,10 @@ mod tests {
     /// `[B, KVH, 1, D]` -> one value per channel, repeated over `n` positions, in the
     /// order of `host` of a `[B, KVH, n, D]` tensor.
     fn per_channel(t: &Tensor, n: usize) -> Vec<f32> {
+        let (b, h, one, d) = t.dims4().unwrap();
+        assert_eq!(one, 1, "one scale per channel: {:?}", t.dims());
         let t = t.repeat((1, 1, n, 1)).unwrap();
+        assert_eq!(t.dims(), &[b, h, n, d]);
         host(&t)
     }
 
@@ -385,6 +388,33 @@ mod tests {
         let (c8, c4) = (quantize(&x, 8).unwrap(), quantize(&x, 4).unwrap());
         for (s8, s4) in host(&c8.scale).iter().zip(host(&c4.scale)) {
             assert!((s4 / s8 - 255.0 / 15.0).abs() < 1e-3, "{s4} / {s8}");
+        }
+    }
+
+    #[test]
+    fn each_channel_has_its_own_scale_and_zero_point() {
+        // Channel 0 spans 1000, channel 1 a thousandth, channel 2 sits far from 0: each
+        // keeps its own precision (a scale per tensor would round channel 1 to one
+        // value, one without a zero point would lose channel 2).
+        let v: Vec<f32> = (0..9)
+            .flat_map(|p| {
+                let p = p as f32;
+                [p * 125.0, p * 1.25e-4, 500.0 + p * 0.01]
+            })
+            .collect();
+        let x = Tensor::from_vec(v, (1, 1, 9, 3), &Device::Cpu).unwrap();
+        let c = quantize(&x, 8).unwrap();
+        assert_eq!(c.scale.dims(), &[1, 1, 1, 3]);
+        assert_eq!(c.zero.dims(), &[1, 1, 1, 3]);
+        let back = host(&dequantize(&c).unwrap());
+        for (i, (a, b)) in host(&x).iter().zip(&back).enumerate() {
+            let range = [1000.0, 1e-3, 0.08][i % 3];
+            let half = range / 255.0 / 2.0;
+            assert!(
+                (a - b).abs() <= half * 1.001 + 500.0 * f32::EPSILON,
+                "channel {}: {a} came back as {b}",
+                i % 3
+            );
         }
     }
 
