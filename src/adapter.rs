@@ -472,6 +472,8 @@ pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
 }
 
 /// [`safetensors_bytes`] with other `__metadata__` entries (string keys and values).
+/// u8 tensors (a quantized cache's codes) are written as `U8`, every other tensor as
+/// f32.
 pub fn safetensors_bytes_with(
     tensors: &[(String, Tensor)],
     metadata: &[(&str, &str)],
@@ -485,21 +487,31 @@ pub fn safetensors_bytes_with(
     let mut header = format!("{{\"__metadata__\":{}", serde_json::Value::Object(meta));
     let mut data: Vec<u8> = vec![];
     for (name, t) in sorted {
-        // Any shape; stored row-major as f32.
-        let values: Vec<f32> = t
-            .to_dtype(DType::F32)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1())
-            .ctx("safetensors: read tensor")?;
+        // Any shape; stored row-major as f32 (u8 as u8).
         let start = data.len();
-        for v in values {
-            data.extend_from_slice(&v.to_le_bytes());
-        }
+        let stored = if t.dtype() == DType::U8 {
+            let values: Vec<u8> = t
+                .flatten_all()
+                .and_then(|t| t.to_vec1())
+                .ctx("safetensors: read tensor")?;
+            data.extend_from_slice(&values);
+            "U8"
+        } else {
+            let values: Vec<f32> = t
+                .to_dtype(DType::F32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1())
+                .ctx("safetensors: read tensor")?;
+            for v in values {
+                data.extend_from_slice(&v.to_le_bytes());
+            }
+            "F32"
+        };
         let name_json = serde_json::to_string(name)
             .map_err(|e| EngineError::Config(format!("safetensors: tensor name: {e}")))?;
         let shape: Vec<String> = t.dims().iter().map(|d| d.to_string()).collect();
         header.push_str(&format!(
-            ",{name_json}:{{\"dtype\":\"F32\",\"shape\":[{}],\"data_offsets\":[{start},{}]}}",
+            ",{name_json}:{{\"dtype\":\"{stored}\",\"shape\":[{}],\"data_offsets\":[{start},{}]}}",
             shape.join(","),
             data.len()
         ));

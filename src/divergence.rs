@@ -9,8 +9,12 @@
 //!   load = uninterrupted, ring = time order.
 //! - [`check_padding`] (`checks: {padding: invariant}`): every input row generated
 //!   alone, without its left padding, against its rows in the batch.
+//!
+//! And one measurement: [`quantization_report`], a `quantized` case against the same
+//! case run unquantized (`dynamic`), which may differ (by how much is the report).
 
 use candle_core::{DType, Tensor};
+use serde::Serialize;
 
 use crate::cache::{CacheMode, ChunkMask, ModelCache};
 use crate::check::{Attention, CandleExt, Diagnosis, DiagnosisClass, Result, TensorKind};
@@ -321,6 +325,121 @@ pub fn check_rows_alone(
         }
     }
     Ok(())
+}
+
+/// How far a `quantized` run is from the same case run unquantized.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QuantReport {
+    /// The run compared with.
+    pub reference: String,
+    /// Per output row: the fraction of its generated tokens equal to the unquantized
+    /// run's at the same step (a step only one run reached counts as different).
+    pub token_agreement_per_row: Vec<f64>,
+    /// Equal tokens over all rows and steps, as a fraction (1 when nothing was
+    /// generated).
+    pub token_agreement: f64,
+    pub tokens_equal: usize,
+    pub tokens_compared: usize,
+    /// The first step and row whose tokens differ: from the next step on, that row's
+    /// logits come from different inputs, so its drift there is not the cache's alone.
+    pub first_token_difference: Option<StepRow>,
+    /// Per step that both runs reached: the largest absolute difference of any logit of
+    /// any row.
+    pub logit_drift_per_step: Vec<f32>,
+    /// The largest of `logit_drift_per_step` (0 when no step ran).
+    pub max_logit_drift: f32,
+    /// The largest drift over the steps both runs were fed the same tokens: up to and
+    /// including `first_token_difference`'s step (every step when no token differs).
+    /// What the cache alone moved; later steps compare logits of different inputs.
+    /// `checks.quantization.max_logit_drift` bounds this one.
+    pub max_logit_drift_same_inputs: f32,
+}
+
+/// A generation step and an output row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct StepRow {
+    pub step: usize,
+    pub row: usize,
+}
+
+/// Compare `out`, a generation with a `quantized` cache, with `reference`, the same
+/// generation unquantized: tokens `[N][n]`, logits n x `[N, V]`.
+pub fn compare_quantized(out: &DecodeOutput, reference: &DecodeOutput) -> Result<QuantReport> {
+    let rows_n = out.tokens.len().max(reference.tokens.len());
+    let mut per_row = Vec::with_capacity(rows_n);
+    let (mut equal, mut compared) = (0, 0);
+    let mut first: Option<StepRow> = None;
+    for row in 0..rows_n {
+        let (a, b) = (out.tokens.get(row), reference.tokens.get(row));
+        let n = a.map_or(0, Vec::len).max(b.map_or(0, Vec::len));
+        let mut same = 0;
+        for step in 0..n {
+            let (x, y) = (a.and_then(|r| r.get(step)), b.and_then(|r| r.get(step)));
+            if x.is_some() && x == y {
+                same += 1;
+            } else if first.is_none_or(|f| step < f.step) {
+                first = Some(StepRow { step, row });
+            }
+        }
+        per_row.push(if n == 0 { 1.0 } else { same as f64 / n as f64 });
+        equal += same;
+        compared += n;
+    }
+    let steps = out.logits.len().min(reference.logits.len());
+    let mut drift = Vec::with_capacity(steps);
+    for step in 0..steps {
+        let (la, lb) = (
+            rows(out.logits.get(step))?,
+            rows(reference.logits.get(step))?,
+        );
+        let d = if la.len() == lb.len() {
+            la.iter()
+                .zip(&lb)
+                .map(|(x, y)| max_abs_diff(x, y))
+                .fold(0.0, f32::max)
+        } else {
+            f32::INFINITY
+        };
+        drift.push(d);
+    }
+    let same_inputs = first.map_or(drift.len(), |f| (f.step + 1).min(drift.len()));
+    Ok(QuantReport {
+        reference: "the same case with `cache.mode: dynamic`".into(),
+        token_agreement_per_row: per_row,
+        token_agreement: if compared == 0 {
+            1.0
+        } else {
+            equal as f64 / compared as f64
+        },
+        tokens_equal: equal,
+        tokens_compared: compared,
+        first_token_difference: first,
+        max_logit_drift: drift.iter().copied().fold(0.0, f32::max),
+        max_logit_drift_same_inputs: drift[..same_inputs].iter().copied().fold(0.0, f32::max),
+        logit_drift_per_step: drift,
+    })
+}
+
+/// `opts` with a `quantized` cache: run the same generation with a `dynamic` cache
+/// (no save and restore, which changes nothing there) and compare `out` with it.
+/// `None` for the other modes.
+pub fn quantization_report(
+    model: &dyn Model,
+    prefix: Option<&PrefixEncoder>,
+    opts: &DecodeOptions,
+    ids: &Tensor,         // [B, S] u32
+    pad: Option<&Tensor>, // [B, S], 1 = token
+    out: &DecodeOutput,
+) -> Result<Option<QuantReport>> {
+    if !matches!(opts.cache.mode, CacheMode::Quantized { .. }) {
+        return Ok(None);
+    }
+    let mut plain = opts.clone();
+    plain.cache.mode = CacheMode::Dynamic;
+    plain.save_at = None;
+    plain.cache_file = None;
+    let reference = generate(model, prefix, &plain, ids, pad)?;
+    compare_quantized(out, &reference).map(Some)
 }
 
 #[cfg(test)]

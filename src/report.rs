@@ -310,6 +310,7 @@ mod tests {
             logits: vec![],
             trace_digest: None,
             stack: None,
+            quantization: None,
             trace: None,
             raised: false,
         }

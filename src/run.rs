@@ -113,6 +113,10 @@ pub struct CaseResult {
     /// The same case on the Python stack (`run --against peft`), compared.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stack: Option<crate::stack::StackOutcome>,
+    /// `cache.mode: quantized`: token agreement and logit drift against the same case
+    /// run unquantized (`dynamic`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<crate::divergence::QuantReport>,
     #[serde(skip)]
     pub trace: Option<Trace>,
     /// Whether the engine run ended in an error (a diagnosis that stopped it), whatever
@@ -137,6 +141,7 @@ impl CaseResult {
             logits: vec![],
             trace_digest: None,
             stack: None,
+            quantization: None,
             trace: None,
             raised: false,
         }
@@ -458,6 +463,17 @@ fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
         ),
         None => Ok(()),
     });
+    // A quantized cache against the same case unquantized: measured, not judged
+    // (`checks.quantization` bounds it).
+    let quant = crate::divergence::quantization_report(
+        model.as_ref(),
+        Some(&prefix),
+        &opts,
+        &ids,
+        Some(&mask),
+        &out,
+    );
+    r.quantization = quant.as_ref().ok().cloned().flatten();
     r.tokens = out.tokens;
     r.logits = out
         .logits
@@ -474,20 +490,64 @@ fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
         .hint("non-finite weights, prefix values or an overflow in attention")
         .into());
     }
-    outcome
+    outcome.and(quant.map(|_| ()))
 }
 
 /// Checks beyond the expectation (`checks:`): `None` when they hold, else why not.
 fn extra_checks(case: &Case, r: &CaseResult) -> Option<String> {
-    match case.scenario.checks.loss {
-        Some(crate::scenario::LossCheck::Decreases) => {
-            let (first, last) = (r.losses.first()?, r.losses.last()?);
-            (last >= first).then(|| {
-                format!("checks.loss: decreases, but the loss went from {first} to {last}")
-            })
+    let checks = &case.scenario.checks;
+    if let Some(crate::scenario::LossCheck::Decreases) = checks.loss {
+        if let (Some(first), Some(last)) = (r.losses.first(), r.losses.last()) {
+            if last >= first {
+                return Some(format!(
+                    "checks.loss: decreases, but the loss went from {first} to {last}"
+                ));
+            }
         }
-        None => None,
     }
+    if let Some(q) = &checks.quantization {
+        return quantization_check(q, r.quantization.as_ref());
+    }
+    None
+}
+
+/// `checks.quantization` against the measured report: `None` when it holds.
+fn quantization_check(
+    q: &crate::scenario::QuantizationCheck,
+    report: Option<&crate::divergence::QuantReport>,
+) -> Option<String> {
+    let Some(rep) = report else {
+        return Some(
+            "checks.quantization: nothing was measured (the case has no quantized cache)".into(),
+        );
+    };
+    if let Some(min) = q.min_token_agreement {
+        if rep.token_agreement < min {
+            let first = rep
+                .first_token_difference
+                .map(|d| format!("; first difference at step {} row {}", d.step, d.row))
+                .unwrap_or_default();
+            return Some(format!(
+                "checks.quantization.min_token_agreement: {min}, but the tokens agree with {} on {:.4} ({} of {} tokens{first})",
+                rep.reference, rep.token_agreement, rep.tokens_equal, rep.tokens_compared
+            ));
+        }
+    }
+    if let Some(max) = q.max_logit_drift {
+        let drift = f64::from(rep.max_logit_drift_same_inputs);
+        // NaN drift fails the bound too.
+        if drift.is_nan() || drift > max {
+            let steps = match rep.first_token_difference {
+                Some(d) => format!("steps 0 to {}, until the first token difference", d.step),
+                None => "every step (no token differs)".into(),
+            };
+            return Some(format!(
+                "checks.quantization.max_logit_drift: {max}, but the logits drift from {} by up to {:.4e} over {steps}",
+                rep.reference, rep.max_logit_drift_same_inputs
+            ));
+        }
+    }
+    None
 }
 
 /// Compare what happened with what the scenario expects.

@@ -166,6 +166,22 @@ pub enum CacheModeName {
     Sliding,
     Rotating,
     Legacy,
+    Quantized,
+}
+
+impl CacheModeName {
+    /// The name as written in scenario files.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CacheModeName::None => "none",
+            CacheModeName::Dynamic => "dynamic",
+            CacheModeName::Static => "static",
+            CacheModeName::Sliding => "sliding",
+            CacheModeName::Rotating => "rotating",
+            CacheModeName::Legacy => "legacy",
+            CacheModeName::Quantized => "quantized",
+        }
+    }
 }
 
 /// The cache of a scenario.
@@ -193,6 +209,17 @@ pub struct CacheSpec {
     /// head.
     #[serde(default)]
     pub ring_head_lost_on_load: bool,
+    /// `quantized`: bits per code, 8 or 4 (default 8).
+    #[serde(default)]
+    pub bits: Option<u8>,
+    /// `quantized`: the last R positions kept in full precision, at least 1 (default
+    /// 4).
+    #[serde(default)]
+    pub residual: Option<usize>,
+    /// `quantized`: keep the prefix in full precision for good instead of quantizing
+    /// it like any other position.
+    #[serde(default)]
+    pub prefix_full_precision: bool,
 }
 
 /// Padding side of batched prompts.
@@ -311,7 +338,7 @@ impl Default for GenerateSpec {
 }
 
 /// Extra checks on a case's outcome.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Checks {
     /// `decreases`: the last training loss is below the first.
@@ -321,6 +348,26 @@ pub struct Checks {
     /// `divergence` naming the row and the step.
     #[serde(default)]
     pub padding: Option<PaddingCheck>,
+    /// Bounds on what a `quantized` cache may change against the same case run
+    /// unquantized (`cache.mode: dynamic`).
+    #[serde(default)]
+    pub quantization: Option<QuantizationCheck>,
+}
+
+/// `checks: {quantization: {min_token_agreement: 0.9, max_logit_drift: 0.5}}`: either
+/// bound may be left out.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantizationCheck {
+    /// The fraction of generated tokens (all rows) equal to the unquantized run's
+    /// must be at least this (0 to 1).
+    #[serde(default)]
+    pub min_token_agreement: Option<f64>,
+    /// The largest absolute difference of any logit from the unquantized run's, over
+    /// the steps both runs were fed the same tokens (up to the first step whose tokens
+    /// differ), must be at most this.
+    #[serde(default)]
+    pub max_logit_drift: Option<f64>,
 }
 
 /// What left padding may do to a row's generation.
@@ -711,6 +758,68 @@ pub fn parse_with(path: &Path, text: &str, opts: LoadOptions) -> Result<Vec<Case
     Ok(cases)
 }
 
+/// `cache.bits`, `cache.residual`, `cache.prefix_full_precision` and
+/// `checks.quantization`: given only with `cache.mode: quantized`, and in range.
+fn validate_quantization(s: &Scenario) -> Result<(), (String, String)> {
+    let e = |f: &str, m: String| Err((f.to_string(), m));
+    let c = &s.cache;
+    let quantized = c.mode == CacheModeName::Quantized;
+    let set = [
+        ("cache.bits", c.bits.is_some()),
+        ("cache.residual", c.residual.is_some()),
+        ("cache.prefix_full_precision", c.prefix_full_precision),
+        ("checks.quantization", s.checks.quantization.is_some()),
+    ];
+    if let (false, Some((field, _))) = (quantized, set.iter().find(|(_, set)| *set)) {
+        return e(
+            field,
+            format!(
+                "applies to `cache.mode: quantized` only; this case's cache is `{}`",
+                c.mode.name()
+            ),
+        );
+    }
+    if let Some(b) = c.bits.filter(|b| ![4, 8].contains(b)) {
+        return e(
+            "cache.bits",
+            format!("expected 8 or 4 bits per code, got {b}"),
+        );
+    }
+    if c.residual == Some(0) {
+        return e(
+            "cache.residual",
+            "expected at least 1 position kept in full precision (the step's own keys are always read exact; residual counts the ones kept after it)".into(),
+        );
+    }
+    if let Some(q) = &s.checks.quantization {
+        if q.min_token_agreement.is_none() && q.max_logit_drift.is_none() {
+            return e(
+                "checks.quantization",
+                "give `min_token_agreement` and/or `max_logit_drift`".into(),
+            );
+        }
+        if let Some(a) = q.min_token_agreement.filter(|a| !(0.0..=1.0).contains(a)) {
+            return e(
+                "checks.quantization.min_token_agreement",
+                format!("expected a fraction from 0 to 1, got {a}"),
+            );
+        }
+        if let Some(d) = q.max_logit_drift.filter(|d| !(d.is_finite() && *d >= 0.0)) {
+            return e(
+                "checks.quantization.max_logit_drift",
+                format!("expected a finite bound of at least 0, got {d}"),
+            );
+        }
+    }
+    if quantized && s.generate.prefill_chunk.is_some() {
+        return e(
+            "generate.prefill_chunk",
+            "cannot be checked with `cache.mode: quantized`: a chunk reads the earlier chunks' positions quantized where the whole prefill reads them exact, so the chunked run has no run it must equal".into(),
+        );
+    }
+    Ok(())
+}
+
 /// Semantic checks that types cannot express. Returns `(field, message)`.
 pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
     let e = |f: &str, m: &str| Err((f.to_string(), m.to_string()));
@@ -738,6 +847,7 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
         ),
         ("cache.max_len", s.cache.max_len.unwrap_or(0)),
         ("cache.window", s.cache.window.unwrap_or(0)),
+        ("cache.residual", s.cache.residual.unwrap_or(0)),
     ];
     if let Some((field, v)) = sizes.iter().find(|(_, v)| *v > MAX_SIZE) {
         return Err((
@@ -840,6 +950,7 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
         }
         _ => {}
     }
+    validate_quantization(s)?;
     if s.generate.prefill_chunk == Some(0) {
         return e("generate.prefill_chunk", "expected at least 1");
     }
@@ -870,6 +981,11 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
                 CacheModeName::Static => CacheMode::Static { max_len: 0 },
                 CacheModeName::Sliding => CacheMode::Sliding { window: 0 },
                 CacheModeName::Rotating => CacheMode::Rotating { window: 0 },
+                CacheModeName::Quantized => CacheMode::Quantized {
+                    bits: 8,
+                    residual: 1,
+                    prefix_full_precision: false,
+                },
             }),
             s.generate.max_new_tokens,
         );
@@ -1201,6 +1317,11 @@ impl Case {
                 window: c.window.unwrap_or(usize::MAX),
             },
             CacheModeName::Legacy => CacheMode::Legacy,
+            CacheModeName::Quantized => CacheMode::Quantized {
+                bits: c.bits.unwrap_or(crate::cache::quant::DEFAULT_BITS),
+                residual: c.residual.unwrap_or(crate::cache::quant::DEFAULT_RESIDUAL),
+                prefix_full_precision: c.prefix_full_precision,
+            },
         };
         let mut cfg = CacheConfig::new(mode);
         if c.window.is_some() {
@@ -1378,6 +1499,9 @@ fn check_matrix_path(doc: &Value, key: &str) -> Result<(), String> {
                 "cross_prefix_marks_updated",
                 "save_at",
                 "ring_head_lost_on_load",
+                "bits",
+                "residual",
+                "prefix_full_precision",
             ],
         ),
         (

@@ -55,6 +55,7 @@ enum Mode {
     Sliding,
     Rotating,
     Legacy,
+    Quantized,
 }
 
 const DECODER_ONLY: [Family; 9] = [
@@ -69,13 +70,14 @@ const DECODER_ONLY: [Family; 9] = [
     Family::GptNeox,
 ];
 
-const MODES: [Mode; 6] = [
+const MODES: [Mode; 7] = [
     Mode::None,
     Mode::Dynamic,
     Mode::Static,
     Mode::Sliding,
     Mode::Rotating,
     Mode::Legacy,
+    Mode::Quantized,
 ];
 
 /// Head geometry as small raw numbers (shrink towards one head, head_dim 2).
@@ -102,9 +104,10 @@ struct Setup {
     s: usize,
     new: usize,
     heads: Heads,
-    /// Sliding window W.
+    /// Sliding window W; `quantized`: residual `1 + W % 8`.
     window: usize,
-    /// Static cache: spare positions beyond what the generation needs.
+    /// Static cache: spare positions beyond what the generation needs; `quantized`:
+    /// 8 bits when even, else 4, the prefix kept exact when at least 2.
     slack: usize,
 }
 
@@ -216,6 +219,11 @@ impl Setup {
                 window: self.window,
             },
             Mode::Legacy => CacheMode::Legacy,
+            Mode::Quantized => CacheMode::Quantized {
+                bits: if self.slack.is_multiple_of(2) { 8 } else { 4 },
+                residual: 1 + self.window % 8,
+                prefix_full_precision: self.slack >= 2,
+            },
         })
     }
 
@@ -256,6 +264,7 @@ impl std::fmt::Debug for Setup {
         match self.mode {
             Mode::Sliding | Mode::Rotating => write!(f, "(W={})", self.window)?,
             Mode::Static => write!(f, "(spare {})", self.slack)?,
+            Mode::Quantized => write!(f, "({:?})", self.cache().mode)?,
             _ => {}
         }
         write!(
@@ -612,10 +621,12 @@ proptest! {
     }
 
     /// Settings that must not change what is generated, in every cache mode that keeps
-    /// keys: the prompt fed in chunks of C (1..=S) equals the whole prefill; the cache
-    /// saved after step K, read back into a fresh cache, equals the uninterrupted run;
-    /// the `rotating` ring equals the time-ordered `sliding` store of the same window.
-    /// Logits within 1e-4, tokens equal up to a near-tie of the argmax.
+    /// keys: the prompt fed in chunks of C (1..=S) equals the whole prefill (not for
+    /// `quantized`, where a chunk reads the earlier chunks quantized); the cache saved
+    /// after step K, read back into a fresh cache, equals the uninterrupted run (for
+    /// `quantized` its codes, scales and zero points: the same bits); the `rotating`
+    /// ring equals the time-ordered `sliding` store of the same window. Logits within
+    /// 1e-4, tokens equal up to a near-tie of the argmax.
     #[test]
     fn chunked_prefill_save_load_and_ring_change_nothing(
         st in setup_in(&Family::ALL, &[Mode::Dynamic]),
@@ -646,13 +657,13 @@ proptest! {
             }
             Ok(())
         };
-        for mode in [Mode::Dynamic, Mode::Static, Mode::Sliding, Mode::Rotating, Mode::Legacy, Mode::None] {
+        for mode in [Mode::Dynamic, Mode::Static, Mode::Sliding, Mode::Rotating, Mode::Legacy, Mode::None, Mode::Quantized] {
             let st = Setup { mode, ..st };
             if st.model_config() != model_config {
                 continue; // the fused legacy layout holds multi-query GPT-BigCode only
             }
             let plain = run(&st, &|_| {})?;
-            if mode != Mode::None {
+            if mode != Mode::None && mode != Mode::Quantized {
                 let chunked = run(&st, &|o| o.prefill_chunk = Some(chunk))?;
                 agree(&format!("prefill in chunks of {chunk}"), &st, &chunked, &plain)?;
             }
@@ -819,11 +830,15 @@ fn hostile_scenario() -> impl Strategy<Value = String> {
             "{mode: sliding, window: 1}",
             "{mode: sliding, window: 5}",
             "{mode: legacy}",
+            "{mode: quantized}",
+            "{mode: quantized, bits: 4, residual: 1, prefix_full_precision: true}",
         ],
         &[
             "{mode: sliding}",
             "{mode: static, max_len: 0}",
             "{mode: bogus}",
+            "{mode: quantized, bits: 3}",
+            "{mode: quantized, residual: 0}",
         ],
     );
     let strategy = pick(

@@ -383,6 +383,39 @@ fn without_a_python_the_cli_reports_stack_errors_and_keeps_the_engine_results() 
 }
 
 #[test]
+fn quantized_cases_are_skipped_before_the_driver_with_the_reason() {
+    let d = scratch("quantized");
+    let report = d.join("r.json");
+    // No interpreter: had a case reached the driver, it would be a stack error.
+    let out = Command::new(env!("CARGO_BIN_EXE_prefix-harness"))
+        .args([
+            "run",
+            "scenarios/cache/quantized.yaml",
+            "--against",
+            "peft",
+            "--python",
+        ])
+        .arg(d.join("no-such-python"))
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let cases = v["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 8);
+    for c in cases {
+        assert_eq!(c["status"], "pass", "{c}");
+        assert_eq!(c["stack"]["verdict"], "skip", "{c}");
+        let detail = c["stack"]["detail"].as_str().unwrap();
+        assert!(detail.starts_with("cache mode quantized:"), "{detail}");
+        assert!(c["quantization"]["token_agreement"].is_number(), "{c}");
+    }
+}
+
+#[test]
 fn repro_against_the_stack_reports_its_side_in_the_markdown() {
     let d = scratch("repro");
     let out = Command::new(env!("CARGO_BIN_EXE_prefix-harness"))

@@ -1,11 +1,23 @@
 //! A cache written to a safetensors file and read back into a fresh cache
 //! (`cache.save_at`), in every mode and layout.
 //!
-//! Format, version 1. A safetensors file whose tensors are stored as f32:
+//! Format, version 1. A safetensors file whose tensors are stored as f32 (the codes of
+//! a `quantized` cache as u8):
 //! - `self.{layer}.key`, `self.{layer}.value`: what the layer's self-attention cache
 //!   holds, raw, in the layout it stores (standard `[B, KVH, K, D]`; bloom-legacy keys
 //!   `[B*KVH, D, K]` and values `[B*KVH, K, D]`; bigcode-fused `[B, K, 2D]`; ring order
-//!   for `rotating`). With `none`, the prefix it keeps.
+//!   for `rotating`). With `none`, the prefix it keeps. With `quantized`, only the last
+//!   `T <= R` positions, kept exact, `[B, KVH, T, D]`; and besides them:
+//!   - `self.{layer}.key_codes`, `self.{layer}.value_codes`: the older positions as
+//!     codes, u8 `[B, KVH, Q, D]`;
+//!   - `self.{layer}.key_scale`, `self.{layer}.key_zero`, `self.{layer}.value_scale`,
+//!     `self.{layer}.value_zero`: their scale and zero point per channel, f32
+//!     `[B, KVH, 1, D]`;
+//!   - `self.{layer}.prefix_key`, `self.{layer}.prefix_value`: the prefix kept exact
+//!     (`prefix_full_precision`), `[B, KVH, P, D]`.
+//!
+//!   Each part is present when it holds positions (the layer's `quantized` entry in
+//!   the state gives P, Q and T).
 //! - `cross.{layer}.key`, `cross.{layer}.value`: encoder-decoders, the computed cross
 //!   keys and values `[B, KVH, P+E, D]`;
 //!   `cross.{layer}.prefix_key`, `cross.{layer}.prefix_value`: the cross prefix
@@ -14,9 +26,11 @@
 //! The `__metadata__` holds `format` = `prefix-harness-cache`, `version` = `1` and
 //! `state`, the JSON of [`SavedState`]: the mode, layout, window, key/value heads and
 //! dtype of the cache, and per layer the positions seen, the prefix length, whether
-//! the prefix was not yet merged, and the ring head. Reading checks all of it
-//! against the cache it fills: a file of another mode, layout, window or layer count,
-//! a truncated file or a missing tensor is a clear error naming the file.
+//! the prefix was not yet merged, and the ring head; for `quantized` also the bits,
+//! residual and `prefix_full_precision`, and per layer P, Q and T (both entries are
+//! absent for the other modes, whose files are unchanged). Reading checks all of it
+//! against the cache it fills: a file of another mode, layout, window, quantization or
+//! layer count, a truncated file or a missing tensor is a clear error naming the file.
 
 use std::path::Path;
 
@@ -24,6 +38,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::kv_cache::{ConcatKvCache, KvCache};
 use serde::{Deserialize, Serialize};
 
+use super::quant::{Codes, Quantized};
 use super::{ring::Ring, CacheMode, ModelCache, Store};
 use crate::check::{Attention, CandleExt, EngineError, Result};
 use crate::trace::{event, CacheOp};
@@ -45,6 +60,28 @@ pub struct SavedState {
     pub dtype: Option<String>,
     pub layers: Vec<SavedLayer>,
     pub cross: Vec<SavedCross>,
+    /// `quantized`: its settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<SavedQuantization>,
+}
+
+/// The settings of a saved `quantized` cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedQuantization {
+    pub bits: u8,
+    pub residual: usize,
+    pub prefix_full_precision: bool,
+}
+
+/// The parts of one layer of a saved `quantized` cache, in positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedQuantLayer {
+    /// P: the prefix kept exact (`prefix.key`, `prefix.value`).
+    pub pinned: usize,
+    /// Q: positions held as codes (`key_codes`, `key_scale`, `key_zero`, ...).
+    pub quantized: usize,
+    /// T: the last positions, exact (`key`, `value`).
+    pub recent: usize,
 }
 
 /// One self-attention layer of a saved cache.
@@ -59,6 +96,9 @@ pub struct SavedLayer {
     pub head: usize,
     /// Whether tensors were saved for this layer.
     pub held: bool,
+    /// `quantized` (once the prefix is merged): the parts saved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantized: Option<SavedQuantLayer>,
 }
 
 /// One cross-attention layer of a saved cache.
@@ -78,6 +118,26 @@ fn capacity(mode: CacheMode) -> Option<usize> {
     }
 }
 
+fn quantization(mode: CacheMode) -> Option<SavedQuantization> {
+    match mode {
+        CacheMode::Quantized {
+            bits,
+            residual,
+            prefix_full_precision,
+        } => Some(SavedQuantization {
+            bits,
+            residual,
+            prefix_full_precision,
+        }),
+        _ => None,
+    }
+}
+
+/// Positions along dimension 2 of `[B, KVH, n, D]` parts.
+fn positions(pair: Option<&(Tensor, Tensor)>) -> usize {
+    pair.and_then(|(k, _)| k.dim(2).ok()).unwrap_or(0)
+}
+
 fn bad(path: &Path, what: impl std::fmt::Display) -> EngineError {
     EngineError::Config(format!("cache file {}: {what}", path.display()))
 }
@@ -91,10 +151,18 @@ impl ModelCache {
         let mut layers = vec![];
         for (i, l) in self.layers.iter().enumerate() {
             let held = l.held();
-            if let Some((k, v)) = &held {
-                dtype = Some(k.dtype().as_str().to_string());
-                tensors.push((format!("self.{i}.key"), k.clone()));
-                tensors.push((format!("self.{i}.value"), v.clone()));
+            let mut quantized = None;
+            match (&l.prefix, &l.store, &held) {
+                (None, Store::Quantized(q), Some((k, _))) => {
+                    dtype = Some(k.dtype().as_str().to_string());
+                    quantized = Some(save_quantized(i, q, &mut tensors));
+                }
+                (_, _, Some((k, v))) => {
+                    dtype = Some(k.dtype().as_str().to_string());
+                    tensors.push((format!("self.{i}.key"), k.clone()));
+                    tensors.push((format!("self.{i}.value"), v.clone()));
+                }
+                (_, _, None) => {}
             }
             layers.push(SavedLayer {
                 seen: l.seen,
@@ -105,6 +173,7 @@ impl ModelCache {
                     _ => 0,
                 },
                 held: held.is_some(),
+                quantized,
             });
         }
         let mut cross = vec![];
@@ -132,6 +201,7 @@ impl ModelCache {
             dtype,
             layers,
             cross,
+            quantization: quantization(self.config.mode),
         };
         let state_json = serde_json::to_string(&state)
             .map_err(|e| EngineError::Config(format!("cache state: {e}")))?;
@@ -181,25 +251,17 @@ impl ModelCache {
         let bytes = std::fs::read(path).map_err(|e| bad(path, format!("cannot read: {e}")))?;
         let state = read_state(path, &bytes)?;
         self.check_state(path, &state)?;
-        let mut tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-            .map_err(|e| bad(path, format!("not a readable safetensors file: {e}")))?;
         let dtype = match &state.dtype {
             Some(d) => d
                 .parse::<DType>()
                 .map_err(|_| bad(path, format!("unknown dtype `{d}` in its state")))?,
             None => DType::F32,
         };
-        let mut take = |name: String| -> Result<Tensor> {
-            tensors
-                .remove(&name)
-                .ok_or_else(|| {
-                    bad(
-                        path,
-                        format!("the tensor `{name}` its state announces is missing"),
-                    )
-                })?
-                .to_dtype(dtype)
-                .ctx("cache file: convert dtype")
+        let mut stored = Stored {
+            tensors: candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+                .map_err(|e| bad(path, format!("not a readable safetensors file: {e}")))?,
+            path,
+            dtype,
         };
         let lost_head = self.config.ring_head_lost_on_load;
         for (i, (l, s)) in self.layers.iter_mut().zip(&state.layers).enumerate() {
@@ -208,12 +270,18 @@ impl ModelCache {
             if !s.held {
                 continue;
             }
-            let (k, v) = (
-                take(format!("self.{i}.key"))?,
-                take(format!("self.{i}.value"))?,
-            );
             let site =
                 crate::check::Site::new(i, Attention::SelfAttn, crate::check::TensorKind::Key);
+            if let (false, Store::Quantized(q), Some(parts)) =
+                (s.pending_prefix, &mut l.store, s.quantized)
+            {
+                *q = load_quantized(i, q, parts, &mut stored)?;
+                continue;
+            }
+            let (k, v) = (
+                stored.take(format!("self.{i}.key"))?,
+                stored.take(format!("self.{i}.value"))?,
+            );
             if s.pending_prefix {
                 l.prefix = Some((k, v));
                 continue;
@@ -243,6 +311,10 @@ impl ModelCache {
                         head: if lost_head { 0 } else { s.head },
                     };
                 }
+                Store::Quantized(_) => {
+                    let why = format!("its state has no `quantized` entry for layer {i}");
+                    return Err(bad(path, why));
+                }
             }
         }
         for (i, (c, s)) in self.cross.iter_mut().zip(&state.cross).enumerate() {
@@ -250,14 +322,14 @@ impl ModelCache {
             c.is_updated = s.is_updated;
             if s.has_kv {
                 c.kv = Some((
-                    take(format!("cross.{i}.key"))?,
-                    take(format!("cross.{i}.value"))?,
+                    stored.take(format!("cross.{i}.key"))?,
+                    stored.take(format!("cross.{i}.value"))?,
                 ));
             }
             if s.has_prefix {
                 c.prefix = Some((
-                    take(format!("cross.{i}.prefix_key"))?,
-                    take(format!("cross.{i}.prefix_value"))?,
+                    stored.take(format!("cross.{i}.prefix_key"))?,
+                    stored.take(format!("cross.{i}.prefix_value"))?,
                 ));
             }
         }
@@ -284,6 +356,24 @@ impl ModelCache {
                 format!(
                     "written by a `{}` cache (capacity {:?}) but read into a `{}` cache (capacity {:?})",
                     s.mode, s.capacity, mine.0, mine.1
+                ),
+            ));
+        }
+        let q = quantization(self.config.mode);
+        if s.quantization != q {
+            let text = |q: Option<SavedQuantization>| match q {
+                Some(q) => format!(
+                    "{} bits, residual {}, prefix_full_precision {}",
+                    q.bits, q.residual, q.prefix_full_precision
+                ),
+                None => "no quantization".into(),
+            };
+            return Err(bad(
+                path,
+                format!(
+                    "written by a cache with {} but read into one with {}",
+                    text(s.quantization),
+                    text(q)
                 ),
             ));
         }
@@ -319,6 +409,141 @@ impl ModelCache {
         }
         Ok(())
     }
+}
+
+/// The tensors of a cache file, taken by name.
+struct Stored<'a> {
+    tensors: std::collections::HashMap<String, Tensor>,
+    path: &'a Path,
+    /// The dtype the cache held (tensors are stored as f32).
+    dtype: DType,
+}
+
+impl Stored<'_> {
+    /// The tensor `name` as stored, or a clear error.
+    fn raw(&mut self, name: String) -> Result<Tensor> {
+        self.tensors.remove(&name).ok_or_else(|| {
+            bad(
+                self.path,
+                format!("the tensor `{name}` its state announces is missing"),
+            )
+        })
+    }
+
+    /// The tensor `name` in the cache's dtype.
+    fn take(&mut self, name: String) -> Result<Tensor> {
+        self.raw(name)?
+            .to_dtype(self.dtype)
+            .ctx("cache file: convert dtype")
+    }
+
+    /// Keys and values `{prefix}key`, `{prefix}value` (`[B, KVH, n, D]`) when the state
+    /// says they hold `n > 0` positions; checks n.
+    fn pair(&mut self, prefix: &str, n: usize) -> Result<Option<(Tensor, Tensor)>> {
+        if n == 0 {
+            return Ok(None);
+        }
+        let pair = (
+            self.take(format!("{prefix}key"))?,
+            self.take(format!("{prefix}value"))?,
+        );
+        let got = positions(Some(&pair));
+        if got != n || pair.0.dims() != pair.1.dims() {
+            return Err(bad(
+                self.path,
+                format!(
+                    "`{prefix}key` {:?} and `{prefix}value` {:?} should hold the {n} positions its state announces",
+                    pair.0.dims(),
+                    pair.1.dims()
+                ),
+            ));
+        }
+        Ok(Some(pair))
+    }
+
+    /// The codes `{prefix}codes` (u8 `[B, KVH, Q, D]`), `{prefix}scale` and
+    /// `{prefix}zero` (f32 `[B, KVH, 1, D]`) of Q positions.
+    fn codes(&mut self, prefix: &str, q: usize) -> Result<Codes> {
+        let codes = self
+            .raw(format!("{prefix}codes"))?
+            .to_dtype(DType::U8)
+            .ctx("cache file: codes")?;
+        let scale = self
+            .raw(format!("{prefix}scale"))?
+            .to_dtype(DType::F32)
+            .ctx("cache file: scales")?;
+        let zero = self
+            .raw(format!("{prefix}zero"))?
+            .to_dtype(DType::F32)
+            .ctx("cache file: zero points")?;
+        let (c, sc, z) = (codes.dims(), scale.dims(), zero.dims());
+        let channels = |d: &[usize]| {
+            let mut d = d.to_vec();
+            if d.len() == 4 {
+                d[2] = 1;
+            }
+            d
+        };
+        if c.len() != 4 || c[2] != q || sc != channels(c) || z != channels(c) {
+            return Err(bad(
+                self.path,
+                format!(
+                    "`{prefix}codes` {c:?}, `{prefix}scale` {sc:?} and `{prefix}zero` {z:?} should be [B, KVH, {q}, D] and [B, KVH, 1, D] twice"
+                ),
+            ));
+        }
+        Ok(Codes { codes, scale, zero })
+    }
+}
+
+/// Write layer `i` of a `quantized` cache into `tensors` (see the module
+/// documentation for the names) and say which parts it holds.
+fn save_quantized(i: usize, q: &Quantized, tensors: &mut Vec<(String, Tensor)>) -> SavedQuantLayer {
+    let mut pair = |prefix: &str, p: Option<&(Tensor, Tensor)>| {
+        if let Some((k, v)) = p {
+            tensors.push((format!("self.{i}.{prefix}key"), k.clone()));
+            tensors.push((format!("self.{i}.{prefix}value"), v.clone()));
+        }
+        positions(p)
+    };
+    let pinned = pair("prefix_", q.pinned.as_ref());
+    let recent = pair("", q.recent.as_ref());
+    if let Some((k, v)) = &q.quantized {
+        for (kind, c) in [("key", k), ("value", v)] {
+            tensors.push((format!("self.{i}.{kind}_codes"), c.codes.clone()));
+            tensors.push((format!("self.{i}.{kind}_scale"), c.scale.clone()));
+            tensors.push((format!("self.{i}.{kind}_zero"), c.zero.clone()));
+        }
+    }
+    SavedQuantLayer {
+        pinned,
+        quantized: q.quantized_len(),
+        recent,
+    }
+}
+
+/// Layer `i` of a `quantized` cache from the file: a store of `q`'s settings holding
+/// the saved parts.
+fn load_quantized(
+    i: usize,
+    q: &Quantized,
+    parts: SavedQuantLayer,
+    stored: &mut Stored,
+) -> Result<Quantized> {
+    let site = crate::check::Site::new(i, Attention::SelfAttn, crate::check::TensorKind::Key);
+    let pinned = stored.pair(&format!("self.{i}.prefix_"), parts.pinned)?;
+    let recent = stored.pair(&format!("self.{i}."), parts.recent)?;
+    let quantized = if parts.quantized > 0 {
+        Some((
+            stored.codes(&format!("self.{i}.key_"), parts.quantized)?,
+            stored.codes(&format!("self.{i}.value_"), parts.quantized)?,
+        ))
+    } else {
+        None
+    };
+    Quantized::new(q.bits, q.residual, q.prefix_full_precision)
+        .restored(pinned, quantized, recent, stored.dtype)
+        .at(site, "load quantized cache")
 }
 
 /// The `__metadata__` of a cache file: format, version and state.

@@ -1,4 +1,4 @@
-//! KV caches: one interface over five modes, each declaring the layout it stores.
+//! KV caches: one interface over seven modes, each declaring the layout it stores.
 //!
 //! The model's attention always computes keys and values in the standard layout
 //! `[batch, kv_heads, seq, head_dim]` and hands them to [`ModelCache::update_self`].
@@ -21,6 +21,7 @@ use crate::trace::{event, CacheOp, Trace};
 
 mod file;
 mod merge;
+pub mod quant;
 mod ring;
 
 pub use merge::{merge_rows, Merged};
@@ -47,6 +48,16 @@ pub enum CacheMode {
     /// The tuple layouts of older transformers: Bloom 3-D, GPT-BigCode fused K|V,
     /// standard 4-D for the other families.
     Legacy,
+    /// The last `residual` positions in full precision, the older ones as `bits`-bit
+    /// codes with a scale and zero point per (row, KV head, `head_dim` index) channel,
+    /// dequantized when read (transformers' `QuantizedCache`; see [`quant`]). The
+    /// prefix is quantized like any other position unless `prefix_full_precision`.
+    /// Self-attention only: a T5 cross cache is kept exact.
+    Quantized {
+        bits: u8,
+        residual: usize,
+        prefix_full_precision: bool,
+    },
 }
 
 impl CacheMode {
@@ -58,6 +69,7 @@ impl CacheMode {
             CacheMode::Sliding { .. } => "sliding",
             CacheMode::Rotating { .. } => "rotating",
             CacheMode::Legacy => "legacy",
+            CacheMode::Quantized { .. } => "quantized",
         }
     }
 }
@@ -253,6 +265,8 @@ enum Store {
         k: Option<Tensor>,
         v: Option<Tensor>,
     },
+    /// Codes for the older positions, the last R exact, standard layout.
+    Quantized(quant::Quantized),
 }
 
 #[derive(Debug, Clone)]
@@ -314,6 +328,11 @@ impl ModelCache {
             CacheMode::Sliding { .. } => Store::Sliding { k: None, v: None },
             CacheMode::Rotating { .. } => Store::Rotating(ring::Ring::default()),
             CacheMode::Legacy => Store::Legacy { k: None, v: None },
+            CacheMode::Quantized {
+                bits,
+                residual,
+                prefix_full_precision,
+            } => Store::Quantized(quant::Quantized::new(bits, residual, prefix_full_precision)),
         };
         let layer = LayerCache {
             prefix: None,
@@ -544,6 +563,24 @@ impl ModelCache {
                 *sv = Some(rv.detach());
                 (rk, rv, 0)
             }
+            Store::Quantized(q) => {
+                // The prefix joins the store first: pinned exact, or quantized like
+                // any other position once it is older than the last R.
+                if let Some((pk, pv)) = &prefix {
+                    q.seed(pk, pv).at(site_k, "store prefix")?;
+                }
+                // What the cache held, dequantized, then this step's own keys and
+                // values exact: [B, KVH, L + S, D]
+                let (rk, rv) = match q.view() {
+                    Some((hk, hv)) => (
+                        Tensor::cat(&[hk, &k_new], 2).at(site_k, "append keys")?,
+                        Tensor::cat(&[hv, &v_new], 2).at(site_v, "append values")?,
+                    ),
+                    None => (k_new.clone(), v_new.clone()),
+                };
+                q.append(&k_new, &v_new).at(site_k, "quantize")?;
+                (rk, rv, 0)
+            }
             Store::Sliding { .. } | Store::Rotating(_) => {
                 let window = self.config.window.unwrap_or(usize::MAX);
                 // [B, KVH, L, D] each, in time order (a ring is unrolled)
@@ -619,6 +656,10 @@ impl ModelCache {
                 (k.as_ref().map(shape), v.as_ref().map(shape))
             }
             Store::Rotating(r) => (r.k.as_ref().map(shape), r.v.as_ref().map(shape)),
+            Store::Quantized(q) => (
+                q.view().map(|(k, _)| shape(k)),
+                q.view().map(|(_, v)| shape(v)),
+            ),
         };
         e.key_after = after_k;
         e.value_after = after_v;
@@ -715,12 +756,15 @@ impl ModelCache {
             Store::Static(c) => c.k().ok().flatten().map(|t| shape(&t)),
             Store::Sliding { k, .. } | Store::Legacy { k, .. } => k.as_ref().map(shape),
             Store::Rotating(r) => r.k.as_ref().map(shape),
+            Store::Quantized(q) => q.view().map(|(k, _)| shape(k)),
         }
     }
 
     /// What layer `layer`'s self-attention cache holds, raw, in the layout it stores
     /// (the not-yet-merged prefix if no forward pass appended to it yet): keys and
-    /// values, e.g. `([B, KVH, K, D], [B, KVH, K, D])` for the standard layout.
+    /// values, e.g. `([B, KVH, K, D], [B, KVH, K, D])` for the standard layout. A
+    /// `quantized` store gives what attention reads: its codes dequantized, between the
+    /// exact prefix (if pinned) and the exact last R positions.
     pub fn stored_self(&self, layer: usize) -> Option<(Tensor, Tensor)> {
         self.layers.get(layer)?.held()
     }
@@ -812,6 +856,9 @@ impl ModelCache {
                         *v = Some(nv);
                     }
                 }
+                // Codes, scales, zero points and exact parts: each row's channels move
+                // with the row.
+                Store::Quantized(q) => q.try_map_rows(sel, site)?,
             }
             let after = l.held();
             e.key_after = after.as_ref().map(|(k, _)| shape(k));
@@ -850,7 +897,8 @@ impl ModelCache {
 }
 
 impl LayerCache {
-    /// What the layer holds, raw: the unmerged prefix, else the store's contents.
+    /// What the layer holds, raw: the unmerged prefix, else the store's contents (a
+    /// `quantized` store's dequantized, in time order).
     fn held(&self) -> Option<(Tensor, Tensor)> {
         match (&self.prefix, &self.store) {
             (Some(p), _) => Some(p.clone()),
@@ -859,6 +907,7 @@ impl LayerCache {
             (None, Store::Sliding { k, v })
             | (None, Store::Legacy { k, v })
             | (None, Store::Rotating(ring::Ring { k, v, .. })) => k.clone().zip(v.clone()),
+            (None, Store::Quantized(q)) => q.view().cloned(),
             (None, Store::Recompute) => None,
         }
     }

@@ -116,6 +116,12 @@ pub fn run_against(
             if results[i].status == crate::run::Status::Skip && results[i].trace.is_none() {
                 continue;
             }
+            if case.scenario.cache.mode == crate::scenario::CacheModeName::Quantized {
+                let why = "cache mode quantized: the engine compares it with its own unquantized run; transformers' QuantizedCache needs the optimum-quanto or HQQ backend and quantizes in other groups and at other times";
+                let o = StackOutcome::new(VerdictKind::Skip, why.into(), StackEnv::default());
+                fold(case, &mut results[i], o);
+                continue;
+            }
             let dir = scratch.0.join(format!("case-{n}"));
             let made = crate::run::prepare_with(case, false)
                 .map_err(|e| e.to_string())
