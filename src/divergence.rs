@@ -22,6 +22,25 @@ use crate::generate::{generate, DecodeOptions, DecodeOutput};
 use crate::model::Model;
 use crate::prefix::PrefixEncoder;
 
+/// What a case generated from: the comparisons run it again with other settings.
+#[derive(Clone, Copy)]
+pub struct Generation<'a> {
+    pub model: &'a dyn Model,
+    pub prefix: Option<&'a PrefixEncoder>,
+    pub opts: &'a DecodeOptions,
+    /// Prompt ids `[B, S]` (u32), left-padded.
+    pub ids: &'a Tensor,
+    /// Padding mask `[B, S]` (1 = token).
+    pub pad: &'a Tensor,
+}
+
+impl Generation<'_> {
+    /// The same generation with `opts`.
+    fn generate_with(&self, opts: &DecodeOptions) -> Result<DecodeOutput> {
+        generate(self.model, self.prefix, opts, self.ids, Some(self.pad))
+    }
+}
+
 /// Logits that differ by more than this (absolute, per element) diverge even when the
 /// chosen tokens agree: summation order alone moves them by about 1e-6 here.
 pub const LOGIT_TOLERANCE: f32 = 1e-3;
@@ -209,14 +228,11 @@ fn diagnosis(
     diag
 }
 
-/// Generate the first `steps` tokens of both runs again and name the first layer whose
-/// cache differs after them.
+/// Generate the first `steps` tokens of `g` with the options `a` and `b` again and name
+/// the first layer whose cache differs after them.
 fn localise(
-    model: &dyn Model,
-    prefix: Option<&PrefixEncoder>,
+    g: &Generation,
     (a, b): (&DecodeOptions, &DecodeOptions),
-    ids: &Tensor,
-    pad: Option<&Tensor>,
     steps: usize,
 ) -> Result<Option<usize>> {
     let cut = |o: &DecodeOptions| {
@@ -228,29 +244,23 @@ fn localise(
         }
         o
     };
-    let ca = generate(model, prefix, &cut(a), ids, pad)?.cache;
-    let cb = generate(model, prefix, &cut(b), ids, pad)?.cache;
+    let ca = g.generate_with(&cut(a))?.cache;
+    let cb = g.generate_with(&cut(b))?.cache;
     first_differing_layer(&ca, &cb)
 }
 
 /// Run the case's reference ([`reference_options`]) and fail with a `divergence`
 /// diagnosis when `out` differs from it. Nothing to do when the case has no reference.
-pub fn check_reference(
-    model: &dyn Model,
-    prefix: Option<&PrefixEncoder>,
-    opts: &DecodeOptions,
-    ids: &Tensor,         // [B, S] u32
-    pad: Option<&Tensor>, // [B, S], 1 = token
-    out: &DecodeOutput,
-) -> Result<()> {
+pub fn check_reference(g: &Generation, out: &DecodeOutput) -> Result<()> {
+    let opts = g.opts;
     let Some((ref_opts, what)) = reference_options(opts) else {
         return Ok(());
     };
-    let reference = generate(model, prefix, &ref_opts, ids, pad)?;
+    let reference = g.generate_with(&ref_opts)?;
     let Some(d) = first_difference(out, &reference)? else {
         return Ok(());
     };
-    let layer = localise(model, prefix, (opts, &ref_opts), ids, pad, d.step + 1)?;
+    let layer = localise(g, (opts, &ref_opts), d.step + 1)?;
     let hint = if opts.prefill_chunk.is_some() && opts.cache.chunk_mask != ChunkMask::LowerRight {
         "a prompt chunk's causal mask must be aligned to the lower right (query i of a chunk starting at position p sits at p + i and sees every earlier key); an upper-left triangle hides the earlier chunks (executorch PR 21749)"
     } else if opts.save_at.is_some() && opts.cache.ring_head_lost_on_load {
@@ -266,36 +276,31 @@ pub fn check_reference(
 /// without its padding, and fail with a `divergence` diagnosis at the first step where
 /// its rows in the batch differ from it. `ids: [B, S]`, `pad: [B, S]` (1 = token);
 /// `out` has `B * R` rows (R rows per input row).
-pub fn check_padding(
-    model: &dyn Model,
-    prefix: Option<&PrefixEncoder>,
-    opts: &DecodeOptions,
-    ids: &Tensor,
-    pad: &Tensor,
-    out: &DecodeOutput,
-) -> Result<()> {
-    let hint = if opts.mask_buffer_one_row {
+pub fn check_padding(g: &Generation, out: &DecodeOutput) -> Result<()> {
+    let hint = if g.opts.mask_buffer_one_row {
         "every row read the first row's padding mask (a mask buffer sized for one row, candle issue 3582): build the mask [B, P + T] per row"
     } else {
         "left padding changes what the row generates: padding positions count inside a sliding window, or the mask, positions or cache of the batch leak padding into the row"
     };
-    check_rows_alone(model, prefix, opts, ids, pad, out, false, hint)
+    check_rows_alone(g, out, false, hint)
 }
 
-/// Generate input rows alone (every row, or only the left-padded ones) without their
-/// padding, with `opts`, and fail with a `divergence` diagnosis (with `hint`) at the
-/// first step where `out`'s rows of that input differ from it.
-#[allow(clippy::too_many_arguments)]
+/// Generate `g`'s input rows alone (every row, or only the left-padded ones) without
+/// their padding, and fail with a `divergence` diagnosis (with `hint`) at the first step
+/// where `out`'s rows of that input differ from it.
 pub fn check_rows_alone(
-    model: &dyn Model,
-    prefix: Option<&PrefixEncoder>,
-    opts: &DecodeOptions,
-    ids: &Tensor, // [B, S] u32
-    pad: &Tensor, // [B, S], 1 = token
+    g: &Generation,
     out: &DecodeOutput,
     every_row: bool,
     hint: &str,
 ) -> Result<()> {
+    let Generation {
+        model,
+        prefix,
+        opts,
+        ids,
+        pad,
+    } = *g;
     let (b, s) = ids.dims2().ctx("input ids [B, S]")?;
     let r = opts.rows_per_input();
     let mask: Vec<Vec<f32>> = pad
@@ -423,22 +428,15 @@ pub fn compare_quantized(out: &DecodeOutput, reference: &DecodeOutput) -> Result
 /// `opts` with a `quantized` cache: run the same generation with a `dynamic` cache
 /// (no save and restore, which changes nothing there) and compare `out` with it.
 /// `None` for the other modes.
-pub fn quantization_report(
-    model: &dyn Model,
-    prefix: Option<&PrefixEncoder>,
-    opts: &DecodeOptions,
-    ids: &Tensor,         // [B, S] u32
-    pad: Option<&Tensor>, // [B, S], 1 = token
-    out: &DecodeOutput,
-) -> Result<Option<QuantReport>> {
-    if !matches!(opts.cache.mode, CacheMode::Quantized { .. }) {
+pub fn quantization_report(g: &Generation, out: &DecodeOutput) -> Result<Option<QuantReport>> {
+    if !matches!(g.opts.cache.mode, CacheMode::Quantized { .. }) {
         return Ok(None);
     }
-    let mut plain = opts.clone();
+    let mut plain = g.opts.clone();
     plain.cache.mode = CacheMode::Dynamic;
     plain.save_at = None;
     plain.cache_file = None;
-    let reference = generate(model, prefix, &plain, ids, pad)?;
+    let reference = g.generate_with(&plain)?;
     compare_quantized(out, &reference).map(Some)
 }
 

@@ -426,53 +426,31 @@ fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
     r.trace = Some(trace);
     let out = out?;
     // Settings that must not change the tokens: against the run without them.
-    let outcome = crate::divergence::check_reference(
-        model.as_ref(),
-        Some(&prefix),
-        &opts,
-        &ids,
-        Some(&mask),
-        &out,
-    )
-    .and_then(|_| match g.merge_rows_at {
-        // Continuous batching: every row against itself alone.
-        Some(_) => crate::divergence::check_rows_alone(
-            model.as_ref(),
-            Some(&prefix),
-            &opts,
-            &ids,
-            &mask,
-            &out,
-            true,
-            if g.merge_fill_from_first_row {
+    use crate::divergence as div;
+    let gen = div::Generation {
+        model: model.as_ref(),
+        prefix: Some(&prefix),
+        opts: &opts,
+        ids: &ids,
+        pad: &mask,
+    };
+    let outcome = div::check_reference(&gen, &out)
+        .and_then(|_| match g.merge_rows_at {
+            // Continuous batching: every row against itself alone.
+            Some(_) => div::check_rows_alone(&gen, &out, true, if g.merge_fill_from_first_row {
                 "the merge sliced every row's cache to the first row's fill level: rows with more positions lost their oldest ones (the prefix first), rows with fewer attend to empty slots; slice each row by its own fill level and mask its padding"
             } else {
                 "merging per-row caches must keep each row's positions and mask its padding slots: compare the merged cache with the rows' own"
-            },
-        ),
-        None => Ok(()),
-    })
-    .and_then(|_| match case.scenario.checks.padding {
-        Some(crate::scenario::PaddingCheck::Invariant) => crate::divergence::check_padding(
-            model.as_ref(),
-            Some(&prefix),
-            &opts,
-            &ids,
-            &mask,
-            &out,
-        ),
-        None => Ok(()),
-    });
+            }),
+            None => Ok(()),
+        })
+        .and_then(|_| match case.scenario.checks.padding {
+            Some(crate::scenario::PaddingCheck::Invariant) => div::check_padding(&gen, &out),
+            None => Ok(()),
+        });
     // A quantized cache against the same case unquantized: measured, not judged
     // (`checks.quantization` bounds it).
-    let quant = crate::divergence::quantization_report(
-        model.as_ref(),
-        Some(&prefix),
-        &opts,
-        &ids,
-        Some(&mask),
-        &out,
-    );
+    let quant = div::quantization_report(&gen, &out);
     r.quantization = quant.as_ref().ok().cloned().flatten();
     r.tokens = out.tokens;
     r.logits = out

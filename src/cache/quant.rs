@@ -505,6 +505,16 @@ mod tests {
             .unwrap();
     }
 
+    /// The key codes of the first `n` quantized positions, flattened.
+    fn first_codes(q: &Quantized, n: usize) -> Vec<u8> {
+        let codes = &q.quantized.as_ref().unwrap().0.codes;
+        codes
+            .narrow(2, 0, n)
+            .and_then(|c| c.flatten_all())
+            .and_then(|c| c.to_vec1())
+            .unwrap()
+    }
+
     #[test]
     fn requantizing_when_the_range_stays_put_keeps_the_codes() {
         // Positions 0..8 quantized, then positions whose values lie inside each
@@ -514,32 +524,10 @@ mod tests {
         q.append(&x, &x).unwrap();
         q.append(&x.narrow(2, 2, 1).unwrap(), &x.narrow(2, 2, 1).unwrap())
             .unwrap();
-        let before: Vec<u8> = q
-            .quantized
-            .as_ref()
-            .unwrap()
-            .0
-            .codes
-            .narrow(2, 0, 7)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let before = first_codes(&q, 7);
         q.append(&x.narrow(2, 3, 1).unwrap(), &x.narrow(2, 3, 1).unwrap())
             .unwrap();
-        let after: Vec<u8> = q
-            .quantized
-            .as_ref()
-            .unwrap()
-            .0
-            .codes
-            .narrow(2, 0, 7)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let after = first_codes(&q, 7);
         assert_eq!(before, after);
     }
 
