@@ -7,6 +7,9 @@
 #   ci/mutants.sh judge            every mutant of the judge and the diagnosis code
 #   ci/mutants.sh sample K         shard K/20 (round-robin) of the core modules
 #   ci/mutants.sh diff [BASE]      the mutants in lines changed since BASE (default main)
+#   ci/mutants.sh semantics FILE.. the cache-semantics code (ring, merge, cache file,
+#                                  divergence, batching), judged by the tests that
+#                                  exercise it (unit tests, properties, snapshots)
 #
 # Mutants are built in place (`--in-place`: the warm target/ is reused; the tree is
 # restored after each mutant) and judged by `cargo test` over the test binaries that
@@ -31,6 +34,16 @@ run() {
     done
 }
 case "${1:-}" in
+    semantics)
+        shift
+        files=("$@")
+        [ ${#files[@]} -gt 0 ] || files=(src/cache/ring.rs src/cache/merge.rs src/cache/file.rs
+                                         src/divergence.rs src/batching.rs)
+        args=()
+        for f in "${files[@]}"; do args+=(-f "$f"); done
+        TESTS=(--lib --test properties --test snapshots --test quantized)
+        run mutants-semantics "${args[@]}"
+        ;;
     judge)
         # The diagnosis classes and places, the stack's verdict and expectations.
         run mutants-judge -f src/check.rs -f src/stack/verdict.rs -f src/stack/expect.rs
@@ -50,7 +63,7 @@ case "${1:-}" in
         run mutants-diff --in-diff target/mutants.diff
         ;;
     *)
-        sed -n '2,14p' "$0" >&2
+        sed -n '2,17p' "$0" >&2
         exit 2
         ;;
 esac
