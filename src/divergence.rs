@@ -2,13 +2,15 @@
 //! the same tokens, and the first difference turned into a `divergence` diagnosis that
 //! names the step, the row and the first layer whose cache differs.
 //!
-//! Two comparisons:
+//! The comparisons:
 //! - [`check_reference`]: a case that feeds the prompt in chunks, saves and restores
 //!   its cache, or keeps a `rotating` ring is run again without those (whole prefill,
 //!   uninterrupted, the time-ordered `sliding` store): chunked = whole prefill, save /
 //!   load = uninterrupted, ring = time order.
-//! - [`check_padding`] (`checks: {padding: invariant}`): every input row generated
-//!   alone, without its left padding, against its rows in the batch.
+//! - [`check_padding`] (`checks: {padding: invariant}`): every left-padded input row
+//!   generated alone, without its padding, against its rows in the batch.
+//! - [`check_rows_alone`] with every row: rows merged into one batch mid-generation
+//!   (`generate.merge_rows_at`, [`crate::batching`]) against each row alone.
 //!
 //! And one measurement: [`quantization_report`], a `quantized` case against the same
 //! case run unquantized (`dynamic`), which may differ (by how much is the report).
