@@ -176,3 +176,40 @@ fn run(
         cache,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::CacheConfig;
+
+    fn opts(mode: CacheMode, new: usize) -> DecodeOptions {
+        DecodeOptions::new(CacheConfig::new(mode), new)
+    }
+
+    #[test]
+    fn only_greedy_decoder_only_dynamic_runs_without_eos_or_save_merge() {
+        let ok = opts(CacheMode::Dynamic, 4);
+        assert_eq!(unsupported(&ok, 0, false), None);
+        assert_eq!(unsupported(&ok, 2, false), None, "the step before the last");
+        let last = unsupported(&ok, 3, false).unwrap();
+        assert!(
+            last.contains("a step before the last (0 to 2), got 3"),
+            "{last}"
+        );
+        assert!(unsupported(&ok, 0, true).unwrap().contains("decoder-only"));
+        let sliding = unsupported(&opts(CacheMode::Sliding { window: 4 }, 4), 0, false);
+        assert!(sliding.unwrap().contains("not `sliding`"));
+        let mut eos = ok.clone();
+        eos.eos_token_id = Some(1);
+        assert!(unsupported(&eos, 0, false).unwrap().contains("EOS"));
+        let mut saved = ok.clone();
+        saved.save_at = Some(0);
+        assert!(unsupported(&saved, 0, false).unwrap().contains("save_at"));
+        let beams = ok.clone().with_strategy(Strategy::Beam {
+            num_beams: 2,
+            length_penalty: 1.0,
+            early_stopping: false,
+        });
+        assert!(unsupported(&beams, 0, false).unwrap().contains("greedy"));
+    }
+}
