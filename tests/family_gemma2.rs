@@ -63,7 +63,7 @@ fn gemma2_config_json_defaults_and_layer_types() {
         (d.hidden_size, d.num_attention_heads, d.num_key_value_heads, d.head_dim),
         (2304, 8, 4, 256)
     );
-    assert_eq!(d.query_pre_attn_scalar, 256.0);
+    assert_eq!(d.query_pre_attn_scalar, 256);
     assert_eq!(
         (d.attn_logit_softcapping, d.final_logit_softcapping),
         (Some(50.0), Some(30.0))
@@ -162,7 +162,7 @@ fn gemma2_soft_caps_scalar_and_windows_reach_the_logits() {
         (
             "query_pre_attn_scalar = head_dim",
             gemma2::Config {
-                query_pre_attn_scalar: 24.0,
+                query_pre_attn_scalar: 24,
                 ..tiny()
             },
         ),

@@ -217,11 +217,11 @@ fn candle_gemma2(
         vocab_size: cfg.vocab_size,
         final_logit_softcapping: cfg.final_logit_softcapping,
         attn_logit_softcapping: cfg.attn_logit_softcapping,
-        query_pre_attn_scalar: cfg.query_pre_attn_scalar as usize,
+        query_pre_attn_scalar: cfg.query_pre_attn_scalar,
         sliding_window: window,
         max_position_embeddings: cfg.max_position_embeddings,
     };
-    let q_factor = (cfg.head_dim as f64 / cfg.query_pre_attn_scalar).sqrt();
+    let q_factor = (cfg.head_dim as f64 / cfg.query_pre_attn_scalar as f64).sqrt();
     let mut map = map.clone();
     for (name, t) in map.iter_mut() {
         if name.ends_with("self_attn.q_proj.weight") {

@@ -69,9 +69,10 @@ pub struct Config {
     /// Biases on q/k/v and o.
     #[serde(default)]
     pub attention_bias: bool,
-    /// Attention scores are scaled by `query_pre_attn_scalar ** -0.5`.
+    /// Attention scores are scaled by `query_pre_attn_scalar ** -0.5` (an int in
+    /// transformers 5's strict config).
     #[serde(default = "d::query_pre_attn_scalar")]
-    pub query_pre_attn_scalar: f64,
+    pub query_pre_attn_scalar: usize,
     /// Absent: 4096; `null`: no window.
     #[serde(default = "d::window")]
     pub sliding_window: Option<usize>,
@@ -124,8 +125,8 @@ mod d {
     pub fn theta() -> f64 {
         10_000.0
     }
-    pub fn query_pre_attn_scalar() -> f64 {
-        256.0
+    pub fn query_pre_attn_scalar() -> usize {
+        256
     }
     pub fn window() -> Option<usize> {
         Some(4096)
@@ -169,7 +170,7 @@ impl Config {
             rope_theta: 10_000.0,
             rope_parameters: None,
             attention_bias: false,
-            query_pre_attn_scalar: 16.0,
+            query_pre_attn_scalar: 16,
             sliding_window: Some(8),
             layer_types: None,
             final_logit_softcapping: Some(3.0),
@@ -251,11 +252,8 @@ impl Config {
         if let Some(t) = rope_type {
             return bad(format!("rope_type `{t}` is not supported (only default)"));
         }
-        if self.query_pre_attn_scalar.is_nan() || self.query_pre_attn_scalar <= 0.0 {
-            return bad(format!(
-                "query_pre_attn_scalar {} must be positive",
-                self.query_pre_attn_scalar
-            ));
+        if self.query_pre_attn_scalar == 0 {
+            return bad("query_pre_attn_scalar must be at least 1".into());
         }
         let caps = [self.attn_logit_softcapping, self.final_logit_softcapping];
         if caps.into_iter().flatten().any(|c| c.is_nan() || c <= 0.0) {
@@ -468,7 +466,7 @@ impl Gemma2 {
             .at(site_v, "v_proj")?;
         // view.k, view.v: [B, KVH, K, D], the S new positions last; mask [B, 1, S, K]
         let (view, mask) = cached_keys(fw, i, &k, &v, past, window)?;
-        let scale = self.cfg.query_pre_attn_scalar.powf(-0.5);
+        let scale = (self.cfg.query_pre_attn_scalar as f64).powf(-0.5);
         let cap = self.cfg.attn_logit_softcapping;
         // [B, H, S, D]
         let o = softcapped_sdpa(&q, &view.k, &view.v, &mask, scale, cap, i, att)?;
