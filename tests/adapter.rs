@@ -469,7 +469,12 @@ fn hf_config(family: Family) -> serde_json::Value {
             "T5ForConditionalGeneration",
             serde_json::json!({"is_encoder_decoder": true}),
         ),
-        Family::Qwen2 | Family::Mistral | Family::Qwen3 | Family::Phi3 | Family::GptNeox | Family::Gemma2 => (
+        Family::Qwen2
+        | Family::Mistral
+        | Family::Qwen3
+        | Family::Phi3
+        | Family::GptNeox
+        | Family::Gemma2 => (
             family.architecture(),
             serde_json::json!({"bos_token_id": 0, "eos_token_id": 0}),
         ),

@@ -60,7 +60,12 @@ fn gemma2_config_json_defaults_and_layer_types() {
     // Nothing but model_type: transformers 5's defaults (Gemma-2-2B's geometry).
     let d = parse(r#"{"model_type": "gemma2", "num_hidden_layers": 4}"#);
     assert_eq!(
-        (d.hidden_size, d.num_attention_heads, d.num_key_value_heads, d.head_dim),
+        (
+            d.hidden_size,
+            d.num_attention_heads,
+            d.num_key_value_heads,
+            d.head_dim
+        ),
         (2304, 8, 4, 256)
     );
     assert_eq!(d.query_pre_attn_scalar, 256);
@@ -71,10 +76,7 @@ fn gemma2_config_json_defaults_and_layer_types() {
     assert!(d.tie_word_embeddings);
     // Without layer_types the even layers slide (transformers 4.46's `layer_idx % 2`
     // and transformers 5's default layer_types agree).
-    assert_eq!(
-        d.windows().unwrap(),
-        [Some(4096), None, Some(4096), None]
-    );
+    assert_eq!(d.windows().unwrap(), [Some(4096), None, Some(4096), None]);
     // A gemma-2-9b-style config.json: head_dim 256 != 3584 / 16, explicit layer_types,
     // both spellings of the activation, null soft-caps.
     let c = parse(
@@ -113,12 +115,8 @@ fn gemma2_config_json_defaults_and_layer_types() {
 #[test]
 fn gemma2_reads_transformers_parameter_names() {
     let dev = Device::Cpu;
-    let names = weights::materialize(
-        &ModelConfig::Gemma2(gemma2::Config::tiny()),
-        SEED,
-        &dev,
-    )
-    .unwrap();
+    let names =
+        weights::materialize(&ModelConfig::Gemma2(gemma2::Config::tiny()), SEED, &dev).unwrap();
     for n in [
         "model.embed_tokens.weight",
         "model.layers.2.input_layernorm.weight",
@@ -132,8 +130,14 @@ fn gemma2_reads_transformers_parameter_names() {
     ] {
         assert!(names.contains_key(n), "{n}");
     }
-    assert_eq!(names["model.layers.1.self_attn.k_proj.weight"].dims(), [48, 64]);
-    assert_eq!(names["model.layers.1.self_attn.q_proj.weight"].dims(), [96, 64]);
+    assert_eq!(
+        names["model.layers.1.self_attn.k_proj.weight"].dims(),
+        [48, 64]
+    );
+    assert_eq!(
+        names["model.layers.1.self_attn.q_proj.weight"].dims(),
+        [96, 64]
+    );
     assert!(!names.contains_key("lm_head.weight"), "tied embeddings");
     assert!(!names.keys().any(|k| k.ends_with(".bias")));
 }

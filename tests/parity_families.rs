@@ -279,7 +279,10 @@ fn gemma2_sliding_window_parity_with_candle_transformers() {
     let (model, _) = build(&ModelConfig::Gemma2(full), &dev);
     let unwindowed = ours_last(model.as_ref(), &ids);
     let moved = max_abs_diff(&ours, &unwindowed);
-    assert!(moved > 1e-2, "the window of 3 moved the logits by only {moved}");
+    assert!(
+        moved > 1e-2,
+        "the window of 3 moved the logits by only {moved}"
+    );
 }
 
 /// Our logits at the last position `[B, 1, V]`.

@@ -20,8 +20,8 @@ use prefix_harness::generate::{
 };
 use prefix_harness::model::attention::{additive_mask, MaskSpec};
 use prefix_harness::model::{
-    bloom, gemma2, gpt2, gpt_bigcode, gpt_neox, llama, mistral, phi3, qwen2, qwen3, t5, weights, Family,
-    Model, ModelConfig, ModelGeometry,
+    bloom, gemma2, gpt2, gpt_bigcode, gpt_neox, llama, mistral, phi3, qwen2, qwen3, t5, weights,
+    Family, Model, ModelConfig, ModelGeometry,
 };
 use prefix_harness::prefix::{PrefixConfig, PrefixEncoder};
 use prefix_harness::trace::{CacheOp, Trace, TraceEvent};

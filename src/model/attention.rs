@@ -160,7 +160,10 @@ pub fn softcapped_sdpa(
     check_keys(q, k, mask, layer, attention)?;
     let site_k = Site::new(layer, attention, TensorKind::Key);
     let site_v = Site::new(layer, attention, TensorKind::Value);
-    let (h, kvh) = (q.dim(1).at(site_k, "queries")?, k.dim(1).at(site_k, "keys")?);
+    let (h, kvh) = (
+        q.dim(1).at(site_k, "queries")?,
+        k.dim(1).at(site_k, "keys")?,
+    );
     // [B, H, K, D]: HF repeat_kv order (query head i reads KV head i / G).
     let k = repeat_kv(k, h / kvh)
         .and_then(|k| k.contiguous())

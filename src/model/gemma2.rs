@@ -352,9 +352,8 @@ impl Gemma2 {
         for i in 0..cfg.num_hidden_layers {
             let p = format!("layers.{i}");
             let norm = |n: &str| gemma_norm(&vb, &format!("{p}.{n}.weight"), e);
-            let attn = |n: &str, i: usize, o: usize| {
-                lin(&vb, &format!("{p}.self_attn.{n}"), i, o, ab)
-            };
+            let attn =
+                |n: &str, i: usize, o: usize| lin(&vb, &format!("{p}.self_attn.{n}"), i, o, ab);
             let mlp = |n: &str, i: usize, o: usize| lin(&vb, &format!("{p}.mlp.{n}"), i, o, false);
             layers.push(Layer {
                 input_layernorm: norm("input_layernorm")?,
