@@ -206,7 +206,8 @@ fn layer_field(f: Family) -> &'static str {
         | Family::Mistral
         | Family::Qwen3
         | Family::Phi3
-        | Family::GptNeox => "num_hidden_layers",
+        | Family::GptNeox
+        | Family::Gemma2 => "num_hidden_layers",
         Family::T5 => "num_layers",
     }
 }

@@ -441,6 +441,7 @@ fn hf_config(family: Family) -> serde_json::Value {
         ModelConfig::Qwen3(c) => serde_json::to_value(c),
         ModelConfig::Phi3(c) => serde_json::to_value(c),
         ModelConfig::GptNeox(c) => serde_json::to_value(c),
+        ModelConfig::Gemma2(c) => serde_json::to_value(c),
     }
     .expect("config to json");
     let obj = v.as_object_mut().expect("object");
@@ -468,7 +469,12 @@ fn hf_config(family: Family) -> serde_json::Value {
             "T5ForConditionalGeneration",
             serde_json::json!({"is_encoder_decoder": true}),
         ),
-        Family::Qwen2 | Family::Mistral | Family::Qwen3 | Family::Phi3 | Family::GptNeox => (
+        Family::Qwen2
+        | Family::Mistral
+        | Family::Qwen3
+        | Family::Phi3
+        | Family::GptNeox
+        | Family::Gemma2 => (
             family.architecture(),
             serde_json::json!({"bos_token_id": 0, "eos_token_id": 0}),
         ),

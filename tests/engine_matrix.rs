@@ -32,7 +32,8 @@ fn cached_decoding_matches_recompute_and_keys_have_the_declared_layout(
         Family::Mistral,
         Family::Qwen3,
         Family::Phi3,
-        Family::GptNeox
+        Family::GptNeox,
+        Family::Gemma2
     )]
     family: Family,
     #[values("none", "dynamic", "static", "sliding", "legacy")] mode_name: &str,

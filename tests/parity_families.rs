@@ -14,10 +14,12 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Activation, VarBuilder};
-use candle_transformers::models::{mistral as ct_mistral, qwen2 as ct_qwen2, qwen3 as ct_qwen3};
+use candle_transformers::models::{
+    gemma2 as ct_gemma2, mistral as ct_mistral, qwen2 as ct_qwen2, qwen3 as ct_qwen3,
+};
 use prefix_harness::cache::{CacheConfig, CacheMode};
 use prefix_harness::generate::forward_logits;
-use prefix_harness::model::{mistral, qwen2, qwen3, weights, Model, ModelConfig};
+use prefix_harness::model::{gemma2, mistral, qwen2, qwen3, weights, Model, ModelConfig};
 
 const SEED: u64 = 7;
 const TOL: f32 = 1e-4;
@@ -178,6 +180,115 @@ fn qwen3_no_prefix_parity_with_candle_transformers() {
     });
     println!("qwen3 no-prefix parity vs candle-transformers qwen3: max abs diff {worst:e}");
     assert!(worst <= TOL, "max abs diff {worst} > {TOL}");
+}
+
+// ---------------------------------------------------------------------------------
+// Gemma 2. candle-transformers' gemma2 differs from transformers in two places, which
+// these tests work around rather than copy:
+// - it scales the scores by `head_dim ** -0.5` and ignores `query_pre_attn_scalar`:
+//   its copy of the weights has `q_proj` multiplied by `sqrt(head_dim /
+//   query_pre_attn_scalar)` (RoPE is linear, so `q k^T / sqrt(head_dim)` becomes
+//   transformers' `q k^T / sqrt(query_pre_attn_scalar)`);
+// - it applies one `sliding_window` to every layer (not the alternating layers),
+//   admits W + 1 keys (`j + W < i` masks), and only in a multi-token pass (a one-token
+//   step sees the whole cache): the alternating layers are checked against
+//   transformers (`scenarios/stack/gemma2.yaml`), the window's arithmetic here with
+//   every layer sliding, W - 1 for candle, over the whole prompt.
+
+/// candle-transformers' gemma2 on `cfg`'s seeded weights `map` (with `q_proj`
+/// rescaled, see above) and `window` in every layer.
+fn candle_gemma2(
+    cfg: &gemma2::Config,
+    map: &HashMap<String, Tensor>,
+    window: Option<usize>,
+    dev: &Device,
+) -> ct_gemma2::Model {
+    let ccfg = ct_gemma2::Config {
+        attention_bias: cfg.attention_bias,
+        head_dim: cfg.head_dim,
+        hidden_activation: Activation::GeluPytorchTanh,
+        hidden_size: cfg.hidden_size,
+        intermediate_size: cfg.intermediate_size,
+        num_attention_heads: cfg.num_attention_heads,
+        num_hidden_layers: cfg.num_hidden_layers,
+        num_key_value_heads: cfg.num_key_value_heads,
+        rms_norm_eps: cfg.rms_norm_eps,
+        rope_theta: cfg.rope_theta,
+        vocab_size: cfg.vocab_size,
+        final_logit_softcapping: cfg.final_logit_softcapping,
+        attn_logit_softcapping: cfg.attn_logit_softcapping,
+        query_pre_attn_scalar: cfg.query_pre_attn_scalar,
+        sliding_window: window,
+        max_position_embeddings: cfg.max_position_embeddings,
+    };
+    let q_factor = (cfg.head_dim as f64 / cfg.query_pre_attn_scalar as f64).sqrt();
+    let mut map = map.clone();
+    for (name, t) in map.iter_mut() {
+        if name.ends_with("self_attn.q_proj.weight") {
+            *t = (&*t * q_factor).unwrap();
+        }
+    }
+    let vb = VarBuilder::from_tensors(map, DType::F32, dev);
+    ct_gemma2::Model::new(false, &ccfg, vb).unwrap()
+}
+
+/// The tiny config as it is (head_dim 24 != 64 / 4, query_pre_attn_scalar 16, both
+/// soft-caps, tied embeddings); its window of 8 is longer than the 7-token prompt.
+#[test]
+fn gemma2_no_prefix_parity_with_candle_transformers() {
+    let dev = Device::Cpu;
+    let cfg = gemma2::Config::tiny();
+    let (model, map) = build(&ModelConfig::Gemma2(cfg.clone()), &dev);
+    let ids = prompt(&dev);
+    assert!(ids.dim(1).unwrap() <= cfg.sliding_window.unwrap());
+    let ours = ours(model.as_ref(), &ids);
+    let mut theirs = candle_gemma2(&cfg, &map, None, &dev);
+    let worst = worst_diff(&ours, &ids, |x, off| {
+        if off == 0 {
+            theirs.clear_kv_cache();
+        }
+        theirs.forward(x, off).unwrap()
+    });
+    println!("gemma2 no-prefix parity vs candle-transformers gemma2: max abs diff {worst:e}");
+    assert!(worst <= TOL, "max abs diff {worst} > {TOL}");
+}
+
+/// Every layer sliding with a window of 3 (keys in (p - 3, p]) over the 7-token
+/// prompt, against candle-transformers' window of 2 (its `j + 2 < i` masks admit the
+/// same 3 keys), whole-prompt pass; and the window does change the logits.
+#[test]
+fn gemma2_sliding_window_parity_with_candle_transformers() {
+    let dev = Device::Cpu;
+    let cfg = gemma2::Config {
+        sliding_window: Some(3),
+        layer_types: Some(vec!["sliding_attention".into(); 3]),
+        ..gemma2::Config::tiny()
+    };
+    let (model, map) = build(&ModelConfig::Gemma2(cfg.clone()), &dev);
+    let ids = prompt(&dev);
+    let s = ids.dim(1).unwrap();
+    let ours = ours(model.as_ref(), &ids).narrow(1, s - 1, 1).unwrap();
+    let mut theirs = candle_gemma2(&cfg, &map, Some(2), &dev);
+    let worst = max_abs_diff(&ours, &theirs.forward(&ids, 0).unwrap());
+    println!("gemma2 all-sliding (W 3) parity vs candle-transformers gemma2 (W 2): max abs diff {worst:e}");
+    assert!(worst <= TOL, "max abs diff {worst} > {TOL}");
+    let full = gemma2::Config {
+        sliding_window: None,
+        ..cfg
+    };
+    let (model, _) = build(&ModelConfig::Gemma2(full), &dev);
+    let unwindowed = ours_last(model.as_ref(), &ids);
+    let moved = max_abs_diff(&ours, &unwindowed);
+    assert!(
+        moved > 1e-2,
+        "the window of 3 moved the logits by only {moved}"
+    );
+}
+
+/// Our logits at the last position `[B, 1, V]`.
+fn ours_last(model: &dyn Model, ids: &Tensor) -> Tensor {
+    let s = ids.dim(1).unwrap();
+    ours(model, ids).narrow(1, s - 1, 1).unwrap()
 }
 
 // ---------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ use prefix_harness::generate::{
 };
 use prefix_harness::model::attention::{additive_mask, MaskSpec};
 use prefix_harness::model::{
-    bloom, gpt2, gpt_bigcode, gpt_neox, llama, mistral, phi3, qwen2, qwen3, t5, weights, Family,
-    Model, ModelConfig, ModelGeometry,
+    bloom, gemma2, gpt2, gpt_bigcode, gpt_neox, llama, mistral, phi3, qwen2, qwen3, t5, weights,
+    Family, Model, ModelConfig, ModelGeometry,
 };
 use prefix_harness::prefix::{PrefixConfig, PrefixEncoder};
 use prefix_harness::trace::{CacheOp, Trace, TraceEvent};
@@ -58,7 +58,7 @@ enum Mode {
     Quantized,
 }
 
-const DECODER_ONLY: [Family; 9] = [
+const DECODER_ONLY: [Family; 10] = [
     Family::Gpt2,
     Family::Llama,
     Family::Bloom,
@@ -68,6 +68,7 @@ const DECODER_ONLY: [Family; 9] = [
     Family::Qwen3,
     Family::Phi3,
     Family::GptNeox,
+    Family::Gemma2,
 ];
 
 const MODES: [Mode; 7] = [
@@ -180,6 +181,15 @@ impl Setup {
                     1.0
                 },
                 ..gpt_neox::Config::tiny()
+            }),
+            // head_dim drawn independently of hidden 64; the even layers slide with a
+            // window of P + W (see Qwen2).
+            Family::Gemma2 => ModelConfig::Gemma2(gemma2::Config {
+                num_attention_heads: heads,
+                num_key_value_heads: 1 << (self.heads.h - self.heads.group.min(self.heads.h)),
+                head_dim: 2 * self.heads.half,
+                sliding_window: Some(self.p + self.window),
+                ..gemma2::Config::tiny()
             }),
             Family::T5 => ModelConfig::T5(t5::Config {
                 num_heads: heads,
@@ -816,6 +826,7 @@ fn hostile_scenario() -> impl Strategy<Value = String> {
             "qwen3",
             "phi3",
             "gpt_neox",
+            "gemma2",
         ],
         &["nope"],
     );

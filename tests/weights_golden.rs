@@ -51,6 +51,9 @@ const GOLDEN: &[(&str, &str)] = &[
     ("weights/gpt_neox", "ba660aaf1a1b7862"),        // 108096 values
     ("prefix/gpt_neox/flat", "4f32b82fd0d0a3c8"),    // 2048 values
     ("prefix/gpt_neox/projection", "80b1096fbb40a374"), // 11040 values
+    ("weights/gemma2", "4d542cc2a7da7c34"),          // 127808 values
+    ("prefix/gemma2/flat", "aab7b02832ad848d"),      // 2304 values
+    ("prefix/gemma2/projection", "210881feec6a58c4"), // 11456 values
     ("data/default-batch-3x16", "d3dc0e53abe2adcb"), // 48 values
 ];
 

@@ -134,6 +134,58 @@ pub fn sdpa(
     attend(q, k, v, mask, bias, scale, layer, attention).map(|(out, _)| out)
 }
 
+/// Scaled dot-product attention with logit soft-capping (Gemma 2's
+/// `attn_logit_softcapping`), as transformers' `eager_attention_forward` computes it:
+/// `softmax(cap * tanh(scale * q k^T / cap) + mask) v`, the cap on the scaled scores,
+/// before the mask and the softmax. `cap: None` is plain [`sdpa`]. Composed from
+/// differentiable candle ops (the prefix trains through it); shapes are checked as in
+/// [`sdpa`].
+///
+/// `q: [B, H, S, D]`, `k, v: [B, KVH, K, D]`, `mask: [B or 1, 1, S, K]` (additive)
+/// -> `[B, H, S, D]`.
+#[allow(clippy::too_many_arguments)]
+pub fn softcapped_sdpa(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    cap: Option<f64>,
+    layer: usize,
+    attention: Attention,
+) -> Result<Tensor> {
+    let Some(cap) = cap else {
+        return sdpa(q, k, v, mask, None, scale, layer, attention);
+    };
+    check_keys(q, k, mask, layer, attention)?;
+    let site_k = Site::new(layer, attention, TensorKind::Key);
+    let site_v = Site::new(layer, attention, TensorKind::Value);
+    let (h, kvh) = (
+        q.dim(1).at(site_k, "queries")?,
+        k.dim(1).at(site_k, "keys")?,
+    );
+    // [B, H, K, D]: HF repeat_kv order (query head i reads KV head i / G).
+    let k = repeat_kv(k, h / kvh)
+        .and_then(|k| k.contiguous())
+        .at(site_k, "repeat kv heads")?;
+    let v = repeat_kv(v, h / kvh)
+        .and_then(|v| v.contiguous())
+        .at(site_v, "repeat kv heads")?;
+    // [B, H, S, K]: scale, then cap * tanh(x / cap)
+    let scores = q
+        .contiguous()
+        .and_then(|q| q.matmul(&k.t()?))
+        .and_then(|s| s * scale)
+        .and_then(|s| (s / cap)?.tanh()? * cap)
+        .at(site_k, "soft-capped attention scores")?;
+    let probs = scores
+        .broadcast_add(mask)
+        .at(Site::new(layer, attention, TensorKind::Mask), "apply mask")
+        .and_then(|s| super::nn::softmax(&s).at(site_k, "softmax"))?;
+    // [B, H, S, D]
+    probs.matmul(&v).at(site_v, "attention output")
+}
+
 /// [`sdpa`] outside the graph (on detached inputs), for the ops that bring their own
 /// backward pass: `(output [B, H, S, D], probabilities [B, H, S, K])`, the
 /// probabilities only when the crate's softmax kernel computed them and `k`, `v` have

@@ -8,6 +8,7 @@
 
 pub mod attention;
 pub mod bloom;
+pub mod gemma2;
 pub mod gpt2;
 pub mod gpt_bigcode;
 pub mod gpt_neox;
@@ -42,10 +43,11 @@ pub enum Family {
     Qwen3,
     Phi3,
     GptNeox,
+    Gemma2,
 }
 
 impl Family {
-    pub const ALL: [Family; 10] = [
+    pub const ALL: [Family; 11] = [
         Family::Gpt2,
         Family::Llama,
         Family::Bloom,
@@ -56,6 +58,7 @@ impl Family {
         Family::Qwen3,
         Family::Phi3,
         Family::GptNeox,
+        Family::Gemma2,
     ];
 
     /// The Hugging Face `model_type`.
@@ -71,6 +74,7 @@ impl Family {
             Family::Qwen3 => "qwen3",
             Family::Phi3 => "phi3",
             Family::GptNeox => "gpt_neox",
+            Family::Gemma2 => "gemma2",
         }
     }
 
@@ -88,6 +92,7 @@ impl Family {
             Family::Qwen3 => "Qwen3ForCausalLM",
             Family::Phi3 => "Phi3ForCausalLM",
             Family::GptNeox => "GPTNeoXForCausalLM",
+            Family::Gemma2 => "Gemma2ForCausalLM",
         }
     }
 
@@ -189,6 +194,7 @@ pub enum ModelConfig {
     Qwen3(qwen3::Config),
     Phi3(phi3::Config),
     GptNeox(gpt_neox::Config),
+    Gemma2(gemma2::Config),
 }
 
 impl ModelConfig {
@@ -206,6 +212,7 @@ impl ModelConfig {
             Family::Qwen3 => ModelConfig::Qwen3(qwen3::Config::tiny()),
             Family::Phi3 => ModelConfig::Phi3(phi3::Config::tiny()),
             Family::GptNeox => ModelConfig::GptNeox(gpt_neox::Config::tiny()),
+            Family::Gemma2 => ModelConfig::Gemma2(gemma2::Config::tiny()),
         }
     }
 
@@ -239,6 +246,7 @@ impl ModelConfig {
             Family::Qwen3 => ModelConfig::Qwen3(serde_json::from_value(v).map_err(err)?),
             Family::Phi3 => ModelConfig::Phi3(serde_json::from_value(v).map_err(err)?),
             Family::GptNeox => ModelConfig::GptNeox(serde_json::from_value(v).map_err(err)?),
+            Family::Gemma2 => ModelConfig::Gemma2(serde_json::from_value(v).map_err(err)?),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -256,6 +264,7 @@ impl ModelConfig {
             ModelConfig::Qwen3(_) => Family::Qwen3,
             ModelConfig::Phi3(_) => Family::Phi3,
             ModelConfig::GptNeox(_) => Family::GptNeox,
+            ModelConfig::Gemma2(_) => Family::Gemma2,
         }
     }
 
@@ -271,6 +280,7 @@ impl ModelConfig {
             ModelConfig::Qwen3(c) => c.geometry(),
             ModelConfig::Phi3(c) => c.geometry(),
             ModelConfig::GptNeox(c) => c.geometry(),
+            ModelConfig::Gemma2(c) => c.geometry(),
         }
     }
 
@@ -296,10 +306,13 @@ impl ModelConfig {
         if let ModelConfig::GptNeox(c) = self {
             c.check()?;
         }
+        if let ModelConfig::Gemma2(c) = self {
+            c.check()?;
+        }
         let explicit_head_dim = match self {
             ModelConfig::Llama(c) => c.head_dim.is_some(),
             ModelConfig::Mistral(c) => c.head_dim.is_some(),
-            ModelConfig::T5(_) | ModelConfig::Qwen3(_) => true,
+            ModelConfig::T5(_) | ModelConfig::Qwen3(_) | ModelConfig::Gemma2(_) => true,
             _ => false,
         };
         if !explicit_head_dim && !g.hidden_size.is_multiple_of(g.num_attention_heads) {
@@ -347,6 +360,7 @@ impl ModelConfig {
                 Box::new(llama::Llama::load_block(&cfg, block, vb)?)
             }
             ModelConfig::GptNeox(c) => Box::new(gpt_neox::GptNeox::load(c, vb)?),
+            ModelConfig::Gemma2(c) => Box::new(gemma2::Gemma2::load(c, vb)?),
         })
     }
 
