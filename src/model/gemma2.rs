@@ -393,29 +393,6 @@ impl Gemma2 {
         })
     }
 
-    /// RoPE tables for the positions `[B][S]`: `(cos, sin)`, each `[B, 1, S, D]`
-    /// (halves repeated, `rotate_half` convention), in `dtype`.
-    fn rope_tables(
-        &self,
-        positions: &[Vec<u32>],
-        dtype: DType,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        let dev = self.inv_freq.device();
-        let (b, s) = (positions.len(), positions.first().map_or(0, Vec::len));
-        let flat: Vec<u32> = positions.iter().flatten().copied().collect();
-        // [B*S, 1] x [1, D/2] -> [B*S, D/2], in f32 like transformers.
-        let freqs = Tensor::from_vec(flat, (b * s, 1), dev)?
-            .to_dtype(DType::F32)?
-            .broadcast_mul(&self.inv_freq)?;
-        let table = |t: Tensor| -> candle_core::Result<Tensor> {
-            let half = t.dim(1)?;
-            Tensor::cat(&[&t, &t], 1)?
-                .reshape((b, 1, s, 2 * half))?
-                .to_dtype(dtype)
-        };
-        Ok((table(freqs.cos()?)?, table(freqs.sin()?)?))
-    }
-
     /// Layer `i`'s attention branch, without its residual:
     /// `post_attention_layernorm(o(attention(rope(q(n)), keys, values)))`,
     /// `n = input_layernorm(h)`, the new keys and values going through the cache.
@@ -511,10 +488,11 @@ impl Model for Gemma2 {
         let cache_window = fw.cache.window();
         // [B, 1, S, D] each, per row from the attention mask (real tokens from P on).
         let positions = row_positions(fw.mask, past, s)?;
-        let (cos, sin) = self.rope_tables(&positions, self.embed_tokens.dtype()).at(
-            Site::new(0, Attention::SelfAttn, TensorKind::Positions),
-            "rope tables",
-        )?;
+        let (cos, sin) =
+            super::nn::rope_tables(&self.inv_freq, &positions, self.embed_tokens.dtype()).at(
+                Site::new(0, Attention::SelfAttn, TensorKind::Positions),
+                "rope tables",
+            )?;
         // [B, S, E], scaled by sqrt(E) as the embedding's dtype.
         let normalizer = (self.cfg.hidden_size as f64).sqrt() as f32;
         let mut h = embed(&self.embed_tokens, ids)

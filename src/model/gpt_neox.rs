@@ -10,7 +10,7 @@
 //! The P virtual tokens occupy positions `0..P`; prefix keys enter the cache without
 //! RoPE (as PEFT's prefix does in transformers).
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
@@ -283,29 +283,6 @@ impl GptNeox {
         })
     }
 
-    /// RoPE tables for the positions `[B][S]`: `(cos, sin)`, each `[B, 1, S, R]`
-    /// (halves repeated, `rotate_half` convention), in `dtype`.
-    fn rope_tables(
-        &self,
-        positions: &[Vec<u32>],
-        dtype: DType,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        let dev = self.inv_freq.device();
-        let (b, s) = (positions.len(), positions.first().map_or(0, Vec::len));
-        let flat: Vec<u32> = positions.iter().flatten().copied().collect();
-        // [B*S, 1] x [1, R/2] -> [B*S, R/2]
-        let freqs = Tensor::from_vec(flat, (b * s, 1), dev)?
-            .to_dtype(DType::F32)?
-            .broadcast_mul(&self.inv_freq)?;
-        let table = |t: Tensor| -> candle_core::Result<Tensor> {
-            let half = t.dim(1)?;
-            Tensor::cat(&[&t, &t], 1)?
-                .reshape((b, 1, s, 2 * half))?
-                .to_dtype(dtype)
-        };
-        Ok((table(freqs.cos()?)?, table(freqs.sin()?)?))
-    }
-
     /// The MLP: `x: [B, S, E]` -> `dense_4h_to_h(act(dense_h_to_4h(x)))` `[B, S, E]`.
     fn mlp(&self, l: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {
         let m = l.dense_h_to_4h.forward(x)?;
@@ -349,10 +326,11 @@ impl Model for GptNeox {
         let window = fw.cache.window();
         // [B, 1, S, R] each, per row from the attention mask (real tokens from P on).
         let positions = row_positions(fw.mask, past, s)?;
-        let (cos, sin) = self.rope_tables(&positions, self.embed_in.dtype()).at(
-            Site::new(0, Attention::SelfAttn, TensorKind::Positions),
-            "rope tables",
-        )?;
+        let (cos, sin) = super::nn::rope_tables(&self.inv_freq, &positions, self.embed_in.dtype())
+            .at(
+                Site::new(0, Attention::SelfAttn, TensorKind::Positions),
+                "rope tables",
+            )?;
         // [B, S, E]
         let mut h = embed(&self.embed_in, ids).ctx("embed_in")?;
         for (i, l) in self.layers.iter().enumerate() {

@@ -12,7 +12,7 @@
 //! positions `0..P`; real tokens are rotated for positions `P..P+S`. Prefix keys enter
 //! the cache as given, without RoPE (as PEFT's prefix does in transformers).
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
@@ -584,30 +584,6 @@ impl Llama {
             .and_then(|h| h.apply_op3(&view.k, &view.v, op))
             .at(site_v, "attention block")
     }
-
-    /// RoPE tables for the positions `[B][S]` of each row: `(cos, sin)`, each
-    /// `[B, 1, S, D]` (halves repeated, HF's rotate_half convention), in `dtype`.
-    /// Computed per pass, so no position is ever out of a table's range.
-    fn rope_tables(
-        &self,
-        positions: &[Vec<u32>],
-        dtype: DType,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        let dev = self.inv_freq.device();
-        let (b, s) = (positions.len(), positions.first().map_or(0, Vec::len));
-        let flat: Vec<u32> = positions.iter().flatten().copied().collect();
-        // [B*S, 1] x [1, D/2] -> [B*S, D/2], in f32 like transformers.
-        let freqs = Tensor::from_vec(flat, (b * s, 1), dev)?
-            .to_dtype(DType::F32)?
-            .broadcast_mul(&self.inv_freq)?;
-        let table = |t: Tensor| -> candle_core::Result<Tensor> {
-            let half = t.dim(1)?;
-            Tensor::cat(&[&t, &t], 1)?
-                .reshape((b, 1, s, 2 * half))?
-                .to_dtype(dtype)
-        };
-        Ok((table(freqs.cos()?)?, table(freqs.sin()?)?))
-    }
 }
 
 impl Model for Llama {
@@ -628,10 +604,11 @@ impl Model for Llama {
         // [B, 1, S, D] each: real tokens sit at positions P.. (after the prefix), per
         // row from the attention mask, so left padding does not shift them.
         let positions = row_positions(fw.mask, past, s)?;
-        let (cos, sin) = self.rope_tables(&positions, self.embed_tokens.dtype()).at(
-            Site::new(0, Attention::SelfAttn, TensorKind::Positions),
-            "rope tables",
-        )?;
+        let (cos, sin) =
+            super::nn::rope_tables(&self.inv_freq, &positions, self.embed_tokens.dtype()).at(
+                Site::new(0, Attention::SelfAttn, TensorKind::Positions),
+                "rope tables",
+            )?;
         // [B, S, E]
         let mut h = embed(&self.embed_tokens, ids).ctx("embed_tokens")?;
         for (i, l) in self.layers.iter().enumerate() {

@@ -356,6 +356,33 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32]) -> candle_core::Resu
         .neg()
 }
 
+/// RoPE tables for the positions `[B][S]` of each row (from
+/// [`super::row_positions`]) and the inverse frequencies `inv_freq: [1, R/2]`:
+/// `(cos, sin)`, each `[B, 1, S, R]` (halves repeated, transformers' `rotate_half`
+/// convention), computed in f32 like transformers and returned in `dtype`. Computed
+/// per pass, so no position is ever out of a table's range. `R` is the rotated width:
+/// `head_dim`, or GPT-NeoX's `rotary_pct * head_dim`.
+pub fn rope_tables(
+    inv_freq: &Tensor,
+    positions: &[Vec<u32>],
+    dtype: DType,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let dev = inv_freq.device();
+    let (b, s) = (positions.len(), positions.first().map_or(0, Vec::len));
+    let flat: Vec<u32> = positions.iter().flatten().copied().collect();
+    // [B*S, 1] x [1, R/2] -> [B*S, R/2]
+    let freqs = Tensor::from_vec(flat, (b * s, 1), dev)?
+        .to_dtype(DType::F32)?
+        .broadcast_mul(inv_freq)?;
+    let table = |t: Tensor| -> candle_core::Result<Tensor> {
+        let half = t.dim(1)?;
+        Tensor::cat(&[&t, &t], 1)?
+            .reshape((b, 1, s, 2 * half))?
+            .to_dtype(dtype)
+    };
+    Ok((table(freqs.cos()?)?, table(freqs.sin()?)?))
+}
+
 /// RoPE, Hugging Face convention (rotate halves), differentiable in `x`:
 /// `x: [B, H, S, D]`, `cos, sin: [B, 1, S, D]` -> `[B, H, S, D]`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
