@@ -690,6 +690,17 @@ mod tests {
             false,
         );
         assert!(restore_err(&mut wider, &path).contains("capacity Some(6)"));
+        // A static cache's capacity is part of what must match.
+        let mut st = filled(CacheMode::Static { max_len: 9 });
+        let spath = temp("static.safetensors");
+        st.save(&spath).unwrap();
+        let mut bigger = ModelCache::new(
+            CacheConfig::new(CacheMode::Static { max_len: 10 }),
+            Layout::Standard,
+            2,
+            false,
+        );
+        assert!(restore_err(&mut bigger, &spath).contains("capacity Some(10)"));
         let mut deeper = ModelCache::new(
             CacheConfig::new(CacheMode::Sliding { window: 5 }),
             Layout::Standard,
