@@ -37,8 +37,8 @@ case "${1:-}" in
     semantics)
         shift
         files=("$@")
-        [ ${#files[@]} -gt 0 ] || files=(src/cache/ring.rs src/cache/merge.rs src/cache/file.rs
-                                         src/divergence.rs src/batching.rs)
+        [ ${#files[@]} -gt 0 ] || files=(src/engine/cache/ring.rs src/engine/cache/merge.rs src/engine/cache/file.rs
+                                         src/engine/divergence.rs src/engine/batching.rs)
         args=()
         for f in "${files[@]}"; do args+=(-f "$f"); done
         TESTS=(--lib --test properties --test snapshots --test quantized)
@@ -46,16 +46,16 @@ case "${1:-}" in
         ;;
     judge)
         # The diagnosis classes and places, the stack's verdict and expectations.
-        run mutants-judge -f src/check.rs -f src/stack/verdict.rs -f src/stack/expect.rs
+        run mutants-judge -f src/engine/diagnosis.rs -f src/harness/stack/verdict.rs -f src/harness/stack/expect.rs
         # The judge itself lives in run.rs: only its functions.
-        run mutants-judge-run -f src/run.rs --re 'judge|extra_checks'
+        run mutants-judge-run -f src/harness/run.rs --re 'judge|extra_checks'
         ;;
     sample)
         k="${2:?usage: ci/mutants.sh sample K (1..20)}"
         run "mutants-sample-$k" --shard "$((k - 1))/20" --sharding round-robin \
-            -f src/scenario.rs -f src/check.rs -f src/cache/mod.rs -f src/cache/ring.rs -f src/cache/file.rs -f src/cache/merge.rs -f src/divergence.rs -f src/prefix.rs \
-            -f src/generate.rs -f src/train.rs -f src/fingerprint.rs \
-            -f src/model/attention.rs -f src/run.rs -f src/stack/verdict.rs
+            -f src/harness/scenario.rs -f src/engine/diagnosis.rs -f src/engine/cache/mod.rs -f src/engine/cache/ring.rs -f src/engine/cache/file.rs -f src/engine/cache/merge.rs -f src/engine/divergence.rs -f src/engine/prefix.rs \
+            -f src/engine/generate.rs -f src/engine/train.rs -f src/harness/fingerprint.rs \
+            -f src/engine/model/attention.rs -f src/harness/run.rs -f src/harness/stack/verdict.rs
         ;;
     diff)
         base="${2:-main}"

@@ -17,11 +17,11 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use prefix_harness::cache::{CacheConfig, CacheMode};
-use prefix_harness::generate::{greedy, DecodeOptions};
-use prefix_harness::model::{llama, nn, weights, ModelConfig};
-use prefix_harness::prefix::{PrefixConfig, PrefixEncoder};
-use prefix_harness::train::{batch_logits_in, masked_cross_entropy, Batch, IGNORE_INDEX};
+use prefix_harness::engine::cache::{CacheConfig, CacheMode};
+use prefix_harness::engine::generate::{greedy, DecodeOptions};
+use prefix_harness::engine::model::{llama, nn, weights, ModelConfig};
+use prefix_harness::engine::prefix::{PrefixConfig, PrefixEncoder};
+use prefix_harness::engine::train::{batch_logits_in, masked_cross_entropy, Batch, IGNORE_INDEX};
 
 const HIDDEN: usize = 512;
 const LAYERS: usize = 4;
@@ -72,7 +72,7 @@ fn matmul_peak(dev: &Device) -> candle_core::Result<f64> {
 
 fn main() -> anyhow::Result<()> {
     // As the CLI does with --jobs 1: all cores for one case, freed memory reused.
-    prefix_harness::run::prepare_process(1);
+    prefix_harness::harness::run::prepare_process(1);
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str, default: usize| -> usize {
         args.iter()

@@ -1,26 +1,13 @@
 //! prefix-harness: a reproducibility and regression harness for prefix tuning.
 //!
-//! One module per concept: [`model`] (families, weights), [`cache`] (KV cache modes and
-//! layouts), [`prefix`] (PEFT prefix encoder and geometry), [`generate`] (prefill and
-//! decoding), [`trace`] (the shape trace), [`check`] (diagnoses).
+//! The folders follow the data flow (ARCHITECTURE.md, "The pipeline"):
+//! - [`harness`]: scenario files -> cases -> execution -> judge -> reports, and the same
+//!   case on the Python stack;
+//! - [`engine`]: what a case runs: model families, the prefix, the KV cache, training,
+//!   generation, the shape trace and the diagnoses;
+//! - [`io`]: what comes from or goes to files: Hugging Face checkpoints, PEFT adapters,
+//!   tokenizers, data.
 
-pub mod adapter;
-pub mod batching;
-pub mod cache;
-pub mod check;
-pub mod data;
-pub mod divergence;
-pub mod fingerprint;
-pub mod generate;
-pub mod hub;
-pub mod model;
-pub mod prefix;
-pub mod report;
-pub mod repro;
-pub mod rng;
-pub mod run;
-pub mod scenario;
-pub mod stack;
-pub mod tokenizer;
-pub mod trace;
-pub mod train;
+pub mod engine;
+pub mod harness;
+pub mod io;

@@ -6,10 +6,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use prefix_harness::report::{self, Environment, Summary};
-use prefix_harness::run::{self, CaseResult, RunOptions};
-use prefix_harness::scenario::{self, Case, InputError};
-use prefix_harness::stack::StackOptions;
+use prefix_harness::harness::report::{self, Environment, Summary};
+use prefix_harness::harness::run::{self, CaseResult, RunOptions};
+use prefix_harness::harness::scenario::{self, Case, InputError};
+use prefix_harness::harness::stack::StackOptions;
 
 #[derive(Parser)]
 #[command(
@@ -61,10 +61,10 @@ enum Command {
         /// Fingerprint B (e.g. the Windows run).
         b: PathBuf,
         /// Relative tolerance for numbers: |a-b| <= atol + rtol * max(|a|, |b|).
-        #[arg(long, default_value_t = prefix_harness::fingerprint::DEFAULT_RTOL)]
+        #[arg(long, default_value_t = prefix_harness::harness::fingerprint::DEFAULT_RTOL)]
         rtol: f64,
         /// Absolute tolerance for numbers (the floor near zero).
-        #[arg(long, default_value_t = prefix_harness::fingerprint::DEFAULT_ATOL)]
+        #[arg(long, default_value_t = prefix_harness::harness::fingerprint::DEFAULT_ATOL)]
         atol: f64,
     },
     /// Print the expanded case ids.
@@ -188,9 +188,9 @@ fn main() -> ExitCode {
             python,
         } => {
             let stack = (against == Some(Against::Peft)).then(|| StackOptions {
-                python: prefix_harness::stack::interpreter(python.as_deref()),
+                python: prefix_harness::harness::stack::interpreter(python.as_deref()),
                 timeout: Some(Duration::from_secs(300)),
-                startup: prefix_harness::stack::STARTUP,
+                startup: prefix_harness::harness::stack::STARTUP,
             });
             repro_command(&file, output.as_deref(), shrink, stack.as_ref())
         }
@@ -198,7 +198,7 @@ fn main() -> ExitCode {
 }
 
 fn compare_command(a: &std::path::Path, b: &std::path::Path, rtol: f64, atol: f64) -> ExitCode {
-    use prefix_harness::fingerprint::{compare_files, Tolerance};
+    use prefix_harness::harness::fingerprint::{compare_files, Tolerance};
     if !(rtol >= 0.0 && atol >= 0.0) {
         eprintln!("error: --rtol and --atol must be non-negative numbers");
         return ExitCode::from(2);
@@ -232,10 +232,12 @@ fn repro_command(
     let text = std::fs::read_to_string(file).unwrap_or_default();
     let mut results: Vec<CaseResult> = cases.iter().map(|c| run::run_isolated(c, None)).collect();
     if let Some(opts) = stack {
-        prefix_harness::stack::run_against(&cases, &mut results, opts, &|l| eprintln!("{l}"));
+        prefix_harness::harness::stack::run_against(&cases, &mut results, opts, &|l| {
+            eprintln!("{l}")
+        });
     }
     let env = Environment::capture(1);
-    let mut md = prefix_harness::repro::markdown(file, &text, &cases, &results, &env);
+    let mut md = prefix_harness::harness::repro::markdown(file, &text, &cases, &results, &env);
     let mut status = if Summary::of(&results).ok() {
         ExitCode::SUCCESS
     } else {
@@ -245,19 +247,19 @@ fn repro_command(
         for (case, r) in cases.iter().zip(&results) {
             let Some(d) = &r.diagnosis else { continue };
             eprintln!("shrinking {} ...", case.id);
-            let (small, runs) = prefix_harness::repro::shrink(case, d);
+            let (small, runs) = prefix_harness::harness::repro::shrink(case, d);
             let target = file.with_extension("shrunk.yaml");
             let target = if cases.len() > 1 {
                 let stem = file
                     .file_stem()
                     .map(|s| s.to_string_lossy().to_string())
                     .unwrap_or_default();
-                let safe = prefix_harness::repro::shrunk_name(&case.id);
+                let safe = prefix_harness::harness::repro::shrunk_name(&case.id);
                 file.with_file_name(format!("{stem}.{safe}.yaml"))
             } else {
                 target
             };
-            match prefix_harness::repro::to_yaml(&small)
+            match prefix_harness::harness::repro::to_yaml(&small)
                 .map_err(|e| e.to_string())
                 .and_then(|y| report::write_atomic(&target, &y).map_err(|e| e.to_string()))
             {
@@ -420,15 +422,17 @@ fn run_command(args: RunArgs) -> ExitCode {
     }
     if args.against == Some(Against::Peft) {
         let stack_opts = StackOptions {
-            python: prefix_harness::stack::interpreter(args.python.as_deref()),
+            python: prefix_harness::harness::stack::interpreter(args.python.as_deref()),
             timeout: opts.timeout,
-            startup: prefix_harness::stack::STARTUP,
+            startup: prefix_harness::harness::stack::STARTUP,
         };
         let n = results.len();
-        let rep =
-            prefix_harness::stack::run_against(&cases[..n], &mut results, &stack_opts, &|line| {
-                eprintln!("{line}")
-            });
+        let rep = prefix_harness::harness::stack::run_against(
+            &cases[..n],
+            &mut results,
+            &stack_opts,
+            &|line| eprintln!("{line}"),
+        );
         if let Some(env) = &rep.env {
             eprintln!(
                 "stack: python {} ({}), {}",
@@ -462,7 +466,8 @@ fn run_command(args: RunArgs) -> ExitCode {
         }
     }
     if let Some(p) = &args.fingerprint {
-        let fp = prefix_harness::fingerprint::Fingerprint::from_results(&results, env.clone());
+        let fp =
+            prefix_harness::harness::fingerprint::Fingerprint::from_results(&results, env.clone());
         if let Err(e) = fp.write(p) {
             eprintln!("error: cannot write the fingerprint {}: {e}", p.display());
             status = ExitCode::from(2);

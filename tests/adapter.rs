@@ -18,15 +18,15 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use common::*;
-use prefix_harness::adapter::{
+use prefix_harness::engine::cache::{CacheConfig, CacheMode};
+use prefix_harness::engine::diagnosis::DiagnosisClass;
+use prefix_harness::engine::generate::forward_logits;
+use prefix_harness::engine::model::{llama, weights, Family, Model, ModelConfig, ModelGeometry};
+use prefix_harness::engine::prefix::{HeadDimFrom, HeadsFrom, PrefixConfig, PrefixEncoder};
+use prefix_harness::io::adapter::{
     self, load, load_for, safetensors_bytes, save, save_safetensors, AdapterConfig, TaskType,
     CONFIG_FILE, TENSOR_NAME, WEIGHTS_FILE,
 };
-use prefix_harness::cache::{CacheConfig, CacheMode};
-use prefix_harness::check::DiagnosisClass;
-use prefix_harness::generate::forward_logits;
-use prefix_harness::model::{llama, weights, Family, Model, ModelConfig, ModelGeometry};
-use prefix_harness::prefix::{HeadDimFrom, HeadsFrom, PrefixConfig, PrefixEncoder};
 
 fn prefix_with(model: &dyn Model, p: usize, projection: bool) -> PrefixEncoder {
     let mut cfg = PrefixConfig::new(p);
@@ -195,7 +195,7 @@ fn saved_llama_adapter(dir: &Path, heads_from: HeadsFrom, head_dim_from: HeadDim
     save(dir, &prefix, &g, Some("tiny-llama"), None).expect("save");
 }
 
-fn class_of(err: &prefix_harness::check::EngineError) -> DiagnosisClass {
+fn class_of(err: &prefix_harness::engine::diagnosis::EngineError) -> DiagnosisClass {
     err.diagnosis()
         .unwrap_or_else(|| panic!("expected a diagnosis, got {err}"))
         .class
@@ -604,9 +604,9 @@ fn logits_self_prefix_only(
     ids: &Tensor,
     dec: &Tensor,
 ) -> Tensor {
-    use prefix_harness::cache::ModelCache;
-    use prefix_harness::model::Forward;
-    use prefix_harness::prefix::{extend_mask, inject, PrefixLayout};
+    use prefix_harness::engine::cache::ModelCache;
+    use prefix_harness::engine::model::Forward;
+    use prefix_harness::engine::prefix::{extend_mask, inject, PrefixLayout};
     let g = model.geometry();
     let (b, s) = ids.dims2().expect("[B, S]");
     let t = dec.dim(1).expect("[B, T]");

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use prefix_harness::scenario::{self, MAX_FILE_BYTES};
+use prefix_harness::harness::scenario::{self, MAX_FILE_BYTES};
 
 /// The folder of bad inputs, relative to the crate root (the tests' working folder).
 const DIR: &str = "tests/bad_inputs";
@@ -502,9 +502,9 @@ fn output_normalisation_uses_slashes_and_drops_panic_line_numbers_and_timings() 
     );
     assert_eq!(
         normalise(
-            "thread 'main' (4242) panicked at src/scenario.rs:465:29:\nattempt to multiply with overflow\n"
+            "thread 'main' (4242) panicked at src/harness/scenario.rs:465:29:\nattempt to multiply with overflow\n"
         ),
-        "thread 'main' panicked at src/scenario.rs:\nattempt to multiply with overflow\n"
+        "thread 'main' panicked at src/harness/scenario.rs:\nattempt to multiply with overflow\n"
     );
     assert_eq!(
         without_durations("[1/1] fail demo (7 ms)\ndemo  fail     pass      12.5 ms  head-dim\n"),

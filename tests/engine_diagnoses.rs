@@ -5,13 +5,15 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use prefix_harness::cache::{CacheConfig, CacheMode, ModelCache};
-use prefix_harness::check::{
+use prefix_harness::engine::cache::{CacheConfig, CacheMode, ModelCache};
+use prefix_harness::engine::diagnosis::{
     from_candle, Attention, Diagnosis, DiagnosisClass, EngineError, TensorKind,
 };
-use prefix_harness::generate::{greedy, prepare_cache, DecodeOptions};
-use prefix_harness::model::{Family, Forward, Model};
-use prefix_harness::prefix::{HeadDimFrom, HeadsFrom, PrefixConfig, PrefixEncoder, PrefixLayout};
+use prefix_harness::engine::generate::{greedy, prepare_cache, DecodeOptions};
+use prefix_harness::engine::model::{Family, Forward, Model};
+use prefix_harness::engine::prefix::{
+    HeadDimFrom, HeadsFrom, PrefixConfig, PrefixEncoder, PrefixLayout,
+};
 
 fn diagnose(family: Family, p: usize, opts: DecodeOptions, cfg: Option<PrefixConfig>) -> Diagnosis {
     let model = tiny_model(family);
@@ -258,7 +260,7 @@ fn candle_concat_errors_become_rank_diagnoses_at_their_site() {
     let a = Tensor::zeros((2, 3, 4), DType::F32, &Device::Cpu).unwrap();
     let b = Tensor::zeros((2, 3, 4, 5), DType::F32, &Device::Cpu).unwrap();
     let err = Tensor::cat(&[&a, &b], 2).unwrap_err();
-    let site = prefix_harness::check::Site::new(1, Attention::Cross, TensorKind::Value);
+    let site = prefix_harness::engine::diagnosis::Site::new(1, Attention::Cross, TensorKind::Value);
     let e = from_candle(err, Some(site), "append");
     let d = e.diagnosis().expect("shape errors are diagnosed");
     assert_eq!(d.class, DiagnosisClass::Rank);
@@ -289,8 +291,8 @@ fn diagnoses_read_as_one_line_with_place_shapes_and_cause() {
 /// the class) fails with the expectation and the diagnosis in the message.
 #[test]
 fn the_judge_matches_every_place_field_of_an_expected_failure() {
-    use prefix_harness::run::{run_case, Status};
-    use prefix_harness::scenario;
+    use prefix_harness::harness::run::{run_case, Status};
+    use prefix_harness::harness::scenario;
     let file = std::path::Path::new("scenarios/bugs/t5-cross-cache-marked-computed.yaml");
     let text = std::fs::read_to_string(file).unwrap();
     let exact = "expect: {error: seq-len, layer: 0, attention: cross, tensor: key}";
@@ -345,8 +347,8 @@ fn the_judge_matches_every_place_field_of_an_expected_failure() {
 /// with both losses, when it does not (one step: the last loss is the first).
 #[test]
 fn the_loss_check_fails_a_case_whose_loss_does_not_decrease() {
-    use prefix_harness::run::{run_case, Status};
-    use prefix_harness::scenario;
+    use prefix_harness::harness::run::{run_case, Status};
+    use prefix_harness::harness::scenario;
     let yaml = |steps: usize| {
         format!(
             "name: loss\nmodel:\n  family: gpt2\nprefix:\n  virtual_tokens: 2\ntrain: {{steps: {steps}, batch_size: 2, max_len: 16, evaluate: false}}\ngenerate:\n  max_new_tokens: 1\nchecks:\n  loss: decreases\n"
@@ -370,8 +372,8 @@ fn the_loss_check_fails_a_case_whose_loss_does_not_decrease() {
 /// another class fails it.
 #[test]
 fn an_expected_warning_passes_the_judge_and_another_class_does_not() {
-    use prefix_harness::run::{run_case, Status};
-    use prefix_harness::scenario;
+    use prefix_harness::harness::run::{run_case, Status};
+    use prefix_harness::harness::scenario;
     let file = std::path::Path::new("scenarios/bugs/sliding-window-evicts-prefix.yaml");
     let text = std::fs::read_to_string(file).unwrap();
     let exact = "expect: {error: prefix-evicted, layer: 0, attention: self, tensor: key}";

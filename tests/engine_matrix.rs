@@ -5,11 +5,11 @@
 mod common;
 
 use common::*;
-use prefix_harness::cache::{CacheConfig, CacheMode, Layout};
-use prefix_harness::check::Attention;
-use prefix_harness::generate::{greedy, DecodeOptions};
-use prefix_harness::model::Family;
-use prefix_harness::trace::CacheOp;
+use prefix_harness::engine::cache::{CacheConfig, CacheMode, Layout};
+use prefix_harness::engine::diagnosis::Attention;
+use prefix_harness::engine::generate::{greedy, DecodeOptions};
+use prefix_harness::engine::model::Family;
+use prefix_harness::engine::trace::CacheOp;
 use rstest::rstest;
 
 const PROMPT: usize = 6;

@@ -5,9 +5,9 @@
 //! PEFT (`scenarios/stack/gemma2.yaml`).
 
 use candle_core::{DType, Device, Tensor};
-use prefix_harness::cache::{CacheConfig, CacheMode};
-use prefix_harness::generate::forward_logits;
-use prefix_harness::model::{gemma2, weights, ModelConfig};
+use prefix_harness::engine::cache::{CacheConfig, CacheMode};
+use prefix_harness::engine::generate::forward_logits;
+use prefix_harness::engine::model::{gemma2, weights, ModelConfig};
 
 const SEED: u64 = 7;
 

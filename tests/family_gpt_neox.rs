@@ -5,9 +5,9 @@
 //! (`scenarios/stack/phi3-neox.yaml`).
 
 use candle_core::{DType, Device, Tensor};
-use prefix_harness::cache::{CacheConfig, CacheMode};
-use prefix_harness::generate::forward_logits;
-use prefix_harness::model::{gpt_neox, weights, ModelConfig};
+use prefix_harness::engine::cache::{CacheConfig, CacheMode};
+use prefix_harness::engine::generate::forward_logits;
+use prefix_harness::engine::model::{gpt_neox, weights, ModelConfig};
 
 const SEED: u64 = 7;
 

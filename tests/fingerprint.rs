@@ -6,14 +6,14 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use prefix_harness::fingerprint::{
+use prefix_harness::engine::rng::Rng;
+use prefix_harness::harness::fingerprint::{
     compare, quote_floats, CaseFingerprint, Difference, EnvironmentInfo, Fingerprint, Tolerance,
     DEFAULT_ATOL, DEFAULT_RTOL, FORMAT,
 };
-use prefix_harness::report::Environment;
-use prefix_harness::rng::Rng;
-use prefix_harness::run::{self, CaseResult, LogitsSummary, RunOptions};
-use prefix_harness::scenario::{self, Case};
+use prefix_harness::harness::report::Environment;
+use prefix_harness::harness::run::{self, CaseResult, LogitsSummary, RunOptions};
+use prefix_harness::harness::scenario::{self, Case};
 
 fn repo(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)

@@ -7,11 +7,11 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use prefix_harness::cache::{CacheConfig, CacheMode, Layout, ModelCache};
-use prefix_harness::check::{Attention, DiagnosisClass};
-use prefix_harness::generate::{generate, greedy, DecodeOptions, DecodeOutput, Strategy};
-use prefix_harness::model::{Family, Model};
-use prefix_harness::trace::CacheOp;
+use prefix_harness::engine::cache::{CacheConfig, CacheMode, Layout, ModelCache};
+use prefix_harness::engine::diagnosis::{Attention, DiagnosisClass};
+use prefix_harness::engine::generate::{generate, greedy, DecodeOptions, DecodeOutput, Strategy};
+use prefix_harness::engine::model::{Family, Model};
+use prefix_harness::engine::trace::CacheOp;
 use rstest::rstest;
 
 const PROMPT: usize = 6;

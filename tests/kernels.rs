@@ -1,4 +1,4 @@
-//! The fused CPU kernels with their own backward pass (src/model/kernels.rs) against the
+//! The fused CPU kernels with their own backward pass (src/engine/model/kernels.rs) against the
 //! composed candle ops they replace: same values and same input gradient, on shapes
 //! below and above the size where the kernels switch to parallel rows.
 
@@ -6,7 +6,7 @@ mod common;
 use common::max_abs_diff;
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use prefix_harness::model::nn;
+use prefix_harness::engine::model::nn;
 
 const SMALL: (usize, usize, usize, usize) = (2, 3, 5, 7); // 210 elements: serial path
 const LARGE: (usize, usize, usize, usize) = (3, 4, 33, 96); // 38016: parallel rows
@@ -229,7 +229,7 @@ fn swiglu_matches_silu_times_up_for_both_inputs() {
 
 #[test]
 fn split_and_merge_heads_match_reshape_and_transpose() {
-    use prefix_harness::model::attention::{merge_heads, split_heads};
+    use prefix_harness::engine::model::attention::{merge_heads, split_heads};
     for (b, s, h, d) in [(2, 3, 4, 5), (3, 33, 8, 64)] {
         let x = rand(&[b, s, h * d], 22);
         assert_same(
@@ -299,8 +299,8 @@ fn attention_grads(
 
 #[test]
 fn attention_core_matches_composed_grouped_attention_for_queries_keys_and_values() {
-    use prefix_harness::check::Attention;
-    use prefix_harness::model::attention::{repeat_kv, sdpa};
+    use prefix_harness::engine::diagnosis::Attention;
+    use prefix_harness::engine::model::attention::{repeat_kv, sdpa};
     // (B, H, KVH, S, K, D): serial and parallel softmax rows; K - S prefix columns.
     for (b, h, kvh, s, kl, d) in [(2, 4, 2, 3, 5, 8), (2, 8, 2, 33, 40, 16)] {
         let (q, k, v) = (

@@ -6,9 +6,9 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use prefix_harness::cache::{CacheConfig, CacheMode};
-use prefix_harness::generate::{greedy, DecodeOptions};
-use prefix_harness::model::Family;
+use prefix_harness::engine::cache::{CacheConfig, CacheMode};
+use prefix_harness::engine::generate::{greedy, DecodeOptions};
+use prefix_harness::engine::model::Family;
 use rstest::rstest;
 
 #[rstest]

@@ -9,9 +9,9 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bigcode;
 use common::*;
-use prefix_harness::cache::{CacheConfig, CacheMode};
-use prefix_harness::generate::forward_logits;
-use prefix_harness::model::{gpt_bigcode, weights, ModelConfig};
+use prefix_harness::engine::cache::{CacheConfig, CacheMode};
+use prefix_harness::engine::generate::forward_logits;
+use prefix_harness::engine::model::{gpt_bigcode, weights, ModelConfig};
 
 fn theirs(cfg: &gpt_bigcode::Config) -> bigcode::GPTBigCode {
     let map =
@@ -34,7 +34,7 @@ fn theirs(cfg: &gpt_bigcode::Config) -> bigcode::GPTBigCode {
 #[test]
 fn bigcode_logits_match_candle_transformers_for_prefill_and_cached_decoding() {
     let cfg = gpt_bigcode::Config::tiny();
-    let ours = tiny_model(prefix_harness::model::Family::GptBigcode);
+    let ours = tiny_model(prefix_harness::engine::model::Family::GptBigcode);
     let ids = prompt(2, 9); // [2, 9]
     let (logits, _) = forward_logits(
         ours.as_ref(),

@@ -17,9 +17,9 @@ use candle_nn::{Activation, VarBuilder};
 use candle_transformers::models::{
     gemma2 as ct_gemma2, mistral as ct_mistral, qwen2 as ct_qwen2, qwen3 as ct_qwen3,
 };
-use prefix_harness::cache::{CacheConfig, CacheMode};
-use prefix_harness::generate::forward_logits;
-use prefix_harness::model::{gemma2, mistral, qwen2, qwen3, weights, Model, ModelConfig};
+use prefix_harness::engine::cache::{CacheConfig, CacheMode};
+use prefix_harness::engine::generate::forward_logits;
+use prefix_harness::engine::model::{gemma2, mistral, qwen2, qwen3, weights, Model, ModelConfig};
 
 const SEED: u64 = 7;
 const TOL: f32 = 1e-4;

@@ -10,10 +10,10 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama as ct_llama, llama2_c};
-use prefix_harness::cache::{CacheConfig, CacheMode};
-use prefix_harness::generate::{forward_logits, greedy, DecodeOptions};
-use prefix_harness::model::{llama, nn, weights, Model, ModelConfig};
-use prefix_harness::prefix::{PrefixConfig, PrefixEncoder};
+use prefix_harness::engine::cache::{CacheConfig, CacheMode};
+use prefix_harness::engine::generate::{forward_logits, greedy, DecodeOptions};
+use prefix_harness::engine::model::{llama, nn, weights, Model, ModelConfig};
+use prefix_harness::engine::prefix::{PrefixConfig, PrefixEncoder};
 
 const SEED: u64 = 7;
 const TOL: f32 = 1e-4;

@@ -12,9 +12,9 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Activation, VarBuilder};
 use candle_transformers::models::phi3 as ct_phi3;
-use prefix_harness::cache::{CacheConfig, CacheMode};
-use prefix_harness::generate::forward_logits;
-use prefix_harness::model::{phi3, weights, ModelConfig};
+use prefix_harness::engine::cache::{CacheConfig, CacheMode};
+use prefix_harness::engine::generate::forward_logits;
+use prefix_harness::engine::model::{phi3, weights, ModelConfig};
 
 const SEED: u64 = 7;
 const TOL: f32 = 1e-4;

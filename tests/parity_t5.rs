@@ -8,13 +8,13 @@ use common::max_abs_diff;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::t5 as ct5;
-use prefix_harness::cache::{CacheConfig, CacheMode};
-use prefix_harness::check::{Attention, DiagnosisClass, EngineError, TensorKind};
-use prefix_harness::generate::{forward_logits, greedy, DecodeOptions};
-use prefix_harness::model::t5::{relative_position_bucket, Config};
-use prefix_harness::model::{weights, Model, ModelConfig};
-use prefix_harness::prefix::{PrefixConfig, PrefixEncoder};
-use prefix_harness::trace::CacheOp;
+use prefix_harness::engine::cache::{CacheConfig, CacheMode};
+use prefix_harness::engine::diagnosis::{Attention, DiagnosisClass, EngineError, TensorKind};
+use prefix_harness::engine::generate::{forward_logits, greedy, DecodeOptions};
+use prefix_harness::engine::model::t5::{relative_position_bucket, Config};
+use prefix_harness::engine::model::{weights, Model, ModelConfig};
+use prefix_harness::engine::prefix::{PrefixConfig, PrefixEncoder};
+use prefix_harness::engine::trace::CacheOp;
 
 const SEED: u64 = 7;
 

@@ -5,10 +5,10 @@
 
 use std::path::{Path, PathBuf};
 
-use prefix_harness::fingerprint::{compare, Fingerprint, Tolerance};
-use prefix_harness::report::{self, Environment};
-use prefix_harness::run::{self, CaseResult, RunOptions};
-use prefix_harness::scenario::{self, Case};
+use prefix_harness::harness::fingerprint::{compare, Fingerprint, Tolerance};
+use prefix_harness::harness::report::{self, Environment};
+use prefix_harness::harness::run::{self, CaseResult, RunOptions};
+use prefix_harness::harness::scenario::{self, Case};
 
 fn repo(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)

@@ -12,20 +12,20 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use prefix_harness::cache::{CacheConfig, CacheMode, Layout};
-use prefix_harness::check::{Attention, DiagnosisClass};
-use prefix_harness::data;
-use prefix_harness::generate::{
+use prefix_harness::engine::cache::{CacheConfig, CacheMode, Layout};
+use prefix_harness::engine::diagnosis::{Attention, DiagnosisClass};
+use prefix_harness::engine::generate::{
     generate_traced, DecodeOptions, DecodeOutput, Strategy as Decoding,
 };
-use prefix_harness::model::attention::{additive_mask, MaskSpec};
-use prefix_harness::model::{
+use prefix_harness::engine::model::attention::{additive_mask, MaskSpec};
+use prefix_harness::engine::model::{
     bloom, gemma2, gpt2, gpt_bigcode, gpt_neox, llama, mistral, phi3, qwen2, qwen3, t5, weights,
     Family, Model, ModelConfig, ModelGeometry,
 };
-use prefix_harness::prefix::{PrefixConfig, PrefixEncoder};
-use prefix_harness::trace::{CacheOp, Trace, TraceEvent};
-use prefix_harness::train::{batch_for, batch_loss, check_prefix_grads};
+use prefix_harness::engine::prefix::{PrefixConfig, PrefixEncoder};
+use prefix_harness::engine::trace::{CacheOp, Trace, TraceEvent};
+use prefix_harness::engine::train::{batch_for, batch_loss, check_prefix_grads};
+use prefix_harness::io::data;
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 
@@ -707,7 +707,7 @@ proptest! {
         let mask = Tensor::from_vec(mask, (b, s), &Device::Cpu).unwrap();
         let prefix = st.prefix(model.as_ref());
         let opts = DecodeOptions::new(st.cache(), st.new);
-        let (merged, _) = prefix_harness::batching::generate_merged(model.as_ref(), Some(&prefix), &opts, &ids, &mask, at, false);
+        let (merged, _) = prefix_harness::engine::batching::generate_merged(model.as_ref(), Some(&prefix), &opts, &ids, &mask, at, false);
         let merged = merged.map_err(|e| err(format!("{st:?}: {e}")))?;
         for (row, &p) in pads.iter().enumerate() {
             let alone_ids = ids.narrow(0, row, 1).and_then(|t| t.narrow(1, p, s - p)).unwrap();
@@ -902,8 +902,8 @@ proptest! {
     /// status: no panic, no raw candle error with a backtrace, whatever the settings.
     #[test]
     fn any_scenario_is_refused_or_runs_to_a_status_without_a_panic(yaml in hostile_scenario()) {
-        use prefix_harness::run::{run_isolated_with, Status};
-        use prefix_harness::scenario;
+        use prefix_harness::harness::run::{run_isolated_with, Status};
+        use prefix_harness::harness::scenario;
         let file = std::path::Path::new("scenarios/hostile.yaml");
         match scenario::parse(file, &yaml) {
             Err(e) => {

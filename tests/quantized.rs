@@ -1,18 +1,18 @@
 //! The `quantized` cache end to end: close to `dynamic` at 8 bits on every family's
 //! tiny model, saved and restored bit for bit, reported and bounded by
 //! `checks.quantization` (the store's own invariants are unit tests in
-//! `src/cache/quant.rs`).
+//! `src/engine/cache/quant.rs`).
 
 mod common;
 
 use candle_core::Tensor;
 use common::*;
-use prefix_harness::cache::{CacheConfig, CacheMode};
-use prefix_harness::divergence::compare_quantized;
-use prefix_harness::generate::{generate, DecodeOptions, DecodeOutput};
-use prefix_harness::model::Family;
-use prefix_harness::run::{run_case, Status};
-use prefix_harness::scenario;
+use prefix_harness::engine::cache::{CacheConfig, CacheMode};
+use prefix_harness::engine::divergence::compare_quantized;
+use prefix_harness::engine::generate::{generate, DecodeOptions, DecodeOutput};
+use prefix_harness::engine::model::Family;
+use prefix_harness::harness::run::{run_case, Status};
+use prefix_harness::harness::scenario;
 use rstest::rstest;
 
 const P: usize = 8;
@@ -122,7 +122,7 @@ fn cat(parts: &[&Tensor]) -> Tensor {
 
 /// `x: [1, 2, n, 3]` through 4-bit codes and back.
 fn round_trip(x: &Tensor) -> Tensor {
-    use prefix_harness::cache::quant::{dequantize, quantize};
+    use prefix_harness::engine::cache::quant::{dequantize, quantize};
     dequantize(&quantize(x, 4).unwrap()).unwrap()
 }
 
@@ -134,8 +134,8 @@ fn round_trip(x: &Tensor) -> Tensor {
 fn a_step_reads_the_held_positions_dequantized_and_its_own_exact(
     #[values(false, true)] pinned: bool,
 ) {
-    use prefix_harness::cache::{Layout, ModelCache};
-    use prefix_harness::check::Attention;
+    use prefix_harness::engine::cache::{Layout, ModelCache};
+    use prefix_harness::engine::diagnosis::Attention;
     let exact = |a: &Tensor, b: &Tensor, what: &str| {
         assert_eq!(a.dims(), b.dims(), "pinned {pinned}: {what}");
         assert_eq!(max_abs_diff(a, b), 0.0, "pinned {pinned}: {what}");
@@ -214,7 +214,7 @@ fn with_nothing_quantized_it_is_dynamic(
 ) {
     let strategy = |o: &mut DecodeOptions| {
         if beams {
-            o.strategy = prefix_harness::generate::Strategy::Beam {
+            o.strategy = prefix_harness::engine::generate::Strategy::Beam {
                 num_beams: 3,
                 length_penalty: 1.0,
                 early_stopping: false,

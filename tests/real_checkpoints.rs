@@ -38,13 +38,13 @@ use common::TempDir;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};
-use prefix_harness::adapter::{self, load_for};
-use prefix_harness::cache::{CacheConfig, CacheMode, ModelCache};
-use prefix_harness::check::DiagnosisClass;
-use prefix_harness::generate::{forward_logits, greedy, DecodeOptions};
-use prefix_harness::hub::{self, HubOptions, ModelSource};
-use prefix_harness::model::{Forward, Model};
-use prefix_harness::prefix::{extend_mask, inject, PrefixEncoder, PrefixLayout};
+use prefix_harness::engine::cache::{CacheConfig, CacheMode, ModelCache};
+use prefix_harness::engine::diagnosis::DiagnosisClass;
+use prefix_harness::engine::generate::{forward_logits, greedy, DecodeOptions};
+use prefix_harness::engine::model::{Forward, Model};
+use prefix_harness::engine::prefix::{extend_mask, inject, PrefixEncoder, PrefixLayout};
+use prefix_harness::io::adapter::{self, load_for};
+use prefix_harness::io::hub::{self, HubOptions, ModelSource};
 use serde::Deserialize;
 
 /// Bound on the max abs logit difference (f32).
@@ -111,7 +111,7 @@ fn expected(case: &str) -> Expected {
 
 /// A fake commit hash for a repository (40 hex digits).
 fn commit_of(repo_id: &str) -> String {
-    let h = prefix_harness::rng::fnv1a(repo_id.as_bytes());
+    let h = prefix_harness::engine::rng::fnv1a(repo_id.as_bytes());
     format!("{h:016x}{:016x}{:08x}", h.rotate_left(23), h as u32)
 }
 
@@ -141,7 +141,7 @@ fn add_repo(cache: &Path, repo_id: &str, src: &Path, style: RefStyle) -> String 
             continue;
         }
         let bytes = std::fs::read(e.path()).expect("read fixture");
-        let blob = format!("{:016x}", prefix_harness::rng::fnv1a(&bytes));
+        let blob = format!("{:016x}", prefix_harness::engine::rng::fnv1a(&bytes));
         std::fs::write(repo.join("blobs").join(&blob), &bytes).expect("blob");
         let link = snap.join(e.file_name());
         #[cfg(unix)]
@@ -966,7 +966,7 @@ fn a_folder_with_tokenizer_json_loads_it() {
     let dir = model_copy("tok", "gpt2");
     std::fs::write(
         dir.path().join(hub::TOKENIZER_FILE),
-        prefix_harness::tokenizer::BUILTIN_JSON,
+        prefix_harness::io::tokenizer::BUILTIN_JSON,
     )
     .expect("tokenizer");
     let (_, _, tok) = hub::load_model(&ModelSource::path(dir.path()), &Device::Cpu).expect("load");

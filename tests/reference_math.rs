@@ -8,16 +8,16 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use prefix_harness::generate::Sampler;
-use prefix_harness::model::ModelGeometry;
-use prefix_harness::prefix::{PrefixConfig, PrefixEncoder};
+use prefix_harness::engine::generate::Sampler;
+use prefix_harness::engine::model::ModelGeometry;
+use prefix_harness::engine::prefix::{PrefixConfig, PrefixEncoder};
 
 use common::max_abs_diff;
 
 const DIR: &str = "tests/fixtures/reference";
 
 fn tensors() -> HashMap<String, Tensor> {
-    prefix_harness::hub::load_weights(
+    prefix_harness::io::hub::load_weights(
         &[Path::new(DIR).join("prefix_mlp.safetensors")],
         &Device::Cpu,
     )

@@ -3,10 +3,10 @@
 
 use std::path::Path;
 
-use prefix_harness::report::Environment;
-use prefix_harness::repro;
-use prefix_harness::run::run_case;
-use prefix_harness::scenario;
+use prefix_harness::harness::report::Environment;
+use prefix_harness::harness::repro;
+use prefix_harness::harness::run::run_case;
+use prefix_harness::harness::scenario;
 
 #[test]
 fn the_markdown_report_names_the_diagnosis_shapes_events_and_environment() {
@@ -68,7 +68,7 @@ fn a_shrunk_case_written_as_yaml_parses_and_fails_the_same_way() {
     let r = run_case(&back[0]);
     assert_eq!(
         r.status,
-        prefix_harness::run::Status::Pass,
+        prefix_harness::harness::run::Status::Pass,
         "{:?}",
         r.message
     );

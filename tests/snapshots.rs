@@ -40,10 +40,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use prefix_harness::check::Attention;
-use prefix_harness::run::{run_isolated, CaseResult, Status};
-use prefix_harness::scenario::{discover, load, Case};
-use prefix_harness::trace::{CacheOp, Trace, TraceEvent};
+use prefix_harness::engine::diagnosis::Attention;
+use prefix_harness::engine::trace::{CacheOp, Trace, TraceEvent};
+use prefix_harness::harness::run::{run_isolated, CaseResult, Status};
+use prefix_harness::harness::scenario::{discover, load, Case};
 use serde::Serialize;
 
 /// The snapshot folder, relative to this file (insta resolves it against `tests/`).

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use prefix_harness::generate::Strategy;
-use prefix_harness::run::{run_case, CaseResult};
-use prefix_harness::scenario::{self, Case};
-use prefix_harness::stack::{
+use prefix_harness::engine::generate::Strategy;
+use prefix_harness::harness::run::{run_case, CaseResult};
+use prefix_harness::harness::scenario::{self, Case};
+use prefix_harness::harness::stack::{
     run_job, verdict, Divergence, Job, JobCache, JobCase, JobGenerate, Phase, Phases, StackCase,
     StackEnv, StackError, StackEvent, StackOptions, VerdictKind, PROTOCOL,
 };

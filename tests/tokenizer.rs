@@ -4,8 +4,8 @@
 
 use std::path::PathBuf;
 
-use prefix_harness::data::{decode_bytes, encode_bytes, SENTIMENT};
-use prefix_harness::tokenizer::{byte_level_json, Tokenizer, BUILTIN_JSON, BUILTIN_VOCAB_SIZE};
+use prefix_harness::io::data::{decode_bytes, encode_bytes, SENTIMENT};
+use prefix_harness::io::tokenizer::{byte_level_json, Tokenizer, BUILTIN_JSON, BUILTIN_VOCAB_SIZE};
 
 fn asset_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/tokenizer.json")

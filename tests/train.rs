@@ -8,16 +8,16 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
-use prefix_harness::cache::{CacheConfig, CacheMode};
-use prefix_harness::check::{Attention, DiagnosisClass, EngineError, TensorKind};
-use prefix_harness::data;
-use prefix_harness::model::{weights, Family, ModelConfig};
-use prefix_harness::prefix::{PrefixConfig, PrefixEncoder, PrefixInit};
-use prefix_harness::train::{
+use prefix_harness::engine::cache::{CacheConfig, CacheMode};
+use prefix_harness::engine::diagnosis::{Attention, DiagnosisClass, EngineError, TensorKind};
+use prefix_harness::engine::model::{weights, Family, ModelConfig};
+use prefix_harness::engine::prefix::{PrefixConfig, PrefixEncoder, PrefixInit};
+use prefix_harness::engine::train::{
     batch_for, batch_logits, batch_logits_in, block_uses, causal_batch, check_base_unchanged,
     check_grads, check_prefix_grads, masked_cross_entropy, seq2seq_batch, train, train_checked,
     BaseWeights, TrainConfig, TrainReport, IGNORE_INDEX,
 };
+use prefix_harness::io::data;
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use rstest::rstest;
@@ -29,7 +29,7 @@ fn cpu() -> Device {
 }
 
 fn prefix_with(
-    model: &dyn prefix_harness::model::Model,
+    model: &dyn prefix_harness::engine::model::Model,
     p: usize,
     projection: bool,
 ) -> PrefixEncoder {
@@ -39,7 +39,7 @@ fn prefix_with(
     PrefixEncoder::new(&cfg, &model.geometry(), &cpu()).expect("prefix builds")
 }
 
-fn no_grad_diagnosis(e: &EngineError) -> &prefix_harness::check::Diagnosis {
+fn no_grad_diagnosis(e: &EngineError) -> &prefix_harness::engine::diagnosis::Diagnosis {
     let d = e
         .diagnosis()
         .unwrap_or_else(|| panic!("expected a diagnosis, got {e}"));
@@ -645,8 +645,8 @@ fn a_train_report_names_its_first_and_last_loss() {
 /// deeper one).
 #[test]
 fn the_weights_estimate_bounds_the_real_weights_within_2x() {
-    use prefix_harness::run::estimate_memory;
-    use prefix_harness::scenario;
+    use prefix_harness::harness::run::estimate_memory;
+    use prefix_harness::harness::scenario;
     for family in Family::ALL {
         for wide in [false, true] {
             let cfg = if !wide {

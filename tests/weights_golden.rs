@@ -1,7 +1,7 @@
 //! Committed golden digests of everything seeded: the initial weights of every tiny
 //! family, the initial prefix parameters (flat and with the projection MLP), and the
 //! built-in data batch. Seeded values come from integer arithmetic and IEEE basic
-//! operations only (`src/rng.rs`), so they must be bit-identical on every OS and CPU;
+//! operations only (`src/engine/rng.rs`), so they must be bit-identical on every OS and CPU;
 //! these digests are what the CI matrix (Linux, Windows, macOS) checks that against.
 //!
 //! The constants were produced by this code on linux x86_64; any platform must
@@ -10,9 +10,9 @@
 //! if nothing like that changed, seeded weights are no longer portable: find out why.
 
 use candle_core::{DType, Device, Tensor};
-use prefix_harness::model::{weights, Family, ModelConfig};
-use prefix_harness::prefix::{PrefixConfig, PrefixEncoder};
-use prefix_harness::rng::fnv1a;
+use prefix_harness::engine::model::{weights, Family, ModelConfig};
+use prefix_harness::engine::prefix::{PrefixConfig, PrefixEncoder};
+use prefix_harness::engine::rng::fnv1a;
 
 /// Seed of the model weights and of the prefix parameters.
 const WEIGHT_SEED: u64 = 7;
@@ -105,8 +105,8 @@ fn actual() -> Vec<(String, String, usize)> {
             ));
         }
     }
-    let prompts = prefix_harness::data::default_prompts();
-    let (ids, mask) = prefix_harness::data::batch(&prompts, 3, 16, 0, &dev).expect("batch");
+    let prompts = prefix_harness::io::data::default_prompts();
+    let (ids, mask) = prefix_harness::io::data::batch(&prompts, 3, 16, 0, &dev).expect("batch");
     let ids = ids.to_dtype(DType::F32).unwrap();
     out.push((
         "data/default-batch-3x16".into(),

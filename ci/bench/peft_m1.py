@@ -51,7 +51,7 @@ T_IMPORT = time.perf_counter() - T0
 VOCAB, SEQ, STEPS, NEW_TOKENS, LR = 256, 16, 10, 8, 0.1
 SPECIAL = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
 
-# The harness's built-in data (src/data.rs, SENTIMENT).
+# The harness's built-in data (src/io/data.rs, SENTIMENT).
 SENTIMENT = [
     ("the service was quick and the staff were kind", "positive"),
     ("the package arrived broken and late", "negative"),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the two Python stacks the stack driver (src/stack/driver.py) is tested on:
+# Builds the two Python stacks the stack driver (src/harness/stack/driver.py) is tested on:
 #   VENVS/cur   from ci/stack/requirements-current.txt  (transformers 5.x, PEFT 0.21)
 #   VENVS/2192  from ci/stack/requirements-2192.txt     (transformers 4.46, PEFT 0.12)
 # VENVS is $1, else $STACK_VENVS, else ~/.cache/prefix-harness/venvs.

@@ -1,4 +1,4 @@
-"""Tests of src/stack/driver.py (the stack driver) against the installed stack.
+"""Tests of src/harness/stack/driver.py (the stack driver) against the installed stack.
 
 Run with the interpreter of the stack under test, from the repository root:
 

@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
-use prefix_harness::cache::{CacheMode, Layout};
-use prefix_harness::model::{weights, Family, Model, ModelConfig};
-use prefix_harness::prefix::{PrefixConfig, PrefixEncoder};
+use prefix_harness::engine::cache::{CacheMode, Layout};
+use prefix_harness::engine::model::{weights, Family, Model, ModelConfig};
+use prefix_harness::engine::prefix::{PrefixConfig, PrefixEncoder};
 
 pub const SEED: u64 = 20261128;
 

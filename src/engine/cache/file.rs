@@ -1,0 +1,767 @@
+//! A cache written to a safetensors file and read back into a fresh cache
+//! (`cache.save_at`), in every mode and layout.
+//!
+//! Format, version 1. A safetensors file whose tensors are stored as f32 (the codes of
+//! a `quantized` cache as u8):
+//! - `self.{layer}.key`, `self.{layer}.value`: what the layer's self-attention cache
+//!   holds, raw, in the layout it stores (standard `[B, KVH, K, D]`; bloom-legacy keys
+//!   `[B*KVH, D, K]` and values `[B*KVH, K, D]`; bigcode-fused `[B, K, 2D]`; ring order
+//!   for `rotating`). With `none`, the prefix it keeps. With `quantized`, only the last
+//!   `T <= R` positions, kept exact, `[B, KVH, T, D]`; and besides them:
+//!   - `self.{layer}.key_codes`, `self.{layer}.value_codes`: the older positions as
+//!     codes, u8 `[B, KVH, Q, D]`;
+//!   - `self.{layer}.key_scale`, `self.{layer}.key_zero`, `self.{layer}.value_scale`,
+//!     `self.{layer}.value_zero`: their scale and zero point per channel, f32
+//!     `[B, KVH, 1, D]`;
+//!   - `self.{layer}.prefix_key`, `self.{layer}.prefix_value`: the prefix kept exact
+//!     (`prefix_full_precision`), `[B, KVH, P, D]`.
+//!
+//!   Each part is present when it holds positions (the layer's `quantized` entry in
+//!   the state gives P, Q and T).
+//! - `cross.{layer}.key`, `cross.{layer}.value`: encoder-decoders, the computed cross
+//!   keys and values `[B, KVH, P+E, D]`;
+//!   `cross.{layer}.prefix_key`, `cross.{layer}.prefix_value`: the cross prefix
+//!   `[B, KVH, P, D]`.
+//!
+//! The `__metadata__` holds `format` = `prefix-harness-cache`, `version` = `1` and
+//! `state`, the JSON of [`SavedState`]: the mode, layout, window, key/value heads and
+//! dtype of the cache, and per layer the positions seen, the prefix length, whether
+//! the prefix was not yet merged, and the ring head; for `quantized` also the bits,
+//! residual and `prefix_full_precision`, and per layer P, Q and T (both entries are
+//! absent for the other modes, whose files are unchanged). Reading checks all of it
+//! against the cache it fills: a file of another mode, layout, window, quantization or
+//! layer count, a truncated file or a missing tensor is a clear error naming the file.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::kv_cache::{ConcatKvCache, KvCache};
+use serde::{Deserialize, Serialize};
+
+use super::quant::{Codes, Quantized};
+use super::{ring::Ring, CacheMode, ModelCache, Store};
+use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result};
+use crate::engine::trace::{event, CacheOp};
+
+const FORMAT: &str = "prefix-harness-cache";
+const VERSION: &str = "1";
+
+/// The metadata of a saved cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedState {
+    /// [`CacheMode::name`]
+    pub mode: String,
+    /// `static`: capacity; `sliding` / `rotating`: window.
+    pub capacity: Option<usize>,
+    /// [`super::Layout::name`]
+    pub layout: String,
+    pub kv_heads: Option<usize>,
+    /// The dtype the tensors had (they are stored as f32).
+    pub dtype: Option<String>,
+    pub layers: Vec<SavedLayer>,
+    pub cross: Vec<SavedCross>,
+    /// `quantized`: its settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<SavedQuantization>,
+}
+
+/// The settings of a saved `quantized` cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedQuantization {
+    pub bits: u8,
+    pub residual: usize,
+    pub prefix_full_precision: bool,
+}
+
+/// The parts of one layer of a saved `quantized` cache, in positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedQuantLayer {
+    /// P: the prefix kept exact (`prefix.key`, `prefix.value`).
+    pub pinned: usize,
+    /// Q: positions held as codes (`key_codes`, `key_scale`, `key_zero`, ...).
+    pub quantized: usize,
+    /// T: the last positions, exact (`key`, `value`).
+    pub recent: usize,
+}
+
+/// One self-attention layer of a saved cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedLayer {
+    /// Positions written so far, prefix and evicted ones included.
+    pub seen: usize,
+    pub prefix_len: usize,
+    /// The tensors are the prefix as seeded, not yet merged into the store (`none`).
+    pub pending_prefix: bool,
+    /// `rotating`: the slot the next position goes to.
+    pub head: usize,
+    /// Whether tensors were saved for this layer.
+    pub held: bool,
+    /// `quantized` (once the prefix is merged): the parts saved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantized: Option<SavedQuantLayer>,
+}
+
+/// One cross-attention layer of a saved cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedCross {
+    pub prefix_len: usize,
+    pub is_updated: bool,
+    pub has_kv: bool,
+    pub has_prefix: bool,
+}
+
+fn capacity(mode: CacheMode) -> Option<usize> {
+    match mode {
+        CacheMode::Static { max_len } => Some(max_len),
+        CacheMode::Sliding { window } | CacheMode::Rotating { window } => Some(window),
+        _ => None,
+    }
+}
+
+fn quantization(mode: CacheMode) -> Option<SavedQuantization> {
+    match mode {
+        CacheMode::Quantized {
+            bits,
+            residual,
+            prefix_full_precision,
+        } => Some(SavedQuantization {
+            bits,
+            residual,
+            prefix_full_precision,
+        }),
+        _ => None,
+    }
+}
+
+/// Positions along dimension 2 of `[B, KVH, n, D]` parts.
+fn positions(pair: Option<&(Tensor, Tensor)>) -> usize {
+    pair.and_then(|(k, _)| k.dim(2).ok()).unwrap_or(0)
+}
+
+fn bad(path: &Path, what: impl std::fmt::Display) -> EngineError {
+    EngineError::Config(format!("cache file {}: {what}", path.display()))
+}
+
+impl ModelCache {
+    /// Write the cache to `path` (atomically: a temporary file renamed into place) and
+    /// record a [`CacheOp::Save`] event per layer.
+    pub fn save(&mut self, path: &Path) -> Result<()> {
+        let mut tensors: Vec<(String, Tensor)> = vec![];
+        let mut dtype = None;
+        let mut layers = vec![];
+        for (i, l) in self.layers.iter().enumerate() {
+            let held = l.held();
+            let mut quantized = None;
+            match (&l.prefix, &l.store, &held) {
+                (None, Store::Quantized(q), Some((k, _))) => {
+                    dtype = Some(k.dtype().as_str().to_string());
+                    quantized = Some(save_quantized(i, q, &mut tensors));
+                }
+                (_, _, Some((k, v))) => {
+                    dtype = Some(k.dtype().as_str().to_string());
+                    tensors.push((format!("self.{i}.key"), k.clone()));
+                    tensors.push((format!("self.{i}.value"), v.clone()));
+                }
+                (_, _, None) => {}
+            }
+            layers.push(SavedLayer {
+                seen: l.seen,
+                prefix_len: l.prefix_len,
+                pending_prefix: l.prefix.is_some(),
+                head: match &l.store {
+                    Store::Rotating(r) => r.head,
+                    _ => 0,
+                },
+                held: held.is_some(),
+                quantized,
+            });
+        }
+        let mut cross = vec![];
+        for (i, c) in self.cross.iter().enumerate() {
+            if let Some((k, v)) = &c.kv {
+                tensors.push((format!("cross.{i}.key"), k.clone()));
+                tensors.push((format!("cross.{i}.value"), v.clone()));
+            }
+            if let Some((k, v)) = &c.prefix {
+                tensors.push((format!("cross.{i}.prefix_key"), k.clone()));
+                tensors.push((format!("cross.{i}.prefix_value"), v.clone()));
+            }
+            cross.push(SavedCross {
+                prefix_len: c.prefix_len,
+                is_updated: c.is_updated,
+                has_kv: c.kv.is_some(),
+                has_prefix: c.prefix.is_some(),
+            });
+        }
+        let state = SavedState {
+            mode: self.config.mode.name().to_string(),
+            capacity: capacity(self.config.mode),
+            layout: self.layout.name().to_string(),
+            kv_heads: self.kv_heads,
+            dtype,
+            layers,
+            cross,
+            quantization: quantization(self.config.mode),
+        };
+        let state_json = serde_json::to_string(&state)
+            .map_err(|e| EngineError::Config(format!("cache state: {e}")))?;
+        let bytes = crate::io::adapter::safetensors_bytes_with(
+            &tensors,
+            &[
+                ("format", FORMAT),
+                ("version", VERSION),
+                ("state", &state_json),
+            ],
+        )?;
+        crate::io::adapter::write_file_atomic(path, &bytes)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            let mut e = event(i, Attention::SelfAttn, CacheOp::Save, self.layout.name());
+            let held = l.held();
+            e.key_before = held.as_ref().map(|(k, _)| k.dims().to_vec());
+            e.value_before = held.as_ref().map(|(_, v)| v.dims().to_vec());
+            e.ring_head = match &l.store {
+                Store::Rotating(r) => Some(r.head),
+                _ => None,
+            };
+            self.trace.push(e);
+        }
+        Ok(())
+    }
+
+    /// An empty cache of the same mode, layout, layers and key/value heads, carrying
+    /// this cache's trace: what [`ModelCache::restore`] fills.
+    pub fn emptied(&self) -> ModelCache {
+        let mut fresh = ModelCache::new(
+            self.config.clone(),
+            self.layout,
+            self.layers.len(),
+            !self.cross.is_empty(),
+        );
+        // `new` picks the layout from the mode; keep the one this cache stores.
+        fresh.layout = self.layout;
+        fresh.kv_heads = self.kv_heads;
+        fresh.trace = self.trace.clone();
+        fresh
+    }
+
+    /// Fill this (empty) cache from a file written by [`ModelCache::save`]; records a
+    /// [`CacheOp::Load`] event per layer. With `ring_head_lost_on_load` (historical)
+    /// a ring's head is reset to slot 0.
+    pub fn restore(&mut self, path: &Path) -> Result<()> {
+        let bytes = std::fs::read(path).map_err(|e| bad(path, format!("cannot read: {e}")))?;
+        let state = read_state(path, &bytes)?;
+        self.check_state(path, &state)?;
+        let dtype = match &state.dtype {
+            Some(d) => d
+                .parse::<DType>()
+                .map_err(|_| bad(path, format!("unknown dtype `{d}` in its state")))?,
+            None => DType::F32,
+        };
+        let mut stored = Stored {
+            tensors: candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+                .map_err(|e| bad(path, format!("not a readable safetensors file: {e}")))?,
+            path,
+            dtype,
+        };
+        let lost_head = self.config.ring_head_lost_on_load;
+        for (i, (l, s)) in self.layers.iter_mut().zip(&state.layers).enumerate() {
+            l.seen = s.seen;
+            l.prefix_len = s.prefix_len;
+            if !s.held {
+                continue;
+            }
+            let site = crate::engine::diagnosis::Site::new(
+                i,
+                Attention::SelfAttn,
+                crate::engine::diagnosis::TensorKind::Key,
+            );
+            if let (false, Store::Quantized(q), Some(parts)) =
+                (s.pending_prefix, &mut l.store, s.quantized)
+            {
+                *q = load_quantized(i, q, parts, &mut stored)?;
+                continue;
+            }
+            let (k, v) = (
+                stored.take(format!("self.{i}.key"))?,
+                stored.take(format!("self.{i}.value"))?,
+            );
+            if s.pending_prefix {
+                l.prefix = Some((k, v));
+                continue;
+            }
+            match &mut l.store {
+                Store::Recompute => l.prefix = Some((k, v)),
+                Store::Dynamic(c) => {
+                    let mut n = ConcatKvCache::new(2);
+                    n.append(&k, &v).at(site, "load dynamic cache")?;
+                    *c = n;
+                }
+                Store::Static(c) => {
+                    let mut n = KvCache::new(2, c.k_cache().max_seq_len());
+                    let (k, v) = (k.contiguous(), v.contiguous());
+                    n.append(&k.at(site, "keys")?, &v.at(site, "values")?)
+                        .at(site, "load static cache")?;
+                    *c = n;
+                }
+                Store::Sliding { k: sk, v: sv } | Store::Legacy { k: sk, v: sv } => {
+                    *sk = Some(k);
+                    *sv = Some(v);
+                }
+                Store::Rotating(r) => {
+                    *r = Ring {
+                        k: Some(k),
+                        v: Some(v),
+                        head: if lost_head { 0 } else { s.head },
+                    };
+                }
+                Store::Quantized(_) => {
+                    let why = format!("its state has no `quantized` entry for layer {i}");
+                    return Err(bad(path, why));
+                }
+            }
+        }
+        for (i, (c, s)) in self.cross.iter_mut().zip(&state.cross).enumerate() {
+            c.prefix_len = s.prefix_len;
+            c.is_updated = s.is_updated;
+            if s.has_kv {
+                c.kv = Some((
+                    stored.take(format!("cross.{i}.key"))?,
+                    stored.take(format!("cross.{i}.value"))?,
+                ));
+            }
+            if s.has_prefix {
+                c.prefix = Some((
+                    stored.take(format!("cross.{i}.prefix_key"))?,
+                    stored.take(format!("cross.{i}.prefix_value"))?,
+                ));
+            }
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            let mut e = event(i, Attention::SelfAttn, CacheOp::Load, self.layout.name());
+            let held = l.held();
+            e.key_after = held.as_ref().map(|(k, _)| k.dims().to_vec());
+            e.value_after = held.as_ref().map(|(_, v)| v.dims().to_vec());
+            e.ring_head = match &l.store {
+                Store::Rotating(r) => Some(r.head),
+                _ => None,
+            };
+            self.trace.push(e);
+        }
+        Ok(())
+    }
+
+    /// The file's state against this cache: same mode, capacity, layout, layers.
+    fn check_state(&self, path: &Path, s: &SavedState) -> Result<()> {
+        let mine = (self.config.mode.name(), capacity(self.config.mode));
+        if (s.mode.as_str(), s.capacity) != mine {
+            return Err(bad(
+                path,
+                format!(
+                    "written by a `{}` cache (capacity {:?}) but read into a `{}` cache (capacity {:?})",
+                    s.mode, s.capacity, mine.0, mine.1
+                ),
+            ));
+        }
+        let q = quantization(self.config.mode);
+        if s.quantization != q {
+            let text = |q: Option<SavedQuantization>| match q {
+                Some(q) => format!(
+                    "{} bits, residual {}, prefix_full_precision {}",
+                    q.bits, q.residual, q.prefix_full_precision
+                ),
+                None => "no quantization".into(),
+            };
+            return Err(bad(
+                path,
+                format!(
+                    "written by a cache with {} but read into one with {}",
+                    text(s.quantization),
+                    text(q)
+                ),
+            ));
+        }
+        if s.layout != self.layout.name() {
+            return Err(bad(
+                path,
+                format!(
+                    "holds the `{}` layout but this cache stores `{}`",
+                    s.layout,
+                    self.layout.name()
+                ),
+            ));
+        }
+        if s.layers.len() != self.layers.len() || s.cross.len() != self.cross.len() {
+            return Err(bad(
+                path,
+                format!(
+                    "holds {} self-attention and {} cross-attention layers but this model has {} and {}",
+                    s.layers.len(),
+                    s.cross.len(),
+                    self.layers.len(),
+                    self.cross.len()
+                ),
+            ));
+        }
+        if let (Some(a), Some(b)) = (s.kv_heads, self.kv_heads) {
+            if a != b {
+                return Err(bad(
+                    path,
+                    format!("holds {a} key/value heads but this model has {b}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The tensors of a cache file, taken by name.
+struct Stored<'a> {
+    tensors: std::collections::HashMap<String, Tensor>,
+    path: &'a Path,
+    /// The dtype the cache held (tensors are stored as f32).
+    dtype: DType,
+}
+
+impl Stored<'_> {
+    /// The tensor `name` as stored, or a clear error.
+    fn raw(&mut self, name: String) -> Result<Tensor> {
+        self.tensors.remove(&name).ok_or_else(|| {
+            bad(
+                self.path,
+                format!("the tensor `{name}` its state announces is missing"),
+            )
+        })
+    }
+
+    /// The tensor `name` in the cache's dtype.
+    fn take(&mut self, name: String) -> Result<Tensor> {
+        self.raw(name)?
+            .to_dtype(self.dtype)
+            .ctx("cache file: convert dtype")
+    }
+
+    /// Keys and values `{prefix}key`, `{prefix}value` (`[B, KVH, n, D]`) when the state
+    /// says they hold `n > 0` positions; checks n.
+    fn pair(&mut self, prefix: &str, n: usize) -> Result<Option<(Tensor, Tensor)>> {
+        if n == 0 {
+            return Ok(None);
+        }
+        let pair = (
+            self.take(format!("{prefix}key"))?,
+            self.take(format!("{prefix}value"))?,
+        );
+        let got = positions(Some(&pair));
+        if got != n || pair.0.dims() != pair.1.dims() {
+            return Err(bad(
+                self.path,
+                format!(
+                    "`{prefix}key` {:?} and `{prefix}value` {:?} should hold the {n} positions its state announces",
+                    pair.0.dims(),
+                    pair.1.dims()
+                ),
+            ));
+        }
+        Ok(Some(pair))
+    }
+
+    /// The codes `{prefix}codes` (u8 `[B, KVH, Q, D]`), `{prefix}scale` and
+    /// `{prefix}zero` (f32 `[B, KVH, 1, D]`) of Q positions.
+    fn codes(&mut self, prefix: &str, q: usize) -> Result<Codes> {
+        let codes = self
+            .raw(format!("{prefix}codes"))?
+            .to_dtype(DType::U8)
+            .ctx("cache file: codes")?;
+        let scale = self
+            .raw(format!("{prefix}scale"))?
+            .to_dtype(DType::F32)
+            .ctx("cache file: scales")?;
+        let zero = self
+            .raw(format!("{prefix}zero"))?
+            .to_dtype(DType::F32)
+            .ctx("cache file: zero points")?;
+        let (c, sc, z) = (codes.dims(), scale.dims(), zero.dims());
+        let channels = |d: &[usize]| {
+            let mut d = d.to_vec();
+            if d.len() == 4 {
+                d[2] = 1;
+            }
+            d
+        };
+        if c.len() != 4 || c[2] != q || sc != channels(c) || z != channels(c) {
+            return Err(bad(
+                self.path,
+                format!(
+                    "`{prefix}codes` {c:?}, `{prefix}scale` {sc:?} and `{prefix}zero` {z:?} should be [B, KVH, {q}, D] and [B, KVH, 1, D] twice"
+                ),
+            ));
+        }
+        Ok(Codes { codes, scale, zero })
+    }
+}
+
+/// Write layer `i` of a `quantized` cache into `tensors` (see the module
+/// documentation for the names) and say which parts it holds.
+fn save_quantized(i: usize, q: &Quantized, tensors: &mut Vec<(String, Tensor)>) -> SavedQuantLayer {
+    let mut pair = |prefix: &str, p: Option<&(Tensor, Tensor)>| {
+        if let Some((k, v)) = p {
+            tensors.push((format!("self.{i}.{prefix}key"), k.clone()));
+            tensors.push((format!("self.{i}.{prefix}value"), v.clone()));
+        }
+        positions(p)
+    };
+    let pinned = pair("prefix_", q.pinned.as_ref());
+    let recent = pair("", q.recent.as_ref());
+    if let Some((k, v)) = &q.quantized {
+        for (kind, c) in [("key", k), ("value", v)] {
+            tensors.push((format!("self.{i}.{kind}_codes"), c.codes.clone()));
+            tensors.push((format!("self.{i}.{kind}_scale"), c.scale.clone()));
+            tensors.push((format!("self.{i}.{kind}_zero"), c.zero.clone()));
+        }
+    }
+    SavedQuantLayer {
+        pinned,
+        quantized: q.quantized_len(),
+        recent,
+    }
+}
+
+/// Layer `i` of a `quantized` cache from the file: a store of `q`'s settings holding
+/// the saved parts.
+fn load_quantized(
+    i: usize,
+    q: &Quantized,
+    parts: SavedQuantLayer,
+    stored: &mut Stored,
+) -> Result<Quantized> {
+    let site = crate::engine::diagnosis::Site::new(
+        i,
+        Attention::SelfAttn,
+        crate::engine::diagnosis::TensorKind::Key,
+    );
+    let pinned = stored.pair(&format!("self.{i}.prefix_"), parts.pinned)?;
+    let recent = stored.pair(&format!("self.{i}."), parts.recent)?;
+    let quantized = if parts.quantized > 0 {
+        Some((
+            stored.codes(&format!("self.{i}.key_"), parts.quantized)?,
+            stored.codes(&format!("self.{i}.value_"), parts.quantized)?,
+        ))
+    } else {
+        None
+    };
+    Quantized::new(q.bits, q.residual, q.prefix_full_precision)
+        .restored(pinned, quantized, recent, stored.dtype)
+        .at(site, "load quantized cache")
+}
+
+/// The `__metadata__` of a cache file: format, version and state.
+fn read_state(path: &Path, bytes: &[u8]) -> Result<SavedState> {
+    let n = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as usize)
+        .ok_or_else(|| bad(path, "shorter than a safetensors header (8 bytes)"))?;
+    let header = bytes.get(8..8usize.saturating_add(n)).ok_or_else(|| {
+        bad(
+            path,
+            format!("its header announces {n} bytes but the file is truncated"),
+        )
+    })?;
+    let header: serde_json::Value = serde_json::from_slice(header)
+        .map_err(|e| bad(path, format!("its header is not JSON: {e}")))?;
+    let meta = header.get("__metadata__").cloned().unwrap_or_default();
+    let field = |k: &str| meta.get(k).and_then(|v| v.as_str()).unwrap_or("");
+    if field("format") != FORMAT {
+        return Err(bad(
+            path,
+            format!(
+                "not a prefix-harness cache (its metadata `format` is `{}`, expected `{FORMAT}`)",
+                field("format")
+            ),
+        ));
+    }
+    if field("version") != VERSION {
+        return Err(bad(
+            path,
+            format!(
+                "cache format version `{}`; this build reads version {VERSION}",
+                field("version")
+            ),
+        ));
+    }
+    serde_json::from_str(field("state"))
+        .map_err(|e| bad(path, format!("its `state` metadata is not valid: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::cache::{CacheConfig, Layout};
+
+    /// A 2-layer cache in `mode` after a prefix of 3 and a step of 4 tokens:
+    /// keys `[1, 2, 7, 4]` (or fewer with a window).
+    fn filled(mode: CacheMode) -> ModelCache {
+        let mut c = ModelCache::new(CacheConfig::new(mode), Layout::Standard, 2, false);
+        let t = |s: usize, x: f32| {
+            Tensor::arange(0f32, (2 * s * 4) as f32, &Device::Cpu)
+                .and_then(|t| t.affine(1.0, x as f64))
+                .and_then(|t| t.reshape((1, 2, s, 4)))
+                .unwrap()
+        };
+        for layer in 0..2 {
+            c.seed(layer, Attention::SelfAttn, t(3, 0.5), t(3, 1.5), 3)
+                .unwrap();
+            c.update_self(layer, &t(4, 2.5), &t(4, 3.5), (3, 7))
+                .unwrap();
+        }
+        c
+    }
+
+    fn temp(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("ph-cache-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(name)
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn every_store_reads_back_what_it_wrote() {
+        for mode in [
+            CacheMode::None,
+            CacheMode::Dynamic,
+            CacheMode::Static { max_len: 9 },
+            CacheMode::Sliding { window: 5 },
+            CacheMode::Rotating { window: 5 },
+            CacheMode::Legacy,
+        ] {
+            let mut c = filled(mode);
+            let path = temp(&format!("{}.safetensors", mode.name()));
+            c.save(&path).unwrap();
+            let mut back = c.emptied();
+            back.restore(&path).unwrap();
+            for layer in 0..2 {
+                let (k, v) = c.stored_self(layer).unwrap();
+                let (bk, bv) = back.stored_self(layer).unwrap();
+                assert_eq!(values(&k), values(&bk), "{mode:?} layer {layer} keys");
+                assert_eq!(values(&v), values(&bv), "{mode:?} layer {layer} values");
+            }
+            assert_eq!(back.past_len(), c.past_len(), "{mode:?}");
+            assert_eq!(back.prefix_len(), 3, "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn a_ring_keeps_its_head_unless_the_historical_switch_drops_it() {
+        let mut c = filled(CacheMode::Rotating { window: 5 });
+        let t = Tensor::ones((1, 2, 1, 4), DType::F32, &Device::Cpu).unwrap();
+        for layer in 0..2 {
+            c.update_self(layer, &t, &t, (7, 8)).unwrap();
+        }
+        let path = temp("ring.safetensors");
+        c.save(&path).unwrap();
+        let head = |c: &ModelCache| match &c.layers[0].store {
+            Store::Rotating(r) => r.head,
+            _ => usize::MAX,
+        };
+        assert_eq!(head(&c), 1);
+        let mut back = c.emptied();
+        back.restore(&path).unwrap();
+        assert_eq!(head(&back), 1);
+        let mut lost = c.emptied();
+        lost.config.ring_head_lost_on_load = true;
+        lost.restore(&path).unwrap();
+        assert_eq!(head(&lost), 0);
+    }
+
+    fn restore_err(into: &mut ModelCache, path: &Path) -> String {
+        match into.restore(path) {
+            Err(e) => e.to_string(),
+            Ok(()) => panic!("restoring {} should fail", path.display()),
+        }
+    }
+
+    #[test]
+    fn a_file_of_another_mode_window_or_model_is_refused_by_name() {
+        let mut c = filled(CacheMode::Sliding { window: 5 });
+        let path = temp("sliding.safetensors");
+        c.save(&path).unwrap();
+        let mut other = filled(CacheMode::Dynamic).emptied();
+        let e = restore_err(&mut other, &path);
+        assert!(e.contains("sliding.safetensors"), "{e}");
+        assert!(e.contains("written by a `sliding` cache"), "{e}");
+        let mut wider = ModelCache::new(
+            CacheConfig::new(CacheMode::Sliding { window: 6 }),
+            Layout::Standard,
+            2,
+            false,
+        );
+        assert!(restore_err(&mut wider, &path).contains("capacity Some(6)"));
+        // A static cache's capacity is part of what must match.
+        let mut st = filled(CacheMode::Static { max_len: 9 });
+        let spath = temp("static.safetensors");
+        st.save(&spath).unwrap();
+        let mut bigger = ModelCache::new(
+            CacheConfig::new(CacheMode::Static { max_len: 10 }),
+            Layout::Standard,
+            2,
+            false,
+        );
+        assert!(restore_err(&mut bigger, &spath).contains("capacity Some(10)"));
+        let mut deeper = ModelCache::new(
+            CacheConfig::new(CacheMode::Sliding { window: 5 }),
+            Layout::Standard,
+            3,
+            false,
+        );
+        let e = restore_err(&mut deeper, &path);
+        assert!(e.contains("2 self-attention") && e.contains("has 3"), "{e}");
+        let mut heads = c.emptied();
+        heads.set_kv_heads(4);
+        assert!(restore_err(&mut heads, &path).contains("2 key/value heads but this model has 4"));
+    }
+
+    #[test]
+    fn a_truncated_foreign_or_incomplete_file_is_a_clear_error() {
+        let mut c = filled(CacheMode::Dynamic);
+        let path = temp("dynamic.safetensors");
+        c.save(&path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+
+        let cut = temp("cut.safetensors");
+        std::fs::write(&cut, &bytes[..bytes.len() - 10]).unwrap();
+        let e = restore_err(&mut c.emptied(), &cut);
+        assert!(
+            e.contains("cut.safetensors") && e.contains("not a readable safetensors"),
+            "{e}"
+        );
+
+        std::fs::write(&cut, &bytes[..20]).unwrap();
+        assert!(restore_err(&mut c.emptied(), &cut).contains("truncated"));
+        std::fs::write(&cut, &bytes[..4]).unwrap();
+        assert!(restore_err(&mut c.emptied(), &cut).contains("shorter than"));
+
+        let foreign = temp("foreign.safetensors");
+        let t = Tensor::ones((2, 2), DType::F32, &Device::Cpu).unwrap();
+        crate::io::adapter::save_safetensors(&foreign, &[("w".into(), t)]).unwrap();
+        let e = restore_err(&mut c.emptied(), &foreign);
+        assert!(
+            e.contains("not a prefix-harness cache") && e.contains("`pt`"),
+            "{e}"
+        );
+
+        // A state that announces a tensor the file does not hold.
+        let at = bytes
+            .windows(12)
+            .position(|w| w == b"self.1.value")
+            .unwrap();
+        let mut renamed = bytes.clone();
+        renamed[at + 11] = b'X';
+        std::fs::write(&cut, &renamed).unwrap();
+        let e = restore_err(&mut c.emptied(), &cut);
+        assert!(e.contains("`self.1.value`") && e.contains("missing"), "{e}");
+
+        let missing = temp("none-such.safetensors");
+        assert!(restore_err(&mut c.emptied(), &missing).contains("cannot read"));
+    }
+}

@@ -1,0 +1,813 @@
+//! KV caches: one interface over seven modes, each declaring the layout it stores.
+//!
+//! The model's attention always computes keys and values in the standard layout
+//! `[batch, kv_heads, seq, head_dim]` and hands them to [`ModelCache::update_self`].
+//! The cache converts them to the layout it stores, checks them against what it
+//! already holds (the prefix, then earlier tokens) and turns any disagreement into a
+//! [`Diagnosis`], appends, records a [`TraceEvent`](crate::engine::trace::TraceEvent), and returns everything the
+//! attention may read, back in the standard layout.
+//!
+//! The prefix is placed with [`ModelCache::seed`] *as given*, in whatever layout the
+//! prefix builder chose, exactly like transformers' `DynamicCache.from_legacy_cache`:
+//! a prefix shaped for the wrong layout is only noticed when the model appends to it,
+//! which is where PEFT issue 2192 crashed.
+
+use candle_core::Tensor;
+use candle_nn::kv_cache::{ConcatKvCache, KvCache};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::diagnosis::{
+    Attention, CandleExt, Diagnosis, DiagnosisClass, Result, Site, TensorKind,
+};
+use crate::engine::trace::{event, CacheOp, Trace};
+
+mod check;
+mod file;
+mod layout;
+mod merge;
+pub mod quant;
+mod ring;
+
+use check::{check_append, no_layer, select_rows};
+pub use layout::Layout;
+pub use merge::{merge_rows, Merged};
+
+/// How keys and values are kept between forward passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "mode")]
+pub enum CacheMode {
+    /// Nothing is kept: every step recomputes the whole sequence (prefix still injected).
+    None,
+    /// Append by concatenation (candle-nn `ConcatKvCache`; transformers `DynamicCache`).
+    Dynamic,
+    /// Preallocated to `max_len` positions, written in place (candle-nn `KvCache`;
+    /// transformers `StaticCache`). Prefix + prompt + new tokens must fit.
+    Static { max_len: usize },
+    /// Keeps the last `window` positions in time order (transformers'
+    /// `DynamicSlidingWindowLayer`); attention is limited to the same window.
+    Sliding { window: usize },
+    /// Keeps the last `window` positions in a ring of `window` slots with a head index
+    /// (transformers' static sliding layers, mlx-lm `RotatingKVCache`, candle-nn
+    /// `RotatingKvCache`): a decoding step overwrites the oldest slot in place. Reads
+    /// are unrolled to time order, so it must give the tokens of `sliding`.
+    Rotating { window: usize },
+    /// The tuple layouts of older transformers: Bloom 3-D, GPT-BigCode fused K|V,
+    /// standard 4-D for the other families.
+    Legacy,
+    /// The last `residual` positions in full precision, the older ones as `bits`-bit
+    /// codes with a scale and zero point per (row, KV head, `head_dim` index) channel,
+    /// dequantized when read (transformers' `QuantizedCache`; see [`quant`]). The
+    /// prefix is quantized like any other position unless `prefix_full_precision`.
+    /// Self-attention only: a T5 cross cache is kept exact.
+    Quantized {
+        bits: u8,
+        residual: usize,
+        prefix_full_precision: bool,
+    },
+}
+
+impl CacheMode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            CacheMode::None => "none",
+            CacheMode::Dynamic => "dynamic",
+            CacheMode::Static { .. } => "static",
+            CacheMode::Sliding { .. } => "sliding",
+            CacheMode::Rotating { .. } => "rotating",
+            CacheMode::Legacy => "legacy",
+            CacheMode::Quantized { .. } => "quantized",
+        }
+    }
+}
+
+/// Settings of a model's cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheConfig {
+    pub mode: CacheMode,
+    /// Attention window in positions (query at p sees keys in (p-W, p]). Required by
+    /// `sliding` (its `window`); may be set for other modes to compare against them.
+    pub window: Option<usize>,
+    /// Historical transformers behaviour (before PR 34312): seeding the T5 cross cache
+    /// with the prefix marked it "already computed", so the encoder's keys were never
+    /// added. `false` is the fixed behaviour.
+    pub cross_prefix_marks_updated: bool,
+    /// How the causal mask of a prompt chunk (a forward pass of several queries after
+    /// cached positions) is aligned: [`ChunkMask::LowerRight`] is the fix.
+    pub chunk_mask: ChunkMask,
+    /// Historical (llama.cpp issue 25295): restoring a saved `rotating` cache resets its
+    /// ring head to slot 0, so the next step overwrites a slot that is not the oldest
+    /// and reads the ring in the wrong order. `false` is the fixed behaviour.
+    pub ring_head_lost_on_load: bool,
+}
+
+impl CacheConfig {
+    pub fn new(mode: CacheMode) -> Self {
+        let window = match mode {
+            CacheMode::Sliding { window } | CacheMode::Rotating { window } => Some(window),
+            _ => None,
+        };
+        Self {
+            mode,
+            window,
+            cross_prefix_marks_updated: false,
+            chunk_mask: ChunkMask::LowerRight,
+            ring_head_lost_on_load: false,
+        }
+    }
+}
+
+/// The causal mask of a forward pass with several queries `S` over `K` keys, when
+/// earlier positions are cached (`S < K`: a prompt chunk after the prefix and the
+/// chunks before it). Single-token decoding steps are never affected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChunkMask {
+    /// Query `i` sits at its absolute position and sees every earlier key (the
+    /// triangle aligned to the lower right): the fix.
+    #[default]
+    LowerRight,
+    /// Historical (executorch PR 21749): the chunk's triangle is aligned to the upper
+    /// left, as if the chunk began right after the prefix, so its queries do not see
+    /// the earlier chunks' positions. Silently wrong outputs.
+    UpperLeft,
+    /// Historical (candle issue 2153): the mask is built `[S, P + S]`, for the prefix
+    /// and the chunk only, instead of `[S, K]`: the shape failure at the second chunk.
+    Square,
+}
+
+/// What the attention reads after an update.
+#[derive(Debug, Clone)]
+pub struct KvView {
+    /// `[B, KVH, K, D]`
+    pub k: Tensor,
+    /// `[B, KVH, K, D]`
+    pub v: Tensor,
+    /// Absolute position of the first key (0 unless a sliding cache evicted some).
+    pub kv_start: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Store {
+    /// `none`: only the prefix is held (kept in the autograd graph for training).
+    Recompute,
+    Dynamic(ConcatKvCache),
+    Static(KvCache),
+    /// Chronological keys/values of the last `window` positions, standard layout.
+    Sliding {
+        k: Option<Tensor>,
+        v: Option<Tensor>,
+    },
+    /// The last `window` positions in ring order, standard layout.
+    Rotating(ring::Ring),
+    /// Stored as-is in the legacy layout.
+    Legacy {
+        k: Option<Tensor>,
+        v: Option<Tensor>,
+    },
+    /// Codes for the older positions, the last R exact, standard layout.
+    Quantized(quant::Quantized),
+}
+
+#[derive(Debug, Clone)]
+struct LayerCache {
+    /// The prefix as seeded, not yet merged into `store` (raw layout as given).
+    prefix: Option<(Tensor, Tensor)>,
+    prefix_len: usize,
+    store: Store,
+    /// Positions written so far (prefix included), evicted ones included.
+    seen: usize,
+}
+
+#[derive(Debug, Clone)]
+struct CrossCache {
+    prefix: Option<(Tensor, Tensor)>,
+    prefix_len: usize,
+    /// `[B, KVH, P+E, D]`
+    kv: Option<(Tensor, Tensor)>,
+    /// transformers' `EncoderDecoderCache.is_updated[layer]`.
+    is_updated: bool,
+}
+
+/// The cache of a whole model: one self-attention cache per layer, plus one
+/// cross-attention cache per layer for encoder-decoder models, and the trace.
+#[derive(Debug, Clone)]
+pub struct ModelCache {
+    pub config: CacheConfig,
+    pub layout: Layout,
+    layers: Vec<LayerCache>,
+    cross: Vec<CrossCache>,
+    /// Key/value heads of the self-attention cache, when known (set by
+    /// [`ModelCache::set_kv_heads`], learned from every [`ModelCache::update_self`]):
+    /// the bloom-legacy layout folds the batch into dimension 0 as `batch * heads`, so
+    /// selecting batch rows ([`ModelCache::reorder`]) needs it.
+    kv_heads: Option<usize>,
+    pub trace: Trace,
+}
+
+fn shape(t: &Tensor) -> Vec<usize> {
+    t.dims().to_vec()
+}
+
+impl ModelCache {
+    /// `legacy_layout` is the family's historical layout, used by `CacheMode::Legacy`.
+    pub fn new(
+        config: CacheConfig,
+        legacy_layout: Layout,
+        num_layers: usize,
+        encoder_decoder: bool,
+    ) -> Self {
+        let layout = match config.mode {
+            CacheMode::Legacy => legacy_layout,
+            _ => Layout::Standard,
+        };
+        let store = match config.mode {
+            CacheMode::None => Store::Recompute,
+            CacheMode::Dynamic => Store::Dynamic(ConcatKvCache::new(2)),
+            CacheMode::Static { max_len } => Store::Static(KvCache::new(2, max_len)),
+            CacheMode::Sliding { .. } => Store::Sliding { k: None, v: None },
+            CacheMode::Rotating { .. } => Store::Rotating(ring::Ring::default()),
+            CacheMode::Legacy => Store::Legacy { k: None, v: None },
+            CacheMode::Quantized {
+                bits,
+                residual,
+                prefix_full_precision,
+            } => Store::Quantized(quant::Quantized::new(bits, residual, prefix_full_precision)),
+        };
+        let layer = LayerCache {
+            prefix: None,
+            prefix_len: 0,
+            store,
+            seen: 0,
+        };
+        let cross = CrossCache {
+            prefix: None,
+            prefix_len: 0,
+            kv: None,
+            is_updated: false,
+        };
+        Self {
+            layers: vec![layer; num_layers],
+            cross: if encoder_decoder {
+                vec![cross; num_layers]
+            } else {
+                vec![]
+            },
+            layout,
+            config,
+            kv_heads: None,
+            trace: Trace::default(),
+        }
+    }
+
+    /// Declare the number of key/value heads (the model geometry's `num_kv_heads`),
+    /// so that a bloom-legacy prefix can be reordered before the first forward pass.
+    pub fn set_kv_heads(&mut self, kv_heads: usize) {
+        self.kv_heads = Some(kv_heads);
+    }
+
+    /// The number of key/value heads, if known.
+    pub fn kv_heads(&self) -> Option<usize> {
+        self.kv_heads
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The attention window, if attention is limited to one.
+    pub fn window(&self) -> Option<usize> {
+        self.config.window
+    }
+
+    /// Positions already in the cache before the next forward pass: the absolute
+    /// position of the next query. With `none` this stays at the prefix length.
+    pub fn past_len(&self) -> usize {
+        self.layers.first().map(|l| l.seen).unwrap_or(0)
+    }
+
+    /// Number of prefix positions seeded into layer 0's self-attention cache.
+    pub fn prefix_len(&self) -> usize {
+        self.layers.first().map(|l| l.prefix_len).unwrap_or(0)
+    }
+
+    /// Place a prefix into a layer's cache, in whatever layout it was shaped for.
+    /// `prefix_len` is the number of virtual tokens P (the shape may not say which
+    /// dimension holds it when the layout is wrong).
+    pub fn seed(
+        &mut self,
+        layer: usize,
+        attention: Attention,
+        k: Tensor,
+        v: Tensor,
+        prefix_len: usize,
+    ) -> Result<()> {
+        let layout = self.layout.name();
+        let mut e = event(layer, attention, CacheOp::Seed, layout);
+        e.key_written = Some(shape(&k));
+        e.value_written = Some(shape(&v));
+        e.positions = Some((0, prefix_len));
+        match attention {
+            Attention::SelfAttn => {
+                let l = self
+                    .layers
+                    .get_mut(layer)
+                    .ok_or_else(|| no_layer(layer, attention))?;
+                l.prefix = Some((k, v));
+                l.prefix_len = prefix_len;
+                l.seen = prefix_len;
+            }
+            Attention::Cross => {
+                let mark = self.config.cross_prefix_marks_updated;
+                let c = self
+                    .cross
+                    .get_mut(layer)
+                    .ok_or_else(|| no_layer(layer, attention))?;
+                if mark {
+                    // Historical: the prefix alone became the "computed" cross cache.
+                    c.kv = Some((k.clone(), v.clone()));
+                    c.is_updated = true;
+                }
+                c.prefix = Some((k, v));
+                c.prefix_len = prefix_len;
+            }
+        }
+        self.trace.push(e);
+        Ok(())
+    }
+
+    /// Append this step's self-attention keys/values `[B, KVH, S, D]` for the query
+    /// positions `positions` and return what the attention may read.
+    pub fn update_self(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+        positions: (usize, usize),
+    ) -> Result<KvView> {
+        let layout = self.layout;
+        let att = Attention::SelfAttn;
+        let site_k = Site::new(layer, att, TensorKind::Key);
+        let (_, kv_heads, s_new, _) = k.dims4().at(site_k, "new keys")?;
+        self.kv_heads = Some(kv_heads);
+        let mut e = event(layer, att, CacheOp::Update, layout.name());
+        e.positions = Some(positions);
+        let l = self
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| no_layer(layer, att))?;
+        let (k_new, v_new) = layout
+            .from_standard(k, v)
+            .at(site_k, "convert to cache layout")?;
+        e.key_written = Some(shape(&k_new));
+        e.value_written = Some(shape(&v_new));
+
+        // What the cache already holds, in its raw form, for checking.
+        let held = l.held();
+        if let Some((hk, hv)) = &held {
+            e.key_before = Some(shape(hk));
+            e.value_before = Some(shape(hv));
+            check_append(
+                layout,
+                layer,
+                att,
+                TensorKind::Key,
+                hk,
+                &k_new,
+                l.prefix_len,
+            )?;
+            check_append(
+                layout,
+                layer,
+                att,
+                TensorKind::Value,
+                hv,
+                &v_new,
+                l.prefix_len,
+            )?;
+        }
+        if let CacheMode::Static { max_len } = self.config.mode {
+            let need = l.seen + s_new;
+            if need > max_len {
+                let mut exp = shape(k);
+                exp[2] = need;
+                let mut act = shape(k);
+                act[2] = max_len;
+                return Err(Diagnosis::new(
+                    DiagnosisClass::SeqLen,
+                    format!(
+                        "static cache holds {max_len} positions but prefix ({}) + tokens so far + {s_new} new need {need}",
+                        l.prefix_len
+                    ),
+                )
+                .at(layer, att, TensorKind::Key)
+                .shapes(&exp, &act)
+                .hint("the static cache was sized for the prompt and new tokens without the P virtual tokens (max_len must be >= P + prompt + max_new_tokens)")
+                .into());
+            }
+        }
+
+        let prefix = l.prefix.take();
+        let site_v = Site::new(layer, att, TensorKind::Value);
+        let (read_k, read_v, kv_start) = match &mut l.store {
+            Store::Recompute => {
+                // Nothing is stored: the prefix stays (in the graph) for the next pass.
+                l.prefix = prefix.clone();
+                let (rk, rv) = match &prefix {
+                    Some((pk, pv)) => (
+                        layout
+                            .cat(pk, &k_new, TensorKind::Key)
+                            .at(site_k, "append keys")?,
+                        layout
+                            .cat(pv, &v_new, TensorKind::Value)
+                            .at(site_v, "append values")?,
+                    ),
+                    None => (k_new.clone(), v_new.clone()),
+                };
+                (rk, rv, 0)
+            }
+            Store::Dynamic(c) => {
+                if let Some((pk, pv)) = &prefix {
+                    c.append(pk, pv).at(site_k, "store prefix")?;
+                }
+                let (rk, rv) = c.append(&k_new, &v_new).at(site_k, "append keys")?;
+                (rk, rv, 0)
+            }
+            Store::Static(c) => {
+                // candle's KvCache writes with `slice_set`, which needs contiguous input.
+                if let Some((pk, pv)) = &prefix {
+                    let (pk, pv) = (pk.contiguous(), pv.contiguous());
+                    c.append(&pk.at(site_k, "prefix")?, &pv.at(site_v, "prefix")?)
+                        .at(site_k, "store prefix")?;
+                }
+                let (kc, vc) = (k_new.contiguous(), v_new.contiguous());
+                let (rk, rv) = c
+                    .append(&kc.at(site_k, "keys")?, &vc.at(site_v, "values")?)
+                    .at(site_k, "append keys")?;
+                (rk, rv, 0)
+            }
+            Store::Legacy { k: sk, v: sv } => {
+                let base = prefix.clone().or_else(|| sk.clone().zip(sv.clone()));
+                let (rk, rv) = match base {
+                    Some((bk, bv)) => (
+                        layout
+                            .cat(&bk, &k_new, TensorKind::Key)
+                            .at(site_k, "append keys")?,
+                        layout
+                            .cat(&bv, &v_new, TensorKind::Value)
+                            .at(site_v, "append values")?,
+                    ),
+                    None => (k_new.clone(), v_new.clone()),
+                };
+                *sk = Some(rk.detach());
+                *sv = Some(rv.detach());
+                (rk, rv, 0)
+            }
+            Store::Quantized(q) => {
+                // The prefix joins the store first: pinned exact, or quantized like
+                // any other position once it is older than the last R.
+                if let Some((pk, pv)) = &prefix {
+                    q.seed(pk, pv).at(site_k, "store prefix")?;
+                }
+                // What the cache held, dequantized, then this step's own keys and
+                // values exact: [B, KVH, L + S, D]
+                let (rk, rv) = match q.view() {
+                    Some((hk, hv)) => (
+                        Tensor::cat(&[hk, &k_new], 2).at(site_k, "append keys")?,
+                        Tensor::cat(&[hv, &v_new], 2).at(site_v, "append values")?,
+                    ),
+                    None => (k_new.clone(), v_new.clone()),
+                };
+                q.append(&k_new, &v_new).at(site_k, "quantize")?;
+                (rk, rv, 0)
+            }
+            Store::Sliding { .. } | Store::Rotating(_) => {
+                let window = self.config.window.unwrap_or(usize::MAX);
+                // [B, KVH, L, D] each, in time order (a ring is unrolled)
+                let base = match (&prefix, &l.store) {
+                    (Some(p), _) => Some(p.clone()),
+                    (None, Store::Sliding { k, v }) => k.clone().zip(v.clone()),
+                    (None, Store::Rotating(r)) => r.unrolled().at(site_k, "unroll ring")?,
+                    _ => None,
+                };
+                // [B, KVH, L + S, D]
+                let (rk, rv) = match base {
+                    Some((bk, bv)) => (
+                        Tensor::cat(&[&bk, &k_new], 2).at(site_k, "append keys")?,
+                        Tensor::cat(&[&bv, &v_new], 2).at(site_v, "append values")?,
+                    ),
+                    None => (k_new.clone(), v_new.clone()),
+                };
+                // The attention reads everything it was given this step (its mask
+                // limits each query to the window); the cache keeps the last W.
+                let total = rk.dim(2).at(site_k, "key length")?;
+                match &mut l.store {
+                    Store::Rotating(r) => {
+                        r.store(&rk, &rv, &k_new, &v_new, window)
+                            .at(site_k, "write ring")?;
+                        e.ring_head = Some(r.head);
+                    }
+                    Store::Sliding { k: sk, v: sv } => {
+                        let keep = total.min(window);
+                        *sk = Some(
+                            rk.narrow(2, total - keep, keep)
+                                .at(site_k, "evict")?
+                                .detach(),
+                        );
+                        *sv = Some(
+                            rv.narrow(2, total - keep, keep)
+                                .at(site_v, "evict")?
+                                .detach(),
+                        );
+                    }
+                    _ => {}
+                }
+                // The held keys end at position `seen`; more keys than positions means
+                // the prefix's length disagrees with what was seeded.
+                let Some(kv_start) = (l.seen + s_new).checked_sub(total) else {
+                    return Err(Diagnosis::new(
+                        DiagnosisClass::SeqLen,
+                        format!(
+                            "the {} cache holds {total} keys for only {} positions (prefix {} + tokens)",
+                            self.config.mode.name(),
+                            l.seen + s_new,
+                            l.prefix_len
+                        ),
+                    )
+                    .at(layer, att, TensorKind::Key)
+                    .shapes(&[l.seen + s_new], &[total])
+                    .hint("the prefix has more positions than the P it was seeded with")
+                    .into());
+                };
+                (rk, rv, kv_start)
+            }
+        };
+        if !matches!(l.store, Store::Recompute) {
+            l.seen += s_new;
+        }
+        let (after_k, after_v) = match &l.store {
+            Store::Recompute => (None, None),
+            Store::Dynamic(c) => (c.k().map(shape), c.v().map(shape)),
+            Store::Static(c) => (
+                c.k().ok().flatten().map(|t| shape(&t)),
+                c.v().ok().flatten().map(|t| shape(&t)),
+            ),
+            Store::Sliding { k, v } | Store::Legacy { k, v } => {
+                (k.as_ref().map(shape), v.as_ref().map(shape))
+            }
+            Store::Rotating(r) => (r.k.as_ref().map(shape), r.v.as_ref().map(shape)),
+            Store::Quantized(q) => (
+                q.view().map(|(k, _)| shape(k)),
+                q.view().map(|(_, v)| shape(v)),
+            ),
+        };
+        e.key_after = after_k;
+        e.value_after = after_v;
+        let (k4, v4) = layout
+            .to_standard(&read_k, &read_v, kv_heads)
+            .at(site_k, "convert from cache layout")?;
+        e.key_read = Some(shape(&k4));
+        e.value_read = Some(shape(&v4));
+        self.trace.push(e);
+        Ok(KvView {
+            k: k4,
+            v: v4,
+            kv_start,
+        })
+    }
+
+    /// Cross-attention keys/values of `layer` `[B, KVH, P+E, D]`: computed from the
+    /// encoder output by `compute` (returning `[B, KVH, E, D]`) the first time, joined
+    /// after the cross prefix, and read from the cache afterwards, following
+    /// `EncoderDecoderCache.is_updated`. With `none`, recomputed every pass.
+    pub fn cross(
+        &mut self,
+        layer: usize,
+        compute: impl FnOnce() -> Result<(Tensor, Tensor)>,
+    ) -> Result<(Tensor, Tensor)> {
+        let att = Attention::Cross;
+        let recompute = matches!(self.config.mode, CacheMode::None);
+        let c = self
+            .cross
+            .get_mut(layer)
+            .ok_or_else(|| no_layer(layer, att))?;
+        if let (true, false, Some((k, v))) = (c.is_updated, recompute, c.kv.clone()) {
+            let mut e = event(layer, att, CacheOp::Read, Layout::Standard.name());
+            e.key_before = Some(shape(&k));
+            e.value_before = Some(shape(&v));
+            e.key_after = Some(shape(&k));
+            e.value_after = Some(shape(&v));
+            e.key_read = Some(shape(&k));
+            e.value_read = Some(shape(&v));
+            self.trace.push(e);
+            return Ok((k, v));
+        }
+        let (k, v) = compute()?;
+        let site_k = Site::new(layer, att, TensorKind::Key);
+        let site_v = Site::new(layer, att, TensorKind::Value);
+        let mut e = event(layer, att, CacheOp::Update, Layout::Standard.name());
+        e.key_written = Some(shape(&k));
+        e.value_written = Some(shape(&v));
+        let (k, v) = match &c.prefix {
+            Some((pk, pv)) => {
+                e.key_before = Some(shape(pk));
+                e.value_before = Some(shape(pv));
+                let p = c.prefix_len;
+                check_append(Layout::Standard, layer, att, TensorKind::Key, pk, &k, p)?;
+                check_append(Layout::Standard, layer, att, TensorKind::Value, pv, &v, p)?;
+                (
+                    Tensor::cat(&[pk, &k], 2).at(site_k, "append cross keys")?,
+                    Tensor::cat(&[pv, &v], 2).at(site_v, "append cross values")?,
+                )
+            }
+            None => (k, v),
+        };
+        if !recompute {
+            c.kv = Some((k.detach(), v.detach()));
+            c.is_updated = true;
+        }
+        e.key_after = Some(shape(&k));
+        e.value_after = Some(shape(&v));
+        e.key_read = Some(shape(&k));
+        e.value_read = Some(shape(&v));
+        self.trace.push(e);
+        Ok((k, v))
+    }
+
+    /// Number of cross-prefix positions of `layer` (0 without a prefix).
+    pub fn cross_prefix_len(&self, layer: usize) -> usize {
+        self.cross.get(layer).map(|c| c.prefix_len).unwrap_or(0)
+    }
+
+    /// Record the mask the attention applied in the event of this step and layer.
+    pub fn note_mask(&mut self, layer: usize, attention: Attention, mask: &[usize]) {
+        if let Some(e) = self.trace.last_mut(layer, attention) {
+            e.mask = Some(mask.to_vec());
+        }
+    }
+
+    /// Stored self-attention key shape of `layer` (None when empty): what a test
+    /// inspects after a prefill.
+    pub fn stored_key_shape(&self, layer: usize) -> Option<Vec<usize>> {
+        let l = self.layers.get(layer)?;
+        match &l.store {
+            Store::Recompute => l.prefix.as_ref().map(|(k, _)| shape(k)),
+            Store::Dynamic(c) => c.k().map(shape),
+            Store::Static(c) => c.k().ok().flatten().map(|t| shape(&t)),
+            Store::Sliding { k, .. } | Store::Legacy { k, .. } => k.as_ref().map(shape),
+            Store::Rotating(r) => r.k.as_ref().map(shape),
+            Store::Quantized(q) => q.view().map(|(k, _)| shape(k)),
+        }
+    }
+
+    /// What layer `layer`'s self-attention cache holds, raw, in the layout it stores
+    /// (the not-yet-merged prefix if no forward pass appended to it yet): keys and
+    /// values, e.g. `([B, KVH, K, D], [B, KVH, K, D])` for the standard layout. A
+    /// `quantized` store gives what attention reads: its codes dequantized, between the
+    /// exact prefix (if pinned) and the exact last R positions.
+    pub fn stored_self(&self, layer: usize) -> Option<(Tensor, Tensor)> {
+        self.layers.get(layer)?.held()
+    }
+
+    /// [`ModelCache::stored_self`] with a `rotating` ring unrolled to time order: what
+    /// two caches of the same positions are compared by.
+    pub fn stored_self_in_time_order(&self, layer: usize) -> Result<Option<(Tensor, Tensor)>> {
+        let Some(l) = self.layers.get(layer) else {
+            return Ok(None);
+        };
+        match (&l.prefix, &l.store) {
+            (None, Store::Rotating(r)) => r.unrolled().at(
+                Site::new(layer, Attention::SelfAttn, TensorKind::Key),
+                "unroll ring",
+            ),
+            _ => Ok(l.held()),
+        }
+    }
+
+    /// What layer `layer`'s cross-attention cache holds: the computed keys/values
+    /// `([B, KVH, P+E, D], [B, KVH, P+E, D])`, else the cross prefix `[B, KVH, P, D]`.
+    pub fn stored_cross(&self, layer: usize) -> Option<(Tensor, Tensor)> {
+        let c = self.cross.get(layer)?;
+        c.kv.clone().or_else(|| c.prefix.clone())
+    }
+
+    /// Select the batch rows `indices` (`[N']`, each below the current batch N) of every
+    /// stored tensor, in every layer, self and cross, in every store and layout, the
+    /// not-yet-merged prefix included: row `i` afterwards is row `indices[i]` before.
+    ///
+    /// Beam search calls it before each step with the source beam of every row
+    /// (transformers' `Cache.reorder_cache(beam_idx)`); repeated indices expand a batch
+    /// (`[0, 0, 1, 1]`: two rows per input row). Standard keys `[N, KVH, K, D]` and
+    /// bigcode-fused `[N, K, 2D]` are selected along dimension 0; bloom-legacy keys
+    /// `[N*KVH, D, K]` and values `[N*KVH, K, D]` are viewed as `[N, KVH, ...]` first, so
+    /// the heads of a row move together. The static store is rebuilt at its capacity
+    /// from the selected rows. Records one [`CacheOp::Reorder`] event per layer and
+    /// attention.
+    pub fn reorder(&mut self, indices: &[u32]) -> Result<()> {
+        let layout = self.layout;
+        let kv_heads = self.kv_heads;
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let att = Attention::SelfAttn;
+            let mut e = event(i, att, CacheOp::Reorder, layout.name());
+            let held = l.held();
+            e.key_before = held.as_ref().map(|(k, _)| shape(k));
+            e.value_before = held.as_ref().map(|(_, v)| shape(v));
+            let sel = |t: &Tensor, kind: TensorKind| {
+                select_rows(t, layout, kind, kv_heads, indices, Site::new(i, att, kind))
+            };
+            let pair = |k: &Tensor, v: &Tensor| -> Result<(Tensor, Tensor)> {
+                Ok((sel(k, TensorKind::Key)?, sel(v, TensorKind::Value)?))
+            };
+            if let Some((pk, pv)) = &l.prefix {
+                l.prefix = Some(pair(pk, pv)?);
+            }
+            let site = Site::new(i, att, TensorKind::Key);
+            match &mut l.store {
+                Store::Recompute => {}
+                Store::Dynamic(c) => {
+                    if let (Some(k), Some(v)) = (c.k(), c.v()) {
+                        let (k, v) = pair(k, v)?;
+                        let mut n = ConcatKvCache::new(2);
+                        n.append(&k, &v)
+                            .at(site, "reorder: rebuild dynamic cache")?;
+                        *c = n;
+                    }
+                }
+                Store::Static(c) => {
+                    let k = c.k().at(site, "reorder: read static keys")?;
+                    let v = c.v().at(site, "reorder: read static values")?;
+                    if let (Some(k), Some(v)) = (k, v) {
+                        let (k, v) = pair(&k, &v)?;
+                        let (k, v) = (k.contiguous(), v.contiguous());
+                        let (k, v) = (k.at(site, "keys")?, v.at(site, "values")?);
+                        // Same capacity: the data is rewritten into a fresh buffer.
+                        let mut n = KvCache::new(2, c.k_cache().max_seq_len());
+                        n.append(&k, &v).at(site, "reorder: rebuild static cache")?;
+                        *c = n;
+                    }
+                }
+                Store::Sliding { k, v }
+                | Store::Legacy { k, v }
+                | Store::Rotating(ring::Ring { k, v, .. }) => {
+                    // A ring keeps its head: every row's slots move together.
+                    if let (Some(sk), Some(sv)) = (k.as_ref(), v.as_ref()) {
+                        let (nk, nv) = pair(sk, sv)?;
+                        *k = Some(nk);
+                        *v = Some(nv);
+                    }
+                }
+                // Codes, scales, zero points and exact parts: each row's channels move
+                // with the row.
+                Store::Quantized(q) => q.try_map_rows(sel, site)?,
+            }
+            let after = l.held();
+            e.key_after = after.as_ref().map(|(k, _)| shape(k));
+            e.value_after = after.as_ref().map(|(_, v)| shape(v));
+            self.trace.push(e);
+        }
+        for (i, c) in self.cross.iter_mut().enumerate() {
+            // transformers' cross cache has always been 4-D: standard layout.
+            let att = Attention::Cross;
+            let std = Layout::Standard;
+            let mut e = event(i, att, CacheOp::Reorder, std.name());
+            let sel = |t: &Tensor, kind: TensorKind| {
+                select_rows(t, std, kind, None, indices, Site::new(i, att, kind))
+            };
+            let before = c.kv.clone().or_else(|| c.prefix.clone());
+            e.key_before = before.as_ref().map(|(k, _)| shape(k));
+            e.value_before = before.as_ref().map(|(_, v)| shape(v));
+            if let Some((pk, pv)) = &c.prefix {
+                c.prefix = Some((sel(pk, TensorKind::Key)?, sel(pv, TensorKind::Value)?));
+            }
+            if let Some((k, v)) = &c.kv {
+                c.kv = Some((sel(k, TensorKind::Key)?, sel(v, TensorKind::Value)?));
+            }
+            let after = c.kv.clone().or_else(|| c.prefix.clone());
+            e.key_after = after.as_ref().map(|(k, _)| shape(k));
+            e.value_after = after.as_ref().map(|(_, v)| shape(v));
+            self.trace.push(e);
+        }
+        Ok(())
+    }
+
+    /// Start a new forward pass in the trace.
+    pub fn next_step(&mut self) {
+        self.trace.next_step();
+    }
+}
+
+impl LayerCache {
+    /// What the layer holds, raw: the unmerged prefix, else the store's contents (a
+    /// `quantized` store's dequantized, in time order).
+    fn held(&self) -> Option<(Tensor, Tensor)> {
+        match (&self.prefix, &self.store) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Store::Dynamic(c)) => c.k().cloned().zip(c.v().cloned()),
+            (None, Store::Static(c)) => c.k().ok().flatten().zip(c.v().ok().flatten()),
+            (None, Store::Sliding { k, v })
+            | (None, Store::Legacy { k, v })
+            | (None, Store::Rotating(ring::Ring { k, v, .. })) => k.clone().zip(v.clone()),
+            (None, Store::Quantized(q)) => q.view().cloned(),
+            (None, Store::Recompute) => None,
+        }
+    }
+}

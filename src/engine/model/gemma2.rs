@@ -1,0 +1,515 @@
+//! Gemma 2 (text): a decoder of its own, close to Llama's but with
+//!
+//! - RMSNorm scaled by `(1 + w)` (weights start at zero in transformers), computed in
+//!   f32; four per layer: `input_layernorm` before attention, `post_attention_layernorm`
+//!   on the attention output before the residual add, `pre_feedforward_layernorm` and
+//!   `post_feedforward_layernorm` around the MLP;
+//! - embeddings scaled by `sqrt(hidden_size)` (as the embedding's dtype: f32 here);
+//! - a GELU-tanh gated MLP, `down(gelu_tanh(gate(x)) * up(x))`;
+//! - grouped-query attention with an explicit `head_dim` (independent of hidden /
+//!   heads), scaled by `query_pre_attn_scalar ** -0.5` (not `head_dim ** -0.5`), and
+//!   the scaled scores soft-capped, `cap * tanh(x / cap)` (`attn_logit_softcapping`),
+//!   before the mask and the softmax ([`softcapped_sdpa`]);
+//! - the final logits soft-capped the same way (`final_logit_softcapping`);
+//! - tied embeddings, default RoPE;
+//! - sliding-window attention in some layers: transformers >= 5 reads `layer_types`
+//!   (`"sliding_attention"` / `"full_attention"`); without it (and in transformers
+//!   4.x, which ignores `layer_types`) the even layers `0, 2, 4, ..` slide. Both
+//!   versions mask keys outside `(p - W, p]` for a query at position p.
+//!
+//! Parameter names follow `Gemma2ForCausalLM`. Cache geometry:
+//! `[B, num_key_value_heads, S, head_dim]`. The P virtual tokens occupy positions
+//! `0..P`; prefix keys enter the cache without RoPE (as PEFT's prefix does).
+
+use candle_core::{DType, Tensor};
+use candle_nn::{Init, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use super::attention::{cached_keys, merge_heads, softcapped_sdpa, split_heads};
+use super::llama::RopeParameters;
+use super::nn::{embed, gelu_tanh, rms_norm, rope, Linear};
+use super::weights::weight;
+use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry};
+use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
+
+/// `Gemma2Config` (Hugging Face field names; transformers 5's defaults, Gemma-2-2B's
+/// geometry. transformers 4.46's defaults differ: hidden 3072, 28 layers, 16 heads over
+/// 16 KV heads, intermediate 24576, `query_pre_attn_scalar` 224).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    #[serde(default = "d::vocab_size")]
+    pub vocab_size: usize,
+    #[serde(default = "d::hidden_size")]
+    pub hidden_size: usize,
+    #[serde(default = "d::intermediate_size")]
+    pub intermediate_size: usize,
+    #[serde(default = "d::layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d::heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d::kv_heads")]
+    pub num_key_value_heads: usize,
+    #[serde(default = "d::head_dim")]
+    pub head_dim: usize,
+    /// `gelu_pytorch_tanh` (and the other tanh spellings `gelu_new`, `gelu_fast`), or
+    /// `gelu` (erf).
+    #[serde(default = "d::act")]
+    pub hidden_activation: String,
+    #[serde(default = "d::max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "d::eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "d::yes")]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "d::theta")]
+    pub rope_theta: f64,
+    /// transformers >= 5: `{"rope_theta", "rope_type"}`; only `default` is supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<Box<RopeParameters>>,
+    /// Biases on q/k/v and o.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Attention scores are scaled by `query_pre_attn_scalar ** -0.5` (an int in
+    /// transformers 5's strict config).
+    #[serde(default = "d::query_pre_attn_scalar")]
+    pub query_pre_attn_scalar: usize,
+    /// Absent: 4096; `null`: no window.
+    #[serde(default = "d::window")]
+    pub sliding_window: Option<usize>,
+    /// `"sliding_attention"` | `"full_attention"` per layer; `null`: even layers slide.
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    /// Absent: 30; `null`: no final soft-capping.
+    #[serde(default = "d::final_cap")]
+    pub final_logit_softcapping: Option<f64>,
+    /// Absent: 50; `null`: no attention soft-capping.
+    #[serde(default = "d::attn_cap")]
+    pub attn_logit_softcapping: Option<f64>,
+}
+
+/// transformers 5's defaults.
+mod d {
+    pub fn vocab_size() -> usize {
+        256_000
+    }
+    pub fn hidden_size() -> usize {
+        2304
+    }
+    pub fn intermediate_size() -> usize {
+        9216
+    }
+    pub fn layers() -> usize {
+        26
+    }
+    pub fn heads() -> usize {
+        8
+    }
+    pub fn kv_heads() -> usize {
+        4
+    }
+    pub fn head_dim() -> usize {
+        256
+    }
+    pub fn act() -> String {
+        "gelu_pytorch_tanh".into()
+    }
+    pub fn max_positions() -> usize {
+        8192
+    }
+    pub fn eps() -> f64 {
+        1e-6
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn theta() -> f64 {
+        10_000.0
+    }
+    pub fn query_pre_attn_scalar() -> usize {
+        256
+    }
+    pub fn window() -> Option<usize> {
+        Some(4096)
+    }
+    pub fn final_cap() -> Option<f64> {
+        Some(30.0)
+    }
+    pub fn attn_cap() -> Option<f64> {
+        Some(50.0)
+    }
+}
+
+/// Seeded norm weights (the `w` of `(1 + w)`): random around zero, as trained Gemma
+/// norms are, so that a norm loaded into another's slot, or a missing `+ 1`, changes
+/// the logits.
+const NORM_INIT: Init = Init::Randn {
+    mean: 0.0,
+    stdev: 0.1,
+};
+
+impl Config {
+    /// Hidden 64, 3 layers (0 and 2 slide, 1 is global), 4 attention heads over 2 KV
+    /// heads, head_dim 24 (not 64 / 4 = 16), `query_pre_attn_scalar` 16 (hidden /
+    /// heads, not head_dim, as Gemma-2-27B's 144 against head_dim 128), intermediate
+    /// 96, vocabulary 256, a window of 8 (shorter than prefix + prompt in the
+    /// scenarios), and soft-caps small enough to bend the tiny model's scores and
+    /// logits (attention 4, final 3).
+    pub fn tiny() -> Self {
+        Self {
+            vocab_size: 256,
+            hidden_size: 64,
+            intermediate_size: 96,
+            num_hidden_layers: 3,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 24,
+            hidden_activation: d::act(),
+            max_position_embeddings: 256,
+            rms_norm_eps: 1e-6,
+            tie_word_embeddings: true,
+            rope_theta: 10_000.0,
+            rope_parameters: None,
+            attention_bias: false,
+            query_pre_attn_scalar: 16,
+            sliding_window: Some(8),
+            layer_types: None,
+            final_logit_softcapping: Some(3.0),
+            attn_logit_softcapping: Some(4.0),
+        }
+    }
+
+    pub fn geometry(&self) -> ModelGeometry {
+        ModelGeometry {
+            num_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_kv_heads: self.num_key_value_heads,
+            head_dim: self.head_dim,
+            hidden_size: self.hidden_size,
+            vocab_size: self.vocab_size,
+            max_positions: None,
+            encoder_decoder: false,
+        }
+    }
+
+    /// The attention window of each layer (module docs): `layer_types` when given,
+    /// else the even layers.
+    pub fn windows(&self) -> Result<Vec<Option<usize>>> {
+        let Some(types) = &self.layer_types else {
+            return Ok((0..self.num_hidden_layers)
+                .map(|i| self.sliding_window.filter(|_| i % 2 == 0))
+                .collect());
+        };
+        if types.len() != self.num_hidden_layers {
+            return Err(EngineError::Config(format!(
+                "gemma2: {} layer_types for {} layers",
+                types.len(),
+                self.num_hidden_layers
+            )));
+        }
+        types
+            .iter()
+            .map(|t| match t.as_str() {
+                "sliding_attention" => Ok(self.sliding_window),
+                "full_attention" => Ok(None),
+                other => Err(EngineError::Config(format!(
+                    "gemma2: layer type `{other}` is not supported (sliding_attention, full_attention)"
+                ))),
+            })
+            .collect()
+    }
+
+    fn theta(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_theta)
+            .unwrap_or(self.rope_theta)
+    }
+
+    /// What `ModelConfig::validate`'s geometry checks cannot see.
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(EngineError::Config(format!("gemma2: {m}")));
+        if !self.head_dim.is_multiple_of(2) {
+            return bad(format!(
+                "head_dim {} must be even (RoPE rotates pairs of dimensions)",
+                self.head_dim
+            ));
+        }
+        if !matches!(
+            self.hidden_activation.as_str(),
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" | "gelu"
+        ) {
+            return bad(format!(
+                "hidden_activation `{}` is not supported (gelu_pytorch_tanh, gelu_new, gelu_fast, gelu)",
+                self.hidden_activation
+            ));
+        }
+        let rope_type = self.rope_parameters.as_ref().and_then(|r| {
+            r.rope_type
+                .as_deref()
+                .or(r.legacy_type.as_deref())
+                .filter(|t| *t != "default")
+        });
+        if let Some(t) = rope_type {
+            return bad(format!("rope_type `{t}` is not supported (only default)"));
+        }
+        if self.query_pre_attn_scalar == 0 {
+            return bad("query_pre_attn_scalar must be at least 1".into());
+        }
+        let caps = [self.attn_logit_softcapping, self.final_logit_softcapping];
+        if caps.into_iter().flatten().any(|c| c.is_nan() || c <= 0.0) {
+            return bad("soft-capping values must be positive (or null)".into());
+        }
+        if self.sliding_window == Some(0) {
+            return bad("sliding_window must be at least 1".into());
+        }
+        self.windows().map(|_| ())
+    }
+}
+
+/// `cap * tanh(x / cap)`, or `x` without a cap: `x: [..]` -> `[..]`.
+pub fn soft_cap(x: &Tensor, cap: Option<f64>) -> candle_core::Result<Tensor> {
+    match cap {
+        Some(c) => (x / c)?.tanh()? * c,
+        None => Ok(x.clone()),
+    }
+}
+
+/// One decoder layer's weights. Norms hold `1 + w` `[E]` (added once at load, in f32
+/// like transformers' `1.0 + weight.float()`).
+struct Layer {
+    input_layernorm: Tensor,
+    /// `Linear` `[E, H*D]`
+    q_proj: Linear,
+    /// `Linear` `[E, KVH*D]`
+    k_proj: Linear,
+    /// `Linear` `[E, KVH*D]`
+    v_proj: Linear,
+    /// `Linear` `[H*D, E]`
+    o_proj: Linear,
+    post_attention_layernorm: Tensor,
+    pre_feedforward_layernorm: Tensor,
+    post_feedforward_layernorm: Tensor,
+    /// `Linear` `[E, I]`
+    gate_proj: Linear,
+    /// `Linear` `[E, I]`
+    up_proj: Linear,
+    /// `Linear` `[I, E]`
+    down_proj: Linear,
+}
+
+pub struct Gemma2 {
+    cfg: Config,
+    /// Attention window of each layer from the config.
+    windows: Vec<Option<usize>>,
+    /// `[V, E]`
+    embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    /// `1 + w` `[E]`
+    norm: Tensor,
+    /// `Linear` `[E, V]` (the embedding table transposed when `tie_word_embeddings`)
+    lm_head: Linear,
+    /// RoPE inverse frequencies `[1, D/2]` (f32, as transformers computes them).
+    inv_freq: Tensor,
+}
+
+/// An `nn.Linear` (weight `[out, in]`, bias `[out]` when `with_bias`) as a `Linear`
+/// `[in, out]`.
+fn lin(vb: &VarBuilder, name: &str, i: usize, o: usize, with_bias: bool) -> Result<Linear> {
+    let w = weight(vb, (o, i), &format!("{name}.weight")).ctx(name)?;
+    let b = if with_bias {
+        let b = super::weights::bias(vb, o, &format!("{name}.bias")).ctx(name)?;
+        Some(b)
+    } else {
+        None
+    };
+    Linear::from_torch(&w, b).ctx(name)
+}
+
+/// A Gemma RMSNorm weight `w: [E]` by name, returned as the scale it applies,
+/// `1 + w` `[E]` (f32).
+fn gemma_norm(vb: &VarBuilder, name: &str, e: usize) -> Result<Tensor> {
+    vb.get_with_hints(e, name, NORM_INIT)
+        .and_then(|w| w.to_dtype(DType::F32))
+        .and_then(|w| w + 1.0)
+        .ctx(name)
+}
+
+impl Gemma2 {
+    pub fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        cfg.check()?;
+        let windows = cfg.windows()?;
+        let root = vb.clone();
+        let vb = backbone(&vb, "model", "embed_tokens.weight");
+        let (e, inter, ab) = (cfg.hidden_size, cfg.intermediate_size, cfg.attention_bias);
+        let (heads, kvh, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let embed_tokens =
+            weight(&vb, (cfg.vocab_size, e), "embed_tokens.weight").ctx("embed_tokens")?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("layers.{i}");
+            let norm = |n: &str| gemma_norm(&vb, &format!("{p}.{n}.weight"), e);
+            let attn =
+                |n: &str, i: usize, o: usize| lin(&vb, &format!("{p}.self_attn.{n}"), i, o, ab);
+            let mlp = |n: &str, i: usize, o: usize| lin(&vb, &format!("{p}.mlp.{n}"), i, o, false);
+            layers.push(Layer {
+                input_layernorm: norm("input_layernorm")?,
+                q_proj: attn("q_proj", e, heads * d)?,
+                k_proj: attn("k_proj", e, kvh * d)?,
+                v_proj: attn("v_proj", e, kvh * d)?,
+                o_proj: attn("o_proj", heads * d, e)?,
+                post_attention_layernorm: norm("post_attention_layernorm")?,
+                pre_feedforward_layernorm: norm("pre_feedforward_layernorm")?,
+                post_feedforward_layernorm: norm("post_feedforward_layernorm")?,
+                gate_proj: mlp("gate_proj", e, inter)?,
+                up_proj: mlp("up_proj", e, inter)?,
+                down_proj: mlp("down_proj", inter, e)?,
+            });
+        }
+        let norm = gemma_norm(&vb, "norm.weight", e)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::from_torch(&embed_tokens, None).ctx("embed_tokens")?
+        } else {
+            let w = weight(&root, (cfg.vocab_size, e), "lm_head.weight").ctx("lm_head")?;
+            Linear::from_torch(&w, None).ctx("lm_head")?
+        };
+        let theta = cfg.theta();
+        let inv: Vec<f32> = (0..d / 2)
+            .map(|i| (1.0 / theta.powf((2 * i) as f64 / d as f64)) as f32)
+            .collect();
+        let inv_freq =
+            Tensor::from_vec(inv, (1, d / 2), embed_tokens.device()).ctx("rope inv_freq")?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            windows,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
+    }
+
+    /// Layer `i`'s attention branch, without its residual:
+    /// `post_attention_layernorm(o(attention(rope(q(n)), keys, values)))`,
+    /// `n = input_layernorm(h)`, the new keys and values going through the cache.
+    /// `h: [B, S, E]`, `cos, sin: [B, 1, S, D]` -> `[B, S, E]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        fw: &mut Forward,
+        i: usize,
+        l: &Layer,
+        h: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        past: usize,
+        window: Option<usize>,
+    ) -> Result<Tensor> {
+        let (heads, kvh, d) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        );
+        let eps = self.cfg.rms_norm_eps;
+        let att = Attention::SelfAttn;
+        let site_q = Site::new(i, att, TensorKind::Query);
+        let site_k = Site::new(i, att, TensorKind::Key);
+        let site_v = Site::new(i, att, TensorKind::Value);
+        // [B, S, E]
+        let a = rms_norm(h, &l.input_layernorm, eps).at(site_q, "input_layernorm")?;
+        // [B, H, S, D]
+        let q = l
+            .q_proj
+            .forward(&a)
+            .and_then(|t| split_heads(&t, heads, d))
+            .and_then(|t| rope(&t, cos, sin))
+            .at(site_q, "q_proj + rope")?;
+        // [B, KVH, S, D]: RoPE on the new keys only (the prefix is not rotated).
+        let k = l
+            .k_proj
+            .forward(&a)
+            .and_then(|t| split_heads(&t, kvh, d))
+            .and_then(|t| rope(&t, cos, sin))
+            .at(site_k, "k_proj + rope")?;
+        // [B, KVH, S, D]
+        let v = l
+            .v_proj
+            .forward(&a)
+            .and_then(|t| split_heads(&t, kvh, d))
+            .at(site_v, "v_proj")?;
+        // view.k, view.v: [B, KVH, K, D], the S new positions last; mask [B, 1, S, K]
+        let (view, mask) = cached_keys(fw, i, &k, &v, past, window)?;
+        let scale = (self.cfg.query_pre_attn_scalar as f64).powf(-0.5);
+        let cap = self.cfg.attn_logit_softcapping;
+        // [B, H, S, D]
+        let o = softcapped_sdpa(&q, &view.k, &view.v, &mask, scale, cap, i, att)?;
+        // [B, S, E]
+        merge_heads(&o)
+            .and_then(|o| l.o_proj.forward(&o))
+            .and_then(|o| rms_norm(&o, &l.post_attention_layernorm, eps))
+            .at(site_q, "o_proj + post_attention_layernorm")
+    }
+
+    /// Layer `l`'s MLP branch, without its residual:
+    /// `post_ff(down(act(gate(n)) * up(n)))`, `n = pre_ff(h)`. `h: [B, S, E]` ->
+    /// `[B, S, E]`.
+    fn mlp(&self, l: &Layer, h: &Tensor) -> candle_core::Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps;
+        let n = rms_norm(h, &l.pre_feedforward_layernorm, eps)?;
+        // [B, S, I]
+        let g = l.gate_proj.forward(&n)?;
+        let g = if self.cfg.hidden_activation == "gelu" {
+            g.gelu_erf()?
+        } else {
+            gelu_tanh(&g)?
+        };
+        let m = l.down_proj.forward(&(g * l.up_proj.forward(&n)?)?)?;
+        rms_norm(&m, &l.post_feedforward_layernorm, eps)
+    }
+}
+
+impl Model for Gemma2 {
+    fn family(&self) -> Family {
+        Family::Gemma2
+    }
+
+    fn geometry(&self) -> ModelGeometry {
+        self.cfg.geometry()
+    }
+
+    fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
+        let (_b, s) = ids.dims2().ctx("input ids [B, S]")?;
+        let past = fw.cache.past_len();
+        let eps = self.cfg.rms_norm_eps;
+        // A cache window applies to every layer; otherwise each layer has its own.
+        let cache_window = fw.cache.window();
+        // [B, 1, S, D] each, per row from the attention mask (real tokens from P on).
+        let positions = row_positions(fw.mask, past, s)?;
+        let (cos, sin) =
+            super::nn::rope_tables(&self.inv_freq, &positions, self.embed_tokens.dtype()).at(
+                Site::new(0, Attention::SelfAttn, TensorKind::Positions),
+                "rope tables",
+            )?;
+        // [B, S, E], scaled by sqrt(E) as the embedding's dtype.
+        let normalizer = (self.cfg.hidden_size as f64).sqrt() as f32;
+        let mut h = embed(&self.embed_tokens, ids)
+            .and_then(|x| x * f64::from(normalizer))
+            .ctx("embed_tokens")?;
+        for (i, l) in self.layers.iter().enumerate() {
+            let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
+            let window = cache_window.or(self.windows[i]);
+            let a = self.attention(fw, i, l, &h, (&cos, &sin), past, window)?;
+            h = (h + a).at(site, "residual")?;
+            let m = self.mlp(l, &h).at(site, "mlp")?;
+            h = (h + m).at(site, "residual")?;
+        }
+        // [B, S, V], or [B, 1, V] with fw.last_only
+        rms_norm(&fw.kept_positions(&h)?, &self.norm, eps)
+            .and_then(|h| self.lm_head.forward(&h))
+            .and_then(|x| soft_cap(&x, self.cfg.final_logit_softcapping))
+            .ctx("lm head")
+    }
+}

@@ -1,0 +1,390 @@
+//! GPT-NeoX (Pythia): fused `query_key_value` with per-head interleaved rows (`[H, 3,
+//! D]` along the output dimension: q, k, v of head 0, then head 1, ...), partial
+//! rotary positions (RoPE, NeoX `rotate_half`, on the first `rotary_pct * head_dim`
+//! dimensions of each head; the rest pass through), LayerNorm with bias, a GELU MLP,
+//! parallel (`x + attn(ln1(x)) + mlp(ln2(x))`) or sequential residuals
+//! (`use_parallel_residual`), and an untied `embed_out`. Parameter names follow
+//! `GPTNeoXForCausalLM`.
+//!
+//! Cache geometry: `[B, num_attention_heads, S, hidden_size / num_attention_heads]`.
+//! The P virtual tokens occupy positions `0..P`; prefix keys enter the cache without
+//! RoPE (as PEFT's prefix does in transformers).
+
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use super::attention::{cached_self_attention, merge_heads};
+use super::nn::{embed, gelu_tanh, layer_norm, rope, Linear};
+use super::weights::{bias, layer_norm_params, weight};
+use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry};
+use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
+
+/// `GPTNeoXConfig` (Hugging Face field names and defaults; transformers 4.x spelling
+/// `rotary_pct` / `rotary_emb_base`, which transformers 5 still reads).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    #[serde(default = "d::vocab_size")]
+    pub vocab_size: usize,
+    #[serde(default = "d::hidden_size")]
+    pub hidden_size: usize,
+    #[serde(default = "d::layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d::heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d::intermediate_size")]
+    pub intermediate_size: usize,
+    /// `gelu` (erf), or the tanh approximation (`gelu_new`, `gelu_pytorch_tanh`,
+    /// `gelu_fast`).
+    #[serde(default = "d::act")]
+    pub hidden_act: String,
+    /// Fraction of each head's dimensions that RoPE rotates.
+    #[serde(default = "d::rotary_pct")]
+    pub rotary_pct: f64,
+    #[serde(default = "d::theta")]
+    pub rotary_emb_base: f64,
+    /// transformers >= 5: `{"rope_theta", "partial_rotary_factor", "rope_type"}`
+    /// (replaces `rotary_emb_base` / `rotary_pct` when present).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<NeoxRope>,
+    #[serde(default = "d::max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "d::eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "d::yes")]
+    pub use_parallel_residual: bool,
+    /// Biases on `query_key_value` and `dense`.
+    #[serde(default = "d::yes")]
+    pub attention_bias: bool,
+}
+
+/// transformers 5's `rope_parameters` of GPT-NeoX.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct NeoxRope {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
+}
+
+/// transformers' defaults (GPT-NeoX-20B).
+mod d {
+    pub fn vocab_size() -> usize {
+        50_432
+    }
+    pub fn hidden_size() -> usize {
+        6144
+    }
+    pub fn layers() -> usize {
+        44
+    }
+    pub fn heads() -> usize {
+        64
+    }
+    pub fn intermediate_size() -> usize {
+        24_576
+    }
+    pub fn act() -> String {
+        "gelu".into()
+    }
+    pub fn rotary_pct() -> f64 {
+        0.25
+    }
+    pub fn theta() -> f64 {
+        10_000.0
+    }
+    pub fn max_positions() -> usize {
+        2048
+    }
+    pub fn eps() -> f64 {
+        1e-5
+    }
+    pub fn yes() -> bool {
+        true
+    }
+}
+
+impl Config {
+    /// Hidden 64, 2 layers, 4 heads (head_dim 16, RoPE on the first 4 dimensions of
+    /// each head: `rotary_pct` 0.25), intermediate 160 (not 4 x 64), vocabulary 256,
+    /// parallel residuals, attention biases, untied `embed_out`.
+    pub fn tiny() -> Self {
+        Self {
+            vocab_size: 256,
+            hidden_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            intermediate_size: 160,
+            hidden_act: d::act(),
+            rotary_pct: 0.25,
+            rotary_emb_base: 10_000.0,
+            rope_parameters: None,
+            max_position_embeddings: 256,
+            layer_norm_eps: 1e-5,
+            tie_word_embeddings: false,
+            use_parallel_residual: true,
+            attention_bias: true,
+        }
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads.max(1)
+    }
+
+    /// Rotated dimensions per head: `int(head_dim * partial_rotary_factor)`.
+    pub fn rotary_ndims(&self) -> usize {
+        let pct = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|r| r.partial_rotary_factor)
+            .unwrap_or(self.rotary_pct);
+        (self.head_dim() as f64 * pct) as usize
+    }
+
+    fn theta(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_theta)
+            .unwrap_or(self.rotary_emb_base)
+    }
+
+    pub fn geometry(&self) -> ModelGeometry {
+        ModelGeometry {
+            num_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_kv_heads: self.num_attention_heads,
+            head_dim: self.head_dim(),
+            hidden_size: self.hidden_size,
+            vocab_size: self.vocab_size,
+            max_positions: None,
+            encoder_decoder: false,
+        }
+    }
+
+    /// What `ModelConfig::validate`'s geometry checks cannot see.
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(EngineError::Config(format!("gpt_neox: {m}")));
+        let r = self.rotary_ndims();
+        if !r.is_multiple_of(2) || r > self.head_dim() {
+            return bad(format!(
+                "{r} rotary dimensions (head_dim {} x rotary_pct) must be even and at most head_dim",
+                self.head_dim()
+            ));
+        }
+        if let Some(t) = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_type.as_deref())
+        {
+            if t != "default" {
+                return bad(format!("rope_type `{t}` is not supported (only default)"));
+            }
+        }
+        if !matches!(
+            self.hidden_act.as_str(),
+            "gelu" | "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast"
+        ) {
+            return bad(format!(
+                "hidden_act `{}` is not supported (gelu, gelu_new, gelu_pytorch_tanh, gelu_fast)",
+                self.hidden_act
+            ));
+        }
+        Ok(())
+    }
+}
+
+struct Layer {
+    /// `[E]`, `[E]`
+    input_layernorm: (Tensor, Tensor),
+    /// `Linear` `[E, 3E]`, columns per head `[H, 3, D]`
+    query_key_value: Linear,
+    /// `Linear` `[E, E]`
+    dense: Linear,
+    /// `[E]`, `[E]`
+    post_attention_layernorm: (Tensor, Tensor),
+    /// `Linear` `[E, I]`
+    dense_h_to_4h: Linear,
+    /// `Linear` `[I, E]`
+    dense_4h_to_h: Linear,
+}
+
+pub struct GptNeox {
+    cfg: Config,
+    /// `[V, E]`
+    embed_in: Tensor,
+    layers: Vec<Layer>,
+    /// `[E]`, `[E]`
+    final_layer_norm: (Tensor, Tensor),
+    /// `Linear` `[E, V]` (`embed_in` transposed when `tie_word_embeddings`)
+    embed_out: Linear,
+    /// RoPE inverse frequencies `[1, R/2]` (R = rotary dimensions), f32.
+    inv_freq: Tensor,
+}
+
+/// An `nn.Linear` (weight `[out, in]`, bias `[out]` when `with_bias`) as a `Linear`
+/// `[in, out]`.
+fn lin(vb: &VarBuilder, name: &str, i: usize, o: usize, with_bias: bool) -> Result<Linear> {
+    let w = weight(vb, (o, i), &format!("{name}.weight")).ctx(name)?;
+    let b = if with_bias {
+        Some(bias(vb, o, &format!("{name}.bias")).ctx(name)?)
+    } else {
+        None
+    };
+    Linear::from_torch(&w, b).ctx(name)
+}
+
+impl GptNeox {
+    pub fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        cfg.check()?;
+        let root = vb.clone();
+        let vb = backbone(&vb, "gpt_neox", "embed_in.weight");
+        let (e, inter, ab) = (cfg.hidden_size, cfg.intermediate_size, cfg.attention_bias);
+        let embed_in = weight(&vb, (cfg.vocab_size, e), "embed_in.weight").ctx("embed_in")?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("layers.{i}");
+            layers.push(Layer {
+                input_layernorm: layer_norm_params(&vb, &format!("{p}.input_layernorm"), e)?,
+                query_key_value: lin(&vb, &format!("{p}.attention.query_key_value"), e, 3 * e, ab)?,
+                dense: lin(&vb, &format!("{p}.attention.dense"), e, e, ab)?,
+                post_attention_layernorm: layer_norm_params(
+                    &vb,
+                    &format!("{p}.post_attention_layernorm"),
+                    e,
+                )?,
+                dense_h_to_4h: lin(&vb, &format!("{p}.mlp.dense_h_to_4h"), e, inter, true)?,
+                dense_4h_to_h: lin(&vb, &format!("{p}.mlp.dense_4h_to_h"), inter, e, true)?,
+            });
+        }
+        let final_layer_norm = layer_norm_params(&vb, "final_layer_norm", e)?;
+        let embed_out = if cfg.tie_word_embeddings {
+            Linear::from_torch(&embed_in, None).ctx("embed_in")?
+        } else {
+            let w = weight(&root, (cfg.vocab_size, e), "embed_out.weight").ctx("embed_out")?;
+            Linear::from_torch(&w, None).ctx("embed_out")?
+        };
+        let r = cfg.rotary_ndims();
+        let theta = cfg.theta();
+        let inv: Vec<f32> = (0..r / 2)
+            .map(|i| (1.0 / theta.powf((2 * i) as f64 / r as f64)) as f32)
+            .collect();
+        let inv_freq = Tensor::from_vec(inv, (1, r / 2), embed_in.device()).ctx("rope inv_freq")?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_in,
+            layers,
+            final_layer_norm,
+            embed_out,
+            inv_freq,
+        })
+    }
+
+    /// The MLP: `x: [B, S, E]` -> `dense_4h_to_h(act(dense_h_to_4h(x)))` `[B, S, E]`.
+    fn mlp(&self, l: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {
+        let m = l.dense_h_to_4h.forward(x)?;
+        let m = if self.cfg.hidden_act == "gelu" {
+            m.gelu_erf()?
+        } else {
+            gelu_tanh(&m)?
+        };
+        l.dense_4h_to_h.forward(&m)
+    }
+}
+
+/// Partial RoPE: `x: [B, H, S, D]`, `cos, sin: [B, 1, S, R]` -> `[B, H, S, D]` with the
+/// first R dimensions rotated (`rotate_half` over R) and the other D - R unchanged.
+fn partial_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let (d, r) = (x.dim(3)?, cos.dim(3)?);
+    if r == 0 {
+        return Ok(x.clone());
+    }
+    let rotated = rope(&x.narrow(3, 0, r)?.contiguous()?, cos, sin)?;
+    if r == d {
+        return Ok(rotated);
+    }
+    Tensor::cat(&[&rotated, &x.narrow(3, r, d - r)?], 3)
+}
+
+impl Model for GptNeox {
+    fn family(&self) -> Family {
+        Family::GptNeox
+    }
+
+    fn geometry(&self) -> ModelGeometry {
+        self.cfg.geometry()
+    }
+
+    fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
+        let (b, s) = ids.dims2().ctx("input ids [B, S]")?;
+        let past = fw.cache.past_len();
+        let eps = self.cfg.layer_norm_eps;
+        let (heads, d) = (self.cfg.num_attention_heads, self.cfg.head_dim());
+        let window = fw.cache.window();
+        // [B, 1, S, R] each, per row from the attention mask (real tokens from P on).
+        let positions = row_positions(fw.mask, past, s)?;
+        let (cos, sin) = super::nn::rope_tables(&self.inv_freq, &positions, self.embed_in.dtype())
+            .at(
+                Site::new(0, Attention::SelfAttn, TensorKind::Positions),
+                "rope tables",
+            )?;
+        // [B, S, E]
+        let mut h = embed(&self.embed_in, ids).ctx("embed_in")?;
+        for (i, l) in self.layers.iter().enumerate() {
+            let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
+            let (w1, b1) = &l.input_layernorm;
+            let a = layer_norm(&h, w1, b1, eps).at(site, "input_layernorm")?;
+            // [B, S, 3E] -> [B, S, H, 3, D]
+            let qkv = l
+                .query_key_value
+                .forward(&a)
+                .and_then(|x| x.reshape((b, s, heads, 3, d)))
+                .at(site, "query_key_value")?;
+            // [B, H, S, D] each
+            let part = |j: usize| qkv.narrow(3, j, 1)?.squeeze(3)?.transpose(1, 2);
+            let q = part(0)
+                .and_then(|q| partial_rope(&q, &cos, &sin))
+                .at(site, "query + rope")?;
+            let k = part(1).and_then(|k| partial_rope(&k, &cos, &sin)).at(
+                Site::new(i, Attention::SelfAttn, TensorKind::Key),
+                "key + rope",
+            )?;
+            let v = part(2).and_then(|v| v.contiguous()).at(
+                Site::new(i, Attention::SelfAttn, TensorKind::Value),
+                "value",
+            )?;
+            let scale = 1.0 / (d as f64).sqrt();
+            // [B, H, S, D]
+            let o = cached_self_attention(fw, i, &q, &k, &v, past, window, scale, &mut |_, _| {
+                Ok(None)
+            })?;
+            // [B, S, E]
+            let attn = merge_heads(&o)
+                .and_then(|o| l.dense.forward(&o))
+                .at(site, "dense")?;
+            let (w2, b2) = &l.post_attention_layernorm;
+            h = if self.cfg.use_parallel_residual {
+                // x + attn(ln1(x)) + mlp(ln2(x))
+                let m = layer_norm(&h, w2, b2, eps)
+                    .and_then(|x| self.mlp(l, &x))
+                    .at(site, "mlp")?;
+                (&h + attn).and_then(|x| x + m).at(site, "residual")?
+            } else {
+                // y = x + attn(ln1(x)); y + mlp(ln2(y))
+                let y = (&h + attn).at(site, "residual")?;
+                let m = layer_norm(&y, w2, b2, eps)
+                    .and_then(|x| self.mlp(l, &x))
+                    .at(site, "mlp")?;
+                (y + m).at(site, "residual")?
+            };
+        }
+        // [B, S, V], or [B, 1, V] with fw.last_only
+        let (wf, bf) = &self.final_layer_norm;
+        layer_norm(&fw.kept_positions(&h)?, wf, bf, eps)
+            .and_then(|h| self.embed_out.forward(&h))
+            .ctx("embed_out")
+    }
+}

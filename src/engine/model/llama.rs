@@ -1,0 +1,631 @@
+//! Llama: rotary positions (RoPE, Hugging Face's non-interleaved `rotate_half`
+//! convention), grouped-query attention, an explicit `head_dim` that may differ from
+//! `hidden_size / num_attention_heads`, RMSNorm, SwiGLU MLP and an optional sliding
+//! window. Parameter names follow `LlamaForCausalLM`.
+//!
+//! The decoder here is shared by the Llama-like families: [`Block`] says what a family
+//! changes (biases on q/k/v and o, a per-head RMSNorm on queries and keys, the
+//! attention window of each layer), and `qwen2`, `mistral` and `qwen3` are each a
+//! config file that maps its `config.json` onto a [`Config`] and a [`Block`].
+//!
+//! Cache geometry: `[B, num_key_value_heads, S, head_dim]`. The P virtual tokens occupy
+//! positions `0..P`; real tokens are rotated for positions `P..P+S`. Prefix keys enter
+//! the cache as given, without RoPE (as PEFT's prefix does in transformers).
+
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use super::attention::{
+    cached_keys, cached_self_attention, merge_heads, sdpa_detached, split_heads,
+};
+use super::kernels;
+use super::nn::{block_ops, embed, rms_norm, rope, swiglu_mlp, Linear};
+use super::weights::{bias, ones, weight};
+use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry};
+use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
+
+/// `LlamaConfig` (Hugging Face field names). Fields this harness does not use
+/// (`architectures`, `torch_dtype`, `bos_token_id`, ...) are ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// GQA/MQA key/value heads; `None` means `num_attention_heads` (plain MHA).
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Per-head dimension; `None` means `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    /// transformers < 5: `{"rope_type" | "type": "linear" | "llama3", "factor": ..}`
+    /// (Llama 3.x: `llama3` with `low_freq_factor`, `high_freq_factor`,
+    /// `original_max_position_embeddings`). Written as `null` when absent, so that a
+    /// scenario's `model.config` can set it; transformers 5 reads it into
+    /// `rope_parameters`.
+    #[serde(default)]
+    pub rope_scaling: Option<Box<RopeParameters>>,
+    /// transformers >= 5: `{"rope_theta": .., "rope_type": ..}` (replaces both
+    /// `rope_theta` and `rope_scaling` when present).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<Box<RopeParameters>>,
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Biases on q/k/v/o projections.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Biases on gate/up/down projections.
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Attention window (query at p sees keys in (p - W, p]); a sliding cache's own
+    /// window takes precedence.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+}
+
+/// RoPE parameters: transformers' `rope_scaling` (before 5.0) or `rope_parameters`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct RopeParameters {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_type: Option<String>,
+    /// The older spelling of `rope_type`.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub legacy_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub low_freq_factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub high_freq_factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+impl RopeParameters {
+    fn kind(&self) -> &str {
+        self.rope_type
+            .as_deref()
+            .or(self.legacy_type.as_deref())
+            .unwrap_or("default")
+    }
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+
+fn default_theta() -> f64 {
+    10_000.0
+}
+
+fn default_max_positions() -> usize {
+    2048
+}
+
+fn default_act() -> String {
+    "silu".into()
+}
+
+impl Config {
+    /// Hidden 64, 2 layers, 4 attention heads over 2 KV heads, and `head_dim` 24
+    /// (deliberately not 64 / 4) so that an explicit `head_dim` is always exercised.
+    pub fn tiny() -> Self {
+        Self {
+            vocab_size: 256,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            head_dim: Some(24),
+            rms_norm_eps: 1e-6,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            rope_parameters: None,
+            max_position_embeddings: 256,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            mlp_bias: false,
+            hidden_act: default_act(),
+            sliding_window: None,
+        }
+    }
+
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// RoPE base: `rope_parameters.rope_theta` (transformers >= 5) or `rope_theta`.
+    pub fn theta(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_theta)
+            .unwrap_or(self.rope_theta)
+    }
+
+    fn scaling(&self) -> Option<&RopeParameters> {
+        self.rope_parameters
+            .as_deref()
+            .or(self.rope_scaling.as_deref())
+    }
+
+    pub fn geometry(&self) -> ModelGeometry {
+        ModelGeometry {
+            num_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_kv_heads: self.num_kv_heads(),
+            head_dim: self.head_dim(),
+            hidden_size: self.hidden_size,
+            vocab_size: self.vocab_size,
+            // RoPE has no position table: positions past max_position_embeddings
+            // still compute (with degraded quality), nothing is out of range.
+            max_positions: None,
+            encoder_decoder: false,
+        }
+    }
+
+    /// RoPE inverse frequencies `1 / theta^(2i/d)` for `i < d/2`, with the scaling of
+    /// `rope_type` (`default`, `linear`, `llama3`), computed in f64.
+    fn inv_freq(&self) -> Result<Vec<f64>> {
+        let d = self.head_dim();
+        let theta = self.theta();
+        let base: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64))
+            .collect();
+        let Some(r) = self.scaling() else {
+            return Ok(base);
+        };
+        let need = |v: Option<f64>, name: &str| {
+            v.ok_or_else(|| {
+                EngineError::Config(format!("llama: rope_type `{}` needs `{name}`", r.kind()))
+            })
+        };
+        match r.kind() {
+            "default" => Ok(base),
+            "linear" => {
+                let factor = need(r.factor, "factor")?;
+                Ok(base.into_iter().map(|f| f / factor).collect())
+            }
+            "llama3" => {
+                // transformers `_compute_llama3_parameters`.
+                let factor = need(r.factor, "factor")?;
+                let low = need(r.low_freq_factor, "low_freq_factor")?;
+                let high = need(r.high_freq_factor, "high_freq_factor")?;
+                let old = need(
+                    r.original_max_position_embeddings.map(|v| v as f64),
+                    "original_max_position_embeddings",
+                )?;
+                let (low_wavelen, high_wavelen) = (old / low, old / high);
+                Ok(base
+                    .into_iter()
+                    .map(|f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low) / (high - low);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect())
+            }
+            other => Err(EngineError::Config(format!(
+                "llama: rope_type `{other}` is not supported (supported: default, linear, llama3)"
+            ))),
+        }
+    }
+
+    /// What `ModelConfig::validate` cannot see: head_dim even (RoPE rotates pairs),
+    /// the activation, the RoPE type, the windows of `block` (`name`: the family).
+    pub(crate) fn check(&self, block: &Block) -> Result<()> {
+        let name = block.family.name();
+        let d = self.head_dim();
+        if !d.is_multiple_of(2) {
+            return Err(EngineError::Config(format!(
+                "{name}: head_dim {d} must be even (RoPE rotates pairs of dimensions)"
+            )));
+        }
+        if self.hidden_act != "silu" {
+            return Err(EngineError::Config(format!(
+                "{name}: hidden_act `{}` is not supported (only silu)",
+                self.hidden_act
+            )));
+        }
+        if block.windows.contains(&Some(0)) {
+            return Err(EngineError::Config(format!(
+                "{name}: sliding_window must be at least 1"
+            )));
+        }
+        if block.windows.len() != self.num_hidden_layers {
+            return Err(EngineError::Config(format!(
+                "{name}: {} layer attention types for {} layers",
+                block.windows.len(),
+                self.num_hidden_layers
+            )));
+        }
+        self.inv_freq().map_err(|e| match e {
+            EngineError::Config(m) => EngineError::Config(m.replacen("llama", name, 1)),
+            other => other,
+        })?;
+        Ok(())
+    }
+}
+
+/// What a Llama-like family changes in the decoder block. `Llama` is the plain case
+/// ([`Block::llama`]); the other families build theirs from their `config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Block {
+    /// The family the model reports (`Model::family`).
+    pub family: Family,
+    /// Biases on `q_proj`, `k_proj`, `v_proj` (`[H*D]`, `[KVH*D]`, `[KVH*D]`).
+    pub qkv_bias: bool,
+    /// Bias on `o_proj` (`[E]`).
+    pub o_bias: bool,
+    /// Per-head RMSNorm on queries and keys (`self_attn.q_norm`, `self_attn.k_norm`,
+    /// weights `[D]`), applied to `[B, H, S, D]` before RoPE (Qwen3). The prefix keys
+    /// are not normalised (they enter the cache as given, like the un-rotated prefix).
+    pub qk_norm: bool,
+    /// The attention window of each layer from the config (`None`: full attention):
+    /// query at p sees keys in (p - W, p]. A cache's own window (`cache.window`)
+    /// replaces it in every layer.
+    pub windows: Vec<Option<usize>>,
+    /// Fused projections (Phi-3): `self_attn.qkv_proj` `[H*D + 2*KVH*D, E]` (q, k, v
+    /// along the output dimension) and `mlp.gate_up_proj` `[2*I, E]` (gate, then up),
+    /// split into the separate projections when loaded. No biases.
+    pub fused: bool,
+}
+
+impl Block {
+    /// `LlamaForCausalLM`: `attention_bias` on q/k/v and o, no q/k norm, the config's
+    /// `sliding_window` (if any) in every layer.
+    pub fn llama(cfg: &Config) -> Self {
+        Self {
+            family: Family::Llama,
+            qkv_bias: cfg.attention_bias,
+            o_bias: cfg.attention_bias,
+            qk_norm: false,
+            windows: vec![cfg.sliding_window; cfg.num_hidden_layers],
+            fused: false,
+        }
+    }
+}
+
+struct Layer {
+    /// `[E]`
+    input_layernorm: Tensor,
+    /// `[D]` each, with [`Block::qk_norm`].
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    /// `Linear` `[E, H*D]`
+    q_proj: Linear,
+    /// `Linear` `[E, KVH*D]`
+    k_proj: Linear,
+    /// `Linear` `[E, KVH*D]`
+    v_proj: Linear,
+    /// `Linear` `[H*D, E]`
+    o_proj: Linear,
+    /// `[E]`
+    post_attention_layernorm: Tensor,
+    /// `Linear` `[E, I]`
+    gate_proj: Linear,
+    /// `Linear` `[E, I]`
+    up_proj: Linear,
+    /// `Linear` `[I, E]`
+    down_proj: Linear,
+}
+
+pub struct Llama {
+    cfg: Config,
+    block: Block,
+    /// `[V, E]`
+    embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    /// `[E]`
+    norm: Tensor,
+    /// `Linear` `[E, V]` (the embedding table transposed when `tie_word_embeddings`)
+    lm_head: Linear,
+    /// RoPE inverse frequencies `[1, D/2]` (f32, as transformers computes them).
+    inv_freq: Tensor,
+}
+
+/// A projection `nn.Linear` by name (weight `[out, in]`, optional bias `[out]`) as a
+/// `Linear` `[in, out]`.
+fn lin(vb: &VarBuilder, name: &str, i: usize, o: usize, with_bias: bool) -> Result<Linear> {
+    let w = weight(vb, (o, i), &format!("{name}.weight")).ctx(name)?;
+    let b = if with_bias {
+        Some(bias(vb, o, &format!("{name}.bias")).ctx(name)?)
+    } else {
+        None
+    };
+    Linear::from_torch(&w, b).ctx(name)
+}
+
+/// A fused `nn.Linear` without bias (weight `[sum(outs), in]`) split along its output
+/// dimension into `N` `Linear`s `[in, outs[j]]`, in order.
+fn fused<const N: usize>(
+    vb: &VarBuilder,
+    name: &str,
+    i: usize,
+    outs: [usize; N],
+) -> Result<[Linear; N]> {
+    let total = outs.iter().sum::<usize>();
+    // [sum(outs), in]
+    let w = weight(vb, (total, i), &format!("{name}.weight")).ctx(name)?;
+    let mut start = 0;
+    let mut parts = Vec::with_capacity(N);
+    for o in outs {
+        // [o, in] -> Linear [in, o]
+        let part = w
+            .narrow(0, start, o)
+            .and_then(|p| Linear::from_torch(&p, None))
+            .ctx(name)?;
+        parts.push(part);
+        start += o;
+    }
+    parts
+        .try_into()
+        .map_err(|_| EngineError::Config(format!("{name}: split into {N} projections failed")))
+}
+
+impl Llama {
+    pub fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        Self::load_block(cfg, Block::llama(cfg), vb)
+    }
+
+    /// A Llama-like model of `block.family`: the Llama decoder with `block`'s biases,
+    /// q/k norm and windows.
+    pub fn load_block(cfg: &Config, block: Block, vb: VarBuilder) -> Result<Self> {
+        cfg.check(&block)?;
+        let root = vb.clone();
+        let vb = backbone(&vb, "model", "embed_tokens.weight");
+        let (e, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let (heads, kvh, d) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let embed_tokens =
+            weight(&vb, (cfg.vocab_size, e), "embed_tokens.weight").ctx("embed_tokens")?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("layers.{i}");
+            let (qb, ob, mb) = (block.qkv_bias, block.o_bias, cfg.mlp_bias);
+            let norm = |n: &str, size: usize| {
+                let name = format!("{p}.{n}.weight");
+                ones(&vb, size, &name).ctx(&name)
+            };
+            let head_norm = |n: &str| block.qk_norm.then(|| norm(n, d)).transpose();
+            let ([q_proj, k_proj, v_proj], [gate_proj, up_proj]) = if block.fused {
+                let qkv = format!("{p}.self_attn.qkv_proj");
+                let gate_up = format!("{p}.mlp.gate_up_proj");
+                (
+                    fused(&vb, &qkv, e, [heads * d, kvh * d, kvh * d])?,
+                    fused(&vb, &gate_up, e, [inter, inter])?,
+                )
+            } else {
+                let attn = |n: &str, o: usize| lin(&vb, &format!("{p}.self_attn.{n}"), e, o, qb);
+                let mlp = |n: &str| lin(&vb, &format!("{p}.mlp.{n}"), e, inter, mb);
+                (
+                    [
+                        attn("q_proj", heads * d)?,
+                        attn("k_proj", kvh * d)?,
+                        attn("v_proj", kvh * d)?,
+                    ],
+                    [mlp("gate_proj")?, mlp("up_proj")?],
+                )
+            };
+            layers.push(Layer {
+                input_layernorm: norm("input_layernorm", e)?,
+                q_norm: head_norm("self_attn.q_norm")?,
+                k_norm: head_norm("self_attn.k_norm")?,
+                q_proj,
+                k_proj,
+                v_proj,
+                o_proj: lin(&vb, &format!("{p}.self_attn.o_proj"), heads * d, e, ob)?,
+                post_attention_layernorm: norm("post_attention_layernorm", e)?,
+                gate_proj,
+                up_proj,
+                down_proj: lin(&vb, &format!("{p}.mlp.down_proj"), inter, e, mb)?,
+            });
+        }
+        let norm = ones(&vb, e, "norm.weight").ctx("norm")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::from_torch(&embed_tokens, None).ctx("embed_tokens")?
+        } else {
+            let w = weight(&root, (cfg.vocab_size, e), "lm_head.weight").ctx("lm_head")?;
+            Linear::from_torch(&w, None).ctx("lm_head")?
+        };
+        let inv: Vec<f32> = cfg.inv_freq()?.into_iter().map(|f| f as f32).collect();
+        let inv_freq =
+            Tensor::from_vec(inv, (1, d / 2), embed_tokens.device()).ctx("rope inv_freq")?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            block,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
+    }
+
+    /// Layer `i`'s attention sub-block with its residual: `h + o(attention(rope(q(n)),
+    /// keys, values))`, `n = rms_norm(h)`, the new keys and values going through the
+    /// cache. `h: [B, S, E]`, `cos, sin: [B, 1, S, D]` -> `[B, S, E]`. With
+    /// [`Block::qk_norm`] the queries and keys are RMS-normalised per head before RoPE.
+    ///
+    /// With the crate's kernels (f32 on the CPU; not in fused-ops or composed-blocks
+    /// mode, [`super::nn::block_ops`]) the block is computed outside the graph and, when
+    /// training, joins it as one node with its own backward pass
+    /// ([`kernels::AttentionBlock`]); otherwise it is composed from differentiable ops.
+    /// Both give the same values.
+    #[allow(clippy::too_many_arguments)]
+    fn self_attention(
+        &self,
+        fw: &mut Forward,
+        i: usize,
+        l: &Layer,
+        h: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        past: usize,
+        cache_window: Option<usize>,
+    ) -> Result<Tensor> {
+        // Keys visible to a query: the cache's window, else this layer's own.
+        let window = cache_window.or(self.block.windows[i]);
+        let (heads, kvh, d) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_kv_heads(),
+            self.cfg.head_dim(),
+        );
+        let att = Attention::SelfAttn;
+        let site_q = Site::new(i, att, TensorKind::Query);
+        let site_k = Site::new(i, att, TensorKind::Key);
+        let site_v = Site::new(i, att, TensorKind::Value);
+        let eps = self.cfg.rms_norm_eps;
+        // The block op's backward pass knows no q/k norm: Qwen3 takes the composed ops.
+        let block = !self.block.qk_norm && block_ops(h, &[&l.input_layernorm]);
+        // [B, S, E]: outside the graph for the block op
+        let x = if block { h.detach() } else { h.clone() };
+        let a = rms_norm(&x, &l.input_layernorm, eps).at(site_q, "input_layernorm")?;
+        // `t: [B, H or KVH, S, D]` -> the same, RMS-normalised per head over D with
+        // `w: [D]` (Qwen3's q_norm / k_norm), or unchanged.
+        let head_norm = |t: Tensor, w: &Option<Tensor>| match w {
+            Some(w) => rms_norm(&t, w, eps),
+            None => Ok(t),
+        };
+        // [B, H, S, D]
+        let q = l
+            .q_proj
+            .forward(&a)
+            .and_then(|t| split_heads(&t, heads, d))
+            .and_then(|t| head_norm(t, &l.q_norm))
+            .and_then(|t| rope(&t, cos, sin))
+            .at(site_q, "q_proj + rope")?;
+        // [B, KVH, S, D]: RoPE on the new keys only (the prefix is not rotated).
+        let k = l
+            .k_proj
+            .forward(&a)
+            .and_then(|t| split_heads(&t, kvh, d))
+            .and_then(|t| head_norm(t, &l.k_norm))
+            .and_then(|t| rope(&t, cos, sin))
+            .at(site_k, "k_proj + rope")?;
+        // [B, KVH, S, D]
+        let v = l
+            .v_proj
+            .forward(&a)
+            .and_then(|t| split_heads(&t, kvh, d))
+            .at(site_v, "v_proj")?;
+        let scale = 1.0 / (d as f64).sqrt();
+        if !block {
+            // [B, H, S, D]
+            let o = cached_self_attention(fw, i, &q, &k, &v, past, window, scale, &mut |_, _| {
+                Ok(None)
+            })?;
+            // [B, S, E]
+            let o = merge_heads(&o)
+                .and_then(|o| l.o_proj.forward(&o))
+                .at(site_q, "o_proj")?;
+            return (h + o).at(site_q, "residual");
+        }
+        // view.k, view.v: [B, KVH, K, D], the S new positions last; mask [B, 1, S, K]
+        let (view, mask) = cached_keys(fw, i, &k, &v, past, window)?;
+        // out [B, H, S, D], probs [B, H, S, K]
+        let (out, probs) = sdpa_detached(&q, &view.k, &view.v, &mask, None, scale, i, att)?;
+        // [B, S, E]
+        let branch = merge_heads(&out)
+            .and_then(|o| l.o_proj.forward(&o))
+            .at(site_q, "o_proj")?;
+        if !(h.track_op() || view.k.track_op() || view.v.track_op()) {
+            return (x + branch).at(site_q, "residual");
+        }
+        let Some(probs) = probs else {
+            // sdpa_detached keeps the probabilities whenever the shapes it has just
+            // checked hold and the crate's softmax runs, which `block` ensures.
+            return Err(EngineError::Config(format!(
+                "llama layer {i}: the attention probabilities were not kept for the backward pass"
+            )));
+        };
+        let op = kernels::AttentionBlock {
+            branch,
+            q: q.contiguous().at(site_q, "queries")?,
+            probs,
+            scale: scale as f32,
+            norm: kernels::Norm {
+                w: l.input_layernorm.clone(),
+                b: None,
+                eps: eps as f32,
+                centred: false,
+            },
+            rope: kernels::Rope {
+                cos: cos.contiguous().at(site_q, "rope tables")?,
+                sin: sin.contiguous().at(site_q, "rope tables")?,
+            },
+            q_proj: l.q_proj.clone(),
+            k_proj: l.k_proj.clone(),
+            v_proj: l.v_proj.clone(),
+            o_proj: l.o_proj.clone(),
+        };
+        h.contiguous()
+            .and_then(|h| h.apply_op3(&view.k, &view.v, op))
+            .at(site_v, "attention block")
+    }
+}
+
+impl Model for Llama {
+    fn family(&self) -> Family {
+        self.block.family
+    }
+
+    fn geometry(&self) -> ModelGeometry {
+        self.cfg.geometry()
+    }
+
+    fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
+        let (_b, s) = ids.dims2().ctx("input ids [B, S]")?;
+        let past = fw.cache.past_len();
+        let eps = self.cfg.rms_norm_eps;
+        // A cache window applies to every layer; otherwise each layer has its own.
+        let window = fw.cache.window();
+        // [B, 1, S, D] each: real tokens sit at positions P.. (after the prefix), per
+        // row from the attention mask, so left padding does not shift them.
+        let positions = row_positions(fw.mask, past, s)?;
+        let (cos, sin) =
+            super::nn::rope_tables(&self.inv_freq, &positions, self.embed_tokens.dtype()).at(
+                Site::new(0, Attention::SelfAttn, TensorKind::Positions),
+                "rope tables",
+            )?;
+        // [B, S, E]
+        let mut h = embed(&self.embed_tokens, ids).ctx("embed_tokens")?;
+        for (i, l) in self.layers.iter().enumerate() {
+            let site_q = Site::new(i, Attention::SelfAttn, TensorKind::Query);
+            h = self.self_attention(fw, i, l, &h, (&cos, &sin), past, window)?;
+            // [B, S, E]: down(silu(gate(x)) * up(x))
+            let (norm_w, gate, up, down) = (
+                &l.post_attention_layernorm,
+                &l.gate_proj,
+                &l.up_proj,
+                &l.down_proj,
+            );
+            h = swiglu_mlp(&h, norm_w, eps, gate, up, down).at(site_q, "mlp + residual")?;
+        }
+        // [B, S, V], or [B, 1, V] with fw.last_only
+        rms_norm(&fw.kept_positions(&h)?, &self.norm, eps)
+            .and_then(|h| self.lm_head.forward(&h))
+            .ctx("lm head")
+    }
+}

@@ -1,0 +1,159 @@
+//! Phi-3: the Llama decoder ([`super::llama`]) with fused projections: `qkv_proj`
+//! (queries, keys and values concatenated along the output dimension, GQA sizes
+//! `[H*D + 2*KVH*D, E]`) and `gate_up_proj` (gate then up, `[2*I, E]`), RMSNorm,
+//! RoPE over the whole head and an optional `sliding_window` in every layer.
+//! Parameter names follow `Phi3ForCausalLM`; the fused weights are split when loaded
+//! ([`Block::fused`]), so the forward pass is Llama's.
+//!
+//! Cache geometry: `[B, num_key_value_heads, S, hidden_size / num_attention_heads]`.
+//!
+//! Not supported (refused when the config asks for them): `partial_rotary_factor`
+//! other than 1 and `rope_scaling` types other than `default` / `linear` (Phi-3's
+//! `longrope` / `su` / `yarn`).
+
+use serde::{Deserialize, Serialize};
+
+use super::llama::{self, Block, RopeParameters};
+use super::{Family, ModelGeometry};
+use crate::engine::diagnosis::{EngineError, Result};
+
+/// `Phi3Config` (Hugging Face field names and defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    #[serde(default = "d::vocab_size")]
+    pub vocab_size: usize,
+    #[serde(default = "d::hidden_size")]
+    pub hidden_size: usize,
+    #[serde(default = "d::intermediate_size")]
+    pub intermediate_size: usize,
+    #[serde(default = "d::layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d::heads")]
+    pub num_attention_heads: usize,
+    /// Absent or `null`: `num_attention_heads`.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default = "d::act")]
+    pub hidden_act: String,
+    #[serde(default = "d::max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "d::max_positions")]
+    pub original_max_position_embeddings: usize,
+    #[serde(default = "d::eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "d::theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_scaling: Option<Box<RopeParameters>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<Box<RopeParameters>>,
+    /// RoPE on the first `partial_rotary_factor * head_dim` dimensions (Phi-4-mini);
+    /// only 1 (absent) is supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
+    /// `null` (the default): no window; else the window of every layer.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+}
+
+/// transformers' defaults (Phi-3-mini-4k).
+mod d {
+    pub fn vocab_size() -> usize {
+        32_064
+    }
+    pub fn hidden_size() -> usize {
+        3072
+    }
+    pub fn intermediate_size() -> usize {
+        8192
+    }
+    pub fn layers() -> usize {
+        32
+    }
+    pub fn heads() -> usize {
+        32
+    }
+    pub fn act() -> String {
+        "silu".into()
+    }
+    pub fn max_positions() -> usize {
+        4096
+    }
+    pub fn eps() -> f64 {
+        1e-5
+    }
+    pub fn theta() -> f64 {
+        10_000.0
+    }
+}
+
+impl Config {
+    /// Hidden 64, 3 layers, 4 attention heads over 2 KV heads (head_dim 16, so
+    /// `qkv_proj` is `[128, 64]`, not three equal thirds), intermediate 96
+    /// (`gate_up_proj` `[192, 64]`), vocabulary 256, untied, no window.
+    pub fn tiny() -> Self {
+        Self {
+            vocab_size: 256,
+            hidden_size: 64,
+            intermediate_size: 96,
+            num_hidden_layers: 3,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            hidden_act: d::act(),
+            max_position_embeddings: 256,
+            original_max_position_embeddings: 256,
+            rms_norm_eps: 1e-5,
+            tie_word_embeddings: false,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            rope_parameters: None,
+            partial_rotary_factor: None,
+            sliding_window: None,
+        }
+    }
+
+    /// The Llama decoder this config describes.
+    pub fn decoder(&self) -> (llama::Config, Block) {
+        let cfg = llama::Config {
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: self.num_key_value_heads,
+            head_dim: None,
+            rms_norm_eps: self.rms_norm_eps,
+            rope_theta: self.rope_theta,
+            rope_scaling: self.rope_scaling.clone(),
+            rope_parameters: self.rope_parameters.clone(),
+            max_position_embeddings: self.max_position_embeddings,
+            tie_word_embeddings: self.tie_word_embeddings,
+            attention_bias: false,
+            mlp_bias: false,
+            hidden_act: self.hidden_act.clone(),
+            sliding_window: self.sliding_window,
+        };
+        let block = Block {
+            family: Family::Phi3,
+            fused: true,
+            ..Block::llama(&cfg)
+        };
+        (cfg, block)
+    }
+
+    /// What the Llama decoder cannot express: partial rotary.
+    pub fn check(&self) -> Result<()> {
+        match self.partial_rotary_factor {
+            Some(f) if f != 1.0 => Err(EngineError::Config(format!(
+                "phi3: partial_rotary_factor {f} is not supported (only 1)"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn geometry(&self) -> ModelGeometry {
+        self.decoder().0.geometry()
+    }
+}

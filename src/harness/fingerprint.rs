@@ -1,0 +1,1000 @@
+//! Fingerprints: what a run produced, per case, in a file that can be compared across
+//! machines, operating systems and thread counts (`run --fingerprint FILE`,
+//! `compare A B`).
+//!
+//! A fingerprint holds, per case: the status and diagnosis, the shape trace (its digest
+//! and one condensed line per cache event, so that a comparison can show the first
+//! event that differs), the generated token ids, the loss curve and the per-step logits
+//! summaries; plus the environment block of the JSON report.
+//!
+//! [`compare`] matches cases by id. Statuses, diagnoses, shape traces and tokens must be
+//! equal exactly; losses and logits summaries within a [`Tolerance`]. Cases skipped on
+//! a side (`platforms:`) are listed, not compared; cases whose expectation differs
+//! between the sides (a per-platform expectation) must each meet their own, nothing
+//! more. Neither counts against equivalence.
+//!
+//! # Floats
+//!
+//! Every float is written as the shortest decimal that reads back to the same bits
+//! (serde_json's `ryu` output), so the file round-trips exactly through any correctly
+//! rounding reader (Rust's `str::parse`, Python's `json`). Non-finite values, which JSON
+//! numbers cannot express, are written as the strings `"NaN"`, `"inf"` and `"-inf"`.
+//! serde_json's own float parser is only exact with its `float_roundtrip` feature
+//! (without it, about 18% of f32 values stored as f64 come back one ulp off), so
+//! [`Fingerprint::from_json`] hands every float to `str::parse` instead (see
+//! [`quote_floats`]): reading is exact whatever features serde_json was built with.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::trace::{Trace, TraceEvent};
+use crate::harness::report::{self, Environment};
+use crate::harness::run::{CaseResult, LogitsSummary, Status};
+
+/// Version of the fingerprint file format (bumped on incompatible changes).
+pub const FORMAT: u32 = 1;
+
+/// Default relative tolerance of [`compare`].
+///
+/// The numbers in a fingerprint are f32 computations (logits of tiny models, O(1)
+/// to O(10)) summarised in f64. The same program on another CPU or OS takes other
+/// SIMD kernels (AVX2/AVX-512/NEON), other FMA contractions and other reduction
+/// orders: a handful of f32 ulps per value (f32 epsilon is 1.2e-7), and up to ~1e-6
+/// after a few layers (our implementations against candle-transformers differ by
+/// 1.6e-6 to 2.6e-6 on the same weights). 1e-4 leaves two orders of magnitude for
+/// that drift and still catches any real change: a different prefix, mask or weight
+/// moves logits by 1e-2 or more. The sum of a step's logits (batch x vocabulary
+/// terms) is compared relative to at least the step's largest logit, since it can
+/// cancel to near zero while keeping its terms' rounding differences.
+///
+/// Measured here (linux x86_64, AVX-512): 1 vs 2 cases at a time and candle on 1 vs 2
+/// threads give bit-identical fingerprints (difference 0). Cross-OS drift cannot be
+/// measured on one machine: the CI `compare` job reports the largest difference it
+/// sees, and `--rtol/--atol` override these defaults.
+pub const DEFAULT_RTOL: f64 = 1e-4;
+/// Default absolute tolerance of [`compare`]: the floor for values near zero (a
+/// quantile or a loss that happens to be ~0, where a relative test is meaningless).
+/// 1e-5 is ten times the cross-implementation drift measured above.
+pub const DEFAULT_ATOL: f64 = 1e-5;
+
+/// Where a fingerprint was made: the environment block of the JSON report.
+///
+/// A mirror of [`report::Environment`] that can also be read back; every field has a
+/// default so that files written by other versions still load.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EnvironmentInfo {
+    pub os: String,
+    pub arch: String,
+    pub cpu_features: Vec<String>,
+    pub rustc: String,
+    pub candle: String,
+    /// Threads candle's kernels used in each case.
+    pub threads: usize,
+    /// Cases run at the same time.
+    pub jobs: usize,
+}
+
+impl From<&Environment> for EnvironmentInfo {
+    fn from(e: &Environment) -> Self {
+        Self {
+            os: e.os.clone(),
+            arch: e.arch.clone(),
+            cpu_features: e.cpu_features.clone(),
+            rustc: e.rustc.clone(),
+            candle: e.candle.clone(),
+            threads: e.threads,
+            jobs: e.jobs,
+        }
+    }
+}
+
+impl From<Environment> for EnvironmentInfo {
+    fn from(e: Environment) -> Self {
+        (&e).into()
+    }
+}
+
+/// A run's fingerprint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    /// [`FORMAT`] of the writer.
+    pub format: u32,
+    pub tool_version: String,
+    pub environment: EnvironmentInfo,
+    pub cases: Vec<CaseFingerprint>,
+}
+
+/// What one case produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaseFingerprint {
+    pub id: String,
+    /// `pass` | `fail` | `skip` | `error`.
+    pub status: String,
+    /// What the case was expected to do on the platform that ran it (`pass`, or
+    /// `rank @ layer 0 self key`): cases whose expectations differ between two
+    /// fingerprints (a per-platform expectation) are not compared beyond their status.
+    #[serde(default)]
+    pub expected: String,
+    /// `CLASS at PLACE (expected [..], actual [..])` when the run ended in a diagnosis.
+    #[serde(default)]
+    pub diagnosis: Option<String>,
+    /// Digest of the full shape trace (None when nothing ran).
+    #[serde(default)]
+    pub trace_digest: Option<String>,
+    /// One line per cache event (see [`event_line`]), in order.
+    #[serde(default)]
+    pub trace: Vec<String>,
+    /// Generated ids per batch row.
+    #[serde(default)]
+    pub tokens: Vec<Vec<u32>>,
+    /// Training loss per step (f32 values, exact in f64).
+    #[serde(default, with = "float_list")]
+    pub losses: Vec<f64>,
+    /// Next-token logits of every decoding step, summarised.
+    #[serde(default, with = "logits_list")]
+    pub logits: Vec<LogitsSummary>,
+    /// With `run --against peft`: the stack's verdict and versions, one line
+    /// (`stack-fails: rank at layer 0 self key (...); torch 2.5.1, transformers ...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stack: Option<String>,
+}
+
+impl CaseFingerprint {
+    pub fn from_result(r: &CaseResult) -> Self {
+        Self {
+            id: r.id.clone(),
+            status: r.status.as_str().to_string(),
+            expected: r.expected.clone(),
+            diagnosis: r.diagnosis.as_ref().map(|d| {
+                let mut s = format!("{} at {}", d.class.as_str(), d.place());
+                if !d.expected_shape.is_empty() || !d.actual_shape.is_empty() {
+                    let _ = write!(
+                        s,
+                        " (expected {}, actual {})",
+                        shape(&d.expected_shape),
+                        shape(&d.actual_shape)
+                    );
+                }
+                s
+            }),
+            trace_digest: r.trace_digest.clone(),
+            trace: r.trace.as_ref().map(trace_lines).unwrap_or_default(),
+            tokens: r.tokens.clone(),
+            losses: r.losses.iter().map(|x| *x as f64).collect(),
+            logits: r.logits.clone(),
+            stack: r
+                .stack
+                .as_ref()
+                .map(|o| format!("{}; {}", o.describe(), o.versions.describe())),
+        }
+    }
+}
+
+impl Fingerprint {
+    /// The fingerprint of a run: cases in the order given.
+    pub fn from_results(results: &[CaseResult], env: Environment) -> Self {
+        Self {
+            format: FORMAT,
+            tool_version: env!("CARGO_PKG_VERSION").to_string(),
+            environment: env.into(),
+            cases: results.iter().map(CaseFingerprint::from_result).collect(),
+        }
+    }
+
+    /// Pretty JSON, `\n` line endings, ending with a newline.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("fingerprint serialises") + "\n"
+    }
+
+    /// Read a fingerprint; floats are read exactly (see the module docs).
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let fp: Fingerprint =
+            serde_json::from_str(&quote_floats(text)).map_err(|e| e.to_string())?;
+        if fp.format > FORMAT {
+            return Err(format!(
+                "fingerprint format {} is newer than this tool understands ({FORMAT}); update prefix-harness",
+                fp.format
+            ));
+        }
+        Ok(fp)
+    }
+
+    /// Write atomically (temporary file + rename).
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        report::write_atomic(path, &self.to_json())
+    }
+
+    /// Read a fingerprint file; errors name the file.
+    pub fn read(path: &Path) -> Result<Self, String> {
+        let shown = path.to_string_lossy().replace('\\', "/");
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{shown}: {e}"))?;
+        Self::from_json(&text).map_err(|e| format!("{shown}: not a fingerprint file: {e}"))
+    }
+}
+
+/// `[2, 4, 8, 16]` as `2x4x8x16` (`[]` for a scalar).
+fn shape(s: &[usize]) -> String {
+    if s.is_empty() {
+        return "[]".into();
+    }
+    s.iter().map(usize::to_string).collect::<Vec<_>>().join("x")
+}
+
+fn opt_shape(s: &Option<Vec<usize>>) -> String {
+    s.as_deref().map(shape).unwrap_or_else(|| "-".into())
+}
+
+/// One cache event on one line, e.g.
+/// `step 1 layer 0 self update standard key 2x4x13x16+2x4x1x16=2x4x14x16 value ... read 2x4x14x16/2x4x14x16 mask 2x1x1x14 pos 13..14`
+/// (`-` where the event has no such tensor).
+pub fn event_line(e: &TraceEvent) -> String {
+    // The op's name as serialised (`seed`, `update`, `read`, ...).
+    let op = serde_json::to_value(e.op)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{:?}", e.op));
+    let pos = e
+        .positions
+        .map(|(a, b)| format!("{a}..{b}"))
+        .unwrap_or_else(|| "-".into());
+    format!(
+        "step {} layer {} {} {} {} key {}+{}={} value {}+{}={} read {}/{} mask {} pos {}",
+        e.step,
+        e.layer,
+        e.attention,
+        op,
+        e.layout,
+        opt_shape(&e.key_before),
+        opt_shape(&e.key_written),
+        opt_shape(&e.key_after),
+        opt_shape(&e.value_before),
+        opt_shape(&e.value_written),
+        opt_shape(&e.value_after),
+        opt_shape(&e.key_read),
+        opt_shape(&e.value_read),
+        opt_shape(&e.mask),
+        pos
+    )
+}
+
+/// Every event of a trace as a line ([`event_line`]).
+pub fn trace_lines(t: &Trace) -> Vec<String> {
+    t.events.iter().map(event_line).collect()
+}
+
+// ---------------------------------------------------------------------------------
+// Exact floats in JSON.
+
+/// A float in the file: a JSON number when finite, `"NaN"`/`"inf"`/`"-inf"` otherwise;
+/// read from a number or from a string (what [`quote_floats`] makes of numbers).
+#[derive(Debug, Clone, Copy)]
+struct Num(f64);
+
+impl Serialize for Num {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let x = self.0;
+        if x.is_finite() {
+            s.serialize_f64(x)
+        } else if x.is_nan() {
+            s.serialize_str("NaN")
+        } else if x > 0.0 {
+            s.serialize_str("inf")
+        } else {
+            s.serialize_str("-inf")
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Num {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Num;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number, or \"NaN\", \"inf\", \"-inf\"")
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Num, E> {
+                Ok(Num(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Num, E> {
+                Ok(Num(v as f64))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Num, E> {
+                Ok(Num(v as f64))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Num, E> {
+                v.parse::<f64>()
+                    .map(Num)
+                    .map_err(|_| E::custom(format!("`{v}` is not a number")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+mod float_list {
+    use super::Num;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[f64], s: S) -> Result<S::Ok, S::Error> {
+        v.iter().map(|x| Num(*x)).collect::<Vec<_>>().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+        Ok(Vec::<Num>::deserialize(d)?
+            .into_iter()
+            .map(|n| n.0)
+            .collect())
+    }
+}
+
+mod logits_list {
+    use super::Num;
+    use crate::harness::run::LogitsSummary;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    struct Repr {
+        min: Num,
+        q25: Num,
+        median: Num,
+        q75: Num,
+        max: Num,
+        sum: Num,
+    }
+
+    pub fn serialize<S: Serializer>(v: &[LogitsSummary], s: S) -> Result<S::Ok, S::Error> {
+        v.iter()
+            .map(|l| Repr {
+                min: Num(l.min),
+                q25: Num(l.q25),
+                median: Num(l.median),
+                q75: Num(l.q75),
+                max: Num(l.max),
+                sum: Num(l.sum),
+            })
+            .collect::<Vec<_>>()
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<LogitsSummary>, D::Error> {
+        Ok(Vec::<Repr>::deserialize(d)?
+            .into_iter()
+            .map(|r| LogitsSummary {
+                min: r.min.0,
+                q25: r.q25.0,
+                median: r.median.0,
+                q75: r.q75.0,
+                max: r.max.0,
+                sum: r.sum.0,
+            })
+            .collect())
+    }
+}
+
+/// Turn every JSON number that has a fraction or an exponent into a JSON string with
+/// the same text, leaving integers and the contents of strings alone, so that floats
+/// reach `Num` as text and are parsed by `str::parse` (correctly rounded). Every
+/// float field of a fingerprint is a `Num`; integers (token ids, counts) stay
+/// numbers. Invalid JSON stays invalid (serde_json reports it).
+pub fn quote_floats(json: &str) -> String {
+    let b = json.as_bytes();
+    let mut out = String::with_capacity(json.len() + json.len() / 8);
+    let mut i = 0;
+    let mut copied = 0;
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                // Skip the string, honouring escapes.
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < b.len() && matches!(b[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
+                    i += 1;
+                }
+                let tok = &json[start..i];
+                if tok.contains(['.', 'e', 'E']) {
+                    out.push_str(&json[copied..start]);
+                    out.push('"');
+                    out.push_str(tok);
+                    out.push('"');
+                    copied = i;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    out.push_str(&json[copied.min(json.len())..]);
+    out
+}
+
+// ---------------------------------------------------------------------------------
+// Comparison.
+
+/// How far numbers may drift: `|a - b| <= atol + rtol * max(|a|, |b|)` (symmetric, so
+/// that comparing A with B and B with A agree). NaN equals NaN, an infinity only
+/// itself.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Tolerance {
+    pub rtol: f64,
+    pub atol: f64,
+}
+
+impl Default for Tolerance {
+    fn default() -> Self {
+        Self {
+            rtol: DEFAULT_RTOL,
+            atol: DEFAULT_ATOL,
+        }
+    }
+}
+
+impl Tolerance {
+    pub fn close(&self, a: f64, b: f64) -> bool {
+        self.close_at_scale(a, b, 0.0)
+    }
+
+    /// [`Tolerance::close`] with the relative part measured against at least `scale`:
+    /// a sum is compared relative to (at least) its largest term, since cancellation
+    /// can make the sum itself small while its rounding error stays that of its terms.
+    pub fn close_at_scale(&self, a: f64, b: f64, scale: f64) -> bool {
+        if a.is_nan() || b.is_nan() {
+            return a.is_nan() && b.is_nan();
+        }
+        if a.is_infinite() || b.is_infinite() {
+            return a == b;
+        }
+        (a - b).abs() <= self.allowed(a, b, scale)
+    }
+
+    fn allowed(&self, a: f64, b: f64, scale: f64) -> f64 {
+        self.atol + self.rtol * a.abs().max(b.abs()).max(scale)
+    }
+}
+
+/// One way in which a case differs between A and B.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Difference {
+    Status {
+        a: String,
+        b: String,
+    },
+    Diagnosis {
+        a: Option<String>,
+        b: Option<String>,
+    },
+    /// The Python stack's verdicts (or versions) differ (`run --against peft`).
+    Stack {
+        a: Option<String>,
+        b: Option<String>,
+    },
+    /// The shape traces differ: the first differing event (0-based), as written on
+    /// each side (None: that side has fewer events).
+    Trace {
+        event: usize,
+        a: Option<String>,
+        b: Option<String>,
+        a_events: usize,
+        b_events: usize,
+        a_digest: Option<String>,
+        b_digest: Option<String>,
+    },
+    /// Generated tokens differ: the first differing row and position.
+    Tokens {
+        row: usize,
+        position: usize,
+        a: Option<Vec<u32>>,
+        b: Option<Vec<u32>>,
+    },
+    /// A list of numbers has a different length (`losses`, `logits`).
+    Length {
+        what: String,
+        a: usize,
+        b: usize,
+    },
+    /// Numbers beyond tolerance: how many, and the worst (`logits[3].median`).
+    Numbers {
+        count: usize,
+        worst: String,
+        a: f64,
+        b: f64,
+        abs_diff: f64,
+    },
+}
+
+impl Difference {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Difference::Status { .. } => "status",
+            Difference::Diagnosis { .. } => "diagnosis",
+            Difference::Stack { .. } => "stack",
+            Difference::Trace { .. } => "trace",
+            Difference::Tokens { .. } => "tokens",
+            Difference::Length { .. } => "length",
+            Difference::Numbers { .. } => "numbers",
+        }
+    }
+}
+
+/// Everything that differs about one case present on both sides.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CaseDifference {
+    pub id: String,
+    pub differences: Vec<Difference>,
+}
+
+/// The result of [`compare`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Comparison {
+    /// How the two sides are named in [`Comparison::render`] (default `A`, `B`).
+    pub labels: [String; 2],
+    /// Where the two sides were read from, if from files (shown above the table).
+    pub files: [Option<String>; 2],
+    pub environments: [EnvironmentInfo; 2],
+    pub tool_versions: [String; 2],
+    pub tolerance: Tolerance,
+    /// Cases present on both sides and run on both (not skipped).
+    pub compared: usize,
+    pub only_in_a: Vec<String>,
+    pub only_in_b: Vec<String>,
+    /// Cases skipped on at least one side (`platforms:`): `(id, status A, status B)`;
+    /// listed, not compared, and not a difference.
+    pub skipped: Vec<(String, String, String)>,
+    /// Cases expected to behave differently on the two sides (a per-platform
+    /// expectation): `(id, expected A, expected B)`. Only their statuses are compared:
+    /// each side must have met its own expectation.
+    pub expected_to_differ: Vec<(String, String, String)>,
+    pub cases: Vec<CaseDifference>,
+    /// The largest differences among all numbers compared (within tolerance or not).
+    pub max_abs_diff: f64,
+    pub max_rel_diff: f64,
+}
+
+impl Comparison {
+    /// Same cases, same statuses, shapes and tokens, numbers within tolerance.
+    pub fn is_equivalent(&self) -> bool {
+        self.only_in_a.is_empty() && self.only_in_b.is_empty() && self.cases.is_empty()
+    }
+
+    /// Name the sides in the rendering (short names: they head the columns).
+    pub fn with_labels(mut self, a: impl Into<String>, b: impl Into<String>) -> Self {
+        self.labels = [a.into(), b.into()];
+        self
+    }
+
+    /// Record which files the sides were read from (shown above the table as
+    /// `A = path`).
+    pub fn with_files(mut self, a: impl Into<String>, b: impl Into<String>) -> Self {
+        self.files = [Some(a.into()), Some(b.into())];
+        self
+    }
+
+    /// The difference of `id`, if it differs.
+    pub fn case(&self, id: &str) -> Option<&CaseDifference> {
+        self.cases.iter().find(|c| c.id == id)
+    }
+
+    /// A readable report: the environments side by side, one block per differing
+    /// case, the cases present on one side only, and a verdict.
+    pub fn render(&self) -> String {
+        let [la, lb] = &self.labels;
+        let [ea, eb] = &self.environments;
+        let features = |e: &EnvironmentInfo| {
+            if e.cpu_features.is_empty() {
+                "-".to_string()
+            } else {
+                e.cpu_features.join(" ")
+            }
+        };
+        let rows: Vec<(&str, String, String)> = vec![
+            ("os", ea.os.clone(), eb.os.clone()),
+            ("arch", ea.arch.clone(), eb.arch.clone()),
+            ("cpu features", features(ea), features(eb)),
+            ("rustc", ea.rustc.clone(), eb.rustc.clone()),
+            ("candle", ea.candle.clone(), eb.candle.clone()),
+            ("threads", ea.threads.to_string(), eb.threads.to_string()),
+            ("jobs", ea.jobs.to_string(), eb.jobs.to_string()),
+            (
+                "prefix-harness",
+                self.tool_versions[0].clone(),
+                self.tool_versions[1].clone(),
+            ),
+        ];
+        let w0 = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+        let w1 = rows
+            .iter()
+            .map(|r| r.1.chars().count())
+            .chain([la.chars().count()])
+            .max()
+            .unwrap_or(0);
+        let mut out = String::new();
+        if let [Some(fa), Some(fb)] = &self.files {
+            let _ = writeln!(out, "{la} = {fa}\n{lb} = {fb}\n");
+        }
+        let _ = writeln!(out, "  {:<w0$}  {:<w1$}  {}", "", la, lb);
+        for (name, a, b) in &rows {
+            let mark = if a == b { ' ' } else { '*' };
+            let _ = writeln!(out, "{mark} {name:<w0$}  {a:<w1$}  {b}");
+        }
+        let _ = writeln!(
+            out,
+            "(* differs)  tolerance: rtol {:e}, atol {:e} for losses and logits; statuses, shapes and tokens exactly\n",
+            self.tolerance.rtol, self.tolerance.atol
+        );
+        if !self.cases.is_empty() {
+            let wid = self
+                .cases
+                .iter()
+                .map(|c| c.id.chars().count())
+                .max()
+                .unwrap_or(0)
+                .max(4);
+            let _ = writeln!(out, "{:<wid$}  {:<9}  detail", "case", "differs");
+            for c in &self.cases {
+                for (i, d) in c.differences.iter().enumerate() {
+                    let id = if i == 0 { c.id.as_str() } else { "" };
+                    let (head, more) = self.detail(d);
+                    let _ = writeln!(out, "{id:<wid$}  {:<9}  {head}", d.kind());
+                    for line in more {
+                        let _ = writeln!(out, "{:<wid$}  {:<9}    {line}", "", "");
+                    }
+                }
+            }
+            out.push('\n');
+        }
+        for (side, ids) in [(la, &self.only_in_a), (lb, &self.only_in_b)] {
+            if !ids.is_empty() {
+                let _ = writeln!(out, "only in {side} ({}):", ids.len());
+                for id in ids {
+                    let _ = writeln!(out, "  {id}");
+                }
+            }
+        }
+        if !self.skipped.is_empty() {
+            let _ = writeln!(
+                out,
+                "skipped on at least one side, not compared ({}):",
+                self.skipped.len()
+            );
+            for (id, a, b) in &self.skipped {
+                let _ = writeln!(out, "  {id}: {la} {a}, {lb} {b}");
+            }
+        }
+        if !self.expected_to_differ.is_empty() {
+            let _ = writeln!(
+                out,
+                "expected to differ (per-platform expectation), statuses compared only ({}):",
+                self.expected_to_differ.len()
+            );
+            for (id, a, b) in &self.expected_to_differ {
+                let _ = writeln!(out, "  {id}: {la} expects {a}, {lb} expects {b}");
+            }
+        }
+        let _ = writeln!(
+            out,
+            "{} cases compared: {} equivalent, {} differ; {} only in {la}, {} only in {lb}, {} skipped",
+            self.compared,
+            self.compared - self.cases.len(),
+            self.cases.len(),
+            self.only_in_a.len(),
+            self.only_in_b.len(),
+            self.skipped.len()
+        );
+        let _ = writeln!(
+            out,
+            "largest numeric difference: {:.2e} absolute, {:.2e} relative",
+            self.max_abs_diff, self.max_rel_diff
+        );
+        let _ = writeln!(
+            out,
+            "{}",
+            if self.is_equivalent() {
+                "verdict: equivalent"
+            } else {
+                "verdict: DIFFERENT"
+            }
+        );
+        out
+    }
+
+    /// First line and continuation lines of one difference.
+    fn detail(&self, d: &Difference) -> (String, Vec<String>) {
+        let [la, lb] = &self.labels;
+        let w = la.chars().count().max(lb.chars().count());
+        let side = |l: &str, v: String| format!("{l:<w$}: {v}");
+        let show = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+        match d {
+            Difference::Status { a, b } => (format!("{la} {a}, {lb} {b}"), vec![]),
+            Difference::Diagnosis { a, b } => (
+                "the diagnoses differ".into(),
+                vec![side(la, show(a)), side(lb, show(b))],
+            ),
+            Difference::Stack { a, b } => (
+                "the Python stack's verdicts differ".into(),
+                vec![side(la, show(a)), side(lb, show(b))],
+            ),
+            Difference::Trace {
+                event,
+                a,
+                b,
+                a_events,
+                b_events,
+                a_digest,
+                b_digest,
+            } => {
+                let head = if a.is_none() && b.is_none() {
+                    format!(
+                        "trace digests differ ({} vs {}), no event lines to show",
+                        show(a_digest),
+                        show(b_digest)
+                    )
+                } else {
+                    format!(
+                        "first differing cache event: #{event} ({la} has {a_events} events, {lb} {b_events})"
+                    )
+                };
+                let more = if a.is_none() && b.is_none() {
+                    vec![]
+                } else {
+                    let end = |o: &Option<String>| {
+                        o.clone().unwrap_or_else(|| "(no such event)".into())
+                    };
+                    vec![side(la, end(a)), side(lb, end(b))]
+                };
+                (head, more)
+            }
+            Difference::Tokens {
+                row,
+                position,
+                a,
+                b,
+            } => {
+                let ids = |o: &Option<Vec<u32>>| {
+                    o.as_ref()
+                        .map(|v| format!("{v:?}"))
+                        .unwrap_or_else(|| "(no such row)".into())
+                };
+                (
+                    format!("row {row} differs from position {position}"),
+                    vec![side(la, ids(a)), side(lb, ids(b))],
+                )
+            }
+            Difference::Length { what, a, b } => {
+                (format!("{what}: {la} has {a} values, {lb} {b}"), vec![])
+            }
+            Difference::Numbers {
+                count,
+                worst,
+                a,
+                b,
+                abs_diff,
+            } => (
+                format!(
+                    "{count} value(s) beyond tolerance; worst {worst}: {la} {a}, {lb} {b} (|diff| {abs_diff:.2e})"
+                ),
+                vec![],
+            ),
+        }
+    }
+}
+
+/// Read two fingerprint files and compare them; the sides are labelled with the paths
+/// as given (`/`-separated). Errors (unreadable or foreign files) name the file.
+pub fn compare_files(a: &Path, b: &Path, tol: Tolerance) -> Result<Comparison, String> {
+    let fa = Fingerprint::read(a)?;
+    let fb = Fingerprint::read(b)?;
+    let label = |p: &Path| p.to_string_lossy().replace('\\', "/");
+    Ok(compare(&fa, &fb, tol).with_files(label(a), label(b)))
+}
+
+/// Compare two fingerprints case by case (matched by id; order is A's, then B's).
+pub fn compare(a: &Fingerprint, b: &Fingerprint, tol: Tolerance) -> Comparison {
+    let by_id_b: std::collections::HashMap<&str, &CaseFingerprint> =
+        b.cases.iter().map(|c| (c.id.as_str(), c)).collect();
+    let ids_a: std::collections::HashSet<&str> = a.cases.iter().map(|c| c.id.as_str()).collect();
+    let mut cmp = Comparison {
+        labels: ["A".into(), "B".into()],
+        files: [None, None],
+        environments: [a.environment.clone(), b.environment.clone()],
+        tool_versions: [a.tool_version.clone(), b.tool_version.clone()],
+        tolerance: tol,
+        compared: 0,
+        only_in_a: vec![],
+        only_in_b: b
+            .cases
+            .iter()
+            .filter(|c| !ids_a.contains(c.id.as_str()))
+            .map(|c| c.id.clone())
+            .collect(),
+        skipped: vec![],
+        expected_to_differ: vec![],
+        cases: vec![],
+        max_abs_diff: 0.0,
+        max_rel_diff: 0.0,
+    };
+    let skip = Status::Skip.as_str();
+    for ca in &a.cases {
+        let Some(cb) = by_id_b.get(ca.id.as_str()) else {
+            cmp.only_in_a.push(ca.id.clone());
+            continue;
+        };
+        if ca.status == skip || cb.status == skip {
+            cmp.skipped
+                .push((ca.id.clone(), ca.status.clone(), cb.status.clone()));
+            continue;
+        }
+        cmp.compared += 1;
+        if ca.expected != cb.expected {
+            cmp.expected_to_differ
+                .push((ca.id.clone(), ca.expected.clone(), cb.expected.clone()));
+            if ca.status != cb.status {
+                cmp.cases.push(CaseDifference {
+                    id: ca.id.clone(),
+                    differences: vec![Difference::Status {
+                        a: ca.status.clone(),
+                        b: cb.status.clone(),
+                    }],
+                });
+            }
+            continue;
+        }
+        let diffs = compare_case(ca, cb, &tol, &mut cmp.max_abs_diff, &mut cmp.max_rel_diff);
+        if !diffs.is_empty() {
+            cmp.cases.push(CaseDifference {
+                id: ca.id.clone(),
+                differences: diffs,
+            });
+        }
+    }
+    cmp
+}
+
+fn compare_case(
+    a: &CaseFingerprint,
+    b: &CaseFingerprint,
+    tol: &Tolerance,
+    max_abs: &mut f64,
+    max_rel: &mut f64,
+) -> Vec<Difference> {
+    let mut out = vec![];
+    if a.status != b.status {
+        out.push(Difference::Status {
+            a: a.status.clone(),
+            b: b.status.clone(),
+        });
+    }
+    if a.diagnosis != b.diagnosis {
+        out.push(Difference::Diagnosis {
+            a: a.diagnosis.clone(),
+            b: b.diagnosis.clone(),
+        });
+    }
+    // Only when both runs went to a stack: an engine-only fingerprint compares with one
+    // made with --against on the engine's side alone.
+    if a.stack.is_some() && b.stack.is_some() && a.stack != b.stack {
+        out.push(Difference::Stack {
+            a: a.stack.clone(),
+            b: b.stack.clone(),
+        });
+    }
+    if a.trace_digest != b.trace_digest || a.trace != b.trace {
+        let n = a.trace.len().max(b.trace.len());
+        let event = (0..n)
+            .find(|&i| a.trace.get(i) != b.trace.get(i))
+            .unwrap_or(n);
+        out.push(Difference::Trace {
+            event,
+            a: a.trace.get(event).cloned(),
+            b: b.trace.get(event).cloned(),
+            a_events: a.trace.len(),
+            b_events: b.trace.len(),
+            a_digest: a.trace_digest.clone(),
+            b_digest: b.trace_digest.clone(),
+        });
+    }
+    if a.tokens != b.tokens {
+        let rows = a.tokens.len().max(b.tokens.len());
+        let row = (0..rows)
+            .find(|&r| a.tokens.get(r) != b.tokens.get(r))
+            .unwrap_or(0);
+        let (ra, rb) = (a.tokens.get(row), b.tokens.get(row));
+        let position = match (ra, rb) {
+            (Some(x), Some(y)) => x
+                .iter()
+                .zip(y)
+                .position(|(p, q)| p != q)
+                .unwrap_or(x.len().min(y.len())),
+            _ => 0,
+        };
+        out.push(Difference::Tokens {
+            row,
+            position,
+            a: ra.cloned(),
+            b: rb.cloned(),
+        });
+    }
+    // Numbers: every pair (name, a, b, scale floor), the worst one beyond tolerance is
+    // shown.
+    let mut pairs: Vec<(String, f64, f64, f64)> = vec![];
+    if a.losses.len() != b.losses.len() {
+        out.push(Difference::Length {
+            what: "losses".into(),
+            a: a.losses.len(),
+            b: b.losses.len(),
+        });
+    }
+    for (i, (x, y)) in a.losses.iter().zip(&b.losses).enumerate() {
+        pairs.push((format!("losses[{i}]"), *x, *y, 0.0));
+    }
+    if a.logits.len() != b.logits.len() {
+        out.push(Difference::Length {
+            what: "logits".into(),
+            a: a.logits.len(),
+            b: b.logits.len(),
+        });
+    }
+    for (i, (x, y)) in a.logits.iter().zip(&b.logits).enumerate() {
+        // The sum is compared relative to at least the largest logit of the step.
+        let largest = [x.min, x.max, y.min, y.max]
+            .iter()
+            .filter(|v| v.is_finite())
+            .fold(0.0f64, |m, v| m.max(v.abs()));
+        for (name, p, q) in [
+            ("min", x.min, y.min),
+            ("q25", x.q25, y.q25),
+            ("median", x.median, y.median),
+            ("q75", x.q75, y.q75),
+            ("max", x.max, y.max),
+            ("sum", x.sum, y.sum),
+        ] {
+            let floor = if name == "sum" { largest } else { 0.0 };
+            pairs.push((format!("logits[{i}].{name}"), p, q, floor));
+        }
+    }
+    let mut beyond = 0;
+    let mut worst: Option<(f64, String, f64, f64)> = None;
+    for (name, x, y, floor) in pairs {
+        let d = (x - y).abs();
+        if d.is_finite() {
+            *max_abs = max_abs.max(d);
+            let scale = x.abs().max(y.abs());
+            if scale > 0.0 {
+                *max_rel = max_rel.max(d / scale);
+            }
+        }
+        if !tol.close_at_scale(x, y, floor) {
+            beyond += 1;
+            // Excess over the allowed drift; non-finite mismatches rank first.
+            let allowed = tol.allowed(x, y, floor);
+            let excess = if d.is_finite() {
+                d / allowed.max(f64::MIN_POSITIVE)
+            } else {
+                f64::INFINITY
+            };
+            if worst.as_ref().is_none_or(|w| excess > w.0) {
+                worst = Some((excess, name, x, y));
+            }
+        }
+    }
+    if let Some((_, name, x, y)) = worst {
+        out.push(Difference::Numbers {
+            count: beyond,
+            worst: name,
+            a: x,
+            b: y,
+            abs_diff: (x - y).abs(),
+        });
+    }
+    out
+}
