@@ -32,8 +32,7 @@
 //! - T5 v1.1 as transformers 5.24 saves it (`scale_decoder_outputs: false`): the test
 //!   `t5_v1_1_unscaled_tied_head`.
 
-mod common;
-use common::TempDir;
+use crate::common::TempDir;
 
 use std::path::{Path, PathBuf};
 

@@ -6,12 +6,10 @@
 //! shrinks it to a minimal setup (P, B, S, ... shrink towards 1, the family towards
 //! GPT-2, the mode towards `none`, the geometry towards one head). Cases per property:
 //! `PROPTEST_CASES` (default 24). Failing seeds are kept in
-//! `tests/properties.proptest-regressions` (commit it: the seeds replay first).
+//! `tests/it/properties.proptest-regressions` (commit it: the seeds replay first).
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device, Tensor};
-use common::*;
 use prefix_harness::cache::{CacheConfig, CacheMode, Layout};
 use prefix_harness::check::{Attention, DiagnosisClass};
 use prefix_harness::data;

@@ -2,8 +2,6 @@
 //! (`ci/fixtures/make_reference_math.py`): PEFT's projection `PrefixEncoder` on the
 //! same weights, and transformers' sampling warpers on the same logits.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -12,7 +10,7 @@ use prefix_harness::generate::Sampler;
 use prefix_harness::model::ModelGeometry;
 use prefix_harness::prefix::{PrefixConfig, PrefixEncoder};
 
-use common::max_abs_diff;
+use crate::common::max_abs_diff;
 
 const DIR: &str = "tests/fixtures/reference";
 

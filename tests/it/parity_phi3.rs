@@ -4,8 +4,7 @@
 //! unevenly); `config.json` with transformers' defaults; parameter names.
 //! (candle-transformers 0.11 has no GPT-NeoX.)
 
-mod common;
-use common::max_abs_diff;
+use crate::common::max_abs_diff;
 
 use std::collections::HashMap;
 

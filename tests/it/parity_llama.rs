@@ -2,8 +2,7 @@
 //! the explicit `head_dim` cache geometry, config parsing, and gradients reaching the
 //! prefix.
 
-mod common;
-use common::max_abs_diff;
+use crate::common::max_abs_diff;
 
 use std::collections::HashMap;
 

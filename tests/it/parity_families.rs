@@ -7,8 +7,7 @@
 //! i` masks), and the window itself is checked against transformers
 //! (`scenarios/stack/`).
 
-mod common;
-use common::max_abs_diff;
+use crate::common::max_abs_diff;
 
 use std::collections::HashMap;
 

@@ -1,5 +1,5 @@
 //! The built-in tokenizer: the committed `assets/tokenizer.json` is what the builder
-//! makes (and is regenerated with `REGENERATE_TOKENIZER=1 cargo test --test tokenizer`),
+//! makes (and is regenerated with `REGENERATE_TOKENIZER=1 cargo test --test it tokenizer::`),
 //! it encodes exactly like `data::encode_bytes`, and it round-trips.
 
 use std::path::PathBuf;
@@ -40,7 +40,7 @@ fn committed_tokenizer_json_matches_the_builder() {
     assert!(
         BUILTIN_JSON == built,
         "assets/tokenizer.json differs from tokenizer::build_byte_level(); regenerate it \
-         with `REGENERATE_TOKENIZER=1 cargo test --test tokenizer`"
+         with `REGENERATE_TOKENIZER=1 cargo test --test it tokenizer::`"
     );
 }
 

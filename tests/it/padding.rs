@@ -2,10 +2,8 @@
 //! in every family and cache mode (positions come from the attention mask, as in
 //! transformers, so the prefix still ends at P and padding shifts nothing).
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device, Tensor};
-use common::*;
 use prefix_harness::cache::{CacheConfig, CacheMode};
 use prefix_harness::generate::{greedy, DecodeOptions};
 use prefix_harness::model::Family;

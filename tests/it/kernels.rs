@@ -2,8 +2,7 @@
 //! composed candle ops they replace: same values and same input gradient, on shapes
 //! below and above the size where the kernels switch to parallel rows.
 
-mod common;
-use common::max_abs_diff;
+use crate::common::max_abs_diff;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use prefix_harness::model::nn;

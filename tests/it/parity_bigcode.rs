@@ -3,12 +3,10 @@
 //! for a full prefill and for token-by-token decoding through its fused K|V cache
 //! (the `legacy` layout of our cache).
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bigcode;
-use common::*;
 use prefix_harness::cache::{CacheConfig, CacheMode};
 use prefix_harness::generate::forward_logits;
 use prefix_harness::model::{gpt_bigcode, weights, ModelConfig};

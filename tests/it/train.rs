@@ -2,8 +2,6 @@
 //! the gradient check catches a cut graph (fused ops without backward) and a changed
 //! base weight.
 
-mod common;
-
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -22,7 +20,7 @@ use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use rstest::rstest;
 
-use common::{tiny_model, SEED};
+use crate::common::{tiny_model, SEED};
 
 fn cpu() -> Device {
     Device::Cpu
@@ -124,7 +122,12 @@ fn recorded_model_is_the_seeded_model() {
         let batch = batch_for(plain.as_ref(), rows, 64, &cpu()).expect("batch");
         let a = batch_logits(plain.as_ref(), &prefix, &batch).expect("logits");
         let b = batch_logits(recorded.as_ref(), &prefix, &batch).expect("logits");
-        assert_eq!(common::max_abs_diff(&a, &b), 0.0, "{}", family.name());
+        assert_eq!(
+            crate::common::max_abs_diff(&a, &b),
+            0.0,
+            "{}",
+            family.name()
+        );
         let materialized =
             weights::materialize(&ModelConfig::tiny(family), SEED, &cpu()).expect("materialize");
         assert_eq!(base.len(), materialized.len(), "{}", family.name());
@@ -516,7 +519,7 @@ fn padding_does_not_change_a_rows_logits() {
             .narrow(0, 1, 1)
             .and_then(|x| x.narrow(1, 0, t))
             .expect("row 1");
-        let diff = common::max_abs_diff(&a, &b1);
+        let diff = crate::common::max_abs_diff(&a, &b1);
         assert!(
             diff < 1e-4,
             "{}: padding changed logits by {diff}",

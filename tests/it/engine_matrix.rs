@@ -2,9 +2,7 @@
 //! declared layout and length P+S (sliding: min(P+S, W)), and cached decoding
 //! reproduces recomputation (`none`) to 1e-4, token for token.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use prefix_harness::cache::{CacheConfig, CacheMode, Layout};
 use prefix_harness::check::Attention;
 use prefix_harness::generate::{greedy, DecodeOptions};
@@ -17,7 +15,7 @@ const STEPS: usize = 5;
 const WINDOW: usize = 8;
 
 fn mode(name: &str) -> CacheMode {
-    common::cache_mode(name, 48, WINDOW)
+    crate::common::cache_mode(name, 48, WINDOW)
 }
 
 #[rstest]

@@ -6,7 +6,7 @@
 //! truncated or mismatched files).
 //!
 //! - Add a bad input: write `NAME.yaml` (a comment on top says what is wrong), run
-//!   `BLESS=1 cargo test --test bad_inputs`, read the new `NAME.expected`.
+//!   `BLESS=1 cargo test --test it bad_inputs::`, read the new `NAME.expected`.
 //! - Every input must exit 2 (invalid input, nothing runs) with a message that starts
 //!   with the file name and, where possible, gives the line and the field.
 //! - An input the harness does not handle well yet (a panic, a hang, exit 0, a vague
@@ -311,7 +311,7 @@ fn every_bad_input_gives_exactly_its_expected_error() {
         let Some(expected) = expected else {
             if !bless {
                 failures.push(format!(
-                    "{name}: no {name}.expected; run `BLESS=1 cargo test --test bad_inputs` and read it\n{got}"
+                    "{name}: no {name}.expected; run `BLESS=1 cargo test --test it bad_inputs::` and read it\n{got}"
                 ));
             }
             continue;
@@ -380,7 +380,7 @@ fn every_bad_input_gives_exactly_its_expected_error() {
     }
     assert!(
         failures.is_empty(),
-        "{} of {} bad inputs failed (bless with BLESS=1 cargo test --test bad_inputs):\n\n{}",
+        "{} of {} bad inputs failed (bless with BLESS=1 cargo test --test it bad_inputs::):\n\n{}",
         failures.len(),
         names.len(),
         failures.join("\n")

@@ -3,7 +3,7 @@
 //!
 //! Files are discovered when the test runs: a new scenario file needs no code change,
 //! only its snapshots. Review and accept changes with `cargo insta review` (or
-//! `INSTA_UPDATE=always cargo test --test snapshots`, then read `git diff snapshots/`).
+//! `INSTA_UPDATE=always cargo test --test it snapshots::`, then read `git diff snapshots/`).
 //! With `CI=true` a missing or changed snapshot fails and nothing is written. The test
 //! also fails when a case does not meet its expectation, and when a snapshot written
 //! by this test has no case any more (a removed or renamed case: delete the file).
@@ -46,8 +46,9 @@ use prefix_harness::scenario::{discover, load, Case};
 use prefix_harness::trace::{CacheOp, Trace, TraceEvent};
 use serde::Serialize;
 
-/// The snapshot folder, relative to this file (insta resolves it against `tests/`).
-const SNAPSHOT_DIR: &str = "../snapshots";
+/// The snapshot folder, the crate's `snapshots/` (insta resolves a relative path against
+/// this file's folder, `tests/it/`).
+const SNAPSHOT_DIR: &str = "../../snapshots";
 
 /// What a case's snapshot holds.
 #[derive(Debug, Serialize)]
@@ -328,10 +329,13 @@ fn our_snapshot_files(dir: &Path) -> BTreeSet<String> {
             let name = e.file_name().to_string_lossy().into_owned();
             let stem = name.strip_suffix(".snap")?.to_string();
             let head = std::fs::read_to_string(e.path()).ok()?;
-            let ours = head
-                .lines()
-                .take(6)
-                .any(|l| l.trim() == "source: tests/snapshots.rs");
+            // `tests/snapshots.rs` wrote the older files, `tests/it/snapshots.rs` the newer.
+            let ours = head.lines().take(6).any(|l| {
+                matches!(
+                    l.trim(),
+                    "source: tests/snapshots.rs" | "source: tests/it/snapshots.rs"
+                )
+            });
             ours.then_some(stem)
         })
         .collect()

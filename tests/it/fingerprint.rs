@@ -540,12 +540,15 @@ fn fingerprint_child_process() {
 fn candle_thread_count_does_not_change_the_fingerprint() {
     let dir = std::env::temp_dir().join(format!("ph-fp-threads-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    // The helper's name in this binary: its module path without the crate.
+    let module = module_path!().split_once("::").map_or("", |(_, m)| m);
+    let child = format!("{module}::fingerprint_child_process");
     let mut fps = vec![];
     for threads in [1, 2] {
         let out = dir.join(format!("threads-{threads}.json"));
         let status = Command::new(std::env::current_exe().unwrap())
             .args([
-                "fingerprint_child_process",
+                child.as_str(),
                 "--exact",
                 "--ignored",
                 "--nocapture",
@@ -654,7 +657,7 @@ fn cli_fingerprints_compare_across_thread_counts_and_catch_an_edit() {
 /// `compare`'s default tolerances. Snapshots pin shapes and tokens; this pins the
 /// numbers, so a change that moves logits while shapes stay put (an attention scale, a
 /// norm epsilon) fails here. Trace lines are left out (the snapshots hold them).
-/// Bless with `BLESS=1 cargo test --test fingerprint golden`, and say why in the commit.
+/// Bless with `BLESS=1 cargo test --test it fingerprint::golden`, and say why in the commit.
 #[test]
 fn golden_fingerprint_of_the_untrained_shipped_scenarios() {
     const GOLDEN: &str = "tests/golden/untrained.fingerprint.json";
@@ -674,7 +677,7 @@ fn golden_fingerprint_of_the_untrained_shipped_scenarios() {
         return;
     }
     let golden = Fingerprint::read(&path).unwrap_or_else(|e| {
-        panic!("{GOLDEN}: {e}; run `BLESS=1 cargo test --test fingerprint golden`")
+        panic!("{GOLDEN}: {e}; run `BLESS=1 cargo test --test it fingerprint::golden`")
     });
     let cmp = compare(&golden, &fp, Tolerance::default());
     assert!(

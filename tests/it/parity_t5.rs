@@ -2,8 +2,7 @@
 //! self and cross caches, cache modes against recomputation, the historical
 //! "cross cache marked updated" bug, and `config.json` parsing.
 
-mod common;
-use common::max_abs_diff;
+use crate::common::max_abs_diff;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;

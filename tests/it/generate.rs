@@ -3,10 +3,8 @@
 //! seeded sampling, EOS, `num_return_sequences`, left-padded batches, and
 //! `ModelCache::reorder` in every layout.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{Device, Tensor};
-use common::*;
 use prefix_harness::cache::{CacheConfig, CacheMode, Layout, ModelCache};
 use prefix_harness::check::{Attention, DiagnosisClass};
 use prefix_harness::generate::{generate, greedy, DecodeOptions, DecodeOutput, Strategy};
@@ -20,7 +18,7 @@ const P: usize = 4;
 const WINDOW: usize = 8;
 
 fn mode(name: &str) -> CacheMode {
-    common::cache_mode(name, 64, WINDOW)
+    crate::common::cache_mode(name, 64, WINDOW)
 }
 
 /// The recompute reference of `cfg`: cache `none` with the same attention window.

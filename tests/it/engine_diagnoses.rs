@@ -1,10 +1,8 @@
 //! Shape failures become structured diagnoses naming the class, the layer, the tensor
 //! and both shapes. Each test pairs a historical mistake with the diagnosis it must give.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device, Tensor};
-use common::*;
 use prefix_harness::cache::{CacheConfig, CacheMode, ModelCache};
 use prefix_harness::check::{
     from_candle, Attention, Diagnosis, DiagnosisClass, EngineError, TensorKind,

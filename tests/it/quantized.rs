@@ -3,10 +3,8 @@
 //! `checks.quantization` (the store's own invariants are unit tests in
 //! `src/cache/quant.rs`).
 
-mod common;
-
+use crate::common::*;
 use candle_core::Tensor;
-use common::*;
 use prefix_harness::cache::{CacheConfig, CacheMode};
 use prefix_harness::divergence::compare_quantized;
 use prefix_harness::generate::{generate, DecodeOptions, DecodeOutput};
@@ -52,7 +50,7 @@ fn top2_gap(logits: &Tensor, row: usize) -> f32 {
 /// token may differ only where the unquantized run's top two logits are within twice
 /// that drift of each other (a near-tie the drift can flip).
 ///
-/// Measured (`cargo test --test quantized -- --nocapture`, the `drift` lines; the
+/// Measured (`cargo test --test it quantized:: -- --nocapture`, the `drift` lines; the
 /// logits of these models are within +-4): gpt2 0.0153, llama 0.0216, bloom 0.0029,
 /// gpt_bigcode 0.0126, t5 0.0031, qwen2 0.0295, mistral 0.0092, qwen3 0.0208, phi3
 /// 0.0241, gpt_neox 0.0047. Every family's tokens agree but mistral's, whose row 1

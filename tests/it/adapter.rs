@@ -7,17 +7,16 @@
 //! adapters and our logits for `ci/peft/check_adapter.py`:
 //!
 //! ```text
-//! PEFT_EXPORT_DIR=/tmp/peft-check cargo test --test adapter export_for_python -- --ignored
+//! PEFT_EXPORT_DIR=/tmp/peft-check cargo test --test it adapter::export_for_python -- --ignored
 //! python ci/peft/check_adapter.py /tmp/peft-check
 //! ```
 
-mod common;
-use common::TempDir;
+use crate::common::TempDir;
 
 use std::path::{Path, PathBuf};
 
+use crate::common::*;
 use candle_core::{Device, Tensor};
-use common::*;
 use prefix_harness::adapter::{
     self, load, load_for, safetensors_bytes, save, save_safetensors, AdapterConfig, TaskType,
     CONFIG_FILE, TENSOR_NAME, WEIGHTS_FILE,
