@@ -7,7 +7,7 @@
 //! adapters and our logits for `ci/peft/check_adapter.py`:
 //!
 //! ```text
-//! PEFT_EXPORT_DIR=/tmp/peft-check cargo test --test it adapter::export_for_python -- --ignored
+//! PEFT_EXPORT_DIR=/tmp/peft-check cargo test --test it adapter::python::export_for_python -- --ignored
 //! python ci/peft/check_adapter.py /tmp/peft-check
 //! ```
 
@@ -185,13 +185,16 @@ fn llama_geometry(edit: impl FnOnce(&mut llama::Config)) -> ModelGeometry {
     ModelConfig::Llama(c).geometry()
 }
 
-fn saved_llama_adapter(dir: &Path, heads_from: HeadsFrom, head_dim_from: HeadDimFrom) {
+/// A tiny Llama's adapter (P = 4) saved with these head settings.
+fn saved_llama_adapter(tag: &str, heads_from: HeadsFrom, head_dim_from: HeadDimFrom) -> TempDir {
+    let dir = TempDir::new(tag);
     let g = llama_geometry(|_| {});
     let mut pc = PrefixConfig::new(4);
     pc.heads_from = heads_from;
     pc.head_dim_from = head_dim_from;
     let prefix = PrefixEncoder::new(&pc, &g, &Device::Cpu).expect("prefix");
-    save(dir, &prefix, &g, Some("tiny-llama"), None).expect("save");
+    save(&dir, &prefix, &g, Some("tiny-llama"), None).expect("save");
+    dir
 }
 
 fn class_of(err: &prefix_harness::check::EngineError) -> DiagnosisClass {
@@ -200,15 +203,18 @@ fn class_of(err: &prefix_harness::check::EngineError) -> DiagnosisClass {
         .class
 }
 
+/// Loading the adapter in `dir` for `g` is refused: the diagnosis class and the message.
+fn refused(dir: &Path, g: &ModelGeometry) -> (DiagnosisClass, String) {
+    let err = load_for(dir, g, &Device::Cpu).expect_err("a mismatch is refused");
+    (class_of(&err), err.to_string())
+}
+
 #[test]
 fn kv_heads_mismatch_is_diagnosed_before_running() {
-    let dir = TempDir::new("kvh");
-    saved_llama_adapter(dir.path(), HeadsFrom::KvHeads, HeadDimFrom::Config);
+    let dir = saved_llama_adapter("kvh", HeadsFrom::KvHeads, HeadDimFrom::Config);
     // Same model but 4 key/value heads instead of 2.
-    let other = llama_geometry(|c| c.num_key_value_heads = Some(4));
-    let err = load_for(dir.path(), &other, &Device::Cpu).expect_err("mismatch");
-    assert_eq!(class_of(&err), DiagnosisClass::KvHeads, "{err}");
-    let msg = err.to_string();
+    let (class, msg) = refused(&dir, &llama_geometry(|c| c.num_key_value_heads = Some(4)));
+    assert_eq!(class, DiagnosisClass::KvHeads, "{msg}");
     assert!(
         msg.contains("num_attention_heads") && msg.contains('2') && msg.contains('4'),
         "{msg}"
@@ -218,55 +224,41 @@ fn kv_heads_mismatch_is_diagnosed_before_running() {
 
 #[test]
 fn adapter_built_with_attention_heads_names_peft_pr_1901() {
-    let dir = TempDir::new("attn-heads");
-    saved_llama_adapter(dir.path(), HeadsFrom::AttentionHeads, HeadDimFrom::Config);
-    let g = llama_geometry(|_| {});
-    let err = load_for(dir.path(), &g, &Device::Cpu).expect_err("mismatch");
-    assert_eq!(class_of(&err), DiagnosisClass::KvHeads);
-    assert!(err.to_string().contains("1901"), "{err}");
+    let dir = saved_llama_adapter("attn-heads", HeadsFrom::AttentionHeads, HeadDimFrom::Config);
+    let (class, msg) = refused(&dir, &llama_geometry(|_| {}));
+    assert_eq!(class, DiagnosisClass::KvHeads);
+    assert!(msg.contains("1901"), "{msg}");
     // Unchecked, it still loads with the geometry the file states (for reproductions).
-    let a = load(dir.path(), &Device::Cpu).expect("load");
+    let a = load(&dir, &Device::Cpu).expect("load");
     let enc = a.prefix_encoder_unchecked().expect("unchecked");
     assert_eq!(enc.geometry.num_attention_heads, 4);
 }
 
 #[test]
 fn head_dim_mismatch_is_diagnosed_before_running() {
-    let dir = TempDir::new("hd");
-    saved_llama_adapter(dir.path(), HeadsFrom::KvHeads, HeadDimFrom::Config);
-    let other = llama_geometry(|c| c.head_dim = Some(16));
-    let err = load_for(dir.path(), &other, &Device::Cpu).expect_err("mismatch");
-    assert_eq!(class_of(&err), DiagnosisClass::HeadDim, "{err}");
-    assert!(
-        err.to_string().contains("24") && err.to_string().contains("16"),
-        "{err}"
-    );
+    let dir = saved_llama_adapter("hd", HeadsFrom::KvHeads, HeadDimFrom::Config);
+    let (class, msg) = refused(&dir, &llama_geometry(|c| c.head_dim = Some(16)));
+    assert_eq!(class, DiagnosisClass::HeadDim, "{msg}");
+    assert!(msg.contains("24") && msg.contains("16"), "{msg}");
 
     // hidden/heads instead of the config's head_dim (the PEFT < 0.18 bug).
-    let dir = TempDir::new("hd-bug");
-    saved_llama_adapter(dir.path(), HeadsFrom::KvHeads, HeadDimFrom::HiddenOverHeads);
-    let err = load_for(dir.path(), &llama_geometry(|_| {}), &Device::Cpu).expect_err("bug");
-    assert_eq!(class_of(&err), DiagnosisClass::HeadDim);
-    assert!(err.to_string().contains("0.18"), "{err}");
+    let dir = saved_llama_adapter("hd-bug", HeadsFrom::KvHeads, HeadDimFrom::HiddenOverHeads);
+    let (class, msg) = refused(&dir, &llama_geometry(|_| {}));
+    assert_eq!(class, DiagnosisClass::HeadDim);
+    assert!(msg.contains("0.18"), "{msg}");
 }
 
 #[test]
 fn layer_and_submodule_mismatches_are_shape_diagnoses() {
-    let dir = TempDir::new("layers");
-    saved_llama_adapter(dir.path(), HeadsFrom::KvHeads, HeadDimFrom::Config);
-    let deeper = llama_geometry(|c| c.num_hidden_layers = 3);
-    let err = load_for(dir.path(), &deeper, &Device::Cpu).expect_err("layers");
-    assert_eq!(class_of(&err), DiagnosisClass::Shape);
-    assert!(err.to_string().contains("num_layers"), "{err}");
+    let dir = saved_llama_adapter("layers", HeadsFrom::KvHeads, HeadDimFrom::Config);
+    let (class, msg) = refused(&dir, &llama_geometry(|c| c.num_hidden_layers = 3));
+    assert_eq!(class, DiagnosisClass::Shape);
+    assert!(msg.contains("num_layers"), "{msg}");
 
     // A causal-LM adapter on an encoder-decoder.
-    let t5 = ModelConfig::tiny(Family::T5).geometry();
-    let err = load_for(dir.path(), &t5, &Device::Cpu).expect_err("submodules");
-    assert_eq!(class_of(&err), DiagnosisClass::Shape);
-    assert!(
-        err.to_string().contains("num_transformer_submodules"),
-        "{err}"
-    );
+    let (class, msg) = refused(&dir, &ModelConfig::tiny(Family::T5).geometry());
+    assert_eq!(class, DiagnosisClass::Shape);
+    assert!(msg.contains("num_transformer_submodules"), "{msg}");
 }
 
 #[test]
@@ -422,294 +414,4 @@ fn config_text_parses_back() {
     assert!(text.contains("\"task_type\": \"SEQ_2_SEQ_LM\""));
 }
 
-// ---------------------------------------------------------------------------------
-// Export for the Python PEFT check (ci/peft/check_adapter.py).
-// ---------------------------------------------------------------------------------
-
-/// `config.json` of the tiny model of `family` as transformers reads it.
-fn hf_config(family: Family) -> serde_json::Value {
-    let cfg = ModelConfig::tiny(family);
-    let mut v = match &cfg {
-        ModelConfig::Gpt2(c) => serde_json::to_value(c),
-        ModelConfig::Llama(c) => serde_json::to_value(c),
-        ModelConfig::Bloom(c) => serde_json::to_value(c),
-        ModelConfig::GptBigcode(c) => serde_json::to_value(c),
-        ModelConfig::T5(c) => serde_json::to_value(c),
-        ModelConfig::Qwen2(c) => serde_json::to_value(c),
-        ModelConfig::Mistral(c) => serde_json::to_value(c),
-        ModelConfig::Qwen3(c) => serde_json::to_value(c),
-        ModelConfig::Phi3(c) => serde_json::to_value(c),
-        ModelConfig::GptNeox(c) => serde_json::to_value(c),
-        ModelConfig::Gemma2(c) => serde_json::to_value(c),
-    }
-    .expect("config to json");
-    let obj = v.as_object_mut().expect("object");
-    let (arch, extra): (&str, serde_json::Value) = match family {
-        Family::Gpt2 => (
-            "GPT2LMHeadModel",
-            serde_json::json!({"activation_function": "gelu_new", "tie_word_embeddings": true,
-                "bos_token_id": 0, "eos_token_id": 0}),
-        ),
-        Family::Llama => (
-            "LlamaForCausalLM",
-            serde_json::json!({"bos_token_id": 0, "eos_token_id": 0}),
-        ),
-        Family::Bloom => (
-            "BloomForCausalLM",
-            serde_json::json!({"tie_word_embeddings": true, "bos_token_id": 0, "eos_token_id": 0,
-                "pretraining_tp": 1, "slow_but_exact": false}),
-        ),
-        Family::GptBigcode => (
-            "GPTBigCodeForCausalLM",
-            serde_json::json!({"activation_function": "gelu_pytorch_tanh",
-                "tie_word_embeddings": true, "bos_token_id": 0, "eos_token_id": 0}),
-        ),
-        Family::T5 => (
-            "T5ForConditionalGeneration",
-            serde_json::json!({"is_encoder_decoder": true}),
-        ),
-        Family::Qwen2
-        | Family::Mistral
-        | Family::Qwen3
-        | Family::Phi3
-        | Family::GptNeox
-        | Family::Gemma2 => (
-            family.architecture(),
-            serde_json::json!({"bos_token_id": 0, "eos_token_id": 0}),
-        ),
-    };
-    obj.insert("model_type".into(), family.name().into());
-    obj.insert("architectures".into(), serde_json::json!([arch]));
-    obj.insert("dtype".into(), "float32".into());
-    if let Some(e) = extra.as_object() {
-        for (k, val) in e {
-            obj.insert(k.clone(), val.clone());
-        }
-    }
-    v
-}
-
-/// Writes, per family and prefix kind, `FAMILY[-proj]/model/{config.json,
-/// model.safetensors}`, `adapter/` and `ours.json` (input ids and our logits).
-#[test]
-#[ignore = "writes files for ci/peft/check_adapter.py; set PEFT_EXPORT_DIR"]
-fn export_for_python() {
-    let Some(root) = std::env::var_os("PEFT_EXPORT_DIR").map(PathBuf::from) else {
-        println!("PEFT_EXPORT_DIR not set: nothing written");
-        return;
-    };
-    let dev = Device::Cpu;
-    for family in Family::ALL {
-        let mc = ModelConfig::tiny(family);
-        let model = mc
-            .build(weights::seeded(SEED, candle_core::DType::F32, &dev))
-            .expect("model");
-        let g = model.geometry();
-        let map = weights::materialize(&mc, SEED, &dev).expect("weights");
-        for projection in [false, true] {
-            let name = format!("{}{}", family.name(), if projection { "-proj" } else { "" });
-            let case = root.join(&name);
-            let model_dir = case.join("model");
-            std::fs::create_dir_all(&model_dir).expect("mkdir");
-            let cfg_text = serde_json::to_string_pretty(&hf_config(family)).expect("json");
-            std::fs::write(model_dir.join("config.json"), cfg_text).expect("config.json");
-            let tensors: Vec<(String, Tensor)> =
-                map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            save_safetensors(&model_dir.join("model.safetensors"), &tensors)
-                .expect("model.safetensors");
-
-            let prefix = prefix_with(model.as_ref(), 5, projection);
-            save(
-                &case.join("adapter"),
-                &prefix,
-                &g,
-                Some(family.name()),
-                None,
-            )
-            .expect("adapter");
-            let ids = prompt(2, 6);
-            let dec = if g.encoder_decoder {
-                Some(prompt(2, 4))
-            } else {
-                None
-            };
-            let (out, _) = forward_logits(
-                model.as_ref(),
-                Some(&prefix),
-                &CacheConfig::new(CacheMode::Dynamic),
-                &ids,
-                dec.as_ref(),
-            )
-            .expect("forward");
-            let to_json = |t: &Tensor| -> serde_json::Value {
-                serde_json::to_value(t.to_vec2::<u32>().expect("ids")).expect("json")
-            };
-            let ours = serde_json::json!({
-                "family": family.name(),
-                "projection": projection,
-                "input_ids": to_json(&ids),
-                "decoder_input_ids": dec.as_ref().map(to_json),
-                "logits_shape": out.dims(),
-                "logits": out.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("logits"),
-            });
-            std::fs::write(
-                case.join("ours.json"),
-                serde_json::to_string(&ours).expect("json"),
-            )
-            .expect("ours.json");
-            println!("wrote {}", case.display());
-
-            if let Some(dec) = &dec {
-                // PEFT 0.21.2 replaces the cross-attention cache with an empty one: only
-                // the self-attention prefix reaches the decoder. Our logits with the
-                // cross prefix dropped, to tell that quirk apart from other differences.
-                let quirk = root.join(format!("{name}-selfonly"));
-                write_case_copy(&case, &quirk);
-                let out = logits_self_prefix_only(model.as_ref(), &prefix, &ids, dec);
-                let mut q = ours.clone();
-                q["logits"] = serde_json::to_value(
-                    out.flatten_all()
-                        .and_then(|t| t.to_vec1::<f32>())
-                        .expect("logits"),
-                )
-                .expect("json");
-                std::fs::write(
-                    quirk.join("ours.json"),
-                    serde_json::to_string(&q).expect("json"),
-                )
-                .expect("ours.json");
-                println!("wrote {}", quirk.display());
-            }
-        }
-    }
-}
-
-/// Copy `model/` and `adapter/` of one export case to another folder.
-fn write_case_copy(from: &Path, to: &Path) {
-    for sub in ["model", "adapter"] {
-        std::fs::create_dir_all(to.join(sub)).expect("mkdir");
-        for e in std::fs::read_dir(from.join(sub)).expect("list") {
-            let e = e.expect("entry");
-            std::fs::copy(e.path(), to.join(sub).join(e.file_name())).expect("copy");
-        }
-    }
-}
-
-/// Encoder-decoder logits `[B, T, V]` for `ids: [B, S]` and decoder ids `dec: [B, T]`
-/// with the self-attention prefix only (cross-attention sees the encoder alone).
-fn logits_self_prefix_only(
-    model: &dyn Model,
-    prefix: &PrefixEncoder,
-    ids: &Tensor,
-    dec: &Tensor,
-) -> Tensor {
-    use prefix_harness::cache::ModelCache;
-    use prefix_harness::model::Forward;
-    use prefix_harness::prefix::{extend_mask, inject, PrefixLayout};
-    let g = model.geometry();
-    let (b, s) = ids.dims2().expect("[B, S]");
-    let t = dec.dim(1).expect("[B, T]");
-    let p = prefix.geometry.num_virtual_tokens;
-    let mut mc = ModelCache::new(
-        CacheConfig::new(CacheMode::Dynamic),
-        model.family().legacy_layout(),
-        g.num_layers,
-        g.encoder_decoder,
-    );
-    let mut pkv = prefix.past_key_values(b).expect("prefix");
-    for lp in &mut pkv {
-        lp.cross = None;
-    }
-    inject(&mut mc, &pkv, PrefixLayout::Auto, p).expect("inject");
-    let dev = ids.device();
-    let pad = Tensor::ones((b, s), candle_core::DType::F32, dev).expect("pad");
-    let enc = model.encode(ids, &pad).expect("encode");
-    let mask = extend_mask(
-        &Tensor::ones((b, t), candle_core::DType::F32, dev).expect("mask"),
-        p,
-    )
-    .expect("mask");
-    mc.next_step();
-    model
-        .forward(
-            dec,
-            &mut Forward {
-                cache: &mut mc,
-                mask: &mask,
-                encoder: Some(&enc),
-                last_only: false,
-            },
-        )
-        .expect("forward")
-}
-
-/// The other direction: adapters PEFT itself saved (`check_adapter.py
-/// --write-peft-adapter`) load here and give PEFT's logits. Needs `PEFT_EXPORT_DIR` with
-/// `CASE/peft/{adapter,logits.json}`; cases without them are skipped.
-#[test]
-#[ignore = "reads files written by ci/peft/check_adapter.py; set PEFT_EXPORT_DIR"]
-fn import_from_python() {
-    let Some(root) = std::env::var_os("PEFT_EXPORT_DIR").map(PathBuf::from) else {
-        println!("PEFT_EXPORT_DIR not set: nothing read");
-        return;
-    };
-    let dev = Device::Cpu;
-    let mut cases: Vec<PathBuf> = std::fs::read_dir(&root)
-        .expect("list export dir")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.join("peft/logits.json").is_file())
-        .collect();
-    cases.sort();
-    assert!(
-        !cases.is_empty(),
-        "no CASE/peft/logits.json under {}",
-        root.display()
-    );
-    let mut worst = 0f32;
-    for case in cases {
-        let text = std::fs::read_to_string(case.join("model/config.json")).expect("config.json");
-        let mc = ModelConfig::from_hf_json(&text).expect("config");
-        let map = candle_core::safetensors::load(case.join("model/model.safetensors"), &dev)
-            .expect("model.safetensors");
-        let vb = candle_nn::VarBuilder::from_tensors(map, candle_core::DType::F32, &dev);
-        let model = mc.build(vb).expect("model");
-        let (cfg, prefix) =
-            load_for(&case.join("peft/adapter"), &model.geometry(), &dev).expect("PEFT adapter");
-        let ours: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(case.join("ours.json")).expect("ours.json"),
-        )
-        .expect("json");
-        let peft: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(case.join("peft/logits.json")).expect("logits.json"),
-        )
-        .expect("json");
-        let ids_of = |v: &serde_json::Value| -> Tensor {
-            let rows: Vec<Vec<u32>> = serde_json::from_value(v.clone()).expect("ids");
-            Tensor::new(rows, &dev).expect("ids tensor")
-        };
-        let ids = ids_of(&ours["input_ids"]);
-        let dec =
-            (!ours["decoder_input_ids"].is_null()).then(|| ids_of(&ours["decoder_input_ids"]));
-        let (out, _) = forward_logits(
-            model.as_ref(),
-            Some(&prefix),
-            &CacheConfig::new(CacheMode::Dynamic),
-            &ids,
-            dec.as_ref(),
-        )
-        .expect("forward");
-        let shape: Vec<usize> =
-            serde_json::from_value(peft["logits_shape"].clone()).expect("shape");
-        let values: Vec<f32> = serde_json::from_value(peft["logits"].clone()).expect("logits");
-        let theirs = Tensor::from_vec(values, shape, &dev).expect("tensor");
-        let diff = max_abs_diff(&out, &theirs);
-        println!(
-            "{}: PEFT-written adapter (projection={}, P={}): max abs logit diff {diff:e}",
-            case.file_name().unwrap_or_default().to_string_lossy(),
-            cfg.prefix_projection,
-            cfg.num_virtual_tokens
-        );
-        worst = worst.max(diff);
-    }
-    assert!(worst <= 1e-4, "max abs diff {worst}");
-}
+mod python;

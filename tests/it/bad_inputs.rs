@@ -21,9 +21,10 @@
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use crate::common::{blessing, harness, repo};
 use prefix_harness::scenario::{self, MAX_FILE_BYTES};
 
 /// The folder of bad inputs, relative to the crate root (the tests' working folder).
@@ -35,11 +36,7 @@ const GAP: &str = "KNOWN GAP:";
 const WANT: &str = "WANT:";
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn blessing() -> bool {
-    std::env::var_os("BLESS").is_some_and(|v| !v.is_empty() && v != "0")
+    repo("")
 }
 
 /// What one run of the binary did.
@@ -55,11 +52,10 @@ struct Outcome {
 /// Run `prefix-harness ARGS` from the crate root, killing it after `limit`.
 fn run_binary(args: &[&str], limit: Duration) -> Outcome {
     let start = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_prefix-harness"))
+    let mut child = harness()
         .args(args)
         .current_dir(root())
         .env("RUST_BACKTRACE", "0")
-        .env("CI", "true")
         // A Hub id resolves against this (absent) cache, whatever the machine has.
         .env("HF_HUB_CACHE", format!("{DIR}/no-hf-cache"))
         .env_remove("HF_HOME")

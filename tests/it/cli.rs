@@ -1,148 +1,135 @@
 //! The command line as a user meets it: exit codes, errors that name file, line and
 //! field, shards that partition the cases, and reports that parse.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_prefix-harness"))
-}
-
-fn run(args: &[&str]) -> Output {
-    bin()
-        .args(args)
-        .env("CI", "true")
-        .output()
-        .expect("the binary runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// A fresh folder under the system temp dir for one test.
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("prefix-harness-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn write(dir: &Path, name: &str, body: &str) -> String {
-    let p = dir.join(name);
-    std::fs::write(&p, body).unwrap();
-    p.to_string_lossy().into_owned()
-}
+use crate::common::{harness, read_json, run_cli as run, text, write, TempDir};
 
 const BASE: &str = "name: demo\nmodel:\n  family: gpt2\nprefix:\n  virtual_tokens: 2\ngenerate:\n  max_new_tokens: 2\n";
 
-#[test]
-fn a_typo_in_a_key_exits_2_naming_file_line_field_and_suggestion() {
-    let d = scratch("typo");
-    let f = write(
-        &d,
-        "typo.yaml",
-        &BASE.replace("virtual_tokens", "virtual_token"),
-    );
-    let out = run(&["run", &f]);
-    assert_eq!(out.status.code(), Some(2));
-    let err = text(&out.stderr);
-    assert!(err.contains("typo.yaml:5:3"), "{err}");
-    assert!(err.contains("prefix.virtual_token"), "{err}");
-    assert!(err.contains("did you mean `virtual_tokens`?"), "{err}");
+/// Stands in a row's argv for the path of the row's scenario file.
+const FILE: &str = "{file}";
+
+/// The stream a row's fragments are looked for in.
+#[derive(Clone, Copy, Debug)]
+enum Stream {
+    Stdout,
+    Stderr,
 }
 
-#[test]
-fn a_wrong_type_exits_2_naming_the_field() {
-    let d = scratch("type");
-    let f = write(&d, "t.yaml", &format!("{BASE}data:\n  batch_size: three\n"));
-    let out = run(&["validate", &f]);
-    assert_eq!(out.status.code(), Some(2));
-    let err = text(&out.stderr);
-    assert!(err.contains("t.yaml:9:"), "{err}");
-    assert!(
-        err.contains("data.batch_size") && err.contains("three"),
-        "{err}"
-    );
+/// One row of the command-line table: the scenario file written to a fresh folder (if
+/// any), the argv (`FILE` stands for that file), the exit code, and the fragments the
+/// stream must contain.
+struct Row {
+    file: Option<(&'static str, String)>,
+    argv: &'static [&'static str],
+    code: i32,
+    stream: Stream,
+    fragments: &'static [&'static str],
 }
 
-#[test]
-fn a_negative_size_exits_2_naming_the_field() {
-    let d = scratch("neg");
-    let f = write(
-        &d,
-        "n.yaml",
-        &BASE.replace("virtual_tokens: 2", "virtual_tokens: -2"),
+fn check(name: &str, row: Row) {
+    let d = TempDir::new(&format!("cli-{name}"));
+    let file = row.file.map(|(n, body)| write(&d, n, &body));
+    let argv: Vec<&str> = row
+        .argv
+        .iter()
+        .map(|a| match *a {
+            FILE => file.as_deref().expect("a row naming FILE writes one"),
+            a => a,
+        })
+        .collect();
+    let out = run(&argv);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(row.code),
+        "{name}:\n{stdout}{stderr}"
     );
-    let out = run(&["validate", &f]);
-    assert_eq!(out.status.code(), Some(2));
-    let err = text(&out.stderr);
-    assert!(
-        err.contains("n.yaml:5:") && err.contains("prefix.virtual_tokens"),
-        "{err}"
-    );
+    let shown = match row.stream {
+        Stream::Stdout => &stdout,
+        Stream::Stderr => &stderr,
+    };
+    for f in row.fragments {
+        assert!(
+            shown.contains(f),
+            "{name}: no `{f}` in {:?}:\n{shown}",
+            row.stream
+        );
+    }
 }
 
-#[test]
-fn zero_virtual_tokens_is_invalid_input() {
-    let d = scratch("zero");
-    let f = write(
-        &d,
-        "z.yaml",
-        &BASE.replace("virtual_tokens: 2", "virtual_tokens: 0"),
-    );
-    let out = run(&["validate", &f]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("z.yaml:5: field `prefix.virtual_tokens`: expected at least 1")
-    );
+/// The table: one `#[test]` per row, named by the row.
+macro_rules! table {
+    ($($name:ident: $file:expr, $argv:expr => $code:literal $stream:ident $fragments:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            let row = Row {
+                file: $file,
+                argv: &$argv,
+                code: $code,
+                stream: Stream::$stream,
+                fragments: &$fragments,
+            };
+            check(stringify!($name), row);
+        }
+    )*};
 }
 
-#[test]
-fn an_expected_failure_that_does_not_happen_fails_the_run() {
-    let d = scratch("fixed");
-    let f = write(
-        &d,
-        "f.yaml",
-        &format!("{BASE}expect: {{error: rank, layer: 0}}\n"),
-    );
-    let out = run(&["run", &f]);
-    assert_eq!(out.status.code(), Some(1));
-    let table = text(&out.stdout);
-    assert!(table.contains("demo") && table.contains("fail"), "{table}");
-    assert!(table.contains("fixed? update the scenario"), "{table}");
-    assert!(
-        table.ends_with("0 passed, 1 failed, 0 skipped\n"),
-        "{table}"
-    );
+/// The platform this test runs on, as `platforms:` and `expect_on:` name it.
+fn this_os() -> &'static str {
+    if cfg!(windows) {
+        "windows"
+    } else if cfg!(target_os = "macos") {
+        "macos"
+    } else {
+        "linux"
+    }
 }
 
-#[test]
-fn the_peft_2192_reproduction_passes_as_an_expected_rank_failure() {
-    let out = run(&["run", "scenarios/bugs/peft-2192-bloom-legacy-prefix.yaml"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
-    let table = text(&out.stdout);
-    assert!(table.contains("rank at layer 0 self key"), "{table}");
-}
+const BLOOM_LEGACY: &str = "model:\n  family: bloom\nprefix:\n  virtual_tokens: 2\n  layout: bloom-legacy\ngenerate:\n  max_new_tokens: 2\n";
 
-#[test]
-fn cases_for_another_platform_are_skipped_with_the_reason() {
-    let other = if cfg!(windows) { "linux" } else { "windows" };
-    let d = scratch("platform");
-    let f = write(&d, "p.yaml", &format!("{BASE}platforms: [{other}]\n"));
-    let out = run(&["run", &f]);
-    assert_eq!(out.status.code(), Some(0));
-    let table = text(&out.stdout);
-    assert!(
-        table.contains("skip") && table.contains("meant for"),
-        "{table}"
-    );
+table! {
+    a_typo_in_a_key_exits_2_naming_file_line_field_and_suggestion:
+        Some(("typo.yaml", BASE.replace("virtual_tokens", "virtual_token"))), ["run", FILE]
+        => 2 Stderr ["typo.yaml:5:3", "prefix.virtual_token", "did you mean `virtual_tokens`?"];
+    a_wrong_type_exits_2_naming_the_field:
+        Some(("t.yaml", format!("{BASE}data:\n  batch_size: three\n"))), ["validate", FILE]
+        => 2 Stderr ["t.yaml:9:", "data.batch_size", "three"];
+    a_negative_size_exits_2_naming_the_field:
+        Some(("n.yaml", BASE.replace("virtual_tokens: 2", "virtual_tokens: -2"))), ["validate", FILE]
+        => 2 Stderr ["n.yaml:5:", "prefix.virtual_tokens"];
+    zero_virtual_tokens_is_invalid_input:
+        Some(("z.yaml", BASE.replace("virtual_tokens: 2", "virtual_tokens: 0"))), ["validate", FILE]
+        => 2 Stderr ["z.yaml:5: field `prefix.virtual_tokens`: expected at least 1"];
+    an_expected_failure_that_does_not_happen_fails_the_run:
+        Some(("f.yaml", format!("{BASE}expect: {{error: rank, layer: 0}}\n"))), ["run", FILE]
+        => 1 Stdout ["demo", "fail", "fixed? update the scenario", "0 passed, 1 failed, 0 skipped\n"];
+    the_peft_2192_reproduction_passes_as_an_expected_rank_failure:
+        None, ["run", "scenarios/bugs/peft-2192-bloom-legacy-prefix.yaml"]
+        => 0 Stdout ["rank at layer 0 self key"];
+    cases_for_another_platform_are_skipped_with_the_reason:
+        Some(("p.yaml", format!("{BASE}platforms: [{}]\n", if this_os() == "windows" { "linux" } else { "windows" }))),
+        ["run", FILE]
+        => 0 Stdout ["skip", "meant for"];
+    a_case_over_the_memory_budget_is_refused_with_the_estimate:
+        None, ["run", "scenarios/examples/gpt2-causal-lm.yaml", "--max-memory", "1"]
+        => 1 Stdout ["error", "resource guard", "MiB (weights"];
+    a_per_platform_expectation_replaces_expect_on_that_platform:
+        Some(("e.yaml", format!("name: only-here\n{BLOOM_LEGACY}expect: pass\nexpect_on:\n  {}: {{error: rank, layer: 0, tensor: key}}\n", this_os()))),
+        ["run", FILE]
+        => 0 Stdout ["rank @ layer 0 key"];
+    a_checkpoint_scenario_runs_a_transformers_model_with_a_peft_adapter:
+        None, ["run", "tests/fixtures/llama-gqa.scenario.yaml"]
+        => 0 Stdout ["4 passed, 0 failed, 0 skipped\n"];
+    a_scenario_declaring_the_wrong_diagnosis_fails_showing_both_classes:
+        Some(("w.yaml", format!("name: wrong\n{BLOOM_LEGACY}expect: {{error: kv-heads, layer: 0, tensor: key}}\n"))),
+        ["run", FILE]
+        => 1 Stdout ["expected kv-heads", "but got: rank at layer 0 self key"];
 }
 
 fn ids_of_report(path: &Path) -> Vec<String> {
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    v["cases"]
+    read_json(path)["cases"]
         .as_array()
         .unwrap()
         .iter()
@@ -152,7 +139,7 @@ fn ids_of_report(path: &Path) -> Vec<String> {
 
 #[test]
 fn three_shards_cover_every_case_exactly_once() {
-    let d = scratch("shards");
+    let d = TempDir::new("cli-shards");
     let listed = text(&run(&["list", "scenarios"]).stdout);
     let mut all: Vec<String> = listed.lines().map(str::to_string).collect();
     let mut seen = vec![];
@@ -177,7 +164,7 @@ fn three_shards_cover_every_case_exactly_once() {
 
 #[test]
 fn json_and_junit_reports_carry_every_case() {
-    let d = scratch("reports");
+    let d = TempDir::new("cli-reports");
     let (json, xml) = (d.join("r.json"), d.join("r.xml"));
     let out = run(&[
         "run",
@@ -188,8 +175,7 @@ fn json_and_junit_reports_carry_every_case() {
         xml.to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(0));
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v = read_json(&json);
     for k in ["tool_version", "environment", "cases"] {
         assert!(v.get(k).is_some(), "missing {k}");
     }
@@ -237,7 +223,7 @@ fn json_and_junit_reports_carry_every_case() {
 
 #[test]
 fn an_unwritable_report_path_does_not_leave_a_partial_file() {
-    let d = scratch("atomic");
+    let d = TempDir::new("cli-atomic");
     let target = d.join("keep.json");
     std::fs::write(&target, "previous contents").unwrap();
     // A folder where the report's temporary file would go cannot be created: the
@@ -253,7 +239,7 @@ fn an_unwritable_report_path_does_not_leave_a_partial_file() {
 
 #[test]
 fn a_data_file_outside_the_scenario_folder_is_refused_unless_allowed() {
-    let d = scratch("outside");
+    let d = TempDir::new("cli-outside");
     std::fs::create_dir_all(d.join("inner")).unwrap();
     write(&d, "prompts.txt", "a prompt from outside\n");
     let f = write(
@@ -273,55 +259,8 @@ fn a_data_file_outside_the_scenario_folder_is_refused_unless_allowed() {
 }
 
 #[test]
-fn a_case_over_the_memory_budget_is_refused_with_the_estimate() {
-    let out = run(&[
-        "run",
-        "scenarios/examples/gpt2-causal-lm.yaml",
-        "--max-memory",
-        "1",
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    let table = text(&out.stdout);
-    assert!(
-        table.contains("error") && table.contains("resource guard"),
-        "{table}"
-    );
-    assert!(table.contains("MiB (weights"), "{table}");
-}
-
-#[test]
-fn a_per_platform_expectation_replaces_expect_on_that_platform() {
-    let os = if cfg!(windows) {
-        "windows"
-    } else if cfg!(target_os = "macos") {
-        "macos"
-    } else {
-        "linux"
-    };
-    let d = scratch("expect-on");
-    let body = format!(
-        "name: only-here\nmodel:\n  family: bloom\nprefix:\n  virtual_tokens: 2\n  layout: bloom-legacy\ngenerate:\n  max_new_tokens: 2\nexpect: pass\nexpect_on:\n  {os}: {{error: rank, layer: 0, tensor: key}}\n"
-    );
-    let f = write(&d, "e.yaml", &body);
-    let out = run(&["run", &f]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
-    assert!(
-        text(&out.stdout).contains("rank @ layer 0 key"),
-        "{}",
-        text(&out.stdout)
-    );
-}
-
-#[test]
-fn a_checkpoint_scenario_runs_a_transformers_model_with_a_peft_adapter() {
-    let out = run(&["run", "tests/fixtures/llama-gqa.scenario.yaml"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
-    assert!(text(&out.stdout).ends_with("4 passed, 0 failed, 0 skipped\n"));
-}
-
-#[test]
 fn a_hub_id_that_is_not_cached_is_invalid_input_naming_the_cache_searched() {
-    let d = scratch("hub");
+    let d = TempDir::new("cli-hub");
     let cache = d.join("empty-cache");
     std::fs::create_dir_all(&cache).unwrap();
     let f = write(
@@ -329,7 +268,7 @@ fn a_hub_id_that_is_not_cached_is_invalid_input_naming_the_cache_searched() {
         "h.yaml",
         "name: hub\nmodel:\n  hub: some-org/not-cached\nprefix:\n  virtual_tokens: 2\n",
     );
-    let out = bin()
+    let out = harness()
         .args(["validate", &f])
         .env("HF_HUB_CACHE", &cache)
         .output()
@@ -354,7 +293,7 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[test]
 fn a_fixture_model_and_adapter_from_a_fake_hub_cache_run_offline_and_fail_clearly_without_it() {
-    let d = scratch("fake-hub");
+    let d = TempDir::new("cli-fake-hub");
     // The Hugging Face cache layout: refs/main (no trailing newline) -> snapshots/<rev>/.
     let repo = d.join("cache").join("models--test-org--tiny-llama-gqa");
     std::fs::create_dir_all(repo.join("refs")).unwrap();
@@ -372,7 +311,7 @@ fn a_fixture_model_and_adapter_from_a_fake_hub_cache_run_offline_and_fail_clearl
         "hub.yaml",
         "name: from-hub\nmodel:\n  hub: test-org/tiny-llama-gqa\nprefix:\n  adapter: adapter\ndata:\n  batch_size: 2\ngenerate:\n  max_new_tokens: 3\n",
     );
-    let out = bin()
+    let out = harness()
         .args(["run", &f])
         .env("HF_HUB_CACHE", d.join("cache"))
         .env("HF_HUB_OFFLINE", "1")
@@ -386,7 +325,7 @@ fn a_fixture_model_and_adapter_from_a_fake_hub_cache_run_offline_and_fail_clearl
         text(&out.stderr)
     );
     std::fs::remove_dir_all(d.join("cache")).unwrap();
-    let out = bin()
+    let out = harness()
         .args(["run", &f])
         .env("HF_HUB_CACHE", d.join("cache"))
         .output()
@@ -400,25 +339,8 @@ fn a_fixture_model_and_adapter_from_a_fake_hub_cache_run_offline_and_fail_clearl
 }
 
 #[test]
-fn a_scenario_declaring_the_wrong_diagnosis_fails_showing_both_classes() {
-    let d = scratch("wrong-class");
-    let f = write(
-        &d,
-        "w.yaml",
-        "name: wrong\nmodel:\n  family: bloom\nprefix:\n  virtual_tokens: 2\n  layout: bloom-legacy\ngenerate:\n  max_new_tokens: 2\nexpect: {error: kv-heads, layer: 0, tensor: key}\n",
-    );
-    let out = run(&["run", &f]);
-    assert_eq!(out.status.code(), Some(1));
-    let table = text(&out.stdout);
-    assert!(
-        table.contains("expected kv-heads") && table.contains("but got: rank at layer 0 self key"),
-        "{table}"
-    );
-}
-
-#[test]
 fn two_files_with_one_case_id_are_refused_naming_both_files() {
-    let d = scratch("dup-ids");
+    let d = TempDir::new("cli-dup-ids");
     let a = write(&d, "a.yaml", BASE);
     let b = write(&d, "b.yaml", BASE);
     for cmd in ["run", "list", "validate"] {
@@ -435,7 +357,7 @@ fn two_files_with_one_case_id_are_refused_naming_both_files() {
 
 #[test]
 fn a_shrunk_scenario_beside_its_original_keeps_case_ids_unique_and_paths_relative() {
-    let d = scratch("shrink-ids");
+    let d = TempDir::new("cli-shrink-ids");
     let src =
         std::fs::read_to_string("scenarios/bugs/peft-pr1901-gqa-attention-heads.yaml").unwrap();
     let file = write(&d, "bug.yaml", &src);

@@ -47,6 +47,11 @@ fn opts(mode: CacheMode) -> DecodeOptions {
     DecodeOptions::new(CacheConfig::new(mode), 3)
 }
 
+/// [`assert_place`] at layer 0's self-attention.
+fn assert_layer0_self(d: &Diagnosis, class: DiagnosisClass, tensor: TensorKind) {
+    assert_place(d, class, 0, Attention::SelfAttn, tensor);
+}
+
 fn assert_place(
     d: &Diagnosis,
     class: DiagnosisClass,
@@ -68,13 +73,7 @@ fn bloom_legacy_prefix_in_a_dynamic_cache_is_a_rank_failure_at_layer_0_key() {
     let mut o = opts(CacheMode::Dynamic);
     o.layout = PrefixLayout::BloomLegacy;
     let d = diagnose(Family::Bloom, 4, o, None);
-    assert_place(
-        &d,
-        DiagnosisClass::Rank,
-        0,
-        Attention::SelfAttn,
-        TensorKind::Key,
-    );
+    assert_layer0_self(&d, DiagnosisClass::Rank, TensorKind::Key);
     assert_eq!(d.expected_shape, vec![2, 4, 4, 16], "[B, H, P, D]");
     assert_eq!(d.actual_shape, vec![8, 16, 4], "[B*H, D, P]");
     assert!(d.message.contains("got 3 and 4"), "{}", d.message);
@@ -94,13 +93,7 @@ fn standard_prefix_in_a_bloom_legacy_cache_is_a_rank_failure() {
     let mut o = opts(CacheMode::Legacy);
     o.layout = PrefixLayout::Standard;
     let d = diagnose(Family::Bloom, 4, o, None);
-    assert_place(
-        &d,
-        DiagnosisClass::Rank,
-        0,
-        Attention::SelfAttn,
-        TensorKind::Key,
-    );
+    assert_layer0_self(&d, DiagnosisClass::Rank, TensorKind::Key);
     assert_eq!((d.expected_shape.len(), d.actual_shape.len()), (3, 4));
 }
 
@@ -110,13 +103,7 @@ fn bigcode_fused_prefix_in_a_dynamic_cache_is_a_rank_failure() {
     let mut o = opts(CacheMode::Dynamic);
     o.layout = PrefixLayout::BigcodeFused;
     let d = diagnose(Family::GptBigcode, 3, o, None);
-    assert_place(
-        &d,
-        DiagnosisClass::Rank,
-        0,
-        Attention::SelfAttn,
-        TensorKind::Key,
-    );
+    assert_layer0_self(&d, DiagnosisClass::Rank, TensorKind::Key);
     assert_eq!(d.actual_shape, vec![2, 3, 32], "[B, P, 2*D]");
 }
 
@@ -126,13 +113,7 @@ fn gqa_prefix_built_with_attention_heads_is_a_kv_heads_failure() {
     let mut c = PrefixConfig::new(4);
     c.heads_from = HeadsFrom::AttentionHeads;
     let d = diagnose(Family::Llama, 4, opts(CacheMode::Dynamic), Some(c));
-    assert_place(
-        &d,
-        DiagnosisClass::KvHeads,
-        0,
-        Attention::SelfAttn,
-        TensorKind::Key,
-    );
+    assert_layer0_self(&d, DiagnosisClass::KvHeads, TensorKind::Key);
     assert_eq!(d.actual_shape[1], 4, "attention heads");
     assert_eq!(d.expected_shape[1], 2, "kv heads");
 }
@@ -143,13 +124,7 @@ fn prefix_head_dim_from_hidden_over_heads_is_a_head_dim_failure() {
     let mut c = PrefixConfig::new(4);
     c.head_dim_from = HeadDimFrom::HiddenOverHeads;
     let d = diagnose(Family::Llama, 4, opts(CacheMode::Dynamic), Some(c));
-    assert_place(
-        &d,
-        DiagnosisClass::HeadDim,
-        0,
-        Attention::SelfAttn,
-        TensorKind::Key,
-    );
+    assert_layer0_self(&d, DiagnosisClass::HeadDim, TensorKind::Key);
     assert_eq!((d.expected_shape[3], d.actual_shape[3]), (24, 16));
 }
 
@@ -158,13 +133,7 @@ fn mask_not_extended_by_the_prefix_is_a_mask_width_failure() {
     let mut o = opts(CacheMode::Dynamic);
     o.extend_mask = false;
     let d = diagnose(Family::Gpt2, 4, o, None);
-    assert_place(
-        &d,
-        DiagnosisClass::MaskWidth,
-        0,
-        Attention::SelfAttn,
-        TensorKind::Mask,
-    );
+    assert_layer0_self(&d, DiagnosisClass::MaskWidth, TensorKind::Mask);
     assert_eq!(
         (d.expected_shape.clone(), d.actual_shape.clone()),
         (vec![2, 9], vec![2, 5])
@@ -180,26 +149,14 @@ fn static_cache_without_room_for_the_prefix_is_a_seq_len_failure() {
         opts(CacheMode::Static { max_len: 8 }),
         None,
     );
-    assert_place(
-        &d,
-        DiagnosisClass::SeqLen,
-        0,
-        Attention::SelfAttn,
-        TensorKind::Key,
-    );
+    assert_layer0_self(&d, DiagnosisClass::SeqLen, TensorKind::Key);
 }
 
 #[test]
 fn positions_past_the_learned_table_are_a_position_failure() {
     // tiny GPT-2 has 128 positions; 124 virtual tokens + 5 prompt tokens do not fit.
     let d = diagnose(Family::Gpt2, 124, opts(CacheMode::Dynamic), None);
-    assert_place(
-        &d,
-        DiagnosisClass::Position,
-        0,
-        Attention::SelfAttn,
-        TensorKind::Positions,
-    );
+    assert_layer0_self(&d, DiagnosisClass::Position, TensorKind::Positions);
 }
 
 /// UnifiedSKG issue 24: a prefix built for batch 1 used for a batch of 3 rows.
@@ -214,13 +171,7 @@ fn prefix_built_for_another_batch_size_is_a_batch_failure() {
     let mask = Tensor::ones((3, 9), DType::F32, &Device::Cpu).unwrap();
     cache.next_step();
     let d = failing_forward(model.as_ref(), &mut cache, &ids, &mask);
-    assert_place(
-        &d,
-        DiagnosisClass::Batch,
-        0,
-        Attention::SelfAttn,
-        TensorKind::Key,
-    );
+    assert_layer0_self(&d, DiagnosisClass::Batch, TensorKind::Key);
 }
 
 #[test]
@@ -240,13 +191,7 @@ fn prefix_in_another_dtype_is_a_dtype_failure() {
     let mask = Tensor::ones((2, 9), DType::F32, &Device::Cpu).unwrap();
     cache.next_step();
     let d = failing_forward(model.as_ref(), &mut cache, &prompt(2, 5), &mask);
-    assert_place(
-        &d,
-        DiagnosisClass::Dtype,
-        0,
-        Attention::SelfAttn,
-        TensorKind::Key,
-    );
+    assert_layer0_self(&d, DiagnosisClass::Dtype, TensorKind::Key);
 }
 
 /// A candle error from an operation the engine did not pre-check still becomes a

@@ -4,9 +4,9 @@
 //! checked against candle-transformers (`tests/parity_families.rs`) and transformers +
 //! PEFT (`scenarios/stack/gemma2.yaml`).
 
-use candle_core::{DType, Device, Tensor};
-use prefix_harness::cache::{CacheConfig, CacheMode};
-use prefix_harness::generate::forward_logits;
+use candle_core::{Device, Tensor};
+
+use crate::common::{flat_logits, max_diff};
 use prefix_harness::model::{gemma2, weights, ModelConfig};
 
 const SEED: u64 = 7;
@@ -21,38 +21,15 @@ fn parse(s: &str) -> gemma2::Config {
 /// Logits `[B, S, V]` of `cfg` on a fixed `[2, 12]` prompt (longer than the tiny
 /// window of 8), no prefix, flattened.
 fn logits(cfg: gemma2::Config) -> Vec<f32> {
-    let dev = Device::Cpu;
-    let model = ModelConfig::Gemma2(cfg)
-        .build(weights::seeded(SEED, DType::F32, &dev))
-        .unwrap();
     let ids = Tensor::new(
         &[
             [1u32, 17, 42, 99, 3, 250, 8, 64, 9, 31, 120, 7],
             [5, 200, 13, 77, 0, 128, 44, 2, 19, 230, 6, 90],
         ],
-        &dev,
+        &Device::Cpu,
     )
     .unwrap();
-    forward_logits(
-        model.as_ref(),
-        None,
-        &CacheConfig::new(CacheMode::Dynamic),
-        &ids,
-        None,
-    )
-    .unwrap()
-    .0
-    .flatten_all()
-    .unwrap()
-    .to_vec1()
-    .unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    flat_logits(ModelConfig::Gemma2(cfg), SEED, &ids)
 }
 
 #[test]

@@ -4,9 +4,9 @@
 //! has no GPT-NeoX: the logits are checked against transformers + PEFT
 //! (`scenarios/stack/phi3-neox.yaml`).
 
-use candle_core::{DType, Device, Tensor};
-use prefix_harness::cache::{CacheConfig, CacheMode};
-use prefix_harness::generate::forward_logits;
+use candle_core::{Device, Tensor};
+
+use crate::common::{flat_logits, max_diff};
 use prefix_harness::model::{gpt_neox, weights, ModelConfig};
 
 const SEED: u64 = 7;
@@ -20,31 +20,8 @@ fn parse(s: &str) -> gpt_neox::Config {
 
 /// Logits `[B, S, V]` of `cfg` on a fixed `[2, 5]` prompt, no prefix.
 fn logits(cfg: gpt_neox::Config) -> Vec<f32> {
-    let dev = Device::Cpu;
-    let model = ModelConfig::GptNeox(cfg)
-        .build(weights::seeded(SEED, DType::F32, &dev))
-        .unwrap();
-    let ids = Tensor::new(&[[1u32, 17, 42, 99, 3], [5, 200, 13, 77, 0]], &dev).unwrap();
-    forward_logits(
-        model.as_ref(),
-        None,
-        &CacheConfig::new(CacheMode::Dynamic),
-        &ids,
-        None,
-    )
-    .unwrap()
-    .0
-    .flatten_all()
-    .unwrap()
-    .to_vec1()
-    .unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    let ids = Tensor::new(&[[1u32, 17, 42, 99, 3], [5, 200, 13, 77, 0]], &Device::Cpu).unwrap();
+    flat_logits(ModelConfig::GptNeox(cfg), SEED, &ids)
 }
 
 #[test]

@@ -15,9 +15,7 @@ use prefix_harness::rng::Rng;
 use prefix_harness::run::{self, CaseResult, LogitsSummary, RunOptions};
 use prefix_harness::scenario::{self, Case};
 
-fn repo(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
-}
+use crate::common::{blessing, harness as bin, repo, text};
 
 /// Every case of the shipped scenario files under `dirs` whose id contains one of
 /// `filters` (all cases when `filters` is empty).
@@ -578,14 +576,8 @@ fn candle_thread_count_does_not_change_the_fingerprint() {
 // ---------------------------------------------------------------------------------
 // The command line: `run --fingerprint FILE` and `compare A B [--rtol R] [--atol A]`.
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_prefix-harness"));
-    c.env("CI", "true");
-    c
-}
-
 fn stdout(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    text(&o.stdout)
 }
 
 /// Issue 8 acceptance through the binary: runs with candle on 1 and on 2 threads
@@ -672,7 +664,7 @@ fn golden_fingerprint_of_the_untrained_shipped_scenarios() {
         c.trace.clear();
     }
     let path = repo(GOLDEN);
-    if std::env::var_os("BLESS").is_some_and(|v| !v.is_empty() && v != "0") {
+    if blessing() {
         fp.write(&path).expect("write the golden fingerprint");
         return;
     }

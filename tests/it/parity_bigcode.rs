@@ -7,8 +7,7 @@ use crate::common::*;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bigcode;
-use prefix_harness::cache::{CacheConfig, CacheMode};
-use prefix_harness::generate::forward_logits;
+use prefix_harness::cache::CacheMode;
 use prefix_harness::model::{gpt_bigcode, weights, ModelConfig};
 
 fn theirs(cfg: &gpt_bigcode::Config) -> bigcode::GPTBigCode {
@@ -34,14 +33,7 @@ fn bigcode_logits_match_candle_transformers_for_prefill_and_cached_decoding() {
     let cfg = gpt_bigcode::Config::tiny();
     let ours = tiny_model(prefix_harness::model::Family::GptBigcode);
     let ids = prompt(2, 9); // [2, 9]
-    let (logits, _) = forward_logits(
-        ours.as_ref(),
-        None,
-        &CacheConfig::new(CacheMode::Dynamic),
-        &ids,
-        None,
-    )
-    .unwrap();
+    let logits = logits_with(ours.as_ref(), None, CacheMode::Dynamic, &ids);
     // Theirs returns the last position's logits [B, V]; feed it token by token so every
     // position is compared, through its fused K|V cache.
     let mut model = theirs(&cfg);

@@ -7,7 +7,7 @@
 //! i` masks), and the window itself is checked against transformers
 //! (`scenarios/stack/`).
 
-use crate::common::max_abs_diff;
+use crate::common::{build_with_weights, logits_with, max_abs_diff, parity_prompt, worst_diff};
 
 use std::collections::HashMap;
 
@@ -16,68 +16,49 @@ use candle_nn::{Activation, VarBuilder};
 use candle_transformers::models::{
     gemma2 as ct_gemma2, mistral as ct_mistral, qwen2 as ct_qwen2, qwen3 as ct_qwen3,
 };
-use prefix_harness::cache::{CacheConfig, CacheMode};
-use prefix_harness::generate::forward_logits;
+use prefix_harness::cache::CacheMode;
 use prefix_harness::model::{gemma2, mistral, qwen2, qwen3, weights, Model, ModelConfig};
 
 const SEED: u64 = 7;
 const TOL: f32 = 1e-4;
 
-/// Our model and the exact weights it was built from.
-fn build(mc: &ModelConfig, dev: &Device) -> (Box<dyn Model>, HashMap<String, Tensor>) {
-    let model = mc.build(weights::seeded(SEED, DType::F32, dev)).unwrap();
-    let map = weights::materialize(mc, SEED, dev).unwrap();
-    (model, map)
-}
-
-/// `[2, 7]` token ids.
-fn prompt(dev: &Device) -> Tensor {
-    Tensor::new(
-        &[[1u32, 17, 42, 99, 3, 250, 8], [5, 5, 200, 13, 77, 0, 128]],
-        dev,
-    )
-    .unwrap()
-}
-
 /// Our logits `[B, S, V]` for the prompt, no prefix.
 fn ours(model: &dyn Model, ids: &Tensor) -> Tensor {
-    forward_logits(
-        model,
-        None,
-        &CacheConfig::new(CacheMode::Dynamic),
-        ids,
-        None,
-    )
-    .unwrap()
-    .0
+    logits_with(model, None, CacheMode::Dynamic, ids)
 }
 
-/// The largest difference between our logits `[B, S, V]` and a reference whose
-/// `forward(ids [B, S'], offset)` returns the last position's logits `[B, 1, V]` (and
-/// starts from an empty KV cache at offset 0): once over the whole prompt, then one
-/// token at a time through its KV cache (every position).
-fn worst_diff(
+/// `forward(ids, offset)` of a candle-transformers model with a KV cache, emptied at
+/// offset 0 (for [`worst_diff`]).
+macro_rules! stepper {
+    ($theirs:ident) => {
+        |x: &Tensor, off: usize| {
+            if off == 0 {
+                $theirs.clear_kv_cache();
+            }
+            $theirs.forward(x, off).unwrap()
+        }
+    };
+}
+
+/// Prints the largest difference from the reference `forward` (see [`worst_diff`]) and
+/// checks it against `TOL`.
+fn assert_parity(
+    name: &str,
     ours: &Tensor,
     ids: &Tensor,
-    mut forward: impl FnMut(&Tensor, usize) -> Tensor,
-) -> f32 {
-    let s = ids.dim(1).unwrap();
-    let last = ours.narrow(1, s - 1, 1).unwrap();
-    let mut worst = max_abs_diff(&last, &forward(ids, 0));
-    for pos in 0..s {
-        let tok = ids.narrow(1, pos, 1).unwrap();
-        let ours_pos = ours.narrow(1, pos, 1).unwrap();
-        worst = worst.max(max_abs_diff(&ours_pos, &forward(&tok, pos)));
-    }
-    worst
+    forward: impl FnMut(&Tensor, usize) -> Tensor,
+) {
+    let worst = worst_diff(ours, ids, forward);
+    println!("{name} no-prefix parity vs candle-transformers {name}: max abs diff {worst:e}");
+    assert!(worst <= TOL, "{name}: max abs diff {worst} > {TOL}");
 }
 
 #[test]
 fn qwen2_no_prefix_parity_with_candle_transformers() {
     let dev = Device::Cpu;
     let cfg = qwen2::Config::tiny();
-    let (model, map) = build(&ModelConfig::Qwen2(cfg.clone()), &dev);
-    let ids = prompt(&dev);
+    let (model, map) = build_with_weights(&ModelConfig::Qwen2(cfg.clone()), SEED, &dev);
+    let ids = parity_prompt(&dev);
     let ours = ours(model.as_ref(), &ids);
     let ccfg = ct_qwen2::Config {
         vocab_size: cfg.vocab_size,
@@ -97,14 +78,7 @@ fn qwen2_no_prefix_parity_with_candle_transformers() {
     };
     let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
     let mut theirs = ct_qwen2::ModelForCausalLM::new(&ccfg, vb).unwrap();
-    let worst = worst_diff(&ours, &ids, |x, off| {
-        if off == 0 {
-            theirs.clear_kv_cache();
-        }
-        theirs.forward(x, off).unwrap()
-    });
-    println!("qwen2 no-prefix parity vs candle-transformers qwen2: max abs diff {worst:e}");
-    assert!(worst <= TOL, "max abs diff {worst} > {TOL}");
+    assert_parity("qwen2", &ours, &ids, stepper!(theirs));
 }
 
 #[test]
@@ -114,8 +88,8 @@ fn mistral_no_prefix_parity_with_candle_transformers() {
         sliding_window: None,
         ..mistral::Config::tiny()
     };
-    let (model, map) = build(&ModelConfig::Mistral(cfg.clone()), &dev);
-    let ids = prompt(&dev);
+    let (model, map) = build_with_weights(&ModelConfig::Mistral(cfg.clone()), SEED, &dev);
+    let ids = parity_prompt(&dev);
     let ours = ours(model.as_ref(), &ids);
     let ccfg = ct_mistral::Config {
         vocab_size: cfg.vocab_size,
@@ -134,22 +108,15 @@ fn mistral_no_prefix_parity_with_candle_transformers() {
     };
     let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
     let mut theirs = ct_mistral::Model::new(&ccfg, vb).unwrap();
-    let worst = worst_diff(&ours, &ids, |x, off| {
-        if off == 0 {
-            theirs.clear_kv_cache();
-        }
-        theirs.forward(x, off).unwrap()
-    });
-    println!("mistral no-prefix parity vs candle-transformers mistral: max abs diff {worst:e}");
-    assert!(worst <= TOL, "max abs diff {worst} > {TOL}");
+    assert_parity("mistral", &ours, &ids, stepper!(theirs));
 }
 
 #[test]
 fn qwen3_no_prefix_parity_with_candle_transformers() {
     let dev = Device::Cpu;
     let cfg = qwen3::Config::tiny();
-    let (model, map) = build(&ModelConfig::Qwen3(cfg.clone()), &dev);
-    let ids = prompt(&dev);
+    let (model, map) = build_with_weights(&ModelConfig::Qwen3(cfg.clone()), SEED, &dev);
+    let ids = parity_prompt(&dev);
     let ours = ours(model.as_ref(), &ids);
     let ccfg = ct_qwen3::Config {
         vocab_size: cfg.vocab_size,
@@ -171,14 +138,7 @@ fn qwen3_no_prefix_parity_with_candle_transformers() {
     };
     let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
     let mut theirs = ct_qwen3::ModelForCausalLM::new(&ccfg, vb).unwrap();
-    let worst = worst_diff(&ours, &ids, |x, off| {
-        if off == 0 {
-            theirs.clear_kv_cache();
-        }
-        theirs.forward(x, off).unwrap()
-    });
-    println!("qwen3 no-prefix parity vs candle-transformers qwen3: max abs diff {worst:e}");
-    assert!(worst <= TOL, "max abs diff {worst} > {TOL}");
+    assert_parity("qwen3", &ours, &ids, stepper!(theirs));
 }
 
 // ---------------------------------------------------------------------------------
@@ -237,19 +197,12 @@ fn candle_gemma2(
 fn gemma2_no_prefix_parity_with_candle_transformers() {
     let dev = Device::Cpu;
     let cfg = gemma2::Config::tiny();
-    let (model, map) = build(&ModelConfig::Gemma2(cfg.clone()), &dev);
-    let ids = prompt(&dev);
+    let (model, map) = build_with_weights(&ModelConfig::Gemma2(cfg.clone()), SEED, &dev);
+    let ids = parity_prompt(&dev);
     assert!(ids.dim(1).unwrap() <= cfg.sliding_window.unwrap());
     let ours = ours(model.as_ref(), &ids);
     let mut theirs = candle_gemma2(&cfg, &map, None, &dev);
-    let worst = worst_diff(&ours, &ids, |x, off| {
-        if off == 0 {
-            theirs.clear_kv_cache();
-        }
-        theirs.forward(x, off).unwrap()
-    });
-    println!("gemma2 no-prefix parity vs candle-transformers gemma2: max abs diff {worst:e}");
-    assert!(worst <= TOL, "max abs diff {worst} > {TOL}");
+    assert_parity("gemma2", &ours, &ids, stepper!(theirs));
 }
 
 /// Every layer sliding with a window of 3 (keys in (p - 3, p]) over the 7-token
@@ -263,8 +216,8 @@ fn gemma2_sliding_window_parity_with_candle_transformers() {
         layer_types: Some(vec!["sliding_attention".into(); 3]),
         ..gemma2::Config::tiny()
     };
-    let (model, map) = build(&ModelConfig::Gemma2(cfg.clone()), &dev);
-    let ids = prompt(&dev);
+    let (model, map) = build_with_weights(&ModelConfig::Gemma2(cfg.clone()), SEED, &dev);
+    let ids = parity_prompt(&dev);
     let s = ids.dim(1).unwrap();
     let ours = ours(model.as_ref(), &ids).narrow(1, s - 1, 1).unwrap();
     let mut theirs = candle_gemma2(&cfg, &map, Some(2), &dev);
@@ -275,7 +228,7 @@ fn gemma2_sliding_window_parity_with_candle_transformers() {
         sliding_window: None,
         ..cfg
     };
-    let (model, _) = build(&ModelConfig::Gemma2(full), &dev);
+    let (model, _) = build_with_weights(&ModelConfig::Gemma2(full), SEED, &dev);
     let unwindowed = ours_last(model.as_ref(), &ids);
     let moved = max_abs_diff(&ours, &unwindowed);
     assert!(
@@ -443,7 +396,7 @@ fn llama3_rope_scaling_loads_and_applies() {
             "high_freq_factor": 4.0, "original_max_position_embeddings": 4}"#,
     );
     let plain = base.replace("ROPE", "null");
-    let ids = prompt(&dev);
+    let ids = parity_prompt(&dev);
     let logits = |json: &str| {
         let mc = parse(json);
         let model = mc.build(weights::seeded(SEED, DType::F32, &dev)).unwrap();

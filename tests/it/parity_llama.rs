@@ -2,7 +2,7 @@
 //! the explicit `head_dim` cache geometry, config parsing, and gradients reaching the
 //! prefix.
 
-use crate::common::max_abs_diff;
+use crate::common::{build_with_weights, logits_with, max_abs_diff, parity_prompt};
 
 use std::collections::HashMap;
 
@@ -30,18 +30,7 @@ fn reference_config() -> llama::Config {
 
 /// Our model and the exact weights it was built from.
 fn build(cfg: &llama::Config, dev: &Device) -> (Box<dyn Model>, HashMap<String, Tensor>) {
-    let mc = ModelConfig::Llama(cfg.clone());
-    let model = mc.build(weights::seeded(SEED, DType::F32, dev)).unwrap();
-    let map = weights::materialize(&mc, SEED, dev).unwrap();
-    (model, map)
-}
-
-fn prompt(dev: &Device) -> Tensor {
-    Tensor::new(
-        &[[1u32, 17, 42, 99, 3, 250, 8], [5, 5, 200, 13, 77, 0, 128]],
-        dev,
-    )
-    .unwrap()
+    build_with_weights(&ModelConfig::Llama(cfg.clone()), SEED, dev)
 }
 
 fn ct_config(cfg: &llama::Config) -> ct_llama::Config {
@@ -68,16 +57,9 @@ fn no_prefix_parity_with_candle_transformers_llama() {
     let dev = Device::Cpu;
     let cfg = reference_config();
     let (model, map) = build(&cfg, &dev);
-    let ids = prompt(&dev);
+    let ids = parity_prompt(&dev);
     let (_b, s) = ids.dims2().unwrap();
-    let (ours, _) = forward_logits(
-        model.as_ref(),
-        None,
-        &CacheConfig::new(CacheMode::Dynamic),
-        &ids,
-        None,
-    )
-    .unwrap();
+    let ours = logits_with(model.as_ref(), None, CacheMode::Dynamic, &ids);
     assert_eq!(ours.dims(), &[2, s, cfg.vocab_size]);
 
     let ccfg = ct_config(&cfg);
@@ -138,16 +120,9 @@ fn prefix_parity_with_llama2_c() {
     let (model, mut map) = build(&cfg, &dev);
     let p = 5;
     let prefix = PrefixEncoder::new(&PrefixConfig::new(p), &model.geometry(), &dev).unwrap();
-    let ids = prompt(&dev);
+    let ids = parity_prompt(&dev);
     let (b, s) = ids.dims2().unwrap();
-    let (ours, _) = forward_logits(
-        model.as_ref(),
-        Some(&prefix),
-        &CacheConfig::new(CacheMode::Dynamic),
-        &ids,
-        None,
-    )
-    .unwrap();
+    let ours = logits_with(model.as_ref(), Some(&prefix), CacheMode::Dynamic, &ids);
 
     // llama2_c uses Hugging Face's parameter names but Meta's interleaved RoPE (pairs
     // (2i, 2i+1)), while our model (like transformers) rotates (i, i + D/2). Permuting
@@ -248,7 +223,7 @@ fn explicit_head_dim_shapes_the_cache() {
     );
     let p = 6;
     let prefix = PrefixEncoder::new(&PrefixConfig::new(p), &model.geometry(), &dev).unwrap();
-    let ids = prompt(&dev);
+    let ids = parity_prompt(&dev);
     let (b, s) = ids.dims2().unwrap();
     let out = greedy(
         model.as_ref(),
@@ -433,7 +408,7 @@ fn from_hf_json_parses_a_llama_config() {
 fn config_sliding_window_limits_attention_like_a_cache_window() {
     let dev = Device::Cpu;
     let window = 3;
-    let ids = prompt(&dev);
+    let ids = parity_prompt(&dev);
     let plain = llama::Config::tiny();
     let windowed = llama::Config {
         sliding_window: Some(window),
@@ -464,15 +439,8 @@ fn every_prefix_parameter_gets_a_gradient() {
     let mut pc = PrefixConfig::new(4);
     pc.projection = true;
     let prefix = PrefixEncoder::new(&pc, &model.geometry(), &dev).unwrap();
-    let ids = prompt(&dev);
-    let (logits, _) = forward_logits(
-        model.as_ref(),
-        Some(&prefix),
-        &CacheConfig::new(CacheMode::None),
-        &ids,
-        None,
-    )
-    .unwrap();
+    let ids = parity_prompt(&dev);
+    let logits = logits_with(model.as_ref(), Some(&prefix), CacheMode::None, &ids);
     let loss = logits.sqr().unwrap().mean_all().unwrap();
     let grads = loss.backward().unwrap();
     for (name, var) in prefix.vars() {
@@ -501,7 +469,7 @@ fn every_prefix_parameter_gets_a_gradient() {
 fn block_ops_match_the_composed_layers_in_logits_and_prefix_gradients() {
     let dev = Device::Cpu;
     let (model, _) = build(&llama::Config::tiny(), &dev);
-    let ids = prompt(&dev);
+    let ids = parity_prompt(&dev);
     let modes = [
         CacheMode::None,
         CacheMode::Legacy,

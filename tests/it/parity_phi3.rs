@@ -4,15 +4,12 @@
 //! unevenly); `config.json` with transformers' defaults; parameter names.
 //! (candle-transformers 0.11 has no GPT-NeoX.)
 
-use crate::common::max_abs_diff;
+use crate::common::{build_with_weights, logits_with, parity_prompt, worst_diff};
 
-use std::collections::HashMap;
-
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::{Activation, VarBuilder};
 use candle_transformers::models::phi3 as ct_phi3;
-use prefix_harness::cache::{CacheConfig, CacheMode};
-use prefix_harness::generate::forward_logits;
+use prefix_harness::cache::CacheMode;
 use prefix_harness::model::{phi3, weights, ModelConfig};
 
 const SEED: u64 = 7;
@@ -23,24 +20,10 @@ fn phi3_no_prefix_parity_with_candle_transformers() {
     let dev = Device::Cpu;
     let cfg = phi3::Config::tiny();
     let mc = ModelConfig::Phi3(cfg.clone());
-    let model = mc.build(weights::seeded(SEED, DType::F32, &dev)).unwrap();
-    let map: HashMap<String, Tensor> = weights::materialize(&mc, SEED, &dev).unwrap();
-    // ids: [2, 7]
-    let ids = Tensor::new(
-        &[[1u32, 17, 42, 99, 3, 250, 8], [5, 5, 200, 13, 77, 0, 128]],
-        &dev,
-    )
-    .unwrap();
-    // ours: [B, S, V]
-    let ours = forward_logits(
-        model.as_ref(),
-        None,
-        &CacheConfig::new(CacheMode::Dynamic),
-        &ids,
-        None,
-    )
-    .unwrap()
-    .0;
+    let (model, map) = build_with_weights(&mc, SEED, &dev);
+    let ids = parity_prompt(&dev); // [2, 7]
+                                   // ours: [B, S, V]
+    let ours = logits_with(model.as_ref(), None, CacheMode::Dynamic, &ids);
     let ccfg = ct_phi3::Config {
         vocab_size: cfg.vocab_size,
         hidden_act: Activation::Silu,
@@ -61,19 +44,12 @@ fn phi3_no_prefix_parity_with_candle_transformers() {
     };
     let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
     let mut theirs = ct_phi3::Model::new(&ccfg, vb).unwrap();
-    // Theirs returns the last position's logits [B, 1, V]: once over the whole prompt,
-    // then one token at a time through its KV cache.
-    let s = ids.dim(1).unwrap();
-    let mut worst = max_abs_diff(
-        &ours.narrow(1, s - 1, 1).unwrap(),
-        &theirs.forward(&ids, 0).unwrap(),
-    );
-    theirs.clear_kv_cache();
-    for pos in 0..s {
-        let tok = ids.narrow(1, pos, 1).unwrap();
-        let step = theirs.forward(&tok, pos).unwrap();
-        worst = worst.max(max_abs_diff(&ours.narrow(1, pos, 1).unwrap(), &step));
-    }
+    let worst = worst_diff(&ours, &ids, |x, off| {
+        if off == 0 {
+            theirs.clear_kv_cache();
+        }
+        theirs.forward(x, off).unwrap()
+    });
     println!("phi3 no-prefix parity vs candle-transformers phi3: max abs diff {worst:e}");
     assert!(worst <= TOL, "max abs diff {worst} > {TOL}");
 }

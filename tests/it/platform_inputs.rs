@@ -3,24 +3,14 @@
 //! scenario written on Linux means, and what the harness writes (reports, fingerprints)
 //! uses `/` and `\n` whatever the OS.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use prefix_harness::fingerprint::{compare, Fingerprint, Tolerance};
 use prefix_harness::report::{self, Environment};
 use prefix_harness::run::{self, CaseResult, RunOptions};
 use prefix_harness::scenario::{self, Case};
 
-fn repo(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
-}
-
-/// A fresh folder under the system temp dir for one test.
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ph-platform-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use crate::common::{repo, TempDir};
 
 /// Windows-style text: CRLF line endings and a UTF-8 byte order mark.
 fn windows_text(s: &str) -> String {
@@ -74,7 +64,8 @@ fn cases_json(fp: &Fingerprint) -> String {
 /// expands to the same cases, and the cases produce the same fingerprint.
 #[test]
 fn a_crlf_bom_copy_of_the_scenarios_gives_the_same_cases_and_fingerprint() {
-    let copy = scratch("crlf-copy").join("scenarios");
+    let tmp = TempDir::new("platform-crlf-copy");
+    let copy = tmp.join("scenarios");
     copy_as_windows(&repo("scenarios"), &copy);
     let sample = std::fs::read(copy.join("bugs/peft-2192-fixed.yaml")).unwrap();
     assert!(sample.starts_with(b"\xef\xbb\xbf") && sample.windows(2).any(|w| w == b"\r\n"));
@@ -107,7 +98,7 @@ fn a_crlf_bom_copy_of_the_scenarios_gives_the_same_cases_and_fingerprint() {
 /// An input error in a CRLF + BOM file names the same line, column and field.
 #[test]
 fn errors_in_crlf_bom_files_point_at_the_same_place() {
-    let d = scratch("errors");
+    let d = TempDir::new("platform-errors");
     let text = "name: demo\nmodel:\n  family: gpt2\nprefix:\n  virtual_token: 2\n";
     let lf = d.join("lf.yaml");
     let crlf = d.join("crlf.yaml");
@@ -136,7 +127,7 @@ fn block_scalars_in_crlf_files_have_unix_line_breaks() {
 /// `sub/prompts.txt`, on every OS, and the data file may itself have CRLF lines.
 #[test]
 fn backslashes_in_relative_data_paths_work_everywhere() {
-    let d = scratch("backslash");
+    let d = TempDir::new("platform-backslash");
     std::fs::create_dir_all(d.join("sub")).unwrap();
     std::fs::write(
         d.join("sub/prompts.txt"),
@@ -166,7 +157,7 @@ fn backslashes_in_relative_data_paths_work_everywhere() {
 /// A data file saved with a byte order mark (Notepad) gives the same prompts.
 #[test]
 fn a_bom_in_a_data_file_is_not_part_of_the_first_prompt() {
-    let d = scratch("data-bom");
+    let d = TempDir::new("platform-data-bom");
     std::fs::write(d.join("p.txt"), "\u{feff}hello\nworld\n").unwrap();
     let text =
         "name: demo\nmodel:\n  family: gpt2\nprefix:\n  virtual_tokens: 2\ndata:\n  file: p.txt\n";
@@ -178,7 +169,7 @@ fn a_bom_in_a_data_file_is_not_part_of_the_first_prompt() {
 /// relative paths with `/`, whichever separator the file used.
 #[test]
 fn parsed_scenarios_serialise_relative_paths_with_slashes() {
-    let d = scratch("serialise");
+    let d = TempDir::new("platform-serialise");
     std::fs::create_dir_all(d.join("sub")).unwrap();
     std::fs::write(d.join("sub/p.txt"), "hello\n").unwrap();
     let text = "name: demo\nmodel:\n  family: gpt2\nprefix:\n  virtual_tokens: 2\ndata:\n  file: sub\\p.txt\n";
@@ -190,7 +181,7 @@ fn parsed_scenarios_serialise_relative_paths_with_slashes() {
 /// Case files and error messages use `/` even when the path was given with `\`.
 #[test]
 fn case_files_and_messages_use_slashes() {
-    let d = scratch("slashes");
+    let d = TempDir::new("platform-slashes");
     std::fs::create_dir_all(d.join("sub")).unwrap();
     let text = "name: demo\nmodel:\n  family: gpt2\nprefix:\n  virtual_tokens: 2\n";
     let c = scenario::parse(Path::new("scenarios\\sub\\demo.yaml"), text).unwrap();

@@ -4,9 +4,10 @@
 //! `.ci/run` (ci/stack/setup_venvs.sh, then `run scenarios/stack --against peft`).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::Output;
 use std::time::{Duration, Instant};
 
+use crate::common::{harness, read_json, TempDir};
 use prefix_harness::generate::Strategy;
 use prefix_harness::run::{run_case, CaseResult};
 use prefix_harness::scenario::{self, Case};
@@ -190,16 +191,6 @@ fn a_skipped_or_broken_stack_case_is_skip_or_error_with_its_reason() {
 // ---------------------------------------------------------------------------------
 // The driver runner against fake interpreters
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "prefix-harness-stack-test-{name}-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn job(ids: &[&str]) -> Job {
     Job {
         protocol: PROTOCOL,
@@ -259,6 +250,18 @@ done
     p
 }
 
+/// `prefix-harness CMD SCENARIO --against peft --python <none>` (and `--report REPORT`):
+/// the command line with an interpreter that does not exist.
+fn without_python(d: &Path, cmd: &str, scenario: &str, report: Option<&Path>) -> Output {
+    let mut c = harness();
+    c.args([cmd, scenario, "--against", "peft", "--python"])
+        .arg(d.join("no-such-python"));
+    if let Some(r) = report {
+        c.arg("--report").arg(r);
+    }
+    c.output().expect("the binary runs")
+}
+
 fn opts(python: PathBuf) -> StackOptions {
     StackOptions {
         python,
@@ -275,7 +278,7 @@ fn statuses(out: &[StackCase]) -> Vec<(String, String)> {
 
 #[test]
 fn a_missing_interpreter_is_an_error_for_every_case_naming_it() {
-    let d = scratch("missing");
+    let d = TempDir::new("stack-missing");
     let out = run_job(&job(&["a", "b"]), &d, &opts(d.join("no-such-python")));
     assert_eq!(out.cases.len(), 2);
     for c in &out.cases {
@@ -291,7 +294,7 @@ fn a_missing_interpreter_is_an_error_for_every_case_naming_it() {
 #[cfg(unix)]
 #[test]
 fn a_hang_is_killed_at_the_time_limit_and_the_remaining_cases_still_run() {
-    let d = scratch("hang");
+    let d = TempDir::new("stack-hang");
     let start = Instant::now();
     let out = run_job(&job(&["a", "hang", "b"]), &d, &opts(fake_python(&d)));
     assert!(
@@ -315,7 +318,7 @@ fn a_hang_is_killed_at_the_time_limit_and_the_remaining_cases_still_run() {
 #[cfg(unix)]
 #[test]
 fn a_crash_and_garbage_are_errors_with_the_reason_and_the_rest_still_run() {
-    let d = scratch("crash");
+    let d = TempDir::new("stack-crash");
     let out = run_job(
         &job(&["crash", "a", "garbage", "b"]),
         &d,
@@ -345,21 +348,9 @@ fn a_crash_and_garbage_are_errors_with_the_reason_and_the_rest_still_run() {
 
 #[test]
 fn without_a_python_the_cli_reports_stack_errors_and_keeps_the_engine_results() {
-    let d = scratch("cli");
+    let d = TempDir::new("stack-cli");
     let report = d.join("r.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_prefix-harness"))
-        .args([
-            "run",
-            "scenarios/stack/peft-2192.yaml",
-            "--against",
-            "peft",
-            "--python",
-        ])
-        .arg(d.join("no-such-python"))
-        .arg("--report")
-        .arg(&report)
-        .output()
-        .unwrap();
+    let out = without_python(&d, "run", "scenarios/stack/peft-2192.yaml", Some(&report));
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -371,8 +362,7 @@ fn without_a_python_the_cli_reports_stack_errors_and_keeps_the_engine_results() 
         stdout.contains("stack error: cannot start the Python interpreter"),
         "{stdout}"
     );
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let v = read_json(&report);
     let c = &v["cases"][0];
     assert_eq!(c["status"], "error");
     assert_eq!(c["stack"]["verdict"], "error");
@@ -384,26 +374,13 @@ fn without_a_python_the_cli_reports_stack_errors_and_keeps_the_engine_results() 
 
 #[test]
 fn quantized_cases_are_skipped_before_the_driver_with_the_reason() {
-    let d = scratch("quantized");
+    let d = TempDir::new("stack-quantized");
     let report = d.join("r.json");
     // No interpreter: had a case reached the driver, it would be a stack error.
-    let out = Command::new(env!("CARGO_BIN_EXE_prefix-harness"))
-        .args([
-            "run",
-            "scenarios/cache/quantized.yaml",
-            "--against",
-            "peft",
-            "--python",
-        ])
-        .arg(d.join("no-such-python"))
-        .arg("--report")
-        .arg(&report)
-        .output()
-        .unwrap();
+    let out = without_python(&d, "run", "scenarios/cache/quantized.yaml", Some(&report));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let v = read_json(&report);
     let cases = v["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 8);
     for c in cases {
@@ -417,18 +394,8 @@ fn quantized_cases_are_skipped_before_the_driver_with_the_reason() {
 
 #[test]
 fn repro_against_the_stack_reports_its_side_in_the_markdown() {
-    let d = scratch("repro");
-    let out = Command::new(env!("CARGO_BIN_EXE_prefix-harness"))
-        .args([
-            "repro",
-            "scenarios/stack/peft-2192.yaml",
-            "--against",
-            "peft",
-            "--python",
-        ])
-        .arg(d.join("no-such-python"))
-        .output()
-        .unwrap();
+    let d = TempDir::new("stack-repro");
+    let out = without_python(&d, "repro", "scenarios/stack/peft-2192.yaml", None);
     let md = String::from_utf8_lossy(&out.stdout);
     assert!(md.contains("### On the Python stack"), "{md}");
     assert!(

@@ -8,7 +8,7 @@ use prefix_harness::data::{decode_bytes, encode_bytes, SENTIMENT};
 use prefix_harness::tokenizer::{byte_level_json, Tokenizer, BUILTIN_JSON, BUILTIN_VOCAB_SIZE};
 
 fn asset_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/tokenizer.json")
+    crate::common::repo("assets/tokenizer.json")
 }
 
 /// Texts beyond the built-in sentences: non-ASCII (2-, 3- and 4-byte UTF-8), control
