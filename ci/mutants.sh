@@ -12,21 +12,27 @@
 #                                  exercise it (unit tests, properties, snapshots)
 #
 # Mutants are built in place (`--in-place`: the warm target/ is reused; the tree is
-# restored after each mutant) and judged by `cargo test` over the test binaries that
-# exercise these modules (TESTS below; set MUTANTS_TESTS=all for every binary).
+# restored after each mutant) and judged by `cargo test --lib --test it` over the unit
+# tests and the integration-test modules that exercise these modules (AREAS below: a
+# libtest name filter; set MUTANTS_TESTS=all for every test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo-mutants >/dev/null 2>&1 || {
     echo "ci/mutants.sh: cargo-mutants is not installed: cargo install cargo-mutants --locked" >&2
     exit 2
 }
-TESTS=(--lib --test engine_diagnoses --test stack --test cli --test repro --test generate
-       --test train --test reference_math --test fingerprint --test engine_matrix)
-if [ "${MUTANTS_TESTS:-}" = all ]; then TESTS=(); fi
+# The integration tests are one binary, `tests/it/` (a module per area). Its modules are
+# chosen by libtest name filters, which apply to the unit tests too: `tests::` keeps
+# every unit test (they all live in `mod tests`) and matches no `it` module.
+AREAS=(engine_diagnoses:: stack:: cli:: repro:: generate:: train:: reference_math::
+       fingerprint:: engine_matrix::)
+tests() { TESTS=(--lib --test it -- tests:: "$@"); }
+tests "${AREAS[@]}"
 mkdir -p target
 common=(--in-place --no-shuffle --timeout-multiplier 3 --baseline skip)
 run() {
     local out="$1"; shift
+    if [ "${MUTANTS_TESTS:-}" = all ]; then TESTS=(); fi
     cargo mutants "${common[@]}" --output "target/$out" "$@" -- "${TESTS[@]}" || true
     local m="target/$out/mutants.out"
     for k in caught missed unviable timeout; do
@@ -41,7 +47,7 @@ case "${1:-}" in
                                          src/engine/divergence.rs src/engine/batching.rs)
         args=()
         for f in "${files[@]}"; do args+=(-f "$f"); done
-        TESTS=(--lib --test properties --test snapshots --test quantized)
+        tests properties:: snapshots:: quantized::
         run mutants-semantics "${args[@]}"
         ;;
     judge)
@@ -63,7 +69,7 @@ case "${1:-}" in
         run mutants-diff --in-diff target/mutants.diff
         ;;
     *)
-        sed -n '2,17p' "$0" >&2
+        sed -n '2,18p' "$0" >&2
         exit 2
         ;;
 esac

@@ -5,7 +5,7 @@
 """Load the harness's PEFT prefix-tuning adapters with the real stack.
 
 For each case folder written by the Rust test `export_for_python`
-(tests/adapter.rs):
+(tests/it/adapter/python.rs):
 
     CASE/model/config.json, CASE/model/model.safetensors   tiny model, HF names
     CASE/adapter/adapter_config.json, adapter_model.safetensors   our adapter
@@ -19,7 +19,7 @@ difference exceeds --tol.
 
     python3 -m venv /tmp/peftenv
     /tmp/peftenv/bin/pip install -r ci/peft/requirements.txt
-    PEFT_EXPORT_DIR=/tmp/peft-check cargo test --test adapter export_for_python -- --ignored
+    PEFT_EXPORT_DIR=/tmp/peft-check cargo test --test it adapter::python::export_for_python -- --ignored
     /tmp/peftenv/bin/python ci/peft/check_adapter.py /tmp/peft-check
 
 CI never runs this script (it needs Python and a few GB of wheels).

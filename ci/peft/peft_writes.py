@@ -4,7 +4,7 @@
 """Print what PEFT itself writes for a tiny GPT-2 prefix-tuning adapter: the
 adapter_config.json text and the safetensors header of adapter_model.safetensors.
 
-tests/adapter.rs (`files_are_byte_for_byte_what_peft_writes`) holds this output as its
+tests/it/adapter.rs (`files_are_byte_for_byte_what_peft_writes`) holds this output as its
 golden values; rerun this after a PEFT upgrade and update the test and
 `adapter::PEFT_FORMAT_VERSION` if it changed.
 

@@ -1,0 +1,260 @@
+//! Helpers shared by the test modules: tiny seeded models, prompts, comparisons,
+//! temporary folders, the binary, blessing and proptest settings.
+
+use std::collections::HashMap;
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use candle_core::{DType, Device, Tensor};
+use prefix_harness::engine::cache::{CacheConfig, CacheMode, Layout};
+use prefix_harness::engine::generate::forward_logits;
+use prefix_harness::engine::model::{weights, Family, Model, ModelConfig};
+use prefix_harness::engine::prefix::{PrefixConfig, PrefixEncoder};
+use proptest::test_runner::{Config as ProptestConfig, FileFailurePersistence};
+
+pub const SEED: u64 = 20261128;
+
+pub fn tiny_model(family: Family) -> Box<dyn Model> {
+    ModelConfig::tiny(family)
+        .build(weights::seeded(SEED, DType::F32, &Device::Cpu))
+        .expect("tiny model builds")
+}
+
+pub fn prefix(model: &dyn Model, p: usize) -> PrefixEncoder {
+    let mut cfg = PrefixConfig::new(p);
+    cfg.seed = SEED + 1;
+    PrefixEncoder::new(&cfg, &model.geometry(), &Device::Cpu).expect("prefix builds")
+}
+
+/// A cache mode by its rstest name, with the static capacity and sliding window given.
+pub fn cache_mode(name: &str, static_max_len: usize, window: usize) -> CacheMode {
+    match name {
+        "none" => CacheMode::None,
+        "dynamic" => CacheMode::Dynamic,
+        "static" => CacheMode::Static {
+            max_len: static_max_len,
+        },
+        "sliding" => CacheMode::Sliding { window },
+        "legacy" => CacheMode::Legacy,
+        other => panic!("unknown mode {other}"),
+    }
+}
+
+/// A `[B, S]` prompt of distinct-looking rows (row r is shifted by 37 r).
+pub fn prompt(batch: usize, seq: usize) -> Tensor {
+    let data: Vec<u32> = (0..batch)
+        .flat_map(|r| (0..seq).map(move |i| ((i * 13 + r * 37 + 5) % 250) as u32 + 3))
+        .collect();
+    Tensor::from_vec(data, (batch, seq), &Device::Cpu).expect("prompt")
+}
+
+/// Our logits `[B, S, V]` for `ids` `[B, S]`, with `prefix` (or none) and a cache in `mode`.
+pub fn logits_with(
+    model: &dyn Model,
+    prefix: Option<&PrefixEncoder>,
+    mode: CacheMode,
+    ids: &Tensor,
+) -> Tensor {
+    forward_logits(model, prefix, &CacheConfig::new(mode), ids, None)
+        .expect("forward")
+        .0
+}
+
+/// Our model of `mc` and the exact weights it was built from (seeded with `seed`), for
+/// loading a reference implementation.
+pub fn build_with_weights(
+    mc: &ModelConfig,
+    seed: u64,
+    dev: &Device,
+) -> (Box<dyn Model>, HashMap<String, Tensor>) {
+    let model = mc
+        .build(weights::seeded(seed, DType::F32, dev))
+        .expect("model builds");
+    let map = weights::materialize(mc, seed, dev).expect("weights");
+    (model, map)
+}
+
+/// The `[2, 7]` token ids of the parity tests.
+pub fn parity_prompt(dev: &Device) -> Tensor {
+    Tensor::new(
+        &[[1u32, 17, 42, 99, 3, 250, 8], [5, 5, 200, 13, 77, 0, 128]],
+        dev,
+    )
+    .expect("prompt")
+}
+
+/// The largest difference between our logits `[B, S, V]` and a reference whose
+/// `forward(ids [B, S'], offset)` returns the last position's logits `[B, 1, V]` (and
+/// starts from an empty KV cache at offset 0): once over the whole prompt, then one
+/// token at a time through its KV cache (every position).
+pub fn worst_diff(
+    ours: &Tensor,
+    ids: &Tensor,
+    mut forward: impl FnMut(&Tensor, usize) -> Tensor,
+) -> f32 {
+    let s = ids.dim(1).expect("[B, S] ids, [B, S, V] logits");
+    let last = ours
+        .narrow(1, s - 1, 1)
+        .expect("[B, S] ids, [B, S, V] logits");
+    let mut worst = max_abs_diff(&last, &forward(ids, 0));
+    for pos in 0..s {
+        let tok = ids.narrow(1, pos, 1).expect("[B, S] ids, [B, S, V] logits");
+        let ours_pos = ours
+            .narrow(1, pos, 1)
+            .expect("[B, S] ids, [B, S, V] logits");
+        worst = worst.max(max_abs_diff(&ours_pos, &forward(&tok, pos)));
+    }
+    worst
+}
+
+/// Our logits `[B, S, V]` of `mc` (seeded with `seed`) for `ids`, no prefix, flattened.
+pub fn flat_logits(mc: ModelConfig, seed: u64, ids: &Tensor) -> Vec<f32> {
+    let model = mc
+        .build(weights::seeded(seed, DType::F32, ids.device()))
+        .expect("model builds");
+    logits_with(model.as_ref(), None, CacheMode::Dynamic, ids)
+        .flatten_all()
+        .and_then(|t| t.to_vec1())
+        .expect("logits")
+}
+
+/// The largest |a - b| over two slices of the same length.
+pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.max_all())
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("comparable tensors")
+}
+
+/// The shape a stored self-attention key must have in `layout`.
+pub fn stored_key_shape(layout: Layout, b: usize, kvh: usize, len: usize, d: usize) -> Vec<usize> {
+    match layout {
+        Layout::Standard => vec![b, kvh, len, d],
+        Layout::BloomLegacy => vec![b * kvh, d, len],
+        Layout::BigcodeFused => vec![b, len, 2 * d],
+    }
+}
+
+/// The shape a stored self-attention value must have in `layout` (keys: see
+/// [`stored_key_shape`]).
+pub fn stored_value_shape(
+    layout: Layout,
+    b: usize,
+    kvh: usize,
+    len: usize,
+    d: usize,
+) -> Vec<usize> {
+    match layout {
+        Layout::Standard => vec![b, kvh, len, d],
+        Layout::BloomLegacy => vec![b * kvh, len, d],
+        Layout::BigcodeFused => vec![b, len, 2 * d],
+    }
+}
+
+/// The batch rows a stored tensor of `layout` holds (Bloom's legacy layout folds the
+/// KV heads into its first dimension).
+pub fn stored_batch(layout: Layout, shape: &[usize], kvh: usize) -> usize {
+    let first = shape.first().copied().unwrap_or(0);
+    match layout {
+        Layout::BloomLegacy => first / kvh.max(1),
+        _ => first,
+    }
+}
+
+/// A temporary folder removed on drop: `<temp>/ph-<pid>-<tag>-<n>`.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("ph-{}-{tag}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Deref for TempDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `name`'s path in the crate (data files: `tests/fixtures/...`, `scenarios/...`).
+pub fn repo(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(name)
+}
+
+/// Write `body` to `dir/name`; the path as text.
+pub fn write(dir: &Path, name: &str, body: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, body).expect("write a test file");
+    p.to_string_lossy().into_owned()
+}
+
+/// A JSON file's value.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The `prefix-harness` binary, with `CI=true`.
+pub fn harness() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_prefix-harness"));
+    c.env("CI", "true");
+    c
+}
+
+/// `prefix-harness ARGS`, run to its end.
+pub fn run_cli(args: &[&str]) -> Output {
+    harness().args(args).output().expect("the binary runs")
+}
+
+/// A child's output as text.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `BLESS=1` (not empty, not `0`): rewrite the expected files instead of comparing.
+pub fn blessing() -> bool {
+    std::env::var_os("BLESS").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Proptest settings: `PROPTEST_CASES` cases (else `default_cases`), failing seeds kept
+/// in `<test file>.proptest-regressions` beside the test's source file.
+pub fn proptest_config(default_cases: u32) -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default_cases);
+    ProptestConfig {
+        cases,
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
+            "proptest-regressions",
+        ))),
+        ..ProptestConfig::default()
+    }
+}

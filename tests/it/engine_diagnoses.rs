@@ -1,0 +1,341 @@
+//! Shape failures become structured diagnoses naming the class, the layer, the tensor
+//! and both shapes. Each test pairs a historical mistake with the diagnosis it must give.
+
+use crate::common::*;
+use candle_core::{DType, Device, Tensor};
+use prefix_harness::engine::cache::{CacheConfig, CacheMode, ModelCache};
+use prefix_harness::engine::diagnosis::{
+    from_candle, Attention, Diagnosis, DiagnosisClass, EngineError, TensorKind,
+};
+use prefix_harness::engine::generate::{greedy, prepare_cache, DecodeOptions};
+use prefix_harness::engine::model::{Family, Forward, Model};
+use prefix_harness::engine::prefix::{HeadDimFrom, HeadsFrom, PrefixConfig, PrefixEncoder, PrefixLayout};
+
+fn diagnose(family: Family, p: usize, opts: DecodeOptions, cfg: Option<PrefixConfig>) -> Diagnosis {
+    let model = tiny_model(family);
+    let prefix = match cfg {
+        Some(c) => PrefixEncoder::new(&c, &model.geometry(), &Device::Cpu).expect("prefix"),
+        None => prefix(model.as_ref(), p),
+    };
+    match greedy(model.as_ref(), Some(&prefix), &opts, &prompt(2, 5), None) {
+        Ok(_) => panic!("{family:?}: expected a diagnosis, the run passed"),
+        Err(EngineError::Shape(d)) => *d,
+        Err(e) => panic!("{family:?}: expected a shape diagnosis, got {e}"),
+    }
+}
+
+/// The diagnosis of one forward pass that must fail: `ids: [B, S]`, `mask: [B, P + S]`.
+fn failing_forward(
+    model: &dyn Model,
+    cache: &mut ModelCache,
+    ids: &Tensor,
+    mask: &Tensor,
+) -> Diagnosis {
+    let mut fw = Forward {
+        cache,
+        mask,
+        encoder: None,
+        last_only: false,
+    };
+    let err = model
+        .forward(ids, &mut fw)
+        .expect_err("the forward pass fails");
+    err.diagnosis().expect("diagnosed").clone()
+}
+
+fn opts(mode: CacheMode) -> DecodeOptions {
+    DecodeOptions::new(CacheConfig::new(mode), 3)
+}
+
+/// [`assert_place`] at layer 0's self-attention.
+fn assert_layer0_self(d: &Diagnosis, class: DiagnosisClass, tensor: TensorKind) {
+    assert_place(d, class, 0, Attention::SelfAttn, tensor);
+}
+
+fn assert_place(
+    d: &Diagnosis,
+    class: DiagnosisClass,
+    layer: usize,
+    attention: Attention,
+    tensor: TensorKind,
+) {
+    assert_eq!(
+        (d.class, d.layer, d.attention, d.tensor),
+        (class, Some(layer), Some(attention), Some(tensor)),
+        "{d}"
+    );
+    assert!(!d.hint.is_empty(), "a diagnosis names a likely cause: {d}");
+}
+
+/// PEFT issue 2192: a 3-D Bloom prefix meets transformers' 4-D dynamic cache.
+#[test]
+fn bloom_legacy_prefix_in_a_dynamic_cache_is_a_rank_failure_at_layer_0_key() {
+    let mut o = opts(CacheMode::Dynamic);
+    o.layout = PrefixLayout::BloomLegacy;
+    let d = diagnose(Family::Bloom, 4, o, None);
+    assert_layer0_self(&d, DiagnosisClass::Rank, TensorKind::Key);
+    assert_eq!(d.expected_shape, vec![2, 4, 4, 16], "[B, H, P, D]");
+    assert_eq!(d.actual_shape, vec![8, 16, 4], "[B*H, D, P]");
+    assert!(d.message.contains("got 3 and 4"), "{}", d.message);
+}
+
+#[test]
+fn bloom_legacy_prefix_in_the_legacy_cache_it_was_shaped_for_passes() {
+    let model = tiny_model(Family::Bloom);
+    let pre = prefix(model.as_ref(), 4);
+    let mut o = opts(CacheMode::Legacy);
+    o.layout = PrefixLayout::BloomLegacy;
+    greedy(model.as_ref(), Some(&pre), &o, &prompt(2, 5), None).expect("matching layouts run");
+}
+
+#[test]
+fn standard_prefix_in_a_bloom_legacy_cache_is_a_rank_failure() {
+    let mut o = opts(CacheMode::Legacy);
+    o.layout = PrefixLayout::Standard;
+    let d = diagnose(Family::Bloom, 4, o, None);
+    assert_layer0_self(&d, DiagnosisClass::Rank, TensorKind::Key);
+    assert_eq!((d.expected_shape.len(), d.actual_shape.len()), (3, 4));
+}
+
+/// PEFT PR 2662: the fused GPT-BigCode prefix meets the 4-D cache of transformers >= 4.54.
+#[test]
+fn bigcode_fused_prefix_in_a_dynamic_cache_is_a_rank_failure() {
+    let mut o = opts(CacheMode::Dynamic);
+    o.layout = PrefixLayout::BigcodeFused;
+    let d = diagnose(Family::GptBigcode, 3, o, None);
+    assert_layer0_self(&d, DiagnosisClass::Rank, TensorKind::Key);
+    assert_eq!(d.actual_shape, vec![2, 3, 32], "[B, P, 2*D]");
+}
+
+/// PEFT PR 1901: prefix heads from attention heads on a GQA model.
+#[test]
+fn gqa_prefix_built_with_attention_heads_is_a_kv_heads_failure() {
+    let mut c = PrefixConfig::new(4);
+    c.heads_from = HeadsFrom::AttentionHeads;
+    let d = diagnose(Family::Llama, 4, opts(CacheMode::Dynamic), Some(c));
+    assert_layer0_self(&d, DiagnosisClass::KvHeads, TensorKind::Key);
+    assert_eq!(d.actual_shape[1], 4, "attention heads");
+    assert_eq!(d.expected_shape[1], 2, "kv heads");
+}
+
+/// PEFT < 0.18 on Qwen3: head_dim taken as hidden / heads instead of the config's.
+#[test]
+fn prefix_head_dim_from_hidden_over_heads_is_a_head_dim_failure() {
+    let mut c = PrefixConfig::new(4);
+    c.head_dim_from = HeadDimFrom::HiddenOverHeads;
+    let d = diagnose(Family::Llama, 4, opts(CacheMode::Dynamic), Some(c));
+    assert_layer0_self(&d, DiagnosisClass::HeadDim, TensorKind::Key);
+    assert_eq!((d.expected_shape[3], d.actual_shape[3]), (24, 16));
+}
+
+#[test]
+fn mask_not_extended_by_the_prefix_is_a_mask_width_failure() {
+    let mut o = opts(CacheMode::Dynamic);
+    o.extend_mask = false;
+    let d = diagnose(Family::Gpt2, 4, o, None);
+    assert_layer0_self(&d, DiagnosisClass::MaskWidth, TensorKind::Mask);
+    assert_eq!(
+        (d.expected_shape.clone(), d.actual_shape.clone()),
+        (vec![2, 9], vec![2, 5])
+    );
+}
+
+#[test]
+fn static_cache_without_room_for_the_prefix_is_a_seq_len_failure() {
+    // Sized for prompt (5) + new tokens (3) only: the 4 virtual tokens do not fit.
+    let d = diagnose(
+        Family::Gpt2,
+        4,
+        opts(CacheMode::Static { max_len: 8 }),
+        None,
+    );
+    assert_layer0_self(&d, DiagnosisClass::SeqLen, TensorKind::Key);
+}
+
+#[test]
+fn positions_past_the_learned_table_are_a_position_failure() {
+    // tiny GPT-2 has 128 positions; 124 virtual tokens + 5 prompt tokens do not fit.
+    let d = diagnose(Family::Gpt2, 124, opts(CacheMode::Dynamic), None);
+    assert_layer0_self(&d, DiagnosisClass::Position, TensorKind::Positions);
+}
+
+/// UnifiedSKG issue 24: a prefix built for batch 1 used for a batch of 3 rows.
+#[test]
+fn prefix_built_for_another_batch_size_is_a_batch_failure() {
+    let model = tiny_model(Family::Llama);
+    let pre = prefix(model.as_ref(), 4);
+    let cfg = CacheConfig::new(CacheMode::Dynamic);
+    let mut cache =
+        prepare_cache(model.as_ref(), Some(&pre), &cfg, PrefixLayout::Auto, 1).expect("cache");
+    let ids = prompt(3, 5);
+    let mask = Tensor::ones((3, 9), DType::F32, &Device::Cpu).unwrap();
+    cache.next_step();
+    let d = failing_forward(model.as_ref(), &mut cache, &ids, &mask);
+    assert_layer0_self(&d, DiagnosisClass::Batch, TensorKind::Key);
+}
+
+#[test]
+fn prefix_in_another_dtype_is_a_dtype_failure() {
+    let model = tiny_model(Family::Gpt2);
+    let pre = prefix(model.as_ref(), 4);
+    let cfg = CacheConfig::new(CacheMode::Dynamic);
+    let mut cache =
+        prepare_cache(model.as_ref(), None, &cfg, PrefixLayout::Auto, 2).expect("cache");
+    for (layer, lp) in pre.past_key_values(2).unwrap().iter().enumerate() {
+        let (k, v) = (
+            lp.key.to_dtype(DType::F64).unwrap(),
+            lp.value.to_dtype(DType::F64).unwrap(),
+        );
+        cache.seed(layer, Attention::SelfAttn, k, v, 4).unwrap();
+    }
+    let mask = Tensor::ones((2, 9), DType::F32, &Device::Cpu).unwrap();
+    cache.next_step();
+    let d = failing_forward(model.as_ref(), &mut cache, &prompt(2, 5), &mask);
+    assert_layer0_self(&d, DiagnosisClass::Dtype, TensorKind::Key);
+}
+
+/// A candle error from an operation the engine did not pre-check still becomes a
+/// diagnosis at the site it happened.
+#[test]
+fn candle_concat_errors_become_rank_diagnoses_at_their_site() {
+    let a = Tensor::zeros((2, 3, 4), DType::F32, &Device::Cpu).unwrap();
+    let b = Tensor::zeros((2, 3, 4, 5), DType::F32, &Device::Cpu).unwrap();
+    let err = Tensor::cat(&[&a, &b], 2).unwrap_err();
+    let site = prefix_harness::engine::diagnosis::Site::new(1, Attention::Cross, TensorKind::Value);
+    let e = from_candle(err, Some(site), "append");
+    let d = e.diagnosis().expect("shape errors are diagnosed");
+    assert_eq!(d.class, DiagnosisClass::Rank);
+    assert_eq!(
+        (d.layer, d.attention, d.tensor),
+        (Some(1), Some(Attention::Cross), Some(TensorKind::Value))
+    );
+    // candle's orientation: the first operand's rank is the one expected.
+    assert_eq!((d.expected_shape.len(), d.actual_shape.len()), (3, 4));
+    assert_eq!(d.actual_shape, vec![2, 3, 4, 5]);
+}
+
+#[test]
+fn diagnoses_read_as_one_line_with_place_shapes_and_cause() {
+    let mut o = opts(CacheMode::Dynamic);
+    o.layout = PrefixLayout::BloomLegacy;
+    let text = diagnose(Family::Bloom, 4, o, None).to_string();
+    assert!(text.starts_with("rank at layer 0 self key: "), "{text}");
+    assert!(
+        text.contains("expected [2, 4, 4, 16], rank 4; actual [8, 16, 4], rank 3"),
+        "{text}"
+    );
+    assert!(text.contains("PEFT issue 2192"), "{text}");
+}
+
+/// The judge matches every place field of an expected failure, in both directions: the
+/// exact place passes, and each field changed on its own (layer, attention, tensor, and
+/// the class) fails with the expectation and the diagnosis in the message.
+#[test]
+fn the_judge_matches_every_place_field_of_an_expected_failure() {
+    use prefix_harness::harness::run::{run_case, Status};
+    use prefix_harness::harness::scenario;
+    let file = std::path::Path::new("scenarios/bugs/t5-cross-cache-marked-computed.yaml");
+    let text = std::fs::read_to_string(file).unwrap();
+    let exact = "expect: {error: seq-len, layer: 0, attention: cross, tensor: key}";
+    assert!(
+        text.contains(exact),
+        "the scenario's expectation changed: update this test"
+    );
+    let judge = |expect: &str| {
+        let case = scenario::parse(file, &text.replace(exact, expect))
+            .unwrap()
+            .remove(0);
+        run_case(&case)
+    };
+    assert_eq!(judge(exact).status, Status::Pass);
+    assert_eq!(
+        judge("expect: {error: seq-len}").status,
+        Status::Pass,
+        "no place: any place"
+    );
+    for other in [
+        "expect: {error: seq-len, layer: 1, attention: cross, tensor: key}",
+        "expect: {error: seq-len, layer: 0, attention: self, tensor: key}",
+        "expect: {error: seq-len, layer: 0, attention: cross, tensor: value}",
+        "expect: {error: seq-len, layer: 1}",
+        "expect: {error: seq-len, attention: self}",
+        "expect: {error: seq-len, tensor: mask}",
+        "expect: {error: rank, layer: 0, attention: cross, tensor: key}",
+    ] {
+        let r = judge(other);
+        assert_eq!(r.status, Status::Fail, "{other}");
+        let m = r.message.unwrap_or_default();
+        assert!(
+            m.starts_with("expected ") && m.contains("seq-len"),
+            "{other}: {m}"
+        );
+    }
+    // A passing case expected to fail, and a failing one expected to pass.
+    let fixed = text.replace(
+        "cross_prefix_marks_updated: true",
+        "cross_prefix_marks_updated: false",
+    );
+    let case = scenario::parse(file, &fixed).unwrap().remove(0);
+    let r = run_case(&case);
+    assert_eq!(r.status, Status::Fail);
+    assert!(r.message.unwrap().contains("fixed? update the scenario"));
+    let r = judge("expect: pass");
+    assert_eq!(r.status, Status::Fail);
+    assert_eq!(r.diagnosis.unwrap().layer, Some(0));
+}
+
+/// `checks: {loss: decreases}` holds when training lowers the loss and fails the case,
+/// with both losses, when it does not (one step: the last loss is the first).
+#[test]
+fn the_loss_check_fails_a_case_whose_loss_does_not_decrease() {
+    use prefix_harness::harness::run::{run_case, Status};
+    use prefix_harness::harness::scenario;
+    let yaml = |steps: usize| {
+        format!(
+            "name: loss\nmodel:\n  family: gpt2\nprefix:\n  virtual_tokens: 2\ntrain: {{steps: {steps}, batch_size: 2, max_len: 16, evaluate: false}}\ngenerate:\n  max_new_tokens: 1\nchecks:\n  loss: decreases\n"
+        )
+    };
+    let file = std::path::Path::new("loss.yaml");
+    let run = |steps| run_case(&scenario::parse(file, &yaml(steps)).unwrap().remove(0));
+    let r = run(10);
+    assert_eq!(r.status, Status::Pass, "{:?}", r.message);
+    let r = run(1);
+    assert_eq!(r.status, Status::Fail);
+    let m = r.message.unwrap();
+    assert!(
+        m.starts_with("checks.loss: decreases, but the loss went from"),
+        "{m}"
+    );
+}
+
+/// A warning-level diagnosis (`prefix-evicted`) meets an expectation of its class: the
+/// run completes, the case passes and reports the warning as its diagnosis; expecting
+/// another class fails it.
+#[test]
+fn an_expected_warning_passes_the_judge_and_another_class_does_not() {
+    use prefix_harness::harness::run::{run_case, Status};
+    use prefix_harness::harness::scenario;
+    let file = std::path::Path::new("scenarios/bugs/sliding-window-evicts-prefix.yaml");
+    let text = std::fs::read_to_string(file).unwrap();
+    let exact = "expect: {error: prefix-evicted, layer: 0, attention: self, tensor: key}";
+    assert!(
+        text.contains(exact),
+        "the scenario's expectation changed: update this test"
+    );
+    let judge = |expect: &str| {
+        run_case(
+            &scenario::parse(file, &text.replace(exact, expect))
+                .unwrap()
+                .remove(0),
+        )
+    };
+    let r = judge(exact);
+    assert_eq!(r.status, Status::Pass, "{:?}", r.message);
+    assert_eq!(r.diagnosis.unwrap().class, DiagnosisClass::PrefixEvicted);
+    let r = judge("expect: {error: seq-len}");
+    assert_eq!(r.status, Status::Fail);
+    assert!(r
+        .message
+        .unwrap()
+        .contains("expected a `seq-len` failure but the case passed"));
+}

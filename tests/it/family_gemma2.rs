@@ -1,0 +1,176 @@
+//! Gemma 2: `config.json` with transformers' defaults and `layer_types`, parameter
+//! names, and that each Gemma-specific piece (both soft-caps, `query_pre_attn_scalar`,
+//! the sliding layers) reaches the logits of the tiny config. The logits themselves are
+//! checked against candle-transformers (`tests/parity_families.rs`) and transformers +
+//! PEFT (`scenarios/stack/gemma2.yaml`).
+
+use candle_core::{Device, Tensor};
+
+use crate::common::{flat_logits, max_diff};
+use prefix_harness::engine::model::{gemma2, weights, ModelConfig};
+
+const SEED: u64 = 7;
+
+fn parse(s: &str) -> gemma2::Config {
+    match ModelConfig::from_hf_json(s) {
+        Ok(ModelConfig::Gemma2(c)) => c,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Logits `[B, S, V]` of `cfg` on a fixed `[2, 12]` prompt (longer than the tiny
+/// window of 8), no prefix, flattened.
+fn logits(cfg: gemma2::Config) -> Vec<f32> {
+    let ids = Tensor::new(
+        &[
+            [1u32, 17, 42, 99, 3, 250, 8, 64, 9, 31, 120, 7],
+            [5, 200, 13, 77, 0, 128, 44, 2, 19, 230, 6, 90],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
+    flat_logits(ModelConfig::Gemma2(cfg), SEED, &ids)
+}
+
+#[test]
+fn gemma2_config_json_defaults_and_layer_types() {
+    // Nothing but model_type: transformers 5's defaults (Gemma-2-2B's geometry).
+    let d = parse(r#"{"model_type": "gemma2", "num_hidden_layers": 4}"#);
+    assert_eq!(
+        (
+            d.hidden_size,
+            d.num_attention_heads,
+            d.num_key_value_heads,
+            d.head_dim
+        ),
+        (2304, 8, 4, 256)
+    );
+    assert_eq!(d.query_pre_attn_scalar, 256);
+    assert_eq!(
+        (d.attn_logit_softcapping, d.final_logit_softcapping),
+        (Some(50.0), Some(30.0))
+    );
+    assert!(d.tie_word_embeddings);
+    // Without layer_types the even layers slide (transformers 4.46's `layer_idx % 2`
+    // and transformers 5's default layer_types agree).
+    assert_eq!(d.windows().unwrap(), [Some(4096), None, Some(4096), None]);
+    // A gemma-2-9b-style config.json: head_dim 256 != 3584 / 16, explicit layer_types,
+    // both spellings of the activation, null soft-caps.
+    let c = parse(
+        r#"{"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"],
+        "hidden_size": 3584, "num_attention_heads": 16, "num_key_value_heads": 8,
+        "head_dim": 256, "num_hidden_layers": 3, "intermediate_size": 14336,
+        "vocab_size": 256000, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+        "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+        "layer_types": ["full_attention", "sliding_attention", "sliding_attention"],
+        "final_logit_softcapping": null, "attn_logit_softcapping": null,
+        "torch_dtype": "bfloat16"}"#,
+    );
+    assert_eq!(c.windows().unwrap(), [None, Some(4096), Some(4096)]);
+    assert_eq!(
+        (c.attn_logit_softcapping, c.final_logit_softcapping),
+        (None, None)
+    );
+    let mc = ModelConfig::Gemma2(c);
+    assert_eq!(
+        (mc.geometry().num_kv_heads, mc.geometry().head_dim),
+        (8, 256)
+    );
+    // Refused: wrong layer_types length or kind, odd head_dim, another activation.
+    for bad in [
+        r#"{"model_type": "gemma2", "num_hidden_layers": 2, "layer_types": ["full_attention"]}"#,
+        r#"{"model_type": "gemma2", "num_hidden_layers": 1, "layer_types": ["chunked_attention"]}"#,
+        r#"{"model_type": "gemma2", "num_hidden_layers": 1, "head_dim": 25}"#,
+        r#"{"model_type": "gemma2", "num_hidden_layers": 1, "hidden_activation": "relu"}"#,
+        r#"{"model_type": "gemma2", "num_hidden_layers": 1, "attn_logit_softcapping": 0}"#,
+    ] {
+        let e = ModelConfig::from_hf_json(bad).unwrap_err().to_string();
+        assert!(e.contains("gemma2"), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn gemma2_reads_transformers_parameter_names() {
+    let dev = Device::Cpu;
+    let names =
+        weights::materialize(&ModelConfig::Gemma2(gemma2::Config::tiny()), SEED, &dev).unwrap();
+    for n in [
+        "model.embed_tokens.weight",
+        "model.layers.2.input_layernorm.weight",
+        "model.layers.2.post_attention_layernorm.weight",
+        "model.layers.2.pre_feedforward_layernorm.weight",
+        "model.layers.2.post_feedforward_layernorm.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.norm.weight",
+    ] {
+        assert!(names.contains_key(n), "{n}");
+    }
+    assert_eq!(
+        names["model.layers.1.self_attn.k_proj.weight"].dims(),
+        [48, 64]
+    );
+    assert_eq!(
+        names["model.layers.1.self_attn.q_proj.weight"].dims(),
+        [96, 64]
+    );
+    assert!(!names.contains_key("lm_head.weight"), "tied embeddings");
+    assert!(!names.keys().any(|k| k.ends_with(".bias")));
+}
+
+/// Each of Gemma 2's own pieces changes the tiny model's logits: without it a test
+/// against a reference that lacks it too would pass.
+#[test]
+fn gemma2_soft_caps_scalar_and_windows_reach_the_logits() {
+    let tiny = gemma2::Config::tiny;
+    let base = logits(tiny());
+    let cases = [
+        (
+            "no attention soft-cap",
+            gemma2::Config {
+                attn_logit_softcapping: None,
+                ..tiny()
+            },
+        ),
+        (
+            "no final soft-cap",
+            gemma2::Config {
+                final_logit_softcapping: None,
+                ..tiny()
+            },
+        ),
+        (
+            "query_pre_attn_scalar = head_dim",
+            gemma2::Config {
+                query_pre_attn_scalar: 24,
+                ..tiny()
+            },
+        ),
+        (
+            "no window",
+            gemma2::Config {
+                sliding_window: None,
+                ..tiny()
+            },
+        ),
+        (
+            "odd layers slide instead",
+            gemma2::Config {
+                layer_types: Some(vec![
+                    "full_attention".into(),
+                    "sliding_attention".into(),
+                    "full_attention".into(),
+                ]),
+                ..tiny()
+            },
+        ),
+    ];
+    for (what, cfg) in cases {
+        let d = max_diff(&base, &logits(cfg));
+        assert!(d > 1e-2, "{what}: logits moved by only {d}");
+    }
+    // The final cap bounds every logit.
+    let cap = tiny().final_logit_softcapping.unwrap() as f32;
+    assert!(base.iter().all(|x| x.abs() < cap));
+}

@@ -1,0 +1,455 @@
+//! Our forward pass and greedy decoding, PEFT-style, against each fixture's `expected.json`.
+
+use super::*;
+use crate::common::max_abs_diff;
+
+/// A dynamic cache holding the prefix; `self_only` drops the cross-attention part (what
+/// PEFT 0.21.2 does for encoder-decoders).
+fn prefix_cache(
+    model: &dyn Model,
+    prefix: &PrefixEncoder,
+    batch: usize,
+    self_only: bool,
+) -> ModelCache {
+    let g = model.geometry();
+    let mut mc = ModelCache::new(
+        CacheConfig::new(CacheMode::Dynamic),
+        model.family().legacy_layout(),
+        g.num_layers,
+        g.encoder_decoder,
+    );
+    let mut pkv = prefix.past_key_values(batch).expect("prefix");
+    if self_only {
+        for lp in &mut pkv {
+            lp.cross = None;
+        }
+    }
+    inject(
+        &mut mc,
+        &pkv,
+        PrefixLayout::Auto,
+        prefix.geometry.num_virtual_tokens,
+    )
+    .expect("inject");
+    mc
+}
+
+/// Logits `[B, S, V]` of one forward pass as PEFT's `forward` computes them: the padding
+/// mask extended by P ones; for T5 the encoder reads `ids` with `pad`, the decoder
+/// `dec`, and `self_only` drops the cross prefix.
+fn forward(
+    model: &dyn Model,
+    prefix: &PrefixEncoder,
+    ids: &Tensor,
+    pad: &Tensor,
+    dec: Option<&Tensor>,
+    self_only: bool,
+) -> Tensor {
+    let b = ids.dim(0).expect("batch");
+    let p = prefix.geometry.num_virtual_tokens;
+    let mut mc = prefix_cache(model, prefix, b, self_only);
+    let (input, encoded, mask) = match dec {
+        Some(dec) => {
+            let enc = model.encode(ids, pad).expect("encode");
+            let t = dec.dim(1).expect("decoder length");
+            let ones = Tensor::ones((b, t), DType::F32, &Device::Cpu).expect("mask");
+            (dec.clone(), Some(enc), extend_mask(&ones, p).expect("mask"))
+        }
+        None => (ids.clone(), None, extend_mask(pad, p).expect("mask")),
+    };
+    mc.next_step();
+    model
+        .forward(
+            &input,
+            &mut Forward {
+                cache: &mut mc,
+                mask: &mask,
+                encoder: encoded.as_ref(),
+                last_only: false,
+            },
+        )
+        .expect("forward")
+}
+
+/// T5 greedy decoding with the self-attention prefix only (PEFT's cache), cached, from
+/// the decoder start token: tokens `[B][n]`.
+fn greedy_t5_self_only(
+    model: &dyn Model,
+    prefix: &PrefixEncoder,
+    ids: &Tensor,
+    pad: &Tensor,
+    n: usize,
+) -> Vec<Vec<u32>> {
+    let dev = Device::Cpu;
+    let b = ids.dim(0).expect("batch");
+    let p = prefix.geometry.num_virtual_tokens;
+    let mut mc = prefix_cache(model, prefix, b, true);
+    let enc = model.encode(ids, pad).expect("encode");
+    let mut next = Tensor::full(model.decoder_start_token_id(), (b, 1), &dev).expect("start");
+    let mut seen = 0;
+    let mut out = vec![vec![]; b];
+    for _ in 0..n {
+        seen += 1;
+        let ones = Tensor::ones((b, seen), DType::F32, &dev).expect("mask");
+        let mask = extend_mask(&ones, p).expect("mask");
+        mc.next_step();
+        let logits = model
+            .forward(
+                &next,
+                &mut Forward {
+                    cache: &mut mc,
+                    mask: &mask,
+                    encoder: Some(&enc),
+                    last_only: false,
+                },
+            )
+            .expect("decode step");
+        let tok = logits
+            .narrow(1, 0, 1)
+            .and_then(|l| l.squeeze(1))
+            .and_then(|l| l.argmax(D::Minus1))
+            .expect("argmax");
+        for (row, t) in tok
+            .to_vec1::<u32>()
+            .expect("tokens")
+            .into_iter()
+            .enumerate()
+        {
+            out[row].push(t);
+        }
+        next = tok.unsqueeze(1).expect("next");
+    }
+    out
+}
+
+fn reference(exp: &Expected, values: &[f32]) -> Tensor {
+    Tensor::from_vec(values.to_vec(), exp.logits_shape.clone(), &Device::Cpu)
+        .expect("reference logits")
+}
+
+/// Max abs difference over the positions where `mask` is 1 (`[B, S, V]` logits).
+fn max_abs_diff_where(a: &Tensor, b: &Tensor, mask: &[Vec<u32>], want: u32) -> f32 {
+    let mut worst = 0f32;
+    for (r, row) in mask.iter().enumerate() {
+        for (s, &m) in row.iter().enumerate() {
+            if m == want {
+                let x = a.get(r).and_then(|t| t.get(s)).expect("row");
+                let y = b.get(r).and_then(|t| t.get(s)).expect("row");
+                worst = worst.max(max_abs_diff(&x, &y));
+            }
+        }
+    }
+    worst
+}
+
+/// Our logits `[B, S, V]` and greedy tokens for a fixture, computed the way PEFT runs
+/// it: T5 with the self-attention prefix only; causal models through the public API
+/// (`forward_logits` for an all-ones mask, `greedy` with the padding mask).
+fn ours(exp: &Expected, model: &dyn Model, prefix: &PrefixEncoder) -> (Tensor, Vec<Vec<u32>>) {
+    let gr = exp.greedy.as_ref().expect("greedy reference");
+    let input = ids(&exp.input_ids);
+    let pad = ids(&exp.attention_mask).to_dtype(DType::F32).expect("pad");
+    let padded = exp.attention_mask.iter().flatten().any(|&m| m == 0);
+    match &exp.decoder_input_ids {
+        Some(dec) => {
+            let dec = ids(dec);
+            let logits = forward(model, prefix, &input, &pad, Some(&dec), true);
+            let tokens = greedy_t5_self_only(model, prefix, &input, &pad, gr.max_new_tokens);
+            (logits, tokens)
+        }
+        None => {
+            let logits = if padded {
+                forward(model, prefix, &input, &pad, None, false)
+            } else {
+                forward_logits(
+                    model,
+                    Some(prefix),
+                    &CacheConfig::new(CacheMode::Dynamic),
+                    &input,
+                    None,
+                )
+                .expect("forward_logits")
+                .0
+            };
+            let opts = DecodeOptions::new(CacheConfig::new(CacheMode::Dynamic), gr.max_new_tokens);
+            let out = greedy(model, Some(prefix), &opts, &input, Some(&pad)).expect("greedy");
+            (logits, out.tokens)
+        }
+    }
+}
+
+/// Run one fixture: load through the cache, compare logits and greedy tokens.
+fn parity(case: &str) {
+    let exp = expected(case);
+    assert!(
+        exp.reference_error.is_none(),
+        "{case}: the reference failed"
+    );
+    let cache = cache_for(&exp);
+    let (model, prefix) = load_case(&exp, cache.path());
+    let gr = exp.greedy.as_ref().expect("greedy reference");
+    let padded = exp.attention_mask.iter().flatten().any(|&m| m == 0);
+    // Left padding: the engine derives position ids from the padding mask, as
+    // transformers' generate() does; the matching reference is PEFT's forward given those
+    // position ids. (PEFT's forward without them keeps positions P.. on every row: the
+    // ignored test `left_padding_against_peft_forward_without_position_ids`.)
+    let (theirs, want_tokens) = if padded {
+        (
+            reference(
+                &exp,
+                exp.logits_mask_positions
+                    .as_ref()
+                    .expect("mask-position logits"),
+            ),
+            gr.tokens_mask_positions
+                .as_ref()
+                .expect("mask-position tokens"),
+        )
+    } else {
+        (reference(&exp, &exp.logits), &gr.tokens)
+    };
+    let (logits, tokens) = ours(&exp, model.as_ref(), &prefix);
+    assert_eq!(
+        logits.dims(),
+        exp.logits_shape.as_slice(),
+        "{case}: logits shape"
+    );
+    let f32_note = exp
+        .float32_error
+        .map(|e| format!(" (the reference's own float32 error: {e:.1e})"))
+        .unwrap_or_default();
+    let diff = if padded {
+        // Padding positions are excluded: their position ids are a convention
+        // (transformers 0 + P, the engine 1) and their outputs are never used.
+        let real = max_abs_diff_where(&logits, &theirs, &exp.attention_mask, 1);
+        let pads = max_abs_diff_where(&logits, &theirs, &exp.attention_mask, 0);
+        println!(
+            "{case}: max abs logit diff {real:e} on real tokens{f32_note}; {pads:e} on padding \
+             positions (not compared)"
+        );
+        real
+    } else {
+        let d = max_abs_diff(&logits, &theirs);
+        println!("{case}: max abs logit diff {d:e}{f32_note}");
+        d
+    };
+    println!(
+        "{case}: greedy {tokens:?} (reference {want_tokens:?}, smallest top-2 margin {:.3e})",
+        gr.min_top2_margin
+    );
+    if let Some(dec) = &exp.decoder_input_ids {
+        // For the record: the engine's default keeps the cross-attention prefix.
+        let input = ids(&exp.input_ids);
+        let pad = ids(&exp.attention_mask).to_dtype(DType::F32).expect("pad");
+        let with_cross = forward(
+            model.as_ref(),
+            &prefix,
+            &input,
+            &pad,
+            Some(&ids(dec)),
+            false,
+        );
+        println!(
+            "{case}: with the cross-attention prefix kept (the engine's default) the max abs \
+             diff would be {:e}: PEFT 0.21.2 drops it",
+            max_abs_diff(&with_cross, &theirs)
+        );
+    }
+    assert!(diff <= TOL, "{case}: max abs logit diff {diff:e} > {TOL:e}");
+    assert_eq!(&tokens, want_tokens, "{case}: greedy tokens");
+
+    // The model alone (no prefix) against transformers' generate(), where that call used
+    // the positions we use (no padding).
+    if !padded {
+        let input = ids(&exp.input_ids);
+        let opts = DecodeOptions::new(CacheConfig::new(CacheMode::Dynamic), gr.max_new_tokens);
+        let base = greedy(model.as_ref(), None, &opts, &input, None).expect("greedy");
+        assert_eq!(
+            base.tokens, gr.no_prefix_tokens,
+            "{case}: greedy without prefix"
+        );
+    }
+    if gr.peft_generate_tokens != gr.tokens {
+        println!(
+            "{case}: note: PeftModel.generate() returned {:?} on this stack (prefix dropped)",
+            gr.peft_generate_tokens
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// One test per fixture
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn gpt2() {
+    parity("gpt2");
+}
+
+#[test]
+fn gpt2_projection() {
+    parity("gpt2-proj");
+}
+
+#[test]
+fn gpt2_left_padded() {
+    parity("gpt2-leftpad");
+}
+
+#[test]
+fn llama_gqa_head_dim() {
+    parity("llama-gqa");
+}
+
+#[test]
+fn llama_gqa_projection() {
+    parity("llama-gqa-proj");
+}
+
+#[test]
+fn llama_gqa_left_padded() {
+    parity("llama-gqa-leftpad");
+}
+
+#[test]
+fn bloom() {
+    parity("bloom");
+}
+
+#[test]
+fn gpt_bigcode_multi_query() {
+    parity("gpt_bigcode");
+}
+
+#[test]
+fn t5_d_kv() {
+    parity("t5-dkv");
+}
+
+#[test]
+fn t5_d_kv_projection() {
+    parity("t5-dkv-proj");
+}
+
+/// T5 v1.1 / FLAN-T5 (gated-gelu) as transformers 5.24 saves it: `tie_word_embeddings:
+/// true` (no `lm_head.weight` in the file) and `scale_decoder_outputs: false`. The
+/// engine's T5 config does not read `scale_decoder_outputs` and scales the tied head's
+/// input by d_model^-0.5, so every logit is off by that factor (greedy tokens agree:
+/// argmax does not change under a positive scale). The test also prints the difference
+/// with that factor undone.
+#[test]
+fn t5_v1_1_unscaled_tied_head() {
+    let exp = expected("t5-v1_1");
+    let cache = cache_for(&exp);
+    let (model, prefix) = load_case(&exp, cache.path());
+    let theirs = reference(&exp, &exp.logits);
+    let (logits, tokens) = ours(&exp, model.as_ref(), &prefix);
+    let diff = max_abs_diff(&logits, &theirs);
+    let d_model = model.geometry().hidden_size as f64;
+    let unscaled = (&logits * d_model.sqrt()).expect("rescale");
+    println!(
+        "t5-v1_1: max abs logit diff {diff:e}; with the d_model^-0.5 scaling undone {:e}; \
+         greedy {tokens:?} (reference {:?})",
+        max_abs_diff(&unscaled, &theirs),
+        exp.greedy.as_ref().expect("greedy").tokens
+    );
+    assert!(
+        diff <= TOL,
+        "t5-v1_1: max abs logit diff {diff:e} > {TOL:e}"
+    );
+}
+
+/// PEFT's default T5 adapter (token_dim from d_model: head_dim 8 instead of d_kv 12)
+/// crashes transformers inside the cache; we diagnose it before running, and, run
+/// unchecked, the engine fails with the same shape mismatch in the cache.
+#[test]
+fn t5_peft_default_token_dim_is_a_head_dim_diagnosis() {
+    let exp = expected("t5-dkv-peft-default");
+    let reference = exp.reference_error.as_deref().expect("the reference fails");
+    assert!(
+        reference.contains("Expected size 8 but got size 12"),
+        "{reference}"
+    );
+    let cache = cache_for(&exp);
+    let opts = HubOptions::with_cache_dir(cache.path());
+    let source = ModelSource::hub(&format!("fixtures/{}", exp.model), None).expect("source");
+    let (_, model, _) = hub::load_model_with(&source, &opts, &Device::Cpu).expect("model");
+    let dir = fixtures().join(&exp.case).join("adapter");
+    let err = load_for(&dir, &model.geometry(), &Device::Cpu).expect_err("head_dim mismatch");
+    let d = err
+        .diagnosis()
+        .unwrap_or_else(|| panic!("a diagnosis, got {err}"));
+    assert_eq!(d.class, DiagnosisClass::HeadDim, "{err}");
+    println!("ours: {err}\nPEFT + transformers: {reference}");
+
+    // Unchecked, as PEFT runs it: the failure moves into the cache, as in transformers.
+    let a = adapter::load(&dir, &Device::Cpu).expect("adapter");
+    let prefix = a.prefix_encoder_unchecked().expect("unchecked prefix");
+    let input = ids(&exp.input_ids);
+    let pad = ids(&exp.attention_mask).to_dtype(DType::F32).expect("pad");
+    let dec = ids(exp.decoder_input_ids.as_ref().expect("decoder ids"));
+    let b = input.dim(0).expect("batch");
+    let mut mc = prefix_cache(model.as_ref(), &prefix, b, true);
+    let enc = model.encode(&input, &pad).expect("encode");
+    let mask = extend_mask(
+        &Tensor::ones((b, dec.dim(1).expect("len")), DType::F32, &Device::Cpu).expect("mask"),
+        prefix.geometry.num_virtual_tokens,
+    )
+    .expect("mask");
+    mc.next_step();
+    let err = model
+        .forward(
+            &dec,
+            &mut Forward {
+                cache: &mut mc,
+                mask: &mask,
+                encoder: Some(&enc),
+                last_only: false,
+            },
+        )
+        .expect_err("the prefix does not fit the cache");
+    let d = err
+        .diagnosis()
+        .unwrap_or_else(|| panic!("a diagnosis, got {err}"));
+    println!("unchecked run: {err}");
+    assert_eq!(d.class, DiagnosisClass::HeadDim, "{err}");
+}
+
+/// Left padding against PEFT's forward pass WITHOUT position ids: transformers then uses
+/// positions P..P+S on every row, so a left-padded row's real tokens sit at positions
+/// shifted by its padding. The engine derives positions from the padding mask (as
+/// transformers' `generate()` does, which the parity tests compare with), so padded
+/// rows differ from this reference by design; unpadded rows must still match.
+#[test]
+#[ignore = "convention difference: PEFT's forward without position_ids does not shift \
+            left-padded rows, the engine derives positions from the mask like generate(); \
+            run with --ignored to print the measured difference"]
+fn left_padding_against_peft_forward_without_position_ids() {
+    let mut failures = vec![];
+    for case in ["gpt2-leftpad", "llama-gqa-leftpad"] {
+        let exp = expected(case);
+        let cache = cache_for(&exp);
+        let (model, prefix) = load_case(&exp, cache.path());
+        let theirs = reference(&exp, &exp.logits);
+        let (logits, tokens) = ours(&exp, model.as_ref(), &prefix);
+        let gr = exp.greedy.as_ref().expect("greedy");
+        for (r, row) in exp.attention_mask.iter().enumerate() {
+            let one = vec![row.clone()];
+            let (a, b) = (
+                logits.narrow(0, r, 1).expect("row"),
+                theirs.narrow(0, r, 1).expect("row"),
+            );
+            let real = max_abs_diff_where(&a, &b, &one, 1);
+            let padding = row.iter().filter(|&&m| m == 0).count();
+            println!(
+                "{case} row {r} ({padding} padding): max abs logit diff {real:e} on real tokens; \
+                 greedy ours {:?} vs PEFT forward {:?}",
+                tokens[r], gr.tokens[r]
+            );
+            if real > TOL || tokens[r] != gr.tokens[r] {
+                failures.push(format!("{case} row {r}: {real:e}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "differ: {failures:?}");
+}
