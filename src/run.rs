@@ -218,6 +218,7 @@ pub fn estimate_memory(case: &Case) -> Result<(u64, u64, u64), String> {
         crate::model::ModelConfig::Phi3(c) => f(c.intermediate_size),
         crate::model::ModelConfig::GptNeox(c) => f(c.intermediate_size),
         crate::model::ModelConfig::Gemma2(c) => f(c.intermediate_size),
+        crate::model::ModelConfig::Gemma3(c) => f(c.intermediate_size),
     };
     let stacks = if g.encoder_decoder { 3.0 } else { 1.0 }; // encoder, decoder, cross
     let per_layer = 4.0 * e * h * d + 3.0 * e * inner;

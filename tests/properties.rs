@@ -20,7 +20,7 @@ use prefix_harness::generate::{
 };
 use prefix_harness::model::attention::{additive_mask, MaskSpec};
 use prefix_harness::model::{
-    bloom, gemma2, gpt2, gpt_bigcode, gpt_neox, llama, mistral, phi3, qwen2, qwen3, t5, weights,
+    bloom, gemma2, gemma3, gpt2, gpt_bigcode, gpt_neox, llama, mistral, phi3, qwen2, qwen3, t5, weights,
     Family, Model, ModelConfig, ModelGeometry,
 };
 use prefix_harness::prefix::{PrefixConfig, PrefixEncoder};
@@ -58,7 +58,7 @@ enum Mode {
     Quantized,
 }
 
-const DECODER_ONLY: [Family; 10] = [
+const DECODER_ONLY: [Family; 11] = [
     Family::Gpt2,
     Family::Llama,
     Family::Bloom,
@@ -69,6 +69,7 @@ const DECODER_ONLY: [Family; 10] = [
     Family::Phi3,
     Family::GptNeox,
     Family::Gemma2,
+    Family::Gemma3,
 ];
 
 const MODES: [Mode; 7] = [
@@ -190,6 +191,15 @@ impl Setup {
                 head_dim: 2 * self.heads.half,
                 sliding_window: Some(self.p + self.window),
                 ..gemma2::Config::tiny()
+            }),
+            // head_dim drawn independently of hidden 64; layers 0, 1, 3, 4 slide with a
+            // window of P + W (see Qwen2).
+            Family::Gemma3 => ModelConfig::Gemma3(gemma3::Config {
+                num_attention_heads: heads,
+                num_key_value_heads: 1 << (self.heads.h - self.heads.group.min(self.heads.h)),
+                head_dim: 2 * self.heads.half,
+                sliding_window: Some(self.p + self.window),
+                ..gemma3::Config::tiny()
             }),
             Family::T5 => ModelConfig::T5(t5::Config {
                 num_heads: heads,
