@@ -167,6 +167,7 @@ pub enum CacheModeName {
     Rotating,
     Legacy,
     Quantized,
+    Hybrid,
 }
 
 impl CacheModeName {
@@ -180,6 +181,7 @@ impl CacheModeName {
             CacheModeName::Rotating => "rotating",
             CacheModeName::Legacy => "legacy",
             CacheModeName::Quantized => "quantized",
+            CacheModeName::Hybrid => "hybrid",
         }
     }
 }
@@ -948,6 +950,12 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
                 &format!("`{mode}` needs a window (positions kept)"),
             );
         }
+        CacheModeName::Hybrid if s.cache.window.is_some() => {
+            return e(
+                "cache.window",
+                "`hybrid` takes each layer's window from the model config (`sliding_window`, `layer_types`); remove `cache.window`",
+            );
+        }
         _ => {}
     }
     validate_quantization(s)?;
@@ -981,6 +989,7 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
                 CacheModeName::Static => CacheMode::Static { max_len: 0 },
                 CacheModeName::Sliding => CacheMode::Sliding { window: 0 },
                 CacheModeName::Rotating => CacheMode::Rotating { window: 0 },
+                CacheModeName::Hybrid => CacheMode::Hybrid,
                 CacheModeName::Quantized => CacheMode::Quantized {
                     bits: 8,
                     residual: 1,
@@ -1317,6 +1326,7 @@ impl Case {
                 window: c.window.unwrap_or(usize::MAX),
             },
             CacheModeName::Legacy => CacheMode::Legacy,
+            CacheModeName::Hybrid => CacheMode::Hybrid,
             CacheModeName::Quantized => CacheMode::Quantized {
                 bits: c.bits.unwrap_or(crate::cache::quant::DEFAULT_BITS),
                 residual: c.residual.unwrap_or(crate::cache::quant::DEFAULT_RESIDUAL),

@@ -1,5 +1,6 @@
 //! The family x cache-mode grid: after a prefill every layer's key has the cache's
-//! declared layout and length P+S (sliding: min(P+S, W)), and cached decoding
+//! declared layout and length P+S (sliding: min(P+S, W); hybrid: min(P+S, W - 1) in a
+//! layer with a window W, P+S in a global layer), and cached decoding
 //! reproduces recomputation (`none`) to 1e-4, token for token.
 
 mod common;
@@ -33,10 +34,11 @@ fn cached_decoding_matches_recompute_and_keys_have_the_declared_layout(
         Family::Qwen3,
         Family::Phi3,
         Family::GptNeox,
-        Family::Gemma2
+        Family::Gemma2,
+        Family::Gemma3
     )]
     family: Family,
-    #[values("none", "dynamic", "static", "sliding", "legacy")] mode_name: &str,
+    #[values("none", "dynamic", "static", "sliding", "legacy", "hybrid")] mode_name: &str,
     #[values(1, 7)] p: usize,
     #[values(1, 3)] batch: usize,
 ) {
@@ -91,7 +93,12 @@ fn cached_decoding_matches_recompute_and_keys_have_the_declared_layout(
         CacheMode::None => p, // recompute keeps only the prefix
         _ => p + s,
     };
+    let layer_windows = model.layer_windows();
     for layer in 0..g.num_layers {
+        let held = match (mode(mode_name), layer_windows[layer]) {
+            (CacheMode::Hybrid, Some(w)) => held.min(prefix_harness::cache::hybrid::keep(w)),
+            _ => held,
+        };
         let e = out
             .cache
             .trace

@@ -196,6 +196,7 @@ fn mode_name(m: CacheModeName) -> &'static str {
         // transformers' sliding layers; how the stack orders its slots is its own.
         CacheModeName::Sliding | CacheModeName::Rotating => "sliding",
         CacheModeName::Legacy => "legacy",
+        CacheModeName::Hybrid => "hybrid",
         // Never exported: `run_against` skips quantized cases before the driver runs.
         CacheModeName::Quantized => "dynamic",
     }

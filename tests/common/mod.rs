@@ -33,6 +33,7 @@ pub fn cache_mode(name: &str, static_max_len: usize, window: usize) -> CacheMode
         },
         "sliding" => CacheMode::Sliding { window },
         "legacy" => CacheMode::Legacy,
+        "hybrid" => CacheMode::Hybrid,
         other => panic!("unknown mode {other}"),
     }
 }
