@@ -260,7 +260,8 @@ pub fn prepare_cache(
 ) -> Result<ModelCache> {
     let g = model.geometry();
     let mut cache = cache.clone();
-    if cache.mode == crate::cache::CacheMode::Hybrid && cache.layer_windows.is_none() {
+    if matches!(cache.mode, crate::cache::CacheMode::Hybrid { .. }) && cache.layer_windows.is_none()
+    {
         cache.layer_windows = Some(model.layer_windows());
     }
     let mut mc = ModelCache::new(

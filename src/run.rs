@@ -394,7 +394,7 @@ fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
     // every layer), or each sliding layer's in a `hybrid` cache.
     let windows = match opts.cache.mode {
         CacheMode::Sliding { window } | CacheMode::Rotating { window } => vec![Some(window)],
-        CacheMode::Hybrid => model.layer_windows(),
+        CacheMode::Hybrid { .. } => model.layer_windows(),
         _ => vec![],
     };
     let (p, new) = (prefix.geometry.num_virtual_tokens, opts.max_new_tokens);

@@ -192,9 +192,15 @@ impl CacheModeName {
 pub struct CacheSpec {
     #[serde(default)]
     pub mode: CacheModeName,
-    /// `static`: capacity in positions (default: P + prompt + max_new_tokens).
+    /// `static`: capacity in positions (default: P + prompt + max_new_tokens);
+    /// `hybrid`: the capacity of static global layers (absent: dynamic ones).
     #[serde(default)]
     pub max_len: Option<usize>,
+    /// Historical (PEFT's HybridCache before `max_cache_len` counted
+    /// `num_virtual_tokens`): `static` and `hybrid` caches sized for prompt + new
+    /// tokens without the P prefix positions (`hybrid`: static global layers).
+    #[serde(default)]
+    pub capacity_without_prefix: bool,
     /// `sliding` and `rotating`: window in positions (required).
     #[serde(default)]
     pub window: Option<usize>,
@@ -950,6 +956,19 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
                 &format!("`{mode}` needs a window (positions kept)"),
             );
         }
+        CacheModeName::None
+        | CacheModeName::Dynamic
+        | CacheModeName::Sliding
+        | CacheModeName::Rotating
+        | CacheModeName::Legacy
+        | CacheModeName::Quantized
+            if s.cache.capacity_without_prefix =>
+        {
+            return e(
+                "cache.capacity_without_prefix",
+                "applies to caches with a capacity only (`static`, `hybrid`)",
+            );
+        }
         CacheModeName::Hybrid if s.cache.window.is_some() => {
             return e(
                 "cache.window",
@@ -989,7 +1008,7 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
                 CacheModeName::Static => CacheMode::Static { max_len: 0 },
                 CacheModeName::Sliding => CacheMode::Sliding { window: 0 },
                 CacheModeName::Rotating => CacheMode::Rotating { window: 0 },
-                CacheModeName::Hybrid => CacheMode::Hybrid,
+                CacheModeName::Hybrid => CacheMode::Hybrid { max_len: None },
                 CacheModeName::Quantized => CacheMode::Quantized {
                     bits: 8,
                     residual: 1,
@@ -1313,11 +1332,12 @@ impl Case {
     pub fn cache_config(&self, prompt_len: usize, p: usize) -> CacheConfig {
         let c = &self.scenario.cache;
         let new = self.scenario.generate.max_new_tokens;
+        let capacity = prompt_len + new + if c.capacity_without_prefix { 0 } else { p };
         let mode = match c.mode {
             CacheModeName::None => CacheMode::None,
             CacheModeName::Dynamic => CacheMode::Dynamic,
             CacheModeName::Static => CacheMode::Static {
-                max_len: c.max_len.unwrap_or(p + prompt_len + new),
+                max_len: c.max_len.unwrap_or(capacity),
             },
             CacheModeName::Sliding => CacheMode::Sliding {
                 window: c.window.unwrap_or(usize::MAX),
@@ -1326,7 +1346,9 @@ impl Case {
                 window: c.window.unwrap_or(usize::MAX),
             },
             CacheModeName::Legacy => CacheMode::Legacy,
-            CacheModeName::Hybrid => CacheMode::Hybrid,
+            CacheModeName::Hybrid => CacheMode::Hybrid {
+                max_len: c.max_len.or(c.capacity_without_prefix.then_some(capacity)),
+            },
             CacheModeName::Quantized => CacheMode::Quantized {
                 bits: c.bits.unwrap_or(crate::cache::quant::DEFAULT_BITS),
                 residual: c.residual.unwrap_or(crate::cache::quant::DEFAULT_RESIDUAL),
@@ -1512,6 +1534,7 @@ fn check_matrix_path(doc: &Value, key: &str) -> Result<(), String> {
                 "bits",
                 "residual",
                 "prefix_full_precision",
+                "capacity_without_prefix",
             ],
         ),
         (

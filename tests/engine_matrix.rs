@@ -96,7 +96,7 @@ fn cached_decoding_matches_recompute_and_keys_have_the_declared_layout(
     let layer_windows = model.layer_windows();
     for layer in 0..g.num_layers {
         let held = match (mode(mode_name), layer_windows[layer]) {
-            (CacheMode::Hybrid, Some(w)) => held.min(prefix_harness::cache::hybrid::keep(w)),
+            (CacheMode::Hybrid { .. }, Some(w)) => held.min(prefix_harness::cache::hybrid::keep(w)),
             _ => held,
         };
         let e = out

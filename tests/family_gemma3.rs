@@ -85,7 +85,10 @@ fn gemma3_config_json_defaults_and_layer_types() {
         (2304, 8, 4, 256, 262_208)
     );
     assert_eq!(d.query_pre_attn_scalar, 256);
-    assert_eq!((d.attn_logit_softcapping, d.final_logit_softcapping), (None, None));
+    assert_eq!(
+        (d.attn_logit_softcapping, d.final_logit_softcapping),
+        (None, None)
+    );
     assert!(d.tie_word_embeddings);
     let w = Some(4096);
     assert_eq!(windows(&d), [w, w, w, w, w, None, w]);

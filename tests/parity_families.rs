@@ -15,7 +15,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Activation, VarBuilder};
 use candle_transformers::models::{
-    gemma2 as ct_gemma2, gemma3 as ct_gemma3, mistral as ct_mistral, qwen2 as ct_qwen2, qwen3 as ct_qwen3,
+    gemma2 as ct_gemma2, gemma3 as ct_gemma3, mistral as ct_mistral, qwen2 as ct_qwen2,
+    qwen3 as ct_qwen3,
 };
 use prefix_harness::cache::{CacheConfig, CacheMode};
 use prefix_harness::generate::forward_logits;
@@ -556,6 +557,8 @@ fn gemma3_sliding_window_parity_with_candle_transformers() {
     let ours = ours_last(model.as_ref(), &ids);
     let mut theirs = candle_gemma3(&cfg, &map, 2, 3, &dev);
     let worst = max_abs_diff(&ours, &theirs.forward(&ids, 0).unwrap());
-    println!("gemma3 sliding (W 3) parity vs candle-transformers gemma3 (W 2): max abs diff {worst:e}");
+    println!(
+        "gemma3 sliding (W 3) parity vs candle-transformers gemma3 (W 2): max abs diff {worst:e}"
+    );
     assert!(worst <= TOL, "max abs diff {worst} > {TOL}");
 }

@@ -12,7 +12,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use prefix_harness::cache::{CacheConfig, CacheMode, Layout};
+use prefix_harness::cache::{hybrid, CacheConfig, CacheMode, Layout};
 use prefix_harness::check::{Attention, DiagnosisClass};
 use prefix_harness::data;
 use prefix_harness::generate::{
@@ -20,8 +20,8 @@ use prefix_harness::generate::{
 };
 use prefix_harness::model::attention::{additive_mask, MaskSpec};
 use prefix_harness::model::{
-    bloom, gemma2, gemma3, gpt2, gpt_bigcode, gpt_neox, llama, mistral, phi3, qwen2, qwen3, t5, weights,
-    Family, Model, ModelConfig, ModelGeometry,
+    bloom, gemma2, gemma3, gpt2, gpt_bigcode, gpt_neox, llama, mistral, phi3, qwen2, qwen3, t5,
+    weights, Family, Model, ModelConfig, ModelGeometry,
 };
 use prefix_harness::prefix::{PrefixConfig, PrefixEncoder};
 use prefix_harness::trace::{CacheOp, Trace, TraceEvent};
@@ -56,6 +56,7 @@ enum Mode {
     Rotating,
     Legacy,
     Quantized,
+    Hybrid,
 }
 
 const DECODER_ONLY: [Family; 11] = [
@@ -72,7 +73,7 @@ const DECODER_ONLY: [Family; 11] = [
     Family::Gemma3,
 ];
 
-const MODES: [Mode; 7] = [
+const MODES: [Mode; 8] = [
     Mode::None,
     Mode::Dynamic,
     Mode::Static,
@@ -80,6 +81,7 @@ const MODES: [Mode; 7] = [
     Mode::Rotating,
     Mode::Legacy,
     Mode::Quantized,
+    Mode::Hybrid,
 ];
 
 /// Head geometry as small raw numbers (shrink towards one head, head_dim 2).
@@ -239,6 +241,9 @@ impl Setup {
                 window: self.window,
             },
             Mode::Legacy => CacheMode::Legacy,
+            // Each layer's store from the model's windows (P + W in the families
+            // that have them).
+            Mode::Hybrid => CacheMode::Hybrid { max_len: None },
             Mode::Quantized => CacheMode::Quantized {
                 bits: if self.slack.is_multiple_of(2) { 8 } else { 4 },
                 residual: 1 + self.window % 8,
@@ -344,11 +349,13 @@ fn at_step(trace: &Trace, step: usize, layer: usize, attention: Attention) -> Ve
         .collect()
 }
 
-/// Keys the self-attention reads at `step` (cache length before the step + new tokens).
-fn keys_at_step(st: &Setup, step: usize) -> usize {
+/// Keys the self-attention reads at `step` (cache length before the step + new tokens)
+/// in a layer whose own window (`Model::layer_windows`) is `layer_window`.
+fn keys_at_step(st: &Setup, step: usize, layer_window: Option<usize>) -> usize {
     let total = st.p + st.s_dec() + step;
-    match st.mode {
-        Mode::Sliding | Mode::Rotating if step > 0 => (total - 1).min(st.window) + 1,
+    match (st.mode, layer_window) {
+        (Mode::Sliding | Mode::Rotating, _) if step > 0 => (total - 1).min(st.window) + 1,
+        (Mode::Hybrid, Some(w)) if step > 0 => (total - 1).min(hybrid::keep(w)) + 1,
         _ => total,
     }
 }
@@ -387,8 +394,9 @@ proptest! {
             let e = events.iter().find(|e| e.op == CacheOp::Update);
             let e = e.ok_or_else(|| err(format!("{st:?}: layer {layer}: no prefill update")))?;
             prop_assert_eq!(e.layout.as_str(), layout.name(), "{:?} layer {}", st, layer);
-            let held = match st.mode {
-                Mode::Sliding | Mode::Rotating => (p + s).min(st.window),
+            let held = match (st.mode, model.layer_windows()[layer]) {
+                (Mode::Sliding | Mode::Rotating, _) => (p + s).min(st.window),
+                (Mode::Hybrid, Some(w)) => (p + s).min(hybrid::keep(w)),
                 _ => p + s,
             };
             if st.mode == Mode::None {
@@ -416,11 +424,12 @@ proptest! {
         let g = model.geometry();
         let (_, trace) = st.run(model.as_ref()).map_err(err)?;
         let mut seen = 0;
+        let windows = model.layer_windows();
         for e in self_updates(&trace) {
             seen += 1;
             let (a, z) = e.positions.ok_or_else(|| err(format!("{st:?}: no positions")))?;
             let q = z - a;
-            let k = keys_at_step(&st, e.step);
+            let k = keys_at_step(&st, e.step, windows[e.layer]);
             let want_q = if e.step == 0 || st.mode == Mode::None { st.s_dec() + e.step } else { 1 };
             prop_assert_eq!(q, want_q, "{:?} step {} layer {}: new tokens", st, e.step, e.layer);
             prop_assert_eq!(e.mask.clone(), Some(vec![st.b, 1, q, k]), "{:?} step {} layer {}: mask", st, e.step, e.layer);
@@ -615,7 +624,7 @@ proptest! {
         };
         let full = reference(None)?;
         let windowed = reference(Some(st.window))?;
-        for mode in [Mode::Dynamic, Mode::Static, Mode::Sliding, Mode::Legacy] {
+        for mode in [Mode::Dynamic, Mode::Static, Mode::Sliding, Mode::Legacy, Mode::Hybrid] {
             let st = Setup { mode, ..st };
             if st.model_config() != model_config {
                 continue; // the fused legacy layout holds multi-query GPT-BigCode only
@@ -677,7 +686,7 @@ proptest! {
             }
             Ok(())
         };
-        for mode in [Mode::Dynamic, Mode::Static, Mode::Sliding, Mode::Rotating, Mode::Legacy, Mode::None, Mode::Quantized] {
+        for mode in [Mode::Dynamic, Mode::Static, Mode::Sliding, Mode::Rotating, Mode::Legacy, Mode::None, Mode::Quantized, Mode::Hybrid] {
             let st = Setup { mode, ..st };
             if st.model_config() != model_config {
                 continue; // the fused legacy layout holds multi-query GPT-BigCode only

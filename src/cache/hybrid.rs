@@ -9,7 +9,12 @@
 //!   sliding layers keep: the next query at p sees keys in (p - W, p], the W - 1
 //!   stored ones and its own. A pass of several tokens reads everything it was given
 //!   (its mask limits each query to the window).
-//! - A layer without a window is global: append by concatenation (`dynamic`).
+//! - A layer without a window is global: append by concatenation (`dynamic`), or,
+//!   with `max_len`, preallocated to that many positions (`static`, the
+//!   `HybridCache` of transformers < 4.56, which PEFT built with a `max_cache_len`).
+//!   A pass that needs more is a `seq-len` diagnosis at the first global layer.
+//!   Historical (before PEFT sized `max_cache_len` as input + `num_virtual_tokens`):
+//!   the capacity without the prefix's P positions (`cache.capacity_without_prefix`).
 //!
 //! The prefix is written into every layer, like PEFT's prefix in transformers'
 //! cache: the sliding layers evict it once P + tokens exceed their window (the
@@ -19,6 +24,9 @@
 //! names its layer's store in the trace (`store`: `sliding/W` or `global`).
 
 use crate::check::{Attention, Diagnosis, DiagnosisClass, TensorKind};
+
+/// The hint of a global layer that ran out of room.
+pub const CAPACITY_HINT: &str = "the hybrid cache's global layers were sized without the P virtual tokens (PEFT's HybridCache max_cache_len must be input + num_virtual_tokens + new tokens)";
 
 /// Positions a sliding layer of window `w` keeps between passes: `w - 1`, at least 1.
 pub fn keep(w: usize) -> usize {
@@ -93,7 +101,11 @@ mod tests {
         let w = prefix_evictions(&[Some(6), None, Some(12), Some(6)], 5, 4, 3);
         let layers: Vec<_> = w.iter().map(|d| d.layer).collect();
         assert_eq!(layers, [Some(0), Some(3)]);
-        assert!(w[0].message.contains("5 of the 5 prefix positions"), "{}", w[0].message);
+        assert!(
+            w[0].message.contains("5 of the 5 prefix positions"),
+            "{}",
+            w[0].message
+        );
         assert!(prefix_evictions(&[None, None], 5, 4, 3).is_empty());
     }
 }

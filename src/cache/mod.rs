@@ -63,9 +63,11 @@ pub enum CacheMode {
         residual: usize,
         prefix_full_precision: bool,
     },
-    /// Per layer, a sliding store or a global (`dynamic`) one, as the model's layer
-    /// types say ([`CacheConfig::layer_windows`]; see [`hybrid`]).
-    Hybrid,
+    /// Per layer, a sliding store or a global one, as the model's layer types say
+    /// ([`CacheConfig::layer_windows`]; see [`hybrid`]). The global layers append
+    /// (`dynamic`, transformers >= 4.56), or with `max_len` are preallocated to that
+    /// many positions (`static`: the `HybridCache` of transformers < 4.56).
+    Hybrid { max_len: Option<usize> },
 }
 
 impl CacheMode {
@@ -78,7 +80,7 @@ impl CacheMode {
             CacheMode::Rotating { .. } => "rotating",
             CacheMode::Legacy => "legacy",
             CacheMode::Quantized { .. } => "quantized",
-            CacheMode::Hybrid => "hybrid",
+            CacheMode::Hybrid { .. } => "hybrid",
         }
     }
 }
@@ -242,7 +244,10 @@ impl ModelCache {
                 residual,
                 prefix_full_precision,
             } => Store::Quantized(quant::Quantized::new(bits, residual, prefix_full_precision)),
-            CacheMode::Hybrid => Store::Dynamic(ConcatKvCache::new(2)),
+            CacheMode::Hybrid { max_len: None } => Store::Dynamic(ConcatKvCache::new(2)),
+            CacheMode::Hybrid {
+                max_len: Some(max_len),
+            } => Store::Static(KvCache::new(2, max_len)),
         };
         let layer = LayerCache {
             prefix: None,
@@ -258,7 +263,7 @@ impl ModelCache {
             is_updated: false,
         };
         let mut layers = vec![layer; num_layers];
-        if let (CacheMode::Hybrid, Some(windows)) = (config.mode, &config.layer_windows) {
+        if let (CacheMode::Hybrid { .. }, Some(windows)) = (config.mode, &config.layer_windows) {
             for (l, w) in layers.iter_mut().zip(windows) {
                 if w.is_some() {
                     l.store = Store::Sliding { k: None, v: None };
@@ -309,7 +314,8 @@ impl ModelCache {
     /// `hybrid`: the trace's name of a self-attention layer's store (`sliding/W`,
     /// `global`); `None` in the other modes.
     fn store_name(&self, layer: usize, attention: Attention) -> Option<String> {
-        let hybrid = self.config.mode == CacheMode::Hybrid && attention == Attention::SelfAttn;
+        let hybrid = matches!(self.config.mode, CacheMode::Hybrid { .. })
+            && attention == Attention::SelfAttn;
         hybrid.then(|| hybrid::describe(self.layers.get(layer).and_then(|l| l.window)))
     }
 
@@ -415,23 +421,32 @@ impl ModelCache {
                 l.prefix_len,
             )?;
         }
-        if let CacheMode::Static { max_len } = self.config.mode {
+        let capacity = match self.config.mode {
+            CacheMode::Static { max_len } => Some(max_len),
+            CacheMode::Hybrid { max_len } if l.window.is_none() => max_len,
+            _ => None,
+        };
+        if let Some(max_len) = capacity {
             let need = l.seen + s_new;
             if need > max_len {
                 let mut exp = shape(k);
                 exp[2] = need;
                 let mut act = shape(k);
                 act[2] = max_len;
+                let (what, hint) = match self.config.mode {
+                    CacheMode::Hybrid { .. } => ("the hybrid cache's global layer", hybrid::CAPACITY_HINT),
+                    _ => ("static cache", "the static cache was sized for the prompt and new tokens without the P virtual tokens (max_len must be >= P + prompt + max_new_tokens)"),
+                };
                 return Err(Diagnosis::new(
                     DiagnosisClass::SeqLen,
                     format!(
-                        "static cache holds {max_len} positions but prefix ({}) + tokens so far + {s_new} new need {need}",
+                        "{what} holds {max_len} positions but prefix ({}) + tokens so far + {s_new} new need {need}",
                         l.prefix_len
                     ),
                 )
                 .at(layer, att, TensorKind::Key)
                 .shapes(&exp, &act)
-                .hint("the static cache was sized for the prompt and new tokens without the P virtual tokens (max_len must be >= P + prompt + max_new_tokens)")
+                .hint(hint)
                 .into());
             }
         }

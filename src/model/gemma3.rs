@@ -232,7 +232,10 @@ impl Config {
             self.rope_scaling.as_deref()
         };
         Ok((
-            scaled(default_inv_freq(global_theta, self.head_dim), global_scaling)?,
+            scaled(
+                default_inv_freq(global_theta, self.head_dim),
+                global_scaling,
+            )?,
             scaled(default_inv_freq(local_theta, self.head_dim), sliding)?,
         ))
     }
@@ -241,8 +244,7 @@ impl Config {
     pub fn decoder(&self) -> Result<(gemma2::Config, gemma2::Block)> {
         if self.use_bidirectional_attention == Some(true) {
             return Err(EngineError::Config(
-                "gemma3: use_bidirectional_attention is not supported (causal models only)"
-                    .into(),
+                "gemma3: use_bidirectional_attention is not supported (causal models only)".into(),
             ));
         }
         let types = self.layer_types()?;
