@@ -259,8 +259,14 @@ pub fn prepare_cache(
     batch: usize,
 ) -> Result<ModelCache> {
     let g = model.geometry();
+    let mut cache = cache.clone();
+    if matches!(cache.mode, crate::engine::cache::CacheMode::Hybrid { .. })
+        && cache.layer_windows.is_none()
+    {
+        cache.layer_windows = Some(model.layer_windows());
+    }
     let mut mc = ModelCache::new(
-        cache.clone(),
+        cache,
         model.family().legacy_layout(),
         g.num_layers,
         g.encoder_decoder,

@@ -56,6 +56,10 @@ pub struct TraceEvent {
     /// `rotating` caches: the ring slot the next position goes to, after the event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ring_head: Option<usize>,
+    /// `hybrid` caches: this layer's store, `sliding/W` (keeps W - 1 positions) or
+    /// `global`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
 }
 
 /// An ordered list of cache events for one run.
@@ -122,5 +126,6 @@ pub fn event(layer: usize, attention: Attention, op: CacheOp, layout: &str) -> T
         mask: None,
         positions: None,
         ring_head: None,
+        store: None,
     }
 }

@@ -207,7 +207,8 @@ fn layer_field(f: Family) -> &'static str {
         | Family::Qwen3
         | Family::Phi3
         | Family::GptNeox
-        | Family::Gemma2 => "num_hidden_layers",
+        | Family::Gemma2
+        | Family::Gemma3 => "num_hidden_layers",
         Family::T5 => "num_layers",
     }
 }

@@ -11,7 +11,7 @@ use candle_core::{DType, Device};
 use serde::Serialize;
 
 use crate::engine::cache::CacheMode;
-use crate::engine::diagnosis::{Attention, Diagnosis, DiagnosisClass, EngineError, TensorKind};
+use crate::engine::diagnosis::{Diagnosis, DiagnosisClass, EngineError};
 use crate::engine::generate::{generate_traced, DecodeOptions};
 use crate::engine::prefix::PrefixEncoder;
 use crate::engine::trace::Trace;
@@ -218,6 +218,7 @@ pub fn estimate_memory(case: &Case) -> Result<(u64, u64, u64), String> {
         crate::engine::model::ModelConfig::Phi3(c) => f(c.intermediate_size),
         crate::engine::model::ModelConfig::GptNeox(c) => f(c.intermediate_size),
         crate::engine::model::ModelConfig::Gemma2(c) => f(c.intermediate_size),
+        crate::engine::model::ModelConfig::Gemma3(c) => f(c.intermediate_size),
     };
     let stacks = if g.encoder_decoder { 3.0 } else { 1.0 }; // encoder, decoder, cross
     let per_layer = 4.0 * e * h * d + 3.0 * e * inner;
@@ -392,27 +393,18 @@ fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
     let prompt_len = ids
         .dim(1)
         .map_err(|e| crate::engine::diagnosis::from_candle(e, None, "prompt"))?;
-    if let (CacheMode::Sliding { window } | CacheMode::Rotating { window }, p) =
-        (opts.cache.mode, prefix.geometry.num_virtual_tokens)
-    {
-        // Positions the last forward pass queries: P + S + (new - 1) - 1.
-        let last = p + prompt_len + opts.max_new_tokens.saturating_sub(1) - 1;
-        let evicted = (last + 1).saturating_sub(window).min(p);
-        if evicted > 0 {
-            r.warnings.push(
-                Diagnosis::new(
-                    DiagnosisClass::PrefixEvicted,
-                    format!(
-                        "the sliding window ({window}) keeps positions {}..={last} at the last step: {evicted} of the {p} prefix positions are evicted",
-                        last + 1 - window.min(last + 1)
-                    ),
-                )
-                .at(0, Attention::SelfAttn, TensorKind::Key)
-                .shapes(&[p + prompt_len + opts.max_new_tokens - 1], &[window])
-                .hint("a window smaller than P + prompt + new tokens silently drops the virtual tokens; make the window at least that large or the prefix stops conditioning generation"),
-            );
-        }
-    }
+    // The windows that may evict prefix positions: the cache's (layer 0 stands for
+    // every layer), or each sliding layer's in a `hybrid` cache.
+    let windows = match opts.cache.mode {
+        CacheMode::Sliding { window } | CacheMode::Rotating { window } => vec![Some(window)],
+        CacheMode::Hybrid { .. } => model.layer_windows(),
+        _ => vec![],
+    };
+    let (p, new) = (prefix.geometry.num_virtual_tokens, opts.max_new_tokens);
+    r.warnings
+        .extend(crate::engine::cache::hybrid::prefix_evictions(
+            &windows, p, prompt_len, new,
+        ));
     let g = &case.scenario.generate;
     let (out, trace) = match g.merge_rows_at {
         Some(at) => crate::engine::batching::generate_merged(

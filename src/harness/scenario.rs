@@ -170,6 +170,7 @@ pub enum CacheModeName {
     Rotating,
     Legacy,
     Quantized,
+    Hybrid,
 }
 
 impl CacheModeName {
@@ -183,6 +184,7 @@ impl CacheModeName {
             CacheModeName::Rotating => "rotating",
             CacheModeName::Legacy => "legacy",
             CacheModeName::Quantized => "quantized",
+            CacheModeName::Hybrid => "hybrid",
         }
     }
 }
@@ -193,9 +195,15 @@ impl CacheModeName {
 pub struct CacheSpec {
     #[serde(default)]
     pub mode: CacheModeName,
-    /// `static`: capacity in positions (default: P + prompt + max_new_tokens).
+    /// `static`: capacity in positions (default: P + prompt + max_new_tokens);
+    /// `hybrid`: the capacity of static global layers (absent: dynamic ones).
     #[serde(default)]
     pub max_len: Option<usize>,
+    /// Historical (PEFT's HybridCache before `max_cache_len` counted
+    /// `num_virtual_tokens`): `static` and `hybrid` caches sized for prompt + new
+    /// tokens without the P prefix positions (`hybrid`: static global layers).
+    #[serde(default)]
+    pub capacity_without_prefix: bool,
     /// `sliding` and `rotating`: window in positions (required).
     #[serde(default)]
     pub window: Option<usize>,
@@ -952,6 +960,25 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
                 &format!("`{mode}` needs a window (positions kept)"),
             );
         }
+        CacheModeName::None
+        | CacheModeName::Dynamic
+        | CacheModeName::Sliding
+        | CacheModeName::Rotating
+        | CacheModeName::Legacy
+        | CacheModeName::Quantized
+            if s.cache.capacity_without_prefix =>
+        {
+            return e(
+                "cache.capacity_without_prefix",
+                "applies to caches with a capacity only (`static`, `hybrid`)",
+            );
+        }
+        CacheModeName::Hybrid if s.cache.window.is_some() => {
+            return e(
+                "cache.window",
+                "`hybrid` takes each layer's window from the model config (`sliding_window`, `layer_types`); remove `cache.window`",
+            );
+        }
         _ => {}
     }
     validate_quantization(s)?;
@@ -985,6 +1012,7 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
                 CacheModeName::Static => CacheMode::Static { max_len: 0 },
                 CacheModeName::Sliding => CacheMode::Sliding { window: 0 },
                 CacheModeName::Rotating => CacheMode::Rotating { window: 0 },
+                CacheModeName::Hybrid => CacheMode::Hybrid { max_len: None },
                 CacheModeName::Quantized => CacheMode::Quantized {
                     bits: 8,
                     residual: 1,
@@ -1310,11 +1338,12 @@ impl Case {
     pub fn cache_config(&self, prompt_len: usize, p: usize) -> CacheConfig {
         let c = &self.scenario.cache;
         let new = self.scenario.generate.max_new_tokens;
+        let capacity = prompt_len + new + if c.capacity_without_prefix { 0 } else { p };
         let mode = match c.mode {
             CacheModeName::None => CacheMode::None,
             CacheModeName::Dynamic => CacheMode::Dynamic,
             CacheModeName::Static => CacheMode::Static {
-                max_len: c.max_len.unwrap_or(p + prompt_len + new),
+                max_len: c.max_len.unwrap_or(capacity),
             },
             CacheModeName::Sliding => CacheMode::Sliding {
                 window: c.window.unwrap_or(usize::MAX),
@@ -1323,6 +1352,9 @@ impl Case {
                 window: c.window.unwrap_or(usize::MAX),
             },
             CacheModeName::Legacy => CacheMode::Legacy,
+            CacheModeName::Hybrid => CacheMode::Hybrid {
+                max_len: c.max_len.or(c.capacity_without_prefix.then_some(capacity)),
+            },
             CacheModeName::Quantized => CacheMode::Quantized {
                 bits: c.bits.unwrap_or(crate::engine::cache::quant::DEFAULT_BITS),
                 residual: c
@@ -1510,6 +1542,7 @@ fn check_matrix_path(doc: &Value, key: &str) -> Result<(), String> {
                 "bits",
                 "residual",
                 "prefix_full_precision",
+                "capacity_without_prefix",
             ],
         ),
         (

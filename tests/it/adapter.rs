@@ -17,15 +17,15 @@ use std::path::{Path, PathBuf};
 
 use crate::common::*;
 use candle_core::{Device, Tensor};
-use prefix_harness::io::adapter::{
-    self, load, load_for, safetensors_bytes, save, save_safetensors, AdapterConfig, TaskType,
-    CONFIG_FILE, TENSOR_NAME, WEIGHTS_FILE,
-};
 use prefix_harness::engine::cache::{CacheConfig, CacheMode};
 use prefix_harness::engine::diagnosis::DiagnosisClass;
 use prefix_harness::engine::generate::forward_logits;
 use prefix_harness::engine::model::{llama, weights, Family, Model, ModelConfig, ModelGeometry};
 use prefix_harness::engine::prefix::{HeadDimFrom, HeadsFrom, PrefixConfig, PrefixEncoder};
+use prefix_harness::io::adapter::{
+    self, load, load_for, safetensors_bytes, save, save_safetensors, AdapterConfig, TaskType,
+    CONFIG_FILE, TENSOR_NAME, WEIGHTS_FILE,
+};
 
 fn prefix_with(model: &dyn Model, p: usize, projection: bool) -> PrefixEncoder {
     let mut cfg = PrefixConfig::new(p);

@@ -38,6 +38,7 @@ pub fn cache_mode(name: &str, static_max_len: usize, window: usize) -> CacheMode
         },
         "sliding" => CacheMode::Sliding { window },
         "legacy" => CacheMode::Legacy,
+        "hybrid" => CacheMode::Hybrid { max_len: None },
         other => panic!("unknown mode {other}"),
     }
 }

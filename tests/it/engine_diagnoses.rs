@@ -9,7 +9,9 @@ use prefix_harness::engine::diagnosis::{
 };
 use prefix_harness::engine::generate::{greedy, prepare_cache, DecodeOptions};
 use prefix_harness::engine::model::{Family, Forward, Model};
-use prefix_harness::engine::prefix::{HeadDimFrom, HeadsFrom, PrefixConfig, PrefixEncoder, PrefixLayout};
+use prefix_harness::engine::prefix::{
+    HeadDimFrom, HeadsFrom, PrefixConfig, PrefixEncoder, PrefixLayout,
+};
 
 fn diagnose(family: Family, p: usize, opts: DecodeOptions, cfg: Option<PrefixConfig>) -> Diagnosis {
     let model = tiny_model(family);

@@ -1,5 +1,6 @@
 //! The family x cache-mode grid: after a prefill every layer's key has the cache's
-//! declared layout and length P+S (sliding: min(P+S, W)), and cached decoding
+//! declared layout and length P+S (sliding: min(P+S, W); hybrid: min(P+S, W - 1) in a
+//! layer with a window W, P+S in a global layer), and cached decoding
 //! reproduces recomputation (`none`) to 1e-4, token for token.
 
 use crate::common::*;
@@ -31,10 +32,11 @@ fn cached_decoding_matches_recompute_and_keys_have_the_declared_layout(
         Family::Qwen3,
         Family::Phi3,
         Family::GptNeox,
-        Family::Gemma2
+        Family::Gemma2,
+        Family::Gemma3
     )]
     family: Family,
-    #[values("none", "dynamic", "static", "sliding", "legacy")] mode_name: &str,
+    #[values("none", "dynamic", "static", "sliding", "legacy", "hybrid")] mode_name: &str,
     #[values(1, 7)] p: usize,
     #[values(1, 3)] batch: usize,
 ) {
@@ -89,7 +91,13 @@ fn cached_decoding_matches_recompute_and_keys_have_the_declared_layout(
         CacheMode::None => p, // recompute keeps only the prefix
         _ => p + s,
     };
-    for layer in 0..g.num_layers {
+    for (layer, layer_window) in model.layer_windows().into_iter().enumerate() {
+        let held = match (mode(mode_name), layer_window) {
+            (CacheMode::Hybrid { .. }, Some(w)) => {
+                held.min(prefix_harness::engine::cache::hybrid::keep(w))
+            }
+            _ => held,
+        };
         let e = out
             .cache
             .trace

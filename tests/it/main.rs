@@ -9,6 +9,7 @@ mod cli;
 mod engine_diagnoses;
 mod engine_matrix;
 mod family_gemma2;
+mod family_gemma3;
 mod family_gpt_neox;
 mod fingerprint;
 mod generate;

@@ -14,10 +14,13 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Activation, VarBuilder};
 use candle_transformers::models::{
-    gemma2 as ct_gemma2, mistral as ct_mistral, qwen2 as ct_qwen2, qwen3 as ct_qwen3,
+    gemma2 as ct_gemma2, gemma3 as ct_gemma3, mistral as ct_mistral, qwen2 as ct_qwen2,
+    qwen3 as ct_qwen3,
 };
 use prefix_harness::engine::cache::CacheMode;
-use prefix_harness::engine::model::{gemma2, mistral, qwen2, qwen3, weights, Model, ModelConfig};
+use prefix_harness::engine::model::{
+    gemma2, gemma3, mistral, qwen2, qwen3, weights, Model, ModelConfig,
+};
 
 const SEED: u64 = 7;
 const TOL: f32 = 1e-4;
@@ -409,4 +412,100 @@ fn llama3_rope_scaling_loads_and_applies() {
         0.0
     );
     assert!(max_abs_diff(&a, &b) > 1e-3);
+}
+
+// ---------------------------------------------------------------------------------
+// Gemma 3. candle-transformers' gemma3 scales by `head_dim ** -0.5` (compensated in
+// the reference's `q_norm` weights: its (1 + w) becomes c (1 + w), c = sqrt(head_dim /
+// query_pre_attn_scalar), which scales the queries after the norm, before RoPE), has
+// no RoPE scaling (the global layers' linear x2 of the tiny config is dropped here;
+// it is checked against transformers in `scenarios/stack/gemma3.yaml`), and its
+// windows admit one key more (`j + W < i`).
+
+/// candle-transformers' gemma3 on `cfg`'s seeded weights `map`, with `window` and
+/// `pattern` as its `sliding_window` and `sliding_window_pattern`.
+fn candle_gemma3(
+    cfg: &gemma3::Config,
+    map: &HashMap<String, Tensor>,
+    window: usize,
+    pattern: usize,
+    dev: &Device,
+) -> ct_gemma3::Model {
+    let ccfg = ct_gemma3::Config {
+        attention_bias: cfg.attention_bias,
+        head_dim: cfg.head_dim,
+        hidden_activation: Activation::GeluPytorchTanh,
+        hidden_size: cfg.hidden_size,
+        intermediate_size: cfg.intermediate_size,
+        num_attention_heads: cfg.num_attention_heads,
+        num_hidden_layers: cfg.num_hidden_layers,
+        num_key_value_heads: cfg.num_key_value_heads,
+        rms_norm_eps: cfg.rms_norm_eps,
+        rope_theta: cfg.rope_theta,
+        rope_local_base_freq: cfg.rope_local_base_freq,
+        vocab_size: cfg.vocab_size,
+        final_logit_softcapping: cfg.final_logit_softcapping,
+        attn_logit_softcapping: cfg.attn_logit_softcapping,
+        query_pre_attn_scalar: cfg.query_pre_attn_scalar,
+        sliding_window: window,
+        sliding_window_pattern: pattern,
+        max_position_embeddings: cfg.max_position_embeddings,
+    };
+    let c = (cfg.head_dim as f64 / cfg.query_pre_attn_scalar as f64).sqrt();
+    let mut map = map.clone();
+    for (name, t) in map.iter_mut() {
+        if name.ends_with("self_attn.q_norm.weight") {
+            // [D]: c (1 + w) - 1
+            *t = (((&*t + 1.0).unwrap() * c).unwrap() - 1.0).unwrap();
+        }
+    }
+    let vb = VarBuilder::from_tensors(map, DType::F32, dev);
+    ct_gemma3::Model::new(false, &ccfg, vb).unwrap()
+}
+
+/// The tiny config without RoPE scaling (see above).
+fn gemma3_unscaled() -> gemma3::Config {
+    gemma3::Config {
+        rope_scaling: None,
+        ..gemma3::Config::tiny()
+    }
+}
+
+/// Tiny Gemma 3 (layers 0, 1, 3, 4 sliding with RoPE base 1e4, layer 2 global with
+/// 1e6; one KV head; q/k norms) with a window of 8 that the 7-token prompt does not
+/// reach, whole prompt and token by token.
+#[test]
+fn gemma3_no_prefix_parity_with_candle_transformers() {
+    let dev = Device::Cpu;
+    let cfg = gemma3::Config {
+        sliding_window: Some(8),
+        ..gemma3_unscaled()
+    };
+    let (model, map) = build_with_weights(&ModelConfig::Gemma3(cfg.clone()), SEED, &dev);
+    let ids = parity_prompt(&dev);
+    assert!(ids.dim(1).unwrap() <= 8);
+    let ours = ours(model.as_ref(), &ids);
+    let mut theirs = candle_gemma3(&cfg, &map, 8, 3, &dev);
+    assert_parity("gemma3", &ours, &ids, stepper!(theirs));
+}
+
+/// The tiny layer pattern with a window of 3 (keys in (p - 3, p]) over the 7-token
+/// prompt, against candle-transformers' window of 2 (the same 3 keys), whole-prompt
+/// pass.
+#[test]
+fn gemma3_sliding_window_parity_with_candle_transformers() {
+    let dev = Device::Cpu;
+    let cfg = gemma3::Config {
+        sliding_window: Some(3),
+        ..gemma3_unscaled()
+    };
+    let (model, map) = build_with_weights(&ModelConfig::Gemma3(cfg.clone()), SEED, &dev);
+    let ids = parity_prompt(&dev);
+    let ours = ours_last(model.as_ref(), &ids);
+    let mut theirs = candle_gemma3(&cfg, &map, 2, 3, &dev);
+    let worst = max_abs_diff(&ours, &theirs.forward(&ids, 0).unwrap());
+    println!(
+        "gemma3 sliding (W 3) parity vs candle-transformers gemma3 (W 2): max abs diff {worst:e}"
+    );
+    assert!(worst <= TOL, "max abs diff {worst} > {TOL}");
 }

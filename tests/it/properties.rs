@@ -10,20 +10,20 @@
 
 use crate::common::*;
 use candle_core::{DType, Device, Tensor};
-use prefix_harness::engine::cache::{CacheConfig, CacheMode, Layout};
+use prefix_harness::engine::cache::{hybrid, CacheConfig, CacheMode, Layout};
 use prefix_harness::engine::diagnosis::{Attention, DiagnosisClass};
-use prefix_harness::io::data;
 use prefix_harness::engine::generate::{
     generate_traced, DecodeOptions, DecodeOutput, Strategy as Decoding,
 };
 use prefix_harness::engine::model::attention::{additive_mask, MaskSpec};
 use prefix_harness::engine::model::{
-    bloom, gemma2, gpt2, gpt_bigcode, gpt_neox, llama, mistral, phi3, qwen2, qwen3, t5, weights,
-    Family, Model, ModelConfig, ModelGeometry,
+    bloom, gemma2, gemma3, gpt2, gpt_bigcode, gpt_neox, llama, mistral, phi3, qwen2, qwen3, t5,
+    weights, Family, Model, ModelConfig, ModelGeometry,
 };
 use prefix_harness::engine::prefix::{PrefixConfig, PrefixEncoder};
 use prefix_harness::engine::trace::{CacheOp, Trace, TraceEvent};
 use prefix_harness::engine::train::{batch_for, batch_loss, check_prefix_grads};
+use prefix_harness::io::data;
 use proptest::prelude::*;
 
 fn config() -> ProptestConfig {
@@ -45,9 +45,10 @@ enum Mode {
     Rotating,
     Legacy,
     Quantized,
+    Hybrid,
 }
 
-const DECODER_ONLY: [Family; 10] = [
+const DECODER_ONLY: [Family; 11] = [
     Family::Gpt2,
     Family::Llama,
     Family::Bloom,
@@ -58,9 +59,10 @@ const DECODER_ONLY: [Family; 10] = [
     Family::Phi3,
     Family::GptNeox,
     Family::Gemma2,
+    Family::Gemma3,
 ];
 
-const MODES: [Mode; 7] = [
+const MODES: [Mode; 8] = [
     Mode::None,
     Mode::Dynamic,
     Mode::Static,
@@ -68,6 +70,7 @@ const MODES: [Mode; 7] = [
     Mode::Rotating,
     Mode::Legacy,
     Mode::Quantized,
+    Mode::Hybrid,
 ];
 
 /// Head geometry as small raw numbers (shrink towards one head, head_dim 2).
@@ -180,6 +183,15 @@ impl Setup {
                 sliding_window: Some(self.p + self.window),
                 ..gemma2::Config::tiny()
             }),
+            // head_dim drawn independently of hidden 64; layers 0, 1, 3, 4 slide with a
+            // window of P + W (see Qwen2).
+            Family::Gemma3 => ModelConfig::Gemma3(gemma3::Config {
+                num_attention_heads: heads,
+                num_key_value_heads: 1 << (self.heads.h - self.heads.group.min(self.heads.h)),
+                head_dim: 2 * self.heads.half,
+                sliding_window: Some(self.p + self.window),
+                ..gemma3::Config::tiny()
+            }),
             Family::T5 => ModelConfig::T5(t5::Config {
                 num_heads: heads,
                 d_kv: 2 * self.heads.half,
@@ -218,6 +230,9 @@ impl Setup {
                 window: self.window,
             },
             Mode::Legacy => CacheMode::Legacy,
+            // Each layer's store from the model's windows (P + W in the families
+            // that have them).
+            Mode::Hybrid => CacheMode::Hybrid { max_len: None },
             Mode::Quantized => CacheMode::Quantized {
                 bits: if self.slack.is_multiple_of(2) { 8 } else { 4 },
                 residual: 1 + self.window % 8,
@@ -323,11 +338,13 @@ fn at_step(trace: &Trace, step: usize, layer: usize, attention: Attention) -> Ve
         .collect()
 }
 
-/// Keys the self-attention reads at `step` (cache length before the step + new tokens).
-fn keys_at_step(st: &Setup, step: usize) -> usize {
+/// Keys the self-attention reads at `step` (cache length before the step + new tokens)
+/// in a layer whose own window (`Model::layer_windows`) is `layer_window`.
+fn keys_at_step(st: &Setup, step: usize, layer_window: Option<usize>) -> usize {
     let total = st.p + st.s_dec() + step;
-    match st.mode {
-        Mode::Sliding | Mode::Rotating if step > 0 => (total - 1).min(st.window) + 1,
+    match (st.mode, layer_window) {
+        (Mode::Sliding | Mode::Rotating, _) if step > 0 => (total - 1).min(st.window) + 1,
+        (Mode::Hybrid, Some(w)) if step > 0 => (total - 1).min(hybrid::keep(w)) + 1,
         _ => total,
     }
 }

@@ -37,13 +37,13 @@ use crate::common::TempDir;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};
-use prefix_harness::io::adapter::{self, load_for};
 use prefix_harness::engine::cache::{CacheConfig, CacheMode, ModelCache};
 use prefix_harness::engine::diagnosis::DiagnosisClass;
 use prefix_harness::engine::generate::{forward_logits, greedy, DecodeOptions};
-use prefix_harness::io::hub::{self, HubOptions, ModelSource};
 use prefix_harness::engine::model::{Forward, Model};
 use prefix_harness::engine::prefix::{extend_mask, inject, PrefixEncoder, PrefixLayout};
+use prefix_harness::io::adapter::{self, load_for};
+use prefix_harness::io::hub::{self, HubOptions, ModelSource};
 use serde::Deserialize;
 
 /// Bound on the max abs logit difference (f32).

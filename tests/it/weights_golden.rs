@@ -54,6 +54,9 @@ const GOLDEN: &[(&str, &str)] = &[
     ("weights/gemma2", "4d542cc2a7da7c34"),          // 127808 values
     ("prefix/gemma2/flat", "aab7b02832ad848d"),      // 2304 values
     ("prefix/gemma2/projection", "210881feec6a58c4"), // 11456 values
+    ("weights/gemma3", "aba4633a49e9156f"),          // 186928 values
+    ("prefix/gemma3/flat", "c8350dff3cc70d94"),      // 1920 values
+    ("prefix/gemma3/projection", "6633b953f2eaa133"), // 8912 values
     ("data/default-batch-3x16", "d3dc0e53abe2adcb"), // 48 values
 ];
 

@@ -114,6 +114,7 @@ fn capacity(mode: CacheMode) -> Option<usize> {
     match mode {
         CacheMode::Static { max_len } => Some(max_len),
         CacheMode::Sliding { window } | CacheMode::Rotating { window } => Some(window),
+        CacheMode::Hybrid { max_len } => max_len,
         _ => None,
     }
 }

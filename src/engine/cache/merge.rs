@@ -95,6 +95,7 @@ pub fn merge_rows(rows: &[ModelCache], fill_from_first_row: bool) -> Result<Merg
             prefix_len: first.prefix_len(),
             store: Store::Dynamic(store),
             seen: width,
+            window: None,
         };
         merged.trace.push(e);
     }

@@ -1,4 +1,4 @@
-//! KV caches: one interface over seven modes, each declaring the layout it stores.
+//! KV caches: one interface over eight modes, each declaring the layout it stores.
 //!
 //! The model's attention always computes keys and values in the standard layout
 //! `[batch, kv_heads, seq, head_dim]` and hands them to [`ModelCache::update_self`].
@@ -23,6 +23,7 @@ use crate::engine::trace::{event, CacheOp, Trace};
 
 mod check;
 mod file;
+pub mod hybrid;
 mod layout;
 mod merge;
 pub mod quant;
@@ -64,6 +65,11 @@ pub enum CacheMode {
         residual: usize,
         prefix_full_precision: bool,
     },
+    /// Per layer, a sliding store or a global one, as the model's layer types say
+    /// ([`CacheConfig::layer_windows`]; see [`hybrid`]). The global layers append
+    /// (`dynamic`, transformers >= 4.56), or with `max_len` are preallocated to that
+    /// many positions (`static`: the `HybridCache` of transformers < 4.56).
+    Hybrid { max_len: Option<usize> },
 }
 
 impl CacheMode {
@@ -76,6 +82,7 @@ impl CacheMode {
             CacheMode::Rotating { .. } => "rotating",
             CacheMode::Legacy => "legacy",
             CacheMode::Quantized { .. } => "quantized",
+            CacheMode::Hybrid { .. } => "hybrid",
         }
     }
 }
@@ -98,6 +105,10 @@ pub struct CacheConfig {
     /// ring head to slot 0, so the next step overwrites a slot that is not the oldest
     /// and reads the ring in the wrong order. `false` is the fixed behaviour.
     pub ring_head_lost_on_load: bool,
+    /// `hybrid`: the attention window of each layer (`None`: global), from the model
+    /// (`Model::layer_windows`; `generate::prepare_cache` fills it when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_windows: Option<Vec<Option<usize>>>,
 }
 
 impl CacheConfig {
@@ -112,6 +123,7 @@ impl CacheConfig {
             cross_prefix_marks_updated: false,
             chunk_mask: ChunkMask::LowerRight,
             ring_head_lost_on_load: false,
+            layer_windows: None,
         }
     }
 }
@@ -176,6 +188,8 @@ struct LayerCache {
     store: Store,
     /// Positions written so far (prefix included), evicted ones included.
     seen: usize,
+    /// `hybrid`: this layer's window (its store slides when set).
+    window: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -232,12 +246,17 @@ impl ModelCache {
                 residual,
                 prefix_full_precision,
             } => Store::Quantized(quant::Quantized::new(bits, residual, prefix_full_precision)),
+            CacheMode::Hybrid { max_len: None } => Store::Dynamic(ConcatKvCache::new(2)),
+            CacheMode::Hybrid {
+                max_len: Some(max_len),
+            } => Store::Static(KvCache::new(2, max_len)),
         };
         let layer = LayerCache {
             prefix: None,
             prefix_len: 0,
             store,
             seen: 0,
+            window: None,
         };
         let cross = CrossCache {
             prefix: None,
@@ -245,8 +264,17 @@ impl ModelCache {
             kv: None,
             is_updated: false,
         };
+        let mut layers = vec![layer; num_layers];
+        if let (CacheMode::Hybrid { .. }, Some(windows)) = (config.mode, &config.layer_windows) {
+            for (l, w) in layers.iter_mut().zip(windows) {
+                if w.is_some() {
+                    l.store = Store::Sliding { k: None, v: None };
+                    l.window = *w;
+                }
+            }
+        }
         Self {
-            layers: vec![layer; num_layers],
+            layers,
             cross: if encoder_decoder {
                 vec![cross; num_layers]
             } else {
@@ -285,6 +313,14 @@ impl ModelCache {
         self.layers.first().map(|l| l.seen).unwrap_or(0)
     }
 
+    /// `hybrid`: the trace's name of a self-attention layer's store (`sliding/W`,
+    /// `global`); `None` in the other modes.
+    fn store_name(&self, layer: usize, attention: Attention) -> Option<String> {
+        let hybrid = matches!(self.config.mode, CacheMode::Hybrid { .. })
+            && attention == Attention::SelfAttn;
+        hybrid.then(|| hybrid::describe(self.layers.get(layer).and_then(|l| l.window)))
+    }
+
     /// Number of prefix positions seeded into layer 0's self-attention cache.
     pub fn prefix_len(&self) -> usize {
         self.layers.first().map(|l| l.prefix_len).unwrap_or(0)
@@ -306,6 +342,7 @@ impl ModelCache {
         e.key_written = Some(shape(&k));
         e.value_written = Some(shape(&v));
         e.positions = Some((0, prefix_len));
+        e.store = self.store_name(layer, attention);
         match attention {
             Attention::SelfAttn => {
                 let l = self
@@ -351,6 +388,7 @@ impl ModelCache {
         self.kv_heads = Some(kv_heads);
         let mut e = event(layer, att, CacheOp::Update, layout.name());
         e.positions = Some(positions);
+        e.store = self.store_name(layer, att);
         let l = self
             .layers
             .get_mut(layer)
@@ -385,23 +423,32 @@ impl ModelCache {
                 l.prefix_len,
             )?;
         }
-        if let CacheMode::Static { max_len } = self.config.mode {
+        let capacity = match self.config.mode {
+            CacheMode::Static { max_len } => Some(max_len),
+            CacheMode::Hybrid { max_len } if l.window.is_none() => max_len,
+            _ => None,
+        };
+        if let Some(max_len) = capacity {
             let need = l.seen + s_new;
             if need > max_len {
                 let mut exp = shape(k);
                 exp[2] = need;
                 let mut act = shape(k);
                 act[2] = max_len;
+                let (what, hint) = match self.config.mode {
+                    CacheMode::Hybrid { .. } => ("the hybrid cache's global layer", hybrid::CAPACITY_HINT),
+                    _ => ("static cache", "the static cache was sized for the prompt and new tokens without the P virtual tokens (max_len must be >= P + prompt + max_new_tokens)"),
+                };
                 return Err(Diagnosis::new(
                     DiagnosisClass::SeqLen,
                     format!(
-                        "static cache holds {max_len} positions but prefix ({}) + tokens so far + {s_new} new need {need}",
+                        "{what} holds {max_len} positions but prefix ({}) + tokens so far + {s_new} new need {need}",
                         l.prefix_len
                     ),
                 )
                 .at(layer, att, TensorKind::Key)
                 .shapes(&exp, &act)
-                .hint("the static cache was sized for the prompt and new tokens without the P virtual tokens (max_len must be >= P + prompt + max_new_tokens)")
+                .hint(hint)
                 .into());
             }
         }
@@ -481,7 +528,10 @@ impl ModelCache {
                 (rk, rv, 0)
             }
             Store::Sliding { .. } | Store::Rotating(_) => {
-                let window = self.config.window.unwrap_or(usize::MAX);
+                let window = match l.window {
+                    Some(w) => hybrid::keep(w),
+                    None => self.config.window.unwrap_or(usize::MAX),
+                };
                 // [B, KVH, L, D] each, in time order (a ring is unrolled)
                 let base = match (&prefix, &l.store) {
                     (Some(p), _) => Some(p.clone()),

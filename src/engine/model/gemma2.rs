@@ -17,6 +17,10 @@
 //!   4.x, which ignores `layer_types`) the even layers `0, 2, 4, ..` slide. Both
 //!   versions mask keys outside `(p - W, p]` for a query at position p.
 //!
+//! The decoder is shared with Gemma 3 (`super::gemma3`): a [`Block`] says what a
+//! family changes (a per-head (1 + w) RMSNorm on queries and keys, the RoPE
+//! frequencies of the sliding and the global layers, the windows).
+//!
 //! Parameter names follow `Gemma2ForCausalLM`. Cache geometry:
 //! `[B, num_key_value_heads, S, head_dim]`. The P virtual tokens occupy positions
 //! `0..P`; prefix keys enter the cache without RoPE (as PEFT's prefix does).
@@ -274,10 +278,57 @@ pub fn soft_cap(x: &Tensor, cap: Option<f64>) -> candle_core::Result<Tensor> {
     }
 }
 
+/// What a Gemma family changes in the decoder ([`Block::gemma2`] is Gemma 2).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Block {
+    /// The family the model reports (`Model::family`).
+    pub family: Family,
+    /// Per-head (1 + w) RMSNorm on queries and keys (`self_attn.q_norm`,
+    /// `self_attn.k_norm`, weights `[D]`), on `[B, H, S, D]` before RoPE (Gemma 3).
+    /// The prefix keys are not normalised (they enter the cache as given).
+    pub qk_norm: bool,
+    /// The attention window of each layer (`None`: full attention); a cache's own
+    /// window (`cache.window`) replaces it in every layer.
+    pub windows: Vec<Option<usize>>,
+    /// The layers of type `sliding_attention`, which rotate with [`Block::rope_local`]
+    /// (the others with [`Block::rope_global`]), whatever their window.
+    pub sliding: Vec<bool>,
+    /// RoPE inverse frequencies `[D/2]` of the global layers.
+    pub rope_global: Vec<f64>,
+    /// RoPE inverse frequencies `[D/2]` of the sliding layers.
+    pub rope_local: Vec<f64>,
+}
+
+/// Default RoPE inverse frequencies `1 / theta^(2i/d)`, `i < d/2` (f64).
+pub fn default_inv_freq(theta: f64, d: usize) -> Vec<f64> {
+    (0..d / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64))
+        .collect()
+}
+
+impl Block {
+    /// `Gemma2ForCausalLM`: no q/k norm, one RoPE base for every layer.
+    pub fn gemma2(cfg: &Config) -> Result<Self> {
+        let windows = cfg.windows()?;
+        let inv = default_inv_freq(cfg.theta(), cfg.head_dim);
+        Ok(Self {
+            family: Family::Gemma2,
+            qk_norm: false,
+            sliding: windows.iter().map(Option::is_some).collect(),
+            windows,
+            rope_global: inv.clone(),
+            rope_local: inv,
+        })
+    }
+}
+
 /// One decoder layer's weights. Norms hold `1 + w` `[E]` (added once at load, in f32
 /// like transformers' `1.0 + weight.float()`).
 struct Layer {
     input_layernorm: Tensor,
+    /// `1 + w` `[D]` each, with [`Block::qk_norm`].
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
     /// `Linear` `[E, H*D]`
     q_proj: Linear,
     /// `Linear` `[E, KVH*D]`
@@ -299,8 +350,7 @@ struct Layer {
 
 pub struct Gemma2 {
     cfg: Config,
-    /// Attention window of each layer from the config.
-    windows: Vec<Option<usize>>,
+    block: Block,
     /// `[V, E]`
     embed_tokens: Tensor,
     layers: Vec<Layer>,
@@ -308,8 +358,10 @@ pub struct Gemma2 {
     norm: Tensor,
     /// `Linear` `[E, V]` (the embedding table transposed when `tie_word_embeddings`)
     lm_head: Linear,
-    /// RoPE inverse frequencies `[1, D/2]` (f32, as transformers computes them).
-    inv_freq: Tensor,
+    /// RoPE inverse frequencies `[1, D/2]` (f32, as transformers computes them) of the
+    /// global and of the sliding layers.
+    inv_freq_global: Tensor,
+    inv_freq_local: Tensor,
 }
 
 /// An `nn.Linear` (weight `[out, in]`, bias `[out]` when `with_bias`) as a `Linear`
@@ -337,7 +389,30 @@ fn gemma_norm(vb: &VarBuilder, name: &str, e: usize) -> Result<Tensor> {
 impl Gemma2 {
     pub fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         cfg.check()?;
-        let windows = cfg.windows()?;
+        Self::load_block(cfg, Block::gemma2(cfg)?, vb)
+    }
+
+    /// A Gemma model of `block.family`: the Gemma 2 decoder with `block`'s q/k norm,
+    /// windows and RoPE frequencies.
+    pub fn load_block(cfg: &Config, block: Block, vb: VarBuilder) -> Result<Self> {
+        cfg.check()?;
+        let n = cfg.num_hidden_layers;
+        let half = cfg.head_dim / 2;
+        if block.windows.len() != n
+            || block.sliding.len() != n
+            || block.rope_global.len() != half
+            || block.rope_local.len() != half
+        {
+            return Err(EngineError::Config(format!(
+                "{}: {} windows, {} layer types and {} / {} RoPE frequencies for {n} layers of head_dim {}",
+                block.family.name(),
+                block.windows.len(),
+                block.sliding.len(),
+                block.rope_global.len(),
+                block.rope_local.len(),
+                cfg.head_dim
+            )));
+        }
         let root = vb.clone();
         let vb = backbone(&vb, "model", "embed_tokens.weight");
         let (e, inter, ab) = (cfg.hidden_size, cfg.intermediate_size, cfg.attention_bias);
@@ -355,8 +430,14 @@ impl Gemma2 {
             let attn =
                 |n: &str, i: usize, o: usize| lin(&vb, &format!("{p}.self_attn.{n}"), i, o, ab);
             let mlp = |n: &str, i: usize, o: usize| lin(&vb, &format!("{p}.mlp.{n}"), i, o, false);
+            let head_norm = |n: &str| {
+                let name = format!("{p}.self_attn.{n}.weight");
+                block.qk_norm.then(|| gemma_norm(&vb, &name, d)).transpose()
+            };
             layers.push(Layer {
                 input_layernorm: norm("input_layernorm")?,
+                q_norm: head_norm("q_norm")?,
+                k_norm: head_norm("k_norm")?,
                 q_proj: attn("q_proj", e, heads * d)?,
                 k_proj: attn("k_proj", e, kvh * d)?,
                 v_proj: attn("v_proj", e, kvh * d)?,
@@ -376,27 +457,28 @@ impl Gemma2 {
             let w = weight(&root, (cfg.vocab_size, e), "lm_head.weight").ctx("lm_head")?;
             Linear::from_torch(&w, None).ctx("lm_head")?
         };
-        let theta = cfg.theta();
-        let inv: Vec<f32> = (0..d / 2)
-            .map(|i| (1.0 / theta.powf((2 * i) as f64 / d as f64)) as f32)
-            .collect();
-        let inv_freq =
-            Tensor::from_vec(inv, (1, d / 2), embed_tokens.device()).ctx("rope inv_freq")?;
+        // [1, D/2] each (f32)
+        let table = |f: &[f64]| {
+            let inv: Vec<f32> = f.iter().map(|&x| x as f32).collect();
+            Tensor::from_vec(inv, (1, d / 2), embed_tokens.device()).ctx("rope inv_freq")
+        };
         Ok(Self {
             cfg: cfg.clone(),
-            windows,
+            inv_freq_global: table(&block.rope_global)?,
+            inv_freq_local: table(&block.rope_local)?,
+            block,
             embed_tokens,
             layers,
             norm,
             lm_head,
-            inv_freq,
         })
     }
 
     /// Layer `i`'s attention branch, without its residual:
     /// `post_attention_layernorm(o(attention(rope(q(n)), keys, values)))`,
     /// `n = input_layernorm(h)`, the new keys and values going through the cache.
-    /// `h: [B, S, E]`, `cos, sin: [B, 1, S, D]` -> `[B, S, E]`.
+    /// With [`Block::qk_norm`] queries and keys are (1 + w) RMS-normalised per head
+    /// before RoPE. `h: [B, S, E]`, `cos, sin: [B, 1, S, D]` -> `[B, S, E]`.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -420,11 +502,18 @@ impl Gemma2 {
         let site_v = Site::new(i, att, TensorKind::Value);
         // [B, S, E]
         let a = rms_norm(h, &l.input_layernorm, eps).at(site_q, "input_layernorm")?;
+        // `t: [B, H or KVH, S, D]` -> the same, normalised per head over D with
+        // `w: [D]`, or unchanged.
+        let head_norm = |t: Tensor, w: &Option<Tensor>| match w {
+            Some(w) => rms_norm(&t, w, eps),
+            None => Ok(t),
+        };
         // [B, H, S, D]
         let q = l
             .q_proj
             .forward(&a)
             .and_then(|t| split_heads(&t, heads, d))
+            .and_then(|t| head_norm(t, &l.q_norm))
             .and_then(|t| rope(&t, cos, sin))
             .at(site_q, "q_proj + rope")?;
         // [B, KVH, S, D]: RoPE on the new keys only (the prefix is not rotated).
@@ -432,6 +521,7 @@ impl Gemma2 {
             .k_proj
             .forward(&a)
             .and_then(|t| split_heads(&t, kvh, d))
+            .and_then(|t| head_norm(t, &l.k_norm))
             .and_then(|t| rope(&t, cos, sin))
             .at(site_k, "k_proj + rope")?;
         // [B, KVH, S, D]
@@ -473,7 +563,11 @@ impl Gemma2 {
 
 impl Model for Gemma2 {
     fn family(&self) -> Family {
-        Family::Gemma2
+        self.block.family
+    }
+
+    fn layer_windows(&self) -> Vec<Option<usize>> {
+        self.block.windows.clone()
     }
 
     fn geometry(&self) -> ModelGeometry {
@@ -488,11 +582,19 @@ impl Model for Gemma2 {
         let cache_window = fw.cache.window();
         // [B, 1, S, D] each, per row from the attention mask (real tokens from P on).
         let positions = row_positions(fw.mask, past, s)?;
-        let (cos, sin) =
-            super::nn::rope_tables(&self.inv_freq, &positions, self.embed_tokens.dtype()).at(
+        let tables = |inv: &Tensor| {
+            super::nn::rope_tables(inv, &positions, self.embed_tokens.dtype()).at(
                 Site::new(0, Attention::SelfAttn, TensorKind::Positions),
                 "rope tables",
-            )?;
+            )
+        };
+        // [B, 1, S, D] each: the global layers' and the sliding layers' tables
+        let global = tables(&self.inv_freq_global)?;
+        let local = if self.block.rope_local == self.block.rope_global {
+            global.clone()
+        } else {
+            tables(&self.inv_freq_local)?
+        };
         // [B, S, E], scaled by sqrt(E) as the embedding's dtype.
         let normalizer = (self.cfg.hidden_size as f64).sqrt() as f32;
         let mut h = embed(&self.embed_tokens, ids)
@@ -500,8 +602,13 @@ impl Model for Gemma2 {
             .ctx("embed_tokens")?;
         for (i, l) in self.layers.iter().enumerate() {
             let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
-            let window = cache_window.or(self.windows[i]);
-            let a = self.attention(fw, i, l, &h, (&cos, &sin), past, window)?;
+            let window = cache_window.or(self.block.windows[i]);
+            let (cos, sin) = if self.block.sliding[i] {
+                &local
+            } else {
+                &global
+            };
+            let a = self.attention(fw, i, l, &h, (cos, sin), past, window)?;
             h = (h + a).at(site, "residual")?;
             let m = self.mlp(l, &h).at(site, "mlp")?;
             h = (h + m).at(site, "residual")?;

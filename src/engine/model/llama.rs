@@ -591,6 +591,10 @@ impl Model for Llama {
         self.block.family
     }
 
+    fn layer_windows(&self) -> Vec<Option<usize>> {
+        self.block.windows.clone()
+    }
+
     fn geometry(&self) -> ModelGeometry {
         self.cfg.geometry()
     }

@@ -9,6 +9,7 @@
 pub mod attention;
 pub mod bloom;
 pub mod gemma2;
+pub mod gemma3;
 pub mod gpt2;
 pub mod gpt_bigcode;
 pub mod gpt_neox;
@@ -44,10 +45,11 @@ pub enum Family {
     Phi3,
     GptNeox,
     Gemma2,
+    Gemma3,
 }
 
 impl Family {
-    pub const ALL: [Family; 11] = [
+    pub const ALL: [Family; 12] = [
         Family::Gpt2,
         Family::Llama,
         Family::Bloom,
@@ -59,9 +61,10 @@ impl Family {
         Family::Phi3,
         Family::GptNeox,
         Family::Gemma2,
+        Family::Gemma3,
     ];
 
-    /// The Hugging Face `model_type`.
+    /// The family's name in scenario files (`model.family`).
     pub fn name(&self) -> &'static str {
         match self {
             Family::Gpt2 => "gpt2",
@@ -75,6 +78,16 @@ impl Family {
             Family::Phi3 => "phi3",
             Family::GptNeox => "gpt_neox",
             Family::Gemma2 => "gemma2",
+            Family::Gemma3 => "gemma3",
+        }
+    }
+
+    /// The Hugging Face `model_type` (`config.json`): the name, except for Gemma 3's
+    /// text model (`gemma3` is the multimodal model's).
+    pub fn model_type(&self) -> &'static str {
+        match self {
+            Family::Gemma3 => "gemma3_text",
+            f => f.name(),
         }
     }
 
@@ -93,6 +106,7 @@ impl Family {
             Family::Phi3 => "Phi3ForCausalLM",
             Family::GptNeox => "GPTNeoXForCausalLM",
             Family::Gemma2 => "Gemma2ForCausalLM",
+            Family::Gemma3 => "Gemma3ForCausalLM",
         }
     }
 
@@ -174,6 +188,12 @@ pub trait Model: Send + Sync {
             self.family().name()
         )))
     }
+    /// The attention window of each layer from the model's config (`None`: global),
+    /// what a `hybrid` cache builds its per-layer stores from; every layer global
+    /// unless the family says otherwise.
+    fn layer_windows(&self) -> Vec<Option<usize>> {
+        vec![None; self.geometry().num_layers]
+    }
     /// The token the decoder starts from (encoder-decoders).
     fn decoder_start_token_id(&self) -> u32 {
         0
@@ -195,6 +215,7 @@ pub enum ModelConfig {
     Phi3(phi3::Config),
     GptNeox(gpt_neox::Config),
     Gemma2(gemma2::Config),
+    Gemma3(gemma3::Config),
 }
 
 impl ModelConfig {
@@ -213,6 +234,7 @@ impl ModelConfig {
             Family::Phi3 => ModelConfig::Phi3(phi3::Config::tiny()),
             Family::GptNeox => ModelConfig::GptNeox(gpt_neox::Config::tiny()),
             Family::Gemma2 => ModelConfig::Gemma2(gemma2::Config::tiny()),
+            Family::Gemma3 => ModelConfig::Gemma3(gemma3::Config::tiny()),
         }
     }
 
@@ -227,12 +249,15 @@ impl ModelConfig {
             .ok_or_else(|| {
                 EngineError::Config("config.json: missing string field `model_type`".into())
             })?;
-        let family = Family::from_name(&model_type).ok_or_else(|| {
-            EngineError::Config(format!(
-                "config.json: unsupported model_type `{model_type}`; supported: {}",
-                Family::ALL.map(|f| f.name()).join(", ")
-            ))
-        })?;
+        let family = Family::ALL
+            .into_iter()
+            .find(|f| f.model_type() == model_type)
+            .ok_or_else(|| {
+                EngineError::Config(format!(
+                    "config.json: unsupported model_type `{model_type}`; supported: {}",
+                    Family::ALL.map(|f| f.model_type()).join(", ")
+                ))
+            })?;
         let err =
             |e: serde_json::Error| EngineError::Config(format!("config.json ({model_type}): {e}"));
         let cfg = match family {
@@ -247,6 +272,7 @@ impl ModelConfig {
             Family::Phi3 => ModelConfig::Phi3(serde_json::from_value(v).map_err(err)?),
             Family::GptNeox => ModelConfig::GptNeox(serde_json::from_value(v).map_err(err)?),
             Family::Gemma2 => ModelConfig::Gemma2(serde_json::from_value(v).map_err(err)?),
+            Family::Gemma3 => ModelConfig::Gemma3(serde_json::from_value(v).map_err(err)?),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -265,6 +291,7 @@ impl ModelConfig {
             ModelConfig::Phi3(_) => Family::Phi3,
             ModelConfig::GptNeox(_) => Family::GptNeox,
             ModelConfig::Gemma2(_) => Family::Gemma2,
+            ModelConfig::Gemma3(_) => Family::Gemma3,
         }
     }
 
@@ -281,6 +308,7 @@ impl ModelConfig {
             ModelConfig::Phi3(c) => c.geometry(),
             ModelConfig::GptNeox(c) => c.geometry(),
             ModelConfig::Gemma2(c) => c.geometry(),
+            ModelConfig::Gemma3(c) => c.geometry(),
         }
     }
 
@@ -309,10 +337,16 @@ impl ModelConfig {
         if let ModelConfig::Gemma2(c) = self {
             c.check()?;
         }
+        if let ModelConfig::Gemma3(c) = self {
+            c.decoder()?;
+        }
         let explicit_head_dim = match self {
             ModelConfig::Llama(c) => c.head_dim.is_some(),
             ModelConfig::Mistral(c) => c.head_dim.is_some(),
-            ModelConfig::T5(_) | ModelConfig::Qwen3(_) | ModelConfig::Gemma2(_) => true,
+            ModelConfig::T5(_)
+            | ModelConfig::Qwen3(_)
+            | ModelConfig::Gemma2(_)
+            | ModelConfig::Gemma3(_) => true,
             _ => false,
         };
         if !explicit_head_dim && !g.hidden_size.is_multiple_of(g.num_attention_heads) {
@@ -361,6 +395,10 @@ impl ModelConfig {
             }
             ModelConfig::GptNeox(c) => Box::new(gpt_neox::GptNeox::load(c, vb)?),
             ModelConfig::Gemma2(c) => Box::new(gemma2::Gemma2::load(c, vb)?),
+            ModelConfig::Gemma3(c) => {
+                let (cfg, block) = c.decoder()?;
+                Box::new(gemma2::Gemma2::load_block(&cfg, block, vb)?)
+            }
         })
     }
 

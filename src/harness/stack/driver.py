@@ -40,7 +40,7 @@ JOB.json
        "adapter_dir": "/abs/folder",      # adapter_config.json + adapter_model.safetensors
                                           # (PEFT PREFIX_TUNING); not the model folder
        "encoder_decoder": false,
-       "cache": {"mode": "none|dynamic|static|sliding|legacy",
+       "cache": {"mode": "none|dynamic|static|sliding|legacy|hybrid",
                  "max_len": null | int, "window": null | int},
        "input_ids": [[int]], "attention_mask": [[0|1]],   # [B, S], left-padded
        "decoder_start_token_id": 0,                       # encoder-decoders only
@@ -214,6 +214,12 @@ skipped. transformers 4.x: ``cache_implementation="sliding_window"`` and
 ``SlidingWindowCache``; transformers 5: ``DynamicCache(config=...)``, whose layers
 are sliding-window layers for such configs (``window`` is informational: the
 config's ``sliding_window`` decides).
+``hybrid``: transformers 5: ``generate``'s default cache (``DynamicCache`` built
+from the config: a sliding-window layer per ``sliding_attention`` layer, a dynamic
+layer per other layer; every layer dynamic for configs without layer types);
+``cached`` seeds the prefix into ``DynamicCache(config=...)`` with ``update``.
+transformers 4.x: skipped (its ``HybridCache`` is a static cache sized by
+``max_cache_len``, not the per-layer dynamic cache the engine's mode follows).
 ``legacy``: tuple caches. transformers 5 removed tuple cache inputs (no
 ``DynamicCache.from_legacy_cache``): skipped there. On 4.x, ``cached`` passes the
 tuples (converted with ``to_legacy_cache`` if PEFT built a Cache) and feeds back
@@ -248,7 +254,7 @@ import time
 import traceback
 
 PROTOCOL = 1
-MODES = ("none", "dynamic", "static", "sliding", "legacy")
+MODES = ("none", "dynamic", "static", "sliding", "legacy", "hybrid")
 
 # Real stdout for the protocol; everything else printed goes to stderr.
 _OUT = sys.stdout
@@ -1000,6 +1006,9 @@ class Case:
                     "(_supports_cache_class is False); use cache mode legacy")
         if mode in ("static", "sliding") and not f.layered and not supports_static:
             return f"cache mode {mode}: {cname} on transformers {tv} has no static cache support"
+        if mode == "hybrid" and not f.layered:
+            return (f"cache mode hybrid: transformers {tv}'s HybridCache is a static cache sized "
+                    "by max_cache_len, not the per-layer dynamic cache of transformers 5")
         if mode == "static" and f.StaticCache is None:
             return f"cache mode static: transformers {tv} has no StaticCache"
         if mode == "sliding":
@@ -1119,6 +1128,9 @@ class Case:
                              "config's sliding_window")
             else:
                 settings["cache_implementation"] = "sliding_window"
+        elif self.mode == "hybrid":
+            notes.append("hybrid: generate's default DynamicCache, whose layers follow the "
+                         "config's layer types")
         elif self.mode == "legacy":
             notes.append("legacy: generate chooses its own cache (tuples only where the model "
                          "has no Cache class support)")
@@ -1195,7 +1207,7 @@ class Case:
     def build_cache(self, tr, r):
         """The cache the cached phase starts from, in the case's mode."""
         f, mode = self.feats, self.mode
-        if mode in ("static", "sliding"):
+        if mode in ("static", "sliding", "hybrid"):
             tr.quiet += 1
             try:
                 prefix = self.model.get_prompt(self.B)
@@ -1205,7 +1217,7 @@ class Case:
             length = self.max_len if self.max_len is not None else self.P + self.S + self.n
             if mode == "static":
                 self_cache = self.new_static(f.StaticCache, length)
-            elif f.layered:
+            elif f.layered:  # sliding, hybrid: the config's layer types decide
                 self_cache = f.DynamicCache(config=self.base.config)
             else:
                 self_cache = self.new_static(f.SlidingWindowCache, length)

@@ -196,6 +196,7 @@ fn mode_name(m: CacheModeName) -> &'static str {
         // transformers' sliding layers; how the stack orders its slots is its own.
         CacheModeName::Sliding | CacheModeName::Rotating => "sliding",
         CacheModeName::Legacy => "legacy",
+        CacheModeName::Hybrid => "hybrid",
         // Never exported: `run_against` skips quantized cases before the driver runs.
         CacheModeName::Quantized => "dynamic",
     }
@@ -219,7 +220,7 @@ pub fn write_model(
         .as_object_mut()
         .ok_or("internal: a model config is not a mapping")?;
     m.remove("family");
-    m.insert("model_type".into(), family.name().into());
+    m.insert("model_type".into(), family.model_type().into());
     m.insert("architectures".into(), vec![family.architecture()].into());
     m.insert("eos_token_id".into(), gen.eos_token_id.into());
     m.insert("bos_token_id".into(), serde_json::Value::Null);

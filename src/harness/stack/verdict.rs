@@ -366,9 +366,11 @@ fn first_token_difference(a: &[Vec<u32>], b: &[Vec<u32>]) -> Option<(usize, usiz
 /// The engine's cache shapes after each update against the stack's, once layouts are
 /// mapped: both in the standard `[B, KVH, S, D]` layout, compared per (step, layer,
 /// attention) for the `dynamic` mode (other modes store differently by design: static
-/// caches hold their capacity, sliding ones the window).
+/// caches hold their capacity, sliding ones the window) and, stored shapes against
+/// stored shapes, for `hybrid` (whose sliding layers keep W - 1 positions on both).
 fn first_event_difference(r: &CaseResult, stack: &[StackEvent], case: &Case) -> Option<String> {
-    if case.scenario.cache.mode != CacheModeName::Dynamic || stack.is_empty() {
+    let hybrid = case.scenario.cache.mode == CacheModeName::Hybrid;
+    if !(hybrid || case.scenario.cache.mode == CacheModeName::Dynamic) || stack.is_empty() {
         return None;
     }
     let trace = r.trace.as_ref()?;
@@ -376,7 +378,10 @@ fn first_event_difference(r: &CaseResult, stack: &[StackEvent], case: &Case) -> 
         .events
         .iter()
         .filter(|e| e.op == CacheOp::Update && e.attention == Attention::SelfAttn)
-        .map(|e| (e.step, e.layer, e.key_read.clone()))
+        .map(|e| {
+            let keys = if hybrid { &e.key_after } else { &e.key_read };
+            (e.step, e.layer, keys.clone())
+        })
         .collect();
     let theirs: Vec<_> = stack
         .iter()

@@ -17,6 +17,7 @@ fn hf_config(family: Family) -> serde_json::Value {
         ModelConfig::Phi3(c) => serde_json::to_value(c),
         ModelConfig::GptNeox(c) => serde_json::to_value(c),
         ModelConfig::Gemma2(c) => serde_json::to_value(c),
+        ModelConfig::Gemma3(c) => serde_json::to_value(c),
     }
     .expect("config to json");
     let obj = v.as_object_mut().expect("object");
@@ -49,12 +50,13 @@ fn hf_config(family: Family) -> serde_json::Value {
         | Family::Qwen3
         | Family::Phi3
         | Family::GptNeox
-        | Family::Gemma2 => (
+        | Family::Gemma2
+        | Family::Gemma3 => (
             family.architecture(),
             serde_json::json!({"bos_token_id": 0, "eos_token_id": 0}),
         ),
     };
-    obj.insert("model_type".into(), family.name().into());
+    obj.insert("model_type".into(), family.model_type().into());
     obj.insert("architectures".into(), serde_json::json!([arch]));
     obj.insert("dtype".into(), "float32".into());
     if let Some(e) = extra.as_object() {

@@ -30,8 +30,9 @@ proptest! {
             let e = events.iter().find(|e| e.op == CacheOp::Update);
             let e = e.ok_or_else(|| err(format!("{st:?}: layer {layer}: no prefill update")))?;
             prop_assert_eq!(e.layout.as_str(), layout.name(), "{:?} layer {}", st, layer);
-            let held = match st.mode {
-                Mode::Sliding | Mode::Rotating => (p + s).min(st.window),
+            let held = match (st.mode, model.layer_windows()[layer]) {
+                (Mode::Sliding | Mode::Rotating, _) => (p + s).min(st.window),
+                (Mode::Hybrid, Some(w)) => (p + s).min(hybrid::keep(w)),
                 _ => p + s,
             };
             if st.mode == Mode::None {
@@ -59,11 +60,12 @@ proptest! {
         let g = model.geometry();
         let (_, trace) = st.run(model.as_ref()).map_err(err)?;
         let mut seen = 0;
+        let windows = model.layer_windows();
         for e in self_updates(&trace) {
             seen += 1;
             let (a, z) = e.positions.ok_or_else(|| err(format!("{st:?}: no positions")))?;
             let q = z - a;
-            let k = keys_at_step(&st, e.step);
+            let k = keys_at_step(&st, e.step, windows[e.layer]);
             let want_q = if e.step == 0 || st.mode == Mode::None { st.s_dec() + e.step } else { 1 };
             prop_assert_eq!(q, want_q, "{:?} step {} layer {}: new tokens", st, e.step, e.layer);
             prop_assert_eq!(e.mask.clone(), Some(vec![st.b, 1, q, k]), "{:?} step {} layer {}: mask", st, e.step, e.layer);
@@ -258,7 +260,7 @@ proptest! {
         };
         let full = reference(None)?;
         let windowed = reference(Some(st.window))?;
-        for mode in [Mode::Dynamic, Mode::Static, Mode::Sliding, Mode::Legacy] {
+        for mode in [Mode::Dynamic, Mode::Static, Mode::Sliding, Mode::Legacy, Mode::Hybrid] {
             let st = Setup { mode, ..st };
             if st.model_config() != model_config {
                 continue; // the fused legacy layout holds multi-query GPT-BigCode only
@@ -320,7 +322,7 @@ proptest! {
             }
             Ok(())
         };
-        for mode in [Mode::Dynamic, Mode::Static, Mode::Sliding, Mode::Rotating, Mode::Legacy, Mode::None, Mode::Quantized] {
+        for mode in [Mode::Dynamic, Mode::Static, Mode::Sliding, Mode::Rotating, Mode::Legacy, Mode::None, Mode::Quantized, Mode::Hybrid] {
             let st = Setup { mode, ..st };
             if st.model_config() != model_config {
                 continue; // the fused legacy layout holds multi-query GPT-BigCode only

@@ -1,0 +1,311 @@
+//! Gemma 3 (text: `Gemma3ForCausalLM`, `model_type` `gemma3_text`): the Gemma 2
+//! decoder (`super::gemma2`) with
+//!
+//! - a per-head (1 + w) RMSNorm on queries and keys (`self_attn.q_norm`,
+//!   `self_attn.k_norm`, weights `[head_dim]`) before RoPE;
+//! - two RoPE bases: `rope_theta` (default 1e6, with `rope_scaling`) on the global
+//!   layers, `rope_local_base_freq` (default 1e4, never scaled) on the sliding ones;
+//!   transformers 5 writes both into `rope_parameters.{full_attention,
+//!   sliding_attention}`;
+//! - sliding and global layers from `layer_types`, else from `sliding_window_pattern`
+//!   (default 6: layer i slides unless `(i + 1) % pattern == 0`);
+//! - no soft-capping by default (`attn_logit_softcapping`, `final_logit_softcapping`:
+//!   null).
+//!
+//! What stays Gemma 2's: `query_pre_attn_scalar ** -0.5` scaling, scaled embeddings,
+//! four (1 + w) norms per layer, the GELU-tanh MLP, tied embeddings. This file maps the
+//! config onto a `gemma2::Config` and a `gemma2::Block` ([`Config::decoder`]).
+//! Cache geometry: `[B, num_key_value_heads, S, head_dim]`.
+
+use serde::{Deserialize, Serialize};
+
+use super::gemma2::{self, default_inv_freq};
+use super::llama::RopeParameters;
+use super::{Family, ModelGeometry};
+use crate::engine::diagnosis::{EngineError, Result};
+
+/// `Gemma3TextConfig` (Hugging Face field names; transformers 5's defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    #[serde(default = "d::vocab_size")]
+    pub vocab_size: usize,
+    #[serde(default = "d::hidden_size")]
+    pub hidden_size: usize,
+    #[serde(default = "d::intermediate_size")]
+    pub intermediate_size: usize,
+    #[serde(default = "d::layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d::heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d::kv_heads")]
+    pub num_key_value_heads: usize,
+    #[serde(default = "d::head_dim")]
+    pub head_dim: usize,
+    #[serde(default = "d::act")]
+    pub hidden_activation: String,
+    #[serde(default = "d::max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "d::eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "d::yes")]
+    pub tie_word_embeddings: bool,
+    /// RoPE base of the global layers.
+    #[serde(default = "d::theta")]
+    pub rope_theta: f64,
+    /// RoPE base of the sliding layers.
+    #[serde(default = "d::local_theta")]
+    pub rope_local_base_freq: f64,
+    /// RoPE scaling of the global layers (transformers < 5; `default` or `linear`).
+    #[serde(default)]
+    pub rope_scaling: Option<Box<RopeParameters>>,
+    /// transformers >= 5: per layer type, replacing the three fields above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<Box<RopePerType>>,
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Scores are scaled by `query_pre_attn_scalar ** -0.5` (an int).
+    #[serde(default = "d::query_pre_attn_scalar")]
+    pub query_pre_attn_scalar: usize,
+    /// Absent: 4096; `null`: the sliding layers see everything.
+    #[serde(default = "d::window")]
+    pub sliding_window: Option<usize>,
+    /// `"sliding_attention"` | `"full_attention"` per layer.
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    /// Older configs: every `pattern`-th layer is global (used without `layer_types`;
+    /// absent: 6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window_pattern: Option<usize>,
+    #[serde(default)]
+    pub final_logit_softcapping: Option<f64>,
+    #[serde(default)]
+    pub attn_logit_softcapping: Option<f64>,
+    /// EmbeddingGemma's bidirectional attention: refused.
+    #[serde(default)]
+    pub use_bidirectional_attention: Option<bool>,
+}
+
+/// transformers 5's `rope_parameters` of Gemma 3: one entry per layer type.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct RopePerType {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_attention: Option<RopeParameters>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_attention: Option<RopeParameters>,
+}
+
+/// transformers 5's defaults (`Gemma3TextConfig`).
+mod d {
+    pub fn vocab_size() -> usize {
+        262_208
+    }
+    pub fn hidden_size() -> usize {
+        2304
+    }
+    pub fn intermediate_size() -> usize {
+        9216
+    }
+    pub fn layers() -> usize {
+        26
+    }
+    pub fn heads() -> usize {
+        8
+    }
+    pub fn kv_heads() -> usize {
+        4
+    }
+    pub fn head_dim() -> usize {
+        256
+    }
+    pub fn act() -> String {
+        "gelu_pytorch_tanh".into()
+    }
+    pub fn max_positions() -> usize {
+        131_072
+    }
+    pub fn eps() -> f64 {
+        1e-6
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn theta() -> f64 {
+        1_000_000.0
+    }
+    pub fn local_theta() -> f64 {
+        10_000.0
+    }
+    pub fn query_pre_attn_scalar() -> usize {
+        256
+    }
+    pub fn window() -> Option<usize> {
+        Some(4096)
+    }
+    pub const PATTERN: usize = 6;
+}
+
+impl Config {
+    /// Hidden 64, 5 layers (0, 1, 3, 4 slide with a window of 6, shorter than the
+    /// prefix plus the prompt in the scenarios; 2 is global: `sliding_window_pattern` 3), 4 attention
+    /// heads over one KV head, head_dim 24 (not 64 / 4), `query_pre_attn_scalar` 32
+    /// (neither head_dim nor hidden / heads), intermediate 96, vocabulary 256, RoPE
+    /// bases 1e6 (global, linear scaling x2) and 1e4 (sliding), no soft-caps.
+    pub fn tiny() -> Self {
+        Self {
+            vocab_size: 256,
+            hidden_size: 64,
+            intermediate_size: 96,
+            num_hidden_layers: 5,
+            num_attention_heads: 4,
+            num_key_value_heads: 1,
+            head_dim: 24,
+            hidden_activation: d::act(),
+            max_position_embeddings: 256,
+            rms_norm_eps: 1e-6,
+            tie_word_embeddings: true,
+            rope_theta: d::theta(),
+            rope_local_base_freq: d::local_theta(),
+            rope_scaling: Some(Box::new(RopeParameters {
+                rope_type: Some("linear".into()),
+                factor: Some(2.0),
+                ..RopeParameters::default()
+            })),
+            rope_parameters: None,
+            attention_bias: false,
+            query_pre_attn_scalar: 32,
+            sliding_window: Some(6),
+            layer_types: None,
+            sliding_window_pattern: Some(3),
+            final_logit_softcapping: None,
+            attn_logit_softcapping: None,
+            use_bidirectional_attention: None,
+        }
+    }
+
+    pub fn geometry(&self) -> ModelGeometry {
+        ModelGeometry {
+            num_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_kv_heads: self.num_key_value_heads,
+            head_dim: self.head_dim,
+            hidden_size: self.hidden_size,
+            vocab_size: self.vocab_size,
+            max_positions: None,
+            encoder_decoder: false,
+        }
+    }
+
+    /// The type of each layer: `layer_types`, else from `sliding_window_pattern`.
+    pub fn layer_types(&self) -> Result<Vec<String>> {
+        if let Some(t) = &self.layer_types {
+            return Ok(t.clone());
+        }
+        let pattern = self.sliding_window_pattern.unwrap_or(d::PATTERN);
+        if pattern == 0 {
+            return Err(EngineError::Config(
+                "gemma3: sliding_window_pattern must be at least 1".into(),
+            ));
+        }
+        Ok((0..self.num_hidden_layers)
+            .map(|i| {
+                if (i + 1) % pattern != 0 {
+                    "sliding_attention".into()
+                } else {
+                    "full_attention".into()
+                }
+            })
+            .collect())
+    }
+
+    /// RoPE inverse frequencies `[D/2]` of the global and of the sliding layers.
+    pub fn inv_freqs(&self) -> Result<(Vec<f64>, Vec<f64>)> {
+        let per = self.rope_parameters.as_deref();
+        let full = per.and_then(|r| r.full_attention.as_ref());
+        let sliding = per.and_then(|r| r.sliding_attention.as_ref());
+        let global_theta = full.and_then(|r| r.rope_theta).unwrap_or(self.rope_theta);
+        let local_theta = sliding
+            .and_then(|r| r.rope_theta)
+            .unwrap_or(self.rope_local_base_freq);
+        let global_scaling = if per.is_some() {
+            full
+        } else {
+            self.rope_scaling.as_deref()
+        };
+        Ok((
+            scaled(
+                default_inv_freq(global_theta, self.head_dim),
+                global_scaling,
+            )?,
+            scaled(default_inv_freq(local_theta, self.head_dim), sliding)?,
+        ))
+    }
+
+    /// The Gemma 2 decoder config and block this config builds (validated).
+    pub fn decoder(&self) -> Result<(gemma2::Config, gemma2::Block)> {
+        if self.use_bidirectional_attention == Some(true) {
+            return Err(EngineError::Config(
+                "gemma3: use_bidirectional_attention is not supported (causal models only)".into(),
+            ));
+        }
+        let types = self.layer_types()?;
+        let cfg = gemma2::Config {
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: self.num_key_value_heads,
+            head_dim: self.head_dim,
+            hidden_activation: self.hidden_activation.clone(),
+            max_position_embeddings: self.max_position_embeddings,
+            rms_norm_eps: self.rms_norm_eps,
+            tie_word_embeddings: self.tie_word_embeddings,
+            rope_theta: self.rope_theta,
+            rope_parameters: None,
+            attention_bias: self.attention_bias,
+            query_pre_attn_scalar: self.query_pre_attn_scalar,
+            sliding_window: self.sliding_window,
+            layer_types: Some(types.clone()),
+            final_logit_softcapping: self.final_logit_softcapping,
+            attn_logit_softcapping: self.attn_logit_softcapping,
+        };
+        let rename = |e: EngineError| match e {
+            EngineError::Config(m) => EngineError::Config(m.replacen("gemma2", "gemma3", 1)),
+            other => other,
+        };
+        cfg.check().map_err(rename)?;
+        let windows = cfg.windows().map_err(rename)?;
+        let (rope_global, rope_local) = self.inv_freqs()?;
+        let block = gemma2::Block {
+            family: Family::Gemma3,
+            qk_norm: true,
+            sliding: types.iter().map(|t| t == "sliding_attention").collect(),
+            windows,
+            rope_global,
+            rope_local,
+        };
+        Ok((cfg, block))
+    }
+}
+
+/// `inv: [D/2]` with `rope_type` `default` or `linear` (`inv / factor`) applied.
+fn scaled(inv: Vec<f64>, r: Option<&RopeParameters>) -> Result<Vec<f64>> {
+    let Some(r) = r else { return Ok(inv) };
+    let kind = r
+        .rope_type
+        .as_deref()
+        .or(r.legacy_type.as_deref())
+        .unwrap_or("default");
+    match kind {
+        "default" => Ok(inv),
+        "linear" => {
+            let factor = r.factor.filter(|f| *f > 0.0).ok_or_else(|| {
+                EngineError::Config("gemma3: rope_type `linear` needs a positive `factor`".into())
+            })?;
+            Ok(inv.into_iter().map(|f| f / factor).collect())
+        }
+        other => Err(EngineError::Config(format!(
+            "gemma3: rope_type `{other}` is not supported (default, linear)"
+        ))),
+    }
+}

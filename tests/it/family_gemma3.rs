@@ -1,0 +1,271 @@
+//! Gemma 3 (text): `config.json` with transformers' defaults, `layer_types` or
+//! `sliding_window_pattern`, the two RoPE bases (also transformers 5's
+//! `rope_parameters` per layer type), parameter names, and that each Gemma 3 piece
+//! (q/k norms, `query_pre_attn_scalar`, the local RoPE base, the global RoPE scaling,
+//! the windows) reaches the logits of the tiny config. The logits themselves are
+//! checked against candle-transformers (`tests/it/parity_families.rs`) and transformers +
+//! PEFT (`scenarios/stack/gemma3.yaml`).
+
+use candle_core::{DType, Device, Tensor};
+use prefix_harness::engine::cache::{CacheConfig, CacheMode};
+use prefix_harness::engine::generate::forward_logits;
+use prefix_harness::engine::model::{gemma3, weights, Family, ModelConfig};
+
+const SEED: u64 = 7;
+
+fn parse(s: &str) -> gemma3::Config {
+    match ModelConfig::from_hf_json(s) {
+        Ok(ModelConfig::Gemma3(c)) => c,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Logits `[B, S, V]` of `cfg` on a fixed `[2, 12]` prompt (longer than the tiny
+/// window of 6), no prefix, flattened.
+fn logits(cfg: gemma3::Config) -> Vec<f32> {
+    let dev = Device::Cpu;
+    let model = ModelConfig::Gemma3(cfg)
+        .build(weights::seeded(SEED, DType::F32, &dev))
+        .unwrap();
+    let ids = Tensor::new(
+        &[
+            [1u32, 17, 42, 99, 3, 250, 8, 64, 9, 31, 120, 7],
+            [5, 200, 13, 77, 0, 128, 44, 2, 19, 230, 6, 90],
+        ],
+        &dev,
+    )
+    .unwrap();
+    forward_logits(
+        model.as_ref(),
+        None,
+        &CacheConfig::new(CacheMode::Dynamic),
+        &ids,
+        None,
+    )
+    .unwrap()
+    .0
+    .flatten_all()
+    .unwrap()
+    .to_vec1()
+    .unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn windows(c: &gemma3::Config) -> Vec<Option<usize>> {
+    c.decoder().unwrap().1.windows
+}
+
+#[test]
+fn gemma3_config_json_defaults_and_layer_types() {
+    // model_type gemma3_text: Gemma3ForCausalLM; `gemma3` (the multimodal model) is
+    // not this family's model_type.
+    assert_eq!(Family::Gemma3.model_type(), "gemma3_text");
+    assert_eq!(Family::Gemma3.architecture(), "Gemma3ForCausalLM");
+    let e = ModelConfig::from_hf_json(r#"{"model_type": "gemma3"}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("gemma3_text"), "{e}");
+    // Nothing but model_type and a layer count: transformers 5's defaults, every
+    // sixth layer global (sliding_window_pattern 6).
+    let d = parse(r#"{"model_type": "gemma3_text", "num_hidden_layers": 7}"#);
+    assert_eq!(
+        (
+            d.hidden_size,
+            d.num_attention_heads,
+            d.num_key_value_heads,
+            d.head_dim,
+            d.vocab_size
+        ),
+        (2304, 8, 4, 256, 262_208)
+    );
+    assert_eq!(d.query_pre_attn_scalar, 256);
+    assert_eq!(
+        (d.attn_logit_softcapping, d.final_logit_softcapping),
+        (None, None)
+    );
+    assert!(d.tie_word_embeddings);
+    let w = Some(4096);
+    assert_eq!(windows(&d), [w, w, w, w, w, None, w]);
+    let (cfg, block) = d.decoder().unwrap();
+    assert!(block.qk_norm && cfg.layer_types.is_some());
+    // RoPE: 1e6 on the global layers, 1e4 on the sliding ones (frequency 1 of
+    // 1 / theta^(2/256)).
+    let (g, l) = d.inv_freqs().unwrap();
+    assert_eq!(g[0], 1.0);
+    assert!((g[1] - 1e6f64.powf(-2.0 / 256.0)).abs() < 1e-12);
+    assert!((l[1] - 1e4f64.powf(-2.0 / 256.0)).abs() < 1e-12);
+    // A gemma-3-4b-style config.json (transformers 4.5x): explicit pattern,
+    // rope_scaling linear x8 on the global layers only, head_dim 256 != 2560 / 8.
+    let c = parse(
+        r#"{"model_type": "gemma3_text", "hidden_size": 2560, "num_attention_heads": 8,
+        "num_key_value_heads": 4, "head_dim": 256, "num_hidden_layers": 4,
+        "query_pre_attn_scalar": 256, "sliding_window": 1024, "sliding_window_pattern": 2,
+        "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "final_logit_softcapping": null, "attn_logit_softcapping": null}"#,
+    );
+    assert_eq!(windows(&c), [Some(1024), None, Some(1024), None]);
+    let (g8, l8) = c.inv_freqs().unwrap();
+    assert!((g8[1] - g[1] / 8.0).abs() < 1e-12);
+    assert!((l8[1] - l[1]).abs() < 1e-12);
+    // transformers 5 writes layer_types and rope_parameters per layer type.
+    let t5 = parse(
+        r#"{"model_type": "gemma3_text", "num_hidden_layers": 3,
+        "layer_types": ["full_attention", "sliding_attention", "full_attention"],
+        "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0,
+        "rope_theta": 1000000.0}, "sliding_attention": {"rope_type": "default",
+        "rope_theta": 10000.0}}, "sliding_window": 512}"#,
+    );
+    assert_eq!(windows(&t5), [None, Some(512), None]);
+    assert_eq!(t5.inv_freqs().unwrap(), (g8, l8));
+    // Refused, naming gemma3: wrong layer_types length, another rope type, pattern 0,
+    // odd head_dim, bidirectional attention.
+    for bad in [
+        r#"{"model_type": "gemma3_text", "num_hidden_layers": 2, "layer_types": ["full_attention"]}"#,
+        r#"{"model_type": "gemma3_text", "num_hidden_layers": 1, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}"#,
+        r#"{"model_type": "gemma3_text", "num_hidden_layers": 1, "sliding_window_pattern": 0}"#,
+        r#"{"model_type": "gemma3_text", "num_hidden_layers": 1, "head_dim": 25}"#,
+        r#"{"model_type": "gemma3_text", "num_hidden_layers": 1, "use_bidirectional_attention": true}"#,
+    ] {
+        let e = ModelConfig::from_hf_json(bad).unwrap_err().to_string();
+        assert!(e.contains("gemma3"), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn gemma3_tiny_geometry_is_awkward() {
+    let t = gemma3::Config::tiny();
+    let g = ModelConfig::Gemma3(t.clone()).geometry();
+    assert_eq!((g.num_layers, g.num_kv_heads, g.head_dim), (5, 1, 24));
+    assert_ne!(g.head_dim, g.hidden_size / g.num_attention_heads);
+    assert!(g.num_layers % 2 == 1);
+    assert_eq!(windows(&t), [Some(6), Some(6), None, Some(6), Some(6)]);
+}
+
+#[test]
+fn gemma3_reads_transformers_parameter_names() {
+    let dev = Device::Cpu;
+    let names =
+        weights::materialize(&ModelConfig::Gemma3(gemma3::Config::tiny()), SEED, &dev).unwrap();
+    for n in [
+        "model.embed_tokens.weight",
+        "model.layers.4.input_layernorm.weight",
+        "model.layers.4.post_attention_layernorm.weight",
+        "model.layers.4.pre_feedforward_layernorm.weight",
+        "model.layers.4.post_feedforward_layernorm.weight",
+        "model.layers.2.self_attn.q_norm.weight",
+        "model.layers.2.self_attn.k_norm.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.norm.weight",
+    ] {
+        assert!(names.contains_key(n), "{n}");
+    }
+    assert_eq!(names["model.layers.1.self_attn.q_norm.weight"].dims(), [24]);
+    assert_eq!(
+        names["model.layers.1.self_attn.k_proj.weight"].dims(),
+        [24, 64]
+    );
+    assert!(!names.contains_key("lm_head.weight"), "tied embeddings");
+    assert!(!names.keys().any(|k| k.ends_with(".bias")));
+}
+
+/// Each of Gemma 3's own pieces changes the tiny model's logits: without it a test
+/// against a reference that lacks it too would pass.
+#[test]
+fn gemma3_norms_scalar_ropes_and_windows_reach_the_logits() {
+    let tiny = gemma3::Config::tiny;
+    let base = logits(tiny());
+    let cases = [
+        (
+            "query_pre_attn_scalar = head_dim",
+            gemma3::Config {
+                query_pre_attn_scalar: 24,
+                ..tiny()
+            },
+        ),
+        (
+            "sliding layers with the global RoPE base",
+            gemma3::Config {
+                rope_local_base_freq: 1_000_000.0,
+                ..tiny()
+            },
+        ),
+        (
+            "no linear scaling on the global layers",
+            gemma3::Config {
+                rope_scaling: None,
+                ..tiny()
+            },
+        ),
+        (
+            "no window",
+            gemma3::Config {
+                sliding_window: None,
+                ..tiny()
+            },
+        ),
+        (
+            "every layer global",
+            gemma3::Config {
+                sliding_window_pattern: Some(1),
+                ..tiny()
+            },
+        ),
+        (
+            "attention soft-cap 2",
+            gemma3::Config {
+                attn_logit_softcapping: Some(2.0),
+                ..tiny()
+            },
+        ),
+    ];
+    for (what, cfg) in cases {
+        let d = max_diff(&base, &logits(cfg));
+        assert!(d > 1e-3, "{what}: logits moved by only {d}");
+    }
+}
+
+/// The q/k norms are read and applied: the model built from weights whose q_norm is
+/// replaced by zeros (a (1 + 0) norm, the scale 1) gives other logits.
+#[test]
+fn gemma3_qk_norm_weights_reach_the_logits() {
+    let dev = Device::Cpu;
+    let mc = ModelConfig::Gemma3(gemma3::Config::tiny());
+    let ids = Tensor::new(&[[1u32, 17, 42, 99, 3, 250, 8, 64, 9, 31]], &dev).unwrap();
+    let run = |map: std::collections::HashMap<String, Tensor>| -> Vec<f32> {
+        let vb = candle_nn::VarBuilder::from_tensors(map, DType::F32, &dev);
+        let model = mc.build(vb).unwrap();
+        forward_logits(
+            model.as_ref(),
+            None,
+            &CacheConfig::new(CacheMode::Dynamic),
+            &ids,
+            None,
+        )
+        .unwrap()
+        .0
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+    };
+    let map = weights::materialize(&mc, SEED, &dev).unwrap();
+    let base = run(map.clone());
+    for norm in ["q_norm", "k_norm"] {
+        let mut m = map.clone();
+        for (name, t) in m.iter_mut() {
+            if name.ends_with(&format!("self_attn.{norm}.weight")) {
+                *t = t.zeros_like().unwrap();
+            }
+        }
+        let d = max_diff(&base, &run(m));
+        assert!(d > 1e-3, "{norm}: logits moved by only {d}");
+    }
+}
