@@ -40,7 +40,7 @@ from transformers import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-DRIVER = ROOT / "src" / "stack" / "driver.py"
+DRIVER = ROOT / "src" / "harness" / "stack" / "driver.py"
 
 
 def _version(v):
