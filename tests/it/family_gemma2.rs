@@ -1,7 +1,7 @@
 //! Gemma 2: `config.json` with transformers' defaults and `layer_types`, parameter
 //! names, and that each Gemma-specific piece (both soft-caps, `query_pre_attn_scalar`,
 //! the sliding layers) reaches the logits of the tiny config. The logits themselves are
-//! checked against candle-transformers (`tests/parity_families.rs`) and transformers +
+//! checked against candle-transformers (`tests/it/parity_families.rs`) and transformers +
 //! PEFT (`scenarios/stack/gemma2.yaml`).
 
 use candle_core::{Device, Tensor};
