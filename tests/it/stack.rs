@@ -3,6 +3,7 @@
 //! that crash, hang, print garbage or are missing. The real stacks are exercised by
 //! `.ci/run` (ci/stack/setup_venvs.sh, then `run scenarios/stack --against peft`).
 
+mod verdict;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
