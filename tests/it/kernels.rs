@@ -299,7 +299,7 @@ fn attention_grads(
 #[test]
 fn attention_core_matches_composed_grouped_attention_for_queries_keys_and_values() {
     use prefix_harness::engine::diagnosis::Attention;
-    use prefix_harness::engine::model::attention::{repeat_kv, sdpa};
+    use prefix_harness::engine::model::attention::{repeat_kv, sdpa, Scores};
     // (B, H, KVH, S, K, D): serial and parallel softmax rows; K - S prefix columns.
     for (b, h, kvh, s, kl, d) in [(2, 4, 2, 3, 5, 8), (2, 8, 2, 33, 40, 16)] {
         let (q, k, v) = (
@@ -317,7 +317,7 @@ fn attention_core_matches_composed_grouped_attention_for_queries_keys_and_values
         let mask = Tensor::from_vec(mask, (b, 1, s, kl), &Device::Cpu).unwrap();
         let scale = 1.0 / (d as f64).sqrt();
         let (y1, g1) = attention_grads(&q, &k, &v, |q, k, v| {
-            sdpa(q, k, v, &mask, None, scale, 0, Attention::SelfAttn)
+            sdpa(q, k, v, &Scores::new(&mask, scale, 0, Attention::SelfAttn))
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))
         });
         let (y2, g2) = attention_grads(&q, &k, &v, |q, k, v| {

@@ -98,21 +98,49 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
         .reshape((b, kvh * n_rep, k, d))
 }
 
+/// What attention needs besides `q, k, v`: how the scores are formed,
+/// `softmax(scale * q k^T + bias + mask)`, and where the attention sits (for
+/// diagnoses).
+#[derive(Debug, Clone, Copy)]
+pub struct Scores<'a> {
+    /// `[B or 1, 1, S, K]`, additive.
+    pub mask: &'a Tensor,
+    /// `[1 or B, H, S, K]`, additive (ALiBi, T5's relative positions), or none.
+    pub bias: Option<&'a Tensor>,
+    pub scale: f64,
+    pub layer: usize,
+    pub attention: Attention,
+}
+
+impl<'a> Scores<'a> {
+    /// Scores of `layer`'s `attention` under `mask`, scaled by `scale`, no bias.
+    pub fn new(mask: &'a Tensor, scale: f64, layer: usize, attention: Attention) -> Self {
+        Self {
+            mask,
+            bias: None,
+            scale,
+            layer,
+            attention,
+        }
+    }
+
+    /// The same with an additive bias.
+    pub fn with_bias(self, bias: Option<&'a Tensor>) -> Self {
+        Self { bias, ..self }
+    }
+}
+
 /// Scaled dot-product attention.
 ///
 /// `q: [B, H, S, D]`, `k, v: [B, KVH, K, D]`, `mask: [B, 1, S, K]` (additive),
 /// `bias: [1 or B, H, S, K]` (ALiBi, T5 relative positions) -> `[B, H, S, D]`.
-#[allow(clippy::too_many_arguments)]
-pub fn sdpa(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: &Tensor,
-    bias: Option<&Tensor>,
-    scale: f64,
-    layer: usize,
-    attention: Attention,
-) -> Result<Tensor> {
+pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, sc: &Scores) -> Result<Tensor> {
+    let Scores {
+        scale,
+        layer,
+        attention,
+        ..
+    } = *sc;
     // Training: the whole product as one graph node with its own backward pass, when
     // the crate's softmax kernel takes the scores (not inside `with_fused_ops`, whose
     // candle-nn softmax must keep cutting the gradient). The forward pass runs outside
@@ -120,7 +148,7 @@ pub fn sdpa(
     // keeps the other cases from computing it twice.
     let tracked = q.track_op() || k.track_op() || v.track_op();
     if tracked && k.dims() == v.dims() && super::nn::own_softmax(q) {
-        let (out, probs) = sdpa_detached(q, k, v, mask, bias, scale, layer, attention)?;
+        let (out, probs) = sdpa_detached(q, k, v, sc)?;
         if let Some(probs) = probs {
             let op = super::kernels::AttentionCore {
                 out,
@@ -132,8 +160,8 @@ pub fn sdpa(
                 .at(Site::new(layer, attention, TensorKind::Value), "attention");
         }
     }
-    check_keys(q, k, mask, layer, attention)?;
-    attend(q, k, v, mask, bias, scale, layer, attention).map(|(out, _)| out)
+    check_keys(q, k, sc)?;
+    attend(q, k, v, sc).map(|(out, _)| out)
 }
 
 /// Scaled dot-product attention with logit soft-capping (Gemma 2's
@@ -145,21 +173,24 @@ pub fn sdpa(
 ///
 /// `q: [B, H, S, D]`, `k, v: [B, KVH, K, D]`, `mask: [B or 1, 1, S, K]` (additive)
 /// -> `[B, H, S, D]`.
-#[allow(clippy::too_many_arguments)]
 pub fn softcapped_sdpa(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: &Tensor,
-    scale: f64,
+    sc: &Scores,
     cap: Option<f64>,
-    layer: usize,
-    attention: Attention,
 ) -> Result<Tensor> {
     let Some(cap) = cap else {
-        return sdpa(q, k, v, mask, None, scale, layer, attention);
+        return sdpa(q, k, v, sc);
     };
-    check_keys(q, k, mask, layer, attention)?;
+    check_keys(q, k, sc)?;
+    let Scores {
+        mask,
+        scale,
+        layer,
+        attention,
+        ..
+    } = *sc;
     let site_k = Site::new(layer, attention, TensorKind::Key);
     let site_v = Site::new(layer, attention, TensorKind::Value);
     let (h, kvh) = (
@@ -192,33 +223,28 @@ pub fn softcapped_sdpa(
 /// backward pass: `(output [B, H, S, D], probabilities [B, H, S, K])`, the
 /// probabilities only when the crate's softmax kernel computed them and `k`, `v` have
 /// the same shape (what those backward passes assume).
-#[allow(clippy::too_many_arguments)]
 pub fn sdpa_detached(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: &Tensor,
-    bias: Option<&Tensor>,
-    scale: f64,
-    layer: usize,
-    attention: Attention,
+    sc: &Scores,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    check_keys(q, k, mask, layer, attention)?;
+    check_keys(q, k, sc)?;
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let (out, probs) = attend(&qd, &kd, &vd, mask, bias, scale, layer, attention)?;
+    let (out, probs) = attend(&qd, &kd, &vd, sc)?;
     Ok((out, probs.filter(|_| k.dims() == v.dims())))
 }
 
 /// The keys' shape against the queries' `[B, H, S, D]`, and the mask's against both
 /// (`[B or 1, 1, S, K]`): a diagnosis naming the layer when the rank, batch, head_dim,
 /// KV head grouping or mask width disagree.
-fn check_keys(
-    q: &Tensor,
-    k: &Tensor,
-    mask: &Tensor,
-    layer: usize,
-    attention: Attention,
-) -> Result<()> {
+fn check_keys(q: &Tensor, k: &Tensor, sc: &Scores) -> Result<()> {
+    let Scores {
+        mask,
+        layer,
+        attention,
+        ..
+    } = *sc;
     let (qb, h, _s, qd) = q
         .dims4()
         .at(Site::new(layer, attention, TensorKind::Query), "queries")?;
@@ -288,17 +314,14 @@ fn check_keys(
 
 /// The body of [`sdpa`] once the shapes are checked: `(output [B, H, S, D], attention
 /// probabilities [B, H, S, K] when the crate's softmax kernel computed them)`.
-#[allow(clippy::too_many_arguments)]
-fn attend(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: &Tensor,
-    bias: Option<&Tensor>,
-    scale: f64,
-    layer: usize,
-    attention: Attention,
-) -> Result<(Tensor, Option<Tensor>)> {
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, sc: &Scores) -> Result<(Tensor, Option<Tensor>)> {
+    let Scores {
+        mask,
+        bias,
+        scale,
+        layer,
+        attention,
+    } = *sc;
     let site_k = Site::new(layer, attention, TensorKind::Key);
     let (qb, h, s, qd) = q.dims4().at(site_k, "queries")?;
     let (kvh, kl) = (k.dim(1).at(site_k, "keys")?, k.dim(2).at(site_k, "keys")?);
@@ -381,45 +404,56 @@ pub fn merge_heads(x: &Tensor) -> candle_core::Result<Tensor> {
     x.transpose(1, 2)?.reshape((b, s, h * d))
 }
 
+/// Where a decoder layer's self-attention meets the cache: `layer`, the position
+/// `past` of the first new token (read before layer 0 updated the cache) and the
+/// window of keys a query sees, if any.
+#[derive(Debug, Clone, Copy)]
+pub struct CachedStep {
+    pub layer: usize,
+    pub past: usize,
+    pub window: Option<usize>,
+}
+
 /// Decoder self-attention through the cache, the same in every family: append the new
 /// keys and values and build the mask ([`cached_keys`]), and attend.
 ///
 /// `q: [B, H, S, D]`, `k, v: [B, KVH, S, D]` for the S new tokens at positions
-/// `past..past+S` (`past` read before layer 0 updated the cache); `bias(kv_start,
-/// kv_len)` returns an additive `[1 or B, H, S, K]` bias (ALiBi, T5 relative
-/// positions) or `None`. Returns `[B, H, S, D]`.
-#[allow(clippy::too_many_arguments)]
+/// `step.past..step.past+S`; `bias(kv_start, kv_len)` returns an additive
+/// `[1 or B, H, S, K]` bias (ALiBi, T5 relative positions) or `None`. Returns
+/// `[B, H, S, D]`.
 pub fn cached_self_attention(
     fw: &mut super::Forward,
-    layer: usize,
+    step: CachedStep,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    past: usize,
-    window: Option<usize>,
     scale: f64,
     bias: &mut dyn FnMut(usize, usize) -> Result<Option<Tensor>>,
 ) -> Result<Tensor> {
-    let (view, mask) = cached_keys(fw, layer, k, v, past, window)?;
+    let (view, mask) = cached_keys(fw, step, k, v)?;
     let kv_len = view.k.dims()[2];
     let bias = bias(view.kv_start, kv_len)?;
-    let att = Attention::SelfAttn;
-    sdpa(q, &view.k, &view.v, &mask, bias.as_ref(), scale, layer, att)
+    let scores =
+        Scores::new(&mask, scale, step.layer, Attention::SelfAttn).with_bias(bias.as_ref());
+    sdpa(q, &view.k, &view.v, &scores)
 }
 
 /// The cache's side of decoder self-attention: append the new keys and values
-/// `k, v: [B, KVH, S, D]` (positions `past..past+S`), and build the mask `[B, 1, S, K]`
-/// over every key the cache returns (prefix, cached and new positions; causal,
-/// windowed, padding), recorded in the trace. Returns the cache's view (keys and
-/// values `[B, KVH, K, D]`, the S new ones last) and the mask.
+/// `k, v: [B, KVH, S, D]` (positions `step.past..step.past+S`), and build the mask
+/// `[B, 1, S, K]` over every key the cache returns (prefix, cached and new positions;
+/// causal, windowed, padding), recorded in the trace. Returns the cache's view (keys
+/// and values `[B, KVH, K, D]`, the S new ones last) and the mask.
 pub fn cached_keys(
     fw: &mut super::Forward,
-    layer: usize,
+    step: CachedStep,
     k: &Tensor,
     v: &Tensor,
-    past: usize,
-    window: Option<usize>,
 ) -> Result<(KvView, Tensor)> {
+    let CachedStep {
+        layer,
+        past,
+        window,
+    } = step;
     let att = Attention::SelfAttn;
     let s = k
         .dim(2)

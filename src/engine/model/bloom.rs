@@ -10,7 +10,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::attention::{cached_self_attention, merge_heads};
+use super::attention::{cached_self_attention, merge_heads, CachedStep};
 use super::nn::{embed, gelu_tanh, layer_norm, Linear};
 use super::weights::{layer_norm_params, linear_params, weight};
 use super::{backbone, Family, Forward, Model, ModelGeometry};
@@ -221,17 +221,14 @@ impl Model for Bloom {
             let pad = fw.mask;
             let scale = 1.0 / (d as f64).sqrt();
             // [B, H, S, D]; ALiBi [B, H, 1, K] over the keys the cache returns
-            let o = cached_self_attention(
-                fw,
-                i,
-                &q,
-                &k,
-                &v,
+            let step = CachedStep {
+                layer: i,
                 past,
-                fw.cache.window(),
-                scale,
-                &mut |kv_start, kv_len| self.alibi(pad, kv_start, kv_len, site).map(Some),
-            )?;
+                window: fw.cache.window(),
+            };
+            let o = cached_self_attention(fw, step, &q, &k, &v, scale, &mut |kv_start, kv_len| {
+                self.alibi(pad, kv_start, kv_len, site).map(Some)
+            })?;
             let o = merge_heads(&o)
                 .and_then(|o| blk.dense.forward(&o))
                 .at(site, "dense")?;

@@ -29,7 +29,9 @@ use candle_core::{DType, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::attention::{cached_keys, merge_heads, softcapped_sdpa, split_heads};
+use super::attention::{
+    cached_keys, merge_heads, softcapped_sdpa, split_heads, CachedStep, Scores,
+};
 use super::llama::RopeParameters;
 use super::nn::{embed, gelu_tanh, rms_norm, rope, Linear};
 use super::weights::weight;
@@ -479,17 +481,15 @@ impl Gemma2 {
     /// `n = input_layernorm(h)`, the new keys and values going through the cache.
     /// With [`Block::qk_norm`] queries and keys are (1 + w) RMS-normalised per head
     /// before RoPE. `h: [B, S, E]`, `cos, sin: [B, 1, S, D]` -> `[B, S, E]`.
-    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         fw: &mut Forward,
-        i: usize,
+        step: CachedStep,
         l: &Layer,
         h: &Tensor,
         (cos, sin): (&Tensor, &Tensor),
-        past: usize,
-        window: Option<usize>,
     ) -> Result<Tensor> {
+        let i = step.layer;
         let (heads, kvh, d) = (
             self.cfg.num_attention_heads,
             self.cfg.num_key_value_heads,
@@ -531,11 +531,17 @@ impl Gemma2 {
             .and_then(|t| split_heads(&t, kvh, d))
             .at(site_v, "v_proj")?;
         // view.k, view.v: [B, KVH, K, D], the S new positions last; mask [B, 1, S, K]
-        let (view, mask) = cached_keys(fw, i, &k, &v, past, window)?;
+        let (view, mask) = cached_keys(fw, step, &k, &v)?;
         let scale = (self.cfg.query_pre_attn_scalar as f64).powf(-0.5);
         let cap = self.cfg.attn_logit_softcapping;
         // [B, H, S, D]
-        let o = softcapped_sdpa(&q, &view.k, &view.v, &mask, scale, cap, i, att)?;
+        let o = softcapped_sdpa(
+            &q,
+            &view.k,
+            &view.v,
+            &Scores::new(&mask, scale, i, att),
+            cap,
+        )?;
         // [B, S, E]
         merge_heads(&o)
             .and_then(|o| l.o_proj.forward(&o))
@@ -608,7 +614,12 @@ impl Model for Gemma2 {
             } else {
                 &global
             };
-            let a = self.attention(fw, i, l, &h, (cos, sin), past, window)?;
+            let step = CachedStep {
+                layer: i,
+                past,
+                window,
+            };
+            let a = self.attention(fw, step, l, &h, (cos, sin))?;
             h = (h + a).at(site, "residual")?;
             let m = self.mlp(l, &h).at(site, "mlp")?;
             h = (h + m).at(site, "residual")?;

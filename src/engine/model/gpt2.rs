@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::attention::{cached_self_attention, merge_heads, split_heads};
+use super::attention::{cached_self_attention, merge_heads, split_heads, CachedStep};
 use super::nn::{embed, gelu_tanh, layer_norm, Linear};
 use super::weights::{conv1d_params, layer_norm_params, weight};
 use super::{backbone, learned_positions, Family, Forward, Model, ModelGeometry};
@@ -162,17 +162,12 @@ impl Model for Gpt2 {
                 .at(site, "v")?;
             let scale = 1.0 / (d as f64).sqrt();
             // [B, H, S, D]
-            let o = cached_self_attention(
-                fw,
-                i,
-                &q,
-                &k,
-                &v,
+            let step = CachedStep {
+                layer: i,
                 past,
-                fw.cache.window(),
-                scale,
-                &mut |_, _| Ok(None),
-            )?;
+                window: fw.cache.window(),
+            };
+            let o = cached_self_attention(fw, step, &q, &k, &v, scale, &mut |_, _| Ok(None))?;
             let o = merge_heads(&o)
                 .and_then(|o| blk.c_proj.forward(&o))
                 .at(site, "c_proj")?;

@@ -14,7 +14,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::attention::{cached_self_attention, merge_heads};
+use super::attention::{cached_self_attention, merge_heads, CachedStep};
 use super::nn::{embed, gelu_tanh, layer_norm, rope, Linear};
 use super::weights::{bias, layer_norm_params, weight};
 use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry};
@@ -358,9 +358,12 @@ impl Model for GptNeox {
             )?;
             let scale = 1.0 / (d as f64).sqrt();
             // [B, H, S, D]
-            let o = cached_self_attention(fw, i, &q, &k, &v, past, window, scale, &mut |_, _| {
-                Ok(None)
-            })?;
+            let step = CachedStep {
+                layer: i,
+                past,
+                window,
+            };
+            let o = cached_self_attention(fw, step, &q, &k, &v, scale, &mut |_, _| Ok(None))?;
             // [B, S, E]
             let attn = merge_heads(&o)
                 .and_then(|o| l.dense.forward(&o))

@@ -17,7 +17,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{
-    cached_keys, cached_self_attention, merge_heads, sdpa_detached, split_heads,
+    cached_keys, cached_self_attention, merge_heads, sdpa_detached, split_heads, CachedStep, Scores,
 };
 use super::kernels;
 use super::nn::{block_ops, embed, rms_norm, rope, swiglu_mlp, Linear};
@@ -474,19 +474,15 @@ impl Llama {
     /// training, joins it as one node with its own backward pass
     /// ([`kernels::AttentionBlock`]); otherwise it is composed from differentiable ops.
     /// Both give the same values.
-    #[allow(clippy::too_many_arguments)]
     fn self_attention(
         &self,
         fw: &mut Forward,
-        i: usize,
+        step: CachedStep,
         l: &Layer,
         h: &Tensor,
         (cos, sin): (&Tensor, &Tensor),
-        past: usize,
-        cache_window: Option<usize>,
     ) -> Result<Tensor> {
-        // Keys visible to a query: the cache's window, else this layer's own.
-        let window = cache_window.or(self.block.windows[i]);
+        let i = step.layer;
         let (heads, kvh, d) = (
             self.cfg.num_attention_heads,
             self.cfg.num_kv_heads(),
@@ -533,9 +529,7 @@ impl Llama {
         let scale = 1.0 / (d as f64).sqrt();
         if !block {
             // [B, H, S, D]
-            let o = cached_self_attention(fw, i, &q, &k, &v, past, window, scale, &mut |_, _| {
-                Ok(None)
-            })?;
+            let o = cached_self_attention(fw, step, &q, &k, &v, scale, &mut |_, _| Ok(None))?;
             // [B, S, E]
             let o = merge_heads(&o)
                 .and_then(|o| l.o_proj.forward(&o))
@@ -543,9 +537,9 @@ impl Llama {
             return (h + o).at(site_q, "residual");
         }
         // view.k, view.v: [B, KVH, K, D], the S new positions last; mask [B, 1, S, K]
-        let (view, mask) = cached_keys(fw, i, &k, &v, past, window)?;
+        let (view, mask) = cached_keys(fw, step, &k, &v)?;
         // out [B, H, S, D], probs [B, H, S, K]
-        let (out, probs) = sdpa_detached(&q, &view.k, &view.v, &mask, None, scale, i, att)?;
+        let (out, probs) = sdpa_detached(&q, &view.k, &view.v, &Scores::new(&mask, scale, i, att))?;
         // [B, S, E]
         let branch = merge_heads(&out)
             .and_then(|o| l.o_proj.forward(&o))
@@ -617,7 +611,13 @@ impl Model for Llama {
         let mut h = embed(&self.embed_tokens, ids).ctx("embed_tokens")?;
         for (i, l) in self.layers.iter().enumerate() {
             let site_q = Site::new(i, Attention::SelfAttn, TensorKind::Query);
-            h = self.self_attention(fw, i, l, &h, (&cos, &sin), past, window)?;
+            // Keys visible to a query: the cache's window, else this layer's own.
+            let step = CachedStep {
+                layer: i,
+                past,
+                window: window.or(self.block.windows[i]),
+            };
+            h = self.self_attention(fw, step, l, &h, (&cos, &sin))?;
             // [B, S, E]: down(silu(gate(x)) * up(x))
             let (norm_w, gate, up, down) = (
                 &l.post_attention_layernorm,

@@ -18,7 +18,8 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::attention::{
-    additive_mask, cached_self_attention, merge_heads, sdpa, split_heads, MaskSpec,
+    additive_mask, cached_self_attention, merge_heads, sdpa, split_heads, CachedStep, MaskSpec,
+    Scores,
 };
 use super::nn::{embed, gelu_tanh, rms_norm, Linear};
 use super::weights::{ones, weight};
@@ -506,7 +507,12 @@ impl Model for T5 {
             };
             // [B, 1, E, E]
             let m = additive_mask(&mask, spec, i, Attention::SelfAttn)?;
-            let o = sdpa(&q, &k, &v, &m, Some(&bias), 1.0, i, Attention::SelfAttn)?;
+            let o = sdpa(
+                &q,
+                &k,
+                &v,
+                &Scores::new(&m, 1.0, i, Attention::SelfAttn).with_bias(Some(&bias)),
+            )?;
             let o = self.output(&o, &blk.self_attn.o).at(site, "encoder o")?;
             h = (h + o).at(site, "encoder residual")?;
             let f = rms_norm(&h, &blk.ln_ff, eps)
@@ -545,31 +551,25 @@ impl Model for T5 {
             let v = self.heads(&a, &blk.self_attn.v).at(site, "v")?;
             // [B, H, S, d_kv]; relative position bias [1, H, S, K] over the keys the cache
             // returns (computed once per pass, shared by every layer), no score scaling.
-            let o = cached_self_attention(
-                fw,
-                i,
-                &q,
-                &k,
-                &v,
+            let step = CachedStep {
+                layer: i,
                 past,
-                fw.cache.window(),
-                1.0,
-                &mut |kv_start, kv_len| {
-                    let span = (kv_start, kv_len);
-                    if let Some((key, t)) = &self_bias {
-                        if *key == span {
-                            return Ok(Some(t.clone()));
-                        }
+                window: fw.cache.window(),
+            };
+            let o = cached_self_attention(fw, step, &q, &k, &v, 1.0, &mut |kv_start, kv_len| {
+                let span = (kv_start, kv_len);
+                if let Some((key, t)) = &self_bias {
+                    if *key == span {
+                        return Ok(Some(t.clone()));
                     }
-                    let t = position_bias(&self.decoder_bias, &self.cfg, (past, s), span, false)
-                        .at(
-                            Site::new(i, Attention::SelfAttn, TensorKind::Positions),
-                            "relative position bias",
-                        )?;
-                    self_bias = Some((span, t.clone()));
-                    Ok(Some(t))
-                },
-            )?;
+                }
+                let t = position_bias(&self.decoder_bias, &self.cfg, (past, s), span, false).at(
+                    Site::new(i, Attention::SelfAttn, TensorKind::Positions),
+                    "relative position bias",
+                )?;
+                self_bias = Some((span, t.clone()));
+                Ok(Some(t))
+            })?;
             let o = self.output(&o, &blk.self_attn.o).at(site, "o")?;
             h = (h + o).at(site, "residual")?;
 
@@ -624,7 +624,7 @@ impl Model for T5 {
             // [B, 1, S, P + E]
             let mask = additive_mask(&cross_pad, spec, i, Attention::Cross)?;
             fw.cache.note_mask(i, Attention::Cross, mask.dims());
-            let o = sdpa(&q, &ck, &cv, &mask, None, 1.0, i, Attention::Cross)?;
+            let o = sdpa(&q, &ck, &cv, &Scores::new(&mask, 1.0, i, Attention::Cross))?;
             let o = self.output(&o, &blk.cross_attn.o).at(site, "o")?;
             h = (h + o).at(site, "residual")?;
 
