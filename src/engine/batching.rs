@@ -68,8 +68,7 @@ pub fn generate_merged(
         model,
         prefix,
         opts,
-        ids,
-        pad,
+        (ids, pad),
         at,
         fill_from_first_row,
         &mut trace,
@@ -77,13 +76,13 @@ pub fn generate_merged(
     (out, trace)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// [`generate_merged`]'s body; `ids, pad: [B, S]`. The trace is filled as it goes, so
+/// that it is kept when a step fails.
 fn run(
     model: &dyn Model,
     prefix: Option<&PrefixEncoder>,
     opts: &DecodeOptions,
-    ids: &Tensor,
-    pad: &Tensor,
+    (ids, pad): (&Tensor, &Tensor),
     at: usize,
     fill_from_first_row: bool,
     trace: &mut Trace,

@@ -520,7 +520,6 @@ macro_rules! with_avx2 {
         }
 
         /// The two builds of the function of the same name (tests compare them).
-        #[allow(clippy::too_many_arguments)]
         mod $name {
             #[allow(unused_imports)] // a body may need nothing from the module
             use super::*;
