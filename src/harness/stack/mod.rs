@@ -12,7 +12,7 @@
 //!    line per case ([`StackCase`]); a case over the time limit is killed and the driver
 //!    restarted for the rest.
 //! 3. [`verdict`]: the two sides compared: `agree`, `stack-fails` (the stack's exception
-//!    read as one of our [`Diagnosis`] classes), `engine-fails`, `diverges` (the first
+//!    read as one of our [`Diagnosis`](crate::engine::diagnosis::Diagnosis) classes), `engine-fails`, `diverges` (the first
 //!    differing token, loss or cache event), or `skip` / `error`.
 //! 4. [`judge_stack`]: the verdict against the scenario's `expect_stack` (default
 //!    `agree`), by the installed versions.
