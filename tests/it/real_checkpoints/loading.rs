@@ -1,4 +1,4 @@
-//! `hub.rs`: resolution and loading errors.
+//! `src/io/hub/`: resolution and loading errors.
 
 use super::*;
 use crate::common::max_abs_diff;
