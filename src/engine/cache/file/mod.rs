@@ -215,17 +215,7 @@ impl ModelCache {
             ],
         )?;
         crate::io::adapter::write_file_atomic(path, &bytes)?;
-        for (i, l) in self.layers.iter().enumerate() {
-            let mut e = event(i, Attention::SelfAttn, CacheOp::Save, self.layout.name());
-            let held = l.held();
-            e.key_before = held.as_ref().map(|(k, _)| k.dims().to_vec());
-            e.value_before = held.as_ref().map(|(_, v)| v.dims().to_vec());
-            e.ring_head = match &l.store {
-                Store::Rotating(r) => Some(r.head),
-                _ => None,
-            };
-            self.trace.push(e);
-        }
+        self.trace_file_op(CacheOp::Save);
         Ok(())
     }
 
@@ -337,18 +327,30 @@ impl ModelCache {
                 ));
             }
         }
+        self.trace_file_op(CacheOp::Load);
+        Ok(())
+    }
+
+    /// One `op` event (`Save` or `Load`) per self-attention layer: the stored key and
+    /// value shapes (before a save, after a load; the raw stored layout) and the ring
+    /// head.
+    fn trace_file_op(&mut self, op: CacheOp) {
         for (i, l) in self.layers.iter().enumerate() {
-            let mut e = event(i, Attention::SelfAttn, CacheOp::Load, self.layout.name());
+            let mut e = event(i, Attention::SelfAttn, op, self.layout.name());
             let held = l.held();
-            e.key_after = held.as_ref().map(|(k, _)| k.dims().to_vec());
-            e.value_after = held.as_ref().map(|(_, v)| v.dims().to_vec());
+            let key = held.as_ref().map(|(k, _)| k.dims().to_vec());
+            let value = held.as_ref().map(|(_, v)| v.dims().to_vec());
+            if op == CacheOp::Save {
+                (e.key_before, e.value_before) = (key, value);
+            } else {
+                (e.key_after, e.value_after) = (key, value);
+            }
             e.ring_head = match &l.store {
                 Store::Rotating(r) => Some(r.head),
                 _ => None,
             };
             self.trace.push(e);
         }
-        Ok(())
     }
 
     /// The file's state against this cache: same mode, capacity, layout, layers.
