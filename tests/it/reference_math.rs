@@ -1,14 +1,17 @@
 //! Pieces of the engine checked against numbers the pinned stack made
 //! (`ci/fixtures/make_reference_math.py`): PEFT's projection `PrefixEncoder` on the
-//! same weights, and transformers' sampling warpers on the same logits.
+//! same weights, transformers' sampling warpers on the same logits, and transformers'
+//! beam search (`generate(num_beams=..)`) on the fixture models.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use prefix_harness::engine::generate::Sampler;
+use prefix_harness::engine::cache::{CacheConfig, CacheMode};
+use prefix_harness::engine::generate::{generate, DecodeOptions, Sampler, Strategy};
 use prefix_harness::engine::model::ModelGeometry;
 use prefix_harness::engine::prefix::{PrefixConfig, PrefixEncoder};
+use prefix_harness::io::hub::{self, HubOptions, ModelSource};
 
 use crate::common::max_abs_diff;
 
@@ -106,4 +109,78 @@ fn the_sampling_distribution_equals_transformers_warpers() {
         assert_eq!(ours_kept, kept, "{what}: tokens kept");
         assert!(d < 1e-6, "{what}: max probability difference {d}");
     }
+}
+
+/// A returned beam's tokens up to and including the first EOS: transformers pads the
+/// returned sequences to the longest row of the batch, the engine to the longest
+/// of all rows; after EOS both only repeat the pad id (= EOS here).
+fn until_eos(tokens: &[u64], eos: u64) -> Vec<u64> {
+    match tokens.iter().position(|t| *t == eos) {
+        Some(i) => tokens[..=i].to_vec(),
+        None => tokens.to_vec(),
+    }
+}
+
+/// transformers' beam search on the fixture models without a prefix (3 beams, all 3
+/// returned, 8 new tokens, an EOS the models emit): for every `length_penalty` in
+/// {1, 0, 2} and `early_stopping` in {false, true}, our beams must return the same
+/// sequences in the same order, with the same scores (`sequences_scores`).
+#[test]
+fn beam_search_equals_transformers_generate_with_length_penalty_and_early_stopping() {
+    let text = std::fs::read_to_string(Path::new(DIR).join("beams.json")).expect("beams.json");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let prompt: Vec<Vec<u32>> = serde_json::from_value(v["input_ids"].clone()).unwrap();
+    let ids = Tensor::new(prompt.clone(), &Device::Cpu).unwrap(); // [B, S]
+    let cases = v["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 3);
+    let opts = HubOptions::with_cache_dir(std::env::temp_dir());
+    let mut compared = 0;
+    for c in cases {
+        let name = c["model"].as_str().unwrap();
+        let eos = c["eos_token_id"].as_u64().unwrap();
+        // The fixture is useful only if the settings change the outcome.
+        assert!(c["distinct_outputs"].as_u64().unwrap() >= 3, "{name}");
+        let source = ModelSource::path(Path::new("tests/fixtures/models").join(name));
+        let (_, model, _) = hub::load_model_with(&source, &opts, &Device::Cpu).expect(name);
+        for s in c["settings"].as_array().unwrap() {
+            let length_penalty = s["length_penalty"].as_f64().unwrap();
+            let early_stopping = s["early_stopping"].as_bool().unwrap();
+            let what = format!(
+                "{name}, eos {eos}, length_penalty {length_penalty}, early_stopping {early_stopping}"
+            );
+            let num_beams = c["num_beams"].as_u64().unwrap() as usize;
+            let mut o = DecodeOptions::new(
+                CacheConfig::new(CacheMode::Dynamic),
+                c["max_new_tokens"].as_u64().unwrap() as usize,
+            )
+            .with_strategy(Strategy::Beam {
+                num_beams,
+                length_penalty,
+                early_stopping,
+            });
+            o.eos_token_id = Some(eos as u32);
+            o.num_return_sequences = num_beams;
+            let out = generate(model.as_ref(), None, &o, &ids, None).expect(&what);
+            let want: Vec<Vec<u64>> = serde_json::from_value(s["sequences"].clone()).unwrap();
+            assert_eq!(out.tokens.len(), want.len(), "{what}: rows");
+            for (row, (ours, theirs)) in out.tokens.iter().zip(&want).enumerate() {
+                let ours: Vec<u64> = ours.iter().map(|t| *t as u64).collect();
+                assert_eq!(
+                    until_eos(&ours, eos),
+                    until_eos(theirs, eos),
+                    "{what}: returned row {row}"
+                );
+            }
+            let scores = out.scores.expect("beam scores");
+            let want: Vec<f64> = serde_json::from_value(s["sequences_scores"].clone()).unwrap();
+            for (row, (a, b)) in scores.iter().zip(&want).enumerate() {
+                assert!(
+                    (*a as f64 - b).abs() < 1e-4,
+                    "{what}: score of row {row}: ours {a}, transformers {b}"
+                );
+            }
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 18);
 }

@@ -232,12 +232,14 @@ impl Beams {
 
     /// One step: `logprobs` `[B*K][V]` of the running beams, `hist` `[B*K][step]` their
     /// tokens so far. Returns the next token of every running row and the beam it
-    /// continues (`[B*K]` each, indices into the previous rows).
+    /// continues (`[B*K]` each, indices into the previous rows). At the `last` step
+    /// (the length limit) every one of the best K candidates finishes, EOS or not.
     pub(super) fn step(
         &mut self,
         logprobs: &[Vec<f64>],
         hist: &[Vec<u32>],
         step: usize,
+        last: bool,
     ) -> Result<(Vec<u32>, Vec<u32>)> {
         let k = self.beams;
         let n = self.batch * k;
@@ -268,13 +270,15 @@ impl Beams {
             let mut next: Vec<(f64, usize, u32)> = Vec::with_capacity(k);
             for (rank, (score, j, t)) in cand.into_iter().enumerate() {
                 let t = t as u32;
-                if Some(t) == self.eos {
-                    // Only an EOS among the best K candidates finishes a hypothesis.
-                    if rank < k {
-                        let mut toks = hist.get(row * k + j).cloned().unwrap_or_default();
-                        toks.push(t);
-                        self.add(row, score, toks);
-                    }
+                let is_eos = Some(t) == self.eos;
+                // Only a candidate among the best K finishes a hypothesis: one ending in
+                // EOS, or any at the length limit.
+                if rank < k && (is_eos || last) {
+                    let mut toks = hist.get(row * k + j).cloned().unwrap_or_default();
+                    toks.push(t);
+                    self.add(row, score, toks);
+                }
+                if is_eos {
                     continue;
                 }
                 next.push((score, j, t));
@@ -302,21 +306,8 @@ impl Beams {
 
     /// The best `num_return` hypotheses of every input row, best first:
     /// `([B * num_return][len], [B * num_return])`, padded with `pad` to one length.
-    pub(super) fn finalize(
-        &mut self,
-        hist: &[Vec<u32>],
-        num_return: usize,
-    ) -> (Vec<Vec<u32>>, Vec<f32>) {
-        let k = self.beams;
-        for row in 0..self.batch {
-            if !self.done[row] {
-                for j in 0..k {
-                    let i = row * k + j;
-                    let toks = hist.get(i).cloned().unwrap_or_default();
-                    self.add(row, self.scores[i], toks);
-                }
-            }
-        }
+    /// Every row has its hypotheses by then: from EOS candidates or the last step.
+    pub(super) fn finalize(&self, num_return: usize) -> (Vec<Vec<u32>>, Vec<f32>) {
         let mut tokens = vec![];
         let mut scores = vec![];
         for h in &self.hyps {

@@ -81,23 +81,28 @@ impl Strategy {
 
 /// How one generation runs.
 ///
-/// Beam search (what is simplified against transformers' `BeamSearchScorer`):
+/// Beam search, as transformers' `generate(num_beams=..)` decides it (checked against
+/// transformers 5.24 in `tests/it/reference_math.rs`):
 /// - scores are cumulative log-probabilities (log-softmax of each step's logits, in
 ///   f64 on the host); at the first step only beam 0 is expanded (all beams are the
 ///   same prompt), afterwards the best `2 * num_beams` (beam, token) candidates of an
 ///   input row are visited in order;
-/// - a candidate ending in `eos_token_id` becomes a finished hypothesis only when it
-///   ranks among the first `num_beams`; its length is the number of generated tokens
-///   *including* the EOS (transformers counts without it, and divides by zero when
-///   EOS is the first token), score `sum_logprobs / len ^ length_penalty`;
-///   each row keeps its best `num_beams` hypotheses;
+/// - a candidate among the first `num_beams` becomes a finished hypothesis when it ends
+///   in `eos_token_id`, or, at the last step (`max_new_tokens`), whatever its token;
+///   its length is the number of generated tokens including the last one, its score
+///   `sum_logprobs / len ^ length_penalty`; each row keeps its best `num_beams`;
 /// - a row is done when it has `num_beams` hypotheses and either `early_stopping`, or
 ///   the best running beam cannot beat the worst hypothesis any more
 ///   (`best_running / cur_len ^ length_penalty <= worst`, transformers' heuristic);
 ///   done rows emit `pad` tokens; generation stops when every row is done;
-/// - at the end, running beams of rows not done join the hypotheses; the best
-///   `num_return_sequences` are returned, best first, padded with `pad` to a common
-///   length.
+/// - the best `num_return_sequences` hypotheses are returned, best first, padded with
+///   `pad` to a common length.
+///
+/// transformers before 4.50 (`BeamSearchScorer`, e.g. 4.46.3) differs at the length
+/// limit: EOS hypotheses are added first, a row that is then full with
+/// `early_stopping` is done, and only the other rows get their running beams as
+/// hypotheses; its early-stop heuristic also differs. On the fixtures of
+/// `reference_math.rs` that changes 2 of 18 outputs.
 #[derive(Debug, Clone)]
 pub struct DecodeOptions {
     pub cache: CacheConfig,
@@ -543,7 +548,8 @@ fn decode(
                     .iter()
                     .map(|r| log_softmax(r))
                     .collect::<Result<Vec<_>>>()?;
-                let (t, src) = beams.step(&lp, &hist, step)?;
+                let last_step = step + 1 == opts.max_new_tokens;
+                let (t, src) = beams.step(&lp, &hist, step, last_step)?;
                 (t, Some(src))
             }
         };
@@ -594,8 +600,8 @@ fn decode(
         Chooser::Sample { logprob, .. } => {
             (hist, Some(logprob.iter().map(|x| *x as f32).collect()))
         }
-        Chooser::Beam(mut beams) => {
-            let (t, sc) = beams.finalize(&hist, opts.num_return_sequences);
+        Chooser::Beam(beams) => {
+            let (t, sc) = beams.finalize(opts.num_return_sequences);
             (t, Some(sc))
         }
     };
