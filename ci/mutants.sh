@@ -59,7 +59,7 @@ case "${1:-}" in
     sample)
         k="${2:?usage: ci/mutants.sh sample K (1..20)}"
         run "mutants-sample-$k" --shard "$((k - 1))/20" --sharding round-robin \
-            -f src/harness/scenario.rs -f src/engine/diagnosis.rs -f src/engine/cache/mod.rs -f src/engine/cache/update.rs -f src/engine/cache/ring.rs -f src/engine/cache/file/mod.rs -f src/engine/cache/merge.rs -f src/engine/divergence.rs -f src/engine/prefix.rs \
+            -f src/harness/scenario/mod.rs -f src/harness/scenario/schema.rs -f src/harness/scenario/matrix.rs -f src/harness/scenario/validate.rs -f src/harness/scenario/paths.rs -f src/harness/scenario/errors.rs -f src/engine/diagnosis.rs -f src/engine/cache/mod.rs -f src/engine/cache/update.rs -f src/engine/cache/ring.rs -f src/engine/cache/file/mod.rs -f src/engine/cache/merge.rs -f src/engine/divergence.rs -f src/engine/prefix.rs \
             -f src/engine/generate/mod.rs -f src/engine/generate/choose.rs -f src/engine/generate/prefill.rs -f src/engine/train/mod.rs -f src/engine/train/batch.rs -f src/engine/train/checks.rs -f src/harness/fingerprint/mod.rs -f src/harness/fingerprint/compare.rs \
             -f src/engine/model/attention.rs -f src/harness/run.rs -f src/harness/stack/verdict.rs
         ;;

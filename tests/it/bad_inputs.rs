@@ -498,9 +498,9 @@ fn output_normalisation_uses_slashes_and_drops_panic_line_numbers_and_timings() 
     );
     assert_eq!(
         normalise(
-            "thread 'main' (4242) panicked at src/harness/scenario.rs:465:29:\nattempt to multiply with overflow\n"
+            "thread 'main' (4242) panicked at src/harness/scenario/matrix.rs:465:29:\nattempt to multiply with overflow\n"
         ),
-        "thread 'main' panicked at src/harness/scenario.rs:\nattempt to multiply with overflow\n"
+        "thread 'main' panicked at src/harness/scenario/matrix.rs:\nattempt to multiply with overflow\n"
     );
     assert_eq!(
         without_durations("[1/1] fail demo (7 ms)\ndemo  fail     pass      12.5 ms  head-dim\n"),
