@@ -1,4 +1,4 @@
-//! The fused CPU kernels with their own backward pass (src/engine/model/kernels.rs) against the
+//! The fused CPU kernels with their own backward pass (src/engine/model/kernels/) against the
 //! composed candle ops they replace: same values and same input gradient, on shapes
 //! below and above the size where the kernels switch to parallel rows.
 
