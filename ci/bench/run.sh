@@ -4,7 +4,8 @@
 # the ratios (per run and median).
 #
 #   ci/bench/run.sh                 # M1 and M2
-#   ci/bench/run.sh m1              # only M1 (or: m2)
+#   ci/bench/run.sh m1              # only M1 (or: m2, m3)
+#   RUNS=1 ci/bench/run.sh m3       # M3 (issue 18): Qwen2.5-0.5B geometry, minutes a run
 #   PYTHON=/tmp/peftenv/bin/python RUNS=5 ci/bench/run.sh
 #
 # Needs GNU time (/usr/bin/time -v) and a Python with the pinned reference stack
@@ -21,10 +22,12 @@ OUT=$(mktemp -d "${TMPDIR:-/tmp}/prefix-bench.XXXXXX")
 case $WHAT in
   m1) cargo build --release --quiet --bin prefix-harness ;;
   m2) cargo build --release --quiet --example bench_m2 ;;
+  m3) cargo build --release --quiet --example bench_m3 ;;
   *) cargo build --release --quiet --bin prefix-harness --example bench_m2 ;;
 esac
 BIN=target/release/prefix-harness
 M2BIN=target/release/examples/bench_m2
+M3BIN=target/release/examples/bench_m3
 
 echo "# machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 echo "# $("$PYTHON" -c 'import torch, transformers, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")')"
@@ -48,6 +51,13 @@ if [[ $WHAT == all || $WHAT == m2 ]]; then
     timed "m2-ours-$i" "$M2BIN"
     timed "m2-peft-$i" "$PYTHON" ci/bench/peft_m2.py
     echo "# M2 run $i done, load: $(cut -d' ' -f1-3 /proc/loadavg)"
+  done
+fi
+if [[ $WHAT == m3 ]]; then
+  for i in $(seq 1 "$RUNS"); do
+    timed "m3-ours-$i" "$M3BIN"
+    timed "m3-peft-$i" "$PYTHON" ci/bench/peft_m3.py
+    echo "# M3 run $i done, load: $(cut -d' ' -f1-3 /proc/loadavg)"
   done
 fi
 echo "# load after: $(uptime)"
@@ -105,5 +115,20 @@ if what in ("all", "m2"):
         pk = med([r["matmul_peak_gflops"] for r in rs])
         tg = med([r["train_gflops"] for r in rs])
         print(f"# {side}: training at {tg:.1f} GFLOP/s = {100*tg/pk:.0f}% of its measured 1024^3 matmul peak ({pk:.1f} GFLOP/s)")
+if what == "m3":
+    print("\n## M3, Qwen2.5-0.5B geometry (B 4, S 128, P 32, 10 AdamW steps, 32 greedy tokens)")
+    print("| run | metric | ours | PEFT | ratio ours / PEFT |")
+    print("|---|---|---|---|---|")
+    for i in range(1, runs + 1):
+        o, p = gnu_time(f"m3-ours-{i}"), gnu_time(f"m3-peft-{i}")
+        ko, kp = keys(f"m3-ours-{i}"), keys(f"m3-peft-{i}")
+        rows = [("whole-process wall, s", o["wall"], p["wall"]), ("CPU (user+sys), s", o["cpu"], p["cpu"]),
+                ("peak RSS, MiB", o["rss"], p["rss"])]
+        rows += [(k, ko[k], kp[k]) for k in ["load_s", "first_step_s", "step_median_s", "train_s", "gen_s", "work_s"]
+                 if k in ko and k in kp]
+        if "import_s" in kp:
+            rows.append(("import_s (Python only)", 0.0, kp["import_s"]))
+        for name, a, b in rows:
+            print(f"| {i} | {name} | {a:.3f} | {b:.3f} | {a / b if b else float('nan'):.2f} |")
 print(f"\n# raw outputs: {out}")
 PY

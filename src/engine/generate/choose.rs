@@ -478,6 +478,21 @@ mod tests {
         assert!(log_softmax(&[1.0, f32::NAN]).is_err());
     }
 
+    /// A NaN or a `+inf` logit is an error, not a draw: either alone is refused, for
+    /// sampling and for the distribution; `-inf` (a masked token) is allowed.
+    #[test]
+    fn the_sampler_refuses_nan_and_positive_infinity_alone() {
+        let s = Sampler::new(1.0, None, None);
+        let mut rng = Rng::new(3);
+        for bad in [f32::NAN, f32::INFINITY] {
+            let logits = [0.5f32, bad, 1.0];
+            assert!(s.sample(&logits, &mut rng).is_err(), "{bad}");
+            assert!(s.distribution(&logits).is_err(), "{bad}");
+        }
+        let p = s.distribution(&[0.0, f32::NEG_INFINITY]).unwrap();
+        assert_eq!(p, vec![1.0, 0.0]);
+    }
+
     #[test]
     fn sampler_respects_top_k_top_p_and_temperature_zero() {
         let logits = [0.0f32, 3.0, 2.9, -1.0, 2.8];
