@@ -532,4 +532,31 @@ mod tests {
             "{what}"
         );
     }
+
+    /// Layers that hold nothing in both caches agree; the first layer with other keys is
+    /// found past them; equal caches give `None`.
+    #[test]
+    fn the_first_differing_layer_skips_layers_empty_in_both() {
+        let kv = |x: f32| Tensor::full(x, (1, 1, 2, 4), &Device::Cpu).unwrap(); // [B, H, S, D]
+        let cache = |last: f32| {
+            let mut c = ModelCache::new(
+                CacheConfig::new(CacheMode::Dynamic),
+                Layout::Standard,
+                3,
+                false,
+            );
+            c.update_self(0, &kv(1.0), &kv(1.0), (0, 2)).unwrap();
+            // layer 1 is never written
+            c.update_self(2, &kv(last), &kv(1.0), (0, 2)).unwrap();
+            c
+        };
+        assert_eq!(
+            first_differing_layer(&cache(1.0), &cache(1.0)).unwrap(),
+            None
+        );
+        assert_eq!(
+            first_differing_layer(&cache(1.0), &cache(2.0)).unwrap(),
+            Some(2)
+        );
+    }
 }
