@@ -464,6 +464,28 @@ fn a_2_mib_scenario_file_is_refused_before_parsing() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The size limit is inclusive: a file of exactly `MAX_FILE_BYTES` bytes loads, one
+/// byte more is refused.
+#[test]
+fn a_scenario_file_of_exactly_the_limit_loads_and_one_byte_more_does_not() {
+    let dir = std::env::temp_dir().join(format!(
+        "prefix-harness-size-limit-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let head = "name: edge\nmodel:\n  family: gpt2\nprefix:\n  virtual_tokens: 2\n#";
+    for (extra, loads) in [(0, true), (1, false)] {
+        let mut body = String::from(head);
+        body.push_str(&"x".repeat(MAX_FILE_BYTES + extra - head.len() - 1));
+        body.push('\n');
+        assert_eq!(body.len(), MAX_FILE_BYTES + extra);
+        let file = dir.join(format!("edge-{extra}.yaml"));
+        std::fs::write(&file, &body).unwrap();
+        assert_eq!(scenario::load(&file).is_ok(), loads, "{} bytes", body.len());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Billion laughs and deep nesting are refused by the parser's budgets, fast: the
 /// aliases are never expanded and the nesting never reaches the stack. While an input
 /// is a known gap or not, it only has to finish well within the hang limit.

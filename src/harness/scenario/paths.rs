@@ -134,3 +134,23 @@ fn collect(p: &Path, out: &mut Vec<PathBuf>) {
         out.push(p.to_path_buf());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A glob pattern gives the files it matches, sorted; one that matches nothing is
+    /// an error naming the pattern. (Run from the repository root, as `cargo test` does.)
+    #[test]
+    fn a_glob_gives_its_matches_and_a_glob_matching_nothing_is_an_error() {
+        let found = discover(&[PathBuf::from("scenarios/bugs/*.yaml")]).unwrap();
+        assert!(found.len() > 5, "{found:?}");
+        assert!(found.windows(2).all(|w| w[0] < w[1]));
+        assert!(found
+            .iter()
+            .all(|f| f.starts_with("scenarios/bugs") && f.extension().unwrap() == "yaml"));
+        let err = discover(&[PathBuf::from("scenarios/bugs/*.nothing")]).unwrap_err();
+        assert_eq!(err.message, "no file matches this pattern");
+        assert_eq!(err.file, PathBuf::from("scenarios/bugs/*.nothing"));
+    }
+}
