@@ -468,10 +468,8 @@ fn a_2_mib_scenario_file_is_refused_before_parsing() {
 /// byte more is refused.
 #[test]
 fn a_scenario_file_of_exactly_the_limit_loads_and_one_byte_more_does_not() {
-    let dir = std::env::temp_dir().join(format!(
-        "prefix-harness-size-limit-{}",
-        std::process::id()
-    ));
+    let dir =
+        std::env::temp_dir().join(format!("prefix-harness-size-limit-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let head = "name: edge\nmodel:\n  family: gpt2\nprefix:\n  virtual_tokens: 2\n#";
     for (extra, loads) in [(0, true), (1, false)] {

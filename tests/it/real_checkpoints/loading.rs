@@ -274,6 +274,33 @@ fn sharded_checkpoints_load_like_one_file() {
     );
 }
 
+/// A run takes the checkpoint's own `tokenizer.json` (here a word-level one that maps
+/// `hi` to id 7, where the built-in byte tokenizer gives 104, 105) unless the scenario
+/// names a tokenizer.
+#[test]
+fn a_run_encodes_prompts_with_the_checkpoints_own_tokenizer() {
+    use prefix_harness::harness::{run, scenario};
+    let dir = model_copy("own-tok", "gpt2");
+    let word_level = r#"{"version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "hi": 7}, "unk_token": "[UNK]"}}"#;
+    std::fs::write(dir.path().join(hub::TOKENIZER_FILE), word_level).expect("tokenizer");
+    let prepared_ids = |extra: &str| {
+        let yaml = format!(
+            "name: own-tok\nmodel:\n  path: .\n{extra}prefix:\n  virtual_tokens: 2\n\
+             data:\n  prompts: [hi]\n  batch_size: 1\n"
+        );
+        let file = dir.path().join("s.yaml");
+        std::fs::write(&file, yaml).expect("scenario");
+        let case = scenario::load(&file).expect("scenario").remove(0);
+        let p = run::prepare(&case).unwrap_or_else(|e| panic!("prepare: {e}"));
+        p.ids.to_vec2::<u32>().expect("ids")
+    };
+    assert_eq!(prepared_ids(""), vec![vec![7]]);
+    assert_eq!(prepared_ids("tokenizer: builtin\n"), vec![vec![104, 105]]);
+}
+
 #[test]
 fn a_folder_with_tokenizer_json_loads_it() {
     let dir = model_copy("tok", "gpt2");
