@@ -559,4 +559,20 @@ mod tests {
             Some(2)
         );
     }
+
+    /// Token agreement is the share of equal tokens over all rows (3 of 4 here), per
+    /// row too; two empty generations agree fully.
+    #[test]
+    fn token_agreement_counts_equal_tokens_over_all_rows() {
+        let logits = vec![vec![0.0, 1.0], vec![1.0, 0.0]];
+        let q = output(vec![vec![1, 1], vec![0, 1]], logits.clone());
+        let d = output(vec![vec![1, 1], vec![0, 0]], logits);
+        let r = compare_quantized(&q, &d).unwrap();
+        assert_eq!((r.tokens_equal, r.tokens_compared), (3, 4));
+        assert_eq!(r.token_agreement, 0.75);
+        assert_eq!(r.token_agreement_per_row, vec![1.0, 0.5]);
+        let empty = output(vec![vec![], vec![]], vec![vec![0.0], vec![0.0]]);
+        let r = compare_quantized(&empty, &empty).unwrap();
+        assert_eq!((r.tokens_compared, r.token_agreement), (0, 1.0));
+    }
 }
