@@ -77,6 +77,27 @@ fn the_gradient_check_catches_a_parameter_without_gradient() {
     assert!(d.message.contains("no gradient"), "{}", d.message);
 }
 
+/// A gradient with a NaN in it is a `no-grad` diagnosis naming the parameter and the
+/// number of non-finite values (here the loss multiplies by `0 * inf` = NaN).
+#[test]
+fn the_gradient_check_catches_a_non_finite_gradient() {
+    let model = tiny_model(Family::Llama);
+    let prefix = prefix_with(model.as_ref(), 3, false);
+    // [P, L*2*token_dim]
+    let emb = prefix.forward().expect("prompt embeddings");
+    let nan = emb
+        .ones_like()
+        .and_then(|o| o.affine(0.0, f64::NAN))
+        .expect("NaN weights");
+    let grads = (emb * nan)
+        .and_then(|l| l.sum_all())
+        .and_then(|l| l.backward())
+        .expect("backward succeeds");
+    let err = check_grads(&grads, &prefix.vars()).expect_err("a NaN gradient must be caught");
+    let d = no_grad_diagnosis(&err);
+    assert!(d.message.contains("non-finite gradient values"), "{}", d.message);
+}
+
 /// Training through a cache that detaches what it stores (candle-nn's `ConcatKvCache`
 /// behind `dynamic`, `KvCache` behind `static`) leaves the prefix without gradient: the
 /// check names it. `none`, the training cache, keeps it in the graph.
