@@ -140,6 +140,39 @@ fn mask_not_extended_by_the_prefix_is_a_mask_width_failure() {
         (d.expected_shape.clone(), d.actual_shape.clone()),
         (vec![2, 9], vec![2, 5])
     );
+    assert!(
+        d.hint.contains("not extended by the P prefix columns"),
+        "{}",
+        d.hint
+    );
+}
+
+/// The other way round, a mask wider than the keys, gets the other hint.
+#[test]
+fn a_mask_wider_than_the_keys_is_a_mask_width_failure_with_its_own_hint() {
+    use prefix_harness::engine::diagnosis::{Attention, EngineError};
+    use prefix_harness::engine::model::attention::{additive_mask, MaskSpec};
+    let pad =
+        candle_core::Tensor::ones((2, 10), candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap(); // [B, T = 10]
+    let spec = MaskSpec {
+        q_start: 4,
+        q_len: 5,
+        kv_start: 0,
+        kv_len: 9,
+        causal: true,
+        window: None,
+    };
+    let err = additive_mask(&pad, spec, 0, Attention::SelfAttn).unwrap_err();
+    let EngineError::Shape(d) = err else {
+        panic!("not a diagnosis: {err}")
+    };
+    assert_eq!(d.class, DiagnosisClass::MaskWidth);
+    assert_eq!(
+        (d.expected_shape.clone(), d.actual_shape.clone()),
+        (vec![2, 9], vec![2, 10])
+    );
+    assert!(d.hint.contains("wider than the cache"), "{}", d.hint);
 }
 
 #[test]

@@ -95,7 +95,11 @@ fn the_gradient_check_catches_a_non_finite_gradient() {
         .expect("backward succeeds");
     let err = check_grads(&grads, &prefix.vars()).expect_err("a NaN gradient must be caught");
     let d = no_grad_diagnosis(&err);
-    assert!(d.message.contains("non-finite gradient values"), "{}", d.message);
+    assert!(
+        d.message.contains("non-finite gradient values"),
+        "{}",
+        d.message
+    );
 }
 
 /// Training through a cache that detaches what it stores (candle-nn's `ConcatKvCache`
