@@ -341,3 +341,28 @@ fn attention_core_matches_composed_grouped_attention_for_queries_keys_and_values
         }
     }
 }
+
+/// The fused-ops mode (candle-nn's softmax and norms, the attention scores scaled and
+/// masked by composed ops instead of the crate's one softmax kernel) gives the same
+/// logits as the default kernels, for every family, with a prefix: the composed path
+/// is the one `train.fused_ops` and non-f32 runs take. (Decoder-only families: the
+/// helper feeds no decoder ids.)
+#[test]
+fn fused_ops_mode_gives_the_default_logits_in_every_family() {
+    use crate::common::{logits_with, prefix, prompt, tiny_model};
+    use prefix_harness::engine::cache::CacheMode;
+    use prefix_harness::engine::model::Family;
+    for family in Family::ALL {
+        let model = tiny_model(family);
+        if model.geometry().encoder_decoder {
+            continue;
+        }
+        let p = prefix(model.as_ref(), 3);
+        let ids = prompt(2, 5); // [B, S]
+        let own = logits_with(model.as_ref(), Some(&p), CacheMode::Dynamic, &ids); // [B, S, V]
+        let fused =
+            nn::with_fused_ops(|| logits_with(model.as_ref(), Some(&p), CacheMode::Dynamic, &ids));
+        let d = max_abs_diff(&own, &fused);
+        assert!(d < 1e-4, "{}: fused ops differ by {d}", family.name());
+    }
+}
