@@ -102,6 +102,29 @@ fn the_gradient_check_catches_a_non_finite_gradient() {
     );
 }
 
+/// T5 with the cross-attention prefix dropped: its cross blocks get no gradient, which
+/// the check accepts (nothing reads them); the same gradients checked for a prefix
+/// that injects the cross part are a `no-grad` diagnosis at a cross block.
+#[test]
+fn zero_cross_blocks_pass_only_when_the_cross_prefix_is_dropped() {
+    use prefix_harness::engine::prefix::CrossPrefix;
+    let model = tiny_model(Family::T5);
+    let mut prefix = prefix_with(model.as_ref(), 2, false);
+    prefix.config.cross = CrossPrefix::Drop;
+    let batch = batch_for(model.as_ref(), &data::SENTIMENT[..2], 32, &cpu()).expect("batch");
+    let none = CacheConfig::new(CacheMode::None);
+    let logits = batch_logits_in(model.as_ref(), &prefix, &batch, &none).expect("logits");
+    let grads = masked_cross_entropy(&logits, &batch.labels)
+        .expect("loss")
+        .backward()
+        .expect("backward");
+    check_prefix_grads(&grads, &prefix).expect("the dropped cross blocks are not read");
+    prefix.config.cross = CrossPrefix::Inject;
+    let err = check_prefix_grads(&grads, &prefix).expect_err("unused cross blocks caught");
+    let d = no_grad_diagnosis(&err);
+    assert_eq!(d.attention, Some(Attention::Cross), "{d}");
+}
+
 /// Training through a cache that detaches what it stores (candle-nn's `ConcatKvCache`
 /// behind `dynamic`, `KvCache` behind `static`) leaves the prefix without gradient: the
 /// check names it. `none`, the training cache, keeps it in the graph.
