@@ -11,7 +11,6 @@
 //! against).
 
 use std::cell::Cell;
-use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Tensor, D};
 
@@ -70,9 +69,6 @@ pub struct Linear {
     w_t: Tensor,
     /// `[out]`
     b: Option<Tensor>,
-    /// `[out, in]`, contiguous: the weight the backward pass multiplies by, built by the
-    /// first backward pass (generation never needs it). Shared by clones.
-    w: Arc<OnceLock<Tensor>>,
 }
 
 impl Linear {
@@ -90,7 +86,6 @@ impl Linear {
         Ok(Self {
             w_t,
             b: b.map(|b| b.contiguous()).transpose()?,
-            w: Arc::default(),
         })
     }
 
@@ -139,15 +134,6 @@ impl Linear {
     pub(crate) fn input_grad(&self, grad: &Tensor) -> candle_core::Result<Tensor> {
         input_grad_sum(&[(self, grad)])
     }
-
-    /// `[out, in]`, contiguous: built by the first call.
-    fn w(&self) -> candle_core::Result<&Tensor> {
-        if self.w.get().is_none() {
-            // A race only builds the same tensor twice.
-            let _ = self.w.set(self.w_t.t()?.contiguous()?);
-        }
-        Ok(self.w.get().expect("set above"))
-    }
 }
 
 /// The input gradient of an activation that feeds several linears (each `in` wide):
@@ -163,12 +149,14 @@ pub(crate) fn input_grad_sum(terms: &[(&Linear, &Tensor)]) -> candle_core::Resul
     if let Some(last) = dims.last_mut() {
         *last = k;
     }
-    // grad_i as [m, out_i], w_i as [out_i, in]
+    // grad_i as [m, out_i], w_i as [out_i, in]: the transposed view of `w_t`, which gemm
+    // reads through its strides (no copy of the weight: a copy of every weight, made by
+    // the first backward pass, doubled the model's memory and slowed the first step).
     let mut rows = Vec::with_capacity(terms.len());
     for (lin, grad) in terms {
         let n = lin.w_t.dim(1)?;
         let m = grad.elem_count() / n.max(1);
-        rows.push((grad.contiguous()?.reshape((m, n))?, lin.w()?.clone()));
+        rows.push((grad.contiguous()?.reshape((m, n))?, lin.w_t.t()?));
     }
     let pairs: Vec<(&Tensor, &Tensor)> = rows.iter().map(|(g, w)| (g, w)).collect();
     kernels::matmul_sum(&pairs)?.reshape(dims)
