@@ -21,7 +21,11 @@ use prefix_harness::engine::cache::{CacheConfig, CacheMode};
 use prefix_harness::engine::generate::{greedy, DecodeOptions};
 use prefix_harness::engine::model::{llama, nn, weights, ModelConfig};
 use prefix_harness::engine::prefix::{PrefixConfig, PrefixEncoder};
-use prefix_harness::engine::train::{batch_logits_in, masked_cross_entropy, Batch, IGNORE_INDEX};
+use prefix_harness::engine::train::{batch_logits_in, masked_cross_entropy};
+
+#[path = "bench_common/mod.rs"]
+mod bench_common;
+use bench_common::{arg, flag, median, synthetic_batch};
 
 const HIDDEN: usize = 512;
 const LAYERS: usize = 4;
@@ -33,16 +37,6 @@ const VOCAB: usize = 4096;
 const B: usize = 8;
 const S: usize = 128;
 const P: usize = 32;
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
 
 /// Matmul FLOPs of one forward pass over `t` new tokens per row attending to `k` keys
 /// (prefix + past + new), LM head on `head_rows` positions per row.
@@ -73,19 +67,11 @@ fn matmul_peak(dev: &Device) -> candle_core::Result<f64> {
 fn main() -> anyhow::Result<()> {
     // As the CLI does with --jobs 1: all cores for one case, freed memory reused.
     prefix_harness::harness::run::prepare_process(1);
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str, default: usize| -> usize {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
     let steps = arg("--steps", 5);
     let tokens = arg("--tokens", 32);
-    let fused = args.iter().any(|a| a == "--fused");
-    let skip_train = args.iter().any(|a| a == "--no-train");
-    let skip_gen = args.iter().any(|a| a == "--no-gen");
+    let fused = flag("--fused");
+    let skip_train = flag("--no-train");
+    let skip_gen = flag("--no-gen");
     let dev = Device::Cpu;
 
     let peak = matmul_peak(&dev)?;
@@ -105,26 +91,8 @@ fn main() -> anyhow::Result<()> {
     let model = cfg.build(weights::seeded(7, DType::F32, &dev))?;
     let prefix = PrefixEncoder::new(&PrefixConfig::new(P), &model.geometry(), &dev)?;
 
-    // Synthetic ids [B, S] (deterministic), labels = ids shifted left.
-    let ids_host: Vec<u32> = (0..B * S)
-        .map(|i| ((i as u64 * 2654435761 + 12345) % VOCAB as u64) as u32)
-        .collect();
-    let labels_host: Vec<i64> = (0..B * S)
-        .map(|i| {
-            if i % S == S - 1 {
-                IGNORE_INDEX
-            } else {
-                i64::from(ids_host[i + 1])
-            }
-        })
-        .collect();
-    let ids = Tensor::from_vec(ids_host, (B, S), &dev)?;
-    let batch = Batch {
-        ids: ids.clone(),
-        mask: Tensor::ones((B, S), DType::F32, &dev)?,
-        decoder: None,
-        labels: Tensor::from_vec(labels_host, (B, S), &dev)?,
-    };
+    let batch = synthetic_batch(B, S, VOCAB, &dev)?; // ids, labels: [B, S]
+    let ids = batch.ids.clone(); // [B, S]
 
     if !skip_train {
         let vars = prefix.vars();

@@ -15,42 +15,25 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use prefix_harness::engine::cache::{CacheConfig, CacheMode};
 use prefix_harness::engine::generate::{greedy, DecodeOptions};
 use prefix_harness::engine::model::{qwen2, weights, ModelConfig};
 use prefix_harness::engine::prefix::{PrefixConfig, PrefixEncoder};
-use prefix_harness::engine::train::{batch_logits_in, masked_cross_entropy, Batch, IGNORE_INDEX};
+use prefix_harness::engine::train::{batch_logits_in, masked_cross_entropy};
+
+#[path = "bench_common/mod.rs"]
+mod bench_common;
+use bench_common::{arg, median, synthetic_batch};
 
 const B: usize = 4;
 const S: usize = 128;
 const P: usize = 32;
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     // As the CLI does with --jobs 1: all cores for one case.
     prefix_harness::harness::run::prepare_process(1);
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str, default: usize| -> usize {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
     let layers = arg("--layers", 24);
     let steps = arg("--steps", 10);
     let tokens = arg("--tokens", 32);
@@ -76,27 +59,8 @@ fn main() -> anyhow::Result<()> {
     println!("layers={layers}");
     println!("load_s={load_s:.3}");
 
-    // Synthetic ids [B, S] (deterministic, the same formula as peft_m3.py), labels =
-    // ids shifted left.
-    let ids_host: Vec<u32> = (0..B * S)
-        .map(|i| ((i as u64 * 2_654_435_761 + 12_345) % vocab as u64) as u32)
-        .collect();
-    let labels_host: Vec<i64> = (0..B * S)
-        .map(|i| {
-            if i % S == S - 1 {
-                IGNORE_INDEX
-            } else {
-                i64::from(ids_host[i + 1])
-            }
-        })
-        .collect();
-    let ids = Tensor::from_vec(ids_host, (B, S), &dev)?; // [B, S]
-    let batch = Batch {
-        ids: ids.clone(),
-        mask: Tensor::ones((B, S), DType::F32, &dev)?,
-        decoder: None,
-        labels: Tensor::from_vec(labels_host, (B, S), &dev)?,
-    };
+    let batch = synthetic_batch(B, S, vocab, &dev)?; // ids, labels: [B, S]
+    let ids = batch.ids.clone(); // [B, S]
 
     let t_train = Instant::now();
     let vars = prefix.vars();
