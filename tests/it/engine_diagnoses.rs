@@ -187,6 +187,28 @@ fn static_cache_without_room_for_the_prefix_is_a_seq_len_failure() {
     assert_layer0_self(&d, DiagnosisClass::SeqLen, TensorKind::Key);
 }
 
+/// The same in a hybrid cache (Gemma 2): a global layer sized for prompt + new tokens
+/// only is a `seq-len` failure that names the hybrid cache's global layer and gives the
+/// hybrid hint, not the static one.
+#[test]
+fn a_hybrid_cache_without_room_for_the_prefix_is_a_seq_len_failure_of_a_global_layer() {
+    let d = diagnose(
+        Family::Gemma2,
+        4,
+        opts(CacheMode::Hybrid { max_len: Some(8) }),
+        None,
+    );
+    assert_eq!(d.class, DiagnosisClass::SeqLen, "{d}");
+    assert_eq!(d.tensor, Some(TensorKind::Key), "{d}");
+    assert!(
+        d.message
+            .contains("the hybrid cache's global layer holds 8 positions"),
+        "{}",
+        d.message
+    );
+    assert_eq!(d.hint, prefix_harness::engine::cache::hybrid::CAPACITY_HINT);
+}
+
 #[test]
 fn positions_past_the_learned_table_are_a_position_failure() {
     // tiny GPT-2 has 128 positions; 124 virtual tokens + 5 prompt tokens do not fit.
