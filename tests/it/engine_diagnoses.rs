@@ -396,3 +396,26 @@ fn an_expected_warning_passes_the_judge_and_another_class_does_not() {
         .unwrap()
         .contains("expected a `seq-len` failure but the case passed"));
 }
+
+/// A sliding cache seeded with more prefix positions than the P it is told: the first
+/// update finds more keys than positions, a `seq-len` diagnosis whose expected shape is
+/// the positions (P told + new) and whose actual shape is the keys (P held + new).
+#[test]
+fn a_prefix_longer_than_its_declared_length_is_a_seq_len_failure_with_both_counts() {
+    use prefix_harness::engine::cache::{CacheConfig, Layout};
+    let kv = |n: usize| Tensor::ones((1, 1, n, 4), candle_core::DType::F32, &Device::Cpu).unwrap(); // [B, KVH, n, D]
+    let mut cfg = CacheConfig::new(CacheMode::Sliding { window: 16 });
+    cfg.window = Some(16);
+    let mut cache = ModelCache::new(cfg, Layout::Standard, 1, false);
+    cache.seed(0, Attention::SelfAttn, kv(4), kv(4), 2).unwrap(); // 4 held, P told 2
+    let err = cache.update_self(0, &kv(3), &kv(3), (2, 5)).unwrap_err();
+    let EngineError::Shape(d) = err else {
+        panic!("not a diagnosis: {err}")
+    };
+    assert_eq!(d.class, DiagnosisClass::SeqLen, "{d}");
+    assert_eq!(
+        (d.expected_shape.clone(), d.actual_shape.clone()),
+        (vec![5], vec![7]),
+        "{d}"
+    );
+}
