@@ -11,7 +11,7 @@
 //!
 //! One snapshot per case, named after the case id (`grid[family=t5,cache=sliding/16,P=8,B=3]`
 //! -> `grid__family-t5_cache-sliding-16_P-8_B-3`). A snapshot holds only what must be
-//! identical on every platform: status, diagnosis class, place and shapes, the
+//! identical on every platform: status, diagnosis class, place, shapes and hint, the
 //! generated token ids of untrained cases, whether training lowered the loss, and the trace
 //! condensed to one line per step, attention and operation, with the layers that
 //! behave identically merged (`L0-1`; the order of events within a step is not
@@ -80,6 +80,10 @@ struct DiagnosisSnapshot {
     /// None when the diagnosis names no shapes (e.g. `no-grad`).
     expected_shape: Option<String>,
     actual_shape: Option<String>,
+    /// The likely cause the diagnosis names (pinned so that a hint deleted or replaced
+    /// by other text is seen); left out when empty.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hint: Option<String>,
 }
 
 /// A shape as `[1,4,13,16]`.
@@ -214,6 +218,7 @@ fn snapshot_of(r: &CaseResult) -> CaseSnapshot {
             place: d.place(),
             expected_shape: (!d.expected_shape.is_empty()).then(|| dims(&d.expected_shape)),
             actual_shape: (!d.actual_shape.is_empty()).then(|| dims(&d.actual_shape)),
+            hint: (!d.hint.is_empty()).then(|| d.hint.clone()),
         }),
         training: match (r.losses.first(), r.losses.last()) {
             (Some(&a), Some(&b)) => Some(format!(
