@@ -11,8 +11,8 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_self_attention, merge_heads, CachedStep};
-use super::nn::{embed, gelu_tanh, layer_norm, Linear};
-use super::weights::{layer_norm_params, linear_params, weight};
+use super::nn::{embed, GeluMlp, LayerNorm, Linear};
+use super::weights::{linear_params, weight};
 use super::{backbone, Family, Forward, Model, ModelGeometry};
 use crate::engine::diagnosis::{Attention, CandleExt, Result, Site, TensorKind};
 
@@ -63,26 +63,24 @@ impl Config {
 }
 
 struct Block {
-    input_layernorm: (Tensor, Tensor),
+    input_layernorm: LayerNorm,
     /// `Linear` `[E, 3E]`, columns per head `[H, 3, D]` (q, k, v of head 0, then
     /// head 1, ...)
     query_key_value: Linear,
     /// `Linear` `[E, E]`
     dense: Linear,
-    post_attention_layernorm: (Tensor, Tensor),
-    /// `Linear` `[E, 4E]`
-    dense_h_to_4h: Linear,
-    /// `Linear` `[4E, E]`
-    dense_4h_to_h: Linear,
+    post_attention_layernorm: LayerNorm,
+    /// `dense_h_to_4h` `[E, 4E]`, `dense_4h_to_h` `[4E, E]`
+    mlp: GeluMlp,
 }
 
 pub struct Bloom {
     cfg: Config,
     /// `[V, E]`, the token embeddings.
     word_embeddings: Tensor,
-    word_embeddings_layernorm: (Tensor, Tensor),
+    word_embeddings_layernorm: LayerNorm,
     blocks: Vec<Block>,
-    ln_f: (Tensor, Tensor),
+    ln_f: LayerNorm,
     /// Tied LM head: `Linear` `[E, V]`, `word_embeddings` transposed, no bias.
     lm_head: Linear,
     /// ALiBi slope per head, `[H]`.
@@ -108,12 +106,14 @@ impl Bloom {
         let e = cfg.hidden_size;
         let word_embeddings =
             weight(&vb, (cfg.vocab_size, e), "word_embeddings.weight").ctx("word_embeddings")?;
-        let word_embeddings_layernorm = layer_norm_params(&vb, "word_embeddings_layernorm", e)?;
+        let eps = cfg.layer_norm_epsilon;
+        let word_embeddings_layernorm =
+            LayerNorm::load(&vb, "word_embeddings_layernorm", e, eps)?;
         let mut blocks = vec![];
         for i in 0..cfg.n_layer {
             let p = format!("h.{i}");
             blocks.push(Block {
-                input_layernorm: layer_norm_params(&vb, &format!("{p}.input_layernorm"), e)?,
+                input_layernorm: LayerNorm::load(&vb, &format!("{p}.input_layernorm"), e, eps)?,
                 query_key_value: linear_params(
                     &vb,
                     &format!("{p}.self_attention.query_key_value"),
@@ -121,16 +121,19 @@ impl Bloom {
                     3 * e,
                 )?,
                 dense: linear_params(&vb, &format!("{p}.self_attention.dense"), e, e)?,
-                post_attention_layernorm: layer_norm_params(
+                post_attention_layernorm: LayerNorm::load(
                     &vb,
                     &format!("{p}.post_attention_layernorm"),
                     e,
+                    eps,
                 )?,
-                dense_h_to_4h: linear_params(&vb, &format!("{p}.mlp.dense_h_to_4h"), e, 4 * e)?,
-                dense_4h_to_h: linear_params(&vb, &format!("{p}.mlp.dense_4h_to_h"), 4 * e, e)?,
+                mlp: GeluMlp {
+                    up: linear_params(&vb, &format!("{p}.mlp.dense_h_to_4h"), e, 4 * e)?,
+                    down: linear_params(&vb, &format!("{p}.mlp.dense_4h_to_h"), 4 * e, e)?,
+                },
             });
         }
-        let ln_f = layer_norm_params(&vb, "ln_f", e)?;
+        let ln_f = LayerNorm::load(&vb, "ln_f", e, eps)?;
         let lm_head = Linear::from_torch(&word_embeddings, None).ctx("word_embeddings")?;
         Ok(Self {
             cfg: cfg.clone(),
@@ -188,23 +191,14 @@ impl Model for Bloom {
         let past = fw.cache.past_len();
         let g = self.cfg.geometry();
         let (heads, d) = (g.num_attention_heads, g.head_dim);
-        let eps = self.cfg.layer_norm_epsilon;
         let post_ln = self.cfg.apply_residual_connection_post_layernorm;
         // [B, S, E]
         let mut h = embed(&self.word_embeddings, ids)
-            .and_then(|x| {
-                layer_norm(
-                    &x,
-                    &self.word_embeddings_layernorm.0,
-                    &self.word_embeddings_layernorm.1,
-                    eps,
-                )
-            })
+            .and_then(|x| self.word_embeddings_layernorm.forward(&x))
             .ctx("embeddings")?;
         for (i, blk) in self.blocks.iter().enumerate() {
             let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
-            let a = layer_norm(&h, &blk.input_layernorm.0, &blk.input_layernorm.1, eps)
-                .at(site, "input_layernorm")?;
+            let a = blk.input_layernorm.forward(&h).at(site, "input_layernorm")?;
             let residual = if post_ln { a.clone() } else { h.clone() };
             // [B, S, 3E] -> [B, S, H, 3, D]
             let (b, _, _) = a.dims3().at(site, "hidden")?;
@@ -233,24 +227,17 @@ impl Model for Bloom {
                 .and_then(|o| blk.dense.forward(&o))
                 .at(site, "dense")?;
             h = (o + residual).at(site, "residual")?;
-            let m_in = layer_norm(
-                &h,
-                &blk.post_attention_layernorm.0,
-                &blk.post_attention_layernorm.1,
-                eps,
-            )
-            .at(site, "post_attention_layernorm")?;
+            let m_in = blk
+                .post_attention_layernorm
+                .forward(&h)
+                .at(site, "post_attention_layernorm")?;
             let residual = if post_ln { m_in.clone() } else { h.clone() };
-            let m = blk
-                .dense_h_to_4h
-                .forward(&m_in)
-                .and_then(|m| gelu_tanh(&m))
-                .and_then(|m| blk.dense_4h_to_h.forward(&m))
-                .at(site, "mlp")?;
+            let m = blk.mlp.forward(&m_in).at(site, "mlp")?;
             h = (m + residual).at(site, "residual")?;
         }
         // [B, S, V], or [B, 1, V] with fw.last_only
-        layer_norm(&fw.kept_positions(&h)?, &self.ln_f.0, &self.ln_f.1, eps)
+        self.ln_f
+            .forward(&fw.kept_positions(&h)?)
             .and_then(|h| self.lm_head.forward(&h))
             .ctx("lm head")
     }

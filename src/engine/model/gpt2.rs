@@ -3,14 +3,18 @@
 //!
 //! Cache geometry: `[B, n_head, S, n_embd / n_head]`. Positions of real tokens start
 //! after the prefix, so P + S must stay below `n_positions` (PrefixTuning issue 40).
+//!
+//! The decoder here ([`Decoder`]) is shared with GPT-BigCode ([`super::gpt_bigcode`]),
+//! which differs only in its projections' weight layout and in how the fused `c_attn`
+//! columns hold keys and values ([`QkvColumns`]).
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_self_attention, merge_heads, split_heads, CachedStep};
-use super::nn::{embed, gelu_tanh, layer_norm, Linear};
-use super::weights::{conv1d_params, layer_norm_params, weight};
+use super::nn::{embed, GeluMlp, LayerNorm, Linear};
+use super::weights::{conv1d_params, weight};
 use super::{backbone, learned_positions, Family, Forward, Model, ModelGeometry};
 use crate::engine::diagnosis::{Attention, CandleExt, Result, Site, TensorKind};
 
@@ -59,59 +63,205 @@ impl Config {
     }
 }
 
+/// How the fused `c_attn` output `[B, S, E + 2*KVH*D]` holds queries, keys and values.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum QkvColumns {
+    /// All queries, then all keys, then all values (GPT-2 with `kv_heads` = H,
+    /// GPT-BigCode's multi-query with `kv_heads` = 1).
+    Contiguous { kv_heads: usize },
+    /// Per head `[H, 3, D]`: q, k, v of head 0, then head 1, ... (GPT-BigCode without
+    /// `multi_query`).
+    PerHead,
+}
+
+impl QkvColumns {
+    /// Split `qkv: [B, S, E + 2*KVH*D]` into q `[B, H, S, D]` and k, v `[B, KVH, S, D]`.
+    fn split(
+        self,
+        qkv: &Tensor,
+        heads: usize,
+        d: usize,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let e = heads * d;
+        match self {
+            Self::Contiguous { kv_heads } => {
+                let kv = kv_heads * d;
+                let q = split_heads(&qkv.narrow(2, 0, e)?, heads, d)?;
+                let k = split_heads(&qkv.narrow(2, e, kv)?, kv_heads, d)?;
+                let v = split_heads(&qkv.narrow(2, e + kv, kv)?, kv_heads, d)?;
+                Ok((q, k, v))
+            }
+            Self::PerHead => {
+                // transformers: view(B, S, H, 3*D).transpose(1, 2).split((D, 2*D), dim=3)
+                let (b, s, _) = qkv.dims3()?;
+                let x = qkv.reshape((b, s, heads, 3 * d))?.transpose(1, 2)?;
+                Ok((
+                    x.narrow(3, 0, d)?,
+                    x.narrow(3, d, d)?,
+                    x.narrow(3, 2 * d, d)?,
+                ))
+            }
+        }
+    }
+}
+
+/// How a family stores its projections: GPT-2's `Conv1D` (`[in, out]`) or
+/// `nn.Linear` (`[out, in]`), read by name with `(name, in, out)`.
+pub(super) type LoadProjection = fn(&VarBuilder, &str, usize, usize) -> Result<Linear>;
+
+/// What the GPT-2 decoder needs from a family's config.
+pub(super) struct DecoderSpec {
+    pub geometry: ModelGeometry,
+    pub n_positions: usize,
+    /// The MLP's inner width (`n_inner`, default 4E).
+    pub inner: usize,
+    pub eps: f64,
+    pub columns: QkvColumns,
+    pub projection: LoadProjection,
+}
+
+/// One GPT-2 layer: `h + attn(ln_1(h))`, then `h + mlp(ln_2(h))`.
 struct Block {
-    ln_1: (Tensor, Tensor),
-    /// `Linear` `[E, 3E]`, bias `[3E]`
+    ln_1: LayerNorm,
+    /// `Linear` `[E, E + 2*KVH*D]`, bias (see [`QkvColumns`])
     c_attn: Linear,
     /// `Linear` `[E, E]`, bias `[E]`
     c_proj: Linear,
-    ln_2: (Tensor, Tensor),
-    /// `Linear` `[E, inner]`, bias `[inner]`
-    c_fc: Linear,
-    /// `Linear` `[inner, E]`, bias `[E]`
-    mlp_proj: Linear,
+    ln_2: LayerNorm,
+    /// `c_fc` `[E, inner]`, `c_proj` `[inner, E]`
+    mlp: GeluMlp,
 }
 
-pub struct Gpt2 {
-    cfg: Config,
+impl Block {
+    fn load(vb: &VarBuilder, p: &str, spec: &DecoderSpec) -> Result<Self> {
+        let g = &spec.geometry;
+        let e = g.hidden_size;
+        let qkv_out = e + 2 * g.num_kv_heads * g.head_dim;
+        let load = spec.projection;
+        Ok(Self {
+            ln_1: LayerNorm::load(vb, &format!("{p}.ln_1"), e, spec.eps)?,
+            c_attn: load(vb, &format!("{p}.attn.c_attn"), e, qkv_out)?,
+            c_proj: load(vb, &format!("{p}.attn.c_proj"), e, e)?,
+            ln_2: LayerNorm::load(vb, &format!("{p}.ln_2"), e, spec.eps)?,
+            mlp: GeluMlp {
+                up: load(vb, &format!("{p}.mlp.c_fc"), e, spec.inner)?,
+                down: load(vb, &format!("{p}.mlp.c_proj"), spec.inner, e)?,
+            },
+        })
+    }
+}
+
+/// The GPT-2 decoder: token and learned position embeddings, the layers, the final
+/// LayerNorm and the tied LM head.
+pub(super) struct Decoder {
+    spec: DecoderSpec,
     /// `[V, E]`, the token embeddings.
     wte: Tensor,
     /// `[n_positions, E]`
     wpe: Tensor,
     blocks: Vec<Block>,
-    ln_f: (Tensor, Tensor),
+    ln_f: LayerNorm,
     /// Tied LM head: `Linear` `[E, V]`, `wte` transposed, no bias.
     lm_head: Linear,
 }
 
-impl Gpt2 {
-    pub fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+impl Decoder {
+    pub(super) fn load(spec: DecoderSpec, vb: VarBuilder) -> Result<Self> {
         let vb = backbone(&vb, "transformer", "wte.weight");
-        let e = cfg.n_embd;
-        let inner = cfg.n_inner.unwrap_or(4 * e);
-        let wte = weight(&vb, (cfg.vocab_size, e), "wte.weight").ctx("wte")?;
-        let wpe = weight(&vb, (cfg.n_positions, e), "wpe.weight").ctx("wpe")?;
-        let mut blocks = vec![];
-        for i in 0..cfg.n_layer {
-            let p = format!("h.{i}");
-            blocks.push(Block {
-                ln_1: layer_norm_params(&vb, &format!("{p}.ln_1"), e)?,
-                c_attn: conv1d_params(&vb, &format!("{p}.attn.c_attn"), e, 3 * e)?,
-                c_proj: conv1d_params(&vb, &format!("{p}.attn.c_proj"), e, e)?,
-                ln_2: layer_norm_params(&vb, &format!("{p}.ln_2"), e)?,
-                c_fc: conv1d_params(&vb, &format!("{p}.mlp.c_fc"), e, inner)?,
-                mlp_proj: conv1d_params(&vb, &format!("{p}.mlp.c_proj"), inner, e)?,
-            });
-        }
-        let ln_f = layer_norm_params(&vb, "ln_f", e)?;
+        let g = &spec.geometry;
+        let e = g.hidden_size;
+        let wte = weight(&vb, (g.vocab_size, e), "wte.weight").ctx("wte")?;
+        let wpe = weight(&vb, (spec.n_positions, e), "wpe.weight").ctx("wpe")?;
+        let blocks = (0..g.num_layers)
+            .map(|i| Block::load(&vb, &format!("h.{i}"), &spec))
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = LayerNorm::load(&vb, "ln_f", e, spec.eps)?;
         let lm_head = Linear::from_torch(&wte, None).ctx("wte")?;
         Ok(Self {
-            cfg: cfg.clone(),
+            spec,
             wte,
             wpe,
             blocks,
             ln_f,
             lm_head,
+        })
+    }
+
+    /// `ids: [B, S]` -> logits `[B, S, V]` (`[B, 1, V]` with `fw.last_only`).
+    pub(super) fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
+        let (_b, s) = ids.dims2().ctx("input ids [B, S]")?;
+        let past = fw.cache.past_len();
+        let g = &self.spec.geometry;
+        let (heads, d) = (g.num_attention_heads, g.head_dim);
+        let pos = learned_positions(
+            fw.mask,
+            past,
+            s,
+            self.spec.n_positions,
+            g.hidden_size,
+            ids.device(),
+        )?;
+        // [B, S, E]
+        let mut h = embed(&self.wte, ids)
+            .and_then(|t| t.broadcast_add(&embed(&self.wpe, &pos)?))
+            .ctx("embeddings")?;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
+            let a = blk.ln_1.forward(&h).at(site, "ln_1")?;
+            let qkv = blk.c_attn.forward(&a).at(site, "c_attn")?;
+            // q [B, H, S, D], k/v [B, KVH, S, D]
+            let (q, k, v) = self
+                .spec
+                .columns
+                .split(&qkv, heads, d)
+                .at(site, "split c_attn")?;
+            let scale = 1.0 / (d as f64).sqrt();
+            let step = CachedStep {
+                layer: i,
+                past,
+                window: fw.cache.window(),
+            };
+            // [B, H, S, D]
+            let o = cached_self_attention(fw, step, &q, &k, &v, scale, &mut |_, _| Ok(None))?;
+            let o = merge_heads(&o)
+                .and_then(|o| blk.c_proj.forward(&o))
+                .at(site, "c_proj")?;
+            h = (h + o).at(site, "residual")?;
+            let m = blk
+                .ln_2
+                .forward(&h)
+                .and_then(|m| blk.mlp.forward(&m))
+                .at(site, "mlp")?;
+            h = (h + m).at(site, "residual")?;
+        }
+        // [B, S, V], or [B, 1, V] with fw.last_only
+        self.ln_f
+            .forward(&fw.kept_positions(&h)?)
+            .and_then(|h| self.lm_head.forward(&h))
+            .ctx("lm head")
+    }
+}
+
+pub struct Gpt2 {
+    cfg: Config,
+    decoder: Decoder,
+}
+
+impl Gpt2 {
+    pub fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let spec = DecoderSpec {
+            geometry: cfg.geometry(),
+            n_positions: cfg.n_positions,
+            inner: cfg.n_inner.unwrap_or(4 * cfg.n_embd),
+            eps: cfg.layer_norm_epsilon,
+            columns: QkvColumns::Contiguous {
+                kv_heads: cfg.n_head,
+            },
+            projection: conv1d_params,
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            decoder: Decoder::load(spec, vb)?,
         })
     }
 }
@@ -126,62 +276,6 @@ impl Model for Gpt2 {
     }
 
     fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
-        let (_b, s) = ids.dims2().ctx("input ids [B, S]")?;
-        let past = fw.cache.past_len();
-        let (e, heads) = (self.cfg.n_embd, self.cfg.n_head);
-        let d = e / heads;
-        let eps = self.cfg.layer_norm_epsilon;
-        let pos = learned_positions(
-            fw.mask,
-            past,
-            s,
-            self.cfg.n_positions,
-            self.cfg.n_embd,
-            ids.device(),
-        )?;
-        // [B, S, E]
-        let mut h = embed(&self.wte, ids)
-            .and_then(|t| t.broadcast_add(&embed(&self.wpe, &pos)?))
-            .ctx("embeddings")?;
-        for (i, blk) in self.blocks.iter().enumerate() {
-            let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
-            let a = layer_norm(&h, &blk.ln_1.0, &blk.ln_1.1, eps).at(site, "ln_1")?;
-            let qkv = blk.c_attn.forward(&a).at(site, "c_attn")?;
-            // [B, H, S, D] each
-            let q = qkv
-                .narrow(2, 0, e)
-                .and_then(|t| split_heads(&t, heads, d))
-                .at(site, "q")?;
-            let k = qkv
-                .narrow(2, e, e)
-                .and_then(|t| split_heads(&t, heads, d))
-                .at(site, "k")?;
-            let v = qkv
-                .narrow(2, 2 * e, e)
-                .and_then(|t| split_heads(&t, heads, d))
-                .at(site, "v")?;
-            let scale = 1.0 / (d as f64).sqrt();
-            // [B, H, S, D]
-            let step = CachedStep {
-                layer: i,
-                past,
-                window: fw.cache.window(),
-            };
-            let o = cached_self_attention(fw, step, &q, &k, &v, scale, &mut |_, _| Ok(None))?;
-            let o = merge_heads(&o)
-                .and_then(|o| blk.c_proj.forward(&o))
-                .at(site, "c_proj")?;
-            h = (h + o).at(site, "residual")?;
-            let m = layer_norm(&h, &blk.ln_2.0, &blk.ln_2.1, eps)
-                .and_then(|m| blk.c_fc.forward(&m))
-                .and_then(|m| gelu_tanh(&m))
-                .and_then(|m| blk.mlp_proj.forward(&m))
-                .at(site, "mlp")?;
-            h = (h + m).at(site, "residual")?;
-        }
-        // [B, S, V], or [B, 1, V] with fw.last_only
-        layer_norm(&fw.kept_positions(&h)?, &self.ln_f.0, &self.ln_f.1, eps)
-            .and_then(|h| self.lm_head.forward(&h))
-            .ctx("lm head")
+        self.decoder.forward(ids, fw)
     }
 }

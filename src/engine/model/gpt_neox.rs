@@ -15,8 +15,8 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_self_attention, merge_heads, CachedStep};
-use super::nn::{embed, gelu_tanh, layer_norm, rope, Linear};
-use super::weights::{bias, layer_norm_params, weight};
+use super::nn::{embed, gelu_tanh, rope, LayerNorm, Linear};
+use super::weights::{bias, weight};
 use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 
@@ -198,14 +198,12 @@ impl Config {
 }
 
 struct Layer {
-    /// `[E]`, `[E]`
-    input_layernorm: (Tensor, Tensor),
+    input_layernorm: LayerNorm,
     /// `Linear` `[E, 3E]`, columns per head `[H, 3, D]`
     query_key_value: Linear,
     /// `Linear` `[E, E]`
     dense: Linear,
-    /// `[E]`, `[E]`
-    post_attention_layernorm: (Tensor, Tensor),
+    post_attention_layernorm: LayerNorm,
     /// `Linear` `[E, I]`
     dense_h_to_4h: Linear,
     /// `Linear` `[I, E]`
@@ -217,8 +215,7 @@ pub struct GptNeox {
     /// `[V, E]`
     embed_in: Tensor,
     layers: Vec<Layer>,
-    /// `[E]`, `[E]`
-    final_layer_norm: (Tensor, Tensor),
+    final_layer_norm: LayerNorm,
     /// `Linear` `[E, V]` (`embed_in` transposed when `tie_word_embeddings`)
     embed_out: Linear,
     /// RoPE inverse frequencies `[1, R/2]` (R = rotary dimensions), f32.
@@ -243,24 +240,26 @@ impl GptNeox {
         let root = vb.clone();
         let vb = backbone(&vb, "gpt_neox", "embed_in.weight");
         let (e, inter, ab) = (cfg.hidden_size, cfg.intermediate_size, cfg.attention_bias);
+        let eps = cfg.layer_norm_eps;
         let embed_in = weight(&vb, (cfg.vocab_size, e), "embed_in.weight").ctx("embed_in")?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("layers.{i}");
             layers.push(Layer {
-                input_layernorm: layer_norm_params(&vb, &format!("{p}.input_layernorm"), e)?,
+                input_layernorm: LayerNorm::load(&vb, &format!("{p}.input_layernorm"), e, eps)?,
                 query_key_value: lin(&vb, &format!("{p}.attention.query_key_value"), e, 3 * e, ab)?,
                 dense: lin(&vb, &format!("{p}.attention.dense"), e, e, ab)?,
-                post_attention_layernorm: layer_norm_params(
+                post_attention_layernorm: LayerNorm::load(
                     &vb,
                     &format!("{p}.post_attention_layernorm"),
                     e,
+                    eps,
                 )?,
                 dense_h_to_4h: lin(&vb, &format!("{p}.mlp.dense_h_to_4h"), e, inter, true)?,
                 dense_4h_to_h: lin(&vb, &format!("{p}.mlp.dense_4h_to_h"), inter, e, true)?,
             });
         }
-        let final_layer_norm = layer_norm_params(&vb, "final_layer_norm", e)?;
+        let final_layer_norm = LayerNorm::load(&vb, "final_layer_norm", e, eps)?;
         let embed_out = if cfg.tie_word_embeddings {
             Linear::from_torch(&embed_in, None).ctx("embed_in")?
         } else {
@@ -321,7 +320,6 @@ impl Model for GptNeox {
     fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
         let (b, s) = ids.dims2().ctx("input ids [B, S]")?;
         let past = fw.cache.past_len();
-        let eps = self.cfg.layer_norm_eps;
         let (heads, d) = (self.cfg.num_attention_heads, self.cfg.head_dim());
         let window = fw.cache.window();
         // [B, 1, S, R] each, per row from the attention mask (real tokens from P on).
@@ -335,8 +333,7 @@ impl Model for GptNeox {
         let mut h = embed(&self.embed_in, ids).ctx("embed_in")?;
         for (i, l) in self.layers.iter().enumerate() {
             let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
-            let (w1, b1) = &l.input_layernorm;
-            let a = layer_norm(&h, w1, b1, eps).at(site, "input_layernorm")?;
+            let a = l.input_layernorm.forward(&h).at(site, "input_layernorm")?;
             // [B, S, 3E] -> [B, S, H, 3, D]
             let qkv = l
                 .query_key_value
@@ -368,25 +365,28 @@ impl Model for GptNeox {
             let attn = merge_heads(&o)
                 .and_then(|o| l.dense.forward(&o))
                 .at(site, "dense")?;
-            let (w2, b2) = &l.post_attention_layernorm;
             h = if self.cfg.use_parallel_residual {
                 // x + attn(ln1(x)) + mlp(ln2(x))
-                let m = layer_norm(&h, w2, b2, eps)
+                let m = l
+                    .post_attention_layernorm
+                    .forward(&h)
                     .and_then(|x| self.mlp(l, &x))
                     .at(site, "mlp")?;
                 (&h + attn).and_then(|x| x + m).at(site, "residual")?
             } else {
                 // y = x + attn(ln1(x)); y + mlp(ln2(y))
                 let y = (&h + attn).at(site, "residual")?;
-                let m = layer_norm(&y, w2, b2, eps)
+                let m = l
+                    .post_attention_layernorm
+                    .forward(&y)
                     .and_then(|x| self.mlp(l, &x))
                     .at(site, "mlp")?;
                 (y + m).at(site, "residual")?
             };
         }
         // [B, S, V], or [B, 1, V] with fw.last_only
-        let (wf, bf) = &self.final_layer_norm;
-        layer_norm(&fw.kept_positions(&h)?, wf, bf, eps)
+        self.final_layer_norm
+            .forward(&fw.kept_positions(&h)?)
             .and_then(|h| self.embed_out.forward(&h))
             .ctx("embed_out")
     }

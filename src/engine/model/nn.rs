@@ -13,8 +13,10 @@
 use std::cell::Cell;
 
 use candle_core::{DType, Tensor, D};
+use candle_nn::VarBuilder;
 
-use super::kernels;
+use super::{kernels, weights};
+use crate::engine::diagnosis::{CandleExt, Result};
 
 thread_local! {
     /// Use candle-nn's fused kernels (no backward pass) on this thread.
@@ -178,6 +180,44 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::
         return x.contiguous()?.apply_op1(op);
     }
     candle_nn::ops::layer_norm_slow(x, w, b, eps as f32)
+}
+
+/// `nn.LayerNorm` with its frozen scale and bias (GPT-2, GPT-BigCode, Bloom, GPT-NeoX).
+pub struct LayerNorm {
+    /// `[E]`, starts at one.
+    pub weight: Tensor,
+    /// `[E]`
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    /// `{name}.weight` and `{name}.bias`, each `[e]`.
+    pub fn load(vb: &VarBuilder, name: &str, e: usize, eps: f64) -> Result<Self> {
+        let weight = weights::ones(vb, e, &format!("{name}.weight")).ctx(name)?;
+        let bias = weights::bias(vb, e, &format!("{name}.bias")).ctx(name)?;
+        Ok(Self { weight, bias, eps })
+    }
+
+    /// `x: [..., E]` -> `[..., E]`
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// The two-layer GELU (tanh) MLP of GPT-2, GPT-BigCode and Bloom: `down(gelu(up(x)))`.
+pub struct GeluMlp {
+    /// `Linear` `[E, inner]`
+    pub up: Linear,
+    /// `Linear` `[inner, E]`
+    pub down: Linear,
+}
+
+impl GeluMlp {
+    /// `x: [B, S, E]` -> `[B, S, E]`
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.down.forward(&gelu_tanh(&self.up.forward(x)?)?)
+    }
 }
 
 /// RMSNorm over the last dimension (differentiable in `x`; `w` frozen).

@@ -117,18 +117,6 @@ pub fn materialize(
     Ok(base.tensors.into_iter().collect())
 }
 
-/// LayerNorm parameters by name: scale `[E]` (starts at one) and bias `[E]`.
-pub fn layer_norm_params(
-    vb: &VarBuilder,
-    name: &str,
-    e: usize,
-) -> crate::engine::diagnosis::Result<(Tensor, Tensor)> {
-    use crate::engine::diagnosis::CandleExt;
-    let w = ones(vb, e, &format!("{name}.weight")).ctx(name)?;
-    let b = bias(vb, e, &format!("{name}.bias")).ctx(name)?;
-    Ok((w, b))
-}
-
 /// `nn.Linear` parameters by name (weight `[out, in]`, bias `[out]`) as a [`Linear`]
 /// `[in, out]` (the weight transposed once here).
 pub fn linear_params(
