@@ -107,8 +107,7 @@ impl Bloom {
         let word_embeddings =
             weight(&vb, (cfg.vocab_size, e), "word_embeddings.weight").ctx("word_embeddings")?;
         let eps = cfg.layer_norm_epsilon;
-        let word_embeddings_layernorm =
-            LayerNorm::load(&vb, "word_embeddings_layernorm", e, eps)?;
+        let word_embeddings_layernorm = LayerNorm::load(&vb, "word_embeddings_layernorm", e, eps)?;
         let mut blocks = vec![];
         for i in 0..cfg.n_layer {
             let p = format!("h.{i}");
@@ -198,7 +197,10 @@ impl Model for Bloom {
             .ctx("embeddings")?;
         for (i, blk) in self.blocks.iter().enumerate() {
             let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
-            let a = blk.input_layernorm.forward(&h).at(site, "input_layernorm")?;
+            let a = blk
+                .input_layernorm
+                .forward(&h)
+                .at(site, "input_layernorm")?;
             let residual = if post_ln { a.clone() } else { h.clone() };
             // [B, S, 3E] -> [B, S, H, 3, D]
             let (b, _, _) = a.dims3().at(site, "hidden")?;
