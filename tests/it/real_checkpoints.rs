@@ -39,7 +39,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, D};
 use prefix_harness::engine::cache::{CacheConfig, CacheMode, ModelCache};
 use prefix_harness::engine::diagnosis::DiagnosisClass;
-use prefix_harness::engine::generate::{forward_logits, greedy, DecodeOptions};
+use prefix_harness::engine::generate::{forward_logits, greedy, prepare_cache, DecodeOptions};
 use prefix_harness::engine::model::{Forward, Model};
 use prefix_harness::engine::prefix::{extend_mask, inject, PrefixEncoder, PrefixLayout};
 use prefix_harness::io::adapter::{self, load_for};
@@ -79,6 +79,19 @@ struct Expected {
     float32_error: Option<f64>,
     #[serde(default)]
     greedy: Option<ExpectedGreedy>,
+    /// The reference's cache after the prefill (causal cases), layer by layer.
+    #[serde(default)]
+    cache_after_prefill: Option<Vec<ExpectedCacheLayer>>,
+}
+
+/// One layer of the cache PEFT's `get_prompt` built, after the base model's forward pass
+/// over the prompt.
+#[derive(Debug, Deserialize)]
+struct ExpectedCacheLayer {
+    /// transformers' cache layer class (`DynamicLayer`, `DynamicSlidingWindowLayer`).
+    layer: String,
+    /// The keys it stores, `[B, KVH, stored, D]`.
+    key_shape: Vec<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -187,7 +200,7 @@ fn load_case(exp: &Expected, cache: &Path) -> (Box<dyn Model>, PrefixEncoder) {
     let source = ModelSource::hub(&format!("fixtures/{}", exp.model), None).expect("source");
     let (cfg, model, tok) = hub::load_model_with(&source, &opts, &dev)
         .unwrap_or_else(|e| panic!("{}: load model: {e}", exp.case));
-    assert_eq!(cfg.family().name(), exp.family);
+    assert_eq!(cfg.family().model_type(), exp.family);
     assert!(tok.is_none(), "the fixtures have no tokenizer.json");
     let adapter_dir = ModelSource::hub(&format!("fixtures/{}-adapter", exp.case), None)
         .expect("source")
@@ -222,5 +235,6 @@ fn ids(rows: &[Vec<u32>]) -> Tensor {
     Tensor::new(rows.to_vec(), &Device::Cpu).expect("ids")
 }
 
+mod families;
 mod loading;
 mod peft;
