@@ -4,6 +4,19 @@
 //! `model: {hub: ...}` takes (each test builds a temporary cache), must give PEFT's
 //! logits (max abs diff <= 1e-4, printed per case) and its greedy tokens exactly.
 //!
+//! Cases: gpt2, llama (GQA), bloom, gpt_bigcode and t5 in `peft.rs` (the `dynamic`
+//! cache, PEFT's `DynamicCache`); the issue-18 families in `families.rs`, a table of
+//! fixture x cache modes: `llama3-rope`, `qwen2` (one KV head, window on layers 1-2),
+//! `qwen3` (q/k norm, head_dim 12), `mistral` (window on every layer), `phi3` (fused
+//! projections), `gpt_neox` (`rotary_pct` 0.5, parallel residual), `gemma2` (soft-caps,
+//! `query_pre_attn_scalar`), `gemma3` (text model, local/global RoPE), three of them
+//! also left-padded and `qwen3` also with a projection prefix. Each runs in `dynamic`,
+//! plus `hybrid` for the windowed families and `sliding` / `rotating` for Mistral
+//! (every layer slides). The first mode of a row is the one whose stores hold what
+//! transformers' cache holds (`hybrid` for Gemma: PEFT seeds `DynamicCache(config)`,
+//! whose sliding layers keep W - 1 positions; `dynamic` otherwise): there the stored key
+//! shapes after the prefill are compared with `cache_after_prefill` too.
+//!
 //! References, as recorded in each `expected.json`:
 //! - `logits`: `PeftModel.from_pretrained(model, adapter)(**inputs).logits`.
 //! - `greedy.tokens`: greedy decoding through PEFT's forward pass (8 new tokens, EOS

@@ -37,6 +37,28 @@
 //! | `gpt_neox` | `rotary_pct` 0.5, parallel residual, fused `[H, 3, D]` qkv |
 //! | `gemma2` | head_dim 12, `query_pre_attn_scalar` 16, caps 5 / 8, window 4 on layers 0, 2 |
 //! | `gemma3`, `gemma3-leftpad` | one KV head, head_dim 12, q/k norm, scalar 32, local / global RoPE |
+//!
+//! Each of these deliberate engine breaks (applied one at a time, then reverted) makes
+//! the tests named fail, at the first mode's logits (max abs diff) unless said:
+//!
+//! | break | failing tests |
+//! |---|---|
+//! | Gemma's (1 + w) RMSNorm as w (`gemma_norm`) | gemma2, gemma3, gemma3-leftpad (2.1 .. 6.3) |
+//! | Gemma's `query_pre_attn_scalar` as head_dim | gemma2, gemma3, gemma3-leftpad (0.45 .. 1.1) |
+//! | Gemma 2's attention soft-cap dropped | gemma2 (1.6) |
+//! | Gemma 2's final soft-cap dropped | gemma2 (1.9) |
+//! | Gemma's layer windows ignored | gemma2, gemma3, gemma3-leftpad (1.8 .. 3.8) |
+//! | Gemma 3's sliding layers with the global RoPE base | gemma3, gemma3-leftpad (0.20, 0.46) |
+//! | Gemma 3's global linear RoPE scaling ignored | gemma3, gemma3-leftpad (0.33, 0.37) |
+//! | `hybrid` sliding stores keep W positions, not W - 1 | gemma2, gemma3, gemma3-leftpad (stored key shapes) |
+//! | Qwen3's q/k norm skipped | qwen3, qwen3-proj (10.5, 10.9) |
+//! | Qwen2's q/k/v biases dropped | qwen2, qwen2-leftpad (3.9, 3.0) |
+//! | Qwen2's layer types ignored (every layer slides) | qwen2, qwen2-leftpad (12.2, 12.9) |
+//! | the Llama decoder's layer windows ignored | qwen2, qwen2-leftpad, mistral, mistral-leftpad (3.2 .. 11.0) |
+//! | Phi-3's fused qkv split as q, v, k | phi3 (10.9) |
+//! | GPT-NeoX's `rotary_pct` ignored (RoPE on the whole head) | gpt_neox (5.0) |
+//! | GPT-NeoX's residual sequential instead of parallel | gpt_neox (8.4) |
+//! | Llama 3 RoPE scaling ignored | llama3-rope (9.5) |
 
 use super::peft::parity_in;
 use prefix_harness::engine::cache::CacheMode;
