@@ -4,6 +4,19 @@
 //! `model: {hub: ...}` takes (each test builds a temporary cache), must give PEFT's
 //! logits (max abs diff <= 1e-4, printed per case) and its greedy tokens exactly.
 //!
+//! Cases: gpt2, llama (GQA), bloom, gpt_bigcode and t5 in `peft.rs` (the `dynamic`
+//! cache, PEFT's `DynamicCache`); the issue-18 families in `families.rs`, a table of
+//! fixture x cache modes: `llama3-rope`, `qwen2` (one KV head, window on layers 1-2),
+//! `qwen3` (q/k norm, head_dim 12), `mistral` (window on every layer), `phi3` (fused
+//! projections), `gpt_neox` (`rotary_pct` 0.5, parallel residual), `gemma2` (soft-caps,
+//! `query_pre_attn_scalar`), `gemma3` (text model, local/global RoPE), three of them
+//! also left-padded and `qwen3` also with a projection prefix. Each runs in `dynamic`,
+//! plus `hybrid` for the windowed families and `sliding` / `rotating` for Mistral
+//! (every layer slides). The first mode of a row is the one whose stores hold what
+//! transformers' cache holds (`hybrid` for Gemma: PEFT seeds `DynamicCache(config)`,
+//! whose sliding layers keep W - 1 positions; `dynamic` otherwise): there the stored key
+//! shapes after the prefill are compared with `cache_after_prefill` too.
+//!
 //! References, as recorded in each `expected.json`:
 //! - `logits`: `PeftModel.from_pretrained(model, adapter)(**inputs).logits`.
 //! - `greedy.tokens`: greedy decoding through PEFT's forward pass (8 new tokens, EOS
@@ -39,7 +52,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, D};
 use prefix_harness::engine::cache::{CacheConfig, CacheMode, ModelCache};
 use prefix_harness::engine::diagnosis::DiagnosisClass;
-use prefix_harness::engine::generate::{forward_logits, greedy, DecodeOptions};
+use prefix_harness::engine::generate::{forward_logits, greedy, prepare_cache, DecodeOptions};
 use prefix_harness::engine::model::{Forward, Model};
 use prefix_harness::engine::prefix::{extend_mask, inject, PrefixEncoder, PrefixLayout};
 use prefix_harness::io::adapter::{self, load_for};
@@ -79,6 +92,19 @@ struct Expected {
     float32_error: Option<f64>,
     #[serde(default)]
     greedy: Option<ExpectedGreedy>,
+    /// The reference's cache after the prefill (causal cases), layer by layer.
+    #[serde(default)]
+    cache_after_prefill: Option<Vec<ExpectedCacheLayer>>,
+}
+
+/// One layer of the cache PEFT's `get_prompt` built, after the base model's forward pass
+/// over the prompt.
+#[derive(Debug, Deserialize)]
+struct ExpectedCacheLayer {
+    /// transformers' cache layer class (`DynamicLayer`, `DynamicSlidingWindowLayer`).
+    layer: String,
+    /// The keys it stores, `[B, KVH, stored, D]`.
+    key_shape: Vec<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -187,7 +213,7 @@ fn load_case(exp: &Expected, cache: &Path) -> (Box<dyn Model>, PrefixEncoder) {
     let source = ModelSource::hub(&format!("fixtures/{}", exp.model), None).expect("source");
     let (cfg, model, tok) = hub::load_model_with(&source, &opts, &dev)
         .unwrap_or_else(|e| panic!("{}: load model: {e}", exp.case));
-    assert_eq!(cfg.family().name(), exp.family);
+    assert_eq!(cfg.family().model_type(), exp.family);
     assert!(tok.is_none(), "the fixtures have no tokenizer.json");
     let adapter_dir = ModelSource::hub(&format!("fixtures/{}-adapter", exp.case), None)
         .expect("source")
@@ -222,5 +248,6 @@ fn ids(rows: &[Vec<u32>]) -> Tensor {
     Tensor::new(rows.to_vec(), &Device::Cpu).expect("ids")
 }
 
+mod families;
 mod loading;
 mod peft;

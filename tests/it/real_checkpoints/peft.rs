@@ -34,9 +34,12 @@ fn prefix_cache(
     mc
 }
 
-/// Logits `[B, S, V]` of one forward pass as PEFT's `forward` computes them: the padding
-/// mask extended by P ones; for T5 the encoder reads `ids` with `pad`, the decoder
-/// `dec`, and `self_only` drops the cross prefix.
+/// Logits `[B, S, V]` of one forward pass as PEFT's `forward` computes them, and the
+/// cache after it: the padding mask `pad: [B, S]` extended by P ones; for T5 the encoder
+/// reads `ids: [B, S]` with `pad`, the decoder `dec: [B, T]` (then `S` = `T` in the
+/// logits), `self_only` drops the cross prefix and the cache is `dynamic`; a causal
+/// model's cache is built by `generate::prepare_cache` in `mode` (the hybrid cache's
+/// layer windows from the model, as the engine builds it).
 fn forward(
     model: &dyn Model,
     prefix: &PrefixEncoder,
@@ -44,21 +47,38 @@ fn forward(
     pad: &Tensor,
     dec: Option<&Tensor>,
     self_only: bool,
-) -> Tensor {
+    mode: CacheMode,
+) -> (Tensor, ModelCache) {
     let b = ids.dim(0).expect("batch");
     let p = prefix.geometry.num_virtual_tokens;
-    let mut mc = prefix_cache(model, prefix, b, self_only);
-    let (input, encoded, mask) = match dec {
+    let (input, encoded, mask, mut mc) = match dec {
         Some(dec) => {
+            assert_eq!(mode, CacheMode::Dynamic, "encoder-decoders: dynamic only");
             let enc = model.encode(ids, pad).expect("encode");
             let t = dec.dim(1).expect("decoder length");
             let ones = Tensor::ones((b, t), DType::F32, &Device::Cpu).expect("mask");
-            (dec.clone(), Some(enc), extend_mask(&ones, p).expect("mask"))
+            let mc = prefix_cache(model, prefix, b, self_only);
+            (
+                dec.clone(),
+                Some(enc),
+                extend_mask(&ones, p).expect("mask"),
+                mc,
+            )
         }
-        None => (ids.clone(), None, extend_mask(pad, p).expect("mask")),
+        None => {
+            let mc = prepare_cache(
+                model,
+                Some(prefix),
+                &CacheConfig::new(mode),
+                PrefixLayout::Auto,
+                b,
+            )
+            .expect("prefix cache");
+            (ids.clone(), None, extend_mask(pad, p).expect("mask"), mc)
+        }
     };
     mc.next_step();
-    model
+    let logits = model
         .forward(
             &input,
             &mut Forward {
@@ -68,7 +88,8 @@ fn forward(
                 last_only: false,
             },
         )
-        .expect("forward")
+        .expect("forward");
+    (logits, mc)
 }
 
 /// T5 greedy decoding with the self-attention prefix only (PEFT's cache), cached, from
@@ -142,10 +163,21 @@ fn max_abs_diff_where(a: &Tensor, b: &Tensor, mask: &[Vec<u32>], want: u32) -> f
     worst
 }
 
-/// Our logits `[B, S, V]` and greedy tokens for a fixture, computed the way PEFT runs
-/// it: T5 with the self-attention prefix only; causal models through the public API
-/// (`forward_logits` for an all-ones mask, `greedy` with the padding mask).
-fn ours(exp: &Expected, model: &dyn Model, prefix: &PrefixEncoder) -> (Tensor, Vec<Vec<u32>>) {
+/// What the engine computes for a fixture in one cache mode.
+struct Ours {
+    /// `[B, S, V]` (`S`: the decoder length for T5).
+    logits: Tensor,
+    /// Greedy tokens `[B][max_new_tokens]`.
+    tokens: Vec<Vec<u32>>,
+    /// The cache after the forward pass that gave `logits` (the prefill).
+    cache: ModelCache,
+}
+
+/// Our logits and greedy tokens for a fixture, computed the way PEFT runs it, with the
+/// cache in `mode`: T5 with the self-attention prefix only (`dynamic`); causal models
+/// through the public API (`forward_logits` for an all-ones mask, `greedy` with the
+/// padding mask).
+fn ours(exp: &Expected, model: &dyn Model, prefix: &PrefixEncoder, mode: CacheMode) -> Ours {
     let gr = exp.greedy.as_ref().expect("greedy reference");
     let input = ids(&exp.input_ids);
     let pad = ids(&exp.attention_mask).to_dtype(DType::F32).expect("pad");
@@ -153,33 +185,44 @@ fn ours(exp: &Expected, model: &dyn Model, prefix: &PrefixEncoder) -> (Tensor, V
     match &exp.decoder_input_ids {
         Some(dec) => {
             let dec = ids(dec);
-            let logits = forward(model, prefix, &input, &pad, Some(&dec), true);
+            let (logits, cache) = forward(model, prefix, &input, &pad, Some(&dec), true, mode);
             let tokens = greedy_t5_self_only(model, prefix, &input, &pad, gr.max_new_tokens);
-            (logits, tokens)
+            Ours {
+                logits,
+                tokens,
+                cache,
+            }
         }
         None => {
-            let logits = if padded {
-                forward(model, prefix, &input, &pad, None, false)
+            let (logits, cache) = if padded {
+                forward(model, prefix, &input, &pad, None, false, mode)
             } else {
-                forward_logits(
-                    model,
-                    Some(prefix),
-                    &CacheConfig::new(CacheMode::Dynamic),
-                    &input,
-                    None,
-                )
-                .expect("forward_logits")
-                .0
+                forward_logits(model, Some(prefix), &CacheConfig::new(mode), &input, None)
+                    .expect("forward_logits")
             };
-            let opts = DecodeOptions::new(CacheConfig::new(CacheMode::Dynamic), gr.max_new_tokens);
+            let opts = DecodeOptions::new(CacheConfig::new(mode), gr.max_new_tokens);
             let out = greedy(model, Some(prefix), &opts, &input, Some(&pad)).expect("greedy");
-            (logits, out.tokens)
+            Ours {
+                logits,
+                tokens: out.tokens,
+                cache,
+            }
         }
     }
 }
 
-/// Run one fixture: load through the cache, compare logits and greedy tokens.
+/// Run one fixture in the `dynamic` cache (what PEFT's `DynamicCache` is).
 fn parity(case: &str) {
+    parity_in(case, &[CacheMode::Dynamic]);
+}
+
+/// Run one fixture: load it through the Hugging Face cache, then in each cache mode of
+/// `modes` compare the logits (<= [`TOL`], printed) and the greedy tokens (exact), and
+/// the tokens without prefix with transformers' `generate()` (unpadded cases). In
+/// `modes[0]`, the mode whose stores are those of the reference's cache, the stored key
+/// shapes after the prefill must also be the reference's (`cache_after_prefill`, when
+/// the fixture records it).
+pub(super) fn parity_in(case: &str, modes: &[CacheMode]) {
     let exp = expected(case);
     assert!(
         exp.reference_error.is_none(),
@@ -208,66 +251,88 @@ fn parity(case: &str) {
     } else {
         (reference(&exp, &exp.logits), &gr.tokens)
     };
-    let (logits, tokens) = ours(&exp, model.as_ref(), &prefix);
-    assert_eq!(
-        logits.dims(),
-        exp.logits_shape.as_slice(),
-        "{case}: logits shape"
-    );
     let f32_note = exp
         .float32_error
         .map(|e| format!(" (the reference's own float32 error: {e:.1e})"))
         .unwrap_or_default();
-    let diff = if padded {
-        // Padding positions are excluded: their position ids are a convention
-        // (transformers 0 + P, the engine 1) and their outputs are never used.
-        let real = max_abs_diff_where(&logits, &theirs, &exp.attention_mask, 1);
-        let pads = max_abs_diff_where(&logits, &theirs, &exp.attention_mask, 0);
-        println!(
-            "{case}: max abs logit diff {real:e} on real tokens{f32_note}; {pads:e} on padding \
-             positions (not compared)"
-        );
-        real
-    } else {
-        let d = max_abs_diff(&logits, &theirs);
-        println!("{case}: max abs logit diff {d:e}{f32_note}");
-        d
-    };
-    println!(
-        "{case}: greedy {tokens:?} (reference {want_tokens:?}, smallest top-2 margin {:.3e})",
-        gr.min_top2_margin
-    );
-    if let Some(dec) = &exp.decoder_input_ids {
-        // For the record: the engine's default keeps the cross-attention prefix.
-        let input = ids(&exp.input_ids);
-        let pad = ids(&exp.attention_mask).to_dtype(DType::F32).expect("pad");
-        let with_cross = forward(
-            model.as_ref(),
-            &prefix,
-            &input,
-            &pad,
-            Some(&ids(dec)),
-            false,
-        );
-        println!(
-            "{case}: with the cross-attention prefix kept (the engine's default) the max abs \
-             diff would be {:e}: PEFT 0.21.2 drops it",
-            max_abs_diff(&with_cross, &theirs)
-        );
-    }
-    assert!(diff <= TOL, "{case}: max abs logit diff {diff:e} > {TOL:e}");
-    assert_eq!(&tokens, want_tokens, "{case}: greedy tokens");
-
-    // The model alone (no prefix) against transformers' generate(), where that call used
-    // the positions we use (no padding).
-    if !padded {
-        let input = ids(&exp.input_ids);
-        let opts = DecodeOptions::new(CacheConfig::new(CacheMode::Dynamic), gr.max_new_tokens);
-        let base = greedy(model.as_ref(), None, &opts, &input, None).expect("greedy");
+    for (i, &mode) in modes.iter().enumerate() {
+        let Ours {
+            logits,
+            tokens,
+            cache: after_prefill,
+        } = ours(&exp, model.as_ref(), &prefix, mode);
         assert_eq!(
-            base.tokens, gr.no_prefix_tokens,
-            "{case}: greedy without prefix"
+            logits.dims(),
+            exp.logits_shape.as_slice(),
+            "{case} [{mode:?}]: logits shape"
         );
+        let diff = if padded {
+            // Padding positions are excluded: their position ids are a convention
+            // (transformers 0 + P, the engine 1) and their outputs are never used.
+            let real = max_abs_diff_where(&logits, &theirs, &exp.attention_mask, 1);
+            let pads = max_abs_diff_where(&logits, &theirs, &exp.attention_mask, 0);
+            println!(
+                "{case} [{mode:?}]: max abs logit diff {real:e} on real tokens{f32_note}; \
+                 {pads:e} on padding positions (not compared)"
+            );
+            real
+        } else {
+            let d = max_abs_diff(&logits, &theirs);
+            println!("{case} [{mode:?}]: max abs logit diff {d:e}{f32_note}");
+            d
+        };
+        println!(
+            "{case} [{mode:?}]: greedy {tokens:?} (reference {want_tokens:?}, smallest top-2 \
+             margin {:.3e})",
+            gr.min_top2_margin
+        );
+        if let (Some(dec), 0) = (&exp.decoder_input_ids, i) {
+            // For the record: the engine's default keeps the cross-attention prefix.
+            let input = ids(&exp.input_ids);
+            let pad = ids(&exp.attention_mask).to_dtype(DType::F32).expect("pad");
+            let (with_cross, _) = forward(
+                model.as_ref(),
+                &prefix,
+                &input,
+                &pad,
+                Some(&ids(dec)),
+                false,
+                CacheMode::Dynamic,
+            );
+            println!(
+                "{case}: with the cross-attention prefix kept (the engine's default) the max \
+                 abs diff would be {:e}: PEFT 0.21.2 drops it",
+                max_abs_diff(&with_cross, &theirs)
+            );
+        }
+        assert!(
+            diff <= TOL,
+            "{case} [{mode:?}]: max abs logit diff {diff:e} > {TOL:e}"
+        );
+        assert_eq!(&tokens, want_tokens, "{case} [{mode:?}]: greedy tokens");
+
+        // What the reference's cache stores after the prefill, layer by layer.
+        if let (Some(layers), 0) = (&exp.cache_after_prefill, i) {
+            let stored: Vec<_> = (0..layers.len())
+                .map(|l| after_prefill.stored_key_shape(l).unwrap_or_default())
+                .collect();
+            let want: Vec<_> = layers.iter().map(|l| l.key_shape.clone()).collect();
+            let classes: Vec<_> = layers.iter().map(|l| l.layer.as_str()).collect();
+            println!("{case} [{mode:?}]: stored keys {stored:?} (reference {classes:?} {want:?})");
+            assert_eq!(stored, want, "{case} [{mode:?}]: stored key shapes");
+        }
+
+        // The model alone (no prefix) against transformers' generate(), where that call
+        // used the positions we use (no padding).
+        if !padded {
+            let input = ids(&exp.input_ids);
+            let opts = DecodeOptions::new(CacheConfig::new(mode), gr.max_new_tokens);
+            let base = greedy(model.as_ref(), None, &opts, &input, None).expect("greedy");
+            assert_eq!(
+                base.tokens, gr.no_prefix_tokens,
+                "{case} [{mode:?}]: greedy without prefix"
+            );
+        }
     }
     if gr.peft_generate_tokens != gr.tokens {
         println!(
@@ -343,7 +408,7 @@ fn t5_v1_1_unscaled_tied_head() {
     let cache = cache_for(&exp);
     let (model, prefix) = load_case(&exp, cache.path());
     let theirs = reference(&exp, &exp.logits);
-    let (logits, tokens) = ours(&exp, model.as_ref(), &prefix);
+    let Ours { logits, tokens, .. } = ours(&exp, model.as_ref(), &prefix, CacheMode::Dynamic);
     let diff = max_abs_diff(&logits, &theirs);
     let d_model = model.geometry().hidden_size as f64;
     let unscaled = (&logits * d_model.sqrt()).expect("rescale");
@@ -431,7 +496,7 @@ fn left_padding_against_peft_forward_without_position_ids() {
         let cache = cache_for(&exp);
         let (model, prefix) = load_case(&exp, cache.path());
         let theirs = reference(&exp, &exp.logits);
-        let (logits, tokens) = ours(&exp, model.as_ref(), &prefix);
+        let Ours { logits, tokens, .. } = ours(&exp, model.as_ref(), &prefix, CacheMode::Dynamic);
         let gr = exp.greedy.as_ref().expect("greedy");
         for (r, row) in exp.attention_mask.iter().enumerate() {
             let one = vec![row.clone()];
