@@ -181,7 +181,8 @@ fn quoting_floats_leaves_strings_and_integers_alone() {
     assert_eq!(
         quote_floats(json),
         r#"{"a": [1, -2, "3.5", "-4e-7", "1E+30"], "s": "x 1.5 \"2.5\" \\", "t": ["0.0"]}"#
-    );    // A number at the very end of the text (no closing bracket after it).
+    );
+    // A number at the very end of the text (no closing bracket after it).
     assert_eq!(quote_floats("2.5"), r#""2.5""#);
     assert_eq!(quote_floats("-3"), "-3");
 }

@@ -586,6 +586,96 @@ fn the_cache_and_activation_estimates_bound_a_real_generation() {
     }
 }
 
+/// The activation estimate is at least what one layer's forward pass creates over every
+/// position, so at least its peak: the hidden state and q, k, v, o `[B, T, E]`, the
+/// scores and probabilities `[B, H, T, T]`, the MLP's inner activations before and
+/// after the nonlinearity `[B, T, I]`, and the logits `[B, T, V]`, f32 (T = P + the
+/// longest prompt + new tokens). For the tiny configs and for ones where each term
+/// dominates in turn: a long prompt (scores), a wide hidden state, a wide MLP.
+#[test]
+fn the_activation_estimate_covers_one_layers_forward_pass() {
+    use prefix_harness::harness::run::estimate_memory;
+    use prefix_harness::harness::scenario;
+    let cases = [
+        ("gpt2", "", 8),
+        ("llama", "", 8),
+        ("t5", "", 8),
+        ("gpt2", "", 120),
+        ("gpt2", "  config: {n_embd: 512, n_inner: 64}\n", 8),
+        ("llama", "  config: {intermediate_size: 2048}\n", 8),
+    ];
+    for (family, config, prompt) in cases {
+        let yaml = format!(
+            "name: est\nmodel:\n  family: {family}\n{config}prefix:\n  virtual_tokens: 5\n\
+             data:\n  batch_size: 2\n  max_prompt_len: {prompt}\ngenerate:\n  max_new_tokens: 4\n"
+        );
+        let case = scenario::parse(std::path::Path::new("est.yaml"), &yaml)
+            .unwrap()
+            .remove(0);
+        let (_, _, activations) = estimate_memory(&case).unwrap();
+        let mcfg = case.model_config().unwrap();
+        let g = mcfg.geometry();
+        let inner = match &mcfg {
+            ModelConfig::Gpt2(c) => c.n_inner.unwrap_or(4 * c.n_embd),
+            ModelConfig::Llama(c) => c.intermediate_size,
+            ModelConfig::T5(c) => c.d_ff,
+            _ => unreachable!("the families of this test"),
+        } as u64;
+        let (e, h, v) = (
+            g.hidden_size as u64,
+            g.num_attention_heads as u64,
+            g.vocab_size as u64,
+        );
+        let t = 5 + prompt + 4;
+        let one_layer = 4 * 2 * (5 * t * e + 2 * h * t * t + 2 * t * inner + t * v);
+        assert!(
+            activations >= one_layer,
+            "{family} {config} prompt {prompt}: estimated {activations} bytes of activations, \
+             one layer's forward pass creates {one_layer}"
+        );
+    }
+}
+
+/// Beam search multiplies the rows every cache holds: the cache estimate of a 3-beam
+/// case bounds the cache its beam search really ends with (B x 3 rows: prefix, prompt
+/// and new tokens, K and V, every layer) within 1x..2x, as for greedy decoding.
+#[test]
+fn the_cache_estimate_counts_every_beam() {
+    use prefix_harness::engine::generate::generate;
+    use prefix_harness::harness::run::{estimate_memory, prepare};
+    use prefix_harness::harness::scenario;
+    let yaml = "name: est\nmodel:\n  family: llama\nprefix:\n  virtual_tokens: 5\n\
+                data:\n  batch_size: 2\n  max_prompt_len: 8\n\
+                generate:\n  max_new_tokens: 4\n  strategy: {beam: {num_beams: 3}}\n";
+    let case = scenario::parse(std::path::Path::new("est.yaml"), yaml)
+        .unwrap()
+        .remove(0);
+    let (_, caches, _) = estimate_memory(&case).unwrap();
+    let p = prepare(&case).unwrap();
+    let out = generate(
+        p.model.as_ref(),
+        Some(&p.prefix),
+        &p.opts,
+        &p.ids,
+        Some(&p.mask),
+    )
+    .unwrap();
+    let mut real = 0u64;
+    let mut rows = 0;
+    for layer in 0..out.cache.num_layers() {
+        if let Some((k, v)) = out.cache.stored_self(layer) {
+            rows = k.dim(0).unwrap();
+            real += ((k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()) as u64;
+        }
+    }
+    assert_eq!(rows, 2 * 3, "the cache holds every beam of every row");
+    let ratio = caches as f64 / real as f64;
+    assert!(
+        (1.0..=2.0).contains(&ratio),
+        "estimated {caches} bytes of caches, the beam search holds {real} ({ratio:.2}x)"
+    );
+}
+
 /// Decoupled weight decay reaches AdamW: with `weight_decay` the prefix shrinks towards
 /// zero on top of the Adam update, so from the second step on the losses differ from
 /// the same run without it, and the first loss (before any update) does not. The
