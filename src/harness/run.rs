@@ -625,15 +625,24 @@ pub fn run_isolated(case: &Case, timeout: Option<Duration>) -> CaseResult {
 
 /// [`run_isolated`] with a memory budget in bytes.
 pub fn run_isolated_with(case: &Case, timeout: Option<Duration>, max_memory: u64) -> CaseResult {
+    isolate(case, timeout, move |c| run_case_limited(c, max_memory))
+}
+
+/// Run `work` on `case` on its own thread: a panic becomes an `error` result with the
+/// panic's message, a run over `timeout` an `error` result while the caller goes on;
+/// both with the time spent.
+pub fn isolate(
+    case: &Case,
+    timeout: Option<Duration>,
+    work: impl FnOnce(&Case) -> CaseResult + Send + 'static,
+) -> CaseResult {
     let (tx, rx) = mpsc::channel();
     let owned = case.clone();
     let start = Instant::now();
     let spawned = std::thread::Builder::new()
         .name(format!("case {}", case.id))
         .spawn(move || {
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                run_case_limited(&owned, max_memory)
-            }));
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&owned)));
             let _ = tx.send(r);
         });
     if let Err(e) = spawned {

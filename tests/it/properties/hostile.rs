@@ -129,3 +129,52 @@ proptest! {
         }
     }
 }
+
+/// A case that panics ends as an `error` result carrying the panic's message and the
+/// time it ran; a case over its time limit as an `error` naming the limit, with the
+/// caller going on without waiting for it.
+#[test]
+fn a_panicking_or_hanging_case_is_an_error_result_with_its_time() {
+    use prefix_harness::harness::run::isolate;
+    use std::time::{Duration, Instant};
+    let case = prefix_harness::harness::scenario::parse(
+        std::path::Path::new("p.yaml"),
+        "name: p\nmodel:\n  family: gpt2\nprefix:\n  virtual_tokens: 1\n",
+    )
+    .unwrap()
+    .remove(0);
+    let t0 = Instant::now();
+    let r = isolate(&case, None, |_| {
+        std::thread::sleep(Duration::from_millis(50));
+        panic!("boom at layer 3")
+    });
+    let wall = t0.elapsed().as_secs_f64() * 1e3;
+    assert_eq!(r.status.as_str(), "error");
+    assert_eq!(
+        r.message.as_deref(),
+        Some("the case panicked: boom at layer 3")
+    );
+    assert!(
+        (50.0..=wall).contains(&r.duration_ms),
+        "{} ms of {wall}",
+        r.duration_ms
+    );
+
+    let t0 = Instant::now();
+    let r = isolate(&case, Some(Duration::from_millis(100)), |c| {
+        std::thread::sleep(Duration::from_secs(3));
+        panic!("not reached in time: {}", c.id)
+    });
+    let wall = t0.elapsed().as_secs_f64() * 1e3;
+    assert_eq!(r.status.as_str(), "error");
+    assert_eq!(
+        r.message.as_deref(),
+        Some("time limit: the case did not finish within 0.1 s (--timeout)")
+    );
+    assert!(
+        (100.0..=wall).contains(&r.duration_ms),
+        "{} ms of {wall}",
+        r.duration_ms
+    );
+    assert!(wall < 2000.0, "the caller waited {wall} ms for a hung case");
+}
