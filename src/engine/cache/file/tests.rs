@@ -173,3 +173,49 @@ fn a_truncated_foreign_or_incomplete_file_is_a_clear_error() {
     let missing = temp("none-such.safetensors");
     assert!(restore_err(&mut c.emptied(), &missing).contains("cannot read"));
 }
+
+/// A quantized layer whose scales or zero points do not have the codes' per-channel
+/// shape `[B, KVH, 1, D]` is refused, naming the tensor and its shape.
+#[test]
+fn a_quantized_file_with_misshapen_scales_or_zero_points_is_refused() {
+    let mode = CacheMode::Quantized {
+        bits: 8,
+        residual: 2,
+        prefix_full_precision: false,
+    };
+    let mut c = filled(mode);
+    let path = temp("quantized.safetensors");
+    c.save(&path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let meta: Vec<(String, String)> = header["__metadata__"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+        .collect();
+    let meta: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
+    // The file as saved reads back.
+    c.emptied().restore(&path).unwrap();
+    for part in ["scale", "zero"] {
+        let name = format!("self.0.key_{part}");
+        // [1, 2, 1, 4] -> [1, 2, 1, 2]
+        let edited: Vec<(String, Tensor)> = tensors
+            .iter()
+            .map(|(k, t)| match *k == name {
+                true => (k.clone(), t.narrow(3, 0, 2).unwrap()),
+                false => (k.clone(), t.clone()),
+            })
+            .collect();
+        let bad = temp(&format!("bad-{part}.safetensors"));
+        let written = crate::io::adapter::safetensors_bytes_with(&edited, &meta).unwrap();
+        std::fs::write(&bad, written).unwrap();
+        let e = restore_err(&mut c.emptied(), &bad);
+        assert!(
+            e.contains(&format!("`{name}` [1, 2, 1, 2]")) && e.contains("should be"),
+            "{e}"
+        );
+    }
+}
