@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine::cache::Layout;
 use crate::engine::diagnosis::Attention;
 
 /// What happened to a layer's cache.
@@ -35,8 +36,9 @@ pub struct TraceEvent {
     pub layer: usize,
     pub attention: Attention,
     pub op: CacheOp,
-    /// The layout the cache stores, e.g. `standard`, `bloom-legacy`.
-    pub layout: String,
+    /// The layout the cache stores (serialised as `standard`, `bloom-legacy`,
+    /// `bigcode-fused`).
+    pub layout: Layout,
     /// Stored key shape before the event (None when empty).
     pub key_before: Option<Vec<usize>>,
     pub value_before: Option<Vec<usize>>,
@@ -108,13 +110,13 @@ impl Trace {
 }
 
 /// An empty event for `layer`/`attention`/`op`; fields are filled by the cache.
-pub fn event(layer: usize, attention: Attention, op: CacheOp, layout: &str) -> TraceEvent {
+pub fn event(layer: usize, attention: Attention, op: CacheOp, layout: Layout) -> TraceEvent {
     TraceEvent {
         step: 0,
         layer,
         attention,
         op,
-        layout: layout.to_string(),
+        layout,
         key_before: None,
         value_before: None,
         key_written: None,

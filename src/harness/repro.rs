@@ -30,7 +30,7 @@ fn event_row(e: &TraceEvent) -> String {
         e.op,
         match e.ring_head {
             Some(h) => format!("{}, ring head {h}", e.layout),
-            None => e.layout.clone(),
+            None => e.layout.to_string(),
         },
         shape(&e.key_before),
         shape(&e.key_written),

@@ -133,7 +133,7 @@ fn event_text(e: &TraceEvent, layout: &str) -> String {
     let attention = serde_name(&e.attention);
     let op = serde_name(&e.op);
     let mut s = format!("{attention:<5} {op:<6}");
-    if e.layout != layout {
+    if e.layout.name() != layout {
         s += &format!(" layout {}", e.layout);
     }
     let k = chain(e.op, &e.key_before, &e.key_written, &e.key_after);
@@ -203,7 +203,7 @@ fn snapshot_of(r: &CaseResult) -> CaseSnapshot {
         .events
         .iter()
         .find(|e| e.attention == Attention::SelfAttn)
-        .map(|e| e.layout.clone());
+        .map(|e| e.layout.to_string());
     CaseSnapshot {
         id: r.id.clone(),
         scenario: r.scenario.replace('\\', "/"),

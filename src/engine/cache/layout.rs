@@ -21,6 +21,12 @@ pub enum Layout {
     BigcodeFused,
 }
 
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl Layout {
     pub fn name(&self) -> &'static str {
         match self {

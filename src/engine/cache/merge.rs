@@ -56,12 +56,7 @@ pub fn merge_rows(rows: &[ModelCache], fill_from_first_row: bool) -> Result<Merg
         let site = Site::new(layer, Attention::SelfAttn, TensorKind::Key);
         let mut ks = vec![];
         let mut vs = vec![];
-        let mut e = event(
-            layer,
-            Attention::SelfAttn,
-            CacheOp::Merge,
-            first.layout.name(),
-        );
+        let mut e = event(layer, Attention::SelfAttn, CacheOp::Merge, first.layout);
         for (r, &fill) in rows.iter().zip(&fills) {
             // [1, KVH, fill, D] each
             let (k, v) = r.stored_self(layer).ok_or_else(|| {

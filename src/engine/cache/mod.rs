@@ -337,8 +337,7 @@ impl ModelCache {
         v: Tensor,
         prefix_len: usize,
     ) -> Result<()> {
-        let layout = self.layout.name();
-        let mut e = event(layer, attention, CacheOp::Seed, layout);
+        let mut e = event(layer, attention, CacheOp::Seed, self.layout);
         e.key_written = Some(shape(&k));
         e.value_written = Some(shape(&v));
         e.positions = Some((0, prefix_len));
@@ -446,7 +445,7 @@ impl ModelCache {
         let kv_heads = self.kv_heads;
         for (i, l) in self.layers.iter_mut().enumerate() {
             let att = Attention::SelfAttn;
-            let mut e = event(i, att, CacheOp::Reorder, layout.name());
+            let mut e = event(i, att, CacheOp::Reorder, layout);
             let held = l.held();
             e.key_before = held.as_ref().map(|(k, _)| shape(k));
             e.value_before = held.as_ref().map(|(_, v)| shape(v));
@@ -507,7 +506,7 @@ impl ModelCache {
             // transformers' cross cache has always been 4-D: standard layout.
             let att = Attention::Cross;
             let std = Layout::Standard;
-            let mut e = event(i, att, CacheOp::Reorder, std.name());
+            let mut e = event(i, att, CacheOp::Reorder, std);
             let sel = |t: &Tensor, kind: TensorKind| {
                 select_rows(t, std, kind, None, indices, Site::new(i, att, kind))
             };

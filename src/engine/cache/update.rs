@@ -28,7 +28,7 @@ impl ModelCache {
         let site_k = Site::new(layer, att, TensorKind::Key);
         let (_, kv_heads, s_new, _) = k.dims4().at(site_k, "new keys")?;
         self.kv_heads = Some(kv_heads);
-        let mut e = event(layer, att, CacheOp::Update, layout.name());
+        let mut e = event(layer, att, CacheOp::Update, layout);
         e.positions = Some(positions);
         e.store = self.store_name(layer, att);
         let l = self
@@ -283,7 +283,7 @@ impl ModelCache {
             .get_mut(layer)
             .ok_or_else(|| no_layer(layer, att))?;
         if let (true, false, Some((k, v))) = (c.is_updated, recompute, c.kv.clone()) {
-            let mut e = event(layer, att, CacheOp::Read, Layout::Standard.name());
+            let mut e = event(layer, att, CacheOp::Read, Layout::Standard);
             e.key_before = Some(shape(&k));
             e.value_before = Some(shape(&v));
             e.key_after = Some(shape(&k));
@@ -296,7 +296,7 @@ impl ModelCache {
         let (k, v) = compute()?;
         let site_k = Site::new(layer, att, TensorKind::Key);
         let site_v = Site::new(layer, att, TensorKind::Value);
-        let mut e = event(layer, att, CacheOp::Update, Layout::Standard.name());
+        let mut e = event(layer, att, CacheOp::Update, Layout::Standard);
         e.key_written = Some(shape(&k));
         e.value_written = Some(shape(&v));
         let (k, v) = match &c.prefix {

@@ -21,7 +21,7 @@ proptest! {
             let events = at_step(&trace, 0, layer, Attention::SelfAttn);
             let seed = events.iter().find(|e| e.op == CacheOp::Seed);
             let seed = seed.ok_or_else(|| err(format!("{st:?}: layer {layer}: no seed event")))?;
-            prop_assert_eq!(seed.layout.as_str(), layout.name(), "{:?} layer {}", st, layer);
+            prop_assert_eq!(seed.layout, layout, "{:?} layer {}", st, layer);
             prop_assert_eq!(
                 seed.key_written.clone(),
                 Some(stored_key_shape(layout, b, kvh, p, d)),
@@ -29,7 +29,7 @@ proptest! {
             );
             let e = events.iter().find(|e| e.op == CacheOp::Update);
             let e = e.ok_or_else(|| err(format!("{st:?}: layer {layer}: no prefill update")))?;
-            prop_assert_eq!(e.layout.as_str(), layout.name(), "{:?} layer {}", st, layer);
+            prop_assert_eq!(e.layout, layout, "{:?} layer {}", st, layer);
             let held = match (st.mode, model.layer_windows()[layer]) {
                 (Mode::Sliding | Mode::Rotating, _) => (p + s).min(st.window),
                 (Mode::Hybrid, Some(w)) => (p + s).min(hybrid::keep(w)),

@@ -336,7 +336,7 @@ impl ModelCache {
     /// head.
     fn trace_file_op(&mut self, op: CacheOp) {
         for (i, l) in self.layers.iter().enumerate() {
-            let mut e = event(i, Attention::SelfAttn, op, self.layout.name());
+            let mut e = event(i, Attention::SelfAttn, op, self.layout);
             let held = l.held();
             let key = held.as_ref().map(|(k, _)| k.dims().to_vec());
             let value = held.as_ref().map(|(_, v)| v.dims().to_vec());
