@@ -4,9 +4,10 @@
 //! Cache geometry: `[B, n_head, S, n_embd / n_head]`. Positions of real tokens start
 //! after the prefix, so P + S must stay below `n_positions` (PrefixTuning issue 40).
 //!
-//! The decoder here ([`Decoder`]) is shared with GPT-BigCode ([`super::gpt_bigcode`]),
-//! which differs only in its projections' weight layout and in how the fused `c_attn`
-//! columns hold keys and values ([`QkvColumns`]).
+//! The model here ([`Gpt2`]) is also GPT-BigCode's ([`super::gpt_bigcode`]), which
+//! differs only in its projections' weight layout and in how the fused `c_attn`
+//! columns hold keys and values ([`QkvColumns`]): each family's config says so in its
+//! [`DecoderSpec`].
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
@@ -49,6 +50,21 @@ impl Config {
         }
     }
 
+    /// GPT-2's decoder: `Conv1D` projections, q|k|v columns, every head its own keys.
+    pub fn decoder(&self) -> DecoderSpec {
+        DecoderSpec {
+            family: Family::Gpt2,
+            geometry: self.geometry(),
+            n_positions: self.n_positions,
+            inner: self.n_inner.unwrap_or(4 * self.n_embd),
+            eps: self.layer_norm_epsilon,
+            columns: QkvColumns::Contiguous {
+                kv_heads: self.n_head,
+            },
+            projection: conv1d_params,
+        }
+    }
+
     pub fn geometry(&self) -> ModelGeometry {
         ModelGeometry {
             num_layers: self.n_layer,
@@ -65,7 +81,7 @@ impl Config {
 
 /// How the fused `c_attn` output `[B, S, E + 2*KVH*D]` holds queries, keys and values.
 #[derive(Debug, Clone, Copy)]
-pub(super) enum QkvColumns {
+pub enum QkvColumns {
     /// All queries, then all keys, then all values (GPT-2 with `kv_heads` = H,
     /// GPT-BigCode's multi-query with `kv_heads` = 1).
     Contiguous { kv_heads: usize },
@@ -107,10 +123,11 @@ impl QkvColumns {
 
 /// How a family stores its projections: GPT-2's `Conv1D` (`[in, out]`) or
 /// `nn.Linear` (`[out, in]`), read by name with `(name, in, out)`.
-pub(super) type LoadProjection = fn(&VarBuilder, &str, usize, usize) -> Result<Linear>;
+pub type LoadProjection = fn(&VarBuilder, &str, usize, usize) -> Result<Linear>;
 
 /// What the GPT-2 decoder needs from a family's config.
-pub(super) struct DecoderSpec {
+pub struct DecoderSpec {
+    pub family: Family,
     pub geometry: ModelGeometry,
     pub n_positions: usize,
     /// The MLP's inner width (`n_inner`, default 4E).
@@ -153,7 +170,7 @@ impl Block {
 
 /// The GPT-2 decoder: token and learned position embeddings, the layers, the final
 /// LayerNorm and the tied LM head.
-pub(super) struct Decoder {
+pub struct Gpt2 {
     spec: DecoderSpec,
     /// `[V, E]`, the token embeddings.
     wte: Tensor,
@@ -165,8 +182,8 @@ pub(super) struct Decoder {
     lm_head: Linear,
 }
 
-impl Decoder {
-    pub(super) fn load(spec: DecoderSpec, vb: VarBuilder) -> Result<Self> {
+impl Gpt2 {
+    pub fn load(spec: DecoderSpec, vb: VarBuilder) -> Result<Self> {
         let vb = backbone(&vb, "transformer", "wte.weight");
         let g = &spec.geometry;
         let e = g.hidden_size;
@@ -186,9 +203,19 @@ impl Decoder {
             lm_head,
         })
     }
+}
+
+impl Model for Gpt2 {
+    fn family(&self) -> Family {
+        self.spec.family
+    }
+
+    fn geometry(&self) -> ModelGeometry {
+        self.spec.geometry
+    }
 
     /// `ids: [B, S]` -> logits `[B, S, V]` (`[B, 1, V]` with `fw.last_only`).
-    pub(super) fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
+    fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
         let (_b, s) = ids.dims2().ctx("input ids [B, S]")?;
         let past = fw.cache.past_len();
         let g = &self.spec.geometry;
@@ -239,43 +266,5 @@ impl Decoder {
             .forward(&fw.kept_positions(&h)?)
             .and_then(|h| self.lm_head.forward(&h))
             .ctx("lm head")
-    }
-}
-
-pub struct Gpt2 {
-    cfg: Config,
-    decoder: Decoder,
-}
-
-impl Gpt2 {
-    pub fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        let spec = DecoderSpec {
-            geometry: cfg.geometry(),
-            n_positions: cfg.n_positions,
-            inner: cfg.n_inner.unwrap_or(4 * cfg.n_embd),
-            eps: cfg.layer_norm_epsilon,
-            columns: QkvColumns::Contiguous {
-                kv_heads: cfg.n_head,
-            },
-            projection: conv1d_params,
-        };
-        Ok(Self {
-            cfg: cfg.clone(),
-            decoder: Decoder::load(spec, vb)?,
-        })
-    }
-}
-
-impl Model for Gpt2 {
-    fn family(&self) -> Family {
-        Family::Gpt2
-    }
-
-    fn geometry(&self) -> ModelGeometry {
-        self.cfg.geometry()
-    }
-
-    fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
-        self.decoder.forward(ids, fw)
     }
 }

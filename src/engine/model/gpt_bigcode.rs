@@ -6,16 +6,13 @@
 //! `[B, n_head, S, D]` without. Older transformers stored one fused `[B, S, 2*D]`
 //! tensor per layer (keys then values along the last dimension): `cache: legacy`.
 //!
-//! The layers are GPT-2's ([`super::gpt2::Decoder`]) with `nn.Linear` projections.
+//! The model is GPT-2's ([`super::gpt2::Gpt2`]) with `nn.Linear` projections.
 
-use candle_core::Tensor;
-use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::gpt2::{Decoder, DecoderSpec, QkvColumns};
+use super::gpt2::{DecoderSpec, QkvColumns};
 use super::weights::linear_params;
-use super::{Family, Forward, Model, ModelGeometry};
-use crate::engine::diagnosis::Result;
+use super::{Family, ModelGeometry};
 
 /// `GPTBigCodeConfig` (Hugging Face field names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,6 +52,23 @@ impl Config {
         }
     }
 
+    /// GPT-2's decoder with `nn.Linear` projections and one KV head (multi-query) or
+    /// per-head q, k, v columns.
+    pub fn decoder(&self) -> DecoderSpec {
+        DecoderSpec {
+            family: Family::GptBigcode,
+            geometry: self.geometry(),
+            n_positions: self.n_positions,
+            inner: self.n_inner.unwrap_or(4 * self.n_embd),
+            eps: self.layer_norm_epsilon,
+            columns: match self.multi_query {
+                true => QkvColumns::Contiguous { kv_heads: 1 },
+                false => QkvColumns::PerHead,
+            },
+            projection: linear_params,
+        }
+    }
+
     pub fn geometry(&self) -> ModelGeometry {
         ModelGeometry {
             num_layers: self.n_layer,
@@ -66,46 +80,5 @@ impl Config {
             max_positions: Some(self.n_positions),
             encoder_decoder: false,
         }
-    }
-}
-
-pub struct GptBigcode {
-    cfg: Config,
-    decoder: Decoder,
-}
-
-impl GptBigcode {
-    pub fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        let columns = if cfg.multi_query {
-            QkvColumns::Contiguous { kv_heads: 1 }
-        } else {
-            QkvColumns::PerHead
-        };
-        let spec = DecoderSpec {
-            geometry: cfg.geometry(),
-            n_positions: cfg.n_positions,
-            inner: cfg.n_inner.unwrap_or(4 * cfg.n_embd),
-            eps: cfg.layer_norm_epsilon,
-            columns,
-            projection: linear_params,
-        };
-        Ok(Self {
-            cfg: cfg.clone(),
-            decoder: Decoder::load(spec, vb)?,
-        })
-    }
-}
-
-impl Model for GptBigcode {
-    fn family(&self) -> Family {
-        Family::GptBigcode
-    }
-
-    fn geometry(&self) -> ModelGeometry {
-        self.cfg.geometry()
-    }
-
-    fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
-        self.decoder.forward(ids, fw)
     }
 }

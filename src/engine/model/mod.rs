@@ -372,10 +372,10 @@ impl ModelConfig {
     pub fn build(&self, vb: VarBuilder) -> Result<Box<dyn Model>> {
         self.validate()?;
         Ok(match self {
-            ModelConfig::Gpt2(c) => Box::new(gpt2::Gpt2::load(c, vb)?),
+            ModelConfig::Gpt2(c) => Box::new(gpt2::Gpt2::load(c.decoder(), vb)?),
             ModelConfig::Llama(c) => Box::new(llama::Llama::load(c, vb)?),
             ModelConfig::Bloom(c) => Box::new(bloom::Bloom::load(c, vb)?),
-            ModelConfig::GptBigcode(c) => Box::new(gpt_bigcode::GptBigcode::load(c, vb)?),
+            ModelConfig::GptBigcode(c) => Box::new(gpt2::Gpt2::load(c.decoder(), vb)?),
             ModelConfig::T5(c) => Box::new(t5::T5::load(c, vb)?),
             ModelConfig::Qwen2(c) => {
                 let (cfg, block) = c.decoder();
