@@ -135,7 +135,7 @@ proptest! {
 /// caller going on without waiting for it.
 #[test]
 fn a_panicking_or_hanging_case_is_an_error_result_with_its_time() {
-    use prefix_harness::harness::run::isolate;
+    use prefix_harness::harness::run::{isolate, CaseResult};
     use std::time::{Duration, Instant};
     let case = prefix_harness::harness::scenario::parse(
         std::path::Path::new("p.yaml"),
@@ -143,38 +143,28 @@ fn a_panicking_or_hanging_case_is_an_error_result_with_its_time() {
     )
     .unwrap()
     .remove(0);
-    let t0 = Instant::now();
-    let r = isolate(&case, None, |_| {
-        std::thread::sleep(Duration::from_millis(50));
-        panic!("boom at layer 3")
-    });
-    let wall = t0.elapsed().as_secs_f64() * 1e3;
-    assert_eq!(r.status.as_str(), "error");
-    assert_eq!(
-        r.message.as_deref(),
-        Some("the case panicked: boom at layer 3")
+    // `sleep` ms, then panic; `limit`: the time limit; `message`: the result's.
+    let check = |limit: Option<u64>, sleep: u64, message: &str| {
+        let t0 = Instant::now();
+        let r: CaseResult = isolate(&case, limit.map(Duration::from_millis), move |c| {
+            std::thread::sleep(Duration::from_millis(sleep));
+            panic!("boom at layer 3 of {}", c.id)
+        });
+        let wall = t0.elapsed().as_secs_f64() * 1e3;
+        assert_eq!(r.status.as_str(), "error");
+        assert_eq!(r.message.as_deref(), Some(message));
+        let least = limit.unwrap_or(sleep) as f64;
+        assert!(
+            (least..=wall).contains(&r.duration_ms),
+            "{} ms of {wall}",
+            r.duration_ms
+        );
+        assert!(wall < 2000.0, "the caller waited {wall} ms");
+    };
+    check(None, 50, "the case panicked: boom at layer 3 of p");
+    check(
+        Some(100),
+        3000,
+        "time limit: the case did not finish within 0.1 s (--timeout)",
     );
-    assert!(
-        (50.0..=wall).contains(&r.duration_ms),
-        "{} ms of {wall}",
-        r.duration_ms
-    );
-
-    let t0 = Instant::now();
-    let r = isolate(&case, Some(Duration::from_millis(100)), |c| {
-        std::thread::sleep(Duration::from_secs(3));
-        panic!("not reached in time: {}", c.id)
-    });
-    let wall = t0.elapsed().as_secs_f64() * 1e3;
-    assert_eq!(r.status.as_str(), "error");
-    assert_eq!(
-        r.message.as_deref(),
-        Some("time limit: the case did not finish within 0.1 s (--timeout)")
-    );
-    assert!(
-        (100.0..=wall).contains(&r.duration_ms),
-        "{} ms of {wall}",
-        r.duration_ms
-    );
-    assert!(wall < 2000.0, "the caller waited {wall} ms for a hung case");
 }
