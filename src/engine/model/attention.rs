@@ -5,6 +5,7 @@
 use candle_core::Tensor;
 
 use super::kernels::matmul;
+use super::nn::{rms_norm, rope, Linear};
 use crate::engine::cache::{ChunkMask, KvView};
 use crate::engine::diagnosis::{
     Attention, CandleExt, Diagnosis, DiagnosisClass, Result, Site, TensorKind,
@@ -499,4 +500,67 @@ pub fn cached_keys(
     }
     fw.cache.note_mask(layer, att, mask.dims());
     Ok((view, mask))
+}
+
+/// The attention projections of the RoPE decoders (Llama, Qwen2/3, Mistral, Phi-3 after
+/// its fused `qkv_proj` is split, Gemma 2/3), with the per-head q/k norms of the
+/// families that have them.
+pub struct Projections {
+    /// `Linear` `[E, H*D]`
+    pub q_proj: Linear,
+    /// `Linear` `[E, KVH*D]`
+    pub k_proj: Linear,
+    /// `Linear` `[E, KVH*D]`
+    pub v_proj: Linear,
+    /// `Linear` `[H*D, E]`
+    pub o_proj: Linear,
+    /// `[D]` each: RMSNorm weights per head over D for queries and keys, applied before
+    /// RoPE (Qwen3; Gemma 3 holds `1 + w`).
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+}
+
+impl Projections {
+    /// `a: [B, S, E]` -> q `[B, H, S, D]`, k and v `[B, KVH, S, D]` of layer `layer`'s
+    /// self-attention: projected, split into `(H, KVH, D)` heads, queries and keys
+    /// normalised per head (with `eps`) and rotated with `cos, sin` (the new positions
+    /// only: the prefix in the cache is not rotated).
+    pub fn qkv(
+        &self,
+        a: &Tensor,
+        (heads, kv_heads, d): (usize, usize, usize),
+        eps: f64,
+        (cos, sin): (&Tensor, &Tensor),
+        layer: usize,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let site = |t| Site::new(layer, Attention::SelfAttn, t);
+        // `t: [B, H or KVH, S, D]` -> the same, normalised per head over D, or unchanged.
+        let head_norm = |t: Tensor, w: &Option<Tensor>| match w {
+            Some(w) => rms_norm(&t, w, eps),
+            None => Ok(t),
+        };
+        // [B, H, S, D]
+        let q = self
+            .q_proj
+            .forward(a)
+            .and_then(|t| split_heads(&t, heads, d))
+            .and_then(|t| head_norm(t, &self.q_norm))
+            .and_then(|t| rope(&t, cos, sin))
+            .at(site(TensorKind::Query), "q_proj + rope")?;
+        // [B, KVH, S, D]
+        let k = self
+            .k_proj
+            .forward(a)
+            .and_then(|t| split_heads(&t, kv_heads, d))
+            .and_then(|t| head_norm(t, &self.k_norm))
+            .and_then(|t| rope(&t, cos, sin))
+            .at(site(TensorKind::Key), "k_proj + rope")?;
+        // [B, KVH, S, D]
+        let v = self
+            .v_proj
+            .forward(a)
+            .and_then(|t| split_heads(&t, kv_heads, d))
+            .at(site(TensorKind::Value), "v_proj")?;
+        Ok((q, k, v))
+    }
 }

@@ -30,10 +30,10 @@ use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::attention::{
-    cached_keys, merge_heads, softcapped_sdpa, split_heads, CachedStep, Scores,
+    cached_keys, merge_heads, softcapped_sdpa, CachedStep, Projections, Scores,
 };
 use super::llama::RopeParameters;
-use super::nn::{embed, gelu_tanh, rms_norm, rope, Linear};
+use super::nn::{embed, gelu_tanh, rms_norm, Linear};
 use super::weights::weight;
 use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
@@ -328,17 +328,8 @@ impl Block {
 /// like transformers' `1.0 + weight.float()`).
 struct Layer {
     input_layernorm: Tensor,
-    /// `1 + w` `[D]` each, with [`Block::qk_norm`].
-    q_norm: Option<Tensor>,
-    k_norm: Option<Tensor>,
-    /// `Linear` `[E, H*D]`
-    q_proj: Linear,
-    /// `Linear` `[E, KVH*D]`
-    k_proj: Linear,
-    /// `Linear` `[E, KVH*D]`
-    v_proj: Linear,
-    /// `Linear` `[H*D, E]`
-    o_proj: Linear,
+    /// q, k, v, o; the per-head q/k norms (`1 + w` `[D]`) with [`Block::qk_norm`].
+    attn: Projections,
     post_attention_layernorm: Tensor,
     pre_feedforward_layernorm: Tensor,
     post_feedforward_layernorm: Tensor,
@@ -438,12 +429,14 @@ impl Gemma2 {
             };
             layers.push(Layer {
                 input_layernorm: norm("input_layernorm")?,
-                q_norm: head_norm("q_norm")?,
-                k_norm: head_norm("k_norm")?,
-                q_proj: attn("q_proj", e, heads * d)?,
-                k_proj: attn("k_proj", e, kvh * d)?,
-                v_proj: attn("v_proj", e, kvh * d)?,
-                o_proj: attn("o_proj", heads * d, e)?,
+                attn: Projections {
+                    q_proj: attn("q_proj", e, heads * d)?,
+                    k_proj: attn("k_proj", e, kvh * d)?,
+                    v_proj: attn("v_proj", e, kvh * d)?,
+                    o_proj: attn("o_proj", heads * d, e)?,
+                    q_norm: head_norm("q_norm")?,
+                    k_norm: head_norm("k_norm")?,
+                },
                 post_attention_layernorm: norm("post_attention_layernorm")?,
                 pre_feedforward_layernorm: norm("pre_feedforward_layernorm")?,
                 post_feedforward_layernorm: norm("post_feedforward_layernorm")?,
@@ -498,38 +491,10 @@ impl Gemma2 {
         let eps = self.cfg.rms_norm_eps;
         let att = Attention::SelfAttn;
         let site_q = Site::new(i, att, TensorKind::Query);
-        let site_k = Site::new(i, att, TensorKind::Key);
-        let site_v = Site::new(i, att, TensorKind::Value);
         // [B, S, E]
         let a = rms_norm(h, &l.input_layernorm, eps).at(site_q, "input_layernorm")?;
-        // `t: [B, H or KVH, S, D]` -> the same, normalised per head over D with
-        // `w: [D]`, or unchanged.
-        let head_norm = |t: Tensor, w: &Option<Tensor>| match w {
-            Some(w) => rms_norm(&t, w, eps),
-            None => Ok(t),
-        };
-        // [B, H, S, D]
-        let q = l
-            .q_proj
-            .forward(&a)
-            .and_then(|t| split_heads(&t, heads, d))
-            .and_then(|t| head_norm(t, &l.q_norm))
-            .and_then(|t| rope(&t, cos, sin))
-            .at(site_q, "q_proj + rope")?;
-        // [B, KVH, S, D]: RoPE on the new keys only (the prefix is not rotated).
-        let k = l
-            .k_proj
-            .forward(&a)
-            .and_then(|t| split_heads(&t, kvh, d))
-            .and_then(|t| head_norm(t, &l.k_norm))
-            .and_then(|t| rope(&t, cos, sin))
-            .at(site_k, "k_proj + rope")?;
-        // [B, KVH, S, D]
-        let v = l
-            .v_proj
-            .forward(&a)
-            .and_then(|t| split_heads(&t, kvh, d))
-            .at(site_v, "v_proj")?;
+        // q [B, H, S, D], k and v [B, KVH, S, D]
+        let (q, k, v) = l.attn.qkv(&a, (heads, kvh, d), eps, (cos, sin), i)?;
         // view.k, view.v: [B, KVH, K, D], the S new positions last; mask [B, 1, S, K]
         let (view, mask) = cached_keys(fw, step, &k, &v)?;
         let scale = (self.cfg.query_pre_attn_scalar as f64).powf(-0.5);
@@ -544,7 +509,7 @@ impl Gemma2 {
         )?;
         // [B, S, E]
         merge_heads(&o)
-            .and_then(|o| l.o_proj.forward(&o))
+            .and_then(|o| l.attn.o_proj.forward(&o))
             .and_then(|o| rms_norm(&o, &l.post_attention_layernorm, eps))
             .at(site_q, "o_proj + post_attention_layernorm")
     }

@@ -17,10 +17,10 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{
-    cached_keys, cached_self_attention, merge_heads, sdpa_detached, split_heads, CachedStep, Scores,
+    cached_keys, cached_self_attention, merge_heads, sdpa_detached, CachedStep, Projections, Scores,
 };
 use super::kernels;
-use super::nn::{block_ops, embed, rms_norm, rope, swiglu_mlp, Linear};
+use super::nn::{block_ops, embed, rms_norm, swiglu_mlp, Linear};
 use super::weights::{bias, ones, weight};
 use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
@@ -312,17 +312,8 @@ impl Block {
 struct Layer {
     /// `[E]`
     input_layernorm: Tensor,
-    /// `[D]` each, with [`Block::qk_norm`].
-    q_norm: Option<Tensor>,
-    k_norm: Option<Tensor>,
-    /// `Linear` `[E, H*D]`
-    q_proj: Linear,
-    /// `Linear` `[E, KVH*D]`
-    k_proj: Linear,
-    /// `Linear` `[E, KVH*D]`
-    v_proj: Linear,
-    /// `Linear` `[H*D, E]`
-    o_proj: Linear,
+    /// q, k, v, o; the per-head q/k norms with [`Block::qk_norm`].
+    attn: Projections,
     /// `[E]`
     post_attention_layernorm: Tensor,
     /// `Linear` `[E, I]`
@@ -431,12 +422,14 @@ impl Llama {
             };
             layers.push(Layer {
                 input_layernorm: norm("input_layernorm", e)?,
-                q_norm: head_norm("self_attn.q_norm")?,
-                k_norm: head_norm("self_attn.k_norm")?,
-                q_proj,
-                k_proj,
-                v_proj,
-                o_proj: lin(&vb, &format!("{p}.self_attn.o_proj"), heads * d, e, ob)?,
+                attn: Projections {
+                    q_proj,
+                    k_proj,
+                    v_proj,
+                    o_proj: lin(&vb, &format!("{p}.self_attn.o_proj"), heads * d, e, ob)?,
+                    q_norm: head_norm("self_attn.q_norm")?,
+                    k_norm: head_norm("self_attn.k_norm")?,
+                },
                 post_attention_layernorm: norm("post_attention_layernorm", e)?,
                 gate_proj,
                 up_proj,
@@ -490,7 +483,6 @@ impl Llama {
         );
         let att = Attention::SelfAttn;
         let site_q = Site::new(i, att, TensorKind::Query);
-        let site_k = Site::new(i, att, TensorKind::Key);
         let site_v = Site::new(i, att, TensorKind::Value);
         let eps = self.cfg.rms_norm_eps;
         // The block op's backward pass knows no q/k norm: Qwen3 takes the composed ops.
@@ -498,41 +490,15 @@ impl Llama {
         // [B, S, E]: outside the graph for the block op
         let x = if block { h.detach() } else { h.clone() };
         let a = rms_norm(&x, &l.input_layernorm, eps).at(site_q, "input_layernorm")?;
-        // `t: [B, H or KVH, S, D]` -> the same, RMS-normalised per head over D with
-        // `w: [D]` (Qwen3's q_norm / k_norm), or unchanged.
-        let head_norm = |t: Tensor, w: &Option<Tensor>| match w {
-            Some(w) => rms_norm(&t, w, eps),
-            None => Ok(t),
-        };
-        // [B, H, S, D]
-        let q = l
-            .q_proj
-            .forward(&a)
-            .and_then(|t| split_heads(&t, heads, d))
-            .and_then(|t| head_norm(t, &l.q_norm))
-            .and_then(|t| rope(&t, cos, sin))
-            .at(site_q, "q_proj + rope")?;
-        // [B, KVH, S, D]: RoPE on the new keys only (the prefix is not rotated).
-        let k = l
-            .k_proj
-            .forward(&a)
-            .and_then(|t| split_heads(&t, kvh, d))
-            .and_then(|t| head_norm(t, &l.k_norm))
-            .and_then(|t| rope(&t, cos, sin))
-            .at(site_k, "k_proj + rope")?;
-        // [B, KVH, S, D]
-        let v = l
-            .v_proj
-            .forward(&a)
-            .and_then(|t| split_heads(&t, kvh, d))
-            .at(site_v, "v_proj")?;
+        // q [B, H, S, D], k and v [B, KVH, S, D]
+        let (q, k, v) = l.attn.qkv(&a, (heads, kvh, d), eps, (cos, sin), i)?;
         let scale = 1.0 / (d as f64).sqrt();
         if !block {
             // [B, H, S, D]
             let o = cached_self_attention(fw, step, &q, &k, &v, scale, &mut |_, _| Ok(None))?;
             // [B, S, E]
             let o = merge_heads(&o)
-                .and_then(|o| l.o_proj.forward(&o))
+                .and_then(|o| l.attn.o_proj.forward(&o))
                 .at(site_q, "o_proj")?;
             return (h + o).at(site_q, "residual");
         }
@@ -542,7 +508,7 @@ impl Llama {
         let (out, probs) = sdpa_detached(&q, &view.k, &view.v, &Scores::new(&mask, scale, i, att))?;
         // [B, S, E]
         let branch = merge_heads(&out)
-            .and_then(|o| l.o_proj.forward(&o))
+            .and_then(|o| l.attn.o_proj.forward(&o))
             .at(site_q, "o_proj")?;
         if !(h.track_op() || view.k.track_op() || view.v.track_op()) {
             return (x + branch).at(site_q, "residual");
@@ -569,10 +535,10 @@ impl Llama {
                 cos: cos.contiguous().at(site_q, "rope tables")?,
                 sin: sin.contiguous().at(site_q, "rope tables")?,
             },
-            q_proj: l.q_proj.clone(),
-            k_proj: l.k_proj.clone(),
-            v_proj: l.v_proj.clone(),
-            o_proj: l.o_proj.clone(),
+            q_proj: l.attn.q_proj.clone(),
+            k_proj: l.attn.k_proj.clone(),
+            v_proj: l.attn.v_proj.clone(),
+            o_proj: l.attn.o_proj.clone(),
         };
         h.contiguous()
             .and_then(|h| h.apply_op3(&view.k, &view.v, op))
