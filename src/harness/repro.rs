@@ -6,7 +6,6 @@
 use std::path::Path;
 
 use crate::engine::diagnosis::Diagnosis;
-use crate::engine::model::Family;
 use crate::engine::trace::TraceEvent;
 use crate::harness::report::Environment;
 use crate::harness::run::{run_case, CaseResult, Status};
@@ -197,22 +196,6 @@ pub fn markdown(
     md
 }
 
-/// The number of layers a family's config calls it, for shrinking.
-fn layer_field(f: Family) -> &'static str {
-    match f {
-        Family::Gpt2 | Family::Bloom | Family::GptBigcode => "n_layer",
-        Family::Llama
-        | Family::Qwen2
-        | Family::Mistral
-        | Family::Qwen3
-        | Family::Phi3
-        | Family::GptNeox
-        | Family::Gemma2
-        | Family::Gemma3 => "num_hidden_layers",
-        Family::T5 => "num_layers",
-    }
-}
-
 /// Does `r` fail the same way as `target` (same class and place)?
 fn same_failure(target: &Diagnosis, r: &CaseResult) -> bool {
     r.diagnosis.as_ref().is_some_and(|d| {
@@ -293,7 +276,7 @@ fn set_knob(c: &mut Case, knob: usize, v: usize) {
             if let Some(f) = s.model.family {
                 s.model
                     .config
-                    .insert(layer_field(f).to_string(), serde_json::Value::from(v));
+                    .insert(f.layers_field().to_string(), serde_json::Value::from(v));
             }
         }
         _ => {}

@@ -206,20 +206,7 @@ pub fn estimate_memory(case: &Case) -> Result<(u64, u64, u64), String> {
     let f = |x: usize| x as f64;
     let (e, l, v) = (f(g.hidden_size), f(g.num_layers), f(g.vocab_size));
     let (h, kvh, d) = (f(g.num_attention_heads), f(g.num_kv_heads), f(g.head_dim));
-    let inner = match &cfg {
-        crate::engine::model::ModelConfig::Gpt2(c) => c.n_inner.map(f).unwrap_or(4.0 * e),
-        crate::engine::model::ModelConfig::GptBigcode(c) => c.n_inner.map(f).unwrap_or(4.0 * e),
-        crate::engine::model::ModelConfig::Llama(c) => f(c.intermediate_size),
-        crate::engine::model::ModelConfig::T5(c) => f(c.d_ff),
-        crate::engine::model::ModelConfig::Bloom(_) => 4.0 * e,
-        crate::engine::model::ModelConfig::Qwen2(c) => f(c.intermediate_size),
-        crate::engine::model::ModelConfig::Mistral(c) => f(c.intermediate_size),
-        crate::engine::model::ModelConfig::Qwen3(c) => f(c.intermediate_size),
-        crate::engine::model::ModelConfig::Phi3(c) => f(c.intermediate_size),
-        crate::engine::model::ModelConfig::GptNeox(c) => f(c.intermediate_size),
-        crate::engine::model::ModelConfig::Gemma2(c) => f(c.intermediate_size),
-        crate::engine::model::ModelConfig::Gemma3(c) => f(c.intermediate_size),
-    };
+    let inner = f(cfg.mlp_width());
     let stacks = if g.encoder_decoder { 3.0 } else { 1.0 }; // encoder, decoder, cross
     let per_layer = 4.0 * e * h * d + 3.0 * e * inner;
     let weights = 4.0 * (2.0 * v * e + stacks * l * per_layer);

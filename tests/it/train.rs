@@ -615,12 +615,7 @@ fn the_activation_estimate_covers_one_layers_forward_pass() {
         let (_, _, activations) = estimate_memory(&case).unwrap();
         let mcfg = case.model_config().unwrap();
         let g = mcfg.geometry();
-        let inner = match &mcfg {
-            ModelConfig::Gpt2(c) => c.n_inner.unwrap_or(4 * c.n_embd),
-            ModelConfig::Llama(c) => c.intermediate_size,
-            ModelConfig::T5(c) => c.d_ff,
-            _ => unreachable!("the families of this test"),
-        } as u64;
+        let inner = mcfg.mlp_width() as u64;
         let (e, h, v) = (
             g.hidden_size as u64,
             g.num_attention_heads as u64,

@@ -64,6 +64,23 @@ impl Family {
         Family::Gemma3,
     ];
 
+    /// The `config.json` field that holds the number of layers (what `repro --shrink`
+    /// lowers).
+    pub fn layers_field(&self) -> &'static str {
+        match self {
+            Family::Gpt2 | Family::Bloom | Family::GptBigcode => "n_layer",
+            Family::Llama
+            | Family::Qwen2
+            | Family::Mistral
+            | Family::Qwen3
+            | Family::Phi3
+            | Family::GptNeox
+            | Family::Gemma2
+            | Family::Gemma3 => "num_hidden_layers",
+            Family::T5 => "num_layers",
+        }
+    }
+
     /// The family's name in scenario files (`model.family`).
     pub fn name(&self) -> &'static str {
         match self {
@@ -309,6 +326,25 @@ impl ModelConfig {
             ModelConfig::GptNeox(c) => c.geometry(),
             ModelConfig::Gemma2(c) => c.geometry(),
             ModelConfig::Gemma3(c) => c.geometry(),
+        }
+    }
+
+    /// The MLP's inner width (`n_inner`, `intermediate_size`, `d_ff`; GPT-2-style
+    /// configs without one use 4 x hidden).
+    pub fn mlp_width(&self) -> usize {
+        match self {
+            ModelConfig::Gpt2(c) => c.n_inner.unwrap_or(4 * c.n_embd),
+            ModelConfig::GptBigcode(c) => c.n_inner.unwrap_or(4 * c.n_embd),
+            ModelConfig::Llama(c) => c.intermediate_size,
+            ModelConfig::T5(c) => c.d_ff,
+            ModelConfig::Bloom(c) => 4 * c.hidden_size,
+            ModelConfig::Qwen2(c) => c.intermediate_size,
+            ModelConfig::Mistral(c) => c.intermediate_size,
+            ModelConfig::Qwen3(c) => c.intermediate_size,
+            ModelConfig::Phi3(c) => c.intermediate_size,
+            ModelConfig::GptNeox(c) => c.intermediate_size,
+            ModelConfig::Gemma2(c) => c.intermediate_size,
+            ModelConfig::Gemma3(c) => c.intermediate_size,
         }
     }
 
