@@ -366,3 +366,20 @@ fn fused_ops_mode_gives_the_default_logits_in_every_family() {
         assert!(d < 1e-4, "{}: fused ops differ by {d}", family.name());
     }
 }
+
+/// Splitting `[B, S, H*D]` into heads that do not divide it is an error, from the
+/// crate's kernel path (f32 on the CPU) as from the composed one, not a silent reshape.
+#[test]
+fn split_heads_refuses_a_width_that_is_not_heads_times_head_dim() {
+    use prefix_harness::engine::model::attention::split_heads;
+    let x = rand(&[1, 2, 10], 3); // [B, S, 10]
+    assert!(
+        split_heads(&x, 4, 3).is_err(),
+        "10 columns are not 4 heads of 3"
+    );
+    assert!(
+        split_heads(&x, 2, 4).is_err(),
+        "10 columns are not 2 heads of 4"
+    );
+    assert_eq!(split_heads(&x, 2, 5).unwrap().dims(), &[1, 2, 2, 5]);
+}
