@@ -102,6 +102,39 @@ fn the_gradient_check_catches_a_non_finite_gradient() {
     );
 }
 
+/// A projection prefix whose first virtual token reaches no loss: the projection MLP is
+/// applied row by row, so that token's embedding row gets an exactly zero gradient while
+/// the MLP's weights and the other rows get theirs; the per-token check names it.
+#[test]
+fn the_gradient_check_names_a_projected_virtual_token_without_gradient() {
+    let model = tiny_model(Family::Llama);
+    let prefix = prefix_with(model.as_ref(), 3, true);
+    // [P, L*2*token_dim]
+    let emb = prefix.forward().expect("prompt embeddings");
+    let grads = emb
+        .narrow(0, 1, 2)
+        .and_then(|rows| rows.sqr()?.sum_all())
+        .and_then(|l| l.backward())
+        .expect("backward");
+    check_grads(&grads, &prefix.vars()).expect("every parameter has a gradient somewhere");
+    let err = check_prefix_grads(&grads, &prefix).expect_err("token 0 must be caught");
+    let d = no_grad_diagnosis(&err);
+    assert!(
+        d.message
+            .contains("virtual token 0 received no usable gradient"),
+        "{}",
+        d.message
+    );
+    // Every token reaching the loss passes.
+    let grads = emb
+        .sqr()
+        .and_then(|x| x.sum_all())
+        .and_then(|l| l.backward())
+        .expect("backward");
+    let check = check_prefix_grads(&grads, &prefix).expect("every token has a gradient");
+    assert_eq!(check.slices_checked, 3);
+}
+
 /// T5 with the cross-attention prefix dropped: its cross blocks get no gradient, which
 /// the check accepts (nothing reads them); the same gradients checked for a prefix
 /// that injects the cross part are a `no-grad` diagnosis at a cross block.
