@@ -312,6 +312,10 @@ fn tokens_status_and_diagnosis_must_match_exactly() {
     let r = c.render();
     assert!(r.contains("row 1 differs from position 2"), "{r}");
     assert!(r.contains("A pass, B fail"), "{r}");
+    // The case id heads its first difference's row only.
+    let row = |kind: &str| r.lines().find(|l| l.contains(kind)).unwrap_or_default();
+    assert!(row("A pass, B fail").starts_with("x "), "{r}");
+    assert!(row("row 1 differs").starts_with("      tokens"), "{r}");
 }
 
 #[test]
