@@ -25,7 +25,8 @@ command -v cargo-mutants >/dev/null 2>&1 || {
 # chosen by libtest name filters, which apply to the unit tests too: `tests::` keeps
 # every unit test (they all live in `mod tests`) and matches no `it` module.
 AREAS=(engine_diagnoses:: stack:: cli:: repro:: generate:: train:: reference_math::
-       fingerprint:: engine_matrix:: bad_inputs:: kernels:: quantized::)
+       fingerprint:: engine_matrix:: bad_inputs:: kernels:: quantized:: snapshots::
+       properties::hostile::)
 tests() { TESTS=(--lib --test it -- tests:: "$@"); }
 tests "${AREAS[@]}"
 mkdir -p target
