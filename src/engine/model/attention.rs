@@ -534,33 +534,28 @@ impl Projections {
         layer: usize,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let site = |t| Site::new(layer, Attention::SelfAttn, t);
-        // `t: [B, H or KVH, S, D]` -> the same, normalised per head over D, or unchanged.
-        let head_norm = |t: Tensor, w: &Option<Tensor>| match w {
-            Some(w) => rms_norm(&t, w, eps),
-            None => Ok(t),
+        // `proj(a)` as `n` heads `[B, n, S, D]`, normalised per head over D with `norm`
+        // (when given) and rotated when `rotate`.
+        let heads_of = |proj: &Linear, n: usize, norm: &Option<Tensor>, rotate: bool| {
+            let t = split_heads(&proj.forward(a)?, n, d)?;
+            let t = match norm {
+                Some(w) => rms_norm(&t, w, eps)?,
+                None => t,
+            };
+            if rotate {
+                rope(&t, cos, sin)
+            } else {
+                Ok(t)
+            }
         };
         // [B, H, S, D]
-        let q = self
-            .q_proj
-            .forward(a)
-            .and_then(|t| split_heads(&t, heads, d))
-            .and_then(|t| head_norm(t, &self.q_norm))
-            .and_then(|t| rope(&t, cos, sin))
+        let q = heads_of(&self.q_proj, heads, &self.q_norm, true)
             .at(site(TensorKind::Query), "q_proj + rope")?;
-        // [B, KVH, S, D]
-        let k = self
-            .k_proj
-            .forward(a)
-            .and_then(|t| split_heads(&t, kv_heads, d))
-            .and_then(|t| head_norm(t, &self.k_norm))
-            .and_then(|t| rope(&t, cos, sin))
+        // [B, KVH, S, D] each
+        let k = heads_of(&self.k_proj, kv_heads, &self.k_norm, true)
             .at(site(TensorKind::Key), "k_proj + rope")?;
-        // [B, KVH, S, D]
-        let v = self
-            .v_proj
-            .forward(a)
-            .and_then(|t| split_heads(&t, kv_heads, d))
-            .at(site(TensorKind::Value), "v_proj")?;
+        let v =
+            heads_of(&self.v_proj, kv_heads, &None, false).at(site(TensorKind::Value), "v_proj")?;
         Ok((q, k, v))
     }
 }
