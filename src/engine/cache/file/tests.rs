@@ -187,15 +187,12 @@ fn a_quantized_file_with_misshapen_scales_or_zero_points_is_refused() {
     let path = temp("quantized.safetensors");
     c.save(&path).unwrap();
     let bytes = std::fs::read(&path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let meta: Vec<(String, String)> = header["__metadata__"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
-        .collect();
-    let meta: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let state = serde_json::to_string(&read_state(&path, &bytes).unwrap()).unwrap();
+    let meta = [
+        ("format", FORMAT),
+        ("version", VERSION),
+        ("state", state.as_str()),
+    ];
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
     // The file as saved reads back.
     c.emptied().restore(&path).unwrap();
