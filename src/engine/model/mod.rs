@@ -333,8 +333,8 @@ impl ModelConfig {
     /// configs without one use 4 x hidden).
     pub fn mlp_width(&self) -> usize {
         match self {
-            ModelConfig::Gpt2(c) => c.n_inner.unwrap_or(4 * c.n_embd),
-            ModelConfig::GptBigcode(c) => c.n_inner.unwrap_or(4 * c.n_embd),
+            ModelConfig::Gpt2(c) => c.decoder().inner,
+            ModelConfig::GptBigcode(c) => c.decoder().inner,
             ModelConfig::Llama(c) => c.intermediate_size,
             ModelConfig::T5(c) => c.d_ff,
             ModelConfig::Bloom(c) => 4 * c.hidden_size,
