@@ -59,13 +59,20 @@ fn the_gradient_check_catches_a_fused_softmax() {
     assert!(d.hint.contains("fused"), "{}", d.hint);
 }
 
+/// A tiny Llama's prefix of 3 virtual tokens (through the projection MLP when
+/// `projection`) and its prompt embeddings `[P, L*2*token_dim]`, in the graph.
+fn llama_prefix_embeddings(projection: bool) -> (PrefixEncoder, Tensor) {
+    let model = tiny_model(Family::Llama);
+    let prefix = prefix_with(model.as_ref(), 3, projection);
+    let emb = prefix.forward().expect("prompt embeddings");
+    (prefix, emb)
+}
+
 /// Every path through a fused op: the parameter gets no gradient at all.
 #[test]
 fn the_gradient_check_catches_a_parameter_without_gradient() {
-    let model = tiny_model(Family::Llama);
-    let prefix = prefix_with(model.as_ref(), 3, true);
-    // [P, L*2*token_dim]
-    let emb = prefix.forward().expect("prompt embeddings");
+    // emb: [P, L*2*token_dim]
+    let (prefix, emb) = llama_prefix_embeddings(true);
     let w = emb.ones_like().and_then(|o| o.cumsum(1)).expect("weights");
     let grads = candle_nn::ops::softmax_last_dim(&emb)
         .and_then(|p| (p * w)?.sum_all())
@@ -81,10 +88,8 @@ fn the_gradient_check_catches_a_parameter_without_gradient() {
 /// number of non-finite values (here the loss multiplies by `0 * inf` = NaN).
 #[test]
 fn the_gradient_check_catches_a_non_finite_gradient() {
-    let model = tiny_model(Family::Llama);
-    let prefix = prefix_with(model.as_ref(), 3, false);
-    // [P, L*2*token_dim]
-    let emb = prefix.forward().expect("prompt embeddings");
+    // emb: [P, L*2*token_dim]
+    let (prefix, emb) = llama_prefix_embeddings(false);
     let nan = emb
         .ones_like()
         .and_then(|o| o.affine(0.0, f64::NAN))
@@ -107,10 +112,8 @@ fn the_gradient_check_catches_a_non_finite_gradient() {
 /// the MLP's weights and the other rows get theirs; the per-token check names it.
 #[test]
 fn the_gradient_check_names_a_projected_virtual_token_without_gradient() {
-    let model = tiny_model(Family::Llama);
-    let prefix = prefix_with(model.as_ref(), 3, true);
-    // [P, L*2*token_dim]
-    let emb = prefix.forward().expect("prompt embeddings");
+    // emb: [P, L*2*token_dim]
+    let (prefix, emb) = llama_prefix_embeddings(true);
     let grads = emb
         .narrow(0, 1, 2)
         .and_then(|rows| rows.sqr()?.sum_all())
