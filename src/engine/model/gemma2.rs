@@ -43,106 +43,36 @@ use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, 
 /// 16 KV heads, intermediate 24576, `query_pre_attn_scalar` 224).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
-    #[serde(default = "d::vocab_size")]
     pub vocab_size: usize,
-    #[serde(default = "d::hidden_size")]
     pub hidden_size: usize,
-    #[serde(default = "d::intermediate_size")]
     pub intermediate_size: usize,
-    #[serde(default = "d::layers")]
     pub num_hidden_layers: usize,
-    #[serde(default = "d::heads")]
     pub num_attention_heads: usize,
-    #[serde(default = "d::kv_heads")]
     pub num_key_value_heads: usize,
-    #[serde(default = "d::head_dim")]
     pub head_dim: usize,
     /// `gelu_pytorch_tanh` (and the other tanh spellings `gelu_new`, `gelu_fast`), or
     /// `gelu` (erf).
-    #[serde(default = "d::act")]
     pub hidden_activation: String,
-    #[serde(default = "d::max_positions")]
     pub max_position_embeddings: usize,
-    #[serde(default = "d::eps")]
     pub rms_norm_eps: f64,
-    #[serde(default = "d::yes")]
     pub tie_word_embeddings: bool,
-    #[serde(default = "d::theta")]
     pub rope_theta: f64,
     /// transformers >= 5: `{"rope_theta", "rope_type"}`; only `default` is supported.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<Box<RopeParameters>>,
     /// Biases on q/k/v and o.
-    #[serde(default)]
     pub attention_bias: bool,
     /// Attention scores are scaled by `query_pre_attn_scalar ** -0.5` (an int in
     /// transformers 5's strict config).
-    #[serde(default = "d::query_pre_attn_scalar")]
     pub query_pre_attn_scalar: usize,
     /// Absent: 4096; `null`: no window.
-    #[serde(default = "d::window")]
     pub sliding_window: Option<usize>,
     /// `"sliding_attention"` | `"full_attention"` per layer; `null`: even layers slide.
-    #[serde(default)]
     pub layer_types: Option<Vec<String>>,
     /// Absent: 30; `null`: no final soft-capping.
-    #[serde(default = "d::final_cap")]
     pub final_logit_softcapping: Option<f64>,
     /// Absent: 50; `null`: no attention soft-capping.
-    #[serde(default = "d::attn_cap")]
     pub attn_logit_softcapping: Option<f64>,
-}
-
-/// transformers 5's defaults.
-mod d {
-    pub fn vocab_size() -> usize {
-        256_000
-    }
-    pub fn hidden_size() -> usize {
-        2304
-    }
-    pub fn intermediate_size() -> usize {
-        9216
-    }
-    pub fn layers() -> usize {
-        26
-    }
-    pub fn heads() -> usize {
-        8
-    }
-    pub fn kv_heads() -> usize {
-        4
-    }
-    pub fn head_dim() -> usize {
-        256
-    }
-    pub fn act() -> String {
-        "gelu_pytorch_tanh".into()
-    }
-    pub fn max_positions() -> usize {
-        8192
-    }
-    pub fn eps() -> f64 {
-        1e-6
-    }
-    pub fn yes() -> bool {
-        true
-    }
-    pub fn theta() -> f64 {
-        10_000.0
-    }
-    pub fn query_pre_attn_scalar() -> usize {
-        256
-    }
-    pub fn window() -> Option<usize> {
-        Some(4096)
-    }
-    pub fn final_cap() -> Option<f64> {
-        Some(30.0)
-    }
-    pub fn attn_cap() -> Option<f64> {
-        Some(50.0)
-    }
 }
 
 /// Seeded norm weights (the `w` of `(1 + w)`): random around zero, as trained Gemma
@@ -169,7 +99,7 @@ impl Config {
             num_attention_heads: 4,
             num_key_value_heads: 2,
             head_dim: 24,
-            hidden_activation: d::act(),
+            hidden_activation: "gelu_pytorch_tanh".into(),
             max_position_embeddings: 256,
             rms_norm_eps: 1e-6,
             tie_word_embeddings: true,

@@ -27,61 +27,40 @@ use crate::engine::diagnosis::{EngineError, Result};
 /// `Gemma3TextConfig` (Hugging Face field names; transformers 5's defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
-    #[serde(default = "d::vocab_size")]
     pub vocab_size: usize,
-    #[serde(default = "d::hidden_size")]
     pub hidden_size: usize,
-    #[serde(default = "d::intermediate_size")]
     pub intermediate_size: usize,
-    #[serde(default = "d::layers")]
     pub num_hidden_layers: usize,
-    #[serde(default = "d::heads")]
     pub num_attention_heads: usize,
-    #[serde(default = "d::kv_heads")]
     pub num_key_value_heads: usize,
-    #[serde(default = "d::head_dim")]
     pub head_dim: usize,
-    #[serde(default = "d::act")]
     pub hidden_activation: String,
-    #[serde(default = "d::max_positions")]
     pub max_position_embeddings: usize,
-    #[serde(default = "d::eps")]
     pub rms_norm_eps: f64,
-    #[serde(default = "d::yes")]
     pub tie_word_embeddings: bool,
     /// RoPE base of the global layers.
-    #[serde(default = "d::theta")]
     pub rope_theta: f64,
     /// RoPE base of the sliding layers.
-    #[serde(default = "d::local_theta")]
     pub rope_local_base_freq: f64,
     /// RoPE scaling of the global layers (transformers < 5; `default` or `linear`).
-    #[serde(default)]
     pub rope_scaling: Option<Box<RopeParameters>>,
     /// transformers >= 5: per layer type, replacing the three fields above.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<Box<RopePerType>>,
-    #[serde(default)]
     pub attention_bias: bool,
     /// Scores are scaled by `query_pre_attn_scalar ** -0.5` (an int).
-    #[serde(default = "d::query_pre_attn_scalar")]
     pub query_pre_attn_scalar: usize,
     /// Absent: 4096; `null`: the sliding layers see everything.
-    #[serde(default = "d::window")]
     pub sliding_window: Option<usize>,
     /// `"sliding_attention"` | `"full_attention"` per layer.
-    #[serde(default)]
     pub layer_types: Option<Vec<String>>,
     /// Older configs: every `pattern`-th layer is global (used without `layer_types`;
     /// absent: 6).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub sliding_window_pattern: Option<usize>,
-    #[serde(default)]
     pub final_logit_softcapping: Option<f64>,
-    #[serde(default)]
     pub attn_logit_softcapping: Option<f64>,
     /// EmbeddingGemma's bidirectional attention: refused.
-    #[serde(default)]
     pub use_bidirectional_attention: Option<bool>,
 }
 
@@ -94,55 +73,9 @@ pub struct RopePerType {
     pub sliding_attention: Option<RopeParameters>,
 }
 
-/// transformers 5's defaults (`Gemma3TextConfig`).
-mod d {
-    pub fn vocab_size() -> usize {
-        262_208
-    }
-    pub fn hidden_size() -> usize {
-        2304
-    }
-    pub fn intermediate_size() -> usize {
-        9216
-    }
-    pub fn layers() -> usize {
-        26
-    }
-    pub fn heads() -> usize {
-        8
-    }
-    pub fn kv_heads() -> usize {
-        4
-    }
-    pub fn head_dim() -> usize {
-        256
-    }
-    pub fn act() -> String {
-        "gelu_pytorch_tanh".into()
-    }
-    pub fn max_positions() -> usize {
-        131_072
-    }
-    pub fn eps() -> f64 {
-        1e-6
-    }
-    pub fn yes() -> bool {
-        true
-    }
-    pub fn theta() -> f64 {
-        1_000_000.0
-    }
-    pub fn local_theta() -> f64 {
-        10_000.0
-    }
-    pub fn query_pre_attn_scalar() -> usize {
-        256
-    }
-    pub fn window() -> Option<usize> {
-        Some(4096)
-    }
-    pub const PATTERN: usize = 6;
-}
+/// Every sixth layer is global when neither `layer_types` nor `sliding_window_pattern`
+/// says otherwise (transformers' `Gemma3TextConfig`).
+const DEFAULT_PATTERN: usize = 6;
 
 impl Config {
     /// Hidden 64, 5 layers (0, 1, 3, 4 slide with a window of 6, shorter than the
@@ -159,12 +92,12 @@ impl Config {
             num_attention_heads: 4,
             num_key_value_heads: 1,
             head_dim: 24,
-            hidden_activation: d::act(),
+            hidden_activation: "gelu_pytorch_tanh".into(),
             max_position_embeddings: 256,
             rms_norm_eps: 1e-6,
             tie_word_embeddings: true,
-            rope_theta: d::theta(),
-            rope_local_base_freq: d::local_theta(),
+            rope_theta: 1_000_000.0,
+            rope_local_base_freq: 10_000.0,
             rope_scaling: Some(Box::new(RopeParameters {
                 rope_type: Some("linear".into()),
                 factor: Some(2.0),
@@ -200,7 +133,7 @@ impl Config {
         if let Some(t) = &self.layer_types {
             return Ok(t.clone());
         }
-        let pattern = self.sliding_window_pattern.unwrap_or(d::PATTERN);
+        let pattern = self.sliding_window_pattern.unwrap_or(DEFAULT_PATTERN);
         if pattern == 0 {
             return Err(EngineError::Config(
                 "gemma3: sliding_window_pattern must be at least 1".into(),

@@ -24,39 +24,26 @@ use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, 
 /// `rotary_pct` / `rotary_emb_base`, which transformers 5 still reads).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
-    #[serde(default = "d::vocab_size")]
     pub vocab_size: usize,
-    #[serde(default = "d::hidden_size")]
     pub hidden_size: usize,
-    #[serde(default = "d::layers")]
     pub num_hidden_layers: usize,
-    #[serde(default = "d::heads")]
     pub num_attention_heads: usize,
-    #[serde(default = "d::intermediate_size")]
     pub intermediate_size: usize,
     /// `gelu` (erf), or the tanh approximation (`gelu_new`, `gelu_pytorch_tanh`,
     /// `gelu_fast`).
-    #[serde(default = "d::act")]
     pub hidden_act: String,
     /// Fraction of each head's dimensions that RoPE rotates.
-    #[serde(default = "d::rotary_pct")]
     pub rotary_pct: f64,
-    #[serde(default = "d::theta")]
     pub rotary_emb_base: f64,
     /// transformers >= 5: `{"rope_theta", "partial_rotary_factor", "rope_type"}`
     /// (replaces `rotary_emb_base` / `rotary_pct` when present).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<NeoxRope>,
-    #[serde(default = "d::max_positions")]
     pub max_position_embeddings: usize,
-    #[serde(default = "d::eps")]
     pub layer_norm_eps: f64,
-    #[serde(default)]
     pub tie_word_embeddings: bool,
-    #[serde(default = "d::yes")]
     pub use_parallel_residual: bool,
     /// Biases on `query_key_value` and `dense`.
-    #[serde(default = "d::yes")]
     pub attention_bias: bool,
 }
 
@@ -71,43 +58,6 @@ pub struct NeoxRope {
     pub partial_rotary_factor: Option<f64>,
 }
 
-/// transformers' defaults (GPT-NeoX-20B).
-mod d {
-    pub fn vocab_size() -> usize {
-        50_432
-    }
-    pub fn hidden_size() -> usize {
-        6144
-    }
-    pub fn layers() -> usize {
-        44
-    }
-    pub fn heads() -> usize {
-        64
-    }
-    pub fn intermediate_size() -> usize {
-        24_576
-    }
-    pub fn act() -> String {
-        "gelu".into()
-    }
-    pub fn rotary_pct() -> f64 {
-        0.25
-    }
-    pub fn theta() -> f64 {
-        10_000.0
-    }
-    pub fn max_positions() -> usize {
-        2048
-    }
-    pub fn eps() -> f64 {
-        1e-5
-    }
-    pub fn yes() -> bool {
-        true
-    }
-}
-
 impl Config {
     /// Hidden 64, 2 layers, 4 heads (head_dim 16, RoPE on the first 4 dimensions of
     /// each head: `rotary_pct` 0.25), intermediate 160 (not 4 x 64), vocabulary 256,
@@ -119,7 +69,7 @@ impl Config {
             num_hidden_layers: 2,
             num_attention_heads: 4,
             intermediate_size: 160,
-            hidden_act: d::act(),
+            hidden_act: "gelu".into(),
             rotary_pct: 0.25,
             rotary_emb_base: 10_000.0,
             rope_parameters: None,

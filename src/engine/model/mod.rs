@@ -108,6 +108,25 @@ impl Family {
         }
     }
 
+    /// transformers' defaults for the fields of this family's `config.json` that the
+    /// config reads: a field absent from the file takes its value from here (`null`: the
+    /// field's `None`). `src/engine/model/defaults/<model_type>.json`, checked against the
+    /// transformers classes by `ci/stack/test_defaults.py`. `None`: the family's config
+    /// has serde defaults of its own (gpt2, bloom, gpt_bigcode, t5) or requires its
+    /// fields (llama).
+    pub fn hf_defaults(&self) -> Option<&'static str> {
+        match self {
+            Family::Qwen2 => Some(include_str!("defaults/qwen2.json")),
+            Family::Qwen3 => Some(include_str!("defaults/qwen3.json")),
+            Family::Mistral => Some(include_str!("defaults/mistral.json")),
+            Family::Phi3 => Some(include_str!("defaults/phi3.json")),
+            Family::GptNeox => Some(include_str!("defaults/gpt_neox.json")),
+            Family::Gemma2 => Some(include_str!("defaults/gemma2.json")),
+            Family::Gemma3 => Some(include_str!("defaults/gemma3_text.json")),
+            Family::Gpt2 | Family::Llama | Family::Bloom | Family::GptBigcode | Family::T5 => None,
+        }
+    }
+
     /// The transformers class a checkpoint of this family is saved from
     /// (`architectures` in `config.json`).
     pub fn architecture(&self) -> &'static str {
@@ -217,6 +236,20 @@ pub trait Model: Send + Sync {
     }
 }
 
+/// `config: {..}` (a `config.json`) with every field it lacks taken from `defaults` (a
+/// JSON object: [`Family::hf_defaults`]).
+fn with_defaults(mut config: serde_json::Value, defaults: Option<&str>) -> serde_json::Value {
+    let defaults: serde_json::Map<String, serde_json::Value> = defaults
+        .map(|text| serde_json::from_str(text).expect("a family's defaults file is a JSON object"))
+        .unwrap_or_default();
+    if let serde_json::Value::Object(fields) = &mut config {
+        for (key, value) in defaults {
+            fields.entry(key).or_insert(value);
+        }
+    }
+    config
+}
+
 /// A family and its configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "family", rename_all = "snake_case")]
@@ -277,6 +310,7 @@ impl ModelConfig {
             })?;
         let err =
             |e: serde_json::Error| EngineError::Config(format!("config.json ({model_type}): {e}"));
+        let v = with_defaults(v, family.hf_defaults());
         let cfg = match family {
             Family::Gpt2 => ModelConfig::Gpt2(serde_json::from_value(v).map_err(err)?),
             Family::Llama => ModelConfig::Llama(serde_json::from_value(v).map_err(err)?),
@@ -529,4 +563,48 @@ pub fn learned_positions(
         device,
     )
     .ctx("positions")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each defaults file parses, gives every field of its family's config (a field it
+    /// lacks would be required in every `config.json`), and names only fields the config
+    /// has (a misspelt key would be ignored).
+    #[test]
+    fn defaults_files_cover_each_config() {
+        let mut checked = 0;
+        for family in Family::ALL {
+            let Some(text) = family.hf_defaults() else {
+                continue;
+            };
+            let defaults: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(text).expect("a JSON object");
+            let json = format!(r#"{{"model_type": "{}"}}"#, family.model_type());
+            let parsed = ModelConfig::from_hf_json(&json)
+                .unwrap_or_else(|e| panic!("{}: {e}", family.name()));
+            assert_eq!(parsed.family(), family);
+            let serde_json::Value::Object(fields) = serde_json::to_value(&parsed).unwrap() else {
+                panic!("a config serialises to a mapping")
+            };
+            let tiny = serde_json::to_value(ModelConfig::tiny(family)).unwrap();
+            for field in tiny.as_object().unwrap().keys() {
+                assert!(
+                    field == "family" || defaults.contains_key(field),
+                    "{}: no default for `{field}`",
+                    family.name()
+                );
+            }
+            for (field, value) in &defaults {
+                assert!(
+                    value.is_null() || fields.get(field) == Some(value),
+                    "{}: the default `{field}: {value}` is not what the parsed config holds",
+                    family.name()
+                );
+            }
+            checked += 1;
+        }
+        assert_eq!(checked, 7);
+    }
 }

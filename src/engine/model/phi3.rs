@@ -20,73 +20,28 @@ use crate::engine::diagnosis::{EngineError, Result};
 /// `Phi3Config` (Hugging Face field names and defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
-    #[serde(default = "d::vocab_size")]
     pub vocab_size: usize,
-    #[serde(default = "d::hidden_size")]
     pub hidden_size: usize,
-    #[serde(default = "d::intermediate_size")]
     pub intermediate_size: usize,
-    #[serde(default = "d::layers")]
     pub num_hidden_layers: usize,
-    #[serde(default = "d::heads")]
     pub num_attention_heads: usize,
     /// Absent or `null`: `num_attention_heads`.
-    #[serde(default)]
     pub num_key_value_heads: Option<usize>,
-    #[serde(default = "d::act")]
     pub hidden_act: String,
-    #[serde(default = "d::max_positions")]
     pub max_position_embeddings: usize,
-    #[serde(default = "d::max_positions")]
     pub original_max_position_embeddings: usize,
-    #[serde(default = "d::eps")]
     pub rms_norm_eps: f64,
-    #[serde(default)]
     pub tie_word_embeddings: bool,
-    #[serde(default = "d::theta")]
     pub rope_theta: f64,
-    #[serde(default)]
     pub rope_scaling: Option<Box<RopeParameters>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<Box<RopeParameters>>,
     /// RoPE on the first `partial_rotary_factor * head_dim` dimensions (Phi-4-mini);
     /// only 1 (absent) is supported.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub partial_rotary_factor: Option<f64>,
     /// `null` (the default): no window; else the window of every layer.
-    #[serde(default)]
     pub sliding_window: Option<usize>,
-}
-
-/// transformers' defaults (Phi-3-mini-4k).
-mod d {
-    pub fn vocab_size() -> usize {
-        32_064
-    }
-    pub fn hidden_size() -> usize {
-        3072
-    }
-    pub fn intermediate_size() -> usize {
-        8192
-    }
-    pub fn layers() -> usize {
-        32
-    }
-    pub fn heads() -> usize {
-        32
-    }
-    pub fn act() -> String {
-        "silu".into()
-    }
-    pub fn max_positions() -> usize {
-        4096
-    }
-    pub fn eps() -> f64 {
-        1e-5
-    }
-    pub fn theta() -> f64 {
-        10_000.0
-    }
 }
 
 impl Config {
@@ -101,7 +56,7 @@ impl Config {
             num_hidden_layers: 3,
             num_attention_heads: 4,
             num_key_value_heads: Some(2),
-            hidden_act: d::act(),
+            hidden_act: "silu".into(),
             max_position_embeddings: 256,
             original_max_position_embeddings: 256,
             rms_norm_eps: 1e-5,

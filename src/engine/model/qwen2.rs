@@ -18,84 +18,28 @@ use super::{Family, ModelGeometry};
 /// `Qwen2Config` (Hugging Face field names and defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
-    #[serde(default = "d::vocab_size")]
     pub vocab_size: usize,
-    #[serde(default = "d::hidden_size")]
     pub hidden_size: usize,
-    #[serde(default = "d::intermediate_size")]
     pub intermediate_size: usize,
-    #[serde(default = "d::layers")]
     pub num_hidden_layers: usize,
-    #[serde(default = "d::heads")]
     pub num_attention_heads: usize,
     /// Absent: 32, like transformers; `null`: `num_attention_heads`.
-    #[serde(default = "d::kv_heads")]
     pub num_key_value_heads: Option<usize>,
-    #[serde(default = "d::act")]
     pub hidden_act: String,
-    #[serde(default = "d::max_positions")]
     pub max_position_embeddings: usize,
-    #[serde(default = "d::eps")]
     pub rms_norm_eps: f64,
-    #[serde(default)]
     pub tie_word_embeddings: bool,
-    #[serde(default = "d::theta")]
     pub rope_theta: f64,
-    #[serde(default)]
     pub rope_scaling: Option<Box<RopeParameters>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<Box<RopeParameters>>,
-    #[serde(default)]
     pub use_sliding_window: bool,
     /// Absent: 4096; `null`: no window.
-    #[serde(default = "d::window")]
     pub sliding_window: Option<usize>,
-    #[serde(default = "d::max_window_layers")]
     pub max_window_layers: usize,
     /// `"full_attention"` | `"sliding_attention"` per layer (transformers 5); `null`:
     /// from `max_window_layers`.
-    #[serde(default)]
     pub layer_types: Option<Vec<String>>,
-}
-
-/// transformers' defaults (Qwen2-7B).
-mod d {
-    pub fn vocab_size() -> usize {
-        151_936
-    }
-    pub fn hidden_size() -> usize {
-        4096
-    }
-    pub fn intermediate_size() -> usize {
-        22_016
-    }
-    pub fn layers() -> usize {
-        32
-    }
-    pub fn heads() -> usize {
-        32
-    }
-    pub fn kv_heads() -> Option<usize> {
-        Some(32)
-    }
-    pub fn act() -> String {
-        "silu".into()
-    }
-    pub fn max_positions() -> usize {
-        32_768
-    }
-    pub fn eps() -> f64 {
-        1e-6
-    }
-    pub fn theta() -> f64 {
-        10_000.0
-    }
-    pub fn window() -> Option<usize> {
-        Some(4096)
-    }
-    pub fn max_window_layers() -> usize {
-        28
-    }
 }
 
 impl Config {
@@ -111,7 +55,7 @@ impl Config {
             num_hidden_layers: 3,
             num_attention_heads: 4,
             num_key_value_heads: Some(1),
-            hidden_act: d::act(),
+            hidden_act: "silu".into(),
             max_position_embeddings: 256,
             rms_norm_eps: 1e-6,
             tie_word_embeddings: true,
