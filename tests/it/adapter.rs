@@ -251,7 +251,7 @@ fn head_dim_mismatch_is_diagnosed_before_running() {
 #[test]
 fn layer_and_submodule_mismatches_are_shape_diagnoses() {
     let dir = saved_llama_adapter("layers", HeadsFrom::KvHeads, HeadDimFrom::Config);
-    let (class, msg) = refused(&dir, &llama_geometry(|c| c.num_hidden_layers = 3));
+    let (class, msg) = refused(&dir, &llama_geometry(|c| c.sizes.num_hidden_layers = 3));
     assert_eq!(class, DiagnosisClass::Shape);
     assert!(msg.contains("num_layers"), "{msg}");
 

@@ -38,8 +38,8 @@ fn gemma2_config_json_defaults_and_layer_types() {
     let d = parse(r#"{"model_type": "gemma2", "num_hidden_layers": 4}"#);
     assert_eq!(
         (
-            d.hidden_size,
-            d.num_attention_heads,
+            d.sizes.hidden_size,
+            d.sizes.num_attention_heads,
             d.num_key_value_heads,
             d.head_dim
         ),
@@ -50,7 +50,7 @@ fn gemma2_config_json_defaults_and_layer_types() {
         (d.attn_logit_softcapping, d.final_logit_softcapping),
         (Some(50.0), Some(30.0))
     );
-    assert!(d.tie_word_embeddings);
+    assert!(d.sizes.tie_word_embeddings);
     // Without layer_types the even layers slide (transformers 4.46's `layer_idx % 2`
     // and transformers 5's default layer_types agree).
     assert_eq!(d.windows().unwrap(), [Some(4096), None, Some(4096), None]);

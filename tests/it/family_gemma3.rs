@@ -76,11 +76,11 @@ fn gemma3_config_json_defaults_and_layer_types() {
     let d = parse(r#"{"model_type": "gemma3_text", "num_hidden_layers": 7}"#);
     assert_eq!(
         (
-            d.hidden_size,
-            d.num_attention_heads,
+            d.sizes.hidden_size,
+            d.sizes.num_attention_heads,
             d.num_key_value_heads,
             d.head_dim,
-            d.vocab_size
+            d.sizes.vocab_size
         ),
         (2304, 8, 4, 256, 262_208)
     );
@@ -89,7 +89,7 @@ fn gemma3_config_json_defaults_and_layer_types() {
         (d.attn_logit_softcapping, d.final_logit_softcapping),
         (None, None)
     );
-    assert!(d.tie_word_embeddings);
+    assert!(d.sizes.tie_word_embeddings);
     let w = Some(4096);
     assert_eq!(windows(&d), [w, w, w, w, w, None, w]);
     let (cfg, block) = d.decoder().unwrap();

@@ -28,9 +28,12 @@ fn logits(cfg: gpt_neox::Config) -> Vec<f32> {
 fn gpt_neox_config_json_defaults() {
     // Absent: GPT-NeoX-20B's defaults.
     let d = parse(r#"{"model_type": "gpt_neox", "num_hidden_layers": 2}"#);
-    assert_eq!((d.hidden_size, d.num_attention_heads), (6144, 64));
+    assert_eq!(
+        (d.sizes.hidden_size, d.sizes.num_attention_heads),
+        (6144, 64)
+    );
     assert_eq!(d.rotary_ndims(), 24); // int(96 * 0.25)
-    assert!(d.use_parallel_residual && d.attention_bias && !d.tie_word_embeddings);
+    assert!(d.use_parallel_residual && d.attention_bias && !d.sizes.tie_word_embeddings);
     assert_eq!(d.hidden_act, "gelu");
     // Pythia-70m's fields.
     let p = parse(

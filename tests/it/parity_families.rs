@@ -64,16 +64,16 @@ fn qwen2_no_prefix_parity_with_candle_transformers() {
     let ids = parity_prompt(&dev);
     let ours = ours(model.as_ref(), &ids);
     let ccfg = ct_qwen2::Config {
-        vocab_size: cfg.vocab_size,
-        hidden_size: cfg.hidden_size,
-        intermediate_size: cfg.intermediate_size,
-        num_hidden_layers: cfg.num_hidden_layers,
-        num_attention_heads: cfg.num_attention_heads,
+        vocab_size: cfg.sizes.vocab_size,
+        hidden_size: cfg.sizes.hidden_size,
+        intermediate_size: cfg.sizes.intermediate_size,
+        num_hidden_layers: cfg.sizes.num_hidden_layers,
+        num_attention_heads: cfg.sizes.num_attention_heads,
         num_key_value_heads: cfg.num_key_value_heads.unwrap(),
-        max_position_embeddings: cfg.max_position_embeddings,
+        max_position_embeddings: cfg.sizes.max_position_embeddings,
         sliding_window: 4096,
         max_window_layers: cfg.max_window_layers,
-        tie_word_embeddings: cfg.tie_word_embeddings,
+        tie_word_embeddings: cfg.sizes.tie_word_embeddings,
         rope_theta: cfg.rope_theta,
         rms_norm_eps: cfg.rms_norm_eps,
         use_sliding_window: false,
@@ -95,15 +95,15 @@ fn mistral_no_prefix_parity_with_candle_transformers() {
     let ids = parity_prompt(&dev);
     let ours = ours(model.as_ref(), &ids);
     let ccfg = ct_mistral::Config {
-        vocab_size: cfg.vocab_size,
-        hidden_size: cfg.hidden_size,
-        intermediate_size: cfg.intermediate_size,
-        num_hidden_layers: cfg.num_hidden_layers,
-        num_attention_heads: cfg.num_attention_heads,
+        vocab_size: cfg.sizes.vocab_size,
+        hidden_size: cfg.sizes.hidden_size,
+        intermediate_size: cfg.sizes.intermediate_size,
+        num_hidden_layers: cfg.sizes.num_hidden_layers,
+        num_attention_heads: cfg.sizes.num_attention_heads,
         head_dim: cfg.head_dim,
         num_key_value_heads: cfg.num_key_value_heads.unwrap(),
         hidden_act: Activation::Silu,
-        max_position_embeddings: cfg.max_position_embeddings,
+        max_position_embeddings: cfg.sizes.max_position_embeddings,
         rms_norm_eps: cfg.rms_norm_eps,
         rope_theta: cfg.rope_theta,
         sliding_window: None,
@@ -122,18 +122,18 @@ fn qwen3_no_prefix_parity_with_candle_transformers() {
     let ids = parity_prompt(&dev);
     let ours = ours(model.as_ref(), &ids);
     let ccfg = ct_qwen3::Config {
-        vocab_size: cfg.vocab_size,
-        hidden_size: cfg.hidden_size,
-        intermediate_size: cfg.intermediate_size,
-        num_hidden_layers: cfg.num_hidden_layers,
-        num_attention_heads: cfg.num_attention_heads,
+        vocab_size: cfg.sizes.vocab_size,
+        hidden_size: cfg.sizes.hidden_size,
+        intermediate_size: cfg.sizes.intermediate_size,
+        num_hidden_layers: cfg.sizes.num_hidden_layers,
+        num_attention_heads: cfg.sizes.num_attention_heads,
         head_dim: cfg.head_dim,
         attention_bias: cfg.attention_bias,
         num_key_value_heads: cfg.num_key_value_heads.unwrap(),
-        max_position_embeddings: cfg.max_position_embeddings,
+        max_position_embeddings: cfg.sizes.max_position_embeddings,
         sliding_window: None,
         max_window_layers: cfg.max_window_layers,
-        tie_word_embeddings: cfg.tie_word_embeddings,
+        tie_word_embeddings: cfg.sizes.tie_word_embeddings,
         rope_theta: cfg.rope_theta,
         rms_norm_eps: cfg.rms_norm_eps,
         use_sliding_window: false,
@@ -169,19 +169,19 @@ fn candle_gemma2(
         attention_bias: cfg.attention_bias,
         head_dim: cfg.head_dim,
         hidden_activation: Activation::GeluPytorchTanh,
-        hidden_size: cfg.hidden_size,
-        intermediate_size: cfg.intermediate_size,
-        num_attention_heads: cfg.num_attention_heads,
-        num_hidden_layers: cfg.num_hidden_layers,
+        hidden_size: cfg.sizes.hidden_size,
+        intermediate_size: cfg.sizes.intermediate_size,
+        num_attention_heads: cfg.sizes.num_attention_heads,
+        num_hidden_layers: cfg.sizes.num_hidden_layers,
         num_key_value_heads: cfg.num_key_value_heads,
         rms_norm_eps: cfg.rms_norm_eps,
         rope_theta: cfg.rope_theta,
-        vocab_size: cfg.vocab_size,
+        vocab_size: cfg.sizes.vocab_size,
         final_logit_softcapping: cfg.final_logit_softcapping,
         attn_logit_softcapping: cfg.attn_logit_softcapping,
         query_pre_attn_scalar: cfg.query_pre_attn_scalar,
         sliding_window: window,
-        max_position_embeddings: cfg.max_position_embeddings,
+        max_position_embeddings: cfg.sizes.max_position_embeddings,
     };
     let q_factor = (cfg.head_dim as f64 / cfg.query_pre_attn_scalar as f64).sqrt();
     let mut map = map.clone();
@@ -277,7 +277,7 @@ fn qwen2_config_json_defaults_and_sliding_layers() {
     );
     let (cfg, block) = mc.decoder().unwrap();
     assert!(block.qkv_bias && !block.o_bias && !block.qk_norm);
-    assert!(cfg.tie_word_embeddings);
+    assert!(cfg.sizes.tie_word_embeddings);
     assert_eq!(cfg.theta(), 1e6);
 
     // Nothing but model_type: transformers' defaults (32 KV heads, not the heads).
@@ -289,7 +289,11 @@ fn qwen2_config_json_defaults_and_sliding_layers() {
         (Some(32), Some(4096), 28)
     );
     assert_eq!(
-        (d.vocab_size, d.hidden_size, d.num_hidden_layers),
+        (
+            d.sizes.vocab_size,
+            d.sizes.hidden_size,
+            d.sizes.num_hidden_layers
+        ),
         (151_936, 4096, 32)
     );
 
@@ -435,21 +439,21 @@ fn candle_gemma3(
         attention_bias: cfg.attention_bias,
         head_dim: cfg.head_dim,
         hidden_activation: Activation::GeluPytorchTanh,
-        hidden_size: cfg.hidden_size,
-        intermediate_size: cfg.intermediate_size,
-        num_attention_heads: cfg.num_attention_heads,
-        num_hidden_layers: cfg.num_hidden_layers,
+        hidden_size: cfg.sizes.hidden_size,
+        intermediate_size: cfg.sizes.intermediate_size,
+        num_attention_heads: cfg.sizes.num_attention_heads,
+        num_hidden_layers: cfg.sizes.num_hidden_layers,
         num_key_value_heads: cfg.num_key_value_heads,
         rms_norm_eps: cfg.rms_norm_eps,
         rope_theta: cfg.rope_theta,
         rope_local_base_freq: cfg.rope_local_base_freq,
-        vocab_size: cfg.vocab_size,
+        vocab_size: cfg.sizes.vocab_size,
         final_logit_softcapping: cfg.final_logit_softcapping,
         attn_logit_softcapping: cfg.attn_logit_softcapping,
         query_pre_attn_scalar: cfg.query_pre_attn_scalar,
         sliding_window: window,
         sliding_window_pattern: pattern,
-        max_position_embeddings: cfg.max_position_embeddings,
+        max_position_embeddings: cfg.sizes.max_position_embeddings,
     };
     let c = (cfg.head_dim as f64 / cfg.query_pre_attn_scalar as f64).sqrt();
     let mut map = map.clone();

@@ -35,11 +35,11 @@ fn build(cfg: &llama::Config, dev: &Device) -> (Box<dyn Model>, HashMap<String, 
 
 fn ct_config(cfg: &llama::Config) -> ct_llama::Config {
     ct_llama::Config {
-        hidden_size: cfg.hidden_size,
-        intermediate_size: cfg.intermediate_size,
-        vocab_size: cfg.vocab_size,
-        num_hidden_layers: cfg.num_hidden_layers,
-        num_attention_heads: cfg.num_attention_heads,
+        hidden_size: cfg.sizes.hidden_size,
+        intermediate_size: cfg.sizes.intermediate_size,
+        vocab_size: cfg.sizes.vocab_size,
+        num_hidden_layers: cfg.sizes.num_hidden_layers,
+        num_attention_heads: cfg.sizes.num_attention_heads,
         num_key_value_heads: cfg.num_kv_heads(),
         use_flash_attn: false,
         rms_norm_eps: cfg.rms_norm_eps,
@@ -47,8 +47,8 @@ fn ct_config(cfg: &llama::Config) -> ct_llama::Config {
         bos_token_id: None,
         eos_token_id: None,
         rope_scaling: None,
-        max_position_embeddings: cfg.max_position_embeddings,
-        tie_word_embeddings: cfg.tie_word_embeddings,
+        max_position_embeddings: cfg.sizes.max_position_embeddings,
+        tie_word_embeddings: cfg.sizes.tie_word_embeddings,
     }
 }
 
@@ -60,7 +60,7 @@ fn no_prefix_parity_with_candle_transformers_llama() {
     let ids = parity_prompt(&dev);
     let (_b, s) = ids.dims2().unwrap();
     let ours = logits_with(model.as_ref(), None, CacheMode::Dynamic, &ids);
-    assert_eq!(ours.dims(), &[2, s, cfg.vocab_size]);
+    assert_eq!(ours.dims(), &[2, s, cfg.sizes.vocab_size]);
 
     let ccfg = ct_config(&cfg);
     let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
@@ -116,7 +116,11 @@ fn hf_to_interleaved_last(k: &Tensor) -> Tensor {
 fn prefix_parity_with_llama2_c() {
     let dev = Device::Cpu;
     let cfg = reference_config();
-    let (heads, kvh, d) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+    let (heads, kvh, d) = (
+        cfg.sizes.num_attention_heads,
+        cfg.num_kv_heads(),
+        cfg.head_dim(),
+    );
     let (model, mut map) = build(&cfg, &dev);
     let p = 5;
     let prefix = PrefixEncoder::new(&PrefixConfig::new(p), &model.geometry(), &dev).unwrap();
@@ -130,7 +134,7 @@ fn prefix_parity_with_llama2_c() {
     // in the other direction, makes both compute the same attention scores: q.k is
     // invariant when q and k are permuted alike. The prefix keys enter the scores
     // too, so they get the same permutation of head_dim; values are untouched.
-    for l in 0..cfg.num_hidden_layers {
+    for l in 0..cfg.sizes.num_hidden_layers {
         for (name, h) in [("q_proj", heads), ("k_proj", kvh)] {
             let key = format!("model.layers.{l}.self_attn.{name}.weight");
             let w = map.get(&key).unwrap().clone();
@@ -138,14 +142,14 @@ fn prefix_parity_with_llama2_c() {
         }
     }
     let c2 = llama2_c::Config {
-        dim: cfg.hidden_size,
-        hidden_dim: cfg.intermediate_size,
-        n_layers: cfg.num_hidden_layers,
+        dim: cfg.sizes.hidden_size,
+        hidden_dim: cfg.sizes.intermediate_size,
+        n_layers: cfg.sizes.num_hidden_layers,
         n_heads: heads,
         n_kv_heads: kvh,
-        vocab_size: cfg.vocab_size,
+        vocab_size: cfg.sizes.vocab_size,
         // Its RoPE table length; its theta is fixed at 10000 (= our rope_theta here).
-        seq_len: cfg.max_position_embeddings,
+        seq_len: cfg.sizes.max_position_embeddings,
         norm_eps: cfg.rms_norm_eps,
     };
     let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
@@ -206,7 +210,7 @@ fn explicit_head_dim_shapes_the_cache() {
     let dev = Device::Cpu;
     let cfg = llama::Config::tiny();
     assert_eq!(cfg.head_dim, Some(24));
-    assert_ne!(cfg.hidden_size / cfg.num_attention_heads, 24);
+    assert_ne!(cfg.sizes.hidden_size / cfg.sizes.num_attention_heads, 24);
     let (model, map) = build(&cfg, &dev);
     // The projections are sized by head_dim, not hidden / heads.
     assert_eq!(
@@ -233,7 +237,7 @@ fn explicit_head_dim_shapes_the_cache() {
         None,
     )
     .unwrap();
-    for layer in 0..cfg.num_hidden_layers {
+    for layer in 0..cfg.sizes.num_hidden_layers {
         assert_eq!(
             out.cache.stored_key_shape(layer),
             Some(vec![b, 2, p + s, 24]),
@@ -279,7 +283,7 @@ fn parameter_names_follow_llama_for_causal_lm() {
     expected.sort();
     assert_eq!(names(&cfg), expected);
 
-    cfg.tie_word_embeddings = true;
+    cfg.sizes.tie_word_embeddings = true;
     cfg.attention_bias = true;
     let got = names(&cfg);
     assert!(!got.contains(&"lm_head.weight".to_string()));
@@ -325,12 +329,12 @@ fn from_hf_json_parses_a_llama_config() {
     let ModelConfig::Llama(cfg) = &mc else {
         panic!("expected a llama config, got {mc:?}");
     };
-    assert_eq!(cfg.num_hidden_layers, 22);
+    assert_eq!(cfg.sizes.num_hidden_layers, 22);
     assert_eq!(cfg.num_key_value_heads, Some(4));
     assert_eq!(cfg.head_dim, Some(128));
     assert_eq!(cfg.rms_norm_eps, 1e-5);
     assert_eq!(cfg.sliding_window, None);
-    assert!(!cfg.tie_word_embeddings);
+    assert!(!cfg.sizes.tie_word_embeddings);
     let g = mc.geometry();
     assert_eq!(
         (
@@ -357,11 +361,11 @@ fn from_hf_json_parses_a_llama_config() {
         (
             cfg.rms_norm_eps,
             cfg.rope_theta,
-            cfg.max_position_embeddings
+            cfg.sizes.max_position_embeddings
         ),
         (1e-6, 10000.0, 2048)
     );
-    assert!(!cfg.tie_word_embeddings && !cfg.attention_bias);
+    assert!(!cfg.sizes.tie_word_embeddings && !cfg.attention_bias);
 
     // transformers >= 5 moves rope_theta into rope_parameters; Llama 3.1 scaling.
     let v5 = r#"{"model_type": "llama", "vocab_size": 256, "hidden_size": 64,
@@ -391,10 +395,10 @@ fn from_hf_json_parses_a_llama_config() {
         _ => unreachable!(),
     };
     (
-        small.hidden_size,
-        small.intermediate_size,
-        small.num_hidden_layers,
-        small.vocab_size,
+        small.sizes.hidden_size,
+        small.sizes.intermediate_size,
+        small.sizes.num_hidden_layers,
+        small.sizes.vocab_size,
     ) = (64, 64, 1, 16);
     small.head_dim = Some(16);
     let err = ModelConfig::Llama(small)

@@ -18,7 +18,7 @@ use prefix_harness::engine::generate::{
 use prefix_harness::engine::model::attention::{additive_mask, MaskSpec};
 use prefix_harness::engine::model::{
     bloom, gemma2, gemma3, gpt2, gpt_bigcode, gpt_neox, llama, mistral, phi3, qwen2, qwen3, t5,
-    weights, Family, Model, ModelConfig, ModelGeometry,
+    weights, Family, Model, ModelConfig, ModelGeometry, Sizes,
 };
 use prefix_harness::engine::prefix::{PrefixConfig, PrefixEncoder};
 use prefix_harness::engine::trace::{CacheOp, Trace, TraceEvent};
@@ -123,7 +123,10 @@ impl Setup {
                 ..gpt_bigcode::Config::tiny()
             }),
             Family::Llama => ModelConfig::Llama(llama::Config {
-                num_attention_heads: heads,
+                sizes: Sizes {
+                    num_attention_heads: heads,
+                    ..llama::Config::tiny().sizes
+                },
                 num_key_value_heads: Some(1 << (self.heads.h - self.heads.group.min(self.heads.h))),
                 head_dim: Some(2 * self.heads.half),
                 ..llama::Config::tiny()
@@ -132,15 +135,21 @@ impl Setup {
             // upper two layers slide with a window of P + W (the first real token sees
             // every virtual token, so every prefix parameter can get a gradient).
             Family::Qwen2 => ModelConfig::Qwen2(qwen2::Config {
-                num_attention_heads: heads,
+                sizes: Sizes {
+                    num_attention_heads: heads,
+                    hidden_size: heads * 2 * self.heads.half,
+                    ..qwen2::Config::tiny().sizes
+                },
                 num_key_value_heads: Some(1 << (self.heads.h - self.heads.group.min(self.heads.h))),
-                hidden_size: heads * 2 * self.heads.half,
                 use_sliding_window: true,
                 sliding_window: Some(self.p + self.window),
                 ..qwen2::Config::tiny()
             }),
             Family::Mistral => ModelConfig::Mistral(mistral::Config {
-                num_attention_heads: heads,
+                sizes: Sizes {
+                    num_attention_heads: heads,
+                    ..mistral::Config::tiny().sizes
+                },
                 num_key_value_heads: Some(1 << (self.heads.h - self.heads.group.min(self.heads.h))),
                 head_dim: Some(2 * self.heads.half),
                 // Every layer slides, with a window of P + W (see Qwen2).
@@ -148,7 +157,10 @@ impl Setup {
                 ..mistral::Config::tiny()
             }),
             Family::Qwen3 => ModelConfig::Qwen3(qwen3::Config {
-                num_attention_heads: heads,
+                sizes: Sizes {
+                    num_attention_heads: heads,
+                    ..qwen3::Config::tiny().sizes
+                },
                 num_key_value_heads: Some(1 << (self.heads.h - self.heads.group.min(self.heads.h))),
                 head_dim: 2 * self.heads.half,
                 ..qwen3::Config::tiny()
@@ -156,17 +168,23 @@ impl Setup {
             // head_dim = hidden / heads; every layer slides with a window of P + W
             // (see Qwen2).
             Family::Phi3 => ModelConfig::Phi3(phi3::Config {
-                num_attention_heads: heads,
+                sizes: Sizes {
+                    num_attention_heads: heads,
+                    hidden_size: heads * 2 * self.heads.half,
+                    ..phi3::Config::tiny().sizes
+                },
                 num_key_value_heads: Some(1 << (self.heads.h - self.heads.group.min(self.heads.h))),
-                hidden_size: heads * 2 * self.heads.half,
                 sliding_window: Some(self.p + self.window),
                 ..phi3::Config::tiny()
             }),
             // MHA, head_dim = hidden / heads; rotary on half of each head when that
             // is even (pct 0.5 x 2 * half = half), else on all of it.
             Family::GptNeox => ModelConfig::GptNeox(gpt_neox::Config {
-                num_attention_heads: heads,
-                hidden_size: heads * 2 * self.heads.half,
+                sizes: Sizes {
+                    num_attention_heads: heads,
+                    hidden_size: heads * 2 * self.heads.half,
+                    ..gpt_neox::Config::tiny().sizes
+                },
                 rotary_pct: if self.heads.half.is_multiple_of(2) {
                     0.5
                 } else {
@@ -177,7 +195,10 @@ impl Setup {
             // head_dim drawn independently of hidden 64; the even layers slide with a
             // window of P + W (see Qwen2).
             Family::Gemma2 => ModelConfig::Gemma2(gemma2::Config {
-                num_attention_heads: heads,
+                sizes: Sizes {
+                    num_attention_heads: heads,
+                    ..gemma2::Config::tiny().sizes
+                },
                 num_key_value_heads: 1 << (self.heads.h - self.heads.group.min(self.heads.h)),
                 head_dim: 2 * self.heads.half,
                 sliding_window: Some(self.p + self.window),
@@ -186,7 +207,10 @@ impl Setup {
             // head_dim drawn independently of hidden 64; layers 0, 1, 3, 4 slide with a
             // window of P + W (see Qwen2).
             Family::Gemma3 => ModelConfig::Gemma3(gemma3::Config {
-                num_attention_heads: heads,
+                sizes: Sizes {
+                    num_attention_heads: heads,
+                    ..gemma3::Config::tiny().sizes
+                },
                 num_key_value_heads: 1 << (self.heads.h - self.heads.group.min(self.heads.h)),
                 head_dim: 2 * self.heads.half,
                 sliding_window: Some(self.p + self.window),

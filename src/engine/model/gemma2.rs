@@ -35,7 +35,7 @@ use super::attention::{
 use super::llama::RopeParameters;
 use super::nn::{embed, gelu_tanh, rms_norm, Linear};
 use super::weights::weight;
-use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry};
+use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry, Sizes};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 
 /// `Gemma2Config` (Hugging Face field names; transformers 5's defaults, Gemma-2-2B's
@@ -43,19 +43,14 @@ use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, 
 /// 16 KV heads, intermediate 24576, `query_pre_attn_scalar` 224).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
+    #[serde(flatten)]
+    pub sizes: Sizes,
     pub num_key_value_heads: usize,
     pub head_dim: usize,
     /// `gelu_pytorch_tanh` (and the other tanh spellings `gelu_new`, `gelu_fast`), or
     /// `gelu` (erf).
     pub hidden_activation: String,
-    pub max_position_embeddings: usize,
     pub rms_norm_eps: f64,
-    pub tie_word_embeddings: bool,
     pub rope_theta: f64,
     /// transformers >= 5: `{"rope_theta", "rope_type"}`; only `default` is supported.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -92,17 +87,16 @@ impl Config {
     /// logits (attention 4, final 3).
     pub fn tiny() -> Self {
         Self {
-            vocab_size: 256,
-            hidden_size: 64,
-            intermediate_size: 96,
-            num_hidden_layers: 3,
-            num_attention_heads: 4,
+            sizes: Sizes {
+                intermediate_size: 96,
+                num_hidden_layers: 3,
+                tie_word_embeddings: true,
+                ..Sizes::tiny()
+            },
             num_key_value_heads: 2,
             head_dim: 24,
             hidden_activation: "gelu_pytorch_tanh".into(),
-            max_position_embeddings: 256,
             rms_norm_eps: 1e-6,
-            tie_word_embeddings: true,
             rope_theta: 10_000.0,
             rope_parameters: None,
             attention_bias: false,
@@ -116,12 +110,12 @@ impl Config {
 
     pub fn geometry(&self) -> ModelGeometry {
         ModelGeometry {
-            num_layers: self.num_hidden_layers,
-            num_attention_heads: self.num_attention_heads,
+            num_layers: self.sizes.num_hidden_layers,
+            num_attention_heads: self.sizes.num_attention_heads,
+            hidden_size: self.sizes.hidden_size,
+            vocab_size: self.sizes.vocab_size,
             num_kv_heads: self.num_key_value_heads,
             head_dim: self.head_dim,
-            hidden_size: self.hidden_size,
-            vocab_size: self.vocab_size,
             max_positions: None,
             encoder_decoder: false,
         }
@@ -131,15 +125,15 @@ impl Config {
     /// else the even layers.
     pub fn windows(&self) -> Result<Vec<Option<usize>>> {
         let Some(types) = &self.layer_types else {
-            return Ok((0..self.num_hidden_layers)
+            return Ok((0..self.sizes.num_hidden_layers)
                 .map(|i| self.sliding_window.filter(|_| i % 2 == 0))
                 .collect());
         };
-        if types.len() != self.num_hidden_layers {
+        if types.len() != self.sizes.num_hidden_layers {
             return Err(EngineError::Config(format!(
                 "gemma2: {} layer_types for {} layers",
                 types.len(),
-                self.num_hidden_layers
+                self.sizes.num_hidden_layers
             )));
         }
         types
@@ -319,7 +313,7 @@ impl Gemma2 {
     /// windows and RoPE frequencies.
     pub fn load_block(cfg: &Config, block: Block, vb: VarBuilder) -> Result<Self> {
         cfg.check()?;
-        let n = cfg.num_hidden_layers;
+        let n = cfg.sizes.num_hidden_layers;
         let half = cfg.head_dim / 2;
         if block.windows.len() != n
             || block.sliding.len() != n
@@ -338,16 +332,20 @@ impl Gemma2 {
         }
         let root = vb.clone();
         let vb = backbone(&vb, "model", "embed_tokens.weight");
-        let (e, inter, ab) = (cfg.hidden_size, cfg.intermediate_size, cfg.attention_bias);
+        let (e, inter, ab) = (
+            cfg.sizes.hidden_size,
+            cfg.sizes.intermediate_size,
+            cfg.attention_bias,
+        );
         let (heads, kvh, d) = (
-            cfg.num_attention_heads,
+            cfg.sizes.num_attention_heads,
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
         let embed_tokens =
-            weight(&vb, (cfg.vocab_size, e), "embed_tokens.weight").ctx("embed_tokens")?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
+            weight(&vb, (cfg.sizes.vocab_size, e), "embed_tokens.weight").ctx("embed_tokens")?;
+        let mut layers = Vec::with_capacity(cfg.sizes.num_hidden_layers);
+        for i in 0..cfg.sizes.num_hidden_layers {
             let p = format!("layers.{i}");
             let norm = |n: &str| gemma_norm(&vb, &format!("{p}.{n}.weight"), e);
             let attn =
@@ -376,10 +374,10 @@ impl Gemma2 {
             });
         }
         let norm = gemma_norm(&vb, "norm.weight", e)?;
-        let lm_head = if cfg.tie_word_embeddings {
+        let lm_head = if cfg.sizes.tie_word_embeddings {
             Linear::from_torch(&embed_tokens, None).ctx("embed_tokens")?
         } else {
-            let w = weight(&root, (cfg.vocab_size, e), "lm_head.weight").ctx("lm_head")?;
+            let w = weight(&root, (cfg.sizes.vocab_size, e), "lm_head.weight").ctx("lm_head")?;
             Linear::from_torch(&w, None).ctx("lm_head")?
         };
         // [1, D/2] each (f32)
@@ -414,7 +412,7 @@ impl Gemma2 {
     ) -> Result<Tensor> {
         let i = step.layer;
         let (heads, kvh, d) = (
-            self.cfg.num_attention_heads,
+            self.cfg.sizes.num_attention_heads,
             self.cfg.num_key_value_heads,
             self.cfg.head_dim,
         );
@@ -497,7 +495,7 @@ impl Model for Gemma2 {
             tables(&self.inv_freq_local)?
         };
         // [B, S, E], scaled by sqrt(E) as the embedding's dtype.
-        let normalizer = (self.cfg.hidden_size as f64).sqrt() as f32;
+        let normalizer = (self.cfg.sizes.hidden_size as f64).sqrt() as f32;
         let mut h = embed(&self.embed_tokens, ids)
             .and_then(|x| x * f64::from(normalizer))
             .ctx("embed_tokens")?;

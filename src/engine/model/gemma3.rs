@@ -21,23 +21,18 @@ use serde::{Deserialize, Serialize};
 
 use super::gemma2::{self, default_inv_freq};
 use super::llama::RopeParameters;
-use super::{Family, ModelGeometry};
+use super::{Family, ModelGeometry, Sizes};
 use crate::engine::diagnosis::{EngineError, Result};
 
 /// `Gemma3TextConfig` (Hugging Face field names; transformers 5's defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
+    #[serde(flatten)]
+    pub sizes: Sizes,
     pub num_key_value_heads: usize,
     pub head_dim: usize,
     pub hidden_activation: String,
-    pub max_position_embeddings: usize,
     pub rms_norm_eps: f64,
-    pub tie_word_embeddings: bool,
     /// RoPE base of the global layers.
     pub rope_theta: f64,
     /// RoPE base of the sliding layers.
@@ -85,17 +80,16 @@ impl Config {
     /// bases 1e6 (global, linear scaling x2) and 1e4 (sliding), no soft-caps.
     pub fn tiny() -> Self {
         Self {
-            vocab_size: 256,
-            hidden_size: 64,
-            intermediate_size: 96,
-            num_hidden_layers: 5,
-            num_attention_heads: 4,
+            sizes: Sizes {
+                intermediate_size: 96,
+                num_hidden_layers: 5,
+                tie_word_embeddings: true,
+                ..Sizes::tiny()
+            },
             num_key_value_heads: 1,
             head_dim: 24,
             hidden_activation: "gelu_pytorch_tanh".into(),
-            max_position_embeddings: 256,
             rms_norm_eps: 1e-6,
-            tie_word_embeddings: true,
             rope_theta: 1_000_000.0,
             rope_local_base_freq: 10_000.0,
             rope_scaling: Some(Box::new(RopeParameters {
@@ -117,12 +111,12 @@ impl Config {
 
     pub fn geometry(&self) -> ModelGeometry {
         ModelGeometry {
-            num_layers: self.num_hidden_layers,
-            num_attention_heads: self.num_attention_heads,
+            num_layers: self.sizes.num_hidden_layers,
+            num_attention_heads: self.sizes.num_attention_heads,
+            hidden_size: self.sizes.hidden_size,
+            vocab_size: self.sizes.vocab_size,
             num_kv_heads: self.num_key_value_heads,
             head_dim: self.head_dim,
-            hidden_size: self.hidden_size,
-            vocab_size: self.vocab_size,
             max_positions: None,
             encoder_decoder: false,
         }
@@ -139,7 +133,7 @@ impl Config {
                 "gemma3: sliding_window_pattern must be at least 1".into(),
             ));
         }
-        Ok((0..self.num_hidden_layers)
+        Ok((0..self.sizes.num_hidden_layers)
             .map(|i| {
                 if (i + 1) % pattern != 0 {
                     "sliding_attention".into()
@@ -182,17 +176,11 @@ impl Config {
         }
         let types = self.layer_types()?;
         let cfg = gemma2::Config {
-            vocab_size: self.vocab_size,
-            hidden_size: self.hidden_size,
-            intermediate_size: self.intermediate_size,
-            num_hidden_layers: self.num_hidden_layers,
-            num_attention_heads: self.num_attention_heads,
+            sizes: self.sizes.clone(),
             num_key_value_heads: self.num_key_value_heads,
             head_dim: self.head_dim,
             hidden_activation: self.hidden_activation.clone(),
-            max_position_embeddings: self.max_position_embeddings,
             rms_norm_eps: self.rms_norm_eps,
-            tie_word_embeddings: self.tie_word_embeddings,
             rope_theta: self.rope_theta,
             rope_parameters: None,
             attention_bias: self.attention_bias,

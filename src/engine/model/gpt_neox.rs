@@ -17,18 +17,15 @@ use serde::{Deserialize, Serialize};
 use super::attention::{cached_self_attention, merge_heads, CachedStep};
 use super::nn::{embed, gelu_tanh, rope, LayerNorm, Linear};
 use super::weights::{bias, weight};
-use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry};
+use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry, Sizes};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 
 /// `GPTNeoXConfig` (Hugging Face field names and defaults; transformers 4.x spelling
 /// `rotary_pct` / `rotary_emb_base`, which transformers 5 still reads).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub intermediate_size: usize,
+    #[serde(flatten)]
+    pub sizes: Sizes,
     /// `gelu` (erf), or the tanh approximation (`gelu_new`, `gelu_pytorch_tanh`,
     /// `gelu_fast`).
     pub hidden_act: String,
@@ -39,9 +36,7 @@ pub struct Config {
     /// (replaces `rotary_emb_base` / `rotary_pct` when present).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<NeoxRope>,
-    pub max_position_embeddings: usize,
     pub layer_norm_eps: f64,
-    pub tie_word_embeddings: bool,
     pub use_parallel_residual: bool,
     /// Biases on `query_key_value` and `dense`.
     pub attention_bias: bool,
@@ -64,25 +59,22 @@ impl Config {
     /// parallel residuals, attention biases, untied `embed_out`.
     pub fn tiny() -> Self {
         Self {
-            vocab_size: 256,
-            hidden_size: 64,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            intermediate_size: 160,
+            sizes: Sizes {
+                intermediate_size: 160,
+                ..Sizes::tiny()
+            },
             hidden_act: "gelu".into(),
             rotary_pct: 0.25,
             rotary_emb_base: 10_000.0,
             rope_parameters: None,
-            max_position_embeddings: 256,
             layer_norm_eps: 1e-5,
-            tie_word_embeddings: false,
             use_parallel_residual: true,
             attention_bias: true,
         }
     }
 
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads.max(1)
+        self.sizes.hidden_size / self.sizes.num_attention_heads.max(1)
     }
 
     /// Rotated dimensions per head: `int(head_dim * partial_rotary_factor)`.
@@ -104,12 +96,12 @@ impl Config {
 
     pub fn geometry(&self) -> ModelGeometry {
         ModelGeometry {
-            num_layers: self.num_hidden_layers,
-            num_attention_heads: self.num_attention_heads,
-            num_kv_heads: self.num_attention_heads,
+            num_layers: self.sizes.num_hidden_layers,
+            num_attention_heads: self.sizes.num_attention_heads,
+            hidden_size: self.sizes.hidden_size,
+            vocab_size: self.sizes.vocab_size,
+            num_kv_heads: self.sizes.num_attention_heads,
             head_dim: self.head_dim(),
-            hidden_size: self.hidden_size,
-            vocab_size: self.vocab_size,
             max_positions: None,
             encoder_decoder: false,
         }
@@ -189,11 +181,15 @@ impl GptNeox {
         cfg.check()?;
         let root = vb.clone();
         let vb = backbone(&vb, "gpt_neox", "embed_in.weight");
-        let (e, inter, ab) = (cfg.hidden_size, cfg.intermediate_size, cfg.attention_bias);
+        let (e, inter, ab) = (
+            cfg.sizes.hidden_size,
+            cfg.sizes.intermediate_size,
+            cfg.attention_bias,
+        );
         let eps = cfg.layer_norm_eps;
-        let embed_in = weight(&vb, (cfg.vocab_size, e), "embed_in.weight").ctx("embed_in")?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
+        let embed_in = weight(&vb, (cfg.sizes.vocab_size, e), "embed_in.weight").ctx("embed_in")?;
+        let mut layers = Vec::with_capacity(cfg.sizes.num_hidden_layers);
+        for i in 0..cfg.sizes.num_hidden_layers {
             let p = format!("layers.{i}");
             layers.push(Layer {
                 input_layernorm: LayerNorm::load(&vb, &format!("{p}.input_layernorm"), e, eps)?,
@@ -210,10 +206,11 @@ impl GptNeox {
             });
         }
         let final_layer_norm = LayerNorm::load(&vb, "final_layer_norm", e, eps)?;
-        let embed_out = if cfg.tie_word_embeddings {
+        let embed_out = if cfg.sizes.tie_word_embeddings {
             Linear::from_torch(&embed_in, None).ctx("embed_in")?
         } else {
-            let w = weight(&root, (cfg.vocab_size, e), "embed_out.weight").ctx("embed_out")?;
+            let w =
+                weight(&root, (cfg.sizes.vocab_size, e), "embed_out.weight").ctx("embed_out")?;
             Linear::from_torch(&w, None).ctx("embed_out")?
         };
         let r = cfg.rotary_ndims();
@@ -270,7 +267,7 @@ impl Model for GptNeox {
     fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
         let (b, s) = ids.dims2().ctx("input ids [B, S]")?;
         let past = fw.cache.past_len();
-        let (heads, d) = (self.cfg.num_attention_heads, self.cfg.head_dim());
+        let (heads, d) = (self.cfg.sizes.num_attention_heads, self.cfg.head_dim());
         let window = fw.cache.window();
         // [B, 1, S, R] each, per row from the attention mask (real tokens from P on).
         let positions = row_positions(fw.mask, past, s)?;

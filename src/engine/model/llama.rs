@@ -22,18 +22,15 @@ use super::attention::{
 use super::kernels;
 use super::nn::{block_ops, embed, rms_norm, swiglu_mlp, Linear};
 use super::weights::{bias, ones, weight};
-use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry};
+use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry, Sizes};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 
 /// `LlamaConfig` (Hugging Face field names). Fields this harness does not use
 /// (`architectures`, `torch_dtype`, `bos_token_id`, ...) are ignored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
+    #[serde(flatten)]
+    pub sizes: Sizes,
     /// GQA/MQA key/value heads; `None` means `num_attention_heads` (plain MHA).
     #[serde(default)]
     pub num_key_value_heads: Option<usize>,
@@ -55,10 +52,6 @@ pub struct Config {
     /// `rope_theta` and `rope_scaling` when present).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<Box<RopeParameters>>,
-    #[serde(default = "default_max_positions")]
-    pub max_position_embeddings: usize,
-    #[serde(default)]
-    pub tie_word_embeddings: bool,
     /// Biases on q/k/v/o projections.
     #[serde(default)]
     pub attention_bias: bool,
@@ -110,10 +103,6 @@ fn default_theta() -> f64 {
     10_000.0
 }
 
-fn default_max_positions() -> usize {
-    2048
-}
-
 fn default_act() -> String {
     "silu".into()
 }
@@ -123,19 +112,13 @@ impl Config {
     /// (deliberately not 64 / 4) so that an explicit `head_dim` is always exercised.
     pub fn tiny() -> Self {
         Self {
-            vocab_size: 256,
-            hidden_size: 64,
-            intermediate_size: 128,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
+            sizes: Sizes::tiny(),
             num_key_value_heads: Some(2),
             head_dim: Some(24),
             rms_norm_eps: 1e-6,
             rope_theta: 10_000.0,
             rope_scaling: None,
             rope_parameters: None,
-            max_position_embeddings: 256,
-            tie_word_embeddings: false,
             attention_bias: false,
             mlp_bias: false,
             hidden_act: default_act(),
@@ -144,12 +127,13 @@ impl Config {
     }
 
     pub fn num_kv_heads(&self) -> usize {
-        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+        self.num_key_value_heads
+            .unwrap_or(self.sizes.num_attention_heads)
     }
 
     pub fn head_dim(&self) -> usize {
         self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+            .unwrap_or(self.sizes.hidden_size / self.sizes.num_attention_heads.max(1))
     }
 
     /// RoPE base: `rope_parameters.rope_theta` (transformers >= 5) or `rope_theta`.
@@ -168,12 +152,12 @@ impl Config {
 
     pub fn geometry(&self) -> ModelGeometry {
         ModelGeometry {
-            num_layers: self.num_hidden_layers,
-            num_attention_heads: self.num_attention_heads,
+            num_layers: self.sizes.num_hidden_layers,
+            num_attention_heads: self.sizes.num_attention_heads,
+            hidden_size: self.sizes.hidden_size,
+            vocab_size: self.sizes.vocab_size,
             num_kv_heads: self.num_kv_heads(),
             head_dim: self.head_dim(),
-            hidden_size: self.hidden_size,
-            vocab_size: self.vocab_size,
             // RoPE has no position table: positions past max_position_embeddings
             // still compute (with degraded quality), nothing is out of range.
             max_positions: None,
@@ -255,11 +239,11 @@ impl Config {
                 "{name}: sliding_window must be at least 1"
             )));
         }
-        if block.windows.len() != self.num_hidden_layers {
+        if block.windows.len() != self.sizes.num_hidden_layers {
             return Err(EngineError::Config(format!(
                 "{name}: {} layer attention types for {} layers",
                 block.windows.len(),
-                self.num_hidden_layers
+                self.sizes.num_hidden_layers
             )));
         }
         self.inv_freq().map_err(|e| match e {
@@ -303,7 +287,7 @@ impl Block {
             qkv_bias: cfg.attention_bias,
             o_bias: cfg.attention_bias,
             qk_norm: false,
-            windows: vec![cfg.sliding_window; cfg.num_hidden_layers],
+            windows: vec![cfg.sliding_window; cfg.sizes.num_hidden_layers],
             fused: false,
         }
     }
@@ -388,12 +372,16 @@ impl Llama {
         cfg.check(&block)?;
         let root = vb.clone();
         let vb = backbone(&vb, "model", "embed_tokens.weight");
-        let (e, inter) = (cfg.hidden_size, cfg.intermediate_size);
-        let (heads, kvh, d) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let (e, inter) = (cfg.sizes.hidden_size, cfg.sizes.intermediate_size);
+        let (heads, kvh, d) = (
+            cfg.sizes.num_attention_heads,
+            cfg.num_kv_heads(),
+            cfg.head_dim(),
+        );
         let embed_tokens =
-            weight(&vb, (cfg.vocab_size, e), "embed_tokens.weight").ctx("embed_tokens")?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
+            weight(&vb, (cfg.sizes.vocab_size, e), "embed_tokens.weight").ctx("embed_tokens")?;
+        let mut layers = Vec::with_capacity(cfg.sizes.num_hidden_layers);
+        for i in 0..cfg.sizes.num_hidden_layers {
             let p = format!("layers.{i}");
             let (qb, ob, mb) = (block.qkv_bias, block.o_bias, cfg.mlp_bias);
             let norm = |n: &str, size: usize| {
@@ -437,10 +425,10 @@ impl Llama {
             });
         }
         let norm = ones(&vb, e, "norm.weight").ctx("norm")?;
-        let lm_head = if cfg.tie_word_embeddings {
+        let lm_head = if cfg.sizes.tie_word_embeddings {
             Linear::from_torch(&embed_tokens, None).ctx("embed_tokens")?
         } else {
-            let w = weight(&root, (cfg.vocab_size, e), "lm_head.weight").ctx("lm_head")?;
+            let w = weight(&root, (cfg.sizes.vocab_size, e), "lm_head.weight").ctx("lm_head")?;
             Linear::from_torch(&w, None).ctx("lm_head")?
         };
         let inv: Vec<f32> = cfg.inv_freq()?.into_iter().map(|f| f as f32).collect();
@@ -477,7 +465,7 @@ impl Llama {
     ) -> Result<Tensor> {
         let i = step.layer;
         let (heads, kvh, d) = (
-            self.cfg.num_attention_heads,
+            self.cfg.sizes.num_attention_heads,
             self.cfg.num_kv_heads(),
             self.cfg.head_dim(),
         );

@@ -8,24 +8,19 @@
 use serde::{Deserialize, Serialize};
 
 use super::llama::{self, Block, RopeParameters};
-use super::{Family, ModelGeometry};
+use super::{Family, ModelGeometry, Sizes};
 
 /// `MistralConfig` (Hugging Face field names and defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
+    #[serde(flatten)]
+    pub sizes: Sizes,
     /// Absent: 8, like transformers; `null`: `num_attention_heads`.
     pub num_key_value_heads: Option<usize>,
     /// `None`: `hidden_size / num_attention_heads`.
     pub head_dim: Option<usize>,
     pub hidden_act: String,
-    pub max_position_embeddings: usize,
     pub rms_norm_eps: f64,
-    pub tie_word_embeddings: bool,
     pub rope_theta: f64,
     pub rope_scaling: Option<Box<RopeParameters>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -40,17 +35,15 @@ impl Config {
     /// that the tiny prompts never reach (a scenario shortens it).
     pub fn tiny() -> Self {
         Self {
-            vocab_size: 256,
-            hidden_size: 64,
-            intermediate_size: 128,
-            num_hidden_layers: 3,
-            num_attention_heads: 8,
+            sizes: Sizes {
+                num_hidden_layers: 3,
+                num_attention_heads: 8,
+                ..Sizes::tiny()
+            },
             num_key_value_heads: Some(2),
             head_dim: None,
             hidden_act: "silu".into(),
-            max_position_embeddings: 256,
             rms_norm_eps: 1e-5,
-            tie_word_embeddings: false,
             rope_theta: 10_000.0,
             rope_scaling: None,
             rope_parameters: None,
@@ -61,19 +54,13 @@ impl Config {
     /// The Llama decoder this config describes.
     pub fn decoder(&self) -> (llama::Config, Block) {
         let cfg = llama::Config {
-            vocab_size: self.vocab_size,
-            hidden_size: self.hidden_size,
-            intermediate_size: self.intermediate_size,
-            num_hidden_layers: self.num_hidden_layers,
-            num_attention_heads: self.num_attention_heads,
+            sizes: self.sizes.clone(),
             num_key_value_heads: self.num_key_value_heads,
             head_dim: self.head_dim,
             rms_norm_eps: self.rms_norm_eps,
             rope_theta: self.rope_theta,
             rope_scaling: self.rope_scaling.clone(),
             rope_parameters: self.rope_parameters.clone(),
-            max_position_embeddings: self.max_position_embeddings,
-            tie_word_embeddings: self.tie_word_embeddings,
             attention_bias: false,
             mlp_bias: false,
             hidden_act: self.hidden_act.clone(),

@@ -250,6 +250,45 @@ fn with_defaults(mut config: serde_json::Value, defaults: Option<&str>) -> serde
     config
 }
 
+/// The sizes every decoder-only family's `config.json` gives under the same names.
+/// Each family's config holds them flattened (`#[serde(flatten)] pub sizes: Sizes`), so
+/// its `config.json` reads as before.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sizes {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    /// The MLP's inner width.
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// The positions RoPE is laid out for (absent in a Llama `config.json`: 2048).
+    #[serde(default = "Sizes::default_max_positions")]
+    pub max_position_embeddings: usize,
+    /// The LM head reuses the embedding matrix (absent in a Llama `config.json`: false).
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+}
+
+impl Sizes {
+    /// Vocabulary 256, hidden 64, MLP 128, 2 layers, 4 heads, 256 positions, untied:
+    /// what the families' `tiny()` configs start from.
+    pub fn tiny() -> Self {
+        Self {
+            vocab_size: 256,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            max_position_embeddings: 256,
+            tie_word_embeddings: false,
+        }
+    }
+
+    fn default_max_positions() -> usize {
+        2048
+    }
+}
+
 /// A family and its configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "family", rename_all = "snake_case")]
@@ -369,16 +408,16 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(c) => c.decoder().inner,
             ModelConfig::GptBigcode(c) => c.decoder().inner,
-            ModelConfig::Llama(c) => c.intermediate_size,
+            ModelConfig::Llama(c) => c.sizes.intermediate_size,
             ModelConfig::T5(c) => c.d_ff,
             ModelConfig::Bloom(c) => 4 * c.hidden_size,
-            ModelConfig::Qwen2(c) => c.intermediate_size,
-            ModelConfig::Mistral(c) => c.intermediate_size,
-            ModelConfig::Qwen3(c) => c.intermediate_size,
-            ModelConfig::Phi3(c) => c.intermediate_size,
-            ModelConfig::GptNeox(c) => c.intermediate_size,
-            ModelConfig::Gemma2(c) => c.intermediate_size,
-            ModelConfig::Gemma3(c) => c.intermediate_size,
+            ModelConfig::Qwen2(c) => c.sizes.intermediate_size,
+            ModelConfig::Mistral(c) => c.sizes.intermediate_size,
+            ModelConfig::Qwen3(c) => c.sizes.intermediate_size,
+            ModelConfig::Phi3(c) => c.sizes.intermediate_size,
+            ModelConfig::GptNeox(c) => c.sizes.intermediate_size,
+            ModelConfig::Gemma2(c) => c.sizes.intermediate_size,
+            ModelConfig::Gemma3(c) => c.sizes.intermediate_size,
         }
     }
 
