@@ -49,7 +49,7 @@ fn main() -> anyhow::Result<()> {
     cfg.sizes.num_attention_heads = 14;
     cfg.num_key_value_heads = Some(2);
     cfg.sizes.max_position_embeddings = 32_768;
-    cfg.rope_theta = 1_000_000.0;
+    cfg.rope.rope_theta = 1_000_000.0;
     cfg.sizes.tie_word_embeddings = true;
     let vocab = cfg.sizes.vocab_size;
     let model = ModelConfig::Qwen2(cfg).build(weights::seeded(7, DType::F32, &dev))?;

@@ -74,7 +74,7 @@ fn qwen2_no_prefix_parity_with_candle_transformers() {
         sliding_window: 4096,
         max_window_layers: cfg.max_window_layers,
         tie_word_embeddings: cfg.sizes.tie_word_embeddings,
-        rope_theta: cfg.rope_theta,
+        rope_theta: cfg.rope.rope_theta,
         rms_norm_eps: cfg.rms_norm_eps,
         use_sliding_window: false,
         hidden_act: Activation::Silu,
@@ -105,7 +105,7 @@ fn mistral_no_prefix_parity_with_candle_transformers() {
         hidden_act: Activation::Silu,
         max_position_embeddings: cfg.sizes.max_position_embeddings,
         rms_norm_eps: cfg.rms_norm_eps,
-        rope_theta: cfg.rope_theta,
+        rope_theta: cfg.rope.rope_theta,
         sliding_window: None,
         use_flash_attn: false,
     };
@@ -134,7 +134,7 @@ fn qwen3_no_prefix_parity_with_candle_transformers() {
         sliding_window: None,
         max_window_layers: cfg.max_window_layers,
         tie_word_embeddings: cfg.sizes.tie_word_embeddings,
-        rope_theta: cfg.rope_theta,
+        rope_theta: cfg.rope.rope_theta,
         rms_norm_eps: cfg.rms_norm_eps,
         use_sliding_window: false,
         hidden_act: Activation::Silu,
@@ -278,7 +278,7 @@ fn qwen2_config_json_defaults_and_sliding_layers() {
     let (cfg, block) = mc.decoder().unwrap();
     assert!(block.qkv_bias && !block.o_bias && !block.qk_norm);
     assert!(cfg.sizes.tie_word_embeddings);
-    assert_eq!(cfg.theta(), 1e6);
+    assert_eq!(cfg.rope.theta(), 1e6);
 
     // Nothing but model_type: transformers' defaults (32 KV heads, not the heads).
     let ModelConfig::Qwen2(d) = parse(r#"{"model_type": "qwen2"}"#) else {

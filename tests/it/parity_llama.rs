@@ -43,7 +43,7 @@ fn ct_config(cfg: &llama::Config) -> ct_llama::Config {
         num_key_value_heads: cfg.num_kv_heads(),
         use_flash_attn: false,
         rms_norm_eps: cfg.rms_norm_eps,
-        rope_theta: cfg.rope_theta as f32,
+        rope_theta: cfg.rope.rope_theta as f32,
         bos_token_id: None,
         eos_token_id: None,
         rope_scaling: None,
@@ -360,7 +360,7 @@ fn from_hf_json_parses_a_llama_config() {
     assert_eq!(
         (
             cfg.rms_norm_eps,
-            cfg.rope_theta,
+            cfg.rope.rope_theta,
             cfg.sizes.max_position_embeddings
         ),
         (1e-6, 10000.0, 2048)
@@ -378,7 +378,7 @@ fn from_hf_json_parses_a_llama_config() {
     let ModelConfig::Llama(cfg) = &mc else {
         panic!("expected llama")
     };
-    assert_eq!(cfg.theta(), 500000.0);
+    assert_eq!(cfg.rope.theta(), 500000.0);
     assert_eq!(cfg.sliding_window, Some(16));
     assert!(mc
         .build(weights::seeded(1, DType::F32, &Device::Cpu))

@@ -33,7 +33,7 @@ fn phi3_no_prefix_parity_with_candle_transformers() {
         num_attention_heads: cfg.sizes.num_attention_heads,
         num_key_value_heads: cfg.num_key_value_heads.unwrap(),
         rms_norm_eps: cfg.rms_norm_eps,
-        rope_theta: cfg.rope_theta,
+        rope_theta: cfg.rope.rope_theta,
         bos_token_id: None,
         eos_token_id: None,
         rope_scaling: None,

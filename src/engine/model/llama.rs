@@ -39,6 +39,27 @@ pub struct Config {
     pub head_dim: Option<usize>,
     #[serde(default = "default_eps")]
     pub rms_norm_eps: f64,
+    #[serde(flatten)]
+    pub rope: Rope,
+    /// Biases on q/k/v/o projections.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Biases on gate/up/down projections.
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Attention window (query at p sees keys in (p - W, p]); a sliding cache's own
+    /// window takes precedence.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+}
+
+/// A Llama-like config's RoPE settings, under transformers' names; the configs of
+/// llama, qwen2, qwen3, mistral and phi3 hold them flattened (`#[serde(flatten)] pub
+/// rope: Rope`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rope {
     #[serde(default = "default_theta")]
     pub rope_theta: f64,
     /// transformers < 5: `{"rope_type" | "type": "linear" | "llama3", "factor": ..}`
@@ -52,18 +73,86 @@ pub struct Config {
     /// `rope_theta` and `rope_scaling` when present).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<Box<RopeParameters>>,
-    /// Biases on q/k/v/o projections.
-    #[serde(default)]
-    pub attention_bias: bool,
-    /// Biases on gate/up/down projections.
-    #[serde(default)]
-    pub mlp_bias: bool,
-    #[serde(default = "default_act")]
-    pub hidden_act: String,
-    /// Attention window (query at p sees keys in (p - W, p]); a sliding cache's own
-    /// window takes precedence.
-    #[serde(default)]
-    pub sliding_window: Option<usize>,
+}
+
+impl Default for Rope {
+    /// Base 10 000, no scaling.
+    fn default() -> Self {
+        Self {
+            rope_theta: default_theta(),
+            rope_scaling: None,
+            rope_parameters: None,
+        }
+    }
+}
+
+impl Rope {
+    /// RoPE base: `rope_parameters.rope_theta` (transformers >= 5) or `rope_theta`.
+    pub fn theta(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_theta)
+            .unwrap_or(self.rope_theta)
+    }
+
+    fn scaling(&self) -> Option<&RopeParameters> {
+        self.rope_parameters
+            .as_deref()
+            .or(self.rope_scaling.as_deref())
+    }
+
+    /// RoPE inverse frequencies `1 / theta^(2i/d)` for `i < d/2` (`d`: the head
+    /// dimension), with the scaling of
+    /// `rope_type` (`default`, `linear`, `llama3`), computed in f64.
+    fn inv_freq(&self, d: usize) -> Result<Vec<f64>> {
+        let theta = self.theta();
+        let base: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64))
+            .collect();
+        let Some(r) = self.scaling() else {
+            return Ok(base);
+        };
+        let need = |v: Option<f64>, name: &str| {
+            v.ok_or_else(|| {
+                EngineError::Config(format!("llama: rope_type `{}` needs `{name}`", r.kind()))
+            })
+        };
+        match r.kind() {
+            "default" => Ok(base),
+            "linear" => {
+                let factor = need(r.factor, "factor")?;
+                Ok(base.into_iter().map(|f| f / factor).collect())
+            }
+            "llama3" => {
+                // transformers `_compute_llama3_parameters`.
+                let factor = need(r.factor, "factor")?;
+                let low = need(r.low_freq_factor, "low_freq_factor")?;
+                let high = need(r.high_freq_factor, "high_freq_factor")?;
+                let old = need(
+                    r.original_max_position_embeddings.map(|v| v as f64),
+                    "original_max_position_embeddings",
+                )?;
+                let (low_wavelen, high_wavelen) = (old / low, old / high);
+                Ok(base
+                    .into_iter()
+                    .map(|f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low) / (high - low);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect())
+            }
+            other => Err(EngineError::Config(format!(
+                "llama: rope_type `{other}` is not supported (supported: default, linear, llama3)"
+            ))),
+        }
+    }
 }
 
 /// RoPE parameters: transformers' `rope_scaling` (before 5.0) or `rope_parameters`.
@@ -116,9 +205,7 @@ impl Config {
             num_key_value_heads: Some(2),
             head_dim: Some(24),
             rms_norm_eps: 1e-6,
-            rope_theta: 10_000.0,
-            rope_scaling: None,
-            rope_parameters: None,
+            rope: Rope::default(),
             attention_bias: false,
             mlp_bias: false,
             hidden_act: default_act(),
@@ -136,20 +223,6 @@ impl Config {
             .unwrap_or(self.sizes.hidden_size / self.sizes.num_attention_heads.max(1))
     }
 
-    /// RoPE base: `rope_parameters.rope_theta` (transformers >= 5) or `rope_theta`.
-    pub fn theta(&self) -> f64 {
-        self.rope_parameters
-            .as_ref()
-            .and_then(|r| r.rope_theta)
-            .unwrap_or(self.rope_theta)
-    }
-
-    fn scaling(&self) -> Option<&RopeParameters> {
-        self.rope_parameters
-            .as_deref()
-            .or(self.rope_scaling.as_deref())
-    }
-
     pub fn geometry(&self) -> ModelGeometry {
         ModelGeometry {
             num_layers: self.sizes.num_hidden_layers,
@@ -162,59 +235,6 @@ impl Config {
             // still compute (with degraded quality), nothing is out of range.
             max_positions: None,
             encoder_decoder: false,
-        }
-    }
-
-    /// RoPE inverse frequencies `1 / theta^(2i/d)` for `i < d/2`, with the scaling of
-    /// `rope_type` (`default`, `linear`, `llama3`), computed in f64.
-    fn inv_freq(&self) -> Result<Vec<f64>> {
-        let d = self.head_dim();
-        let theta = self.theta();
-        let base: Vec<f64> = (0..d / 2)
-            .map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64))
-            .collect();
-        let Some(r) = self.scaling() else {
-            return Ok(base);
-        };
-        let need = |v: Option<f64>, name: &str| {
-            v.ok_or_else(|| {
-                EngineError::Config(format!("llama: rope_type `{}` needs `{name}`", r.kind()))
-            })
-        };
-        match r.kind() {
-            "default" => Ok(base),
-            "linear" => {
-                let factor = need(r.factor, "factor")?;
-                Ok(base.into_iter().map(|f| f / factor).collect())
-            }
-            "llama3" => {
-                // transformers `_compute_llama3_parameters`.
-                let factor = need(r.factor, "factor")?;
-                let low = need(r.low_freq_factor, "low_freq_factor")?;
-                let high = need(r.high_freq_factor, "high_freq_factor")?;
-                let old = need(
-                    r.original_max_position_embeddings.map(|v| v as f64),
-                    "original_max_position_embeddings",
-                )?;
-                let (low_wavelen, high_wavelen) = (old / low, old / high);
-                Ok(base
-                    .into_iter()
-                    .map(|f| {
-                        let wavelen = 2.0 * std::f64::consts::PI / f;
-                        if wavelen < high_wavelen {
-                            f
-                        } else if wavelen > low_wavelen {
-                            f / factor
-                        } else {
-                            let smooth = (old / wavelen - low) / (high - low);
-                            (1.0 - smooth) * f / factor + smooth * f
-                        }
-                    })
-                    .collect())
-            }
-            other => Err(EngineError::Config(format!(
-                "llama: rope_type `{other}` is not supported (supported: default, linear, llama3)"
-            ))),
         }
     }
 
@@ -246,7 +266,7 @@ impl Config {
                 self.sizes.num_hidden_layers
             )));
         }
-        self.inv_freq().map_err(|e| match e {
+        self.rope.inv_freq(self.head_dim()).map_err(|e| match e {
             EngineError::Config(m) => EngineError::Config(m.replacen("llama", name, 1)),
             other => other,
         })?;
@@ -431,7 +451,12 @@ impl Llama {
             let w = weight(&root, (cfg.sizes.vocab_size, e), "lm_head.weight").ctx("lm_head")?;
             Linear::from_torch(&w, None).ctx("lm_head")?
         };
-        let inv: Vec<f32> = cfg.inv_freq()?.into_iter().map(|f| f as f32).collect();
+        let inv: Vec<f32> = cfg
+            .rope
+            .inv_freq(cfg.head_dim())?
+            .into_iter()
+            .map(|f| f as f32)
+            .collect();
         let inv_freq =
             Tensor::from_vec(inv, (1, d / 2), embed_tokens.device()).ctx("rope inv_freq")?;
         Ok(Self {

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::llama::{self, Block, RopeParameters};
+use super::llama::{self, Block, Rope};
 use super::{Family, ModelGeometry, Sizes};
 
 /// `MistralConfig` (Hugging Face field names and defaults).
@@ -21,10 +21,8 @@ pub struct Config {
     pub head_dim: Option<usize>,
     pub hidden_act: String,
     pub rms_norm_eps: f64,
-    pub rope_theta: f64,
-    pub rope_scaling: Option<Box<RopeParameters>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rope_parameters: Option<Box<RopeParameters>>,
+    #[serde(flatten)]
+    pub rope: Rope,
     /// Absent: 4096 (Mistral 7B v0.1); `null`: full attention (v0.2 on).
     pub sliding_window: Option<usize>,
 }
@@ -44,9 +42,7 @@ impl Config {
             head_dim: None,
             hidden_act: "silu".into(),
             rms_norm_eps: 1e-5,
-            rope_theta: 10_000.0,
-            rope_scaling: None,
-            rope_parameters: None,
+            rope: Rope::default(),
             sliding_window: Some(4096),
         }
     }
@@ -58,9 +54,7 @@ impl Config {
             num_key_value_heads: self.num_key_value_heads,
             head_dim: self.head_dim,
             rms_norm_eps: self.rms_norm_eps,
-            rope_theta: self.rope_theta,
-            rope_scaling: self.rope_scaling.clone(),
-            rope_parameters: self.rope_parameters.clone(),
+            rope: self.rope.clone(),
             attention_bias: false,
             mlp_bias: false,
             hidden_act: self.hidden_act.clone(),

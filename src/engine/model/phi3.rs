@@ -13,7 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::llama::{self, Block, RopeParameters};
+use super::llama::{self, Block, Rope};
 use super::{Family, ModelGeometry, Sizes};
 use crate::engine::diagnosis::{EngineError, Result};
 
@@ -27,10 +27,8 @@ pub struct Config {
     pub hidden_act: String,
     pub original_max_position_embeddings: usize,
     pub rms_norm_eps: f64,
-    pub rope_theta: f64,
-    pub rope_scaling: Option<Box<RopeParameters>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rope_parameters: Option<Box<RopeParameters>>,
+    #[serde(flatten)]
+    pub rope: Rope,
     /// RoPE on the first `partial_rotary_factor * head_dim` dimensions (Phi-4-mini);
     /// only 1 (absent) is supported.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -54,9 +52,7 @@ impl Config {
             hidden_act: "silu".into(),
             original_max_position_embeddings: 256,
             rms_norm_eps: 1e-5,
-            rope_theta: 10_000.0,
-            rope_scaling: None,
-            rope_parameters: None,
+            rope: Rope::default(),
             partial_rotary_factor: None,
             sliding_window: None,
         }
@@ -69,9 +65,7 @@ impl Config {
             num_key_value_heads: self.num_key_value_heads,
             head_dim: None,
             rms_norm_eps: self.rms_norm_eps,
-            rope_theta: self.rope_theta,
-            rope_scaling: self.rope_scaling.clone(),
-            rope_parameters: self.rope_parameters.clone(),
+            rope: self.rope.clone(),
             attention_bias: false,
             mlp_bias: false,
             hidden_act: self.hidden_act.clone(),

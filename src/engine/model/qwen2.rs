@@ -12,7 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::llama::{self, Block, RopeParameters};
+use super::llama::{self, Block, Rope};
 use super::{Family, ModelGeometry, Sizes};
 
 /// `Qwen2Config` (Hugging Face field names and defaults).
@@ -24,10 +24,8 @@ pub struct Config {
     pub num_key_value_heads: Option<usize>,
     pub hidden_act: String,
     pub rms_norm_eps: f64,
-    pub rope_theta: f64,
-    pub rope_scaling: Option<Box<RopeParameters>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rope_parameters: Option<Box<RopeParameters>>,
+    #[serde(flatten)]
+    pub rope: Rope,
     pub use_sliding_window: bool,
     /// Absent: 4096; `null`: no window.
     pub sliding_window: Option<usize>,
@@ -52,9 +50,10 @@ impl Config {
             num_key_value_heads: Some(1),
             hidden_act: "silu".into(),
             rms_norm_eps: 1e-6,
-            rope_theta: 1_000_000.0,
-            rope_scaling: None,
-            rope_parameters: None,
+            rope: Rope {
+                rope_theta: 1_000_000.0,
+                ..Rope::default()
+            },
             use_sliding_window: false,
             sliding_window: Some(16),
             max_window_layers: 1,
@@ -80,9 +79,7 @@ impl Config {
             num_key_value_heads: self.num_key_value_heads,
             head_dim: None,
             rms_norm_eps: self.rms_norm_eps,
-            rope_theta: self.rope_theta,
-            rope_scaling: self.rope_scaling.clone(),
-            rope_parameters: self.rope_parameters.clone(),
+            rope: self.rope.clone(),
             attention_bias: true,
             mlp_bias: false,
             hidden_act: self.hidden_act.clone(),

@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::llama::{self, Block, RopeParameters};
+use super::llama::{self, Block, Rope};
 use super::{Family, ModelGeometry, Sizes};
 
 /// `Qwen3Config` (Hugging Face field names and defaults).
@@ -23,10 +23,8 @@ pub struct Config {
     pub head_dim: usize,
     pub hidden_act: String,
     pub rms_norm_eps: f64,
-    pub rope_theta: f64,
-    pub rope_scaling: Option<Box<RopeParameters>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rope_parameters: Option<Box<RopeParameters>>,
+    #[serde(flatten)]
+    pub rope: Rope,
     /// Biases on q/k/v and o.
     pub attention_bias: bool,
     pub use_sliding_window: bool,
@@ -49,9 +47,10 @@ impl Config {
             head_dim: 24,
             hidden_act: "silu".into(),
             rms_norm_eps: 1e-6,
-            rope_theta: 1_000_000.0,
-            rope_scaling: None,
-            rope_parameters: None,
+            rope: Rope {
+                rope_theta: 1_000_000.0,
+                ..Rope::default()
+            },
             attention_bias: false,
             use_sliding_window: false,
             sliding_window: Some(16),
@@ -67,9 +66,7 @@ impl Config {
             num_key_value_heads: self.num_key_value_heads,
             head_dim: Some(self.head_dim),
             rms_norm_eps: self.rms_norm_eps,
-            rope_theta: self.rope_theta,
-            rope_scaling: self.rope_scaling.clone(),
-            rope_parameters: self.rope_parameters.clone(),
+            rope: self.rope.clone(),
             attention_bias: self.attention_bias,
             mlp_bias: false,
             hidden_act: self.hidden_act.clone(),
