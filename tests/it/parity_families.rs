@@ -72,7 +72,7 @@ fn qwen2_no_prefix_parity_with_candle_transformers() {
         num_key_value_heads: cfg.num_key_value_heads.unwrap(),
         max_position_embeddings: cfg.sizes.max_position_embeddings,
         sliding_window: 4096,
-        max_window_layers: cfg.max_window_layers,
+        max_window_layers: cfg.sliding.max_window_layers,
         tie_word_embeddings: cfg.sizes.tie_word_embeddings,
         rope_theta: cfg.rope.rope_theta,
         rms_norm_eps: cfg.rms_norm_eps,
@@ -132,7 +132,7 @@ fn qwen3_no_prefix_parity_with_candle_transformers() {
         num_key_value_heads: cfg.num_key_value_heads.unwrap(),
         max_position_embeddings: cfg.sizes.max_position_embeddings,
         sliding_window: None,
-        max_window_layers: cfg.max_window_layers,
+        max_window_layers: cfg.sliding.max_window_layers,
         tie_word_embeddings: cfg.sizes.tie_word_embeddings,
         rope_theta: cfg.rope.rope_theta,
         rms_norm_eps: cfg.rms_norm_eps,
@@ -285,7 +285,11 @@ fn qwen2_config_json_defaults_and_sliding_layers() {
         panic!("qwen2")
     };
     assert_eq!(
-        (d.num_key_value_heads, d.sliding_window, d.max_window_layers),
+        (
+            d.num_key_value_heads,
+            d.sliding.sliding_window,
+            d.sliding.max_window_layers
+        ),
         (Some(32), Some(4096), 28)
     );
     assert_eq!(

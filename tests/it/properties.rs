@@ -141,8 +141,11 @@ impl Setup {
                     ..qwen2::Config::tiny().sizes
                 },
                 num_key_value_heads: Some(1 << (self.heads.h - self.heads.group.min(self.heads.h))),
-                use_sliding_window: true,
-                sliding_window: Some(self.p + self.window),
+                sliding: qwen2::SlidingWindows {
+                    use_sliding_window: true,
+                    sliding_window: Some(self.p + self.window),
+                    ..qwen2::SlidingWindows::tiny()
+                },
                 ..qwen2::Config::tiny()
             }),
             Family::Mistral => ModelConfig::Mistral(mistral::Config {

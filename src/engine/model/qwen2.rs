@@ -26,13 +26,8 @@ pub struct Config {
     pub rms_norm_eps: f64,
     #[serde(flatten)]
     pub rope: Rope,
-    pub use_sliding_window: bool,
-    /// Absent: 4096; `null`: no window.
-    pub sliding_window: Option<usize>,
-    pub max_window_layers: usize,
-    /// `"full_attention"` | `"sliding_attention"` per layer (transformers 5); `null`:
-    /// from `max_window_layers`.
-    pub layer_types: Option<Vec<String>>,
+    #[serde(flatten)]
+    pub sliding: SlidingWindows,
 }
 
 impl Config {
@@ -54,22 +49,13 @@ impl Config {
                 rope_theta: 1_000_000.0,
                 ..Rope::default()
             },
-            use_sliding_window: false,
-            sliding_window: Some(16),
-            max_window_layers: 1,
-            layer_types: None,
+            sliding: SlidingWindows::tiny(),
         }
     }
 
     /// The attention window of each layer (see the module docs).
     pub fn windows(&self) -> Vec<Option<usize>> {
-        layer_windows(
-            self.sizes.num_hidden_layers,
-            self.use_sliding_window,
-            self.sliding_window,
-            self.max_window_layers,
-            self.layer_types.as_deref(),
-        )
+        self.sliding.per_layer(self.sizes.num_hidden_layers)
     }
 
     /// The Llama decoder this config describes.
@@ -101,24 +87,43 @@ impl Config {
     }
 }
 
-/// Qwen2's (and Qwen3's) rule for the window of each of `layers` layers: none unless
-/// `use_sliding_window`; then `sliding_window` in the layers whose `layer_types` entry
-/// is `"sliding_attention"`, or, without `layer_types`, in layers `max_window_layers..`.
-pub fn layer_windows(
-    layers: usize,
-    use_sliding_window: bool,
-    sliding_window: Option<usize>,
-    max_window_layers: usize,
-    layer_types: Option<&[String]>,
-) -> Vec<Option<usize>> {
-    let window = sliding_window.filter(|_| use_sliding_window);
-    (0..layers)
-        .map(|i| {
-            let slides = match layer_types {
-                Some(types) => types.get(i).map(String::as_str) == Some("sliding_attention"),
-                None => i >= max_window_layers,
-            };
-            window.filter(|_| slides)
-        })
-        .collect()
+/// Qwen2's and Qwen3's sliding-window settings (see the module docs), held flattened
+/// by both configs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlidingWindows {
+    pub use_sliding_window: bool,
+    /// Absent: 4096; `null`: no window.
+    pub sliding_window: Option<usize>,
+    pub max_window_layers: usize,
+    /// `"full_attention"` | `"sliding_attention"` per layer (transformers 5); `null`:
+    /// from `max_window_layers`.
+    pub layer_types: Option<Vec<String>>,
+}
+
+impl SlidingWindows {
+    /// A window of 16 that is off; with it on, layers 1.. slide (`max_window_layers` 1).
+    pub fn tiny() -> Self {
+        Self {
+            use_sliding_window: false,
+            sliding_window: Some(16),
+            max_window_layers: 1,
+            layer_types: None,
+        }
+    }
+
+    /// The window of each of `layers` layers: none unless `use_sliding_window`; then
+    /// `sliding_window` in the layers whose `layer_types` entry is
+    /// `"sliding_attention"`, or, without `layer_types`, in layers `max_window_layers..`.
+    pub fn per_layer(&self, layers: usize) -> Vec<Option<usize>> {
+        let window = self.sliding_window.filter(|_| self.use_sliding_window);
+        (0..layers)
+            .map(|i| {
+                let slides = match &self.layer_types {
+                    Some(types) => types.get(i).map(String::as_str) == Some("sliding_attention"),
+                    None => i >= self.max_window_layers,
+                };
+                window.filter(|_| slides)
+            })
+            .collect()
+    }
 }

@@ -11,6 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::llama::{self, Block, Rope};
+use super::qwen2::SlidingWindows;
 use super::{Family, ModelGeometry, Sizes};
 
 /// `Qwen3Config` (Hugging Face field names and defaults).
@@ -27,10 +28,8 @@ pub struct Config {
     pub rope: Rope,
     /// Biases on q/k/v and o.
     pub attention_bias: bool,
-    pub use_sliding_window: bool,
-    pub sliding_window: Option<usize>,
-    pub max_window_layers: usize,
-    pub layer_types: Option<Vec<String>>,
+    #[serde(flatten)]
+    pub sliding: SlidingWindows,
 }
 
 impl Config {
@@ -52,10 +51,7 @@ impl Config {
                 ..Rope::default()
             },
             attention_bias: false,
-            use_sliding_window: false,
-            sliding_window: Some(16),
-            max_window_layers: 1,
-            layer_types: None,
+            sliding: SlidingWindows::tiny(),
         }
     }
 
@@ -77,13 +73,7 @@ impl Config {
             qkv_bias: self.attention_bias,
             o_bias: self.attention_bias,
             qk_norm: true,
-            windows: super::qwen2::layer_windows(
-                self.sizes.num_hidden_layers,
-                self.use_sliding_window,
-                self.sliding_window,
-                self.max_window_layers,
-                self.layer_types.as_deref(),
-            ),
+            windows: self.sliding.per_layer(self.sizes.num_hidden_layers),
             fused: false,
         };
         (cfg, block)
