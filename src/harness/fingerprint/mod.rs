@@ -62,43 +62,8 @@ pub const DEFAULT_RTOL: f64 = 1e-4;
 /// 1e-5 is ten times the cross-implementation drift measured above.
 pub const DEFAULT_ATOL: f64 = 1e-5;
 
-/// Where a fingerprint was made: the environment block of the JSON report.
-///
-/// A mirror of [`report::Environment`] that can also be read back; every field has a
-/// default so that files written by other versions still load.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct EnvironmentInfo {
-    pub os: String,
-    pub arch: String,
-    pub cpu_features: Vec<String>,
-    pub rustc: String,
-    pub candle: String,
-    /// Threads candle's kernels used in each case.
-    pub threads: usize,
-    /// Cases run at the same time.
-    pub jobs: usize,
-}
-
-impl From<&Environment> for EnvironmentInfo {
-    fn from(e: &Environment) -> Self {
-        Self {
-            os: e.os.clone(),
-            arch: e.arch.clone(),
-            cpu_features: e.cpu_features.clone(),
-            rustc: e.rustc.clone(),
-            candle: e.candle.clone(),
-            threads: e.threads,
-            jobs: e.jobs,
-        }
-    }
-}
-
-impl From<Environment> for EnvironmentInfo {
-    fn from(e: Environment) -> Self {
-        (&e).into()
-    }
-}
+/// Where a fingerprint was made: the environment block of the JSON report, read back.
+pub type EnvironmentInfo = Environment;
 
 /// A run's fingerprint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -182,7 +147,7 @@ impl Fingerprint {
         Self {
             format: FORMAT,
             tool_version: env!("CARGO_PKG_VERSION").to_string(),
-            environment: env.into(),
+            environment: env,
             cases: results.iter().map(CaseFingerprint::from_result).collect(),
         }
     }
