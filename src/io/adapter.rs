@@ -367,47 +367,39 @@ impl Adapter {
         let file = self.dir.join(WEIGHTS_FILE);
         let dims = self.prompt_embeddings.dims().to_vec();
         let expected = [g.num_virtual_tokens, g.embedding_width()];
-        if dims.len() != 2 {
-            return Err(Diagnosis::new(
-                DiagnosisClass::Rank,
-                format!(
-                    "{}: tensor `{TENSOR_NAME}` has rank {}, expected 2 ([num_virtual_tokens, num_layers * 2 * token_dim])",
-                    file.display(),
-                    dims.len()
-                ),
+        let wrong = |class, what: String| {
+            Diagnosis::new(
+                class,
+                format!("{}: tensor `{TENSOR_NAME}` {what}", file.display()),
             )
             .shapes(&expected, &dims)
-            .into());
+        };
+        let other_adapter =
+            "adapter_config.json and adapter_model.safetensors come from different adapters";
+        if dims.len() != 2 {
+            let what = format!(
+                "has rank {}, expected 2 ([num_virtual_tokens, num_layers * 2 * token_dim])",
+                dims.len()
+            );
+            return Err(wrong(DiagnosisClass::Rank, what).into());
         }
         if dims[0] != expected[0] {
-            return Err(Diagnosis::new(
-                DiagnosisClass::SeqLen,
-                format!(
-                    "{}: tensor `{TENSOR_NAME}` has {} rows but `num_virtual_tokens` is {}",
-                    file.display(),
-                    dims[0],
-                    expected[0]
-                ),
-            )
-            .shapes(&expected, &dims)
-            .hint("adapter_config.json and adapter_model.safetensors come from different adapters")
-            .into());
+            let what = format!(
+                "has {} rows but `num_virtual_tokens` is {}",
+                dims[0], expected[0]
+            );
+            return Err(wrong(DiagnosisClass::SeqLen, what)
+                .hint(other_adapter)
+                .into());
         }
         if dims[1] != expected[1] {
-            return Err(Diagnosis::new(
-                DiagnosisClass::Shape,
-                format!(
-                    "{}: tensor `{TENSOR_NAME}` has width {} but `num_layers` {} * 2 * `token_dim` {} is {}",
-                    file.display(),
-                    dims[1],
-                    g.num_layers,
-                    g.token_dim,
-                    expected[1]
-                ),
-            )
-            .shapes(&expected, &dims)
-            .hint("adapter_config.json and adapter_model.safetensors come from different adapters")
-            .into());
+            let what = format!(
+                "has width {} but `num_layers` {} * 2 * `token_dim` {} is {}",
+                dims[1], g.num_layers, g.token_dim, expected[1]
+            );
+            return Err(wrong(DiagnosisClass::Shape, what)
+                .hint(other_adapter)
+                .into());
         }
         Ok(())
     }

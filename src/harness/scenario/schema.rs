@@ -1,7 +1,7 @@
 //! The schema of a scenario file: the types it deserialises into (every section with
 //! its defaults, `expect` and `expect_on`), and [`Case`], one expanded matrix point.
-//! A key a file leaves out takes the value of its section's `Default` (`#[serde(default)]` on the
-//! struct).
+//! A key a file leaves out takes its default: in a section marked `#[serde(default)]`
+//! the value of the section's `Default`, elsewhere the field's own `#[serde(default ..)]`.
 
 use std::path::{Path, PathBuf};
 
@@ -65,48 +65,50 @@ impl ModelSpec {
 
 /// The prefix of a scenario (PEFT `PrefixTuningConfig` plus historical switches).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct PrefixSpec {
     /// P, the number of virtual tokens (taken from the adapter when `adapter` is set).
+    #[serde(default)]
     pub virtual_tokens: usize,
     /// A PEFT PREFIX_TUNING adapter folder (`adapter_config.json` +
     /// `adapter_model.safetensors`), relative to the scenario file.
+    #[serde(default)]
     pub adapter: Option<PathBuf>,
+    #[serde(default)]
     pub projection: bool,
+    #[serde(default = "default_encoder_hidden")]
     pub encoder_hidden_size: usize,
+    #[serde(default)]
     pub init: PrefixInit,
+    #[serde(default)]
     pub layout: PrefixLayout,
+    #[serde(default)]
     pub heads_from: HeadsFrom,
+    #[serde(default)]
     pub head_dim_from: HeadDimFrom,
     /// The dtype the prefix enters the cache with: `model` (the fix), or `f16`,
     /// `bf16`, `f64` (historical bug, PEFT PR 520).
+    #[serde(default)]
     pub dtype: crate::engine::prefix::PrefixDtype,
     /// Prepend P visible columns to the attention mask (`false`: historical bug).
+    #[serde(default = "yes")]
     pub extend_mask: bool,
     /// Encoder-decoders: `inject` the cross-attention part of the prefix (default) or
     /// `drop` it, as PEFT 0.21.2 with transformers 5.x does.
+    #[serde(default)]
     pub cross: crate::engine::prefix::CrossPrefix,
+    #[serde(default = "default_prefix_seed")]
     pub seed: u64,
 }
 
-/// The values of the keys a scenario file leaves out.
-impl Default for PrefixSpec {
-    fn default() -> Self {
-        Self {
-            virtual_tokens: 0,
-            adapter: None,
-            projection: false,
-            encoder_hidden_size: 32,
-            init: PrefixInit::default(),
-            layout: PrefixLayout::default(),
-            heads_from: HeadsFrom::default(),
-            head_dim_from: HeadDimFrom::default(),
-            dtype: crate::engine::prefix::PrefixDtype::default(),
-            extend_mask: true,
-            cross: crate::engine::prefix::CrossPrefix::default(),
-            seed: 1,
-        }
-    }
+fn default_encoder_hidden() -> usize {
+    32
+}
+fn default_prefix_seed() -> u64 {
+    1
+}
+fn yes() -> bool {
+    true
 }
 
 /// Cache mode names as written in scenario files.
