@@ -77,42 +77,32 @@ impl TaskType {
 /// Field order is PEFT's (`json.dumps(..., sort_keys=True)`), so serialising with
 /// [`AdapterConfig::to_json`] gives PEFT's bytes. Reading ignores unknown fields and
 /// accepts `null` where PEFT would fill a value from the model config; see
-/// [`AdapterConfig::geometry`].
+/// [`AdapterConfig::geometry`]. A missing key reads as `None` (`Option` fields) or as
+/// the field's default (`#[serde(default)]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdapterConfig {
-    #[serde(default)]
     pub auto_mapping: Option<serde_json::Value>,
-    #[serde(default)]
     pub base_model_name_or_path: Option<String>,
-    #[serde(default)]
     pub encoder_hidden_size: Option<usize>,
     #[serde(default)]
     pub inference_mode: bool,
     /// `null` (random) or `"zero"`.
-    #[serde(default)]
     pub init_weights: Option<String>,
-    #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
     /// Heads of the prefix (the model's key/value heads since PEFT 0.12).
-    #[serde(default)]
     pub num_attention_heads: Option<usize>,
-    #[serde(default)]
     pub num_layers: Option<usize>,
-    #[serde(default)]
     pub num_transformer_submodules: Option<usize>,
     pub num_virtual_tokens: usize,
     pub peft_type: String,
     /// Absent in files written before PEFT 0.15.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub peft_version: Option<String>,
     #[serde(default)]
     pub prefix_projection: bool,
-    #[serde(default)]
     pub revision: Option<String>,
-    #[serde(default)]
     pub task_type: Option<String>,
     /// `num_attention_heads * head_dim`.
-    #[serde(default)]
     pub token_dim: Option<usize>,
 }
 

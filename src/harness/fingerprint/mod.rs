@@ -75,7 +75,8 @@ pub struct Fingerprint {
     pub cases: Vec<CaseFingerprint>,
 }
 
-/// What one case produced.
+/// What one case produced. Fields other than `id` and `status` may be missing (files
+/// of older versions): `None` for an `Option`, else the field's `#[serde(default)]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CaseFingerprint {
     pub id: String,
@@ -87,10 +88,8 @@ pub struct CaseFingerprint {
     #[serde(default)]
     pub expected: String,
     /// `CLASS at PLACE (expected [..], actual [..])` when the run ended in a diagnosis.
-    #[serde(default)]
     pub diagnosis: Option<String>,
     /// Digest of the full shape trace (None when nothing ran).
-    #[serde(default)]
     pub trace_digest: Option<String>,
     /// One line per cache event (see [`event_line`]), in order.
     #[serde(default)]
@@ -106,7 +105,7 @@ pub struct CaseFingerprint {
     pub logits: Vec<LogitsSummary>,
     /// With `run --against peft`: the stack's verdict and versions, one line
     /// (`stack-fails: rank at layer 0 self key (...); torch 2.5.1, transformers ...`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub stack: Option<String>,
 }
 

@@ -1,7 +1,8 @@
 //! The schema of a scenario file: the types it deserialises into (every section with
 //! its defaults, `expect` and `expect_on`), and [`Case`], one expanded matrix point.
 //! A key a file leaves out takes its default: in a section marked `#[serde(default)]`
-//! the value of the section's `Default`, elsewhere the field's own `#[serde(default ..)]`.
+//! the value of the section's `Default`, elsewhere `None` for an `Option` field and the
+//! field's own `#[serde(default ..)]` for the others.
 
 use std::path::{Path, PathBuf};
 
@@ -72,7 +73,6 @@ pub struct PrefixSpec {
     pub virtual_tokens: usize,
     /// A PEFT PREFIX_TUNING adapter folder (`adapter_config.json` +
     /// `adapter_model.safetensors`), relative to the scenario file.
-    #[serde(default)]
     pub adapter: Option<PathBuf>,
     #[serde(default)]
     pub projection: bool,
@@ -349,11 +349,8 @@ pub enum Expect {
 #[serde(deny_unknown_fields)]
 pub struct ExpectedFailure {
     pub error: DiagnosisClass,
-    #[serde(default)]
     pub layer: Option<usize>,
-    #[serde(default)]
     pub attention: Option<Attention>,
-    #[serde(default)]
     pub tensor: Option<TensorKind>,
 }
 
@@ -390,7 +387,6 @@ pub struct Scenario {
     pub model: ModelSpec,
     /// `builtin` (UTF-8 bytes, ids 0..=255) or a `tokenizer.json` path relative to the
     /// scenario file.
-    #[serde(default)]
     pub tokenizer: Option<String>,
     pub prefix: PrefixSpec,
     #[serde(default)]
@@ -398,7 +394,6 @@ pub struct Scenario {
     #[serde(default)]
     pub data: DataSpec,
     /// Train the prefix before generating (AdamW on the prefix only, built-in data).
-    #[serde(default)]
     pub train: Option<crate::engine::train::TrainConfig>,
     #[serde(default)]
     pub generate: GenerateSpec,
@@ -406,7 +401,6 @@ pub struct Scenario {
     #[serde(default)]
     pub checks: Checks,
     /// Where the scenario is meant to run; elsewhere its cases are skipped.
-    #[serde(default)]
     pub platforms: Option<Vec<Platform>>,
     #[serde(default, deserialize_with = "de_expect", serialize_with = "ser_expect")]
     pub expect: Expect,

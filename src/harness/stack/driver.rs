@@ -98,17 +98,11 @@ pub struct StackEvent {
     pub attention: String,
     /// `seed` or `update`.
     pub op: String,
-    #[serde(default)]
     pub key_before: Option<Vec<usize>>,
-    #[serde(default)]
     pub value_before: Option<Vec<usize>>,
-    #[serde(default)]
     pub key_written: Option<Vec<usize>>,
-    #[serde(default)]
     pub value_written: Option<Vec<usize>>,
-    #[serde(default)]
     pub key_after: Option<Vec<usize>>,
-    #[serde(default)]
     pub value_after: Option<Vec<usize>>,
     #[serde(default)]
     pub failed: bool,
@@ -150,13 +144,11 @@ pub struct StackCase {
     pub id: String,
     /// `ok`, `skip` or `error`.
     pub status: String,
-    #[serde(default)]
     pub reason: Option<String>,
     #[serde(default)]
     pub duration_ms: f64,
     #[serde(default, deserialize_with = "null_as_default")]
     pub phases: Phases,
-    #[serde(default)]
     pub error: Option<StackError>,
 }
 
