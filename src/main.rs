@@ -71,13 +71,31 @@ enum Command {
     List {
         #[arg(default_value = "scenarios")]
         paths: Vec<PathBuf>,
-        /// Only cases whose id contains this text.
-        #[arg(long)]
-        filter: Option<String>,
-        /// Only scenarios with this tag.
-        #[arg(long)]
-        tag: Option<String>,
+        #[command(flatten)]
+        only: CaseFilter,
     },
+}
+
+/// Which of the loaded cases a command keeps (`--filter`, `--tag`).
+#[derive(clap::Args)]
+struct CaseFilter {
+    /// Only cases whose id contains this text.
+    #[arg(long)]
+    filter: Option<String>,
+    /// Only scenarios with this tag.
+    #[arg(long)]
+    tag: Option<String>,
+}
+
+impl CaseFilter {
+    fn apply(&self, cases: Vec<Case>) -> Vec<Case> {
+        let (filter, tag) = (self.filter.as_deref(), self.tag.as_deref());
+        cases
+            .into_iter()
+            .filter(|c| filter.is_none_or(|f| c.id.contains(f)))
+            .filter(|c| tag.is_none_or(|t| c.scenario.tags.iter().any(|x| x == t)))
+            .collect()
+    }
 }
 
 #[derive(clap::Args)]
@@ -85,12 +103,8 @@ struct RunArgs {
     /// Files, folders (searched for .yaml/.yml) or glob patterns.
     #[arg(default_value = "scenarios")]
     paths: Vec<PathBuf>,
-    /// Only cases whose id contains this text.
-    #[arg(long)]
-    filter: Option<String>,
-    /// Only scenarios with this tag.
-    #[arg(long)]
-    tag: Option<String>,
+    #[command(flatten)]
+    only: CaseFilter,
     /// Run shard I of N (1-based), e.g. 2/3: every case lands in exactly one shard.
     #[arg(long, value_parser = parse_shard)]
     shard: Option<(usize, usize)>,
@@ -164,11 +178,11 @@ fn main() -> ExitCode {
             }
             Err(errors) => invalid(&errors),
         },
-        Command::List { paths, filter, tag } => match load_all(&paths) {
+        Command::List { paths, only } => match load_all(&paths) {
             Ok(cases) => {
                 use std::io::Write;
                 let mut out = std::io::stdout().lock();
-                for c in select(cases, filter.as_deref(), tag.as_deref()) {
+                for c in only.apply(cases) {
                     // A closed pipe (`list | head`) ends the listing quietly.
                     if writeln!(out, "{}", c.id).is_err() {
                         break;
@@ -359,20 +373,12 @@ fn load_all(paths: &[PathBuf]) -> Result<Vec<Case>, Vec<InputError>> {
     }
 }
 
-fn select(cases: Vec<Case>, filter: Option<&str>, tag: Option<&str>) -> Vec<Case> {
-    cases
-        .into_iter()
-        .filter(|c| filter.is_none_or(|f| c.id.contains(f)))
-        .filter(|c| tag.is_none_or(|t| c.scenario.tags.iter().any(|x| x == t)))
-        .collect()
-}
-
 fn run_command(args: RunArgs) -> ExitCode {
     let cases = match load_all(&args.paths) {
         Ok(c) => c,
         Err(errors) => return invalid(&errors),
     };
-    let mut cases = select(cases, args.filter.as_deref(), args.tag.as_deref());
+    let mut cases = args.only.apply(cases);
     if let Some((i, n)) = args.shard {
         cases = run::shard(&cases, i, n);
     }

@@ -274,12 +274,7 @@ pub fn from_candle(err: candle_core::Error, site: Option<Site>, what: &str) -> E
             // candle's orientation: the first operand is what the others must match.
             let (a, b) = (first_shape.dims().to_vec(), nth_shape.dims().to_vec());
             let _ = (dim, n);
-            let class = if a.len() != b.len() {
-                DiagnosisClass::Rank
-            } else {
-                DiagnosisClass::Shape
-            };
-            (class, a, b)
+            (rank_or_shape(&a, &b), a, b)
         }
         E::UnexpectedNumberOfDims {
             expected, shape, ..
@@ -290,12 +285,7 @@ pub fn from_candle(err: candle_core::Error, site: Option<Site>, what: &str) -> E
         ),
         E::ShapeMismatchBinaryOp { lhs, rhs, .. } => {
             let (a, b) = (lhs.dims().to_vec(), rhs.dims().to_vec());
-            let class = if a.len() != b.len() {
-                DiagnosisClass::Rank
-            } else {
-                DiagnosisClass::Shape
-            };
-            (class, b, a)
+            (rank_or_shape(&a, &b), b, a)
         }
         E::BroadcastIncompatibleShapes {
             src_shape,
@@ -332,6 +322,15 @@ pub fn from_candle(err: candle_core::Error, site: Option<Site>, what: &str) -> E
         d = d.at(s.layer, s.attention, s.tensor);
     }
     d.into()
+}
+
+/// Two operands that disagree: `rank` when their ranks differ, else `shape`.
+fn rank_or_shape(a: &[usize], b: &[usize]) -> DiagnosisClass {
+    if a.len() != b.len() {
+        DiagnosisClass::Rank
+    } else {
+        DiagnosisClass::Shape
+    }
 }
 
 fn unwrap_candle(err: &candle_core::Error) -> &candle_core::Error {

@@ -1,12 +1,14 @@
 //! Reports for people and for CI: the summary table, the JSON report (stable format,
 //! documented in the README), JUnit XML, and the environment block.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::harness::run::{CaseResult, Status};
 
-/// Where a run happened.
-#[derive(Debug, Clone, Serialize)]
+/// Where a run happened. Fingerprints carry it too and read it back: every field has a
+/// default so that files written by other versions still load.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Environment {
     pub os: String,
     pub arch: String,
@@ -297,22 +299,9 @@ mod tests {
 
     fn result(id: String, message: Option<String>) -> CaseResult {
         CaseResult {
-            id,
-            scenario: "s.yaml".into(),
-            status: Status::Error,
-            expected: "pass".into(),
             duration_ms: 1.0,
-            diagnosis: None,
-            warnings: vec![],
             message,
-            losses: vec![],
-            tokens: vec![],
-            logits: vec![],
-            trace_digest: None,
-            stack: None,
-            quantization: None,
-            trace: None,
-            raised: false,
+            ..CaseResult::blank(id, "s.yaml".into(), Status::Error, "pass".into())
         }
     }
 

@@ -127,11 +127,21 @@ pub struct CaseResult {
 
 impl CaseResult {
     fn new(case: &Case, status: Status) -> Self {
-        Self {
-            id: case.id.clone(),
-            scenario: case.file.clone(),
+        Self::blank(
+            case.id.clone(),
+            case.file.clone(),
             status,
-            expected: case.expect().describe(),
+            case.expect().describe(),
+        )
+    }
+
+    /// A result with the given identity and status that holds nothing else yet.
+    pub(crate) fn blank(id: String, scenario: String, status: Status, expected: String) -> Self {
+        Self {
+            id,
+            scenario,
+            status,
+            expected,
             duration_ms: 0.0,
             diagnosis: None,
             warnings: vec![],
@@ -365,45 +375,49 @@ pub fn prepare_with(case: &Case, check_adapter: bool) -> Result<Prepared, Engine
 /// Build and run the case: model, prefix (fresh or a PEFT adapter), optional
 /// training, then generation. Fills losses, tokens, logits and the trace.
 fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
-    let Prepared {
-        model,
-        base,
-        prefix,
-        ids,
-        mask,
-        opts,
-    } = prepare(case)?;
+    let p = prepare(case)?;
     if let Some(train) = &case.scenario.train {
-        let report = crate::engine::train::train_checked(model.as_ref(), &base, &prefix, train)?;
+        let report =
+            crate::engine::train::train_checked(p.model.as_ref(), &p.base, &p.prefix, train)?;
         r.losses = report.losses;
     }
-    let prompt_len = ids
+    let prompt_len = p
+        .ids
         .dim(1)
         .map_err(|e| crate::engine::diagnosis::from_candle(e, None, "prompt"))?;
     // The windows that may evict prefix positions: the cache's (layer 0 stands for
     // every layer), or each sliding layer's in a `hybrid` cache.
-    let windows = match opts.cache.mode {
+    let windows = match p.opts.cache.mode {
         CacheMode::Sliding { window } | CacheMode::Rotating { window } => vec![Some(window)],
-        CacheMode::Hybrid { .. } => model.layer_windows(),
+        CacheMode::Hybrid { .. } => p.model.layer_windows(),
         _ => vec![],
     };
-    let (p, new) = (prefix.geometry.num_virtual_tokens, opts.max_new_tokens);
+    let (virtual_tokens, new) = (p.prefix.geometry.num_virtual_tokens, p.opts.max_new_tokens);
     r.warnings
         .extend(crate::engine::cache::hybrid::prefix_evictions(
-            &windows, p, prompt_len, new,
+            &windows,
+            virtual_tokens,
+            prompt_len,
+            new,
         ));
     let g = &case.scenario.generate;
     let (out, trace) = match g.merge_rows_at {
         Some(at) => crate::engine::batching::generate_merged(
-            model.as_ref(),
-            Some(&prefix),
-            &opts,
-            &ids,
-            &mask,
+            p.model.as_ref(),
+            Some(&p.prefix),
+            &p.opts,
+            &p.ids,
+            &p.mask,
             at,
             g.merge_fill_from_first_row,
         ),
-        None => generate_traced(model.as_ref(), Some(&prefix), &opts, &ids, Some(&mask)),
+        None => generate_traced(
+            p.model.as_ref(),
+            Some(&p.prefix),
+            &p.opts,
+            &p.ids,
+            Some(&p.mask),
+        ),
     };
     r.trace_digest = Some(trace.digest());
     r.trace = Some(trace);
@@ -411,11 +425,11 @@ fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
     // Settings that must not change the tokens: against the run without them.
     use crate::engine::divergence as div;
     let gen = div::Generation {
-        model: model.as_ref(),
-        prefix: Some(&prefix),
-        opts: &opts,
-        ids: &ids,
-        pad: &mask,
+        model: p.model.as_ref(),
+        prefix: Some(&p.prefix),
+        opts: &p.opts,
+        ids: &p.ids,
+        pad: &p.mask,
     };
     let outcome = div::check_reference(&gen, &out)
         .and_then(|_| match g.merge_rows_at {

@@ -77,42 +77,32 @@ impl TaskType {
 /// Field order is PEFT's (`json.dumps(..., sort_keys=True)`), so serialising with
 /// [`AdapterConfig::to_json`] gives PEFT's bytes. Reading ignores unknown fields and
 /// accepts `null` where PEFT would fill a value from the model config; see
-/// [`AdapterConfig::geometry`].
+/// [`AdapterConfig::geometry`]. A missing key reads as `None` (`Option` fields) or as
+/// the field's default (`#[serde(default)]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdapterConfig {
-    #[serde(default)]
     pub auto_mapping: Option<serde_json::Value>,
-    #[serde(default)]
     pub base_model_name_or_path: Option<String>,
-    #[serde(default)]
     pub encoder_hidden_size: Option<usize>,
     #[serde(default)]
     pub inference_mode: bool,
     /// `null` (random) or `"zero"`.
-    #[serde(default)]
     pub init_weights: Option<String>,
-    #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
     /// Heads of the prefix (the model's key/value heads since PEFT 0.12).
-    #[serde(default)]
     pub num_attention_heads: Option<usize>,
-    #[serde(default)]
     pub num_layers: Option<usize>,
-    #[serde(default)]
     pub num_transformer_submodules: Option<usize>,
     pub num_virtual_tokens: usize,
     pub peft_type: String,
     /// Absent in files written before PEFT 0.15.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub peft_version: Option<String>,
     #[serde(default)]
     pub prefix_projection: bool,
-    #[serde(default)]
     pub revision: Option<String>,
-    #[serde(default)]
     pub task_type: Option<String>,
     /// `num_attention_heads * head_dim`.
-    #[serde(default)]
     pub token_dim: Option<usize>,
 }
 
@@ -367,47 +357,39 @@ impl Adapter {
         let file = self.dir.join(WEIGHTS_FILE);
         let dims = self.prompt_embeddings.dims().to_vec();
         let expected = [g.num_virtual_tokens, g.embedding_width()];
-        if dims.len() != 2 {
-            return Err(Diagnosis::new(
-                DiagnosisClass::Rank,
-                format!(
-                    "{}: tensor `{TENSOR_NAME}` has rank {}, expected 2 ([num_virtual_tokens, num_layers * 2 * token_dim])",
-                    file.display(),
-                    dims.len()
-                ),
+        let wrong = |class, what: String| {
+            Diagnosis::new(
+                class,
+                format!("{}: tensor `{TENSOR_NAME}` {what}", file.display()),
             )
             .shapes(&expected, &dims)
-            .into());
+        };
+        let other_adapter =
+            "adapter_config.json and adapter_model.safetensors come from different adapters";
+        if dims.len() != 2 {
+            let what = format!(
+                "has rank {}, expected 2 ([num_virtual_tokens, num_layers * 2 * token_dim])",
+                dims.len()
+            );
+            return Err(wrong(DiagnosisClass::Rank, what).into());
         }
         if dims[0] != expected[0] {
-            return Err(Diagnosis::new(
-                DiagnosisClass::SeqLen,
-                format!(
-                    "{}: tensor `{TENSOR_NAME}` has {} rows but `num_virtual_tokens` is {}",
-                    file.display(),
-                    dims[0],
-                    expected[0]
-                ),
-            )
-            .shapes(&expected, &dims)
-            .hint("adapter_config.json and adapter_model.safetensors come from different adapters")
-            .into());
+            let what = format!(
+                "has {} rows but `num_virtual_tokens` is {}",
+                dims[0], expected[0]
+            );
+            return Err(wrong(DiagnosisClass::SeqLen, what)
+                .hint(other_adapter)
+                .into());
         }
         if dims[1] != expected[1] {
-            return Err(Diagnosis::new(
-                DiagnosisClass::Shape,
-                format!(
-                    "{}: tensor `{TENSOR_NAME}` has width {} but `num_layers` {} * 2 * `token_dim` {} is {}",
-                    file.display(),
-                    dims[1],
-                    g.num_layers,
-                    g.token_dim,
-                    expected[1]
-                ),
-            )
-            .shapes(&expected, &dims)
-            .hint("adapter_config.json and adapter_model.safetensors come from different adapters")
-            .into());
+            let what = format!(
+                "has width {} but `num_layers` {} * 2 * `token_dim` {} is {}",
+                dims[1], g.num_layers, g.token_dim, expected[1]
+            );
+            return Err(wrong(DiagnosisClass::Shape, what)
+                .hint(other_adapter)
+                .into());
         }
         Ok(())
     }

@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::{var_builder::SimpleBackend, Init, VarBuilder};
 
 use super::nn::Linear;
+use crate::engine::diagnosis::{CandleExt, Result as DiagResult};
 use crate::engine::rng::Rng;
 
 /// A `VarBuilder` backend that invents every requested tensor from `(seed, name)`.
@@ -112,35 +113,32 @@ pub fn materialize(
     cfg: &super::ModelConfig,
     seed: u64,
     device: &Device,
-) -> crate::engine::diagnosis::Result<std::collections::HashMap<String, Tensor>> {
+) -> DiagResult<std::collections::HashMap<String, Tensor>> {
     let (_, base) = crate::engine::train::BaseWeights::seeded(cfg, seed, device)?;
     Ok(base.tensors.into_iter().collect())
 }
 
 /// `nn.Linear` parameters by name (weight `[out, in]`, bias `[out]`) as a [`Linear`]
 /// `[in, out]` (the weight transposed once here).
-pub fn linear_params(
-    vb: &VarBuilder,
-    name: &str,
-    i: usize,
-    o: usize,
-) -> crate::engine::diagnosis::Result<Linear> {
-    use crate::engine::diagnosis::CandleExt;
-    let w = weight(vb, (o, i), &format!("{name}.weight")).ctx(name)?;
-    let b = bias(vb, o, &format!("{name}.bias")).ctx(name)?;
-    Linear::from_torch(&w, Some(b)).ctx(name)
+pub fn linear_params(vb: &VarBuilder, name: &str, i: usize, o: usize) -> DiagResult<Linear> {
+    linear_from(vb, name, (o, i), o, Linear::from_torch)
 }
 
 /// GPT-2 `Conv1D` parameters by name (weight `[in, out]`, bias `[out]`) as a
 /// [`Linear`] `[in, out]`.
-pub fn conv1d_params(
+pub fn conv1d_params(vb: &VarBuilder, name: &str, i: usize, o: usize) -> DiagResult<Linear> {
+    linear_from(vb, name, (i, o), o, Linear::from_conv1d)
+}
+
+/// `{name}.weight` of shape `w` and `{name}.bias` `[o]`, made a [`Linear`] by `make`.
+fn linear_from(
     vb: &VarBuilder,
     name: &str,
-    i: usize,
+    w: (usize, usize),
     o: usize,
-) -> crate::engine::diagnosis::Result<Linear> {
-    use crate::engine::diagnosis::CandleExt;
-    let w = weight(vb, (i, o), &format!("{name}.weight")).ctx(name)?;
+    make: fn(&Tensor, Option<Tensor>) -> candle_core::Result<Linear>,
+) -> DiagResult<Linear> {
+    let w = weight(vb, w, &format!("{name}.weight")).ctx(name)?;
     let b = bias(vb, o, &format!("{name}.bias")).ctx(name)?;
-    Linear::from_conv1d(&w, Some(b)).ctx(name)
+    make(&w, Some(b)).ctx(name)
 }

@@ -57,23 +57,61 @@ fn pad_labels(rows: &[Vec<i64>], s: usize, device: &Device) -> Result<Tensor> {
     Tensor::from_vec(out, (rows.len(), s), device).ctx("batch labels [B, T]")
 }
 
-/// A causal-LM batch of `"<sentence> => <label>"` texts, byte-encoded, cut to
-/// `max_len`: ids `[B, S]`, mask `[B, S]`, labels `[B, S]` = ids shifted left by one
-/// (the last token of a row and padding are [`IGNORE_INDEX`]).
-pub fn causal_batch(rows: &[(&str, &str)], max_len: usize, device: &Device) -> Result<Batch> {
+/// The right-padded [`Batch`] of the id rows `ids`, the decoder input rows `decoder`
+/// (encoder-decoders) and the label rows, padded to the width the logits have: the
+/// decoder's `T`, else the ids' `S`.
+fn padded(
+    ids: &[Vec<u32>],
+    decoder: Option<&[Vec<u32>]>,
+    labels: &[Vec<i64>],
+    device: &Device,
+) -> Result<Batch> {
+    let (ids, mask) = pad_ids(ids, PAD_ID, device)?; // [B, S]
+    let decoder = decoder
+        .map(|rows| pad_ids(rows, PAD_ID, device))
+        .transpose()?; // [B, T]
+    let width = match &decoder {
+        Some((dec_ids, _)) => dec_ids.dim(1).ctx("decoder ids [B, T]")?,
+        None => ids.dim(1).ctx("batch ids [B, S]")?,
+    };
+    let labels = pad_labels(labels, width, device)?; // [B, width]
+    Ok(Batch {
+        ids,
+        mask,
+        decoder,
+        labels,
+    })
+}
+
+/// `text(sentence, label)` of every row, byte-encoded and cut to `max_len` tokens.
+/// A batch needs at least one row.
+fn encode_rows(
+    rows: &[(&str, &str)],
+    max_len: usize,
+    text: impl Fn(&str, &str) -> String,
+) -> Result<Vec<Vec<u32>>> {
     if rows.is_empty() {
         return Err(EngineError::Config(
             "train: a batch needs at least one row".into(),
         ));
     }
-    let texts: Vec<Vec<u32>> = rows
+    Ok(rows
         .iter()
         .map(|(sentence, label)| {
-            let mut ids = data::encode_bytes(&format!("{sentence} => {label}"));
+            let mut ids = data::encode_bytes(&text(sentence, label));
             ids.truncate(max_len);
             ids
         })
-        .collect();
+        .collect())
+}
+
+/// A causal-LM batch of `"<sentence> => <label>"` texts, byte-encoded, cut to
+/// `max_len`: ids `[B, S]`, mask `[B, S]`, labels `[B, S]` = ids shifted left by one
+/// (the last token of a row and padding are [`IGNORE_INDEX`]).
+pub fn causal_batch(rows: &[(&str, &str)], max_len: usize, device: &Device) -> Result<Batch> {
+    let texts = encode_rows(rows, max_len, |sentence, label| {
+        format!("{sentence} => {label}")
+    })?;
     let labels: Vec<Vec<i64>> = texts
         .iter()
         .map(|ids| {
@@ -84,15 +122,7 @@ pub fn causal_batch(rows: &[(&str, &str)], max_len: usize, device: &Device) -> R
                 .collect()
         })
         .collect();
-    let (ids, mask) = pad_ids(&texts, PAD_ID, device)?; // [B, S]
-    let s = ids.dim(1).ctx("batch ids [B, S]")?;
-    let labels = pad_labels(&labels, s, device)?; // [B, S]
-    Ok(Batch {
-        ids,
-        mask,
-        decoder: None,
-        labels,
-    })
+    padded(&texts, None, &labels, device)
 }
 
 /// A sequence-to-sequence batch: encoder input = sentence ids `[B, S]` (cut to
@@ -105,22 +135,10 @@ pub fn seq2seq_batch(
     eos: u32,
     device: &Device,
 ) -> Result<Batch> {
-    if rows.is_empty() {
-        return Err(EngineError::Config(
-            "train: a batch needs at least one row".into(),
-        ));
+    let mut enc = encode_rows(rows, max_len, |sentence, _| sentence.to_string())?;
+    for ids in enc.iter_mut().filter(|ids| ids.is_empty()) {
+        ids.push(eos);
     }
-    let enc: Vec<Vec<u32>> = rows
-        .iter()
-        .map(|(sentence, _)| {
-            let mut ids = data::encode_bytes(sentence);
-            ids.truncate(max_len);
-            if ids.is_empty() {
-                ids.push(eos);
-            }
-            ids
-        })
-        .collect();
     let targets: Vec<Vec<u32>> = rows
         .iter()
         .map(|(_, label)| {
@@ -145,16 +163,7 @@ pub fn seq2seq_batch(
         .iter()
         .map(|t| t.iter().map(|&x| i64::from(x)).collect())
         .collect();
-    let (ids, mask) = pad_ids(&enc, PAD_ID, device)?; // [B, S]
-    let (dec_ids, dec_mask) = pad_ids(&dec_in, PAD_ID, device)?; // [B, T]
-    let t = dec_ids.dim(1).ctx("decoder ids [B, T]")?;
-    let labels = pad_labels(&labels, t, device)?; // [B, T]
-    Ok(Batch {
-        ids,
-        mask,
-        decoder: Some((dec_ids, dec_mask)),
-        labels,
-    })
+    padded(&enc, Some(&dec_in), &labels, device)
 }
 
 /// The batch `model` trains on: seq2seq for encoder-decoders, causal LM otherwise.

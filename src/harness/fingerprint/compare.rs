@@ -250,24 +250,24 @@ impl Comparison {
                 }
             }
         }
-        if !self.skipped.is_empty() {
-            let _ = writeln!(
-                out,
-                "skipped on at least one side, not compared ({}):",
-                self.skipped.len()
-            );
-            for (id, a, b) in &self.skipped {
-                let _ = writeln!(out, "  {id}: {la} {a}, {lb} {b}");
-            }
-        }
-        if !self.expected_to_differ.is_empty() {
-            let _ = writeln!(
-                out,
-                "expected to differ (per-platform expectation), statuses compared only ({}):",
-                self.expected_to_differ.len()
-            );
-            for (id, a, b) in &self.expected_to_differ {
-                let _ = writeln!(out, "  {id}: {la} expects {a}, {lb} expects {b}");
+        // Cases listed with what each side had: its status, or what it expected.
+        for (title, cases, verb) in [
+            (
+                "skipped on at least one side, not compared",
+                &self.skipped,
+                "",
+            ),
+            (
+                "expected to differ (per-platform expectation), statuses compared only",
+                &self.expected_to_differ,
+                " expects",
+            ),
+        ] {
+            if !cases.is_empty() {
+                let _ = writeln!(out, "{title} ({}):", cases.len());
+                for (id, a, b) in cases {
+                    let _ = writeln!(out, "  {id}: {la}{verb} {a}, {lb}{verb} {b}");
+                }
             }
         }
         let _ = writeln!(
@@ -513,25 +513,23 @@ fn compare_case(
             b: rb.cloned(),
         });
     }
+    for (what, len_a, len_b) in [
+        ("losses", a.losses.len(), b.losses.len()),
+        ("logits", a.logits.len(), b.logits.len()),
+    ] {
+        if len_a != len_b {
+            out.push(Difference::Length {
+                what: what.into(),
+                a: len_a,
+                b: len_b,
+            });
+        }
+    }
     // Numbers: every pair (name, a, b, scale floor), the worst one beyond tolerance is
     // shown.
     let mut pairs: Vec<(String, f64, f64, f64)> = vec![];
-    if a.losses.len() != b.losses.len() {
-        out.push(Difference::Length {
-            what: "losses".into(),
-            a: a.losses.len(),
-            b: b.losses.len(),
-        });
-    }
     for (i, (x, y)) in a.losses.iter().zip(&b.losses).enumerate() {
         pairs.push((format!("losses[{i}]"), *x, *y, 0.0));
-    }
-    if a.logits.len() != b.logits.len() {
-        out.push(Difference::Length {
-            what: "logits".into(),
-            a: a.logits.len(),
-            b: b.logits.len(),
-        });
     }
     for (i, (x, y)) in a.logits.iter().zip(&b.logits).enumerate() {
         // The sum is compared relative to at least the largest logit of the step.

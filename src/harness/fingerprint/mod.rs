@@ -62,43 +62,8 @@ pub const DEFAULT_RTOL: f64 = 1e-4;
 /// 1e-5 is ten times the cross-implementation drift measured above.
 pub const DEFAULT_ATOL: f64 = 1e-5;
 
-/// Where a fingerprint was made: the environment block of the JSON report.
-///
-/// A mirror of [`report::Environment`] that can also be read back; every field has a
-/// default so that files written by other versions still load.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct EnvironmentInfo {
-    pub os: String,
-    pub arch: String,
-    pub cpu_features: Vec<String>,
-    pub rustc: String,
-    pub candle: String,
-    /// Threads candle's kernels used in each case.
-    pub threads: usize,
-    /// Cases run at the same time.
-    pub jobs: usize,
-}
-
-impl From<&Environment> for EnvironmentInfo {
-    fn from(e: &Environment) -> Self {
-        Self {
-            os: e.os.clone(),
-            arch: e.arch.clone(),
-            cpu_features: e.cpu_features.clone(),
-            rustc: e.rustc.clone(),
-            candle: e.candle.clone(),
-            threads: e.threads,
-            jobs: e.jobs,
-        }
-    }
-}
-
-impl From<Environment> for EnvironmentInfo {
-    fn from(e: Environment) -> Self {
-        (&e).into()
-    }
-}
+/// Where a fingerprint was made: the environment block of the JSON report, read back.
+pub type EnvironmentInfo = Environment;
 
 /// A run's fingerprint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,7 +75,8 @@ pub struct Fingerprint {
     pub cases: Vec<CaseFingerprint>,
 }
 
-/// What one case produced.
+/// What one case produced. Fields other than `id` and `status` may be missing (files
+/// of older versions): `None` for an `Option`, else the field's `#[serde(default)]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CaseFingerprint {
     pub id: String,
@@ -122,10 +88,8 @@ pub struct CaseFingerprint {
     #[serde(default)]
     pub expected: String,
     /// `CLASS at PLACE (expected [..], actual [..])` when the run ended in a diagnosis.
-    #[serde(default)]
     pub diagnosis: Option<String>,
     /// Digest of the full shape trace (None when nothing ran).
-    #[serde(default)]
     pub trace_digest: Option<String>,
     /// One line per cache event (see [`event_line`]), in order.
     #[serde(default)]
@@ -141,7 +105,7 @@ pub struct CaseFingerprint {
     pub logits: Vec<LogitsSummary>,
     /// With `run --against peft`: the stack's verdict and versions, one line
     /// (`stack-fails: rank at layer 0 self key (...); torch 2.5.1, transformers ...`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub stack: Option<String>,
 }
 
@@ -182,7 +146,7 @@ impl Fingerprint {
         Self {
             format: FORMAT,
             tool_version: env!("CARGO_PKG_VERSION").to_string(),
-            environment: env.into(),
+            environment: env,
             cases: results.iter().map(CaseFingerprint::from_result).collect(),
         }
     }

@@ -128,14 +128,7 @@ pub(super) fn yaml_error(path: &Path, text: &str, e: &serde_saphyr::Error) -> In
             format!("{parent}.{missing}")
         };
     } else if let Some(rest) = message.strip_prefix("unknown variant `") {
-        if let Some((unknown, tail)) = rest.split_once('`') {
-            let expected: Vec<&str> = tail
-                .trim_start_matches(", expected one of ")
-                .trim_start_matches(", expected ")
-                .split(", ")
-                .map(|s| s.trim_matches('`'))
-                .filter(|s| !s.is_empty())
-                .collect();
+        if let Some((unknown, expected)) = unknown_and_expected(rest) {
             if let Some(s) = suggest(unknown, &expected) {
                 message = format!(
                     "unknown variant `{unknown}`, did you mean `{s}`? (expected one of: {})",
@@ -145,14 +138,7 @@ pub(super) fn yaml_error(path: &Path, text: &str, e: &serde_saphyr::Error) -> In
         }
     }
     if let Some(rest) = message.strip_prefix("unknown field `") {
-        if let Some((unknown, tail)) = rest.split_once('`') {
-            let expected: Vec<&str> = tail
-                .trim_start_matches(", expected one of ")
-                .trim_start_matches(", expected ")
-                .split(", ")
-                .map(|s| s.trim_matches('`'))
-                .filter(|s| !s.is_empty())
-                .collect();
+        if let Some((unknown, expected)) = unknown_and_expected(rest) {
             let hint = suggest(unknown, &expected)
                 .map(|s| format!(", did you mean `{s}`?"))
                 .unwrap_or_default();
@@ -183,6 +169,20 @@ pub(super) fn yaml_error(path: &Path, text: &str, e: &serde_saphyr::Error) -> In
         field,
         message,
     }
+}
+
+/// The rest of serde's "unknown field/variant `" message (`` x`, expected one of `a`, `b` ``
+/// or `` x`, expected `a` ``): the unknown name and the names serde expected.
+fn unknown_and_expected(rest: &str) -> Option<(&str, Vec<&str>)> {
+    let (unknown, tail) = rest.split_once('`')?;
+    let expected = tail
+        .trim_start_matches(", expected one of ")
+        .trim_start_matches(", expected ")
+        .split(", ")
+        .map(|s| s.trim_matches('`'))
+        .filter(|s| !s.is_empty())
+        .collect();
+    Some((unknown, expected))
 }
 
 /// The error under snippet and alias wrappers.

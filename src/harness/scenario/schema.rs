@@ -1,5 +1,8 @@
 //! The schema of a scenario file: the types it deserialises into (every section with
 //! its defaults, `expect` and `expect_on`), and [`Case`], one expanded matrix point.
+//! A key a file leaves out takes its default: in a section marked `#[serde(default)]`
+//! the value of the section's `Default`, elsewhere `None` for an `Option` field and the
+//! field's own `#[serde(default ..)]` for the others.
 
 use std::path::{Path, PathBuf};
 
@@ -13,27 +16,26 @@ use crate::engine::prefix::{HeadDimFrom, HeadsFrom, PrefixInit, PrefixLayout};
 
 /// The model of a scenario: a family's tiny seeded config, a local Hugging Face
 /// folder, or a Hub repository in the local cache.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ModelSpec {
     /// `gpt2`, `llama`, `bloom`, `gpt_bigcode` or `t5`: the family's tiny config.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub family: Option<Family>,
     /// Overrides of the tiny config, Hugging Face field names (e.g. `n_layer: 3`).
-    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
     pub config: serde_json::Map<String, Value>,
     /// Seed of the portable weight initialisation.
-    #[serde(default)]
     pub seed: u64,
     /// A Hugging Face folder (`config.json`, `model.safetensors`, optional
     /// `tokenizer.json`), relative to the scenario file.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
     /// A Hub repository id resolved from the local Hugging Face cache only
     /// (`HF_HUB_CACHE`, `HF_HOME`; nothing is downloaded).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub hub: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
 }
 
@@ -71,7 +73,6 @@ pub struct PrefixSpec {
     pub virtual_tokens: usize,
     /// A PEFT PREFIX_TUNING adapter folder (`adapter_config.json` +
     /// `adapter_model.safetensors`), relative to the scenario file.
-    #[serde(default)]
     pub adapter: Option<PathBuf>,
     #[serde(default)]
     pub projection: bool,
@@ -143,45 +144,35 @@ impl CacheModeName {
 
 /// The cache of a scenario.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct CacheSpec {
-    #[serde(default)]
     pub mode: CacheModeName,
     /// `static`: capacity in positions (default: P + prompt + max_new_tokens);
     /// `hybrid`: the capacity of static global layers (absent: dynamic ones).
-    #[serde(default)]
     pub max_len: Option<usize>,
     /// Historical (PEFT's HybridCache before `max_cache_len` counted
     /// `num_virtual_tokens`): `static` and `hybrid` caches sized for prompt + new
     /// tokens without the P prefix positions (`hybrid`: static global layers).
-    #[serde(default)]
     pub capacity_without_prefix: bool,
     /// `sliding` and `rotating`: window in positions (required).
-    #[serde(default)]
     pub window: Option<usize>,
     /// Historical transformers behaviour: a prefix in the T5 cross cache marks it
     /// "already computed" (before transformers PR 34312).
-    #[serde(default)]
     pub cross_prefix_marks_updated: bool,
     /// After this generation step (0: the prefill) the cache is written to a
     /// safetensors file, read back into a fresh cache, and generation goes on; the
     /// tokens must equal the uninterrupted run's.
-    #[serde(default)]
     pub save_at: Option<usize>,
     /// Historical (llama.cpp issue 25295): a restored `rotating` cache loses its ring
     /// head.
-    #[serde(default)]
     pub ring_head_lost_on_load: bool,
     /// `quantized`: bits per code, 8 or 4 (default 8).
-    #[serde(default)]
     pub bits: Option<u8>,
     /// `quantized`: the last R positions kept in full precision, at least 1 (default
     /// 4).
-    #[serde(default)]
     pub residual: Option<usize>,
     /// `quantized`: keep the prefix in full precision for good instead of quantizing
     /// it like any other position.
-    #[serde(default)]
     pub prefix_full_precision: bool,
 }
 
@@ -195,38 +186,27 @@ pub enum PaddingSide {
 
 /// The data of a scenario.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct DataSpec {
     /// Inline prompts; default: the built-in sentiment sentences.
-    #[serde(default)]
     pub prompts: Vec<String>,
     /// A text file next to the scenario, one prompt per line (instead of `prompts`).
-    #[serde(default)]
     pub file: Option<PathBuf>,
     /// Rows per batch, taken cyclically from the prompts.
-    #[serde(default = "default_batch")]
     pub batch_size: usize,
     /// Prompts are cut to this many tokens.
-    #[serde(default = "default_prompt_len")]
     pub max_prompt_len: usize,
-    #[serde(default)]
     pub padding_side: PaddingSide,
 }
 
-fn default_batch() -> usize {
-    1
-}
-fn default_prompt_len() -> usize {
-    16
-}
-
+/// The values of the keys a scenario file leaves out.
 impl Default for DataSpec {
     fn default() -> Self {
         Self {
             prompts: vec![],
             file: None,
-            batch_size: default_batch(),
-            max_prompt_len: default_prompt_len(),
+            batch_size: 1,
+            max_prompt_len: 16,
             padding_side: PaddingSide::Left,
         }
     }
@@ -234,59 +214,42 @@ impl Default for DataSpec {
 
 /// Generation settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct GenerateSpec {
     /// `greedy`, `{sample: {temperature, top_k, top_p, seed}}` or
     /// `{beam: {num_beams, length_penalty, early_stopping}}`.
-    #[serde(default)]
     pub strategy: crate::engine::generate::Strategy,
-    #[serde(default = "default_new_tokens")]
     pub max_new_tokens: usize,
     /// A row that emits this id stops (later positions hold `pad_token_id`).
-    #[serde(default)]
     pub eos_token_id: Option<u32>,
-    #[serde(default)]
     pub pad_token_id: Option<u32>,
     /// Output rows per input row (beams: at most `num_beams`).
-    #[serde(default = "default_return")]
     pub num_return_sequences: usize,
     /// Expand the prefix to batch x beams (the fix); `false`: historical bug.
-    #[serde(default = "yes")]
     pub expand_prefix: bool,
     /// Feed the prompt in chunks of this many tokens (default: all at once); the
     /// tokens must equal the whole prefill's.
-    #[serde(default)]
     pub prefill_chunk: Option<usize>,
     /// How a prompt chunk's causal mask is aligned: `lower-right` (the fix),
     /// `upper-left` or `square` (historical bugs).
-    #[serde(default)]
     pub chunk_mask: crate::engine::cache::ChunkMask,
     /// Historical (candle issue 3582): every row reads the first row's padding mask.
-    #[serde(default)]
     pub mask_buffer_one_row: bool,
     /// Continuous batching: every row is generated alone up to this step, then the
     /// per-row caches are merged into one batch for the remaining steps; each row must
     /// generate what it generates alone.
-    #[serde(default)]
     pub merge_rows_at: Option<usize>,
     /// Historical (mlx-lm cache merges): the merge slices every row to the first
     /// row's fill level.
-    #[serde(default)]
     pub merge_fill_from_first_row: bool,
 }
 
-fn default_new_tokens() -> usize {
-    8
-}
-fn default_return() -> usize {
-    1
-}
-
+/// The values of the keys a scenario file leaves out.
 impl Default for GenerateSpec {
     fn default() -> Self {
         Self {
             strategy: crate::engine::generate::Strategy::Greedy,
-            max_new_tokens: default_new_tokens(),
+            max_new_tokens: 8,
             eos_token_id: None,
             pad_token_id: None,
             num_return_sequences: 1,
@@ -302,34 +265,29 @@ impl Default for GenerateSpec {
 
 /// Extra checks on a case's outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Checks {
     /// `decreases`: the last training loss is below the first.
-    #[serde(default)]
     pub loss: Option<LossCheck>,
     /// `invariant`: every left-padded row generates what it generates alone, else a
     /// `divergence` naming the row and the step.
-    #[serde(default)]
     pub padding: Option<PaddingCheck>,
     /// Bounds on what a `quantized` cache may change against the same case run
     /// unquantized (`cache.mode: dynamic`).
-    #[serde(default)]
     pub quantization: Option<QuantizationCheck>,
 }
 
 /// `checks: {quantization: {min_token_agreement: 0.9, max_logit_drift: 0.5}}`: either
 /// bound may be left out.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct QuantizationCheck {
     /// The fraction of generated tokens (all rows) equal to the unquantized run's
     /// must be at least this (0 to 1).
-    #[serde(default)]
     pub min_token_agreement: Option<f64>,
     /// The largest absolute difference of any logit from the unquantized run's, over
     /// the steps both runs were fed the same tokens (up to the first step whose tokens
     /// differ), must be at most this.
-    #[serde(default)]
     pub max_logit_drift: Option<f64>,
 }
 
@@ -391,11 +349,8 @@ pub enum Expect {
 #[serde(deny_unknown_fields)]
 pub struct ExpectedFailure {
     pub error: DiagnosisClass,
-    #[serde(default)]
     pub layer: Option<usize>,
-    #[serde(default)]
     pub attention: Option<Attention>,
-    #[serde(default)]
     pub tensor: Option<TensorKind>,
 }
 
@@ -432,7 +387,6 @@ pub struct Scenario {
     pub model: ModelSpec,
     /// `builtin` (UTF-8 bytes, ids 0..=255) or a `tokenizer.json` path relative to the
     /// scenario file.
-    #[serde(default)]
     pub tokenizer: Option<String>,
     pub prefix: PrefixSpec,
     #[serde(default)]
@@ -440,7 +394,6 @@ pub struct Scenario {
     #[serde(default)]
     pub data: DataSpec,
     /// Train the prefix before generating (AdamW on the prefix only, built-in data).
-    #[serde(default)]
     pub train: Option<crate::engine::train::TrainConfig>,
     #[serde(default)]
     pub generate: GenerateSpec,
@@ -448,7 +401,6 @@ pub struct Scenario {
     #[serde(default)]
     pub checks: Checks,
     /// Where the scenario is meant to run; elsewhere its cases are skipped.
-    #[serde(default)]
     pub platforms: Option<Vec<Platform>>,
     #[serde(default, deserialize_with = "de_expect", serialize_with = "ser_expect")]
     pub expect: Expect,

@@ -13,16 +13,12 @@ use super::{Job, JobCase, DRIVER, PROTOCOL, PYTHON_ENV};
 
 /// The installed versions, as the driver's first line reports them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct StackEnv {
-    #[serde(default)]
     pub python: Option<String>,
-    #[serde(default)]
     pub torch: Option<String>,
-    #[serde(default)]
     pub transformers: Option<String>,
-    #[serde(default)]
     pub peft: Option<String>,
-    #[serde(default)]
     pub safetensors: Option<String>,
 }
 
@@ -68,17 +64,14 @@ impl StackEnv {
 }
 
 /// An exception the stack raised: type, message and the innermost frame.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct StackError {
-    #[serde(rename = "type", default)]
+    #[serde(rename = "type")]
     pub kind: String,
-    #[serde(default)]
     pub message: String,
-    #[serde(default)]
     pub file: Option<String>,
-    #[serde(default)]
     pub line: Option<u64>,
-    #[serde(default)]
     pub function: Option<String>,
 }
 
@@ -105,17 +98,11 @@ pub struct StackEvent {
     pub attention: String,
     /// `seed` or `update`.
     pub op: String,
-    #[serde(default)]
     pub key_before: Option<Vec<usize>>,
-    #[serde(default)]
     pub value_before: Option<Vec<usize>>,
-    #[serde(default)]
     pub key_written: Option<Vec<usize>>,
-    #[serde(default)]
     pub value_written: Option<Vec<usize>>,
-    #[serde(default)]
     pub key_after: Option<Vec<usize>>,
-    #[serde(default)]
     pub value_after: Option<Vec<usize>>,
     #[serde(default)]
     pub failed: bool,
@@ -123,40 +110,31 @@ pub struct StackEvent {
 
 /// One phase of a case on the stack (forward, recompute, generate, cached).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Phase {
-    #[serde(default)]
     pub tokens: Option<Vec<Vec<u32>>>,
     /// `[B, V]`: the last position's logits of the PEFT forward.
-    #[serde(default)]
     pub logits_last: Option<Vec<Vec<f64>>>,
-    #[serde(default)]
     pub events: Vec<StackEvent>,
-    #[serde(default)]
     pub error: Option<StackError>,
     /// `false` for sampling: torch's generator is not ours.
-    #[serde(default)]
     pub tokens_comparable: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TrainPhase {
-    #[serde(default)]
     pub losses: Vec<f64>,
-    #[serde(default)]
     pub error: Option<StackError>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Phases {
-    #[serde(default)]
     pub forward: Option<Phase>,
-    #[serde(default)]
     pub recompute: Option<Phase>,
-    #[serde(default)]
     pub generate: Option<Phase>,
-    #[serde(default)]
     pub cached: Option<Phase>,
-    #[serde(default)]
     pub train: Option<TrainPhase>,
 }
 
@@ -166,13 +144,11 @@ pub struct StackCase {
     pub id: String,
     /// `ok`, `skip` or `error`.
     pub status: String,
-    #[serde(default)]
     pub reason: Option<String>,
     #[serde(default)]
     pub duration_ms: f64,
     #[serde(default, deserialize_with = "null_as_default")]
     pub phases: Phases,
-    #[serde(default)]
     pub error: Option<StackError>,
 }
 
