@@ -8,7 +8,7 @@
 //! merged.
 
 use super::stores::{Dynamic, KvStore};
-use super::{CacheMode, LayerCache, ModelCache};
+use super::{shapes, CacheMode, LayerCache, ModelCache};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 use crate::engine::trace::{event, CacheOp};
 use candle_core::Tensor;
@@ -81,9 +81,7 @@ pub fn merge_rows(rows: &[ModelCache], fill_from_first_row: bool) -> Result<Merg
         e.key_written = Some(k.dims().to_vec());
         e.value_written = Some(v.dims().to_vec());
         let store = Dynamic::holding(&k, &v).at(site, "merge: store")?;
-        let held = store.held();
-        e.key_after = held.as_ref().map(|(k, _)| k.dims().to_vec());
-        e.value_after = held.as_ref().map(|(_, v)| v.dims().to_vec());
+        (e.key_after, e.value_after) = shapes(store.held().as_ref());
         merged.layers[layer] = LayerCache {
             prefix: None,
             prefix_len: first.prefix_len(),

@@ -202,6 +202,11 @@ fn shape(t: &Tensor) -> Vec<usize> {
     t.dims().to_vec()
 }
 
+/// The shapes of keys and values (None when absent): a trace event's stored shapes.
+fn shapes(pair: Option<&(Tensor, Tensor)>) -> (Option<Vec<usize>>, Option<Vec<usize>>) {
+    (pair.map(|(k, _)| shape(k)), pair.map(|(_, v)| shape(v)))
+}
+
 impl ModelCache {
     /// `legacy_layout` is the family's historical layout, used by `CacheMode::Legacy`.
     pub fn new(
@@ -407,9 +412,7 @@ impl ModelCache {
         for (i, l) in self.layers.iter_mut().enumerate() {
             let att = Attention::SelfAttn;
             let mut e = event(i, att, CacheOp::Reorder, layout);
-            let held = l.held();
-            e.key_before = held.as_ref().map(|(k, _)| shape(k));
-            e.value_before = held.as_ref().map(|(_, v)| shape(v));
+            (e.key_before, e.value_before) = shapes(l.held().as_ref());
             let mut sel = |t: &Tensor, kind: TensorKind| {
                 select_rows(t, layout, kind, kv_heads, indices, Site::new(i, att, kind))
             };
@@ -418,9 +421,7 @@ impl ModelCache {
             }
             l.store
                 .select_rows(&mut sel, Site::new(i, att, TensorKind::Key))?;
-            let after = l.held();
-            e.key_after = after.as_ref().map(|(k, _)| shape(k));
-            e.value_after = after.as_ref().map(|(_, v)| shape(v));
+            (e.key_after, e.value_after) = shapes(l.held().as_ref());
             self.trace.push(e);
         }
         for (i, c) in self.cross.iter_mut().enumerate() {
@@ -428,21 +429,17 @@ impl ModelCache {
             let att = Attention::Cross;
             let std = Layout::Standard;
             let mut e = event(i, att, CacheOp::Reorder, std);
-            let sel = |t: &Tensor, kind: TensorKind| {
+            let mut sel = |t: &Tensor, kind: TensorKind| {
                 select_rows(t, std, kind, None, indices, Site::new(i, att, kind))
             };
-            let before = c.kv.clone().or_else(|| c.prefix.clone());
-            e.key_before = before.as_ref().map(|(k, _)| shape(k));
-            e.value_before = before.as_ref().map(|(_, v)| shape(v));
-            if let Some((pk, pv)) = &c.prefix {
-                c.prefix = Some((sel(pk, TensorKind::Key)?, sel(pv, TensorKind::Value)?));
+            (e.key_before, e.value_before) = shapes(c.kv.as_ref().or(c.prefix.as_ref()));
+            if let Some(prefix) = &c.prefix {
+                c.prefix = Some(select_pair(&mut sel, prefix)?);
             }
-            if let Some((k, v)) = &c.kv {
-                c.kv = Some((sel(k, TensorKind::Key)?, sel(v, TensorKind::Value)?));
+            if let Some(kv) = &c.kv {
+                c.kv = Some(select_pair(&mut sel, kv)?);
             }
-            let after = c.kv.clone().or_else(|| c.prefix.clone());
-            e.key_after = after.as_ref().map(|(k, _)| shape(k));
-            e.value_after = after.as_ref().map(|(_, v)| shape(v));
+            (e.key_after, e.value_after) = shapes(c.kv.as_ref().or(c.prefix.as_ref()));
             self.trace.push(e);
         }
         Ok(())

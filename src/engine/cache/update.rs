@@ -7,17 +7,12 @@ use candle_core::Tensor;
 
 use super::check::{check_append, check_capacity, check_window, no_layer};
 use super::stores::Step;
-use super::{hybrid, shape, CacheConfig, CacheMode, KvView, LayerCache, Layout, ModelCache};
+use super::{
+    hybrid, shape, shapes, CacheConfig, CacheMode, KvView, LayerCache, Layout, ModelCache,
+};
 
 use crate::engine::diagnosis::{Attention, CandleExt, Result, Site, TensorKind};
 use crate::engine::trace::{event, CacheOp};
-
-/// Key and value shapes of a pair (None when absent).
-type Shapes = (Option<Vec<usize>>, Option<Vec<usize>>);
-
-fn shapes(pair: Option<&(Tensor, Tensor)>) -> Shapes {
-    (pair.map(|(k, _)| shape(k)), pair.map(|(_, v)| shape(v)))
-}
 
 impl ModelCache {
     /// Append this step's self-attention keys/values `[B, KVH, S, D]` for the query

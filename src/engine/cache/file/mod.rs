@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use super::quant::Codes;
 use super::stores::push_pair;
-use super::{CacheMode, ModelCache};
+use super::{shapes, CacheMode, ModelCache};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 use crate::engine::trace::{event, CacheOp};
 
@@ -299,9 +299,7 @@ impl ModelCache {
     fn trace_file_op(&mut self, op: CacheOp) {
         for (i, l) in self.layers.iter().enumerate() {
             let mut e = event(i, Attention::SelfAttn, op, self.layout);
-            let held = l.held();
-            let key = held.as_ref().map(|(k, _)| k.dims().to_vec());
-            let value = held.as_ref().map(|(_, v)| v.dims().to_vec());
+            let (key, value) = shapes(l.held().as_ref());
             if op == CacheOp::Save {
                 (e.key_before, e.value_before) = (key, value);
             } else {
