@@ -98,8 +98,9 @@ pub(super) trait KvStore: CloneStore + std::fmt::Debug + Send + Sync {
     /// (all of them, also those a window store drops now) and the step's `S`.
     fn append(&mut self, step: &Step) -> Result<(Tensor, Tensor)>;
 
-    /// Select batch rows of every tensor held with `sel`: row `i` afterwards is row
-    /// `indices[i]` before, for every part of the store. `site` names the layer.
+    /// Select the batch rows of every part of the store with `sel` (for beams: row `i`
+    /// afterwards is row `indices[i]` before, [`super::ModelCache::reorder`]). `site`
+    /// names the layer.
     fn select_rows(&mut self, sel: Select, site: Site) -> Result<()>;
 
     /// Write what the store holds into `tensors`, named `{name}key`, `{name}value`, ...
