@@ -1,6 +1,8 @@
 //! The cache's own checks, turned into diagnoses: whether new keys and values may be
-//! appended to what a layer holds (`check_append`), and selecting batch rows of a
-//! stored tensor in any layout (`select_rows`, for beams).
+//! appended to what a layer holds (`check_append`), whether a preallocated store has
+//! room for them (`check_capacity`), where what a window store gives the attention
+//! begins (`check_window`), and selecting batch rows of a stored tensor in any layout
+//! (`select_rows`, for beams).
 
 use candle_core::{DType, Tensor};
 
