@@ -1,10 +1,13 @@
 //! The cache's own checks, turned into diagnoses: whether new keys and values may be
-//! appended to what a layer holds (`check_append`), and selecting batch rows of a
-//! stored tensor in any layout (`select_rows`, for beams).
+//! appended to what a layer holds (`check_append`), whether a preallocated store has
+//! room for them (`check_capacity`), where what a window store gives the attention
+//! begins (`check_window`), and selecting batch rows of a stored tensor in any layout
+//! (`select_rows`, for beams).
 
 use candle_core::{DType, Tensor};
 
-use super::Layout;
+use super::stores::Capacity;
+use super::{CacheMode, Layout};
 use crate::engine::diagnosis::{
     Attention, CandleExt, Diagnosis, DiagnosisClass, Result, Site, TensorKind,
 };
@@ -109,6 +112,63 @@ pub(super) fn no_layer(
     )
     .hint("the prefix or the model has more layers than the cache was built for")
     .into()
+}
+
+/// Check that a preallocated store of `capacity` has room for `s_new` more positions
+/// after the `seen` ones (`prefix_len` of them the prefix); `k: [B, KVH, S, D]` are the
+/// new keys, whose shape the diagnosis' shapes follow.
+pub(super) fn check_capacity(
+    capacity: &Capacity,
+    layer: usize,
+    k: &Tensor,
+    seen: usize,
+    s_new: usize,
+    prefix_len: usize,
+) -> Result<()> {
+    let (max_len, need) = (capacity.positions, seen + s_new);
+    if need <= max_len {
+        return Ok(());
+    }
+    let mut exp = k.dims().to_vec();
+    exp[2] = need;
+    let mut act = k.dims().to_vec();
+    act[2] = max_len;
+    Err(Diagnosis::new(
+        DiagnosisClass::SeqLen,
+        format!(
+            "{} holds {max_len} positions but prefix ({prefix_len}) + tokens so far + {s_new} new need {need}",
+            capacity.what
+        ),
+    )
+    .at(layer, Attention::SelfAttn, TensorKind::Key)
+    .shapes(&exp, &act)
+    .hint(capacity.hint)
+    .into())
+}
+
+/// The absolute position of the first of the `total` keys a window store gives the
+/// attention, which end at position `positions` (exclusive); more keys than positions
+/// means the prefix's length disagrees with what was seeded (`prefix_len`).
+pub(super) fn check_window(
+    mode: CacheMode,
+    layer: usize,
+    positions: usize,
+    total: usize,
+    prefix_len: usize,
+) -> Result<usize> {
+    positions.checked_sub(total).ok_or_else(|| {
+        Diagnosis::new(
+            DiagnosisClass::SeqLen,
+            format!(
+                "the {} cache holds {total} keys for only {positions} positions (prefix {prefix_len} + tokens)",
+                mode.name(),
+            ),
+        )
+        .at(layer, Attention::SelfAttn, TensorKind::Key)
+        .shapes(&[positions], &[total])
+        .hint("the prefix has more positions than the P it was seeded with")
+        .into()
+    })
 }
 
 /// Check that `new` may be appended to `held` along the layout's sequence dimension,

@@ -25,6 +25,9 @@
 
 use crate::engine::diagnosis::{Attention, Diagnosis, DiagnosisClass, TensorKind};
 
+/// A global layer, in the diagnosis of one that ran out of room.
+pub const GLOBAL_LAYER: &str = "the hybrid cache's global layer";
+
 /// The hint of a global layer that ran out of room.
 pub const CAPACITY_HINT: &str = "the hybrid cache's global layers were sized without the P virtual tokens (PEFT's HybridCache max_cache_len must be input + num_virtual_tokens + new tokens)";
 

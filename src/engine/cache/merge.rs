@@ -7,12 +7,11 @@
 //! values are the standard layout `[1, KVH, fill_i, D]` per row, `[B, KVH, L, D]`
 //! merged.
 
-use candle_core::Tensor;
-use candle_nn::kv_cache::ConcatKvCache;
-
-use super::{CacheMode, LayerCache, ModelCache, Store};
+use super::stores::{Dynamic, KvStore};
+use super::{shapes, CacheMode, LayerCache, ModelCache};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 use crate::engine::trace::{event, CacheOp};
+use candle_core::Tensor;
 
 /// The merged cache and the padding mask of its slots `[B, L]` (1 = held position).
 pub struct Merged {
@@ -81,14 +80,12 @@ pub fn merge_rows(rows: &[ModelCache], fill_from_first_row: bool) -> Result<Merg
         let v = Tensor::cat(&vs, 0).at(site, "merge: values")?;
         e.key_written = Some(k.dims().to_vec());
         e.value_written = Some(v.dims().to_vec());
-        let mut store = ConcatKvCache::new(2);
-        store.append(&k, &v).at(site, "merge: store")?;
-        e.key_after = store.k().map(|t| t.dims().to_vec());
-        e.value_after = store.v().map(|t| t.dims().to_vec());
+        let store = Dynamic::holding(&k, &v).at(site, "merge: store")?;
+        (e.key_after, e.value_after) = shapes(store.held().as_ref());
         merged.layers[layer] = LayerCache {
             prefix: None,
             prefix_len: first.prefix_len(),
-            store: Store::Dynamic(store),
+            store: Box::new(store),
             seen: width,
             window: None,
         };

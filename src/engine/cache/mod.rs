@@ -14,7 +14,6 @@
 //! which is where PEFT issue 2192 crashed.
 
 use candle_core::Tensor;
-use candle_nn::kv_cache::{ConcatKvCache, KvCache};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::diagnosis::{Attention, CandleExt, Result, Site, TensorKind};
@@ -27,11 +26,13 @@ mod layout;
 mod merge;
 pub mod quant;
 mod ring;
+mod stores;
 mod update;
 
 use check::{no_layer, select_rows};
 pub use layout::Layout;
 pub use merge::{merge_rows, Merged};
+use stores::{select_pair, KvStore};
 
 /// How keys and values are kept between forward passes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,33 +160,12 @@ pub struct KvView {
 }
 
 #[derive(Debug, Clone)]
-enum Store {
-    /// `none`: only the prefix is held (kept in the autograd graph for training).
-    Recompute,
-    Dynamic(ConcatKvCache),
-    Static(KvCache),
-    /// Chronological keys/values of the last `window` positions, standard layout.
-    Sliding {
-        k: Option<Tensor>,
-        v: Option<Tensor>,
-    },
-    /// The last `window` positions in ring order, standard layout.
-    Rotating(ring::Ring),
-    /// Stored as-is in the legacy layout.
-    Legacy {
-        k: Option<Tensor>,
-        v: Option<Tensor>,
-    },
-    /// Codes for the older positions, the last R exact, standard layout.
-    Quantized(quant::Quantized),
-}
-
-#[derive(Debug, Clone)]
 struct LayerCache {
     /// The prefix as seeded, not yet merged into `store` (raw layout as given).
     prefix: Option<(Tensor, Tensor)>,
     prefix_len: usize,
-    store: Store,
+    /// What the layer keeps between passes, in the cache's mode ([`stores::for_mode`]).
+    store: Box<dyn KvStore>,
     /// Positions written so far (prefix included), evicted ones included.
     seen: usize,
     /// `hybrid`: this layer's window (its store slides when set).
@@ -222,6 +202,11 @@ fn shape(t: &Tensor) -> Vec<usize> {
     t.dims().to_vec()
 }
 
+/// The shapes of keys and values (None when absent): a trace event's stored shapes.
+fn shapes(pair: Option<&(Tensor, Tensor)>) -> (Option<Vec<usize>>, Option<Vec<usize>>) {
+    (pair.map(|(k, _)| shape(k)), pair.map(|(_, v)| shape(v)))
+}
+
 impl ModelCache {
     /// `legacy_layout` is the family's historical layout, used by `CacheMode::Legacy`.
     pub fn new(
@@ -234,45 +219,29 @@ impl ModelCache {
             CacheMode::Legacy => legacy_layout,
             _ => Layout::Standard,
         };
-        let store = match config.mode {
-            CacheMode::None => Store::Recompute,
-            CacheMode::Dynamic => Store::Dynamic(ConcatKvCache::new(2)),
-            CacheMode::Static { max_len } => Store::Static(KvCache::new(2, max_len)),
-            CacheMode::Sliding { .. } => Store::Sliding { k: None, v: None },
-            CacheMode::Rotating { .. } => Store::Rotating(ring::Ring::default()),
-            CacheMode::Legacy => Store::Legacy { k: None, v: None },
-            CacheMode::Quantized {
-                bits,
-                residual,
-                prefix_full_precision,
-            } => Store::Quantized(quant::Quantized::new(bits, residual, prefix_full_precision)),
-            CacheMode::Hybrid { max_len: None } => Store::Dynamic(ConcatKvCache::new(2)),
-            CacheMode::Hybrid {
-                max_len: Some(max_len),
-            } => Store::Static(KvCache::new(2, max_len)),
-        };
-        let layer = LayerCache {
-            prefix: None,
-            prefix_len: 0,
-            store,
-            seen: 0,
-            window: None,
-        };
         let cross = CrossCache {
             prefix: None,
             prefix_len: 0,
             kv: None,
             is_updated: false,
         };
-        let mut layers = vec![layer; num_layers];
-        if let (CacheMode::Hybrid { .. }, Some(windows)) = (config.mode, &config.layer_windows) {
-            for (l, w) in layers.iter_mut().zip(windows) {
-                if w.is_some() {
-                    l.store = Store::Sliding { k: None, v: None };
-                    l.window = *w;
+        // `hybrid`: each layer's own window, from the model.
+        let windows = match (config.mode, &config.layer_windows) {
+            (CacheMode::Hybrid { .. }, Some(windows)) => windows.as_slice(),
+            _ => &[],
+        };
+        let layers = (0..num_layers)
+            .map(|i| {
+                let window = windows.get(i).copied().flatten();
+                LayerCache {
+                    prefix: None,
+                    prefix_len: 0,
+                    store: stores::for_mode(config.mode, window),
+                    seen: 0,
+                    window,
                 }
-            }
-        }
+            })
+            .collect();
         Self {
             layers,
             cross: if encoder_decoder {
@@ -387,14 +356,11 @@ impl ModelCache {
     /// inspects after a prefill.
     pub fn stored_key_shape(&self, layer: usize) -> Option<Vec<usize>> {
         let l = self.layers.get(layer)?;
-        match &l.store {
-            Store::Recompute => l.prefix.as_ref().map(|(k, _)| shape(k)),
-            Store::Dynamic(c) => c.k().map(shape),
-            Store::Static(c) => c.k().ok().flatten().map(|t| shape(&t)),
-            Store::Sliding { k, .. } | Store::Legacy { k, .. } => k.as_ref().map(shape),
-            Store::Rotating(r) => r.k.as_ref().map(shape),
-            Store::Quantized(q) => q.view().map(|(k, _)| shape(k)),
-        }
+        let held = match l.store.keeps_positions() {
+            true => l.store.held(),
+            false => l.prefix.clone(),
+        };
+        held.map(|(k, _)| shape(&k))
     }
 
     /// What layer `layer`'s self-attention cache holds, raw, in the layout it stores
@@ -412,12 +378,12 @@ impl ModelCache {
         let Some(l) = self.layers.get(layer) else {
             return Ok(None);
         };
-        match (&l.prefix, &l.store) {
-            (None, Store::Rotating(r)) => r.unrolled().at(
+        match &l.prefix {
+            Some(p) => Ok(Some(p.clone())),
+            None => l.store.in_time_order().at(
                 Site::new(layer, Attention::SelfAttn, TensorKind::Key),
                 "unroll ring",
             ),
-            _ => Ok(l.held()),
         }
     }
 
@@ -446,60 +412,16 @@ impl ModelCache {
         for (i, l) in self.layers.iter_mut().enumerate() {
             let att = Attention::SelfAttn;
             let mut e = event(i, att, CacheOp::Reorder, layout);
-            let held = l.held();
-            e.key_before = held.as_ref().map(|(k, _)| shape(k));
-            e.value_before = held.as_ref().map(|(_, v)| shape(v));
-            let sel = |t: &Tensor, kind: TensorKind| {
+            (e.key_before, e.value_before) = shapes(l.held().as_ref());
+            let mut sel = |t: &Tensor, kind: TensorKind| {
                 select_rows(t, layout, kind, kv_heads, indices, Site::new(i, att, kind))
             };
-            let pair = |k: &Tensor, v: &Tensor| -> Result<(Tensor, Tensor)> {
-                Ok((sel(k, TensorKind::Key)?, sel(v, TensorKind::Value)?))
-            };
-            if let Some((pk, pv)) = &l.prefix {
-                l.prefix = Some(pair(pk, pv)?);
+            if let Some(prefix) = &l.prefix {
+                l.prefix = Some(select_pair(&mut sel, prefix)?);
             }
-            let site = Site::new(i, att, TensorKind::Key);
-            match &mut l.store {
-                Store::Recompute => {}
-                Store::Dynamic(c) => {
-                    if let (Some(k), Some(v)) = (c.k(), c.v()) {
-                        let (k, v) = pair(k, v)?;
-                        let mut n = ConcatKvCache::new(2);
-                        n.append(&k, &v)
-                            .at(site, "reorder: rebuild dynamic cache")?;
-                        *c = n;
-                    }
-                }
-                Store::Static(c) => {
-                    let k = c.k().at(site, "reorder: read static keys")?;
-                    let v = c.v().at(site, "reorder: read static values")?;
-                    if let (Some(k), Some(v)) = (k, v) {
-                        let (k, v) = pair(&k, &v)?;
-                        let (k, v) = (k.contiguous(), v.contiguous());
-                        let (k, v) = (k.at(site, "keys")?, v.at(site, "values")?);
-                        // Same capacity: the data is rewritten into a fresh buffer.
-                        let mut n = KvCache::new(2, c.k_cache().max_seq_len());
-                        n.append(&k, &v).at(site, "reorder: rebuild static cache")?;
-                        *c = n;
-                    }
-                }
-                Store::Sliding { k, v }
-                | Store::Legacy { k, v }
-                | Store::Rotating(ring::Ring { k, v, .. }) => {
-                    // A ring keeps its head: every row's slots move together.
-                    if let (Some(sk), Some(sv)) = (k.as_ref(), v.as_ref()) {
-                        let (nk, nv) = pair(sk, sv)?;
-                        *k = Some(nk);
-                        *v = Some(nv);
-                    }
-                }
-                // Codes, scales, zero points and exact parts: each row's channels move
-                // with the row.
-                Store::Quantized(q) => q.try_map_rows(sel, site)?,
-            }
-            let after = l.held();
-            e.key_after = after.as_ref().map(|(k, _)| shape(k));
-            e.value_after = after.as_ref().map(|(_, v)| shape(v));
+            l.store
+                .select_rows(&mut sel, Site::new(i, att, TensorKind::Key))?;
+            (e.key_after, e.value_after) = shapes(l.held().as_ref());
             self.trace.push(e);
         }
         for (i, c) in self.cross.iter_mut().enumerate() {
@@ -507,21 +429,17 @@ impl ModelCache {
             let att = Attention::Cross;
             let std = Layout::Standard;
             let mut e = event(i, att, CacheOp::Reorder, std);
-            let sel = |t: &Tensor, kind: TensorKind| {
+            let mut sel = |t: &Tensor, kind: TensorKind| {
                 select_rows(t, std, kind, None, indices, Site::new(i, att, kind))
             };
-            let before = c.kv.clone().or_else(|| c.prefix.clone());
-            e.key_before = before.as_ref().map(|(k, _)| shape(k));
-            e.value_before = before.as_ref().map(|(_, v)| shape(v));
-            if let Some((pk, pv)) = &c.prefix {
-                c.prefix = Some((sel(pk, TensorKind::Key)?, sel(pv, TensorKind::Value)?));
+            (e.key_before, e.value_before) = shapes(c.kv.as_ref().or(c.prefix.as_ref()));
+            if let Some(prefix) = &c.prefix {
+                c.prefix = Some(select_pair(&mut sel, prefix)?);
             }
-            if let Some((k, v)) = &c.kv {
-                c.kv = Some((sel(k, TensorKind::Key)?, sel(v, TensorKind::Value)?));
+            if let Some(kv) = &c.kv {
+                c.kv = Some(select_pair(&mut sel, kv)?);
             }
-            let after = c.kv.clone().or_else(|| c.prefix.clone());
-            e.key_after = after.as_ref().map(|(k, _)| shape(k));
-            e.value_after = after.as_ref().map(|(_, v)| shape(v));
+            (e.key_after, e.value_after) = shapes(c.kv.as_ref().or(c.prefix.as_ref()));
             self.trace.push(e);
         }
         Ok(())
@@ -537,15 +455,9 @@ impl LayerCache {
     /// What the layer holds, raw: the unmerged prefix, else the store's contents (a
     /// `quantized` store's dequantized, in time order).
     fn held(&self) -> Option<(Tensor, Tensor)> {
-        match (&self.prefix, &self.store) {
-            (Some(p), _) => Some(p.clone()),
-            (None, Store::Dynamic(c)) => c.k().cloned().zip(c.v().cloned()),
-            (None, Store::Static(c)) => c.k().ok().flatten().zip(c.v().ok().flatten()),
-            (None, Store::Sliding { k, v })
-            | (None, Store::Legacy { k, v })
-            | (None, Store::Rotating(ring::Ring { k, v, .. })) => k.clone().zip(v.clone()),
-            (None, Store::Quantized(q)) => q.view().cloned(),
-            (None, Store::Recompute) => None,
+        match &self.prefix {
+            Some(p) => Some(p.clone()),
+            None => self.store.held(),
         }
     }
 }

@@ -42,6 +42,8 @@
 
 use candle_core::{DType, Result, Tensor};
 
+use super::file::{positions, LayerFile, SavedLayer, SavedQuantLayer};
+use super::stores::{push_pair, KvStore, Select, Step};
 use crate::engine::diagnosis::{CandleExt, Site, TensorKind};
 
 /// Bits per code when a scenario gives none.
@@ -298,6 +300,88 @@ impl Quantized {
             1 => Some((ks.remove(0), vs.remove(0))),
             _ => Some((Tensor::cat(&ks, 2)?, Tensor::cat(&vs, 2)?)),
         };
+        Ok(())
+    }
+}
+
+impl KvStore for Quantized {
+    /// The dequantized view, in time order.
+    fn held(&self) -> Option<(Tensor, Tensor)> {
+        self.view().cloned()
+    }
+
+    /// The prefix joins the store first: pinned exact, or quantized like any other
+    /// position once it is older than the last R. The attention reads what the store
+    /// held, dequantized, then this step's own keys and values exact.
+    fn append(&mut self, step: &Step) -> crate::engine::diagnosis::Result<(Tensor, Tensor)> {
+        if let Some((pk, pv)) = step.prefix {
+            self.seed(pk, pv).at(step.site_k, "store prefix")?;
+        }
+        // [B, KVH, L + S, D]
+        let read = step.after(self.view())?;
+        Quantized::append(self, step.k, step.v).at(step.site_k, "quantize")?;
+        Ok(read)
+    }
+
+    /// Codes, scales, zero points and exact parts: each row's channels move with the
+    /// row.
+    fn select_rows(&mut self, sel: Select, site: Site) -> crate::engine::diagnosis::Result<()> {
+        self.try_map_rows(sel, site)
+    }
+
+    /// Each part that holds positions (see `file/mod.rs` for the names), and P, Q and T
+    /// in the layer's `quantized` entry.
+    fn save(&self, name: &str, tensors: &mut Vec<(String, Tensor)>, layer: &mut SavedLayer) {
+        if self.view.is_none() {
+            return;
+        }
+        let mut pair = |part: &str, p: Option<&(Tensor, Tensor)>| {
+            if let Some((k, v)) = p {
+                push_pair(tensors, &format!("{name}{part}"), k.clone(), v.clone());
+            }
+            positions(p)
+        };
+        let pinned = pair("prefix_", self.pinned.as_ref());
+        let recent = pair("", self.recent.as_ref());
+        if let Some((k, v)) = &self.quantized {
+            for (kind, c) in [("key", k), ("value", v)] {
+                tensors.push((format!("{name}{kind}_codes"), c.codes.clone()));
+                tensors.push((format!("{name}{kind}_scale"), c.scale.clone()));
+                tensors.push((format!("{name}{kind}_zero"), c.zero.clone()));
+            }
+        }
+        layer.quantized = Some(SavedQuantLayer {
+            pinned,
+            quantized: self.quantized_len(),
+            recent,
+        });
+    }
+
+    /// The parts the layer's `quantized` entry announces, in a store of these
+    /// settings; a layer without that entry is refused.
+    fn load(&mut self, from: &mut LayerFile) -> crate::engine::diagnosis::Result<()> {
+        let (name, file, site) = (&from.name, &mut *from.file, from.site);
+        let Some(parts) = from.state.quantized else {
+            file.key_value(name)?;
+            let why = format!(
+                "its state has no `quantized` entry for layer {}",
+                site.layer
+            );
+            return Err(file.bad(why));
+        };
+        let pinned = file.pair(&format!("{name}prefix_"), parts.pinned)?;
+        let recent = file.pair(name, parts.recent)?;
+        let quantized = if parts.quantized > 0 {
+            Some((
+                file.codes(&format!("{name}key_"), parts.quantized)?,
+                file.codes(&format!("{name}value_"), parts.quantized)?,
+            ))
+        } else {
+            None
+        };
+        *self = Quantized::new(self.bits, self.residual, self.prefix_full_precision)
+            .restored(pinned, quantized, recent, file.dtype)
+            .at(site, "load quantized cache")?;
         Ok(())
     }
 }

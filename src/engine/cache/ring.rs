@@ -11,6 +11,10 @@
 
 use candle_core::{Result, Tensor};
 
+use super::file::LayerFile;
+use super::stores::{load_refill, select_refill, KvStore, Refill, Select, Step};
+use crate::engine::diagnosis::{CandleExt, Site};
+
 /// One layer's ring.
 #[derive(Debug, Clone, Default)]
 pub struct Ring {
@@ -71,6 +75,60 @@ impl Ring {
         self.k = Some(read_k.narrow(2, total - keep, keep)?.detach());
         self.v = Some(read_v.narrow(2, total - keep, keep)?.detach());
         self.head = keep % window.max(1);
+        Ok(())
+    }
+}
+
+impl KvStore for Ring {
+    /// The slots in ring order.
+    fn held(&self) -> Option<(Tensor, Tensor)> {
+        self.k.clone().zip(self.v.clone())
+    }
+
+    fn in_time_order(&self) -> Result<Option<(Tensor, Tensor)>> {
+        self.unrolled()
+    }
+
+    fn append(&mut self, step: &Step) -> crate::engine::diagnosis::Result<(Tensor, Tensor)> {
+        let before = step.before(|| self.unrolled().at(step.site_k, "unroll ring"))?;
+        // [B, KVH, L + S, D]
+        let (rk, rv) = step.after(before.as_ref())?;
+        self.store(&rk, &rv, step.k, step.v, step.keep)
+            .at(step.site_k, "write ring")?;
+        Ok((rk, rv))
+    }
+
+    /// Every row's slots move together; the head stays.
+    fn select_rows(&mut self, sel: Select, site: Site) -> crate::engine::diagnosis::Result<()> {
+        select_refill(self, sel, site)
+    }
+
+    /// The slots in ring order and the head the file's state gives.
+    fn load(&mut self, from: &mut LayerFile) -> crate::engine::diagnosis::Result<()> {
+        load_refill(self, from)?;
+        self.head = from.state.head;
+        Ok(())
+    }
+
+    fn evicts(&self) -> bool {
+        true
+    }
+
+    fn ring_head(&self) -> Option<usize> {
+        Some(self.head)
+    }
+}
+
+impl Refill for Ring {
+    /// The slots, in ring order; the head stays.
+    fn refill(
+        &mut self,
+        k: Tensor,
+        v: Tensor,
+        _: Site,
+        _: &str,
+    ) -> crate::engine::diagnosis::Result<()> {
+        (self.k, self.v) = (Some(k), Some(v));
         Ok(())
     }
 }

@@ -5,17 +5,19 @@
 
 use candle_core::Tensor;
 
-use super::check::{check_append, no_layer};
-use super::{hybrid, shape, CacheMode, KvView, Layout, ModelCache, Store};
-
-use crate::engine::diagnosis::{
-    Attention, CandleExt, Diagnosis, DiagnosisClass, Result, Site, TensorKind,
+use super::check::{check_append, check_capacity, check_window, no_layer};
+use super::stores::Step;
+use super::{
+    hybrid, shape, shapes, CacheConfig, CacheMode, KvView, LayerCache, Layout, ModelCache,
 };
+
+use crate::engine::diagnosis::{Attention, CandleExt, Result, Site, TensorKind};
 use crate::engine::trace::{event, CacheOp};
 
 impl ModelCache {
     /// Append this step's self-attention keys/values `[B, KVH, S, D]` for the query
-    /// positions `positions` and return what the attention may read.
+    /// positions `positions` and return what the attention may read: convert them to
+    /// the stored layout, check them against what the layer holds, store them, trace.
     pub fn update_self(
         &mut self,
         layer: usize,
@@ -35,225 +37,33 @@ impl ModelCache {
             .layers
             .get_mut(layer)
             .ok_or_else(|| no_layer(layer, att))?;
+
+        // Convert: the stored layout, e.g. [B*KVH, D, S] keys for bloom-legacy.
         let (k_new, v_new) = layout
             .from_standard(k, v)
             .at(site_k, "convert to cache layout")?;
         e.key_written = Some(shape(&k_new));
         e.value_written = Some(shape(&v_new));
 
-        // What the cache already holds, in its raw form, for checking.
+        // Check against what the layer holds, raw (the prefix first).
         let held = l.held();
+        (e.key_before, e.value_before) = shapes(held.as_ref());
         if let Some((hk, hv)) = &held {
-            e.key_before = Some(shape(hk));
-            e.value_before = Some(shape(hv));
-            check_append(
-                layout,
-                layer,
-                att,
-                TensorKind::Key,
-                hk,
-                &k_new,
-                l.prefix_len,
-            )?;
-            check_append(
-                layout,
-                layer,
-                att,
-                TensorKind::Value,
-                hv,
-                &v_new,
-                l.prefix_len,
-            )?;
+            let p = l.prefix_len;
+            check_append(layout, layer, att, TensorKind::Key, hk, &k_new, p)?;
+            check_append(layout, layer, att, TensorKind::Value, hv, &v_new, p)?;
         }
-        let capacity = match self.config.mode {
-            CacheMode::Static { max_len } => Some(max_len),
-            CacheMode::Hybrid { max_len } if l.window.is_none() => max_len,
-            _ => None,
-        };
-        if let Some(max_len) = capacity {
-            let need = l.seen + s_new;
-            if need > max_len {
-                let mut exp = shape(k);
-                exp[2] = need;
-                let mut act = shape(k);
-                act[2] = max_len;
-                let (what, hint) = match self.config.mode {
-                    CacheMode::Hybrid { .. } => ("the hybrid cache's global layer", hybrid::CAPACITY_HINT),
-                    _ => ("static cache", "the static cache was sized for the prompt and new tokens without the P virtual tokens (max_len must be >= P + prompt + max_new_tokens)"),
-                };
-                return Err(Diagnosis::new(
-                    DiagnosisClass::SeqLen,
-                    format!(
-                        "{what} holds {max_len} positions but prefix ({}) + tokens so far + {s_new} new need {need}",
-                        l.prefix_len
-                    ),
-                )
-                .at(layer, att, TensorKind::Key)
-                .shapes(&exp, &act)
-                .hint(hint)
-                .into());
-            }
+        if let Some(capacity) = l.store.capacity() {
+            check_capacity(&capacity, layer, k, l.seen, s_new, l.prefix_len)?;
         }
 
-        let prefix = l.prefix.take();
-        let site_v = Site::new(layer, att, TensorKind::Value);
-        let (read_k, read_v, kv_start) = match &mut l.store {
-            Store::Recompute => {
-                // Nothing is stored: the prefix stays (in the graph) for the next pass.
-                l.prefix = prefix.clone();
-                let (rk, rv) = match &prefix {
-                    Some((pk, pv)) => (
-                        layout
-                            .cat(pk, &k_new, TensorKind::Key)
-                            .at(site_k, "append keys")?,
-                        layout
-                            .cat(pv, &v_new, TensorKind::Value)
-                            .at(site_v, "append values")?,
-                    ),
-                    None => (k_new.clone(), v_new.clone()),
-                };
-                (rk, rv, 0)
-            }
-            Store::Dynamic(c) => {
-                if let Some((pk, pv)) = &prefix {
-                    c.append(pk, pv).at(site_k, "store prefix")?;
-                }
-                let (rk, rv) = c.append(&k_new, &v_new).at(site_k, "append keys")?;
-                (rk, rv, 0)
-            }
-            Store::Static(c) => {
-                // candle's KvCache writes with `slice_set`, which needs contiguous input.
-                if let Some((pk, pv)) = &prefix {
-                    let (pk, pv) = (pk.contiguous(), pv.contiguous());
-                    c.append(&pk.at(site_k, "prefix")?, &pv.at(site_v, "prefix")?)
-                        .at(site_k, "store prefix")?;
-                }
-                let (kc, vc) = (k_new.contiguous(), v_new.contiguous());
-                let (rk, rv) = c
-                    .append(&kc.at(site_k, "keys")?, &vc.at(site_v, "values")?)
-                    .at(site_k, "append keys")?;
-                (rk, rv, 0)
-            }
-            Store::Legacy { k: sk, v: sv } => {
-                let base = prefix.clone().or_else(|| sk.clone().zip(sv.clone()));
-                let (rk, rv) = match base {
-                    Some((bk, bv)) => (
-                        layout
-                            .cat(&bk, &k_new, TensorKind::Key)
-                            .at(site_k, "append keys")?,
-                        layout
-                            .cat(&bv, &v_new, TensorKind::Value)
-                            .at(site_v, "append values")?,
-                    ),
-                    None => (k_new.clone(), v_new.clone()),
-                };
-                *sk = Some(rk.detach());
-                *sv = Some(rv.detach());
-                (rk, rv, 0)
-            }
-            Store::Quantized(q) => {
-                // The prefix joins the store first: pinned exact, or quantized like
-                // any other position once it is older than the last R.
-                if let Some((pk, pv)) = &prefix {
-                    q.seed(pk, pv).at(site_k, "store prefix")?;
-                }
-                // What the cache held, dequantized, then this step's own keys and
-                // values exact: [B, KVH, L + S, D]
-                let (rk, rv) = match q.view() {
-                    Some((hk, hv)) => (
-                        Tensor::cat(&[hk, &k_new], 2).at(site_k, "append keys")?,
-                        Tensor::cat(&[hv, &v_new], 2).at(site_v, "append values")?,
-                    ),
-                    None => (k_new.clone(), v_new.clone()),
-                };
-                q.append(&k_new, &v_new).at(site_k, "quantize")?;
-                (rk, rv, 0)
-            }
-            Store::Sliding { .. } | Store::Rotating(_) => {
-                let window = match l.window {
-                    Some(w) => hybrid::keep(w),
-                    None => self.config.window.unwrap_or(usize::MAX),
-                };
-                // [B, KVH, L, D] each, in time order (a ring is unrolled)
-                let base = match (&prefix, &l.store) {
-                    (Some(p), _) => Some(p.clone()),
-                    (None, Store::Sliding { k, v }) => k.clone().zip(v.clone()),
-                    (None, Store::Rotating(r)) => r.unrolled().at(site_k, "unroll ring")?,
-                    _ => None,
-                };
-                // [B, KVH, L + S, D]
-                let (rk, rv) = match base {
-                    Some((bk, bv)) => (
-                        Tensor::cat(&[&bk, &k_new], 2).at(site_k, "append keys")?,
-                        Tensor::cat(&[&bv, &v_new], 2).at(site_v, "append values")?,
-                    ),
-                    None => (k_new.clone(), v_new.clone()),
-                };
-                // The attention reads everything it was given this step (its mask
-                // limits each query to the window); the cache keeps the last W.
-                let total = rk.dim(2).at(site_k, "key length")?;
-                match &mut l.store {
-                    Store::Rotating(r) => {
-                        r.store(&rk, &rv, &k_new, &v_new, window)
-                            .at(site_k, "write ring")?;
-                        e.ring_head = Some(r.head);
-                    }
-                    Store::Sliding { k: sk, v: sv } => {
-                        let keep = total.min(window);
-                        *sk = Some(
-                            rk.narrow(2, total - keep, keep)
-                                .at(site_k, "evict")?
-                                .detach(),
-                        );
-                        *sv = Some(
-                            rv.narrow(2, total - keep, keep)
-                                .at(site_v, "evict")?
-                                .detach(),
-                        );
-                    }
-                    _ => {}
-                }
-                // The held keys end at position `seen`; more keys than positions means
-                // the prefix's length disagrees with what was seeded.
-                let Some(kv_start) = (l.seen + s_new).checked_sub(total) else {
-                    return Err(Diagnosis::new(
-                        DiagnosisClass::SeqLen,
-                        format!(
-                            "the {} cache holds {total} keys for only {} positions (prefix {} + tokens)",
-                            self.config.mode.name(),
-                            l.seen + s_new,
-                            l.prefix_len
-                        ),
-                    )
-                    .at(layer, att, TensorKind::Key)
-                    .shapes(&[l.seen + s_new], &[total])
-                    .hint("the prefix has more positions than the P it was seeded with")
-                    .into());
-                };
-                (rk, rv, kv_start)
-            }
-        };
-        if !matches!(l.store, Store::Recompute) {
-            l.seen += s_new;
-        }
-        let (after_k, after_v) = match &l.store {
-            Store::Recompute => (None, None),
-            Store::Dynamic(c) => (c.k().map(shape), c.v().map(shape)),
-            Store::Static(c) => (
-                c.k().ok().flatten().map(|t| shape(&t)),
-                c.v().ok().flatten().map(|t| shape(&t)),
-            ),
-            Store::Sliding { k, v } | Store::Legacy { k, v } => {
-                (k.as_ref().map(shape), v.as_ref().map(shape))
-            }
-            Store::Rotating(r) => (r.k.as_ref().map(shape), r.v.as_ref().map(shape)),
-            Store::Quantized(q) => (
-                q.view().map(|(k, _)| shape(k)),
-                q.view().map(|(_, v)| shape(v)),
-            ),
-        };
-        e.key_after = after_k;
-        e.value_after = after_v;
+        // Store: [B, KVH, L + S, D] in the stored layout.
+        let (read_k, read_v, kv_start) =
+            l.store_step(&self.config, layout, layer, &k_new, &v_new, s_new)?;
+
+        // Trace.
+        (e.key_after, e.value_after) = shapes(l.store.held().as_ref());
+        e.ring_head = l.store.ring_head();
         let (k4, v4) = layout
             .to_standard(&read_k, &read_v, kv_heads)
             .at(site_k, "convert from cache layout")?;
@@ -323,5 +133,61 @@ impl ModelCache {
         e.value_read = Some(shape(&v));
         self.trace.push(e);
         Ok((k, v))
+    }
+}
+
+impl LayerCache {
+    /// Store the `s_new` positions `k, v` (the stored layout, e.g. `[B, KVH, S, D]`),
+    /// after the prefix when it joins the store now; returns what the attention reads,
+    /// in the stored layout (e.g. `([B, KVH, L + S, D], [B, KVH, L + S, D])`), and the
+    /// absolute position of its first key.
+    fn store_step(
+        &mut self,
+        config: &CacheConfig,
+        layout: Layout,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+        s_new: usize,
+    ) -> Result<(Tensor, Tensor, usize)> {
+        let prefix = self.prefix.take();
+        let site_k = Site::new(layer, Attention::SelfAttn, TensorKind::Key);
+        let step = Step {
+            layout,
+            prefix: prefix.as_ref(),
+            k,
+            v,
+            keep: match self.window {
+                Some(w) => hybrid::keep(w),
+                None => config.window.unwrap_or(usize::MAX),
+            },
+            site_k,
+            site_v: Site::new(layer, Attention::SelfAttn, TensorKind::Value),
+        };
+        let appended = self.store.append(&step);
+        if !self.store.keeps_positions() {
+            // Nothing is stored: the prefix stays (in the graph) for the next pass.
+            self.prefix = prefix;
+        }
+        let (rk, rv) = appended?;
+        // The attention reads everything it was given this step (its mask limits each
+        // query to the window); a window store keeps the last `keep`.
+        let kv_start = match self.store.evicts() {
+            true => {
+                let total = rk.dim(2).at(site_k, "key length")?;
+                check_window(
+                    config.mode,
+                    layer,
+                    self.seen + s_new,
+                    total,
+                    self.prefix_len,
+                )?
+            }
+            false => 0,
+        };
+        if self.store.keeps_positions() {
+            self.seen += s_new;
+        }
+        Ok((rk, rv, kv_start))
     }
 }

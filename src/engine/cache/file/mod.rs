@@ -35,12 +35,12 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::kv_cache::{ConcatKvCache, KvCache};
 use serde::{Deserialize, Serialize};
 
-use super::quant::{Codes, Quantized};
-use super::{ring::Ring, CacheMode, ModelCache, Store};
-use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result};
+use super::quant::Codes;
+use super::stores::push_pair;
+use super::{shapes, CacheMode, ModelCache};
+use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 use crate::engine::trace::{event, CacheOp};
 
 const FORMAT: &str = "prefix-harness-cache";
@@ -135,7 +135,7 @@ fn quantization(mode: CacheMode) -> Option<SavedQuantization> {
 }
 
 /// Positions along dimension 2 of `[B, KVH, n, D]` parts.
-fn positions(pair: Option<&(Tensor, Tensor)>) -> usize {
+pub(super) fn positions(pair: Option<&(Tensor, Tensor)>) -> usize {
     pair.and_then(|(k, _)| k.dim(2).ok()).unwrap_or(0)
 }
 
@@ -152,30 +152,23 @@ impl ModelCache {
         let mut layers = vec![];
         for (i, l) in self.layers.iter().enumerate() {
             let held = l.held();
-            let mut quantized = None;
-            match (&l.prefix, &l.store, &held) {
-                (None, Store::Quantized(q), Some((k, _))) => {
-                    dtype = Some(k.dtype().as_str().to_string());
-                    quantized = Some(save_quantized(i, q, &mut tensors));
-                }
-                (_, _, Some((k, v))) => {
-                    dtype = Some(k.dtype().as_str().to_string());
-                    tensors.push((format!("self.{i}.key"), k.clone()));
-                    tensors.push((format!("self.{i}.value"), v.clone()));
-                }
-                (_, _, None) => {}
+            if let Some((k, _)) = &held {
+                dtype = Some(k.dtype().as_str().to_string());
             }
-            layers.push(SavedLayer {
+            let mut saved = SavedLayer {
                 seen: l.seen,
                 prefix_len: l.prefix_len,
                 pending_prefix: l.prefix.is_some(),
-                head: match &l.store {
-                    Store::Rotating(r) => r.head,
-                    _ => 0,
-                },
+                head: l.store.ring_head().unwrap_or(0),
                 held: held.is_some(),
-                quantized,
-            });
+                quantized: None,
+            };
+            let name = format!("self.{i}.");
+            match &l.prefix {
+                Some((k, v)) => push_pair(&mut tensors, &name, k.clone(), v.clone()),
+                None => l.store.save(&name, &mut tensors, &mut saved),
+            }
+            layers.push(saved);
         }
         let mut cross = vec![];
         for (i, c) in self.cross.iter().enumerate() {
@@ -261,55 +254,24 @@ impl ModelCache {
             if !s.held {
                 continue;
             }
-            let site = crate::engine::diagnosis::Site::new(
-                i,
-                Attention::SelfAttn,
-                crate::engine::diagnosis::TensorKind::Key,
-            );
-            if let (false, Store::Quantized(q), Some(parts)) =
-                (s.pending_prefix, &mut l.store, s.quantized)
-            {
-                *q = load_quantized(i, q, parts, &mut stored)?;
+            let name = format!("self.{i}.");
+            // A prefix not yet merged, or a store that keeps nothing: what the file
+            // holds is the layer's prefix.
+            if s.pending_prefix || !l.store.keeps_positions() {
+                l.prefix = Some(stored.key_value(&name)?);
                 continue;
             }
-            let (k, v) = (
-                stored.take(format!("self.{i}.key"))?,
-                stored.take(format!("self.{i}.value"))?,
-            );
-            if s.pending_prefix {
-                l.prefix = Some((k, v));
-                continue;
+            let mut from = LayerFile {
+                name,
+                state: s.clone(),
+                file: &mut stored,
+                site: Site::new(i, Attention::SelfAttn, TensorKind::Key),
+            };
+            if lost_head {
+                // Historical: the ring head is read as slot 0.
+                from.state.head = 0;
             }
-            match &mut l.store {
-                Store::Recompute => l.prefix = Some((k, v)),
-                Store::Dynamic(c) => {
-                    let mut n = ConcatKvCache::new(2);
-                    n.append(&k, &v).at(site, "load dynamic cache")?;
-                    *c = n;
-                }
-                Store::Static(c) => {
-                    let mut n = KvCache::new(2, c.k_cache().max_seq_len());
-                    let (k, v) = (k.contiguous(), v.contiguous());
-                    n.append(&k.at(site, "keys")?, &v.at(site, "values")?)
-                        .at(site, "load static cache")?;
-                    *c = n;
-                }
-                Store::Sliding { k: sk, v: sv } | Store::Legacy { k: sk, v: sv } => {
-                    *sk = Some(k);
-                    *sv = Some(v);
-                }
-                Store::Rotating(r) => {
-                    *r = Ring {
-                        k: Some(k),
-                        v: Some(v),
-                        head: if lost_head { 0 } else { s.head },
-                    };
-                }
-                Store::Quantized(_) => {
-                    let why = format!("its state has no `quantized` entry for layer {i}");
-                    return Err(bad(path, why));
-                }
-            }
+            l.store.load(&mut from)?;
         }
         for (i, (c, s)) in self.cross.iter_mut().zip(&state.cross).enumerate() {
             c.prefix_len = s.prefix_len;
@@ -337,18 +299,13 @@ impl ModelCache {
     fn trace_file_op(&mut self, op: CacheOp) {
         for (i, l) in self.layers.iter().enumerate() {
             let mut e = event(i, Attention::SelfAttn, op, self.layout);
-            let held = l.held();
-            let key = held.as_ref().map(|(k, _)| k.dims().to_vec());
-            let value = held.as_ref().map(|(_, v)| v.dims().to_vec());
+            let (key, value) = shapes(l.held().as_ref());
             if op == CacheOp::Save {
                 (e.key_before, e.value_before) = (key, value);
             } else {
                 (e.key_after, e.value_after) = (key, value);
             }
-            e.ring_head = match &l.store {
-                Store::Rotating(r) => Some(r.head),
-                _ => None,
-            };
+            e.ring_head = l.store.ring_head();
             self.trace.push(e);
         }
     }
@@ -417,15 +374,46 @@ impl ModelCache {
     }
 }
 
+/// One self-attention layer's part of a cache file being read.
+pub(super) struct LayerFile<'a, 'p> {
+    /// `self.{layer}.`: how the names of the layer's tensors begin.
+    pub name: String,
+    /// The layer's entry in the file's state.
+    pub state: SavedLayer,
+    pub file: &'a mut Stored<'p>,
+    /// The layer, for errors.
+    pub site: Site,
+}
+
+impl LayerFile<'_, '_> {
+    /// The keys and values `{name}key`, `{name}value`, in the cache's dtype.
+    pub fn key_value(&mut self) -> Result<(Tensor, Tensor)> {
+        self.file.key_value(&self.name)
+    }
+}
+
 /// The tensors of a cache file, taken by name.
-struct Stored<'a> {
+pub(super) struct Stored<'a> {
     tensors: std::collections::HashMap<String, Tensor>,
     path: &'a Path,
     /// The dtype the cache held (tensors are stored as f32).
-    dtype: DType,
+    pub dtype: DType,
 }
 
 impl Stored<'_> {
+    /// An error naming the file.
+    pub fn bad(&self, what: impl std::fmt::Display) -> EngineError {
+        bad(self.path, what)
+    }
+
+    /// The keys and values `{name}key`, `{name}value`, in the cache's dtype.
+    pub fn key_value(&mut self, name: &str) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.take(format!("{name}key"))?,
+            self.take(format!("{name}value"))?,
+        ))
+    }
+
     /// The tensor `name` as stored, or a clear error.
     fn raw(&mut self, name: String) -> Result<Tensor> {
         self.tensors.remove(&name).ok_or_else(|| {
@@ -445,14 +433,11 @@ impl Stored<'_> {
 
     /// Keys and values `{prefix}key`, `{prefix}value` (`[B, KVH, n, D]`) when the state
     /// says they hold `n > 0` positions; checks n.
-    fn pair(&mut self, prefix: &str, n: usize) -> Result<Option<(Tensor, Tensor)>> {
+    pub fn pair(&mut self, prefix: &str, n: usize) -> Result<Option<(Tensor, Tensor)>> {
         if n == 0 {
             return Ok(None);
         }
-        let pair = (
-            self.take(format!("{prefix}key"))?,
-            self.take(format!("{prefix}value"))?,
-        );
+        let pair = self.key_value(prefix)?;
         let got = positions(Some(&pair));
         if got != n || pair.0.dims() != pair.1.dims() {
             return Err(bad(
@@ -469,7 +454,7 @@ impl Stored<'_> {
 
     /// The codes `{prefix}codes` (u8 `[B, KVH, Q, D]`), `{prefix}scale` and
     /// `{prefix}zero` (f32 `[B, KVH, 1, D]`) of Q positions.
-    fn codes(&mut self, prefix: &str, q: usize) -> Result<Codes> {
+    pub fn codes(&mut self, prefix: &str, q: usize) -> Result<Codes> {
         let codes = self
             .raw(format!("{prefix}codes"))?
             .to_dtype(DType::U8)
@@ -500,60 +485,6 @@ impl Stored<'_> {
         }
         Ok(Codes { codes, scale, zero })
     }
-}
-
-/// Write layer `i` of a `quantized` cache into `tensors` (see the module
-/// documentation for the names) and say which parts it holds.
-fn save_quantized(i: usize, q: &Quantized, tensors: &mut Vec<(String, Tensor)>) -> SavedQuantLayer {
-    let mut pair = |prefix: &str, p: Option<&(Tensor, Tensor)>| {
-        if let Some((k, v)) = p {
-            tensors.push((format!("self.{i}.{prefix}key"), k.clone()));
-            tensors.push((format!("self.{i}.{prefix}value"), v.clone()));
-        }
-        positions(p)
-    };
-    let pinned = pair("prefix_", q.pinned.as_ref());
-    let recent = pair("", q.recent.as_ref());
-    if let Some((k, v)) = &q.quantized {
-        for (kind, c) in [("key", k), ("value", v)] {
-            tensors.push((format!("self.{i}.{kind}_codes"), c.codes.clone()));
-            tensors.push((format!("self.{i}.{kind}_scale"), c.scale.clone()));
-            tensors.push((format!("self.{i}.{kind}_zero"), c.zero.clone()));
-        }
-    }
-    SavedQuantLayer {
-        pinned,
-        quantized: q.quantized_len(),
-        recent,
-    }
-}
-
-/// Layer `i` of a `quantized` cache from the file: a store of `q`'s settings holding
-/// the saved parts.
-fn load_quantized(
-    i: usize,
-    q: &Quantized,
-    parts: SavedQuantLayer,
-    stored: &mut Stored,
-) -> Result<Quantized> {
-    let site = crate::engine::diagnosis::Site::new(
-        i,
-        Attention::SelfAttn,
-        crate::engine::diagnosis::TensorKind::Key,
-    );
-    let pinned = stored.pair(&format!("self.{i}.prefix_"), parts.pinned)?;
-    let recent = stored.pair(&format!("self.{i}."), parts.recent)?;
-    let quantized = if parts.quantized > 0 {
-        Some((
-            stored.codes(&format!("self.{i}.key_"), parts.quantized)?,
-            stored.codes(&format!("self.{i}.value_"), parts.quantized)?,
-        ))
-    } else {
-        None
-    };
-    Quantized::new(q.bits, q.residual, q.prefix_full_precision)
-        .restored(pinned, quantized, recent, stored.dtype)
-        .at(site, "load quantized cache")
 }
 
 /// The `__metadata__` of a cache file: format, version and state.

@@ -69,10 +69,7 @@ fn a_ring_keeps_its_head_unless_the_historical_switch_drops_it() {
     }
     let path = temp("ring.safetensors");
     c.save(&path).unwrap();
-    let head = |c: &ModelCache| match &c.layers[0].store {
-        Store::Rotating(r) => r.head,
-        _ => usize::MAX,
-    };
+    let head = |c: &ModelCache| c.layers[0].store.ring_head().unwrap_or(usize::MAX);
     assert_eq!(head(&c), 1);
     let mut back = c.emptied();
     back.restore(&path).unwrap();
