@@ -110,16 +110,8 @@ impl Config {
     }
 
     pub fn geometry(&self) -> ModelGeometry {
-        ModelGeometry {
-            num_layers: self.sizes.num_hidden_layers,
-            num_attention_heads: self.sizes.num_attention_heads,
-            hidden_size: self.sizes.hidden_size,
-            vocab_size: self.sizes.vocab_size,
-            num_kv_heads: self.num_key_value_heads,
-            head_dim: self.head_dim,
-            max_positions: None,
-            encoder_decoder: false,
-        }
+        self.sizes
+            .rope_geometry(self.num_key_value_heads, self.head_dim)
     }
 
     /// The type of each layer: `layer_types`, else from `sliding_window_pattern`.

@@ -95,16 +95,8 @@ impl Config {
     }
 
     pub fn geometry(&self) -> ModelGeometry {
-        ModelGeometry {
-            num_layers: self.sizes.num_hidden_layers,
-            num_attention_heads: self.sizes.num_attention_heads,
-            hidden_size: self.sizes.hidden_size,
-            vocab_size: self.sizes.vocab_size,
-            num_kv_heads: self.sizes.num_attention_heads,
-            head_dim: self.head_dim(),
-            max_positions: None,
-            encoder_decoder: false,
-        }
+        self.sizes
+            .rope_geometry(self.sizes.num_attention_heads, self.head_dim())
     }
 
     /// What `ModelConfig::validate`'s geometry checks cannot see.

@@ -224,18 +224,8 @@ impl Config {
     }
 
     pub fn geometry(&self) -> ModelGeometry {
-        ModelGeometry {
-            num_layers: self.sizes.num_hidden_layers,
-            num_attention_heads: self.sizes.num_attention_heads,
-            hidden_size: self.sizes.hidden_size,
-            vocab_size: self.sizes.vocab_size,
-            num_kv_heads: self.num_kv_heads(),
-            head_dim: self.head_dim(),
-            // RoPE has no position table: positions past max_position_embeddings
-            // still compute (with degraded quality), nothing is out of range.
-            max_positions: None,
-            encoder_decoder: false,
-        }
+        self.sizes
+            .rope_geometry(self.num_kv_heads(), self.head_dim())
     }
 
     /// What `ModelConfig::validate` cannot see: head_dim even (RoPE rotates pairs),

@@ -287,6 +287,23 @@ impl Sizes {
     fn default_max_positions() -> usize {
         2048
     }
+
+    /// The cache geometry of a decoder-only model with `kv_heads` KV heads of
+    /// `head_dim` and RoPE positions: no position table, so nothing is out of range
+    /// (past `max_position_embeddings` the positions still compute, with degraded
+    /// quality).
+    pub fn rope_geometry(&self, kv_heads: usize, head_dim: usize) -> ModelGeometry {
+        ModelGeometry {
+            num_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_kv_heads: kv_heads,
+            head_dim,
+            hidden_size: self.hidden_size,
+            vocab_size: self.vocab_size,
+            max_positions: None,
+            encoder_decoder: false,
+        }
+    }
 }
 
 /// A family and its configuration.
