@@ -10,8 +10,10 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama as ct_llama, llama2_c};
 use prefix_harness::engine::cache::{CacheConfig, CacheMode};
-use prefix_harness::engine::generate::{forward_logits, greedy, DecodeOptions};
-use prefix_harness::engine::model::{llama, nn, weights, Model, ModelConfig};
+use prefix_harness::engine::generate::{
+    forward_logits, forward_logits_with, greedy, DecodeOptions,
+};
+use prefix_harness::engine::model::{llama, weights, Model, ModelConfig, Ops};
 use prefix_harness::engine::prefix::{PrefixConfig, PrefixEncoder};
 
 const SEED: u64 = 7;
@@ -480,10 +482,11 @@ fn block_ops_match_the_composed_layers_in_logits_and_prefix_gradients() {
         pc.projection = projection;
         let prefix = PrefixEncoder::new(&pc, &model.geometry(), &dev).unwrap();
         for mode in modes {
-            let run = || {
+            let run = |ops| {
                 let cache = CacheConfig::new(mode);
                 let (logits, _) =
-                    forward_logits(model.as_ref(), Some(&prefix), &cache, &ids, None).unwrap();
+                    forward_logits_with(model.as_ref(), Some(&prefix), &cache, ops, &ids, None)
+                        .unwrap();
                 // A fixed, non-uniform weighting of the logits: d loss / d logits = r.
                 let n = logits.elem_count();
                 let r = Tensor::arange(0f32, n as f32, &dev)
@@ -509,8 +512,8 @@ fn block_ops_match_the_composed_layers_in_logits_and_prefix_gradients() {
                     .collect();
                 (logits.detach(), g)
             };
-            let (composed, composed_grads) = nn::with_composed_blocks(run);
-            let (blocks, block_grads) = run();
+            let (composed, composed_grads) = run(Ops::Composed);
+            let (blocks, block_grads) = run(Ops::Kernels);
             let case = format!("{} projection={projection}", mode.name());
             let d = max_abs_diff(&blocks, &composed);
             assert!(d <= TOL, "{case}: logits differ by {d}");

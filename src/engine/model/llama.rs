@@ -462,11 +462,11 @@ impl Llama {
     /// cache. `h: [B, S, E]`, `cos, sin: [B, 1, S, D]` -> `[B, S, E]`. With
     /// [`Block::qk_norm`] the queries and keys are RMS-normalised per head before RoPE.
     ///
-    /// With the crate's kernels (f32 on the CPU; not in fused-ops or composed-blocks
-    /// mode, [`super::nn::block_ops`]) the block is computed outside the graph and, when
+    /// In [`super::Ops::Kernels`] with the crate's kernels (f32 on the CPU,
+    /// [`super::nn::block_ops`]) the block is computed outside the graph and, when
     /// training, joins it as one node with its own backward pass
-    /// ([`kernels::AttentionBlock`]); otherwise it is composed from differentiable ops.
-    /// Both give the same values.
+    /// ([`kernels::AttentionBlock`]); otherwise it is composed from differentiable ops
+    /// (`fw.ops`' own). Both give the same values.
     fn self_attention(
         &self,
         fw: &mut Forward,
@@ -484,14 +484,14 @@ impl Llama {
         let att = Attention::SelfAttn;
         let site_q = Site::new(i, att, TensorKind::Query);
         let site_v = Site::new(i, att, TensorKind::Value);
-        let eps = self.cfg.rms_norm_eps;
+        let (eps, ops) = (self.cfg.rms_norm_eps, fw.ops);
         // The block op's backward pass knows no q/k norm: Qwen3 takes the composed ops.
-        let block = !self.block.qk_norm && block_ops(h, &[&l.input_layernorm]);
+        let block = !self.block.qk_norm && block_ops(h, &[&l.input_layernorm], ops);
         // [B, S, E]: outside the graph for the block op
         let x = if block { h.detach() } else { h.clone() };
-        let a = rms_norm(&x, &l.input_layernorm, eps).at(site_q, "input_layernorm")?;
+        let a = rms_norm(&x, &l.input_layernorm, eps, ops).at(site_q, "input_layernorm")?;
         // q [B, H, S, D], k and v [B, KVH, S, D]
-        let (q, k, v) = l.attn.qkv(&a, (heads, kvh, d), eps, (cos, sin), i)?;
+        let (q, k, v) = l.attn.qkv(&a, (heads, kvh, d), eps, (cos, sin), i, ops)?;
         let scale = 1.0 / (d as f64).sqrt();
         if !block {
             // [B, H, S, D]
@@ -505,7 +505,8 @@ impl Llama {
         // view.k, view.v: [B, KVH, K, D], the S new positions last; mask [B, 1, S, K]
         let (view, mask) = cached_keys(fw, step, &k, &v)?;
         // out [B, H, S, D], probs [B, H, S, K]
-        let (out, probs) = sdpa_detached(&q, &view.k, &view.v, &Scores::new(&mask, scale, i, att))?;
+        let scores = Scores::new(&mask, scale, i, att, ops);
+        let (out, probs) = sdpa_detached(&q, &view.k, &view.v, &scores)?;
         // [B, S, E]
         let branch = merge_heads(&out)
             .and_then(|o| l.attn.o_proj.forward(&o))
@@ -585,16 +586,12 @@ impl Model for Llama {
             };
             h = self.self_attention(fw, step, l, &h, (&cos, &sin))?;
             // [B, S, E]: down(silu(gate(x)) * up(x))
-            let (norm_w, gate, up, down) = (
-                &l.post_attention_layernorm,
-                &l.gate_proj,
-                &l.up_proj,
-                &l.down_proj,
-            );
-            h = swiglu_mlp(&h, norm_w, eps, gate, up, down).at(site_q, "mlp + residual")?;
+            let norm = (&l.post_attention_layernorm, eps);
+            let mlp = (&l.gate_proj, &l.up_proj, &l.down_proj);
+            h = swiglu_mlp(&h, norm, mlp, fw.ops).at(site_q, "mlp + residual")?;
         }
         // [B, S, V], or [B, 1, V] with fw.last_only
-        rms_norm(&fw.kept_positions(&h)?, &self.norm, eps)
+        rms_norm(&fw.kept_positions(&h)?, &self.norm, eps, fw.ops)
             .and_then(|h| self.lm_head.forward(&h))
             .ctx("lm head")
     }
