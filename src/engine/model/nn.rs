@@ -442,3 +442,24 @@ pub fn embed(table: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
         .index_select(&ids.flatten_all()?.to_dtype(DType::U32)?, 0)?
         .reshape((b, s, h))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{block_ops, own_softmax, Ops};
+    use candle_core::{DType, Device, Tensor};
+
+    /// Only `Ops::Kernels` replaces the composed sub-blocks by the block ops; only
+    /// `Ops::Fused` gives the softmax to candle-nn (f32 on the CPU, where the crate's
+    /// kernels apply).
+    #[test]
+    fn each_mode_picks_its_softmax_and_block_ops() {
+        let x = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap(); // [2, 4]
+        let w = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap(); // [4]
+        let modes = [Ops::Kernels, Ops::Fused, Ops::Composed];
+        let blocks = modes.map(|ops| block_ops(&x, &[&w], ops));
+        assert_eq!(blocks, [true, false, false], "block ops per mode");
+        let softmax = modes.map(|ops| own_softmax(&x, ops));
+        assert_eq!(softmax, [true, false, true], "the crate's softmax per mode");
+        assert_eq!(Ops::default(), Ops::Kernels);
+    }
+}
