@@ -13,7 +13,7 @@ use prefix_harness::engine::cache::{CacheConfig, CacheMode};
 use prefix_harness::engine::generate::{
     forward_logits, forward_logits_with, greedy, DecodeOptions,
 };
-use prefix_harness::engine::model::{llama, weights, Model, ModelConfig, Ops};
+use prefix_harness::engine::model::{llama, weights, Family, Model, ModelConfig, Ops};
 use prefix_harness::engine::prefix::{PrefixConfig, PrefixEncoder};
 
 const SEED: u64 = 7;
@@ -464,14 +464,33 @@ fn every_prefix_parameter_gets_a_gradient() {
 /// (`kernels::AttentionBlock`, `kernels::SwiGluMlp`) give the layers composed from the
 /// single ops the same logits and the same gradient for every prefix parameter, with
 /// and without the projection MLP, through each cache layout training can meet (the
-/// block finds the new keys at the end of what the cache returns). The tiny config has
-/// two layers, so layer 0's prefix gradient flows through layer 1's block backward pass
-/// into its input, GQA (4 heads over 2 KV heads) included.
+/// block finds the new keys at the end of what the cache returns), in every family of
+/// the Llama decoder (`llama::Block`: Qwen2's q/k/v biases, Qwen3's per-head q/k norms,
+/// Phi-3's split projections). The tiny configs have two layers, so layer 0's prefix
+/// gradient flows through layer 1's block backward pass into its input, GQA (4 heads
+/// over 2 KV heads) included.
 #[test]
 fn block_ops_match_the_composed_layers_in_logits_and_prefix_gradients() {
     let dev = Device::Cpu;
-    let (model, _) = build(&llama::Config::tiny(), &dev);
     let ids = parity_prompt(&dev);
+    let families = [
+        Family::Llama,
+        Family::Qwen2,
+        Family::Mistral,
+        Family::Qwen3,
+        Family::Phi3,
+    ];
+    for family in families {
+        let mc = ModelConfig::tiny(family);
+        let (model, _) = build_with_weights(&mc, SEED, &dev);
+        block_ops_match_composed(model.as_ref(), &ids, family.name());
+    }
+}
+
+/// [`block_ops_match_the_composed_layers_in_logits_and_prefix_gradients`] for `model`
+/// (`name` in the messages) on `ids: [B, S]`.
+fn block_ops_match_composed(model: &dyn Model, ids: &Tensor, name: &str) {
+    let dev = Device::Cpu;
     let modes = [
         CacheMode::None,
         CacheMode::Legacy,
@@ -485,8 +504,7 @@ fn block_ops_match_the_composed_layers_in_logits_and_prefix_gradients() {
             let run = |ops| {
                 let cache = CacheConfig::new(mode);
                 let (logits, _) =
-                    forward_logits_with(model.as_ref(), Some(&prefix), &cache, ops, &ids, None)
-                        .unwrap();
+                    forward_logits_with(model, Some(&prefix), &cache, ops, ids, None).unwrap();
                 // A fixed, non-uniform weighting of the logits: d loss / d logits = r.
                 let n = logits.elem_count();
                 let r = Tensor::arange(0f32, n as f32, &dev)
@@ -514,7 +532,7 @@ fn block_ops_match_the_composed_layers_in_logits_and_prefix_gradients() {
             };
             let (composed, composed_grads) = run(Ops::Composed);
             let (blocks, block_grads) = run(Ops::Kernels);
-            let case = format!("{} projection={projection}", mode.name());
+            let case = format!("{name} {} projection={projection}", mode.name());
             let d = max_abs_diff(&blocks, &composed);
             assert!(d <= TOL, "{case}: logits differ by {d}");
             for ((name, a), (_, b)) in block_grads.iter().zip(&composed_grads) {

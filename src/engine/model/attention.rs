@@ -529,6 +529,20 @@ pub struct Projections {
     pub k_norm: Option<Tensor>,
 }
 
+/// What [`Projections::qkv`] gives: the queries, keys and values attention reads, and
+/// the projected query and key heads before their norm and RoPE (what a block op's
+/// backward pass goes back through).
+pub struct Qkv {
+    /// `[B, H, S, D]`: normalised (with q/k norms) and rotated.
+    pub q: Tensor,
+    /// `[B, KVH, S, D]`: normalised (with q/k norms) and rotated.
+    pub k: Tensor,
+    /// `[B, KVH, S, D]`
+    pub v: Tensor,
+    /// `q_proj(a)` as heads `[B, H, S, D]`, `k_proj(a)` as heads `[B, KVH, S, D]`.
+    pub projected: (Tensor, Tensor),
+}
+
 impl Projections {
     /// `a: [B, S, E]` -> q `[B, H, S, D]`, k and v `[B, KVH, S, D]` of layer `layer`'s
     /// self-attention: projected, split into `(H, KVH, D)` heads, queries and keys
@@ -542,30 +556,34 @@ impl Projections {
         (cos, sin): (&Tensor, &Tensor),
         layer: usize,
         ops: Ops,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    ) -> Result<Qkv> {
         let site = |t| Site::new(layer, Attention::SelfAttn, t);
-        // `proj(a)` as `n` heads `[B, n, S, D]`, normalised per head over D with `norm`
-        // (when given) and rotated when `rotate`.
-        let heads_of = |proj: &Linear, n: usize, norm: &Option<Tensor>, rotate: bool| {
-            let t = split_heads(&proj.forward(a)?, n, d)?;
+        // `proj(a)` as `n` heads `[B, n, S, D]`, and those normalised per head over D
+        // with `norm` (when given) and rotated.
+        let heads_of = |proj: &Linear, n: usize, norm: &Option<Tensor>| {
+            let projected = split_heads(&proj.forward(a)?, n, d)?;
             let t = match norm {
-                Some(w) => rms_norm(&t, w, eps, ops)?,
-                None => t,
+                Some(w) => rms_norm(&projected, w, eps, ops)?,
+                None => projected.clone(),
             };
-            if rotate {
-                rope(&t, cos, sin)
-            } else {
-                Ok(t)
-            }
+            Ok::<_, candle_core::Error>((projected, rope(&t, cos, sin)?))
         };
-        // [B, H, S, D]
-        let q = heads_of(&self.q_proj, heads, &self.q_norm, true)
+        // [B, H, S, D] each
+        let (q_heads, q) = heads_of(&self.q_proj, heads, &self.q_norm)
             .at(site(TensorKind::Query), "q_proj + rope")?;
         // [B, KVH, S, D] each
-        let k = heads_of(&self.k_proj, kv_heads, &self.k_norm, true)
+        let (k_heads, k) = heads_of(&self.k_proj, kv_heads, &self.k_norm)
             .at(site(TensorKind::Key), "k_proj + rope")?;
-        let v =
-            heads_of(&self.v_proj, kv_heads, &None, false).at(site(TensorKind::Value), "v_proj")?;
-        Ok((q, k, v))
+        let v = self
+            .v_proj
+            .forward(a)
+            .and_then(|v| split_heads(&v, kv_heads, d))
+            .at(site(TensorKind::Value), "v_proj")?;
+        Ok(Qkv {
+            q,
+            k,
+            v,
+            projected: (q_heads, k_heads),
+        })
     }
 }

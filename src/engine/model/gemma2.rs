@@ -30,7 +30,7 @@ use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::attention::{
-    cached_keys, merge_heads, softcapped_sdpa, CachedStep, Projections, Scores,
+    cached_keys, merge_heads, softcapped_sdpa, CachedStep, Projections, Qkv, Scores,
 };
 use super::llama::RopeParameters;
 use super::nn::{embed, gelu_tanh, rms_norm, Linear, Ops};
@@ -494,7 +494,7 @@ impl Gemma2 {
         // [B, S, E]
         let a = rms_norm(h, &l.input_layernorm, eps, ops).at(site_q, "input_layernorm")?;
         // q [B, H, S, D], k and v [B, KVH, S, D]
-        let (q, k, v) = l.attn.qkv(&a, (heads, kvh, d), eps, (cos, sin), i, ops)?;
+        let Qkv { q, k, v, .. } = l.attn.qkv(&a, (heads, kvh, d), eps, (cos, sin), i, ops)?;
         // view.k, view.v: [B, KVH, K, D], the S new positions last; mask [B, 1, S, K]
         let (view, mask) = cached_keys(fw, step, &k, &v)?;
         let scale = (self.cfg.query_pre_attn_scalar as f64).powf(-0.5);
