@@ -8,8 +8,8 @@
 //! A training step = forward through `train::batch_logits_in` (prefix in a fresh `none`
 //! cache), `train::masked_cross_entropy`, `backward`, and AdamW over the prefix
 //! variables only. Generation = `generate::greedy` with a dynamic cache, the path
-//! `prefix-harness run` takes (`--fused`: inside `model::nn::with_fused_ops`, candle-nn's
-//! softmax / norm kernels instead of the crate's own; measured equal within noise).
+//! `prefix-harness run` takes (`--fused`: in `Ops::Fused`, candle-nn's softmax / norm
+//! kernels instead of the crate's own; measured equal within noise).
 //! Also measures candle's 1024^3 f32 matmul peak in the same process. Prints one
 //! `key=value` line per number (ci/bench/peft_m2.py prints the same keys).
 
@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use prefix_harness::engine::cache::{CacheConfig, CacheMode};
 use prefix_harness::engine::generate::{greedy, DecodeOptions};
-use prefix_harness::engine::model::{llama, nn, weights, ModelConfig};
+use prefix_harness::engine::model::{llama, weights, ModelConfig, Ops};
 use prefix_harness::engine::prefix::{PrefixConfig, PrefixEncoder};
 use prefix_harness::engine::train::{batch_logits_in, masked_cross_entropy};
 
@@ -140,13 +140,12 @@ fn main() -> anyhow::Result<()> {
 
     if !skip_gen {
         let run = |n: usize| -> anyhow::Result<f64> {
-            let opts = DecodeOptions::new(CacheConfig::new(CacheMode::Dynamic), n);
+            let mut opts = DecodeOptions::new(CacheConfig::new(CacheMode::Dynamic), n);
+            if fused {
+                opts.ops = Ops::Fused;
+            }
             let t = Instant::now();
-            let out = if fused {
-                nn::with_fused_ops(|| greedy(model.as_ref(), Some(&prefix), &opts, &ids, None))?
-            } else {
-                greedy(model.as_ref(), Some(&prefix), &opts, &ids, None)?
-            };
+            let out = greedy(model.as_ref(), Some(&prefix), &opts, &ids, None)?;
             assert_eq!(out.tokens.len(), B);
             assert_eq!(out.tokens[0].len(), n);
             Ok(t.elapsed().as_secs_f64())

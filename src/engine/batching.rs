@@ -150,6 +150,7 @@ fn run(
                     mask: &m,
                     encoder: None,
                     last_only: true,
+                    ops: opts.ops,
                 },
             )?;
             // [B, V]

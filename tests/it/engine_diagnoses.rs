@@ -8,7 +8,7 @@ use prefix_harness::engine::diagnosis::{
     from_candle, Attention, Diagnosis, DiagnosisClass, EngineError, TensorKind,
 };
 use prefix_harness::engine::generate::{greedy, prepare_cache, DecodeOptions};
-use prefix_harness::engine::model::{Family, Forward, Model};
+use prefix_harness::engine::model::{Family, Forward, Model, Ops};
 use prefix_harness::engine::prefix::{
     HeadDimFrom, HeadsFrom, PrefixConfig, PrefixEncoder, PrefixLayout,
 };
@@ -38,6 +38,7 @@ fn failing_forward(
         mask,
         encoder: None,
         last_only: false,
+        ops: Ops::Kernels,
     };
     let err = model
         .forward(ids, &mut fw)

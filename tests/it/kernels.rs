@@ -5,7 +5,7 @@
 use crate::common::max_abs_diff;
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use prefix_harness::engine::model::nn;
+use prefix_harness::engine::model::{nn, Ops};
 
 const SMALL: (usize, usize, usize, usize) = (2, 3, 5, 7); // 210 elements: serial path
 const LARGE: (usize, usize, usize, usize) = (3, 4, 33, 96); // 38016: parallel rows
@@ -70,9 +70,12 @@ fn shape4((a, b, c, d): (usize, usize, usize, usize)) -> [usize; 4] {
 fn softmax_matches_composed_softmax_in_value_and_gradient() {
     for dims in [SMALL, LARGE] {
         let x = rand(&shape4(dims), 1);
-        assert_same(&x, 1e-6, nn::softmax, |x| {
-            candle_nn::ops::softmax(x, D::Minus1)
-        });
+        assert_same(
+            &x,
+            1e-6,
+            |x| nn::softmax(x, Ops::Kernels),
+            |x| candle_nn::ops::softmax(x, D::Minus1),
+        );
     }
 }
 
@@ -94,7 +97,7 @@ fn scaled_masked_softmax_matches_scale_bias_mask_then_softmax() {
             &scores,
             1e-5,
             |x| {
-                let y = nn::scaled_masked_softmax(x, scale, &[&bias, &mask])?;
+                let y = nn::scaled_masked_softmax(x, scale, &[&bias, &mask], Ops::Kernels)?;
                 Ok(y.expect("the kernel applies to f32 CPU scores"))
             },
             |x| {
@@ -109,7 +112,7 @@ fn scaled_masked_softmax_matches_scale_bias_mask_then_softmax() {
 fn scaled_masked_softmax_declines_a_mask_that_does_not_fit() {
     let scores = rand(&[2, 3, 5, 7], 5);
     let too_wide = rand(&[2, 1, 5, 8], 6);
-    let got = nn::scaled_masked_softmax(&scores, 1.0, &[&too_wide]).unwrap();
+    let got = nn::scaled_masked_softmax(&scores, 1.0, &[&too_wide], Ops::Kernels).unwrap();
     assert!(
         got.is_none(),
         "the caller must get candle's own shape error"
@@ -146,7 +149,7 @@ fn rms_norm_matches_composed_rms_norm() {
         assert_same(
             &x,
             1e-5,
-            |x| nn::rms_norm(x, &w, 1e-6),
+            |x| nn::rms_norm(x, &w, 1e-6, Ops::Kernels),
             |x| candle_nn::ops::rms_norm_slow(x, &w, 1e-6),
         );
     }
@@ -160,7 +163,7 @@ fn layer_norm_matches_composed_layer_norm() {
         assert_same(
             &x,
             1e-5,
-            |x| nn::layer_norm(x, &w, &b, 1e-5),
+            |x| nn::layer_norm(x, &w, &b, 1e-5, Ops::Kernels),
             |x| candle_nn::ops::layer_norm_slow(x, &w, &b, 1e-5),
         );
     }
@@ -259,7 +262,7 @@ fn swiglu_mlp_block_matches_the_composed_llama_mlp_with_residual() {
         assert_same(
             &x,
             1e-4,
-            |x| nn::swiglu_mlp(x, &norm_w, 1e-6, &gate, &up, &down),
+            |x| nn::swiglu_mlp(x, (&norm_w, 1e-6), (&gate, &up, &down), Ops::Kernels),
             |x| {
                 let n = candle_nn::ops::rms_norm_slow(x, &norm_w, 1e-6)?;
                 let g = n.broadcast_matmul(&wg.t()?)?;
@@ -317,8 +320,13 @@ fn attention_core_matches_composed_grouped_attention_for_queries_keys_and_values
         let mask = Tensor::from_vec(mask, (b, 1, s, kl), &Device::Cpu).unwrap();
         let scale = 1.0 / (d as f64).sqrt();
         let (y1, g1) = attention_grads(&q, &k, &v, |q, k, v| {
-            sdpa(q, k, v, &Scores::new(&mask, scale, 0, Attention::SelfAttn))
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+            sdpa(
+                q,
+                k,
+                v,
+                &Scores::new(&mask, scale, 0, Attention::SelfAttn, Ops::Kernels),
+            )
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
         });
         let (y2, g2) = attention_grads(&q, &k, &v, |q, k, v| {
             let (k, v) = (repeat_kv(k, h / kvh)?, repeat_kv(v, h / kvh)?);
@@ -350,7 +358,8 @@ fn attention_core_matches_composed_grouped_attention_for_queries_keys_and_values
 #[test]
 fn fused_ops_mode_gives_the_default_logits_in_every_family() {
     use crate::common::{logits_with, prefix, prompt, tiny_model};
-    use prefix_harness::engine::cache::CacheMode;
+    use prefix_harness::engine::cache::{CacheConfig, CacheMode};
+    use prefix_harness::engine::generate::forward_logits_with;
     use prefix_harness::engine::model::Family;
     for family in Family::ALL {
         let model = tiny_model(family);
@@ -360,8 +369,10 @@ fn fused_ops_mode_gives_the_default_logits_in_every_family() {
         let p = prefix(model.as_ref(), 3);
         let ids = prompt(2, 5); // [B, S]
         let own = logits_with(model.as_ref(), Some(&p), CacheMode::Dynamic, &ids); // [B, S, V]
-        let fused =
-            nn::with_fused_ops(|| logits_with(model.as_ref(), Some(&p), CacheMode::Dynamic, &ids));
+        let dynamic = CacheConfig::new(CacheMode::Dynamic);
+        let (fused, _) =
+            forward_logits_with(model.as_ref(), Some(&p), &dynamic, Ops::Fused, &ids, None)
+                .expect("forward");
         let d = max_abs_diff(&own, &fused);
         assert!(d < 1e-4, "{}: fused ops differ by {d}", family.name());
     }

@@ -10,8 +10,10 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama as ct_llama, llama2_c};
 use prefix_harness::engine::cache::{CacheConfig, CacheMode};
-use prefix_harness::engine::generate::{forward_logits, greedy, DecodeOptions};
-use prefix_harness::engine::model::{llama, nn, weights, Model, ModelConfig};
+use prefix_harness::engine::generate::{
+    forward_logits, forward_logits_with, greedy, DecodeOptions,
+};
+use prefix_harness::engine::model::{llama, weights, Family, Model, ModelConfig, Ops};
 use prefix_harness::engine::prefix::{PrefixConfig, PrefixEncoder};
 
 const SEED: u64 = 7;
@@ -466,14 +468,33 @@ fn every_prefix_parameter_gets_a_gradient() {
 /// (`kernels::AttentionBlock`, `kernels::SwiGluMlp`) give the layers composed from the
 /// single ops the same logits and the same gradient for every prefix parameter, with
 /// and without the projection MLP, through each cache layout training can meet (the
-/// block finds the new keys at the end of what the cache returns). The tiny config has
-/// two layers, so layer 0's prefix gradient flows through layer 1's block backward pass
-/// into its input, GQA (4 heads over 2 KV heads) included.
+/// block finds the new keys at the end of what the cache returns), in every family of
+/// the Llama decoder (`llama::Block`: Qwen2's q/k/v biases, Qwen3's per-head q/k norms,
+/// Phi-3's split projections). The tiny configs have two layers, so layer 0's prefix
+/// gradient flows through layer 1's block backward pass into its input, GQA (4 heads
+/// over 2 KV heads) included.
 #[test]
 fn block_ops_match_the_composed_layers_in_logits_and_prefix_gradients() {
     let dev = Device::Cpu;
-    let (model, _) = build(&llama::Config::tiny(), &dev);
     let ids = parity_prompt(&dev);
+    let families = [
+        Family::Llama,
+        Family::Qwen2,
+        Family::Mistral,
+        Family::Qwen3,
+        Family::Phi3,
+    ];
+    for family in families {
+        let mc = ModelConfig::tiny(family);
+        let (model, _) = build_with_weights(&mc, SEED, &dev);
+        block_ops_match_composed(model.as_ref(), &ids, family.name());
+    }
+}
+
+/// [`block_ops_match_the_composed_layers_in_logits_and_prefix_gradients`] for `model`
+/// (`name` in the messages) on `ids: [B, S]`.
+fn block_ops_match_composed(model: &dyn Model, ids: &Tensor, name: &str) {
+    let dev = Device::Cpu;
     let modes = [
         CacheMode::None,
         CacheMode::Legacy,
@@ -484,10 +505,10 @@ fn block_ops_match_the_composed_layers_in_logits_and_prefix_gradients() {
         pc.projection = projection;
         let prefix = PrefixEncoder::new(&pc, &model.geometry(), &dev).unwrap();
         for mode in modes {
-            let run = || {
+            let run = |ops| {
                 let cache = CacheConfig::new(mode);
                 let (logits, _) =
-                    forward_logits(model.as_ref(), Some(&prefix), &cache, &ids, None).unwrap();
+                    forward_logits_with(model, Some(&prefix), &cache, ops, ids, None).unwrap();
                 // A fixed, non-uniform weighting of the logits: d loss / d logits = r.
                 let n = logits.elem_count();
                 let r = Tensor::arange(0f32, n as f32, &dev)
@@ -513,9 +534,9 @@ fn block_ops_match_the_composed_layers_in_logits_and_prefix_gradients() {
                     .collect();
                 (logits.detach(), g)
             };
-            let (composed, composed_grads) = nn::with_composed_blocks(run);
-            let (blocks, block_grads) = run();
-            let case = format!("{} projection={projection}", mode.name());
+            let (composed, composed_grads) = run(Ops::Composed);
+            let (blocks, block_grads) = run(Ops::Kernels);
+            let case = format!("{name} {} projection={projection}", mode.name());
             let d = max_abs_diff(&blocks, &composed);
             assert!(d <= TOL, "{case}: logits differ by {d}");
             for ((name, a), (_, b)) in block_grads.iter().zip(&composed_grads) {

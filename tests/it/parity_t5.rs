@@ -11,7 +11,7 @@ use prefix_harness::engine::cache::{CacheConfig, CacheMode};
 use prefix_harness::engine::diagnosis::{Attention, DiagnosisClass, EngineError, TensorKind};
 use prefix_harness::engine::generate::{forward_logits, greedy, DecodeOptions};
 use prefix_harness::engine::model::t5::{relative_position_bucket, Config};
-use prefix_harness::engine::model::{weights, Model, ModelConfig};
+use prefix_harness::engine::model::{weights, Model, ModelConfig, Ops};
 use prefix_harness::engine::prefix::{PrefixConfig, PrefixEncoder};
 use prefix_harness::engine::trace::CacheOp;
 
@@ -90,7 +90,11 @@ fn no_prefix_parity_with_candle_transformers() {
 
         // Encoder output [B, E, d_model].
         let ours_enc = ours
-            .encode(&ids, &Tensor::ones((b, e_len), DType::F32, &dev).unwrap())
+            .encode(
+                &ids,
+                &Tensor::ones((b, e_len), DType::F32, &dev).unwrap(),
+                Ops::Kernels,
+            )
             .unwrap();
         let theirs_enc = theirs.encode(&ids).unwrap();
         let enc_diff = max_abs_diff(&ours_enc.states, &theirs_enc);
@@ -185,9 +189,13 @@ fn encoder_padding_is_invisible() {
     let padded = Tensor::new(&[[5u32, 17, 200, 3, 0, 0]], &dev).unwrap();
     let pad = Tensor::new(&[[1f32, 1., 1., 1., 0., 0.]], &dev).unwrap();
     let a = model
-        .encode(&short, &Tensor::ones((1, 4), DType::F32, &dev).unwrap())
+        .encode(
+            &short,
+            &Tensor::ones((1, 4), DType::F32, &dev).unwrap(),
+            Ops::Kernels,
+        )
         .unwrap();
-    let b = model.encode(&padded, &pad).unwrap();
+    let b = model.encode(&padded, &pad, Ops::Kernels).unwrap();
     let enc_diff = max_abs_diff(&a.states, &b.states.narrow(1, 0, 4).unwrap());
     let opts = DecodeOptions::new(CacheConfig::new(CacheMode::Dynamic), 4);
     let ga = greedy(model.as_ref(), None, &opts, &short, None).unwrap();

@@ -53,7 +53,7 @@ use candle_core::{DType, Device, Tensor, D};
 use prefix_harness::engine::cache::{CacheConfig, CacheMode, ModelCache};
 use prefix_harness::engine::diagnosis::DiagnosisClass;
 use prefix_harness::engine::generate::{forward_logits, greedy, prepare_cache, DecodeOptions};
-use prefix_harness::engine::model::{Forward, Model};
+use prefix_harness::engine::model::{Forward, Model, Ops};
 use prefix_harness::engine::prefix::{extend_mask, inject, PrefixEncoder, PrefixLayout};
 use prefix_harness::io::adapter::{self, load_for};
 use prefix_harness::io::hub::{self, HubOptions, ModelSource};

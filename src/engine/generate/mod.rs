@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::cache::{CacheConfig, CacheMode, ModelCache};
 use crate::engine::diagnosis::{CandleExt, EngineError, Result};
-use crate::engine::model::{Encoded, Forward, Model};
+use crate::engine::model::{Encoded, Forward, Model, Ops};
 use crate::engine::prefix::{extend_mask, PrefixEncoder, PrefixLayout};
 use crate::engine::rng::Rng;
 use crate::engine::trace::Trace;
@@ -29,7 +29,7 @@ mod choose;
 mod prefill;
 use choose::Beams;
 pub use choose::{log_softmax, Sampler};
-pub use prefill::{forward_logits, prepare_cache};
+pub use prefill::{forward_logits, forward_logits_with, prepare_cache};
 
 /// How the next token is chosen. In scenario files: `strategy: greedy`,
 /// `strategy: {sample: {temperature: 0.8, top_k: 20, seed: 7}}`,
@@ -139,6 +139,8 @@ pub struct DecodeOptions {
     /// row and is read for every row of the batch, so rows after the first see the
     /// first row's padding. `false` is the fix.
     pub mask_buffer_one_row: bool,
+    /// Which kernels every forward pass runs (default [`Ops::Kernels`]).
+    pub ops: Ops,
 }
 
 impl DecodeOptions {
@@ -157,6 +159,7 @@ impl DecodeOptions {
             save_at: None,
             cache_file: None,
             mask_buffer_one_row: false,
+            ops: Ops::Kernels,
         }
     }
 
@@ -412,7 +415,7 @@ fn decode(
     // Encoder-decoders: encode the B input rows once, repeat the output per beam /
     // return sequence, decode from the start token.
     let encoded: Option<Encoded> = if model.geometry().encoder_decoder {
-        let e = model.encode(input_ids, &pad)?; // states [B, E, d_model], mask [B, E]
+        let e = model.encode(input_ids, &pad, opts.ops)?; // states [B, E, d_model], mask [B, E]
         Some(Encoded {
             states: expand_rows(&e.states, "repeat encoder states per row")?, // [N, E, d]
             mask: expand_rows(&e.mask, "repeat encoder mask per row")?,       // [N, E]
@@ -509,6 +512,7 @@ fn decode(
                     mask: &mask,
                     encoder: encoded.as_ref(),
                     last_only: true,
+                    ops: opts.ops,
                 },
             )?);
         }

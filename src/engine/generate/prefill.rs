@@ -1,12 +1,12 @@
 //! The prefix placed in a fresh cache ([`prepare_cache`]), and one forward pass over
-//! it ([`forward_logits`]): where prefill and decoding start, and what a training step
-//! or a parity test compares.
+//! it ([`forward_logits`], [`forward_logits_with`] in another ops mode): where prefill
+//! and decoding start, and what a training step or a parity test compares.
 
 use candle_core::{DType, Tensor};
 
 use crate::engine::cache::{CacheConfig, ModelCache};
 use crate::engine::diagnosis::{CandleExt, Result};
-use crate::engine::model::{Forward, Model};
+use crate::engine::model::{Forward, Model, Ops};
 use crate::engine::prefix::{extend_mask, inject, PrefixEncoder, PrefixLayout};
 
 /// Build the cache of `model` for `opts` and place the prefix in it, expanded to
@@ -41,11 +41,24 @@ pub fn prepare_cache(
 }
 
 /// Logits `[B, S, V]` of one forward pass over `input_ids: [B, S]` with the prefix in a
-/// fresh cache: what a training step or a parity test compares.
+/// fresh cache, with the crate's kernels ([`Ops::Kernels`]): what a training step or a
+/// parity test compares. Encoder-decoders: `decoder_ids: [B, T]`, logits `[B, T, V]`.
 pub fn forward_logits(
     model: &dyn Model,
     prefix: Option<&PrefixEncoder>,
     cache: &CacheConfig,
+    input_ids: &Tensor,
+    decoder_ids: Option<&Tensor>,
+) -> Result<(Tensor, ModelCache)> {
+    forward_logits_with(model, prefix, cache, Ops::Kernels, input_ids, decoder_ids)
+}
+
+/// [`forward_logits`] with the kernels of `ops` (the encoder's too).
+pub fn forward_logits_with(
+    model: &dyn Model,
+    prefix: Option<&PrefixEncoder>,
+    cache: &CacheConfig,
+    ops: Ops,
     input_ids: &Tensor,
     decoder_ids: Option<&Tensor>,
 ) -> Result<(Tensor, ModelCache)> {
@@ -55,7 +68,7 @@ pub fn forward_logits(
     let mut mc = prepare_cache(model, prefix, cache, PrefixLayout::Auto, b)?;
     let pad = Tensor::ones((b, s), DType::F32, &dev).ctx("mask")?;
     let (ids, encoded) = if model.geometry().encoder_decoder {
-        let enc = model.encode(input_ids, &pad)?;
+        let enc = model.encode(input_ids, &pad, ops)?;
         let dec = decoder_ids.cloned().ok_or_else(|| {
             crate::engine::diagnosis::EngineError::Config(
                 "encoder-decoder needs decoder ids".into(),
@@ -75,6 +88,7 @@ pub fn forward_logits(
             mask: &mask,
             encoder: encoded.as_ref(),
             last_only: false,
+            ops,
         },
     )?;
     Ok((out, mc))

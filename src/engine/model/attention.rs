@@ -5,7 +5,7 @@
 use candle_core::Tensor;
 
 use super::kernels::matmul;
-use super::nn::{rms_norm, rope, Linear};
+use super::nn::{rms_norm, rope, Linear, Ops};
 use crate::engine::cache::{ChunkMask, KvView};
 use crate::engine::diagnosis::{
     Attention, CandleExt, Diagnosis, DiagnosisClass, Result, Site, TensorKind,
@@ -100,8 +100,8 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
 }
 
 /// What attention needs besides `q, k, v`: how the scores are formed,
-/// `softmax(scale * q k^T + bias + mask)`, and where the attention sits (for
-/// diagnoses).
+/// `softmax(scale * q k^T + bias + mask)`, with which kernels, and where the attention
+/// sits (for diagnoses).
 #[derive(Debug, Clone, Copy)]
 pub struct Scores<'a> {
     /// `[B or 1, 1, S, K]`, additive.
@@ -111,17 +111,22 @@ pub struct Scores<'a> {
     pub scale: f64,
     pub layer: usize,
     pub attention: Attention,
+    /// The pass's ops mode: which softmax runs, and whether the product may be one
+    /// graph node ([`super::kernels::AttentionCore`]).
+    pub ops: Ops,
 }
 
 impl<'a> Scores<'a> {
-    /// Scores of `layer`'s `attention` under `mask`, scaled by `scale`, no bias.
-    pub fn new(mask: &'a Tensor, scale: f64, layer: usize, attention: Attention) -> Self {
+    /// Scores of `layer`'s `attention` under `mask`, scaled by `scale`, no bias, with
+    /// the kernels of `ops`.
+    pub fn new(mask: &'a Tensor, scale: f64, layer: usize, attention: Attention, ops: Ops) -> Self {
         Self {
             mask,
             bias: None,
             scale,
             layer,
             attention,
+            ops,
         }
     }
 
@@ -140,15 +145,16 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, sc: &Scores) -> Result<Tensor> {
         scale,
         layer,
         attention,
+        ops,
         ..
     } = *sc;
     // Training: the whole product as one graph node with its own backward pass, when
-    // the crate's softmax kernel takes the scores (not inside `with_fused_ops`, whose
-    // candle-nn softmax must keep cutting the gradient). The forward pass runs outside
-    // the graph on detached tensors, through the same code as below; asking first
-    // keeps the other cases from computing it twice.
+    // the crate's softmax kernel takes the scores (not in `Ops::Fused`, whose candle-nn
+    // softmax must keep cutting the gradient). The forward pass runs outside the graph
+    // on detached tensors, through the same code as below; asking first keeps the
+    // other cases from computing it twice.
     let tracked = q.track_op() || k.track_op() || v.track_op();
-    if tracked && k.dims() == v.dims() && super::nn::own_softmax(q) {
+    if tracked && k.dims() == v.dims() && super::nn::own_softmax(q, ops) {
         let (out, probs) = sdpa_detached(q, k, v, sc)?;
         if let Some(probs) = probs {
             let op = super::kernels::AttentionCore {
@@ -190,6 +196,7 @@ pub fn softcapped_sdpa(
         scale,
         layer,
         attention,
+        ops,
         ..
     } = *sc;
     let site_k = Site::new(layer, attention, TensorKind::Key);
@@ -215,7 +222,7 @@ pub fn softcapped_sdpa(
     let probs = scores
         .broadcast_add(mask)
         .at(Site::new(layer, attention, TensorKind::Mask), "apply mask")
-        .and_then(|s| super::nn::softmax(&s).at(site_k, "softmax"))?;
+        .and_then(|s| super::nn::softmax(&s, ops).at(site_k, "softmax"))?;
     // [B, H, S, D]
     probs.matmul(&v).at(site_v, "attention output")
 }
@@ -322,6 +329,7 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, sc: &Scores) -> Result<(Tensor, Op
         scale,
         layer,
         attention,
+        ops,
     } = *sc;
     let site_k = Site::new(layer, attention, TensorKind::Key);
     let (qb, h, s, qd) = q.dims4().at(site_k, "queries")?;
@@ -352,7 +360,8 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, sc: &Scores) -> Result<(Tensor, Op
         })
         .at(site_k, "attention scores")?;
     let adds: Vec<&Tensor> = bias.into_iter().chain([mask]).collect();
-    let fused = super::nn::scaled_masked_softmax(&scores, scale, &adds).at(site_k, "softmax")?;
+    let fused =
+        super::nn::scaled_masked_softmax(&scores, scale, &adds, ops).at(site_k, "softmax")?;
     let own_softmax = fused.is_some();
     let probs = match fused {
         Some(probs) => probs,
@@ -366,7 +375,7 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, sc: &Scores) -> Result<(Tensor, Op
             let scores = scores
                 .broadcast_add(mask)
                 .at(Site::new(layer, attention, TensorKind::Mask), "apply mask")?;
-            super::nn::softmax(&scores).at(site_k, "softmax")?
+            super::nn::softmax(&scores, ops).at(site_k, "softmax")?
         }
     };
     let v = v.contiguous().at(site_k, "values")?;
@@ -435,7 +444,7 @@ pub fn cached_self_attention(
     let kv_len = view.k.dims()[2];
     let bias = bias(view.kv_start, kv_len)?;
     let scores =
-        Scores::new(&mask, scale, step.layer, Attention::SelfAttn).with_bias(bias.as_ref());
+        Scores::new(&mask, scale, step.layer, Attention::SelfAttn, fw.ops).with_bias(bias.as_ref());
     sdpa(q, &view.k, &view.v, &scores)
 }
 
@@ -520,11 +529,25 @@ pub struct Projections {
     pub k_norm: Option<Tensor>,
 }
 
+/// What [`Projections::qkv`] gives: the queries, keys and values attention reads, and
+/// the projected query and key heads before their norm and RoPE (what a block op's
+/// backward pass goes back through).
+pub struct Qkv {
+    /// `[B, H, S, D]`: normalised (with q/k norms) and rotated.
+    pub q: Tensor,
+    /// `[B, KVH, S, D]`: normalised (with q/k norms) and rotated.
+    pub k: Tensor,
+    /// `[B, KVH, S, D]`
+    pub v: Tensor,
+    /// `q_proj(a)` as heads `[B, H, S, D]`, `k_proj(a)` as heads `[B, KVH, S, D]`.
+    pub projected: (Tensor, Tensor),
+}
+
 impl Projections {
     /// `a: [B, S, E]` -> q `[B, H, S, D]`, k and v `[B, KVH, S, D]` of layer `layer`'s
     /// self-attention: projected, split into `(H, KVH, D)` heads, queries and keys
-    /// normalised per head (with `eps`) and rotated with `cos, sin` (the new positions
-    /// only: the prefix in the cache is not rotated).
+    /// normalised per head (with `eps`, in mode `ops`) and rotated with `cos, sin:
+    /// [B, 1, S, D]` (the new positions only: the prefix in the cache is not rotated).
     pub fn qkv(
         &self,
         a: &Tensor,
@@ -532,30 +555,35 @@ impl Projections {
         eps: f64,
         (cos, sin): (&Tensor, &Tensor),
         layer: usize,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+        ops: Ops,
+    ) -> Result<Qkv> {
         let site = |t| Site::new(layer, Attention::SelfAttn, t);
-        // `proj(a)` as `n` heads `[B, n, S, D]`, normalised per head over D with `norm`
-        // (when given) and rotated when `rotate`.
-        let heads_of = |proj: &Linear, n: usize, norm: &Option<Tensor>, rotate: bool| {
-            let t = split_heads(&proj.forward(a)?, n, d)?;
+        // `proj(a)` as `n` heads `[B, n, S, D]`, and those normalised per head over D
+        // with `norm` (when given) and rotated.
+        let heads_of = |proj: &Linear, n: usize, norm: &Option<Tensor>| {
+            let projected = split_heads(&proj.forward(a)?, n, d)?;
             let t = match norm {
-                Some(w) => rms_norm(&t, w, eps)?,
-                None => t,
+                Some(w) => rms_norm(&projected, w, eps, ops)?,
+                None => projected.clone(),
             };
-            if rotate {
-                rope(&t, cos, sin)
-            } else {
-                Ok(t)
-            }
+            Ok::<_, candle_core::Error>((projected, rope(&t, cos, sin)?))
         };
-        // [B, H, S, D]
-        let q = heads_of(&self.q_proj, heads, &self.q_norm, true)
+        // [B, H, S, D] each
+        let (q_heads, q) = heads_of(&self.q_proj, heads, &self.q_norm)
             .at(site(TensorKind::Query), "q_proj + rope")?;
         // [B, KVH, S, D] each
-        let k = heads_of(&self.k_proj, kv_heads, &self.k_norm, true)
+        let (k_heads, k) = heads_of(&self.k_proj, kv_heads, &self.k_norm)
             .at(site(TensorKind::Key), "k_proj + rope")?;
-        let v =
-            heads_of(&self.v_proj, kv_heads, &None, false).at(site(TensorKind::Value), "v_proj")?;
-        Ok((q, k, v))
+        let v = self
+            .v_proj
+            .forward(a)
+            .and_then(|v| split_heads(&v, kv_heads, d))
+            .at(site(TensorKind::Value), "v_proj")?;
+        Ok(Qkv {
+            q,
+            k,
+            v,
+            projected: (q_heads, k_heads),
+        })
     }
 }

@@ -191,15 +191,16 @@ impl Model for Bloom {
         let g = self.cfg.geometry();
         let (heads, d) = (g.num_attention_heads, g.head_dim);
         let post_ln = self.cfg.apply_residual_connection_post_layernorm;
+        let ops = fw.ops;
         // [B, S, E]
         let mut h = embed(&self.word_embeddings, ids)
-            .and_then(|x| self.word_embeddings_layernorm.forward(&x))
+            .and_then(|x| self.word_embeddings_layernorm.forward(&x, ops))
             .ctx("embeddings")?;
         for (i, blk) in self.blocks.iter().enumerate() {
             let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
             let a = blk
                 .input_layernorm
-                .forward(&h)
+                .forward(&h, ops)
                 .at(site, "input_layernorm")?;
             let residual = if post_ln { a.clone() } else { h.clone() };
             // [B, S, 3E] -> [B, S, H, 3, D]
@@ -231,7 +232,7 @@ impl Model for Bloom {
             h = (o + residual).at(site, "residual")?;
             let m_in = blk
                 .post_attention_layernorm
-                .forward(&h)
+                .forward(&h, ops)
                 .at(site, "post_attention_layernorm")?;
             let residual = if post_ln { m_in.clone() } else { h.clone() };
             let m = blk.mlp.forward(&m_in).at(site, "mlp")?;
@@ -239,7 +240,7 @@ impl Model for Bloom {
         }
         // [B, S, V], or [B, 1, V] with fw.last_only
         self.ln_f
-            .forward(&fw.kept_positions(&h)?)
+            .forward(&fw.kept_positions(&h)?, ops)
             .and_then(|h| self.lm_head.forward(&h))
             .ctx("lm head")
     }

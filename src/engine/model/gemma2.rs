@@ -30,10 +30,10 @@ use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::attention::{
-    cached_keys, merge_heads, softcapped_sdpa, CachedStep, Projections, Scores,
+    cached_keys, merge_heads, softcapped_sdpa, CachedStep, Projections, Qkv, Scores,
 };
 use super::llama::RopeParameters;
-use super::nn::{embed, gelu_tanh, rms_norm, Linear};
+use super::nn::{embed, gelu_tanh, rms_norm, Linear, Ops};
 use super::weights::weight;
 use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry, Sizes};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
@@ -408,13 +408,13 @@ impl Gemma2 {
             self.cfg.num_key_value_heads,
             self.cfg.head_dim,
         );
-        let eps = self.cfg.rms_norm_eps;
+        let (eps, ops) = (self.cfg.rms_norm_eps, fw.ops);
         let att = Attention::SelfAttn;
         let site_q = Site::new(i, att, TensorKind::Query);
         // [B, S, E]
-        let a = rms_norm(h, &l.input_layernorm, eps).at(site_q, "input_layernorm")?;
+        let a = rms_norm(h, &l.input_layernorm, eps, ops).at(site_q, "input_layernorm")?;
         // q [B, H, S, D], k and v [B, KVH, S, D]
-        let (q, k, v) = l.attn.qkv(&a, (heads, kvh, d), eps, (cos, sin), i)?;
+        let Qkv { q, k, v, .. } = l.attn.qkv(&a, (heads, kvh, d), eps, (cos, sin), i, ops)?;
         // view.k, view.v: [B, KVH, K, D], the S new positions last; mask [B, 1, S, K]
         let (view, mask) = cached_keys(fw, step, &k, &v)?;
         let scale = (self.cfg.query_pre_attn_scalar as f64).powf(-0.5);
@@ -424,22 +424,22 @@ impl Gemma2 {
             &q,
             &view.k,
             &view.v,
-            &Scores::new(&mask, scale, i, att),
+            &Scores::new(&mask, scale, i, att, ops),
             cap,
         )?;
         // [B, S, E]
         merge_heads(&o)
             .and_then(|o| l.attn.o_proj.forward(&o))
-            .and_then(|o| rms_norm(&o, &l.post_attention_layernorm, eps))
+            .and_then(|o| rms_norm(&o, &l.post_attention_layernorm, eps, ops))
             .at(site_q, "o_proj + post_attention_layernorm")
     }
 
     /// Layer `l`'s MLP branch, without its residual:
-    /// `post_ff(down(act(gate(n)) * up(n)))`, `n = pre_ff(h)`. `h: [B, S, E]` ->
-    /// `[B, S, E]`.
-    fn mlp(&self, l: &Layer, h: &Tensor) -> candle_core::Result<Tensor> {
+    /// `post_ff(down(act(gate(n)) * up(n)))`, `n = pre_ff(h)`, the norms in mode `ops`.
+    /// `h: [B, S, E]` -> `[B, S, E]`.
+    fn mlp(&self, l: &Layer, h: &Tensor, ops: Ops) -> candle_core::Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
-        let n = rms_norm(h, &l.pre_feedforward_layernorm, eps)?;
+        let n = rms_norm(h, &l.pre_feedforward_layernorm, eps, ops)?;
         // [B, S, I]
         let g = l.gate_proj.forward(&n)?;
         let g = if self.cfg.hidden_activation == "gelu" {
@@ -448,7 +448,7 @@ impl Gemma2 {
             gelu_tanh(&g)?
         };
         let m = l.down_proj.forward(&(g * l.up_proj.forward(&n)?)?)?;
-        rms_norm(&m, &l.post_feedforward_layernorm, eps)
+        rms_norm(&m, &l.post_feedforward_layernorm, eps, ops)
     }
 }
 
@@ -506,11 +506,11 @@ impl Model for Gemma2 {
             };
             let a = self.attention(fw, step, l, &h, (cos, sin))?;
             h = (h + a).at(site, "residual")?;
-            let m = self.mlp(l, &h).at(site, "mlp")?;
+            let m = self.mlp(l, &h, fw.ops).at(site, "mlp")?;
             h = (h + m).at(site, "residual")?;
         }
         // [B, S, V], or [B, 1, V] with fw.last_only
-        rms_norm(&fw.kept_positions(&h)?, &self.norm, eps)
+        rms_norm(&fw.kept_positions(&h)?, &self.norm, eps, fw.ops)
             .and_then(|h| self.lm_head.forward(&h))
             .and_then(|x| soft_cap(&x, self.cfg.final_logit_softcapping))
             .ctx("lm head")

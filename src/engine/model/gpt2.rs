@@ -220,6 +220,7 @@ impl Model for Gpt2 {
         let past = fw.cache.past_len();
         let g = &self.spec.geometry;
         let (heads, d) = (g.num_attention_heads, g.head_dim);
+        let ops = fw.ops;
         let pos = learned_positions(
             fw.mask,
             past,
@@ -234,7 +235,7 @@ impl Model for Gpt2 {
             .ctx("embeddings")?;
         for (i, blk) in self.blocks.iter().enumerate() {
             let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
-            let a = blk.ln_1.forward(&h).at(site, "ln_1")?;
+            let a = blk.ln_1.forward(&h, ops).at(site, "ln_1")?;
             let qkv = blk.c_attn.forward(&a).at(site, "c_attn")?;
             // q [B, H, S, D], k/v [B, KVH, S, D]
             let (q, k, v) = self
@@ -256,14 +257,14 @@ impl Model for Gpt2 {
             h = (h + o).at(site, "residual")?;
             let m = blk
                 .ln_2
-                .forward(&h)
+                .forward(&h, ops)
                 .and_then(|m| blk.mlp.forward(&m))
                 .at(site, "mlp")?;
             h = (h + m).at(site, "residual")?;
         }
         // [B, S, V], or [B, 1, V] with fw.last_only
         self.ln_f
-            .forward(&fw.kept_positions(&h)?)
+            .forward(&fw.kept_positions(&h)?, ops)
             .and_then(|h| self.lm_head.forward(&h))
             .ctx("lm head")
     }

@@ -260,7 +260,7 @@ impl Model for GptNeox {
         let (b, s) = ids.dims2().ctx("input ids [B, S]")?;
         let past = fw.cache.past_len();
         let (heads, d) = (self.cfg.sizes.num_attention_heads, self.cfg.head_dim());
-        let window = fw.cache.window();
+        let (window, ops) = (fw.cache.window(), fw.ops);
         // [B, 1, S, R] each, per row from the attention mask (real tokens from P on).
         let positions = row_positions(fw.mask, past, s)?;
         let (cos, sin) = super::nn::rope_tables(&self.inv_freq, &positions, self.embed_in.dtype())
@@ -272,7 +272,10 @@ impl Model for GptNeox {
         let mut h = embed(&self.embed_in, ids).ctx("embed_in")?;
         for (i, l) in self.layers.iter().enumerate() {
             let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
-            let a = l.input_layernorm.forward(&h).at(site, "input_layernorm")?;
+            let a = l
+                .input_layernorm
+                .forward(&h, ops)
+                .at(site, "input_layernorm")?;
             // [B, S, 3E] -> [B, S, H, 3, D]
             let qkv = l
                 .query_key_value
@@ -308,7 +311,7 @@ impl Model for GptNeox {
                 // x + attn(ln1(x)) + mlp(ln2(x))
                 let m = l
                     .post_attention_layernorm
-                    .forward(&h)
+                    .forward(&h, ops)
                     .and_then(|x| self.mlp(l, &x))
                     .at(site, "mlp")?;
                 (&h + attn).and_then(|x| x + m).at(site, "residual")?
@@ -317,7 +320,7 @@ impl Model for GptNeox {
                 let y = (&h + attn).at(site, "residual")?;
                 let m = l
                     .post_attention_layernorm
-                    .forward(&y)
+                    .forward(&y, ops)
                     .and_then(|x| self.mlp(l, &x))
                     .at(site, "mlp")?;
                 (y + m).at(site, "residual")?
@@ -325,7 +328,7 @@ impl Model for GptNeox {
         }
         // [B, S, V], or [B, 1, V] with fw.last_only
         self.final_layer_norm
-            .forward(&fw.kept_positions(&h)?)
+            .forward(&fw.kept_positions(&h)?, ops)
             .and_then(|h| self.embed_out.forward(&h))
             .ctx("embed_out")
     }

@@ -17,7 +17,8 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{
-    cached_keys, cached_self_attention, merge_heads, sdpa_detached, CachedStep, Projections, Scores,
+    cached_keys, cached_self_attention, merge_heads, sdpa_detached, CachedStep, Projections, Qkv,
+    Scores,
 };
 use super::kernels;
 use super::nn::{block_ops, embed, rms_norm, swiglu_mlp, Linear};
@@ -463,13 +464,14 @@ impl Llama {
     /// Layer `i`'s attention sub-block with its residual: `h + o(attention(rope(q(n)),
     /// keys, values))`, `n = rms_norm(h)`, the new keys and values going through the
     /// cache. `h: [B, S, E]`, `cos, sin: [B, 1, S, D]` -> `[B, S, E]`. With
-    /// [`Block::qk_norm`] the queries and keys are RMS-normalised per head before RoPE.
+    /// [`Block::qk_norm`] the queries and keys are RMS-normalised per head before RoPE
+    /// (in the block op too).
     ///
-    /// With the crate's kernels (f32 on the CPU; not in fused-ops or composed-blocks
-    /// mode, [`super::nn::block_ops`]) the block is computed outside the graph and, when
+    /// In [`super::Ops::Kernels`] with the crate's kernels (f32 on the CPU,
+    /// [`super::nn::block_ops`]) the block is computed outside the graph and, when
     /// training, joins it as one node with its own backward pass
-    /// ([`kernels::AttentionBlock`]); otherwise it is composed from differentiable ops.
-    /// Both give the same values.
+    /// ([`kernels::AttentionBlock`]); otherwise it is composed from differentiable ops
+    /// (`fw.ops`' own). Both give the same values.
     fn self_attention(
         &self,
         fw: &mut Forward,
@@ -487,14 +489,14 @@ impl Llama {
         let att = Attention::SelfAttn;
         let site_q = Site::new(i, att, TensorKind::Query);
         let site_v = Site::new(i, att, TensorKind::Value);
-        let eps = self.cfg.rms_norm_eps;
-        // The block op's backward pass knows no q/k norm: Qwen3 takes the composed ops.
-        let block = !self.block.qk_norm && block_ops(h, &[&l.input_layernorm]);
+        let (eps, ops) = (self.cfg.rms_norm_eps, fw.ops);
+        let block = block_ops(h, &[&l.input_layernorm], ops);
         // [B, S, E]: outside the graph for the block op
         let x = if block { h.detach() } else { h.clone() };
-        let a = rms_norm(&x, &l.input_layernorm, eps).at(site_q, "input_layernorm")?;
+        let a = rms_norm(&x, &l.input_layernorm, eps, ops).at(site_q, "input_layernorm")?;
         // q [B, H, S, D], k and v [B, KVH, S, D]
-        let (q, k, v) = l.attn.qkv(&a, (heads, kvh, d), eps, (cos, sin), i)?;
+        let Qkv { q, k, v, projected } =
+            l.attn.qkv(&a, (heads, kvh, d), eps, (cos, sin), i, ops)?;
         let scale = 1.0 / (d as f64).sqrt();
         if !block {
             // [B, H, S, D]
@@ -508,7 +510,8 @@ impl Llama {
         // view.k, view.v: [B, KVH, K, D], the S new positions last; mask [B, 1, S, K]
         let (view, mask) = cached_keys(fw, step, &k, &v)?;
         // out [B, H, S, D], probs [B, H, S, K]
-        let (out, probs) = sdpa_detached(&q, &view.k, &view.v, &Scores::new(&mask, scale, i, att))?;
+        let scores = Scores::new(&mask, scale, i, att, ops);
+        let (out, probs) = sdpa_detached(&q, &view.k, &view.v, &scores)?;
         // [B, S, E]
         let branch = merge_heads(&out)
             .and_then(|o| l.attn.o_proj.forward(&o))
@@ -523,21 +526,31 @@ impl Llama {
                 "llama layer {i}: the attention probabilities were not kept for the backward pass"
             )));
         };
+        let rms = |w: &Tensor| kernels::Norm {
+            w: w.clone(),
+            b: None,
+            eps: eps as f32,
+            centred: false,
+        };
+        // The per-head norms with the heads they normalised, [B, H or KVH, S, D].
+        let head_norm = |w: &Option<Tensor>, heads: &Tensor| -> Result<_> {
+            let Some(w) = w else { return Ok(None) };
+            let heads = heads.contiguous().at(site_q, "projected heads")?;
+            Ok(Some((rms(w), heads)))
+        };
+        let (q_heads, k_heads) = &projected;
         let op = kernels::AttentionBlock {
             branch,
             q: q.contiguous().at(site_q, "queries")?,
             probs,
             scale: scale as f32,
-            norm: kernels::Norm {
-                w: l.input_layernorm.clone(),
-                b: None,
-                eps: eps as f32,
-                centred: false,
-            },
+            norm: rms(&l.input_layernorm),
             rope: kernels::Rope {
                 cos: cos.contiguous().at(site_q, "rope tables")?,
                 sin: sin.contiguous().at(site_q, "rope tables")?,
             },
+            q_norm: head_norm(&l.attn.q_norm, q_heads)?,
+            k_norm: head_norm(&l.attn.k_norm, k_heads)?,
             q_proj: l.attn.q_proj.clone(),
             k_proj: l.attn.k_proj.clone(),
             v_proj: l.attn.v_proj.clone(),
@@ -588,16 +601,12 @@ impl Model for Llama {
             };
             h = self.self_attention(fw, step, l, &h, (&cos, &sin))?;
             // [B, S, E]: down(silu(gate(x)) * up(x))
-            let (norm_w, gate, up, down) = (
-                &l.post_attention_layernorm,
-                &l.gate_proj,
-                &l.up_proj,
-                &l.down_proj,
-            );
-            h = swiglu_mlp(&h, norm_w, eps, gate, up, down).at(site_q, "mlp + residual")?;
+            let norm = (&l.post_attention_layernorm, eps);
+            let mlp = (&l.gate_proj, &l.up_proj, &l.down_proj);
+            h = swiglu_mlp(&h, norm, mlp, fw.ops).at(site_q, "mlp + residual")?;
         }
         // [B, S, V], or [B, 1, V] with fw.last_only
-        rms_norm(&fw.kept_positions(&h)?, &self.norm, eps)
+        rms_norm(&fw.kept_positions(&h)?, &self.norm, eps, fw.ops)
             .and_then(|h| self.lm_head.forward(&h))
             .ctx("lm head")
     }

@@ -30,6 +30,8 @@ use serde::{Deserialize, Serialize};
 use crate::engine::cache::{Layout, ModelCache};
 use crate::engine::diagnosis::{EngineError, Result};
 
+pub use nn::Ops;
+
 /// A model family: each has its own cache geometry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -194,6 +196,9 @@ pub struct Forward<'a> {
     /// Logits for the last position only (`[B, 1, V]`), as generation needs them
     /// (transformers' `logits_to_keep=1`): the final norm and LM head skip the others.
     pub last_only: bool,
+    /// Which kernels the pass runs (ARCHITECTURE.md, "Ops modes"): [`Ops::Kernels`]
+    /// except to reproduce the fused-ops bug or to test the block ops.
+    pub ops: Ops,
 }
 
 impl Forward<'_> {
@@ -217,8 +222,9 @@ pub trait Model: Send + Sync {
     /// `ids: [B, S]` (decoder ids for encoder-decoders) -> logits `[B, S, V]`.
     /// Query positions start at `fw.cache.past_len()`.
     fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor>;
-    /// Encoder-decoders: `ids: [B, E]`, `mask: [B, E]` -> encoder output.
-    fn encode(&self, _ids: &Tensor, _mask: &Tensor) -> Result<Encoded> {
+    /// Encoder-decoders: `ids: [B, E]`, `mask: [B, E]` -> encoder output, with the
+    /// kernels of `ops` (the mode of the passes that read it).
+    fn encode(&self, _ids: &Tensor, _mask: &Tensor, _ops: Ops) -> Result<Encoded> {
         Err(EngineError::Config(format!(
             "{} is not an encoder-decoder model",
             self.family().name()

@@ -5,12 +5,11 @@
 //! cross-entropy, norms, RoPE, SwiGLU and linears here are this crate's own kernels with
 //! a backward pass ([`super::kernels`], f32 on the CPU) or, for other dtypes and
 //! devices, composed from differentiable tensor ops, so that the prefix trains through
-//! them. [`with_fused_ops`] switches the softmax and norms to candle-nn's fused kernels
-//! (no backward pass: the historical bug `train.fused_ops` reproduces);
-//! [`with_composed_blocks`] turns Llama's block ops off (the reference they are tested
-//! against).
-
-use std::cell::Cell;
+//! them. The functions that can run another way take the pass's [`Ops`] mode
+//! ([`super::Forward::ops`]): [`Ops::Fused`] switches the softmax and norms to
+//! candle-nn's fused kernels (no backward pass: the historical bug `train.fused_ops`
+//! reproduces); [`Ops::Composed`] turns the block ops off (the reference they are
+//! tested against).
 
 use candle_core::{DType, Tensor, D};
 use candle_nn::VarBuilder;
@@ -18,45 +17,40 @@ use candle_nn::VarBuilder;
 use super::{kernels, weights};
 use crate::engine::diagnosis::{CandleExt, Result};
 
-thread_local! {
-    /// Use candle-nn's fused kernels (no backward pass) on this thread.
-    static FUSED: Cell<bool> = const { Cell::new(false) };
-    /// Compose the block ops from the single ops on this thread.
-    static COMPOSED: Cell<bool> = const { Cell::new(false) };
+/// Which kernels a forward pass runs (ARCHITECTURE.md, "Ops modes"). Carried by
+/// [`super::Forward`] and handed to every function below that branches on it; the
+/// others (linears, RoPE, SwiGLU, cross-entropy, heads) run the same in every mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ops {
+    /// The crate's kernels with their own backward pass ([`kernels`], f32 on the CPU;
+    /// composed differentiable ops elsewhere), Llama's attention and MLP sub-blocks as
+    /// the block ops [`kernels::AttentionBlock`] and [`kernels::SwiGluMlp`] when
+    /// training.
+    #[default]
+    Kernels,
+    /// candle-nn's fused softmax and norms: no backward pass, so gradients silently stop
+    /// at them. The historical "training through fused ops" bug (`train.fused_ops`,
+    /// `no-grad`); no block ops.
+    Fused,
+    /// The crate's single kernels, the block ops composed from them (norm, projections,
+    /// RoPE, attention product, SwiGLU, residual add, each a graph node of its own). The
+    /// values are the same as [`Ops::Kernels`]; this is the reference the block ops'
+    /// backward passes are tested against, and a way to bisect a gradient problem.
+    Composed,
 }
 
-/// Run `f` with candle-nn's fused softmax / norms on this thread: faster, but they have
-/// no backward pass, so gradients silently stop at them (ARCHITECTURE.md). For generation,
-/// and to reproduce the historical "training through fused ops" bug (`no-grad`).
-pub fn with_fused_ops<T>(f: impl FnOnce() -> T) -> T {
-    let before = FUSED.with(|c| c.replace(true));
-    let out = f();
-    FUSED.with(|c| c.set(before));
-    out
-}
-
-/// Whether [`with_fused_ops`] is on for this thread.
-fn fused() -> bool {
-    FUSED.with(Cell::get)
-}
-
-/// Run `f` with Llama's attention and MLP sub-blocks composed from the single ops
-/// (norm, projections, RoPE, attention product, SwiGLU, residual add), each a graph node
-/// of its own, instead of as the block ops [`kernels::AttentionBlock`] and
-/// [`kernels::SwiGluMlp`]. The values are the same; this is the reference the block
-/// ops' backward passes are tested against, and a way to bisect a gradient problem.
-pub fn with_composed_blocks<T>(f: impl FnOnce() -> T) -> T {
-    let before = COMPOSED.with(|c| c.replace(true));
-    let out = f();
-    COMPOSED.with(|c| c.set(before));
-    out
+impl Ops {
+    /// Whether the softmax and norms are candle-nn's fused kernels.
+    fn fused(self) -> bool {
+        self == Ops::Fused
+    }
 }
 
 /// Whether a block op may replace the composed sub-block for `x: [..., n]` with
-/// per-feature weights `ws: [n]`: the crate's kernels apply ([`own_kernel`]), and
-/// neither [`with_fused_ops`] nor [`with_composed_blocks`] is on.
-pub(crate) fn block_ops(x: &Tensor, ws: &[&Tensor]) -> bool {
-    !fused() && !COMPOSED.with(Cell::get) && own_kernel(x, ws)
+/// per-feature weights `ws: [n]`: the mode is [`Ops::Kernels`] and the crate's kernels
+/// apply ([`own_kernel`]).
+pub(crate) fn block_ops(x: &Tensor, ws: &[&Tensor], ops: Ops) -> bool {
+    ops == Ops::Kernels && own_kernel(x, ws)
 }
 
 /// A frozen linear layer, `x @ w_t + b`, as every family holds its projections.
@@ -166,8 +160,14 @@ pub(crate) fn input_grad_sum(terms: &[(&Linear, &Tensor)]) -> candle_core::Resul
 
 /// LayerNorm over the last dimension (differentiable in `x`; `w`, `b` frozen).
 /// `x: [..., H]`, `w, b: [H]` -> `[..., H]`
-pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    if fused() {
+pub fn layer_norm(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+    ops: Ops,
+) -> candle_core::Result<Tensor> {
+    if ops.fused() {
         return candle_nn::ops::layer_norm(&x.contiguous()?, w, b, eps as f32);
     }
     if own_kernel(x, &[w, b]) {
@@ -200,8 +200,8 @@ impl LayerNorm {
     }
 
     /// `x: [..., E]` -> `[..., E]`
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        layer_norm(x, &self.weight, &self.bias, self.eps)
+    pub fn forward(&self, x: &Tensor, ops: Ops) -> candle_core::Result<Tensor> {
+        layer_norm(x, &self.weight, &self.bias, self.eps, ops)
     }
 }
 
@@ -222,8 +222,8 @@ impl GeluMlp {
 
 /// RMSNorm over the last dimension (differentiable in `x`; `w` frozen).
 /// `x: [..., H]`, `w: [H]` -> `[..., H]`
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    if fused() {
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, ops: Ops) -> candle_core::Result<Tensor> {
+    if ops.fused() {
         return candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32);
     }
     if own_kernel(x, &[w]) {
@@ -261,27 +261,26 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// Llama's MLP sub-block with its residual: `x + down(swiglu(gate(n), up(n)))`,
-/// `n = rms_norm(x, norm_w)`. `x: [..., E]`, `norm_w: [E]` -> `[..., E]`.
+/// `n = rms_norm(x, norm_w)` with `eps`. `x: [..., E]`, `norm_w: [E]`, `gate, up:
+/// [E, I]`, `down: [I, E]` -> `[..., E]`.
 ///
-/// When `x` is in a training graph (CPU, f32), the block is one graph node with its own
-/// backward pass ([`kernels::SwiGluMlp`]); otherwise (generation, other devices, fused
-/// ops) it is composed from the ops above. Both compute the forward pass with the same
-/// kernels, so the values are the same.
+/// When `x` is in a training graph (CPU, f32) and `ops` is [`Ops::Kernels`], the block
+/// is one graph node with its own backward pass ([`kernels::SwiGluMlp`]); otherwise
+/// (generation, other devices, the other modes) it is composed from the ops above. Both
+/// compute the forward pass with the same kernels, so the values are the same.
 pub fn swiglu_mlp(
     x: &Tensor,
-    norm_w: &Tensor,
-    eps: f64,
-    gate: &Linear,
-    up: &Linear,
-    down: &Linear,
+    (norm_w, eps): (&Tensor, f64),
+    (gate, up, down): (&Linear, &Linear, &Linear),
+    ops: Ops,
 ) -> candle_core::Result<Tensor> {
     // (down(swiglu(gate(n), up(n))), gate(n), up(n)): [..., E], [..., I], [..., I]
     let branch = |x: &Tensor| -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let n = rms_norm(x, norm_w, eps)?;
+        let n = rms_norm(x, norm_w, eps, ops)?;
         let (g, u) = (gate.forward(&n)?, up.forward(&n)?);
         Ok((down.forward(&swiglu(&g, &u)?)?, g, u))
     };
-    if !x.track_op() || !block_ops(x, &[norm_w]) {
+    if !x.track_op() || !block_ops(x, &[norm_w], ops) {
         return x + branch(x)?.0;
     }
     let (branch_out, gate_out, up_out) = branch(&x.detach())?;
@@ -309,10 +308,10 @@ pub fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
     x.gelu()
 }
 
-/// Softmax over the last dimension (differentiable, unlike `softmax_last_dim`).
-/// `x: [..., n]` -> `[..., n]`
-pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
-    if fused() {
+/// Softmax over the last dimension (differentiable, unlike `softmax_last_dim`, except
+/// in [`Ops::Fused`]). `x: [..., n]` -> `[..., n]`
+pub fn softmax(x: &Tensor, ops: Ops) -> candle_core::Result<Tensor> {
+    if ops.fused() {
         return candle_nn::ops::softmax_last_dim(&x.contiguous()?);
     }
     if own_kernel(x, &[]) {
@@ -326,15 +325,16 @@ pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// `softmax(scale * scores + sum(adds))` in one differentiable kernel, when it applies:
-/// f32 on the CPU, not in fused-ops mode, and every add (mask, bias) broadcasts to the
+/// f32 on the CPU, not in [`Ops::Fused`], and every add (mask, bias) broadcasts to the
 /// scores' own shape. `None` otherwise: the caller then composes the ops, which also
 /// report shape errors the usual way. `scores: [..., n]`, `adds[i]` broadcastable.
 pub fn scaled_masked_softmax(
     scores: &Tensor,
     scale: f64,
     adds: &[&Tensor],
+    ops: Ops,
 ) -> candle_core::Result<Option<Tensor>> {
-    if !own_softmax(scores) {
+    if !own_softmax(scores, ops) {
         return Ok(None);
     }
     let shape = scores.shape();
@@ -361,10 +361,11 @@ pub fn scaled_masked_softmax(
     scores.contiguous()?.apply_op1(op).map(Some)
 }
 
-/// Whether [`scaled_masked_softmax`] takes scores of `x`'s dtype and device (f32 on the
-/// CPU, not in fused-ops mode): callers ask before they compute the scores.
-pub(crate) fn own_softmax(x: &Tensor) -> bool {
-    !fused() && own_kernel(x, &[])
+/// Whether [`scaled_masked_softmax`] takes scores of `x`'s dtype and device in mode
+/// `ops` (f32 on the CPU, not [`Ops::Fused`]): callers ask before they compute the
+/// scores.
+pub(crate) fn own_softmax(x: &Tensor, ops: Ops) -> bool {
+    !ops.fused() && own_kernel(x, &[])
 }
 
 /// Cross-entropy per row: `logits: [N, V]`, one target id `< V` per row ->
@@ -440,4 +441,25 @@ pub fn embed(table: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
     table
         .index_select(&ids.flatten_all()?.to_dtype(DType::U32)?, 0)?
         .reshape((b, s, h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{block_ops, own_softmax, Ops};
+    use candle_core::{DType, Device, Tensor};
+
+    /// Only `Ops::Kernels` replaces the composed sub-blocks by the block ops; only
+    /// `Ops::Fused` gives the softmax to candle-nn (f32 on the CPU, where the crate's
+    /// kernels apply).
+    #[test]
+    fn each_mode_picks_its_softmax_and_block_ops() {
+        let x = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap(); // [2, 4]
+        let w = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap(); // [4]
+        let modes = [Ops::Kernels, Ops::Fused, Ops::Composed];
+        let blocks = modes.map(|ops| block_ops(&x, &[&w], ops));
+        assert_eq!(blocks, [true, false, false], "block ops per mode");
+        let softmax = modes.map(|ops| own_softmax(&x, ops));
+        assert_eq!(softmax, [true, false, true], "the crate's softmax per mode");
+        assert_eq!(Ops::default(), Ops::Kernels);
+    }
 }

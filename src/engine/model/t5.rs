@@ -21,7 +21,7 @@ use super::attention::{
     additive_mask, cached_self_attention, merge_heads, sdpa, split_heads, CachedStep, MaskSpec,
     Scores,
 };
-use super::nn::{embed, gelu_tanh, rms_norm, Linear};
+use super::nn::{embed, gelu_tanh, rms_norm, Linear, Ops};
 use super::weights::{ones, weight};
 use super::{Encoded, Family, Forward, Model, ModelGeometry};
 use crate::engine::diagnosis::{
@@ -480,7 +480,7 @@ impl Model for T5 {
 
     /// `ids: [B, E]`, `mask: [B, E]` (1 = token) -> states `[B, E, d_model]`.
     /// No prefix and no cache: PEFT's prefix feeds the decoder's caches only.
-    fn encode(&self, ids: &Tensor, mask: &Tensor) -> Result<Encoded> {
+    fn encode(&self, ids: &Tensor, mask: &Tensor, ops: Ops) -> Result<Encoded> {
         let (_b, e_len) = ids.dims2().ctx("encoder input ids [B, E]")?;
         let eps = self.cfg.layer_norm_epsilon;
         // [B, E]
@@ -492,7 +492,7 @@ impl Model for T5 {
         let mut h = embed(&self.shared, ids).ctx("encoder embeddings")?;
         for (i, blk) in self.encoder.iter().enumerate() {
             let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
-            let a = rms_norm(&h, &blk.ln_self, eps).at(site, "encoder layer_norm")?;
+            let a = rms_norm(&h, &blk.ln_self, eps, ops).at(site, "encoder layer_norm")?;
             // [B, H, E, d_kv] each
             let q = self.heads(&a, &blk.self_attn.q).at(site, "encoder q")?;
             let k = self.heads(&a, &blk.self_attn.k).at(site, "encoder k")?;
@@ -511,16 +511,16 @@ impl Model for T5 {
                 &q,
                 &k,
                 &v,
-                &Scores::new(&m, 1.0, i, Attention::SelfAttn).with_bias(Some(&bias)),
+                &Scores::new(&m, 1.0, i, Attention::SelfAttn, ops).with_bias(Some(&bias)),
             )?;
             let o = self.output(&o, &blk.self_attn.o).at(site, "encoder o")?;
             h = (h + o).at(site, "encoder residual")?;
-            let f = rms_norm(&h, &blk.ln_ff, eps)
+            let f = rms_norm(&h, &blk.ln_ff, eps, ops)
                 .and_then(|f| self.feed_forward(&blk.ff, &f))
                 .at(site, "encoder feed-forward")?;
             h = (h + f).at(site, "encoder residual")?;
         }
-        let states = rms_norm(&h, &self.encoder_ln, eps).ctx("encoder final_layer_norm")?;
+        let states = rms_norm(&h, &self.encoder_ln, eps, ops).ctx("encoder final_layer_norm")?;
         Ok(Encoded { states, mask })
     }
 
@@ -536,7 +536,7 @@ impl Model for T5 {
         let e_len = enc.states.dim(1).ctx("encoder states [B, E, d_model]")?;
         let past = fw.cache.past_len();
         let (heads, d) = (self.cfg.num_heads, self.cfg.d_kv);
-        let eps = self.cfg.layer_norm_epsilon;
+        let (eps, ops) = (self.cfg.layer_norm_epsilon, fw.ops);
         // Block 0's bias, shared by every block; keyed by the key span it was built for.
         let mut self_bias: Option<((usize, usize), Tensor)> = None;
         // [B, S, d_model]
@@ -544,7 +544,7 @@ impl Model for T5 {
         for (i, blk) in self.decoder.iter().enumerate() {
             // Self-attention over prefix + cached + new positions.
             let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
-            let a = rms_norm(&h, &blk.ln_self, eps).at(site, "layer_norm")?;
+            let a = rms_norm(&h, &blk.ln_self, eps, ops).at(site, "layer_norm")?;
             // [B, H, S, d_kv] each
             let q = self.heads(&a, &blk.self_attn.q).at(site, "q")?;
             let k = self.heads(&a, &blk.self_attn.k).at(site, "k")?;
@@ -575,7 +575,7 @@ impl Model for T5 {
 
             // Cross-attention over cross prefix + encoder states.
             let site = Site::new(i, Attention::Cross, TensorKind::Query);
-            let c = rms_norm(&h, &blk.ln_cross, eps).at(site, "layer_norm")?;
+            let c = rms_norm(&h, &blk.ln_cross, eps, ops).at(site, "layer_norm")?;
             // [B, H, S, d_kv]
             let q = self.heads(&c, &blk.cross_attn.q).at(site, "q")?;
             let p_cross = fw.cache.cross_prefix_len(i);
@@ -624,18 +624,23 @@ impl Model for T5 {
             // [B, 1, S, P + E]
             let mask = additive_mask(&cross_pad, spec, i, Attention::Cross)?;
             fw.cache.note_mask(i, Attention::Cross, mask.dims());
-            let o = sdpa(&q, &ck, &cv, &Scores::new(&mask, 1.0, i, Attention::Cross))?;
+            let o = sdpa(
+                &q,
+                &ck,
+                &cv,
+                &Scores::new(&mask, 1.0, i, Attention::Cross, ops),
+            )?;
             let o = self.output(&o, &blk.cross_attn.o).at(site, "o")?;
             h = (h + o).at(site, "residual")?;
 
             let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
-            let f = rms_norm(&h, &blk.ln_ff, eps)
+            let f = rms_norm(&h, &blk.ln_ff, eps, ops)
                 .and_then(|f| self.feed_forward(&blk.ff, &f))
                 .at(site, "feed-forward")?;
             h = (h + f).at(site, "residual")?;
         }
         // [B, S, d_model], or [B, 1, d_model] with fw.last_only
-        let h = rms_norm(&fw.kept_positions(&h)?, &self.decoder_ln, eps)
+        let h = rms_norm(&fw.kept_positions(&h)?, &self.decoder_ln, eps, ops)
             .ctx("decoder final_layer_norm")?;
         // [B, S or 1, V]
         let scale = self

@@ -7,7 +7,7 @@ use super::{TrainConfig, IGNORE_INDEX, PAD_ID, SEQ2SEQ_EOS};
 use crate::engine::cache::{CacheConfig, CacheMode};
 use crate::engine::diagnosis::{CandleExt, Diagnosis, DiagnosisClass, EngineError, Result};
 use crate::engine::generate::prepare_cache;
-use crate::engine::model::{Encoded, Forward, Model};
+use crate::engine::model::{Encoded, Forward, Model, Ops};
 use crate::engine::prefix::{extend_mask, PrefixEncoder};
 use crate::engine::rng::Rng;
 use crate::io::data;
@@ -312,7 +312,7 @@ pub fn masked_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> 
 }
 
 /// Logits of one forward pass over `batch` with the prefix in a fresh `none` cache
-/// (the prefix stays in the autograd graph): `[B, T, V]`.
+/// (the prefix stays in the autograd graph), with the crate's kernels: `[B, T, V]`.
 pub fn batch_logits(model: &dyn Model, prefix: &PrefixEncoder, batch: &Batch) -> Result<Tensor> {
     batch_logits_in(model, prefix, batch, &CacheConfig::new(CacheMode::None))
 }
@@ -326,11 +326,22 @@ pub fn batch_logits_in(
     batch: &Batch,
     cache_cfg: &CacheConfig,
 ) -> Result<Tensor> {
+    pass_logits(model, prefix, batch, cache_cfg, Ops::Kernels)
+}
+
+/// [`batch_logits_in`] with the kernels of `ops` (the encoder's too): `[B, T, V]`.
+fn pass_logits(
+    model: &dyn Model,
+    prefix: &PrefixEncoder,
+    batch: &Batch,
+    cache_cfg: &CacheConfig,
+    ops: Ops,
+) -> Result<Tensor> {
     let (b, _s) = batch.ids.dims2().ctx("batch ids [B, S]")?;
     let p = prefix.geometry.num_virtual_tokens;
     let mut cache = prepare_cache(model, Some(prefix), cache_cfg, prefix.config.layout, b)?;
     let encoded: Option<Encoded> = match &batch.decoder {
-        Some(_) => Some(model.encode(&batch.ids, &batch.mask)?),
+        Some(_) => Some(model.encode(&batch.ids, &batch.mask, ops)?),
         None => None,
     };
     // ids [B, T], padding mask [B, T]
@@ -347,17 +358,31 @@ pub fn batch_logits_in(
             mask: &mask,
             encoder: encoded.as_ref(),
             last_only: false,
+            ops,
         },
     )
 }
 
-/// The training loss of `batch`: scalar `[]`, in the graph of the prefix parameters.
+/// The training loss of `batch`: scalar `[]`, in the graph of the prefix parameters,
+/// with the crate's kernels.
 pub fn batch_loss(model: &dyn Model, prefix: &PrefixEncoder, batch: &Batch) -> Result<Tensor> {
-    let logits = batch_logits(model, prefix, batch)?; // [B, T, V]
+    batch_loss_with(model, prefix, batch, Ops::Kernels)
+}
+
+/// [`batch_loss`] with the kernels of `ops`: scalar `[]`.
+pub(crate) fn batch_loss_with(
+    model: &dyn Model,
+    prefix: &PrefixEncoder,
+    batch: &Batch,
+    ops: Ops,
+) -> Result<Tensor> {
+    let none = CacheConfig::new(CacheMode::None);
+    let logits = pass_logits(model, prefix, batch, &none, ops)?; // [B, T, V]
     masked_cross_entropy(&logits, &batch.labels)
 }
 
-/// Mean token loss over all of `rows`, in chunks of `batch_size` (no update).
+/// Mean token loss over all of `rows`, in chunks of `batch_size` (no update), with the
+/// kernels of `cfg.ops()`.
 pub fn data_loss(
     model: &dyn Model,
     prefix: &PrefixEncoder,
@@ -366,9 +391,10 @@ pub fn data_loss(
 ) -> Result<f32> {
     let device = prefix.embedding.device().clone();
     let (mut total, mut count) = (0f64, 0usize);
+    let none = CacheConfig::new(CacheMode::None);
     for chunk in rows.chunks(cfg.batch_size.max(1)) {
         let batch = batch_for(model, chunk, cfg.max_len, &device)?;
-        let logits = batch_logits(model, prefix, &batch)?; // [B, T, V]
+        let logits = pass_logits(model, prefix, &batch, &none, cfg.ops())?; // [B, T, V]
         let (sum, n) = nll_sum(&logits, &batch.labels)?;
         total += f64::from(sum.to_scalar::<f32>().ctx("loss value")?);
         count += n;

@@ -10,7 +10,8 @@
 //!    right-padded; padding labels are `-100` and padding columns are masked.
 //! 3. [`batch_loss`] builds a fresh `CacheMode::None` cache holding the prefix (it keeps
 //!    the prefix in the autograd graph), runs one forward pass over the whole sequence
-//!    and computes a differentiable masked cross-entropy ([`masked_cross_entropy`]).
+//!    and computes a differentiable masked cross-entropy ([`masked_cross_entropy`]),
+//!    with the kernels of [`TrainConfig::ops`].
 //! 4. `backward`, the gradient check after the first step ([`check_prefix_grads`]),
 //!    `AdamW::step` over `prefix.vars()` only, and the base-weight check
 //!    ([`check_base_unchanged`]) after the first step and at the end.
@@ -30,12 +31,13 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::diagnosis::{CandleExt, Diagnosis, DiagnosisClass, EngineError, Result};
-use crate::engine::model::Model;
+use crate::engine::model::{Model, Ops};
 use crate::engine::prefix::PrefixEncoder;
 use crate::io::data;
 
 mod batch;
 mod checks;
+use batch::batch_loss_with;
 pub use batch::{
     batch_for, batch_logits, batch_logits_in, batch_loss, causal_batch, data_loss,
     masked_cross_entropy, seq2seq_batch, step_batches, Batch, RowOrder,
@@ -96,6 +98,16 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The ops mode of every forward pass: [`Ops::Fused`] with `fused_ops`, else
+    /// [`Ops::Kernels`].
+    pub fn ops(&self) -> Ops {
+        if self.fused_ops {
+            Ops::Fused
+        } else {
+            Ops::Kernels
+        }
+    }
+
     /// Reject settings that cannot train.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(EngineError::Config(format!("train: {m}")));
@@ -193,15 +205,6 @@ pub fn train_on(
     rows: &[(&str, &str)],
 ) -> Result<TrainReport> {
     cfg.validate()?;
-    if cfg.fused_ops {
-        let plain = TrainConfig {
-            fused_ops: false,
-            ..cfg.clone()
-        };
-        return crate::engine::model::nn::with_fused_ops(|| {
-            train_on(model, base, prefix, &plain, rows)
-        });
-    }
     if rows.is_empty() {
         return Err(EngineError::Config("train: the data has no rows".into()));
     }
@@ -236,7 +239,7 @@ pub fn train_on(
     let mut losses = Vec::with_capacity(cfg.steps);
     let mut grad_check = GradCheck::default();
     for (step, batch) in step_batches(model, cfg, rows, &device)?.iter().enumerate() {
-        let loss = batch_loss(model, prefix, batch)?; // []
+        let loss = batch_loss_with(model, prefix, batch, cfg.ops())?; // []
         let value = loss.to_scalar::<f32>().ctx("loss value")?;
         if !value.is_finite() {
             return Err(Diagnosis::new(

@@ -182,7 +182,7 @@ fn logits_self_prefix_only(
     dec: &Tensor,
 ) -> Tensor {
     use prefix_harness::engine::cache::ModelCache;
-    use prefix_harness::engine::model::Forward;
+    use prefix_harness::engine::model::{Forward, Ops};
     use prefix_harness::engine::prefix::{extend_mask, inject, PrefixLayout};
     let g = model.geometry();
     let (b, s) = ids.dims2().expect("[B, S]");
@@ -201,7 +201,7 @@ fn logits_self_prefix_only(
     inject(&mut mc, &pkv, PrefixLayout::Auto, p).expect("inject");
     let dev = ids.device();
     let pad = Tensor::ones((b, s), candle_core::DType::F32, dev).expect("pad");
-    let enc = model.encode(ids, &pad).expect("encode");
+    let enc = model.encode(ids, &pad, Ops::Kernels).expect("encode");
     let mask = extend_mask(
         &Tensor::ones((b, t), candle_core::DType::F32, dev).expect("mask"),
         p,
@@ -216,6 +216,7 @@ fn logits_self_prefix_only(
                 mask: &mask,
                 encoder: Some(&enc),
                 last_only: false,
+                ops: Ops::Kernels,
             },
         )
         .expect("forward")

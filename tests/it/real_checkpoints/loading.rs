@@ -17,6 +17,7 @@ fn probe_logits(model: &dyn Model) -> Tensor {
                 mask: &Tensor::ones((1, 3), DType::F32, &Device::Cpu).expect("mask"),
                 encoder: None,
                 last_only: false,
+                ops: Ops::Kernels,
             },
         )
         .expect("forward")

@@ -54,7 +54,7 @@ fn forward(
     let (input, encoded, mask, mut mc) = match dec {
         Some(dec) => {
             assert_eq!(mode, CacheMode::Dynamic, "encoder-decoders: dynamic only");
-            let enc = model.encode(ids, pad).expect("encode");
+            let enc = model.encode(ids, pad, Ops::Kernels).expect("encode");
             let t = dec.dim(1).expect("decoder length");
             let ones = Tensor::ones((b, t), DType::F32, &Device::Cpu).expect("mask");
             let mc = prefix_cache(model, prefix, b, self_only);
@@ -86,6 +86,7 @@ fn forward(
                 mask: &mask,
                 encoder: encoded.as_ref(),
                 last_only: false,
+                ops: Ops::Kernels,
             },
         )
         .expect("forward");
@@ -105,7 +106,7 @@ fn greedy_t5_self_only(
     let b = ids.dim(0).expect("batch");
     let p = prefix.geometry.num_virtual_tokens;
     let mut mc = prefix_cache(model, prefix, b, true);
-    let enc = model.encode(ids, pad).expect("encode");
+    let enc = model.encode(ids, pad, Ops::Kernels).expect("encode");
     let mut next = Tensor::full(model.decoder_start_token_id(), (b, 1), &dev).expect("start");
     let mut seen = 0;
     let mut out = vec![vec![]; b];
@@ -122,6 +123,7 @@ fn greedy_t5_self_only(
                     mask: &mask,
                     encoder: Some(&enc),
                     last_only: false,
+                    ops: Ops::Kernels,
                 },
             )
             .expect("decode step");
@@ -455,7 +457,7 @@ fn t5_peft_default_token_dim_is_a_head_dim_diagnosis() {
     let dec = ids(exp.decoder_input_ids.as_ref().expect("decoder ids"));
     let b = input.dim(0).expect("batch");
     let mut mc = prefix_cache(model.as_ref(), &prefix, b, true);
-    let enc = model.encode(&input, &pad).expect("encode");
+    let enc = model.encode(&input, &pad, Ops::Kernels).expect("encode");
     let mask = extend_mask(
         &Tensor::ones((b, dec.dim(1).expect("len")), DType::F32, &Device::Cpu).expect("mask"),
         prefix.geometry.num_virtual_tokens,
@@ -470,6 +472,7 @@ fn t5_peft_default_token_dim_is_a_head_dim_diagnosis() {
                 mask: &mask,
                 encoder: Some(&enc),
                 last_only: false,
+                ops: Ops::Kernels,
             },
         )
         .expect_err("the prefix does not fit the cache");

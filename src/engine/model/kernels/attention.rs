@@ -228,6 +228,8 @@ fn attention_grads(
 /// Llama's whole attention sub-block, residual included, as one graph node when
 /// training: `x + o(merge(attention(rope(q(n)), kf, vf)))` with
 /// `n = rms_norm(x) * norm_w`. `x: [B, S, E]`, `kf, vf: [B, KVH, K, D]` -> `[B, S, E]`.
+/// With per-head q/k norms (Qwen3, [`AttentionBlock::q_norm`], [`AttentionBlock::k_norm`])
+/// the queries are `rope(q_norm(q(n)))` and the new keys `rope(k_norm(k(n)))`.
 ///
 /// `kf` and `vf` are what the cache returned: the prefix (and cached positions), then
 /// the S new keys `rope(k(n))` and values `v(n)`, which were computed from `x` outside
@@ -252,6 +254,11 @@ pub struct AttentionBlock {
     pub norm: Norm,
     /// The RoPE tables of the S new positions, `[B, 1, S, D]` each.
     pub rope: Rope,
+    /// The per-head RMSNorm of the queries (weight `[D]`) with what it normalised,
+    /// `q(n)` as heads `[B, H, S, D]`, contiguous; `None`: no query norm.
+    pub q_norm: Option<(Norm, Tensor)>,
+    /// The same for the new keys, `k(n)` as heads `[B, KVH, S, D]`.
+    pub k_norm: Option<(Norm, Tensor)>,
     /// `E -> H*D`, `E -> KVH*D`, `E -> KVH*D`, `H*D -> E`.
     pub q_proj: Linear,
     pub k_proj: Linear,
@@ -278,8 +285,8 @@ impl CustomOp3 for AttentionBlock {
 
     /// `dO = split(dy @ o)`; `(dq, dkf, dvf)` from `attention_grads`; the last S rows
     /// of `dkf` and `dvf` are the new keys' and values'; `dn = q'(dq) + k'(dk) + v'(dv)`
-    /// through RoPE's transpose, the head merge and the projections;
-    /// `dx = dy + rms_norm'(x) dn`.
+    /// through RoPE's transpose, the q/k norms' input gradients (when given), the head
+    /// merge and the projections; `dx = dy + rms_norm'(x) dn`.
     fn bwd(
         &self,
         x: &Tensor,
@@ -302,8 +309,17 @@ impl CustomOp3 for AttentionBlock {
             Some(dq) if kl >= s => {
                 // [B, KVH, S, D] each
                 let new = |g: &Tensor| g.narrow(2, kl - s, s)?.contiguous();
-                let dq = from_heads(&self.rope.transpose(&dq)?)?; // [B, S, H*D]
-                let dk = from_heads(&self.rope.transpose(&new(&dkf)?)?)?; // [B, S, KVH*D]
+                // The gradient of the projected heads from that of the rotated ones:
+                // RoPE's transpose, then the head norm's (when given).
+                let unrotate = |g: &Tensor, norm: &Option<(Norm, Tensor)>| {
+                    let g = self.rope.transpose(g)?;
+                    match norm {
+                        Some((norm, heads)) => norm.input_grad(heads, &g, None),
+                        None => Ok(g),
+                    }
+                };
+                let dq = from_heads(&unrotate(&dq, &self.q_norm)?)?; // [B, S, H*D]
+                let dk = from_heads(&unrotate(&new(&dkf)?, &self.k_norm)?)?; // [B, S, KVH*D]
                 let dv = from_heads(&new(&dvf)?)?; // [B, S, KVH*D]
                 let dn = input_grad_sum(&[
                     (&self.q_proj, &dq),
