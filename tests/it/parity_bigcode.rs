@@ -15,13 +15,13 @@ fn theirs(cfg: &gpt_bigcode::Config) -> bigcode::GPTBigCode {
         weights::materialize(&ModelConfig::GptBigcode(cfg.clone()), SEED, &Device::Cpu).unwrap();
     let vb = VarBuilder::from_tensors(map, DType::F32, &Device::Cpu);
     let c = bigcode::Config {
-        vocab_size: cfg.vocab_size,
-        max_position_embeddings: cfg.n_positions,
-        num_hidden_layers: cfg.n_layer,
-        hidden_size: cfg.n_embd,
-        layer_norm_epsilon: cfg.layer_norm_epsilon,
-        n_inner: cfg.n_inner,
-        num_attention_heads: cfg.n_head,
+        vocab_size: cfg.gpt2.vocab_size,
+        max_position_embeddings: cfg.gpt2.n_positions,
+        num_hidden_layers: cfg.gpt2.n_layer,
+        hidden_size: cfg.gpt2.n_embd,
+        layer_norm_epsilon: cfg.gpt2.layer_norm_epsilon,
+        n_inner: cfg.gpt2.n_inner,
+        num_attention_heads: cfg.gpt2.n_head,
         multi_query: cfg.multi_query,
         use_cache: true,
     };

@@ -117,10 +117,12 @@ impl Setup {
                 ..bloom::Config::tiny()
             }),
             Family::GptBigcode => ModelConfig::GptBigcode(gpt_bigcode::Config {
-                n_head: heads,
+                gpt2: gpt2::Config {
+                    n_head: heads,
+                    ..gpt2::Config::tiny()
+                },
                 // The fused legacy layout exists for multi-query models only.
                 multi_query: self.heads.group > 0 || self.mode == Mode::Legacy,
-                ..gpt_bigcode::Config::tiny()
             }),
             Family::Llama => ModelConfig::Llama(llama::Config {
                 sizes: Sizes {

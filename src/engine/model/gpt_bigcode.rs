@@ -10,28 +10,17 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::gpt2::{DecoderSpec, QkvColumns};
+use super::gpt2::{self, DecoderSpec, QkvColumns};
 use super::weights::linear_params;
 use super::{Family, ModelGeometry};
 
-/// `GPTBigCodeConfig` (Hugging Face field names).
+/// `GPTBigCodeConfig` (Hugging Face field names): GPT-2's fields and `multi_query`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
-    pub vocab_size: usize,
-    pub n_positions: usize,
-    pub n_embd: usize,
-    pub n_layer: usize,
-    pub n_head: usize,
-    #[serde(default)]
-    pub n_inner: Option<usize>,
-    #[serde(default = "default_eps")]
-    pub layer_norm_epsilon: f64,
+    #[serde(flatten)]
+    pub gpt2: gpt2::Config,
     #[serde(default = "default_true")]
     pub multi_query: bool,
-}
-
-fn default_eps() -> f64 {
-    1e-5
 }
 
 fn default_true() -> bool {
@@ -39,15 +28,10 @@ fn default_true() -> bool {
 }
 
 impl Config {
+    /// GPT-2's tiny config, multi-query.
     pub fn tiny() -> Self {
         Self {
-            vocab_size: 256,
-            n_positions: 128,
-            n_embd: 64,
-            n_layer: 2,
-            n_head: 4,
-            n_inner: None,
-            layer_norm_epsilon: 1e-5,
+            gpt2: gpt2::Config::tiny(),
             multi_query: true,
         }
     }
@@ -58,27 +42,23 @@ impl Config {
         DecoderSpec {
             family: Family::GptBigcode,
             geometry: self.geometry(),
-            n_positions: self.n_positions,
-            inner: self.n_inner.unwrap_or(4 * self.n_embd),
-            eps: self.layer_norm_epsilon,
             columns: match self.multi_query {
                 true => QkvColumns::Contiguous { kv_heads: 1 },
                 false => QkvColumns::PerHead,
             },
             projection: linear_params,
+            ..self.gpt2.decoder()
         }
     }
 
     pub fn geometry(&self) -> ModelGeometry {
         ModelGeometry {
-            num_layers: self.n_layer,
-            num_attention_heads: self.n_head,
-            num_kv_heads: if self.multi_query { 1 } else { self.n_head },
-            head_dim: self.n_embd / self.n_head.max(1),
-            hidden_size: self.n_embd,
-            vocab_size: self.vocab_size,
-            max_positions: Some(self.n_positions),
-            encoder_decoder: false,
+            num_kv_heads: if self.multi_query {
+                1
+            } else {
+                self.gpt2.n_head
+            },
+            ..self.gpt2.geometry()
         }
     }
 }
