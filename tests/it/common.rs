@@ -115,10 +115,81 @@ pub fn flat_logits(mc: ModelConfig, seed: u64, ids: &Tensor) -> Vec<f32> {
     let model = mc
         .build(weights::seeded(seed, DType::F32, ids.device()))
         .expect("model builds");
-    logits_with(model.as_ref(), None, CacheMode::Dynamic, ids)
+    flat_logits_of(model.as_ref(), ids)
+}
+
+/// Our logits `[B, S, V]` of `model` for `ids: [B, S]`, no prefix, flattened.
+pub fn flat_logits_of(model: &dyn Model, ids: &Tensor) -> Vec<f32> {
+    logits_with(model, None, CacheMode::Dynamic, ids)
         .flatten_all()
         .and_then(|t| t.to_vec1())
         .expect("logits")
+}
+
+/// The seed of the per-family tests' weights.
+pub const FAMILY_SEED: u64 = 7;
+
+/// The `[2, 12]` token ids of the per-family tests: longer than the tiny configs'
+/// windows (Gemma 2: 8, Gemma 3: 6).
+pub fn long_prompt() -> Tensor {
+    Tensor::new(
+        &[
+            [1u32, 17, 42, 99, 3, 250, 8, 64, 9, 31, 120, 7],
+            [5, 200, 13, 77, 0, 128, 44, 2, 19, 230, 6, 90],
+        ],
+        &Device::Cpu,
+    )
+    .expect("prompt")
+}
+
+/// The `ModelConfig` a `config.json` text parses to (panics naming the text and the
+/// error).
+pub fn parse_hf_config(json: &str) -> ModelConfig {
+    ModelConfig::from_hf_json(json).unwrap_or_else(|e| panic!("{json}: {e}"))
+}
+
+/// The weights of `mc` seeded with [`FAMILY_SEED`], by parameter name, after checking
+/// that each of `present` is among them and that each `(name, dims)` has those dims.
+pub fn family_parameters(
+    mc: &ModelConfig,
+    present: &[&str],
+    dims: &[(&str, &[usize])],
+) -> HashMap<String, Tensor> {
+    let names = weights::materialize(mc, FAMILY_SEED, &Device::Cpu).expect("weights");
+    for n in present {
+        assert!(names.contains_key(*n), "{n} not in {:?}", names.keys());
+    }
+    for (n, want) in dims {
+        assert_eq!(names[*n].dims(), *want, "{n}");
+    }
+    names
+}
+
+/// Checks that each change of a family's `tiny()` config, made on its own, moves the
+/// flattened `logits` by more than `min` (the largest |difference|): each piece of the
+/// family reaches the logits, so a test against a reference that lacked it too would
+/// not pass by accident. Returns the logits of `tiny()` itself.
+pub fn assert_each_change_moves_logits<C>(
+    tiny: fn() -> C,
+    logits: impl Fn(C) -> Vec<f32>,
+    min: f32,
+    changes: &[(&str, fn(&mut C))],
+) -> Vec<f32> {
+    let base = logits(tiny());
+    for (what, change) in changes {
+        let mut cfg = tiny();
+        change(&mut cfg);
+        let d = max_diff(&base, &logits(cfg));
+        assert!(d > min, "{what}: logits moved by only {d}");
+    }
+    base
+}
+
+/// Checks a family's parameters (see [`family_parameters`]): tied embeddings (no
+/// `lm_head.weight`) and no bias anywhere.
+pub fn assert_tied_without_biases(names: &HashMap<String, Tensor>) {
+    assert!(!names.contains_key("lm_head.weight"), "tied embeddings");
+    assert!(!names.keys().any(|k| k.ends_with(".bias")));
 }
 
 /// The largest |a - b| over two slices of the same length.

@@ -7,7 +7,9 @@
 //! i` masks), and the window itself is checked against transformers
 //! (`scenarios/stack/`).
 
-use crate::common::{build_with_weights, logits_with, max_abs_diff, parity_prompt, worst_diff};
+use crate::common::{
+    build_with_weights, logits_with, max_abs_diff, parity_prompt, parse_hf_config, worst_diff,
+};
 
 use std::collections::HashMap;
 
@@ -249,10 +251,6 @@ fn ours_last(model: &dyn Model, ids: &Tensor) -> Tensor {
 // ---------------------------------------------------------------------------------
 // config.json parsing and parameter names
 
-fn parse(json: &str) -> ModelConfig {
-    ModelConfig::from_hf_json(json).unwrap_or_else(|e| panic!("{json}: {e}"))
-}
-
 /// The windows of every layer of a Llama-like config.
 fn windows(mc: &ModelConfig) -> Vec<Option<usize>> {
     mc.decoder().expect("a Llama-like family").1.windows
@@ -261,7 +259,7 @@ fn windows(mc: &ModelConfig) -> Vec<Option<usize>> {
 #[test]
 fn qwen2_config_json_defaults_and_sliding_layers() {
     // A Qwen2.5-style checkpoint: GQA 14 over 2, tied embeddings, window off.
-    let mc = parse(
+    let mc = parse_hf_config(
         r#"{"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
         "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
         "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
@@ -281,7 +279,7 @@ fn qwen2_config_json_defaults_and_sliding_layers() {
     assert_eq!(cfg.theta(), 1e6);
 
     // Nothing but model_type: transformers' defaults (32 KV heads, not the heads).
-    let ModelConfig::Qwen2(d) = parse(r#"{"model_type": "qwen2"}"#) else {
+    let ModelConfig::Qwen2(d) = parse_hf_config(r#"{"model_type": "qwen2"}"#) else {
         panic!("qwen2")
     };
     assert_eq!(
@@ -297,22 +295,22 @@ fn qwen2_config_json_defaults_and_sliding_layers() {
     let on = r#"{"model_type": "qwen2", "num_hidden_layers": 3, "hidden_size": 64,
         "num_attention_heads": 4, "num_key_value_heads": 2, "use_sliding_window": true, "sliding_window": 8,
         "max_window_layers": 1}"#;
-    assert_eq!(windows(&parse(on)), [None, Some(8), Some(8)]);
+    assert_eq!(windows(&parse_hf_config(on)), [None, Some(8), Some(8)]);
     // ... unless layer_types says which.
     let typed = on.replace(
         r#""max_window_layers": 1"#,
         r#""layer_types": ["sliding_attention", "full_attention", "sliding_attention"]"#,
     );
-    assert_eq!(windows(&parse(&typed)), [Some(8), None, Some(8)]);
+    assert_eq!(windows(&parse_hf_config(&typed)), [Some(8), None, Some(8)]);
     // A null window slides nothing.
     let null = on.replace(r#""sliding_window": 8"#, r#""sliding_window": null"#);
-    assert_eq!(windows(&parse(&null)), [None, None, None]);
+    assert_eq!(windows(&parse_hf_config(&null)), [None, None, None]);
 }
 
 #[test]
 fn mistral_config_json_window_and_head_dim() {
     // Mistral-Nemo-style explicit head_dim (128 != 5120 / 32); a null window.
-    let mc = parse(
+    let mc = parse_hf_config(
         r#"{"model_type": "mistral", "hidden_size": 5120, "num_attention_heads": 32,
         "num_key_value_heads": 8, "head_dim": 128, "num_hidden_layers": 2,
         "vocab_size": 131072, "sliding_window": null, "rope_theta": 1000000.0}"#,
@@ -325,7 +323,7 @@ fn mistral_config_json_window_and_head_dim() {
     let (_, block) = mc.decoder().unwrap();
     assert!(!block.qkv_bias && !block.o_bias && !block.qk_norm);
     // Absent: Mistral 7B v0.1's defaults (window 4096 in every layer, 8 KV heads).
-    let d = parse(r#"{"model_type": "mistral", "num_hidden_layers": 2}"#);
+    let d = parse_hf_config(r#"{"model_type": "mistral", "num_hidden_layers": 2}"#);
     assert_eq!(windows(&d), [Some(4096), Some(4096)]);
     assert_eq!((d.geometry().num_kv_heads, d.geometry().head_dim), (8, 128));
 }
@@ -333,7 +331,7 @@ fn mistral_config_json_window_and_head_dim() {
 #[test]
 fn qwen3_config_json_head_dim_and_bias() {
     // A Qwen3-0.6B-style config: head_dim 128 with hidden 1024 / 16 heads = 64.
-    let mc = parse(
+    let mc = parse_hf_config(
         r#"{"model_type": "qwen3", "hidden_size": 1024, "num_attention_heads": 16,
         "num_key_value_heads": 8, "head_dim": 128, "num_hidden_layers": 2,
         "intermediate_size": 3072, "vocab_size": 151936, "attention_bias": false,
@@ -347,11 +345,12 @@ fn qwen3_config_json_head_dim_and_bias() {
     let (_, block) = mc.decoder().unwrap();
     assert!(block.qk_norm && !block.qkv_bias && !block.o_bias);
     // attention_bias puts biases on q/k/v and o.
-    let biased =
-        parse(r#"{"model_type": "qwen3", "num_hidden_layers": 1, "attention_bias": true}"#);
+    let biased = parse_hf_config(
+        r#"{"model_type": "qwen3", "num_hidden_layers": 1, "attention_bias": true}"#,
+    );
     let (_, block) = biased.decoder().unwrap();
     assert!(block.qkv_bias && block.o_bias);
-    let ModelConfig::Qwen3(d) = parse(r#"{"model_type": "qwen3"}"#) else {
+    let ModelConfig::Qwen3(d) = parse_hf_config(r#"{"model_type": "qwen3"}"#) else {
         panic!("qwen3")
     };
     assert_eq!((d.head_dim, d.num_key_value_heads), (128, Some(32)));
@@ -401,7 +400,7 @@ fn llama3_rope_scaling_loads_and_applies() {
     let plain = base.replace("ROPE", "null");
     let ids = parity_prompt(&dev);
     let logits = |json: &str| {
-        let mc = parse(json);
+        let mc = parse_hf_config(json);
         let model = mc.build(weights::seeded(SEED, DType::F32, &dev)).unwrap();
         ours(model.as_ref(), &ids)
     };
