@@ -43,6 +43,51 @@ pub fn cache_mode(name: &str, static_max_len: usize, window: usize) -> CacheMode
     }
 }
 
+/// An `#[rstest]` test whose first parameter, `family: Family`, takes each family of a
+/// named list, in the form of ripgrep's `rgtest!` (so that rustfmt formats the body):
+///
+/// `family_test!(CLASSIC, name, |family: Family, #[values(..)] mode: &str| { .. });`
+///
+/// defines `fn name` with `#[values(<the list>)] family` and the closure's other
+/// parameters, rstest attributes included. The lists: `CLASSIC` (gpt2, llama, bloom,
+/// gpt_bigcode, t5: every generation strategy and training), `NOT_GEMMA` (every family
+/// but the two Gemmas) and `ALL` (every family, as `Family::ALL`).
+macro_rules! family_test {
+    (CLASSIC, $($test:tt)*) => {
+        family_test!(@list [Gpt2, Llama, Bloom, GptBigcode, T5], $($test)*);
+    };
+    (NOT_GEMMA, $($test:tt)*) => {
+        family_test!(
+            @list [Gpt2, Llama, Bloom, GptBigcode, T5, Qwen2, Mistral, Qwen3, Phi3, GptNeox],
+            $($test)*
+        );
+    };
+    (ALL, $($test:tt)*) => {
+        family_test!(
+            @list [
+                Gpt2, Llama, Bloom, GptBigcode, T5, Qwen2, Mistral, Qwen3, Phi3, GptNeox,
+                Gemma2, Gemma3
+            ],
+            $($test)*
+        );
+    };
+    (
+        @list [$($f:ident),*],
+        $name:ident,
+        |$family:ident: Family $(, $(#[$($attr:tt)*])* $param:ident: $ty:ty)* $(,)?| { $($body:tt)* }
+    ) => {
+        #[rstest::rstest]
+        fn $name(
+            #[values($(Family::$f),*)]
+            $family: Family,
+            $($(#[$($attr)*])* $param: $ty),*
+        ) {
+            $($body)*
+        }
+    };
+}
+pub(crate) use family_test;
+
 /// A `[B, S]` prompt of distinct-looking rows (row r is shifted by 37 r).
 pub fn prompt(batch: usize, seq: usize) -> Tensor {
     let data: Vec<u32> = (0..batch)
