@@ -237,6 +237,24 @@ pub fn assert_tied_without_biases(names: &HashMap<String, Tensor>) {
     assert!(!names.keys().any(|k| k.ends_with(".bias")));
 }
 
+/// `map` with each tensor whose name ends with `suffix` replaced by `f` of it.
+pub fn replaced(
+    map: &HashMap<String, Tensor>,
+    suffix: &str,
+    f: impl Fn(&Tensor) -> Tensor,
+) -> HashMap<String, Tensor> {
+    map.iter()
+        .map(|(name, t)| {
+            let t = if name.ends_with(suffix) {
+                f(t)
+            } else {
+                t.clone()
+            };
+            (name.clone(), t)
+        })
+        .collect()
+}
+
 /// The largest |a - b| over two slices of the same length.
 pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()

@@ -11,7 +11,7 @@ use prefix_harness::engine::model::{gemma3, weights, Family, ModelConfig};
 
 use crate::common::{
     assert_each_change_moves_logits, assert_tied_without_biases, family_parameters, flat_logits,
-    flat_logits_of, long_prompt, max_diff, parse_hf_config, FAMILY_SEED,
+    flat_logits_of, long_prompt, max_diff, parse_hf_config, replaced, FAMILY_SEED,
 };
 
 fn parse(s: &str) -> gemma3::Config {
@@ -183,12 +183,9 @@ fn gemma3_qk_norm_weights_reach_the_logits() {
     let map = weights::materialize(&mc, FAMILY_SEED, &dev).unwrap();
     let base = run(map.clone());
     for norm in ["q_norm", "k_norm"] {
-        let mut m = map.clone();
-        for (name, t) in m.iter_mut() {
-            if name.ends_with(&format!("self_attn.{norm}.weight")) {
-                *t = t.zeros_like().unwrap();
-            }
-        }
+        let m = replaced(&map, &format!("self_attn.{norm}.weight"), |t| {
+            t.zeros_like().unwrap()
+        });
         let d = max_diff(&base, &run(m));
         assert!(d > 1e-3, "{norm}: logits moved by only {d}");
     }

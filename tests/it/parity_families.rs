@@ -8,13 +8,18 @@
 //! (`scenarios/stack/`).
 
 use crate::common::{
-    build_with_weights, logits_with, max_abs_diff, parity_prompt, parse_hf_config, worst_diff,
+    build_with_weights, logits_with, max_abs_diff, parity_prompt, parse_hf_config, replaced,
+    worst_diff,
 };
 
 use std::collections::HashMap;
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{json, Value};
+
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{Activation, VarBuilder};
+use candle_nn::VarBuilder;
 use candle_transformers::models::{
     gemma2 as ct_gemma2, gemma3 as ct_gemma3, mistral as ct_mistral, qwen2 as ct_qwen2,
     qwen3 as ct_qwen3,
@@ -30,6 +35,24 @@ const TOL: f32 = 1e-4;
 /// Our logits `[B, S, V]` for the prompt, no prefix.
 fn ours(model: &dyn Model, ids: &Tensor) -> Tensor {
     logits_with(model, None, CacheMode::Dynamic, ids)
+}
+
+/// Our model of `mc` seeded with `SEED`: its logits `[B, S, V]` on the parity prompt
+/// (no prefix), the weights it was built from (for the reference), and the prompt
+/// `[B, S]`.
+fn ours_seeded(mc: &ModelConfig) -> (Tensor, HashMap<String, Tensor>, Tensor) {
+    let dev = Device::Cpu;
+    let (model, map) = build_with_weights(mc, SEED, &dev);
+    let ids = parity_prompt(&dev);
+    (ours(model.as_ref(), &ids), map, ids)
+}
+
+/// Prints the largest difference between our last-position logits `[B, 1, V]` and a
+/// reference's whole-prompt pass (`what` names both) and checks it against `TOL`.
+fn assert_last_position_parity(what: &str, ours: &Tensor, theirs: &Tensor) {
+    let worst = max_abs_diff(ours, theirs);
+    println!("{what}: max abs diff {worst:e}");
+    assert!(worst <= TOL, "max abs diff {worst} > {TOL}");
 }
 
 /// `forward(ids, offset)` of a candle-transformers model with a KV cache, emptied at
@@ -58,92 +81,48 @@ fn assert_parity(
     assert!(worst <= TOL, "{name}: max abs diff {worst} > {TOL}");
 }
 
-#[test]
-fn qwen2_no_prefix_parity_with_candle_transformers() {
-    let dev = Device::Cpu;
-    let cfg = qwen2::Config::tiny();
-    let (model, map) = build_with_weights(&ModelConfig::Qwen2(cfg.clone()), SEED, &dev);
-    let ids = parity_prompt(&dev);
-    let ours = ours(model.as_ref(), &ids);
-    let ccfg = ct_qwen2::Config {
-        vocab_size: cfg.vocab_size,
-        hidden_size: cfg.hidden_size,
-        intermediate_size: cfg.intermediate_size,
-        num_hidden_layers: cfg.num_hidden_layers,
-        num_attention_heads: cfg.num_attention_heads,
-        num_key_value_heads: cfg.num_key_value_heads.unwrap(),
-        max_position_embeddings: cfg.max_position_embeddings,
-        sliding_window: 4096,
-        max_window_layers: cfg.max_window_layers,
-        tie_word_embeddings: cfg.tie_word_embeddings,
-        rope_theta: cfg.rope_theta,
-        rms_norm_eps: cfg.rms_norm_eps,
-        use_sliding_window: false,
-        hidden_act: Activation::Silu,
+/// candle-transformers' config `C` of one of our configs: `ours` as `config.json` (both
+/// read transformers' field names; candle ignores the fields it has not) with
+/// `overrides` on top (what candle-transformers models differently, and the activation,
+/// which the reference sets itself).
+fn candle_config<C: DeserializeOwned>(ours: &impl Serialize, overrides: Value) -> C {
+    let mut v = serde_json::to_value(ours).expect("our config as JSON");
+    let (Value::Object(fields), Value::Object(over)) = (&mut v, overrides) else {
+        panic!("configs are JSON objects")
     };
-    let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
-    let mut theirs = ct_qwen2::ModelForCausalLM::new(&ccfg, vb).unwrap();
-    assert_parity("qwen2", &ours, &ids, stepper!(theirs));
+    fields.extend(over);
+    serde_json::from_value(v).expect("candle-transformers reads the config")
 }
 
-#[test]
-fn mistral_no_prefix_parity_with_candle_transformers() {
-    let dev = Device::Cpu;
-    let cfg = mistral::Config {
-        sliding_window: None,
-        ..mistral::Config::tiny()
-    };
-    let (model, map) = build_with_weights(&ModelConfig::Mistral(cfg.clone()), SEED, &dev);
-    let ids = parity_prompt(&dev);
-    let ours = ours(model.as_ref(), &ids);
-    let ccfg = ct_mistral::Config {
-        vocab_size: cfg.vocab_size,
-        hidden_size: cfg.hidden_size,
-        intermediate_size: cfg.intermediate_size,
-        num_hidden_layers: cfg.num_hidden_layers,
-        num_attention_heads: cfg.num_attention_heads,
-        head_dim: cfg.head_dim,
-        num_key_value_heads: cfg.num_key_value_heads.unwrap(),
-        hidden_act: Activation::Silu,
-        max_position_embeddings: cfg.max_position_embeddings,
-        rms_norm_eps: cfg.rms_norm_eps,
-        rope_theta: cfg.rope_theta,
-        sliding_window: None,
-        use_flash_attn: false,
-    };
-    let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
-    let mut theirs = ct_mistral::Model::new(&ccfg, vb).unwrap();
-    assert_parity("mistral", &ours, &ids, stepper!(theirs));
+/// The Llama-like families: one `#[test]` per row, our model of the tiny config against
+/// candle-transformers' model of the same config (see [`candle_config`]) on the same
+/// seeded weights, whole prompt and token by token.
+macro_rules! llama_like_parity {
+    ($($test:ident: $family:ident($cfg:expr) vs $theirs:path, $overrides:tt;)*) => {$(
+        #[test]
+        fn $test() {
+            let cfg = $cfg;
+            let (ours, map, ids) = ours_seeded(&ModelConfig::$family(cfg.clone()));
+            let ccfg = candle_config(&cfg, serde_json::json!($overrides));
+            let vb = VarBuilder::from_tensors(map, DType::F32, &Device::Cpu);
+            let mut theirs = <$theirs>::new(&ccfg, vb).unwrap();
+            let name = ModelConfig::$family(cfg).family().name();
+            assert_parity(name, &ours, &ids, stepper!(theirs));
+        }
+    )*};
 }
 
-#[test]
-fn qwen3_no_prefix_parity_with_candle_transformers() {
-    let dev = Device::Cpu;
-    let cfg = qwen3::Config::tiny();
-    let (model, map) = build_with_weights(&ModelConfig::Qwen3(cfg.clone()), SEED, &dev);
-    let ids = parity_prompt(&dev);
-    let ours = ours(model.as_ref(), &ids);
-    let ccfg = ct_qwen3::Config {
-        vocab_size: cfg.vocab_size,
-        hidden_size: cfg.hidden_size,
-        intermediate_size: cfg.intermediate_size,
-        num_hidden_layers: cfg.num_hidden_layers,
-        num_attention_heads: cfg.num_attention_heads,
-        head_dim: cfg.head_dim,
-        attention_bias: cfg.attention_bias,
-        num_key_value_heads: cfg.num_key_value_heads.unwrap(),
-        max_position_embeddings: cfg.max_position_embeddings,
-        sliding_window: None,
-        max_window_layers: cfg.max_window_layers,
-        tie_word_embeddings: cfg.tie_word_embeddings,
-        rope_theta: cfg.rope_theta,
-        rms_norm_eps: cfg.rms_norm_eps,
-        use_sliding_window: false,
-        hidden_act: Activation::Silu,
-    };
-    let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
-    let mut theirs = ct_qwen3::ModelForCausalLM::new(&ccfg, vb).unwrap();
-    assert_parity("qwen3", &ours, &ids, stepper!(theirs));
+llama_like_parity! {
+    qwen2_no_prefix_parity_with_candle_transformers:
+        Qwen2(qwen2::Config::tiny()) vs ct_qwen2::ModelForCausalLM,
+        {"sliding_window": 4096, "use_sliding_window": false, "hidden_act": "silu"};
+    mistral_no_prefix_parity_with_candle_transformers:
+        Mistral(mistral::Config { sliding_window: None, ..mistral::Config::tiny() })
+        vs ct_mistral::Model,
+        {"sliding_window": null, "use_flash_attn": false, "hidden_act": "silu"};
+    qwen3_no_prefix_parity_with_candle_transformers:
+        Qwen3(qwen3::Config::tiny()) vs ct_qwen3::ModelForCausalLM,
+        {"sliding_window": null, "use_sliding_window": false, "hidden_act": "silu"};
 }
 
 // ---------------------------------------------------------------------------------
@@ -165,34 +144,14 @@ fn candle_gemma2(
     cfg: &gemma2::Config,
     map: &HashMap<String, Tensor>,
     window: Option<usize>,
-    dev: &Device,
 ) -> ct_gemma2::Model {
-    let ccfg = ct_gemma2::Config {
-        attention_bias: cfg.attention_bias,
-        head_dim: cfg.head_dim,
-        hidden_activation: Activation::GeluPytorchTanh,
-        hidden_size: cfg.hidden_size,
-        intermediate_size: cfg.intermediate_size,
-        num_attention_heads: cfg.num_attention_heads,
-        num_hidden_layers: cfg.num_hidden_layers,
-        num_key_value_heads: cfg.num_key_value_heads,
-        rms_norm_eps: cfg.rms_norm_eps,
-        rope_theta: cfg.rope_theta,
-        vocab_size: cfg.vocab_size,
-        final_logit_softcapping: cfg.final_logit_softcapping,
-        attn_logit_softcapping: cfg.attn_logit_softcapping,
-        query_pre_attn_scalar: cfg.query_pre_attn_scalar,
-        sliding_window: window,
-        max_position_embeddings: cfg.max_position_embeddings,
-    };
+    let ccfg = candle_config(
+        cfg,
+        json!({"hidden_activation": "gelu_pytorch_tanh", "sliding_window": window}),
+    );
     let q_factor = (cfg.head_dim as f64 / cfg.query_pre_attn_scalar as f64).sqrt();
-    let mut map = map.clone();
-    for (name, t) in map.iter_mut() {
-        if name.ends_with("self_attn.q_proj.weight") {
-            *t = (&*t * q_factor).unwrap();
-        }
-    }
-    let vb = VarBuilder::from_tensors(map, DType::F32, dev);
+    let map = replaced(map, "self_attn.q_proj.weight", |t| (t * q_factor).unwrap());
+    let vb = VarBuilder::from_tensors(map, DType::F32, &Device::Cpu);
     ct_gemma2::Model::new(false, &ccfg, vb).unwrap()
 }
 
@@ -200,13 +159,10 @@ fn candle_gemma2(
 /// soft-caps, tied embeddings); its window of 8 is longer than the 7-token prompt.
 #[test]
 fn gemma2_no_prefix_parity_with_candle_transformers() {
-    let dev = Device::Cpu;
     let cfg = gemma2::Config::tiny();
-    let (model, map) = build_with_weights(&ModelConfig::Gemma2(cfg.clone()), SEED, &dev);
-    let ids = parity_prompt(&dev);
+    let (ours, map, ids) = ours_seeded(&ModelConfig::Gemma2(cfg.clone()));
     assert!(ids.dim(1).unwrap() <= cfg.sliding_window.unwrap());
-    let ours = ours(model.as_ref(), &ids);
-    let mut theirs = candle_gemma2(&cfg, &map, None, &dev);
+    let mut theirs = candle_gemma2(&cfg, &map, None);
     assert_parity("gemma2", &ours, &ids, stepper!(theirs));
 }
 
@@ -215,37 +171,35 @@ fn gemma2_no_prefix_parity_with_candle_transformers() {
 /// same 3 keys), whole-prompt pass; and the window does change the logits.
 #[test]
 fn gemma2_sliding_window_parity_with_candle_transformers() {
-    let dev = Device::Cpu;
     let cfg = gemma2::Config {
         sliding_window: Some(3),
         layer_types: Some(vec!["sliding_attention".into(); 3]),
         ..gemma2::Config::tiny()
     };
-    let (model, map) = build_with_weights(&ModelConfig::Gemma2(cfg.clone()), SEED, &dev);
-    let ids = parity_prompt(&dev);
-    let s = ids.dim(1).unwrap();
-    let ours = ours(model.as_ref(), &ids).narrow(1, s - 1, 1).unwrap();
-    let mut theirs = candle_gemma2(&cfg, &map, Some(2), &dev);
-    let worst = max_abs_diff(&ours, &theirs.forward(&ids, 0).unwrap());
-    println!("gemma2 all-sliding (W 3) parity vs candle-transformers gemma2 (W 2): max abs diff {worst:e}");
-    assert!(worst <= TOL, "max abs diff {worst} > {TOL}");
+    let (ours, map, ids) = ours_seeded(&ModelConfig::Gemma2(cfg.clone()));
+    let ours = last(&ours);
+    let mut theirs = candle_gemma2(&cfg, &map, Some(2));
+    assert_last_position_parity(
+        "gemma2 all-sliding (W 3) parity vs candle-transformers gemma2 (W 2)",
+        &ours,
+        &theirs.forward(&ids, 0).unwrap(),
+    );
     let full = gemma2::Config {
         sliding_window: None,
         ..cfg
     };
-    let (model, _) = build_with_weights(&ModelConfig::Gemma2(full), SEED, &dev);
-    let unwindowed = ours_last(model.as_ref(), &ids);
-    let moved = max_abs_diff(&ours, &unwindowed);
+    let (unwindowed, _, _) = ours_seeded(&ModelConfig::Gemma2(full));
+    let moved = max_abs_diff(&ours, &last(&unwindowed));
     assert!(
         moved > 1e-2,
         "the window of 3 moved the logits by only {moved}"
     );
 }
 
-/// Our logits at the last position `[B, 1, V]`.
-fn ours_last(model: &dyn Model, ids: &Tensor) -> Tensor {
-    let s = ids.dim(1).unwrap();
-    ours(model, ids).narrow(1, s - 1, 1).unwrap()
+/// The last position `[B, 1, V]` of logits `[B, S, V]`.
+fn last(logits: &Tensor) -> Tensor {
+    let s = logits.dim(1).unwrap();
+    logits.narrow(1, s - 1, 1).unwrap()
 }
 
 // ---------------------------------------------------------------------------------
@@ -428,44 +382,26 @@ fn candle_gemma3(
     map: &HashMap<String, Tensor>,
     window: usize,
     pattern: usize,
-    dev: &Device,
 ) -> ct_gemma3::Model {
-    let ccfg = ct_gemma3::Config {
-        attention_bias: cfg.attention_bias,
-        head_dim: cfg.head_dim,
-        hidden_activation: Activation::GeluPytorchTanh,
-        hidden_size: cfg.hidden_size,
-        intermediate_size: cfg.intermediate_size,
-        num_attention_heads: cfg.num_attention_heads,
-        num_hidden_layers: cfg.num_hidden_layers,
-        num_key_value_heads: cfg.num_key_value_heads,
-        rms_norm_eps: cfg.rms_norm_eps,
-        rope_theta: cfg.rope_theta,
-        rope_local_base_freq: cfg.rope_local_base_freq,
-        vocab_size: cfg.vocab_size,
-        final_logit_softcapping: cfg.final_logit_softcapping,
-        attn_logit_softcapping: cfg.attn_logit_softcapping,
-        query_pre_attn_scalar: cfg.query_pre_attn_scalar,
-        sliding_window: window,
-        sliding_window_pattern: pattern,
-        max_position_embeddings: cfg.max_position_embeddings,
-    };
+    let ccfg = candle_config(
+        cfg,
+        json!({"hidden_activation": "gelu_pytorch_tanh", "sliding_window": window,
+            "sliding_window_pattern": pattern}),
+    );
     let c = (cfg.head_dim as f64 / cfg.query_pre_attn_scalar as f64).sqrt();
-    let mut map = map.clone();
-    for (name, t) in map.iter_mut() {
-        if name.ends_with("self_attn.q_norm.weight") {
-            // [D]: c (1 + w) - 1
-            *t = (((&*t + 1.0).unwrap() * c).unwrap() - 1.0).unwrap();
-        }
-    }
-    let vb = VarBuilder::from_tensors(map, DType::F32, dev);
+    // [D]: c (1 + w) - 1
+    let map = replaced(map, "self_attn.q_norm.weight", |t| {
+        (((t + 1.0).unwrap() * c).unwrap() - 1.0).unwrap()
+    });
+    let vb = VarBuilder::from_tensors(map, DType::F32, &Device::Cpu);
     ct_gemma3::Model::new(false, &ccfg, vb).unwrap()
 }
 
-/// The tiny config without RoPE scaling (see above).
-fn gemma3_unscaled() -> gemma3::Config {
+/// The tiny config without RoPE scaling (see above), with a window of `window`.
+fn gemma3_unscaled(window: usize) -> gemma3::Config {
     gemma3::Config {
         rope_scaling: None,
+        sliding_window: Some(window),
         ..gemma3::Config::tiny()
     }
 }
@@ -475,16 +411,10 @@ fn gemma3_unscaled() -> gemma3::Config {
 /// reach, whole prompt and token by token.
 #[test]
 fn gemma3_no_prefix_parity_with_candle_transformers() {
-    let dev = Device::Cpu;
-    let cfg = gemma3::Config {
-        sliding_window: Some(8),
-        ..gemma3_unscaled()
-    };
-    let (model, map) = build_with_weights(&ModelConfig::Gemma3(cfg.clone()), SEED, &dev);
-    let ids = parity_prompt(&dev);
+    let cfg = gemma3_unscaled(8);
+    let (ours, map, ids) = ours_seeded(&ModelConfig::Gemma3(cfg.clone()));
     assert!(ids.dim(1).unwrap() <= 8);
-    let ours = ours(model.as_ref(), &ids);
-    let mut theirs = candle_gemma3(&cfg, &map, 8, 3, &dev);
+    let mut theirs = candle_gemma3(&cfg, &map, 8, 3);
     assert_parity("gemma3", &ours, &ids, stepper!(theirs));
 }
 
@@ -493,18 +423,12 @@ fn gemma3_no_prefix_parity_with_candle_transformers() {
 /// pass.
 #[test]
 fn gemma3_sliding_window_parity_with_candle_transformers() {
-    let dev = Device::Cpu;
-    let cfg = gemma3::Config {
-        sliding_window: Some(3),
-        ..gemma3_unscaled()
-    };
-    let (model, map) = build_with_weights(&ModelConfig::Gemma3(cfg.clone()), SEED, &dev);
-    let ids = parity_prompt(&dev);
-    let ours = ours_last(model.as_ref(), &ids);
-    let mut theirs = candle_gemma3(&cfg, &map, 2, 3, &dev);
-    let worst = max_abs_diff(&ours, &theirs.forward(&ids, 0).unwrap());
-    println!(
-        "gemma3 sliding (W 3) parity vs candle-transformers gemma3 (W 2): max abs diff {worst:e}"
+    let cfg = gemma3_unscaled(3);
+    let (ours, map, ids) = ours_seeded(&ModelConfig::Gemma3(cfg.clone()));
+    let mut theirs = candle_gemma3(&cfg, &map, 2, 3);
+    assert_last_position_parity(
+        "gemma3 sliding (W 3) parity vs candle-transformers gemma3 (W 2)",
+        &last(&ours),
+        &theirs.forward(&ids, 0).unwrap(),
     );
-    assert!(worst <= TOL, "max abs diff {worst} > {TOL}");
 }
