@@ -8,10 +8,11 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
-use prefix_harness::engine::cache::{CacheConfig, CacheMode, Layout};
+use prefix_harness::engine::cache::{CacheConfig, CacheMode, Layout, ModelCache};
+use prefix_harness::engine::diagnosis::Result as EngineResult;
 use prefix_harness::engine::generate::forward_logits;
-use prefix_harness::engine::model::{weights, Family, Model, ModelConfig};
-use prefix_harness::engine::prefix::{PrefixConfig, PrefixEncoder};
+use prefix_harness::engine::model::{weights, Encoded, Family, Forward, Model, ModelConfig};
+use prefix_harness::engine::prefix::{inject, PrefixConfig, PrefixEncoder, PrefixLayout};
 use proptest::test_runner::{Config as ProptestConfig, FileFailurePersistence};
 
 pub const SEED: u64 = 20261128;
@@ -253,6 +254,59 @@ pub fn replaced(
             (name.clone(), t)
         })
         .collect()
+}
+
+/// A `dynamic` cache holding `prefix` for `batch` rows, injected as PEFT injects it;
+/// `self_only` drops the cross-attention part (what PEFT 0.21.2 does for
+/// encoder-decoders).
+pub fn prefix_cache(
+    model: &dyn Model,
+    prefix: &PrefixEncoder,
+    batch: usize,
+    self_only: bool,
+) -> ModelCache {
+    let g = model.geometry();
+    let mut mc = ModelCache::new(
+        CacheConfig::new(CacheMode::Dynamic),
+        model.family().legacy_layout(),
+        g.num_layers,
+        g.encoder_decoder,
+    );
+    let mut pkv = prefix.past_key_values(batch).expect("prefix");
+    if self_only {
+        for lp in &mut pkv {
+            lp.cross = None;
+        }
+    }
+    inject(
+        &mut mc,
+        &pkv,
+        PrefixLayout::Auto,
+        prefix.geometry.num_virtual_tokens,
+    )
+    .expect("inject");
+    mc
+}
+
+/// One forward pass of `model` over `ids: [B, S]` through the cache `mc`, with the mask
+/// `mask: [B, past + S]` (prefix columns first) and, for an encoder-decoder, the
+/// encoder output: logits `[B, S, V]` at every position, or the engine's error.
+pub fn pass(
+    model: &dyn Model,
+    ids: &Tensor,
+    mc: &mut ModelCache,
+    mask: &Tensor,
+    encoder: Option<&Encoded>,
+) -> EngineResult<Tensor> {
+    model.forward(
+        ids,
+        &mut Forward {
+            cache: mc,
+            mask,
+            encoder,
+            last_only: false,
+        },
+    )
 }
 
 /// The largest |a - b| over two slices of the same length.

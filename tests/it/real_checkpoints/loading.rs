@@ -1,25 +1,17 @@
 //! `src/io/hub/`: resolution and loading errors.
 
 use super::*;
-use crate::common::max_abs_diff;
+use crate::common::{max_abs_diff, pass};
 
 fn probe_logits(model: &dyn Model) -> Tensor {
-    model
-        .forward(
-            &ids(&[vec![5, 6, 7]]),
-            &mut Forward {
-                cache: &mut ModelCache::new(
-                    CacheConfig::new(CacheMode::Dynamic),
-                    model.family().legacy_layout(),
-                    model.geometry().num_layers,
-                    false,
-                ),
-                mask: &Tensor::ones((1, 3), DType::F32, &Device::Cpu).expect("mask"),
-                encoder: None,
-                last_only: false,
-            },
-        )
-        .expect("forward")
+    let mut cache = ModelCache::new(
+        CacheConfig::new(CacheMode::Dynamic),
+        model.family().legacy_layout(),
+        model.geometry().num_layers,
+        false,
+    );
+    let mask = Tensor::ones((1, 3), DType::F32, &Device::Cpu).expect("mask");
+    pass(model, &ids(&[vec![5, 6, 7]]), &mut cache, &mask, None).expect("forward")
 }
 
 #[test]
