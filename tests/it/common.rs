@@ -309,6 +309,12 @@ pub fn pass(
     )
 }
 
+/// Checks that `text` contains `part`, showing `text` when it does not.
+#[track_caller]
+pub fn assert_contains(text: &str, part: &str) {
+    assert!(text.contains(part), "no `{part}` in:\n{text}");
+}
+
 /// The largest |a - b| over two slices of the same length.
 pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()

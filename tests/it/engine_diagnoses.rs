@@ -8,7 +8,7 @@ use prefix_harness::engine::diagnosis::{
     from_candle, Attention, Diagnosis, DiagnosisClass, EngineError, TensorKind,
 };
 use prefix_harness::engine::generate::{greedy, prepare_cache, DecodeOptions};
-use prefix_harness::engine::model::{Family, Forward, Model};
+use prefix_harness::engine::model::{Family, Model};
 use prefix_harness::engine::prefix::{
     HeadDimFrom, HeadsFrom, PrefixConfig, PrefixEncoder, PrefixLayout,
 };
@@ -33,15 +33,7 @@ fn failing_forward(
     ids: &Tensor,
     mask: &Tensor,
 ) -> Diagnosis {
-    let mut fw = Forward {
-        cache,
-        mask,
-        encoder: None,
-        last_only: false,
-    };
-    let err = model
-        .forward(ids, &mut fw)
-        .expect_err("the forward pass fails");
+    let err = pass(model, ids, cache, mask, None).expect_err("the forward pass fails");
     err.diagnosis().expect("diagnosed").clone()
 }
 
@@ -140,11 +132,7 @@ fn mask_not_extended_by_the_prefix_is_a_mask_width_failure() {
         (d.expected_shape.clone(), d.actual_shape.clone()),
         (vec![2, 9], vec![2, 5])
     );
-    assert!(
-        d.hint.contains("not extended by the P prefix columns"),
-        "{}",
-        d.hint
-    );
+    assert_contains(&d.hint, "not extended by the P prefix columns");
 }
 
 /// The other way round, a mask wider than the keys, gets the other hint.
@@ -200,11 +188,9 @@ fn a_hybrid_cache_without_room_for_the_prefix_is_a_seq_len_failure_of_a_global_l
     );
     assert_eq!(d.class, DiagnosisClass::SeqLen, "{d}");
     assert_eq!(d.tensor, Some(TensorKind::Key), "{d}");
-    assert!(
-        d.message
-            .contains("the hybrid cache's global layer holds 8 positions"),
-        "{}",
-        d.message
+    assert_contains(
+        &d.message,
+        "the hybrid cache's global layer holds 8 positions",
     );
     assert_eq!(d.hint, prefix_harness::engine::cache::hybrid::CAPACITY_HINT);
 }
@@ -284,6 +270,26 @@ fn diagnoses_read_as_one_line_with_place_shapes_and_cause() {
     assert!(text.contains("PEFT issue 2192"), "{text}");
 }
 
+/// The result of the one case of scenario `file` run with its expectation line `exact`
+/// replaced by another (`exact` itself: the scenario as it is).
+fn judged_with(
+    file: &'static str,
+    exact: &'static str,
+) -> impl Fn(&str) -> prefix_harness::harness::run::CaseResult {
+    use prefix_harness::harness::{run::run_case, scenario};
+    let text = std::fs::read_to_string(file).unwrap();
+    assert!(
+        text.contains(exact),
+        "the scenario's expectation changed: update this test"
+    );
+    move |expect| {
+        let case = scenario::parse(std::path::Path::new(file), &text.replace(exact, expect))
+            .unwrap()
+            .remove(0);
+        run_case(&case)
+    }
+}
+
 /// The judge matches every place field of an expected failure, in both directions: the
 /// exact place passes, and each field changed on its own (layer, attention, tensor, and
 /// the class) fails with the expectation and the diagnosis in the message.
@@ -291,19 +297,9 @@ fn diagnoses_read_as_one_line_with_place_shapes_and_cause() {
 fn the_judge_matches_every_place_field_of_an_expected_failure() {
     use prefix_harness::harness::run::{run_case, Status};
     use prefix_harness::harness::scenario;
-    let file = std::path::Path::new("scenarios/bugs/t5-cross-cache-marked-computed.yaml");
-    let text = std::fs::read_to_string(file).unwrap();
+    let file = "scenarios/bugs/t5-cross-cache-marked-computed.yaml";
     let exact = "expect: {error: seq-len, layer: 0, attention: cross, tensor: key}";
-    assert!(
-        text.contains(exact),
-        "the scenario's expectation changed: update this test"
-    );
-    let judge = |expect: &str| {
-        let case = scenario::parse(file, &text.replace(exact, expect))
-            .unwrap()
-            .remove(0);
-        run_case(&case)
-    };
+    let judge = judged_with(file, exact);
     assert_eq!(judge(exact).status, Status::Pass);
     assert_eq!(
         judge("expect: {error: seq-len}").status,
@@ -328,11 +324,14 @@ fn the_judge_matches_every_place_field_of_an_expected_failure() {
         );
     }
     // A passing case expected to fail, and a failing one expected to pass.
+    let text = std::fs::read_to_string(file).unwrap();
     let fixed = text.replace(
         "cross_prefix_marks_updated: true",
         "cross_prefix_marks_updated: false",
     );
-    let case = scenario::parse(file, &fixed).unwrap().remove(0);
+    let case = scenario::parse(std::path::Path::new(file), &fixed)
+        .unwrap()
+        .remove(0);
     let r = run_case(&case);
     assert_eq!(r.status, Status::Fail);
     assert!(r.message.unwrap().contains("fixed? update the scenario"));
@@ -370,22 +369,9 @@ fn the_loss_check_fails_a_case_whose_loss_does_not_decrease() {
 /// another class fails it.
 #[test]
 fn an_expected_warning_passes_the_judge_and_another_class_does_not() {
-    use prefix_harness::harness::run::{run_case, Status};
-    use prefix_harness::harness::scenario;
-    let file = std::path::Path::new("scenarios/bugs/sliding-window-evicts-prefix.yaml");
-    let text = std::fs::read_to_string(file).unwrap();
+    use prefix_harness::harness::run::Status;
     let exact = "expect: {error: prefix-evicted, layer: 0, attention: self, tensor: key}";
-    assert!(
-        text.contains(exact),
-        "the scenario's expectation changed: update this test"
-    );
-    let judge = |expect: &str| {
-        run_case(
-            &scenario::parse(file, &text.replace(exact, expect))
-                .unwrap()
-                .remove(0),
-        )
-    };
+    let judge = judged_with("scenarios/bugs/sliding-window-evicts-prefix.yaml", exact);
     let r = judge(exact);
     assert_eq!(r.status, Status::Pass, "{:?}", r.message);
     assert_eq!(r.diagnosis.unwrap().class, DiagnosisClass::PrefixEvicted);
