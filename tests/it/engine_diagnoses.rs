@@ -8,7 +8,7 @@ use prefix_harness::engine::diagnosis::{
     from_candle, Attention, Diagnosis, DiagnosisClass, EngineError, TensorKind,
 };
 use prefix_harness::engine::generate::{greedy, prepare_cache, DecodeOptions};
-use prefix_harness::engine::model::{Family, Model};
+use prefix_harness::engine::model::Family;
 use prefix_harness::engine::prefix::{
     HeadDimFrom, HeadsFrom, PrefixConfig, PrefixEncoder, PrefixLayout,
 };
@@ -26,19 +26,45 @@ fn diagnose(family: Family, p: usize, opts: DecodeOptions, cfg: Option<PrefixCon
     }
 }
 
-/// The diagnosis of one forward pass that must fail: `ids: [B, S]`, `mask: [B, P + S]`.
+/// The diagnosis of the next forward pass, which must fail, over the prompt
+/// `prompt(b, 5)` through a `dynamic` cache prepared for `batch` rows with `prefix` (or
+/// `seed` called on the empty cache), all of its 4 + 5 positions visible.
 fn failing_forward(
-    model: &dyn Model,
-    cache: &mut ModelCache,
-    ids: &Tensor,
-    mask: &Tensor,
+    family: Family,
+    prefix: Option<&PrefixEncoder>,
+    batch: usize,
+    seed: impl FnOnce(&mut ModelCache),
+    b: usize,
 ) -> Diagnosis {
-    let err = pass(model, ids, cache, mask, None).expect_err("the forward pass fails");
+    let model = tiny_model(family);
+    let cfg = CacheConfig::new(CacheMode::Dynamic);
+    let mut cache =
+        prepare_cache(model.as_ref(), prefix, &cfg, PrefixLayout::Auto, batch).expect("cache");
+    seed(&mut cache);
+    let mask = Tensor::ones((b, 9), DType::F32, &Device::Cpu).unwrap(); // [B, P + S]
+    cache.next_step();
+    let err = pass(model.as_ref(), &prompt(b, 5), &mut cache, &mask, None)
+        .expect_err("the forward pass fails");
     err.diagnosis().expect("diagnosed").clone()
 }
 
 fn opts(mode: CacheMode) -> DecodeOptions {
     DecodeOptions::new(CacheConfig::new(mode), 3)
+}
+
+/// [`opts`] with the prefix shaped for `layout`.
+fn opts_with_layout(mode: CacheMode, layout: PrefixLayout) -> DecodeOptions {
+    let mut o = opts(mode);
+    o.layout = layout;
+    o
+}
+
+/// The diagnosis of a `family` prefix of `p` shaped for `layout` in a cache in `mode`
+/// that holds another layout: a rank failure at layer 0's self key.
+fn layout_mismatch(family: Family, p: usize, mode: CacheMode, layout: PrefixLayout) -> Diagnosis {
+    let d = diagnose(family, p, opts_with_layout(mode, layout), None);
+    assert_layer0_self(&d, DiagnosisClass::Rank, TensorKind::Key);
+    d
 }
 
 /// [`assert_place`] at layer 0's self-attention.
@@ -64,10 +90,12 @@ fn assert_place(
 /// PEFT issue 2192: a 3-D Bloom prefix meets transformers' 4-D dynamic cache.
 #[test]
 fn bloom_legacy_prefix_in_a_dynamic_cache_is_a_rank_failure_at_layer_0_key() {
-    let mut o = opts(CacheMode::Dynamic);
-    o.layout = PrefixLayout::BloomLegacy;
-    let d = diagnose(Family::Bloom, 4, o, None);
-    assert_layer0_self(&d, DiagnosisClass::Rank, TensorKind::Key);
+    let d = layout_mismatch(
+        Family::Bloom,
+        4,
+        CacheMode::Dynamic,
+        PrefixLayout::BloomLegacy,
+    );
     assert_eq!(d.expected_shape, vec![2, 4, 4, 16], "[B, H, P, D]");
     assert_eq!(d.actual_shape, vec![8, 16, 4], "[B*H, D, P]");
     assert!(d.message.contains("got 3 and 4"), "{}", d.message);
@@ -77,37 +105,45 @@ fn bloom_legacy_prefix_in_a_dynamic_cache_is_a_rank_failure_at_layer_0_key() {
 fn bloom_legacy_prefix_in_the_legacy_cache_it_was_shaped_for_passes() {
     let model = tiny_model(Family::Bloom);
     let pre = prefix(model.as_ref(), 4);
-    let mut o = opts(CacheMode::Legacy);
-    o.layout = PrefixLayout::BloomLegacy;
+    let o = opts_with_layout(CacheMode::Legacy, PrefixLayout::BloomLegacy);
     greedy(model.as_ref(), Some(&pre), &o, &prompt(2, 5), None).expect("matching layouts run");
 }
 
 #[test]
 fn standard_prefix_in_a_bloom_legacy_cache_is_a_rank_failure() {
-    let mut o = opts(CacheMode::Legacy);
-    o.layout = PrefixLayout::Standard;
-    let d = diagnose(Family::Bloom, 4, o, None);
-    assert_layer0_self(&d, DiagnosisClass::Rank, TensorKind::Key);
+    let d = layout_mismatch(Family::Bloom, 4, CacheMode::Legacy, PrefixLayout::Standard);
     assert_eq!((d.expected_shape.len(), d.actual_shape.len()), (3, 4));
 }
 
 /// PEFT PR 2662: the fused GPT-BigCode prefix meets the 4-D cache of transformers >= 4.54.
 #[test]
 fn bigcode_fused_prefix_in_a_dynamic_cache_is_a_rank_failure() {
-    let mut o = opts(CacheMode::Dynamic);
-    o.layout = PrefixLayout::BigcodeFused;
-    let d = diagnose(Family::GptBigcode, 3, o, None);
-    assert_layer0_self(&d, DiagnosisClass::Rank, TensorKind::Key);
+    let d = layout_mismatch(
+        Family::GptBigcode,
+        3,
+        CacheMode::Dynamic,
+        PrefixLayout::BigcodeFused,
+    );
     assert_eq!(d.actual_shape, vec![2, 3, 32], "[B, P, 2*D]");
+}
+
+/// The diagnosis of a tiny Llama with a prefix of 4 whose config `mistake` gets wrong:
+/// a `class` failure at layer 0's self key.
+fn llama_prefix_config_mistake(mistake: fn(&mut PrefixConfig), class: DiagnosisClass) -> Diagnosis {
+    let mut c = PrefixConfig::new(4);
+    mistake(&mut c);
+    let d = diagnose(Family::Llama, 4, opts(CacheMode::Dynamic), Some(c));
+    assert_layer0_self(&d, class, TensorKind::Key);
+    d
 }
 
 /// PEFT PR 1901: prefix heads from attention heads on a GQA model.
 #[test]
 fn gqa_prefix_built_with_attention_heads_is_a_kv_heads_failure() {
-    let mut c = PrefixConfig::new(4);
-    c.heads_from = HeadsFrom::AttentionHeads;
-    let d = diagnose(Family::Llama, 4, opts(CacheMode::Dynamic), Some(c));
-    assert_layer0_self(&d, DiagnosisClass::KvHeads, TensorKind::Key);
+    let d = llama_prefix_config_mistake(
+        |c| c.heads_from = HeadsFrom::AttentionHeads,
+        DiagnosisClass::KvHeads,
+    );
     assert_eq!(d.actual_shape[1], 4, "attention heads");
     assert_eq!(d.expected_shape[1], 2, "kv heads");
 }
@@ -115,10 +151,10 @@ fn gqa_prefix_built_with_attention_heads_is_a_kv_heads_failure() {
 /// PEFT < 0.18 on Qwen3: head_dim taken as hidden / heads instead of the config's.
 #[test]
 fn prefix_head_dim_from_hidden_over_heads_is_a_head_dim_failure() {
-    let mut c = PrefixConfig::new(4);
-    c.head_dim_from = HeadDimFrom::HiddenOverHeads;
-    let d = diagnose(Family::Llama, 4, opts(CacheMode::Dynamic), Some(c));
-    assert_layer0_self(&d, DiagnosisClass::HeadDim, TensorKind::Key);
+    let d = llama_prefix_config_mistake(
+        |c| c.head_dim_from = HeadDimFrom::HiddenOverHeads,
+        DiagnosisClass::HeadDim,
+    );
     assert_eq!((d.expected_shape[3], d.actual_shape[3]), (24, 16));
 }
 
@@ -205,35 +241,24 @@ fn positions_past_the_learned_table_are_a_position_failure() {
 /// UnifiedSKG issue 24: a prefix built for batch 1 used for a batch of 3 rows.
 #[test]
 fn prefix_built_for_another_batch_size_is_a_batch_failure() {
-    let model = tiny_model(Family::Llama);
-    let pre = prefix(model.as_ref(), 4);
-    let cfg = CacheConfig::new(CacheMode::Dynamic);
-    let mut cache =
-        prepare_cache(model.as_ref(), Some(&pre), &cfg, PrefixLayout::Auto, 1).expect("cache");
-    let ids = prompt(3, 5);
-    let mask = Tensor::ones((3, 9), DType::F32, &Device::Cpu).unwrap();
-    cache.next_step();
-    let d = failing_forward(model.as_ref(), &mut cache, &ids, &mask);
+    let pre = prefix(tiny_model(Family::Llama).as_ref(), 4);
+    let d = failing_forward(Family::Llama, Some(&pre), 1, |_| {}, 3);
     assert_layer0_self(&d, DiagnosisClass::Batch, TensorKind::Key);
 }
 
 #[test]
 fn prefix_in_another_dtype_is_a_dtype_failure() {
-    let model = tiny_model(Family::Gpt2);
-    let pre = prefix(model.as_ref(), 4);
-    let cfg = CacheConfig::new(CacheMode::Dynamic);
-    let mut cache =
-        prepare_cache(model.as_ref(), None, &cfg, PrefixLayout::Auto, 2).expect("cache");
-    for (layer, lp) in pre.past_key_values(2).unwrap().iter().enumerate() {
-        let (k, v) = (
-            lp.key.to_dtype(DType::F64).unwrap(),
-            lp.value.to_dtype(DType::F64).unwrap(),
-        );
-        cache.seed(layer, Attention::SelfAttn, k, v, 4).unwrap();
-    }
-    let mask = Tensor::ones((2, 9), DType::F32, &Device::Cpu).unwrap();
-    cache.next_step();
-    let d = failing_forward(model.as_ref(), &mut cache, &prompt(2, 5), &mask);
+    let pre = prefix(tiny_model(Family::Gpt2).as_ref(), 4);
+    let f64_prefix = |cache: &mut ModelCache| {
+        for (layer, lp) in pre.past_key_values(2).unwrap().iter().enumerate() {
+            let (k, v) = (
+                lp.key.to_dtype(DType::F64).unwrap(),
+                lp.value.to_dtype(DType::F64).unwrap(),
+            );
+            cache.seed(layer, Attention::SelfAttn, k, v, 4).unwrap();
+        }
+    };
+    let d = failing_forward(Family::Gpt2, None, 2, f64_prefix, 2);
     assert_layer0_self(&d, DiagnosisClass::Dtype, TensorKind::Key);
 }
 
@@ -259,8 +284,7 @@ fn candle_concat_errors_become_rank_diagnoses_at_their_site() {
 
 #[test]
 fn diagnoses_read_as_one_line_with_place_shapes_and_cause() {
-    let mut o = opts(CacheMode::Dynamic);
-    o.layout = PrefixLayout::BloomLegacy;
+    let o = opts_with_layout(CacheMode::Dynamic, PrefixLayout::BloomLegacy);
     let text = diagnose(Family::Bloom, 4, o, None).to_string();
     assert!(text.starts_with("rank at layer 0 self key: "), "{text}");
     assert!(
