@@ -433,6 +433,15 @@ pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// A finished run's stdout and stderr as text, after checking its exit code (both
+/// streams in the message when it is another).
+#[track_caller]
+pub fn exited(out: &Output, code: i32) -> (String, String) {
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(code), "{stdout}{stderr}");
+    (stdout, stderr)
+}
+
 /// `BLESS=1` (not empty, not `0`): rewrite the expected files instead of comparing.
 pub fn blessing() -> bool {
     std::env::var_os("BLESS").is_some_and(|v| !v.is_empty() && v != "0")

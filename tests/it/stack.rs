@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use crate::common::{harness, read_json, TempDir};
+use crate::common::{assert_contains, exited, harness, read_json, TempDir};
 use prefix_harness::engine::generate::Strategy;
 use prefix_harness::harness::run::{run_case, CaseResult};
 use prefix_harness::harness::scenario::{self, Case};
@@ -352,17 +352,8 @@ fn without_a_python_the_cli_reports_stack_errors_and_keeps_the_engine_results() 
     let d = TempDir::new("stack-cli");
     let report = d.join("r.json");
     let out = without_python(&d, "run", "scenarios/stack/peft-2192.yaml", Some(&report));
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("stack error: cannot start the Python interpreter"),
-        "{stdout}"
-    );
+    let (stdout, _) = exited(&out, 1);
+    assert_contains(&stdout, "stack error: cannot start the Python interpreter");
     let v = read_json(&report);
     let c = &v["cases"][0];
     assert_eq!(c["status"], "error");
@@ -379,8 +370,7 @@ fn quantized_cases_are_skipped_before_the_driver_with_the_reason() {
     let report = d.join("r.json");
     // No interpreter: had a case reached the driver, it would be a stack error.
     let out = without_python(&d, "run", "scenarios/cache/quantized.yaml", Some(&report));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    exited(&out, 0);
     let v = read_json(&report);
     let cases = v["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 8);
