@@ -222,7 +222,6 @@ fn import_from_python() {
     let Some(root) = export_dir("read") else {
         return;
     };
-    let dev = Device::Cpu;
     let mut cases: Vec<PathBuf> = std::fs::read_dir(&root)
         .expect("list export dir")
         .map(|e| e.expect("entry").path())
@@ -234,6 +233,7 @@ fn import_from_python() {
         "no CASE/peft/logits.json under {}",
         root.display()
     );
+    let dev = Device::Cpu;
     let mut worst = 0f32;
     for case in cases {
         let text = std::fs::read_to_string(case.join("model/config.json")).expect("config.json");
