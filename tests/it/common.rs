@@ -196,6 +196,7 @@ pub fn parse_hf_config(json: &str) -> ModelConfig {
 
 /// The weights of `mc` seeded with [`FAMILY_SEED`], by parameter name, after checking
 /// that each of `present` is among them and that each `(name, dims)` has those dims.
+#[track_caller]
 pub fn family_parameters(
     mc: &ModelConfig,
     present: &[&str],
@@ -211,15 +212,19 @@ pub fn family_parameters(
     names
 }
 
+/// A change of a family's config, named by what it does.
+pub type ConfigChange<C> = (&'static str, fn(&mut C));
+
 /// Checks that each change of a family's `tiny()` config, made on its own, moves the
 /// flattened `logits` by more than `min` (the largest |difference|): each piece of the
 /// family reaches the logits, so a test against a reference that lacked it too would
 /// not pass by accident. Returns the logits of `tiny()` itself.
+#[track_caller]
 pub fn assert_each_change_moves_logits<C>(
     tiny: fn() -> C,
     logits: impl Fn(C) -> Vec<f32>,
     min: f32,
-    changes: &[(&str, fn(&mut C))],
+    changes: &[ConfigChange<C>],
 ) -> Vec<f32> {
     let base = logits(tiny());
     for (what, change) in changes {
@@ -233,6 +238,7 @@ pub fn assert_each_change_moves_logits<C>(
 
 /// Checks a family's parameters (see [`family_parameters`]): tied embeddings (no
 /// `lm_head.weight`) and no bias anywhere.
+#[track_caller]
 pub fn assert_tied_without_biases(names: &HashMap<String, Tensor>) {
     assert!(!names.contains_key("lm_head.weight"), "tied embeddings");
     assert!(!names.keys().any(|k| k.ends_with(".bias")));
