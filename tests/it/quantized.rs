@@ -61,7 +61,7 @@ fn top2_gap(logits: &Tensor, row: usize) -> f32 {
 const MAX_DRIFT_8: f32 = 0.1;
 
 family_test!(
-    NOT_GEMMA,
+    BEFORE_GEMMA,
     eight_bits_stay_close_to_dynamic,
     |family: Family| {
         let q = run(family, quantized(8, 4, false), |_| {});
