@@ -195,20 +195,35 @@ pub fn parse_hf_config(json: &str) -> ModelConfig {
     ModelConfig::from_hf_json(json).unwrap_or_else(|e| panic!("{json}: {e}"))
 }
 
+/// `fn parse(json: &str) -> CONFIG`: the config of family `VARIANT` a `config.json` text
+/// parses to (panics on an error or another family): `family_parser!(Gemma2,
+/// gemma2::Config);`.
+macro_rules! family_parser {
+    ($variant:ident, $config:ty) => {
+        fn parse(json: &str) -> $config {
+            match $crate::common::parse_hf_config(json) {
+                ModelConfig::$variant(c) => c,
+                other => panic!("not {}: {other:?}", stringify!($variant)),
+            }
+        }
+    };
+}
+pub(crate) use family_parser;
+
 /// The weights of `mc` seeded with [`FAMILY_SEED`], by parameter name, after checking
 /// that each of `present` is among them and that each `(name, dims)` has those dims.
 #[track_caller]
 pub fn family_parameters(
     mc: &ModelConfig,
     present: &[&str],
-    dims: &[(&str, &[usize])],
+    dims: &[(&str, Vec<usize>)],
 ) -> HashMap<String, Tensor> {
     let names = weights::materialize(mc, FAMILY_SEED, &Device::Cpu).expect("weights");
     for n in present {
         assert!(names.contains_key(*n), "{n} not in {:?}", names.keys());
     }
     for (n, want) in dims {
-        assert_eq!(names[*n].dims(), *want, "{n}");
+        assert_eq!(names[*n].dims(), want.as_slice(), "{n}");
     }
     names
 }
@@ -216,17 +231,20 @@ pub fn family_parameters(
 /// A change of a family's config, named by what it does.
 pub type ConfigChange<C> = (&'static str, fn(&mut C));
 
-/// Checks that each change of a family's `tiny()` config, made on its own, moves the
-/// flattened `logits` by more than `min` (the largest |difference|): each piece of the
-/// family reaches the logits, so a test against a reference that lacked it too would
-/// not pass by accident. Returns the logits of `tiny()` itself.
+/// Checks that each change of a family's `tiny()` config, made on its own, moves its
+/// logits on `ids: [B, S]` (no prefix, weights seeded with [`FAMILY_SEED`]) by more than
+/// `min` (the largest |difference|): each piece of the family reaches the logits, so a
+/// test against a reference that lacked it too would not pass by accident. `family`
+/// wraps the config (`ModelConfig::Gemma2`). Returns the flattened logits of `tiny()`.
 #[track_caller]
 pub fn assert_each_change_moves_logits<C>(
     tiny: fn() -> C,
-    logits: impl Fn(C) -> Vec<f32>,
+    family: fn(C) -> ModelConfig,
+    ids: &Tensor,
     min: f32,
     changes: &[ConfigChange<C>],
 ) -> Vec<f32> {
+    let logits = |cfg: C| flat_logits(family(cfg), FAMILY_SEED, ids);
     let base = logits(tiny());
     for (what, change) in changes {
         let mut cfg = tiny();

@@ -5,23 +5,13 @@
 //! PEFT (`scenarios/stack/gemma2.yaml`).
 
 use crate::common::{
-    assert_each_change_moves_logits, assert_tied_without_biases, family_parameters, flat_logits,
-    long_prompt, parse_hf_config, FAMILY_SEED,
+    assert_each_change_moves_logits, assert_tied_without_biases, family_parameters, family_parser,
+    long_prompt,
 };
-use prefix_harness::engine::model::{gemma2, ModelConfig};
+use prefix_harness::engine::model::{gemma2, gemma3, ModelConfig};
+use rstest::rstest;
 
-fn parse(s: &str) -> gemma2::Config {
-    let ModelConfig::Gemma2(c) = parse_hf_config(s) else {
-        panic!("not gemma2: {s}")
-    };
-    c
-}
-
-/// Logits `[B, S, V]` of `cfg` on [`long_prompt`] (longer than the tiny window of 8),
-/// no prefix, flattened.
-fn logits(cfg: gemma2::Config) -> Vec<f32> {
-    flat_logits(ModelConfig::Gemma2(cfg), FAMILY_SEED, &long_prompt())
-}
+family_parser!(Gemma2, gemma2::Config);
 
 #[test]
 fn gemma2_config_json_defaults_and_layer_types() {
@@ -80,26 +70,50 @@ fn gemma2_config_json_defaults_and_layer_types() {
     }
 }
 
-#[test]
-fn gemma2_reads_transformers_parameter_names() {
-    let names = family_parameters(
-        &ModelConfig::Gemma2(gemma2::Config::tiny()),
-        &[
-            "model.embed_tokens.weight",
-            "model.layers.2.input_layernorm.weight",
-            "model.layers.2.post_attention_layernorm.weight",
-            "model.layers.2.pre_feedforward_layernorm.weight",
-            "model.layers.2.post_feedforward_layernorm.weight",
-            "model.layers.0.self_attn.q_proj.weight",
-            "model.layers.0.self_attn.o_proj.weight",
-            "model.layers.0.mlp.gate_proj.weight",
-            "model.norm.weight",
-        ],
-        &[
-            ("model.layers.1.self_attn.k_proj.weight", &[48, 64]),
-            ("model.layers.1.self_attn.q_proj.weight", &[96, 64]),
-        ],
-    );
+/// Gemma 2 and Gemma 3 (whose decoder is Gemma 2's) read transformers' parameter names:
+/// the embedding, the final norm, the four norms of `layer`, layer 0's attention output
+/// and MLP gate, and each family's `own` names and `dims`; tied embeddings, no bias.
+#[rstest]
+#[case::gemma2(
+    ModelConfig::Gemma2(gemma2::Config::tiny()),
+    2,
+    &["model.layers.0.self_attn.q_proj.weight"],
+    &[
+        ("model.layers.1.self_attn.k_proj.weight", vec![48, 64]),
+        ("model.layers.1.self_attn.q_proj.weight", vec![96, 64]),
+    ],
+)]
+#[case::gemma3(
+    ModelConfig::Gemma3(gemma3::Config::tiny()),
+    4,
+    &["model.layers.2.self_attn.q_norm.weight", "model.layers.2.self_attn.k_norm.weight"],
+    &[
+        ("model.layers.1.self_attn.q_norm.weight", vec![24]),
+        ("model.layers.1.self_attn.k_proj.weight", vec![24, 64]),
+    ],
+)]
+fn gemma_reads_transformers_parameter_names(
+    #[case] mc: ModelConfig,
+    #[case] layer: usize,
+    #[case] own: &[&str],
+    #[case] dims: &[(&str, Vec<usize>)],
+) {
+    let norms = [
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    ]
+    .map(|n| format!("model.layers.{layer}.{n}.weight"));
+    let mut present = vec![
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.norm.weight",
+    ];
+    present.extend(norms.iter().map(String::as_str));
+    present.extend(own);
+    let names = family_parameters(&mc, &present, dims);
     assert_tied_without_biases(&names);
 }
 
@@ -109,7 +123,9 @@ fn gemma2_reads_transformers_parameter_names() {
 fn gemma2_soft_caps_scalar_and_windows_reach_the_logits() {
     let base = assert_each_change_moves_logits(
         gemma2::Config::tiny,
-        logits,
+        ModelConfig::Gemma2,
+        // [2, 12], longer than the tiny window
+        &long_prompt(),
         1e-2,
         &[
             ("no attention soft-cap", |c| c.attn_logit_softcapping = None),

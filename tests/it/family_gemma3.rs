@@ -1,31 +1,21 @@
 //! Gemma 3 (text): `config.json` with transformers' defaults, `layer_types` or
 //! `sliding_window_pattern`, the two RoPE bases (also transformers 5's
-//! `rope_parameters` per layer type), parameter names, and that each Gemma 3 piece
+//! `rope_parameters` per layer type), and that each Gemma 3 piece
 //! (q/k norms, `query_pre_attn_scalar`, the local RoPE base, the global RoPE scaling,
-//! the windows) reaches the logits of the tiny config. The logits themselves are
-//! checked against candle-transformers (`tests/it/parity_families.rs`) and transformers +
+//! the windows) reaches the logits of the tiny config. Its parameter names are checked
+//! with Gemma 2's (`tests/it/family_gemma2.rs`), whose decoder it shares; its logits
+//! against candle-transformers (`tests/it/parity_families.rs`) and transformers +
 //! PEFT (`scenarios/stack/gemma3.yaml`).
 
 use candle_core::{DType, Device, Tensor};
 use prefix_harness::engine::model::{gemma3, weights, Family, ModelConfig};
 
 use crate::common::{
-    assert_each_change_moves_logits, assert_tied_without_biases, family_parameters, flat_logits,
-    flat_logits_of, long_prompt, max_diff, parse_hf_config, replaced, FAMILY_SEED,
+    assert_each_change_moves_logits, family_parser, flat_logits_of, long_prompt, max_diff,
+    replaced, FAMILY_SEED,
 };
 
-fn parse(s: &str) -> gemma3::Config {
-    let ModelConfig::Gemma3(c) = parse_hf_config(s) else {
-        panic!("not gemma3_text: {s}")
-    };
-    c
-}
-
-/// Logits `[B, S, V]` of `cfg` on [`long_prompt`] (longer than the tiny window of 6),
-/// no prefix, flattened.
-fn logits(cfg: gemma3::Config) -> Vec<f32> {
-    flat_logits(ModelConfig::Gemma3(cfg), FAMILY_SEED, &long_prompt())
-}
+family_parser!(Gemma3, gemma3::Config);
 
 fn windows(c: &gemma3::Config) -> Vec<Option<usize>> {
     c.decoder().unwrap().1.windows
@@ -118,37 +108,15 @@ fn gemma3_tiny_geometry_is_awkward() {
     assert_eq!(windows(&t), [Some(6), Some(6), None, Some(6), Some(6)]);
 }
 
-#[test]
-fn gemma3_reads_transformers_parameter_names() {
-    let names = family_parameters(
-        &ModelConfig::Gemma3(gemma3::Config::tiny()),
-        &[
-            "model.embed_tokens.weight",
-            "model.layers.4.input_layernorm.weight",
-            "model.layers.4.post_attention_layernorm.weight",
-            "model.layers.4.pre_feedforward_layernorm.weight",
-            "model.layers.4.post_feedforward_layernorm.weight",
-            "model.layers.2.self_attn.q_norm.weight",
-            "model.layers.2.self_attn.k_norm.weight",
-            "model.layers.0.self_attn.o_proj.weight",
-            "model.layers.0.mlp.gate_proj.weight",
-            "model.norm.weight",
-        ],
-        &[
-            ("model.layers.1.self_attn.q_norm.weight", &[24]),
-            ("model.layers.1.self_attn.k_proj.weight", &[24, 64]),
-        ],
-    );
-    assert_tied_without_biases(&names);
-}
-
 /// Each of Gemma 3's own pieces changes the tiny model's logits: without it a test
 /// against a reference that lacks it too would pass.
 #[test]
 fn gemma3_norms_scalar_ropes_and_windows_reach_the_logits() {
     assert_each_change_moves_logits(
         gemma3::Config::tiny,
-        logits,
+        ModelConfig::Gemma3,
+        // [2, 12], longer than the tiny window
+        &long_prompt(),
         1e-3,
         &[
             ("query_pre_attn_scalar = head_dim", |c| {

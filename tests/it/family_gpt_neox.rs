@@ -6,23 +6,10 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::common::{
-    assert_each_change_moves_logits, family_parameters, flat_logits, parse_hf_config, FAMILY_SEED,
-};
+use crate::common::{assert_each_change_moves_logits, family_parameters, family_parser};
 use prefix_harness::engine::model::{gpt_neox, ModelConfig};
 
-fn parse(s: &str) -> gpt_neox::Config {
-    let ModelConfig::GptNeox(c) = parse_hf_config(s) else {
-        panic!("not gpt_neox: {s}")
-    };
-    c
-}
-
-/// Logits `[B, S, V]` of `cfg` on a fixed `[2, 5]` prompt, no prefix.
-fn logits(cfg: gpt_neox::Config) -> Vec<f32> {
-    let ids = Tensor::new(&[[1u32, 17, 42, 99, 3], [5, 200, 13, 77, 0]], &Device::Cpu).unwrap();
-    flat_logits(ModelConfig::GptNeox(cfg), FAMILY_SEED, &ids)
-}
+family_parser!(GptNeox, gpt_neox::Config);
 
 #[test]
 fn gpt_neox_config_json_defaults() {
@@ -78,7 +65,9 @@ fn gpt_neox_reads_transformers_parameter_names() {
 fn residual_style_and_rotary_pct_reach_the_logits() {
     assert_each_change_moves_logits(
         gpt_neox::Config::tiny,
-        logits,
+        ModelConfig::GptNeox,
+        // [2, 5]
+        &Tensor::new(&[[1u32, 17, 42, 99, 3], [5, 200, 13, 77, 0]], &Device::Cpu).unwrap(),
         1e-3,
         &[
             ("sequential residual", |c| c.use_parallel_residual = false),
