@@ -3,12 +3,18 @@
 
 use std::path::Path;
 
-use crate::common::{harness, read_json, run_cli as run, text, write, TempDir};
+use crate::common::{
+    assert_contains, exited, harness, read_json, run_cli as run, text, write, TempDir,
+};
 
 const BASE: &str = "name: demo\nmodel:\n  family: gpt2\nprefix:\n  virtual_tokens: 2\ngenerate:\n  max_new_tokens: 2\n";
 
 /// Stands in a row's argv for the path of the row's scenario file.
 const FILE: &str = "{file}";
+
+/// Stands in a row's argv, environment and fragments for the row's folder (with `/`
+/// separators in the fragments).
+const DIR: &str = "{dir}";
 
 /// The stream a row's fragments are looked for in.
 #[derive(Clone, Copy, Debug)]
@@ -18,28 +24,48 @@ enum Stream {
 }
 
 /// One row of the command-line table: the scenario file written to a fresh folder (if
-/// any), the argv (`FILE` stands for that file), the exit code, and the fragments the
-/// stream must contain.
+/// any; its name may hold a subfolder), more files written beside it, the argv (`FILE`
+/// stands for that file, `DIR` for the folder), the environment, the exit code, and the
+/// fragments the stream must contain.
 struct Row {
     file: Option<(&'static str, String)>,
+    more: &'static [(&'static str, &'static str)],
     argv: &'static [&'static str],
+    env: &'static [(&'static str, &'static str)],
     code: i32,
     stream: Stream,
     fragments: &'static [&'static str],
 }
 
+/// Writes `body` to `dir/name`, making `name`'s folders; the path as text.
+fn write_in(dir: &Path, name: &str, body: &str) -> String {
+    if let Some(parent) = dir.join(name).parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
+    write(dir, name, body)
+}
+
 fn check(name: &str, row: Row) {
     let d = TempDir::new(&format!("cli-{name}"));
-    let file = row.file.map(|(n, body)| write(&d, n, &body));
-    let argv: Vec<&str> = row
+    let dir = d.to_str().unwrap();
+    for (n, body) in row.more {
+        write_in(&d, n, body);
+    }
+    let file = row.file.map(|(n, body)| write_in(&d, n, &body));
+    let argv: Vec<String> = row
         .argv
         .iter()
         .map(|a| match *a {
-            FILE => file.as_deref().expect("a row naming FILE writes one"),
-            a => a,
+            FILE => file.clone().expect("a row naming FILE writes one"),
+            a => a.replace(DIR, dir),
         })
         .collect();
-    let out = run(&argv);
+    let mut cmd = harness();
+    cmd.args(&argv);
+    for (k, v) in row.env {
+        cmd.env(k, v.replace(DIR, dir));
+    }
+    let out = cmd.output().expect("the binary runs");
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(
         out.status.code(),
@@ -51,8 +77,9 @@ fn check(name: &str, row: Row) {
         Stream::Stderr => &stderr,
     };
     for f in row.fragments {
+        let f = f.replace(DIR, &dir.replace('\\', "/"));
         assert!(
-            shown.contains(f),
+            shown.contains(&f),
             "{name}: no `{f}` in {:?}:\n{shown}",
             row.stream
         );
@@ -61,12 +88,17 @@ fn check(name: &str, row: Row) {
 
 /// The table: one `#[test]` per row, named by the row.
 macro_rules! table {
-    ($($name:ident: $file:expr, $argv:expr => $code:literal $stream:ident $fragments:expr;)*) => {$(
+    ($(
+        $name:ident: $file:expr, $argv:expr $(, beside $more:expr)? $(, env $env:expr)?
+        => $code:literal $stream:ident $fragments:expr;
+    )*) => {$(
         #[test]
         fn $name() {
             let row = Row {
                 file: $file,
+                more: table!(@or_none $($more)?),
                 argv: &$argv,
+                env: table!(@or_none $($env)?),
                 code: $code,
                 stream: Stream::$stream,
                 fragments: &$fragments,
@@ -74,6 +106,8 @@ macro_rules! table {
             check(stringify!($name), row);
         }
     )*};
+    (@or_none) => { &[] };
+    (@or_none $pairs:expr) => { &$pairs };
 }
 
 /// The platform this test runs on, as `platforms:` and `expect_on:` name it.
@@ -134,6 +168,27 @@ table! {
         Some(("w.yaml", format!("name: wrong\n{BLOOM_LEGACY}expect: {{error: kv-heads, layer: 0, tensor: key}}\n"))),
         ["run", FILE]
         => 1 Stdout ["expected kv-heads", "but got: rank at layer 0 self key"];
+    a_hub_id_that_is_not_cached_is_invalid_input_naming_the_cache_searched:
+        Some(("h.yaml", "name: hub\nmodel:\n  hub: some-org/not-cached\nprefix:\n  virtual_tokens: 2\n".into())),
+        ["validate", FILE], env [("HF_HUB_CACHE", DIR)]
+        => 2 Stderr ["model.hub", "models--some-org--not-cached"];
+    a_data_file_outside_the_scenario_folder_is_refused:
+        Some(("inner/s.yaml", format!("{BASE}data:\n  file: ../prompts.txt\n"))),
+        ["validate", FILE], beside [("prompts.txt", "a prompt from outside\n")]
+        => 2 Stderr ["data.file", "--allow-outside-paths"];
+    a_data_file_outside_the_scenario_folder_is_allowed_with_allow_outside_paths:
+        Some(("inner/s.yaml", format!("{BASE}data:\n  file: ../prompts.txt\n"))),
+        ["validate", "--allow-outside-paths", FILE], beside [("prompts.txt", "a prompt from outside\n")]
+        => 0 Stderr [];
+    two_files_with_one_case_id_are_refused_by_run_naming_both_files:
+        None, ["run", DIR], beside [("a.yaml", BASE), ("b.yaml", BASE)]
+        => 2 Stderr ["case id `demo`", "{dir}/a.yaml", "{dir}/b.yaml"];
+    two_files_with_one_case_id_are_refused_by_list_naming_both_files:
+        None, ["list", DIR], beside [("a.yaml", BASE), ("b.yaml", BASE)]
+        => 2 Stderr ["case id `demo`", "{dir}/a.yaml", "{dir}/b.yaml"];
+    two_files_with_one_case_id_are_refused_by_validate_naming_both_files:
+        None, ["validate", DIR], beside [("a.yaml", BASE), ("b.yaml", BASE)]
+        => 2 Stderr ["case id `demo`", "{dir}/a.yaml", "{dir}/b.yaml"];
 }
 
 fn ids_of_report(path: &Path) -> Vec<String> {
@@ -245,50 +300,6 @@ fn an_unwritable_report_path_does_not_leave_a_partial_file() {
     );
 }
 
-#[test]
-fn a_data_file_outside_the_scenario_folder_is_refused_unless_allowed() {
-    let d = TempDir::new("cli-outside");
-    std::fs::create_dir_all(d.join("inner")).unwrap();
-    write(&d, "prompts.txt", "a prompt from outside\n");
-    let f = write(
-        &d.join("inner"),
-        "s.yaml",
-        &format!("{BASE}data:\n  file: ../prompts.txt\n"),
-    );
-    let out = run(&["validate", &f]);
-    assert_eq!(out.status.code(), Some(2));
-    let err = text(&out.stderr);
-    assert!(
-        err.contains("data.file") && err.contains("--allow-outside-paths"),
-        "{err}"
-    );
-    let out = run(&["validate", "--allow-outside-paths", &f]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-}
-
-#[test]
-fn a_hub_id_that_is_not_cached_is_invalid_input_naming_the_cache_searched() {
-    let d = TempDir::new("cli-hub");
-    let cache = d.join("empty-cache");
-    std::fs::create_dir_all(&cache).unwrap();
-    let f = write(
-        &d,
-        "h.yaml",
-        "name: hub\nmodel:\n  hub: some-org/not-cached\nprefix:\n  virtual_tokens: 2\n",
-    );
-    let out = harness()
-        .args(["validate", &f])
-        .env("HF_HUB_CACHE", &cache)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = text(&out.stderr);
-    assert!(
-        err.contains("model.hub") && err.contains("models--some-org--not-cached"),
-        "{err}"
-    );
-}
-
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
@@ -319,48 +330,16 @@ fn a_fixture_model_and_adapter_from_a_fake_hub_cache_run_offline_and_fail_clearl
         "hub.yaml",
         "name: from-hub\nmodel:\n  hub: test-org/tiny-llama-gqa\nprefix:\n  adapter: adapter\ndata:\n  batch_size: 2\ngenerate:\n  max_new_tokens: 3\n",
     );
-    let out = harness()
-        .args(["run", &f])
-        .env("HF_HUB_CACHE", d.join("cache"))
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    let run_from_cache = |offline: &[(&str, &str)]| {
+        let mut c = harness();
+        c.args(["run", &f]).env("HF_HUB_CACHE", d.join("cache"));
+        c.envs(offline.iter().copied()).output().unwrap()
+    };
+    exited(&run_from_cache(&[("HF_HUB_OFFLINE", "1")]), 0);
     std::fs::remove_dir_all(d.join("cache")).unwrap();
-    let out = harness()
-        .args(["run", &f])
-        .env("HF_HUB_CACHE", d.join("cache"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = text(&out.stderr);
-    assert!(
-        err.contains("model.hub") && err.contains("models--test-org--tiny-llama-gqa"),
-        "{err}"
-    );
-}
-
-#[test]
-fn two_files_with_one_case_id_are_refused_naming_both_files() {
-    let d = TempDir::new("cli-dup-ids");
-    let a = write(&d, "a.yaml", BASE);
-    let b = write(&d, "b.yaml", BASE);
-    for cmd in ["run", "list", "validate"] {
-        let out = run(&[cmd, d.to_str().unwrap()]);
-        let err = text(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
-        assert!(
-            err.contains("case id `demo`") && err.contains(&a.replace('\\', "/")),
-            "{cmd}: {err}"
-        );
-        assert!(err.contains(&b.replace('\\', "/")), "{cmd}: {err}");
-    }
+    let (_, err) = exited(&run_from_cache(&[]), 2);
+    assert_contains(&err, "model.hub");
+    assert_contains(&err, "models--test-org--tiny-llama-gqa");
 }
 
 #[test]

@@ -8,10 +8,11 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
-use prefix_harness::engine::cache::{CacheConfig, CacheMode, Layout};
+use prefix_harness::engine::cache::{CacheConfig, CacheMode, Layout, ModelCache};
+use prefix_harness::engine::diagnosis::Result as EngineResult;
 use prefix_harness::engine::generate::forward_logits;
-use prefix_harness::engine::model::{weights, Family, Model, ModelConfig};
-use prefix_harness::engine::prefix::{PrefixConfig, PrefixEncoder};
+use prefix_harness::engine::model::{weights, Encoded, Family, Forward, Model, ModelConfig, Ops};
+use prefix_harness::engine::prefix::{inject, PrefixConfig, PrefixEncoder, PrefixLayout};
 use proptest::test_runner::{Config as ProptestConfig, FileFailurePersistence};
 
 pub const SEED: u64 = 20261128;
@@ -42,6 +43,52 @@ pub fn cache_mode(name: &str, static_max_len: usize, window: usize) -> CacheMode
         other => panic!("unknown mode {other}"),
     }
 }
+
+/// An `#[rstest]` test whose first parameter, `family: Family`, takes each family of a
+/// named list, in the form of ripgrep's `rgtest!` (so that rustfmt formats the body):
+///
+/// `family_test!(CLASSIC, name, |family: Family, #[values(..)] mode: &str| { .. });`
+///
+/// defines `fn name` with `#[values(<the list>)] family` and the closure's other
+/// parameters, rstest attributes included. The lists: `CLASSIC` (gpt2, llama, bloom,
+/// gpt_bigcode, t5: every generation strategy and training), `BEFORE_GEMMA` (every
+/// family before the two Gemmas: those `quantized.rs` measured its 8-bit drift bound
+/// on) and `ALL` (every family, in `Family::ALL`'s order). A new family goes into `ALL`.
+macro_rules! family_test {
+    (CLASSIC, $($test:tt)*) => {
+        family_test!(@list [Gpt2, Llama, Bloom, GptBigcode, T5], $($test)*);
+    };
+    (BEFORE_GEMMA, $($test:tt)*) => {
+        family_test!(
+            @list [Gpt2, Llama, Bloom, GptBigcode, T5, Qwen2, Mistral, Qwen3, Phi3, GptNeox],
+            $($test)*
+        );
+    };
+    (ALL, $($test:tt)*) => {
+        family_test!(
+            @list [
+                Gpt2, Llama, Bloom, GptBigcode, T5, Qwen2, Mistral, Qwen3, Phi3, GptNeox,
+                Gemma2, Gemma3
+            ],
+            $($test)*
+        );
+    };
+    (
+        @list [$($f:ident),*],
+        $name:ident,
+        |$family:ident: Family $(, $(#[$($attr:tt)*])* $param:ident: $ty:ty)* $(,)?| { $($body:tt)* }
+    ) => {
+        #[rstest::rstest]
+        fn $name(
+            #[values($(Family::$f),*)]
+            $family: Family,
+            $($(#[$($attr)*])* $param: $ty),*
+        ) {
+            $($body)*
+        }
+    };
+}
+pub(crate) use family_test;
 
 /// A `[B, S]` prompt of distinct-looking rows (row r is shifted by 37 r).
 pub fn prompt(batch: usize, seq: usize) -> Tensor {
@@ -115,10 +162,184 @@ pub fn flat_logits(mc: ModelConfig, seed: u64, ids: &Tensor) -> Vec<f32> {
     let model = mc
         .build(weights::seeded(seed, DType::F32, ids.device()))
         .expect("model builds");
-    logits_with(model.as_ref(), None, CacheMode::Dynamic, ids)
+    flat_logits_of(model.as_ref(), ids)
+}
+
+/// Our logits `[B, S, V]` of `model` for `ids: [B, S]`, no prefix, flattened.
+pub fn flat_logits_of(model: &dyn Model, ids: &Tensor) -> Vec<f32> {
+    logits_with(model, None, CacheMode::Dynamic, ids)
         .flatten_all()
         .and_then(|t| t.to_vec1())
         .expect("logits")
+}
+
+/// The seed of the per-family tests' weights.
+pub const FAMILY_SEED: u64 = 7;
+
+/// The `[2, 12]` token ids of the per-family tests: longer than the tiny configs'
+/// windows (Gemma 2: 8, Gemma 3: 6).
+pub fn long_prompt() -> Tensor {
+    Tensor::new(
+        &[
+            [1u32, 17, 42, 99, 3, 250, 8, 64, 9, 31, 120, 7],
+            [5, 200, 13, 77, 0, 128, 44, 2, 19, 230, 6, 90],
+        ],
+        &Device::Cpu,
+    )
+    .expect("prompt")
+}
+
+/// The `ModelConfig` a `config.json` text parses to (panics naming the text and the
+/// error).
+pub fn parse_hf_config(json: &str) -> ModelConfig {
+    ModelConfig::from_hf_json(json).unwrap_or_else(|e| panic!("{json}: {e}"))
+}
+
+/// `fn parse(json: &str) -> CONFIG`: the config of family `VARIANT` a `config.json` text
+/// parses to (panics on an error or another family): `family_parser!(Gemma2,
+/// gemma2::Config);`.
+macro_rules! family_parser {
+    ($variant:ident, $config:ty) => {
+        fn parse(json: &str) -> $config {
+            match $crate::common::parse_hf_config(json) {
+                ModelConfig::$variant(c) => c,
+                other => panic!("not {}: {other:?}", stringify!($variant)),
+            }
+        }
+    };
+}
+pub(crate) use family_parser;
+
+/// The weights of `mc` seeded with [`FAMILY_SEED`], by parameter name, after checking
+/// that each of `present` is among them and that each `(name, dims)` has those dims.
+#[track_caller]
+pub fn family_parameters(
+    mc: &ModelConfig,
+    present: &[&str],
+    dims: &[(&str, Vec<usize>)],
+) -> HashMap<String, Tensor> {
+    let names = weights::materialize(mc, FAMILY_SEED, &Device::Cpu).expect("weights");
+    for n in present {
+        assert!(names.contains_key(*n), "{n} not in {:?}", names.keys());
+    }
+    for (n, want) in dims {
+        assert_eq!(names[*n].dims(), want.as_slice(), "{n}");
+    }
+    names
+}
+
+/// A change of a family's config, named by what it does.
+pub type ConfigChange<C> = (&'static str, fn(&mut C));
+
+/// Checks that each change of a family's `tiny()` config, made on its own, moves its
+/// logits on `ids: [B, S]` (no prefix, weights seeded with [`FAMILY_SEED`]) by more than
+/// `min` (the largest |difference|): each piece of the family reaches the logits, so a
+/// test against a reference that lacked it too would not pass by accident. `family`
+/// wraps the config (`ModelConfig::Gemma2`). Returns the flattened logits of `tiny()`.
+#[track_caller]
+pub fn assert_each_change_moves_logits<C>(
+    tiny: fn() -> C,
+    family: fn(C) -> ModelConfig,
+    ids: &Tensor,
+    min: f32,
+    changes: &[ConfigChange<C>],
+) -> Vec<f32> {
+    let logits = |cfg: C| flat_logits(family(cfg), FAMILY_SEED, ids);
+    let base = logits(tiny());
+    for (what, change) in changes {
+        let mut cfg = tiny();
+        change(&mut cfg);
+        let d = max_diff(&base, &logits(cfg));
+        assert!(d > min, "{what}: logits moved by only {d}");
+    }
+    base
+}
+
+/// Checks a family's parameters (see [`family_parameters`]): tied embeddings (no
+/// `lm_head.weight`) and no bias anywhere.
+#[track_caller]
+pub fn assert_tied_without_biases(names: &HashMap<String, Tensor>) {
+    assert!(!names.contains_key("lm_head.weight"), "tied embeddings");
+    assert!(!names.keys().any(|k| k.ends_with(".bias")));
+}
+
+/// `map` with each tensor whose name ends with `suffix` replaced by `f` of it.
+pub fn replaced(
+    map: &HashMap<String, Tensor>,
+    suffix: &str,
+    f: impl Fn(&Tensor) -> Tensor,
+) -> HashMap<String, Tensor> {
+    map.iter()
+        .map(|(name, t)| {
+            let t = if name.ends_with(suffix) {
+                f(t)
+            } else {
+                t.clone()
+            };
+            (name.clone(), t)
+        })
+        .collect()
+}
+
+/// A `dynamic` cache holding `prefix` for `batch` rows, injected as PEFT injects it;
+/// `self_only` drops the cross-attention part (what PEFT 0.21.2 does for
+/// encoder-decoders).
+pub fn prefix_cache(
+    model: &dyn Model,
+    prefix: &PrefixEncoder,
+    batch: usize,
+    self_only: bool,
+) -> ModelCache {
+    let g = model.geometry();
+    let mut mc = ModelCache::new(
+        CacheConfig::new(CacheMode::Dynamic),
+        model.family().legacy_layout(),
+        g.num_layers,
+        g.encoder_decoder,
+    );
+    let mut pkv = prefix.past_key_values(batch).expect("prefix");
+    if self_only {
+        for lp in &mut pkv {
+            lp.cross = None;
+        }
+    }
+    inject(
+        &mut mc,
+        &pkv,
+        PrefixLayout::Auto,
+        prefix.geometry.num_virtual_tokens,
+    )
+    .expect("inject");
+    mc
+}
+
+/// One forward pass of `model` over `ids: [B, S]` through the cache `mc`, with the mask
+/// `mask: [B, past + S]` (prefix columns first) and, for an encoder-decoder, the
+/// encoder output: logits `[B, S, V]` at every position with the crate's kernels, or
+/// the engine's error.
+pub fn pass(
+    model: &dyn Model,
+    ids: &Tensor,
+    mc: &mut ModelCache,
+    mask: &Tensor,
+    encoder: Option<&Encoded>,
+) -> EngineResult<Tensor> {
+    model.forward(
+        ids,
+        &mut Forward {
+            cache: mc,
+            mask,
+            encoder,
+            last_only: false,
+            ops: Ops::Kernels,
+        },
+    )
+}
+
+/// Checks that `text` contains `part`, showing `text` when it does not.
+#[track_caller]
+pub fn assert_contains(text: &str, part: &str) {
+    assert!(text.contains(part), "no `{part}` in:\n{text}");
 }
 
 /// The largest |a - b| over two slices of the same length.
@@ -237,6 +458,15 @@ pub fn run_cli(args: &[&str]) -> Output {
 /// A child's output as text.
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
+}
+
+/// A finished run's stdout and stderr as text, after checking its exit code (both
+/// streams in the message when it is another).
+#[track_caller]
+pub fn exited(out: &Output, code: i32) -> (String, String) {
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(code), "{stdout}{stderr}");
+    (stdout, stderr)
 }
 
 /// `BLESS=1` (not empty, not `0`): rewrite the expected files instead of comparing.

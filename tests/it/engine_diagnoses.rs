@@ -8,7 +8,7 @@ use prefix_harness::engine::diagnosis::{
     from_candle, Attention, Diagnosis, DiagnosisClass, EngineError, TensorKind,
 };
 use prefix_harness::engine::generate::{greedy, prepare_cache, DecodeOptions};
-use prefix_harness::engine::model::{Family, Forward, Model, Ops};
+use prefix_harness::engine::model::Family;
 use prefix_harness::engine::prefix::{
     HeadDimFrom, HeadsFrom, PrefixConfig, PrefixEncoder, PrefixLayout,
 };
@@ -26,28 +26,45 @@ fn diagnose(family: Family, p: usize, opts: DecodeOptions, cfg: Option<PrefixCon
     }
 }
 
-/// The diagnosis of one forward pass that must fail: `ids: [B, S]`, `mask: [B, P + S]`.
+/// The diagnosis of the next forward pass, which must fail, over the prompt
+/// `prompt(b, 5)` through a `dynamic` cache prepared for `batch` rows with `prefix` (or
+/// `seed` called on the empty cache), all of its 4 + 5 positions visible.
 fn failing_forward(
-    model: &dyn Model,
-    cache: &mut ModelCache,
-    ids: &Tensor,
-    mask: &Tensor,
+    family: Family,
+    prefix: Option<&PrefixEncoder>,
+    batch: usize,
+    seed: impl FnOnce(&mut ModelCache),
+    b: usize,
 ) -> Diagnosis {
-    let mut fw = Forward {
-        cache,
-        mask,
-        encoder: None,
-        last_only: false,
-        ops: Ops::Kernels,
-    };
-    let err = model
-        .forward(ids, &mut fw)
+    let model = tiny_model(family);
+    let cfg = CacheConfig::new(CacheMode::Dynamic);
+    let mut cache =
+        prepare_cache(model.as_ref(), prefix, &cfg, PrefixLayout::Auto, batch).expect("cache");
+    seed(&mut cache);
+    let mask = Tensor::ones((b, 9), DType::F32, &Device::Cpu).unwrap(); // [B, P + S]
+    cache.next_step();
+    let err = pass(model.as_ref(), &prompt(b, 5), &mut cache, &mask, None)
         .expect_err("the forward pass fails");
     err.diagnosis().expect("diagnosed").clone()
 }
 
 fn opts(mode: CacheMode) -> DecodeOptions {
     DecodeOptions::new(CacheConfig::new(mode), 3)
+}
+
+/// [`opts`] with the prefix shaped for `layout`.
+fn opts_with_layout(mode: CacheMode, layout: PrefixLayout) -> DecodeOptions {
+    let mut o = opts(mode);
+    o.layout = layout;
+    o
+}
+
+/// The diagnosis of a `family` prefix of `p` shaped for `layout` in a cache in `mode`
+/// that holds another layout: a rank failure at layer 0's self key.
+fn layout_mismatch(family: Family, p: usize, mode: CacheMode, layout: PrefixLayout) -> Diagnosis {
+    let d = diagnose(family, p, opts_with_layout(mode, layout), None);
+    assert_layer0_self(&d, DiagnosisClass::Rank, TensorKind::Key);
+    d
 }
 
 /// [`assert_place`] at layer 0's self-attention.
@@ -73,10 +90,12 @@ fn assert_place(
 /// PEFT issue 2192: a 3-D Bloom prefix meets transformers' 4-D dynamic cache.
 #[test]
 fn bloom_legacy_prefix_in_a_dynamic_cache_is_a_rank_failure_at_layer_0_key() {
-    let mut o = opts(CacheMode::Dynamic);
-    o.layout = PrefixLayout::BloomLegacy;
-    let d = diagnose(Family::Bloom, 4, o, None);
-    assert_layer0_self(&d, DiagnosisClass::Rank, TensorKind::Key);
+    let d = layout_mismatch(
+        Family::Bloom,
+        4,
+        CacheMode::Dynamic,
+        PrefixLayout::BloomLegacy,
+    );
     assert_eq!(d.expected_shape, vec![2, 4, 4, 16], "[B, H, P, D]");
     assert_eq!(d.actual_shape, vec![8, 16, 4], "[B*H, D, P]");
     assert!(d.message.contains("got 3 and 4"), "{}", d.message);
@@ -86,37 +105,45 @@ fn bloom_legacy_prefix_in_a_dynamic_cache_is_a_rank_failure_at_layer_0_key() {
 fn bloom_legacy_prefix_in_the_legacy_cache_it_was_shaped_for_passes() {
     let model = tiny_model(Family::Bloom);
     let pre = prefix(model.as_ref(), 4);
-    let mut o = opts(CacheMode::Legacy);
-    o.layout = PrefixLayout::BloomLegacy;
+    let o = opts_with_layout(CacheMode::Legacy, PrefixLayout::BloomLegacy);
     greedy(model.as_ref(), Some(&pre), &o, &prompt(2, 5), None).expect("matching layouts run");
 }
 
 #[test]
 fn standard_prefix_in_a_bloom_legacy_cache_is_a_rank_failure() {
-    let mut o = opts(CacheMode::Legacy);
-    o.layout = PrefixLayout::Standard;
-    let d = diagnose(Family::Bloom, 4, o, None);
-    assert_layer0_self(&d, DiagnosisClass::Rank, TensorKind::Key);
+    let d = layout_mismatch(Family::Bloom, 4, CacheMode::Legacy, PrefixLayout::Standard);
     assert_eq!((d.expected_shape.len(), d.actual_shape.len()), (3, 4));
 }
 
 /// PEFT PR 2662: the fused GPT-BigCode prefix meets the 4-D cache of transformers >= 4.54.
 #[test]
 fn bigcode_fused_prefix_in_a_dynamic_cache_is_a_rank_failure() {
-    let mut o = opts(CacheMode::Dynamic);
-    o.layout = PrefixLayout::BigcodeFused;
-    let d = diagnose(Family::GptBigcode, 3, o, None);
-    assert_layer0_self(&d, DiagnosisClass::Rank, TensorKind::Key);
+    let d = layout_mismatch(
+        Family::GptBigcode,
+        3,
+        CacheMode::Dynamic,
+        PrefixLayout::BigcodeFused,
+    );
     assert_eq!(d.actual_shape, vec![2, 3, 32], "[B, P, 2*D]");
+}
+
+/// The diagnosis of a tiny Llama with a prefix of 4 whose config `mistake` gets wrong:
+/// a `class` failure at layer 0's self key.
+fn llama_prefix_config_mistake(mistake: fn(&mut PrefixConfig), class: DiagnosisClass) -> Diagnosis {
+    let mut c = PrefixConfig::new(4);
+    mistake(&mut c);
+    let d = diagnose(Family::Llama, 4, opts(CacheMode::Dynamic), Some(c));
+    assert_layer0_self(&d, class, TensorKind::Key);
+    d
 }
 
 /// PEFT PR 1901: prefix heads from attention heads on a GQA model.
 #[test]
 fn gqa_prefix_built_with_attention_heads_is_a_kv_heads_failure() {
-    let mut c = PrefixConfig::new(4);
-    c.heads_from = HeadsFrom::AttentionHeads;
-    let d = diagnose(Family::Llama, 4, opts(CacheMode::Dynamic), Some(c));
-    assert_layer0_self(&d, DiagnosisClass::KvHeads, TensorKind::Key);
+    let d = llama_prefix_config_mistake(
+        |c| c.heads_from = HeadsFrom::AttentionHeads,
+        DiagnosisClass::KvHeads,
+    );
     assert_eq!(d.actual_shape[1], 4, "attention heads");
     assert_eq!(d.expected_shape[1], 2, "kv heads");
 }
@@ -124,10 +151,10 @@ fn gqa_prefix_built_with_attention_heads_is_a_kv_heads_failure() {
 /// PEFT < 0.18 on Qwen3: head_dim taken as hidden / heads instead of the config's.
 #[test]
 fn prefix_head_dim_from_hidden_over_heads_is_a_head_dim_failure() {
-    let mut c = PrefixConfig::new(4);
-    c.head_dim_from = HeadDimFrom::HiddenOverHeads;
-    let d = diagnose(Family::Llama, 4, opts(CacheMode::Dynamic), Some(c));
-    assert_layer0_self(&d, DiagnosisClass::HeadDim, TensorKind::Key);
+    let d = llama_prefix_config_mistake(
+        |c| c.head_dim_from = HeadDimFrom::HiddenOverHeads,
+        DiagnosisClass::HeadDim,
+    );
     assert_eq!((d.expected_shape[3], d.actual_shape[3]), (24, 16));
 }
 
@@ -141,11 +168,7 @@ fn mask_not_extended_by_the_prefix_is_a_mask_width_failure() {
         (d.expected_shape.clone(), d.actual_shape.clone()),
         (vec![2, 9], vec![2, 5])
     );
-    assert!(
-        d.hint.contains("not extended by the P prefix columns"),
-        "{}",
-        d.hint
-    );
+    assert_contains(&d.hint, "not extended by the P prefix columns");
 }
 
 /// The other way round, a mask wider than the keys, gets the other hint.
@@ -201,11 +224,9 @@ fn a_hybrid_cache_without_room_for_the_prefix_is_a_seq_len_failure_of_a_global_l
     );
     assert_eq!(d.class, DiagnosisClass::SeqLen, "{d}");
     assert_eq!(d.tensor, Some(TensorKind::Key), "{d}");
-    assert!(
-        d.message
-            .contains("the hybrid cache's global layer holds 8 positions"),
-        "{}",
-        d.message
+    assert_contains(
+        &d.message,
+        "the hybrid cache's global layer holds 8 positions",
     );
     assert_eq!(d.hint, prefix_harness::engine::cache::hybrid::CAPACITY_HINT);
 }
@@ -220,35 +241,24 @@ fn positions_past_the_learned_table_are_a_position_failure() {
 /// UnifiedSKG issue 24: a prefix built for batch 1 used for a batch of 3 rows.
 #[test]
 fn prefix_built_for_another_batch_size_is_a_batch_failure() {
-    let model = tiny_model(Family::Llama);
-    let pre = prefix(model.as_ref(), 4);
-    let cfg = CacheConfig::new(CacheMode::Dynamic);
-    let mut cache =
-        prepare_cache(model.as_ref(), Some(&pre), &cfg, PrefixLayout::Auto, 1).expect("cache");
-    let ids = prompt(3, 5);
-    let mask = Tensor::ones((3, 9), DType::F32, &Device::Cpu).unwrap();
-    cache.next_step();
-    let d = failing_forward(model.as_ref(), &mut cache, &ids, &mask);
+    let pre = prefix(tiny_model(Family::Llama).as_ref(), 4);
+    let d = failing_forward(Family::Llama, Some(&pre), 1, |_| {}, 3);
     assert_layer0_self(&d, DiagnosisClass::Batch, TensorKind::Key);
 }
 
 #[test]
 fn prefix_in_another_dtype_is_a_dtype_failure() {
-    let model = tiny_model(Family::Gpt2);
-    let pre = prefix(model.as_ref(), 4);
-    let cfg = CacheConfig::new(CacheMode::Dynamic);
-    let mut cache =
-        prepare_cache(model.as_ref(), None, &cfg, PrefixLayout::Auto, 2).expect("cache");
-    for (layer, lp) in pre.past_key_values(2).unwrap().iter().enumerate() {
-        let (k, v) = (
-            lp.key.to_dtype(DType::F64).unwrap(),
-            lp.value.to_dtype(DType::F64).unwrap(),
-        );
-        cache.seed(layer, Attention::SelfAttn, k, v, 4).unwrap();
-    }
-    let mask = Tensor::ones((2, 9), DType::F32, &Device::Cpu).unwrap();
-    cache.next_step();
-    let d = failing_forward(model.as_ref(), &mut cache, &prompt(2, 5), &mask);
+    let pre = prefix(tiny_model(Family::Gpt2).as_ref(), 4);
+    let f64_prefix = |cache: &mut ModelCache| {
+        for (layer, lp) in pre.past_key_values(2).unwrap().iter().enumerate() {
+            let (k, v) = (
+                lp.key.to_dtype(DType::F64).unwrap(),
+                lp.value.to_dtype(DType::F64).unwrap(),
+            );
+            cache.seed(layer, Attention::SelfAttn, k, v, 4).unwrap();
+        }
+    };
+    let d = failing_forward(Family::Gpt2, None, 2, f64_prefix, 2);
     assert_layer0_self(&d, DiagnosisClass::Dtype, TensorKind::Key);
 }
 
@@ -274,8 +284,7 @@ fn candle_concat_errors_become_rank_diagnoses_at_their_site() {
 
 #[test]
 fn diagnoses_read_as_one_line_with_place_shapes_and_cause() {
-    let mut o = opts(CacheMode::Dynamic);
-    o.layout = PrefixLayout::BloomLegacy;
+    let o = opts_with_layout(CacheMode::Dynamic, PrefixLayout::BloomLegacy);
     let text = diagnose(Family::Bloom, 4, o, None).to_string();
     assert!(text.starts_with("rank at layer 0 self key: "), "{text}");
     assert!(
@@ -285,6 +294,26 @@ fn diagnoses_read_as_one_line_with_place_shapes_and_cause() {
     assert!(text.contains("PEFT issue 2192"), "{text}");
 }
 
+/// The result of the one case of scenario `file` run with its expectation line `exact`
+/// replaced by another (`exact` itself: the scenario as it is).
+fn judged_with(
+    file: &'static str,
+    exact: &'static str,
+) -> impl Fn(&str) -> prefix_harness::harness::run::CaseResult {
+    use prefix_harness::harness::{run::run_case, scenario};
+    let text = std::fs::read_to_string(file).unwrap();
+    assert!(
+        text.contains(exact),
+        "the scenario's expectation changed: update this test"
+    );
+    move |expect| {
+        let case = scenario::parse(std::path::Path::new(file), &text.replace(exact, expect))
+            .unwrap()
+            .remove(0);
+        run_case(&case)
+    }
+}
+
 /// The judge matches every place field of an expected failure, in both directions: the
 /// exact place passes, and each field changed on its own (layer, attention, tensor, and
 /// the class) fails with the expectation and the diagnosis in the message.
@@ -292,19 +321,9 @@ fn diagnoses_read_as_one_line_with_place_shapes_and_cause() {
 fn the_judge_matches_every_place_field_of_an_expected_failure() {
     use prefix_harness::harness::run::{run_case, Status};
     use prefix_harness::harness::scenario;
-    let file = std::path::Path::new("scenarios/bugs/t5-cross-cache-marked-computed.yaml");
-    let text = std::fs::read_to_string(file).unwrap();
+    let file = "scenarios/bugs/t5-cross-cache-marked-computed.yaml";
     let exact = "expect: {error: seq-len, layer: 0, attention: cross, tensor: key}";
-    assert!(
-        text.contains(exact),
-        "the scenario's expectation changed: update this test"
-    );
-    let judge = |expect: &str| {
-        let case = scenario::parse(file, &text.replace(exact, expect))
-            .unwrap()
-            .remove(0);
-        run_case(&case)
-    };
+    let judge = judged_with(file, exact);
     assert_eq!(judge(exact).status, Status::Pass);
     assert_eq!(
         judge("expect: {error: seq-len}").status,
@@ -329,11 +348,14 @@ fn the_judge_matches_every_place_field_of_an_expected_failure() {
         );
     }
     // A passing case expected to fail, and a failing one expected to pass.
+    let text = std::fs::read_to_string(file).unwrap();
     let fixed = text.replace(
         "cross_prefix_marks_updated: true",
         "cross_prefix_marks_updated: false",
     );
-    let case = scenario::parse(file, &fixed).unwrap().remove(0);
+    let case = scenario::parse(std::path::Path::new(file), &fixed)
+        .unwrap()
+        .remove(0);
     let r = run_case(&case);
     assert_eq!(r.status, Status::Fail);
     assert!(r.message.unwrap().contains("fixed? update the scenario"));
@@ -371,22 +393,9 @@ fn the_loss_check_fails_a_case_whose_loss_does_not_decrease() {
 /// another class fails it.
 #[test]
 fn an_expected_warning_passes_the_judge_and_another_class_does_not() {
-    use prefix_harness::harness::run::{run_case, Status};
-    use prefix_harness::harness::scenario;
-    let file = std::path::Path::new("scenarios/bugs/sliding-window-evicts-prefix.yaml");
-    let text = std::fs::read_to_string(file).unwrap();
+    use prefix_harness::harness::run::Status;
     let exact = "expect: {error: prefix-evicted, layer: 0, attention: self, tensor: key}";
-    assert!(
-        text.contains(exact),
-        "the scenario's expectation changed: update this test"
-    );
-    let judge = |expect: &str| {
-        run_case(
-            &scenario::parse(file, &text.replace(exact, expect))
-                .unwrap()
-                .remove(0),
-        )
-    };
+    let judge = judged_with("scenarios/bugs/sliding-window-evicts-prefix.yaml", exact);
     let r = judge(exact);
     assert_eq!(r.status, Status::Pass, "{:?}", r.message);
     assert_eq!(r.diagnosis.unwrap().class, DiagnosisClass::PrefixEvicted);

@@ -4,33 +4,14 @@
 //! checked against candle-transformers (`tests/it/parity_families.rs`) and transformers +
 //! PEFT (`scenarios/stack/gemma2.yaml`).
 
-use candle_core::{Device, Tensor};
+use crate::common::{
+    assert_each_change_moves_logits, assert_tied_without_biases, family_parameters, family_parser,
+    long_prompt,
+};
+use prefix_harness::engine::model::{gemma2, gemma3, ModelConfig};
+use rstest::rstest;
 
-use crate::common::{flat_logits, max_diff};
-use prefix_harness::engine::model::{gemma2, weights, ModelConfig};
-
-const SEED: u64 = 7;
-
-fn parse(s: &str) -> gemma2::Config {
-    match ModelConfig::from_hf_json(s) {
-        Ok(ModelConfig::Gemma2(c)) => c,
-        other => panic!("{other:?}"),
-    }
-}
-
-/// Logits `[B, S, V]` of `cfg` on a fixed `[2, 12]` prompt (longer than the tiny
-/// window of 8), no prefix, flattened.
-fn logits(cfg: gemma2::Config) -> Vec<f32> {
-    let ids = Tensor::new(
-        &[
-            [1u32, 17, 42, 99, 3, 250, 8, 64, 9, 31, 120, 7],
-            [5, 200, 13, 77, 0, 128, 44, 2, 19, 230, 6, 90],
-        ],
-        &Device::Cpu,
-    )
-    .unwrap();
-    flat_logits(ModelConfig::Gemma2(cfg), SEED, &ids)
-}
+family_parser!(Gemma2, gemma2::Config);
 
 #[test]
 fn gemma2_config_json_defaults_and_layer_types() {
@@ -89,88 +70,80 @@ fn gemma2_config_json_defaults_and_layer_types() {
     }
 }
 
-#[test]
-fn gemma2_reads_transformers_parameter_names() {
-    let dev = Device::Cpu;
-    let names =
-        weights::materialize(&ModelConfig::Gemma2(gemma2::Config::tiny()), SEED, &dev).unwrap();
-    for n in [
+/// Gemma 2 and Gemma 3 (whose decoder is Gemma 2's) read transformers' parameter names:
+/// the embedding, the final norm, the four norms of `layer`, layer 0's attention output
+/// and MLP gate, and each family's `own` names and `dims`; tied embeddings, no bias.
+#[rstest]
+#[case::gemma2(
+    ModelConfig::Gemma2(gemma2::Config::tiny()),
+    2,
+    &["model.layers.0.self_attn.q_proj.weight"],
+    &[
+        ("model.layers.1.self_attn.k_proj.weight", vec![48, 64]),
+        ("model.layers.1.self_attn.q_proj.weight", vec![96, 64]),
+    ],
+)]
+#[case::gemma3(
+    ModelConfig::Gemma3(gemma3::Config::tiny()),
+    4,
+    &["model.layers.2.self_attn.q_norm.weight", "model.layers.2.self_attn.k_norm.weight"],
+    &[
+        ("model.layers.1.self_attn.q_norm.weight", vec![24]),
+        ("model.layers.1.self_attn.k_proj.weight", vec![24, 64]),
+    ],
+)]
+fn gemma_reads_transformers_parameter_names(
+    #[case] mc: ModelConfig,
+    #[case] layer: usize,
+    #[case] own: &[&str],
+    #[case] dims: &[(&str, Vec<usize>)],
+) {
+    let norms = [
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    ]
+    .map(|n| format!("model.layers.{layer}.{n}.weight"));
+    let mut present = vec![
         "model.embed_tokens.weight",
-        "model.layers.2.input_layernorm.weight",
-        "model.layers.2.post_attention_layernorm.weight",
-        "model.layers.2.pre_feedforward_layernorm.weight",
-        "model.layers.2.post_feedforward_layernorm.weight",
-        "model.layers.0.self_attn.q_proj.weight",
         "model.layers.0.self_attn.o_proj.weight",
         "model.layers.0.mlp.gate_proj.weight",
         "model.norm.weight",
-    ] {
-        assert!(names.contains_key(n), "{n}");
-    }
-    assert_eq!(
-        names["model.layers.1.self_attn.k_proj.weight"].dims(),
-        [48, 64]
-    );
-    assert_eq!(
-        names["model.layers.1.self_attn.q_proj.weight"].dims(),
-        [96, 64]
-    );
-    assert!(!names.contains_key("lm_head.weight"), "tied embeddings");
-    assert!(!names.keys().any(|k| k.ends_with(".bias")));
+    ];
+    present.extend(norms.iter().map(String::as_str));
+    present.extend(own);
+    let names = family_parameters(&mc, &present, dims);
+    assert_tied_without_biases(&names);
 }
 
 /// Each of Gemma 2's own pieces changes the tiny model's logits: without it a test
 /// against a reference that lacks it too would pass.
 #[test]
 fn gemma2_soft_caps_scalar_and_windows_reach_the_logits() {
-    let tiny = gemma2::Config::tiny;
-    let base = logits(tiny());
-    let cases = [
-        (
-            "no attention soft-cap",
-            gemma2::Config {
-                attn_logit_softcapping: None,
-                ..tiny()
-            },
-        ),
-        (
-            "no final soft-cap",
-            gemma2::Config {
-                final_logit_softcapping: None,
-                ..tiny()
-            },
-        ),
-        (
-            "query_pre_attn_scalar = head_dim",
-            gemma2::Config {
-                query_pre_attn_scalar: 24,
-                ..tiny()
-            },
-        ),
-        (
-            "no window",
-            gemma2::Config {
-                sliding_window: None,
-                ..tiny()
-            },
-        ),
-        (
-            "odd layers slide instead",
-            gemma2::Config {
-                layer_types: Some(vec![
+    let base = assert_each_change_moves_logits(
+        gemma2::Config::tiny,
+        ModelConfig::Gemma2,
+        // [2, 12], longer than the tiny window
+        &long_prompt(),
+        1e-2,
+        &[
+            ("no attention soft-cap", |c| c.attn_logit_softcapping = None),
+            ("no final soft-cap", |c| c.final_logit_softcapping = None),
+            ("query_pre_attn_scalar = head_dim", |c| {
+                c.query_pre_attn_scalar = 24
+            }),
+            ("no window", |c| c.sliding_window = None),
+            ("odd layers slide instead", |c| {
+                c.layer_types = Some(vec![
                     "full_attention".into(),
                     "sliding_attention".into(),
                     "full_attention".into(),
-                ]),
-                ..tiny()
-            },
-        ),
-    ];
-    for (what, cfg) in cases {
-        let d = max_diff(&base, &logits(cfg));
-        assert!(d > 1e-2, "{what}: logits moved by only {d}");
-    }
+                ])
+            }),
+        ],
+    );
     // The final cap bounds every logit.
-    let cap = tiny().final_logit_softcapping.unwrap() as f32;
+    let cap = gemma2::Config::tiny().final_logit_softcapping.unwrap() as f32;
     assert!(base.iter().all(|x| x.abs() < cap));
 }

@@ -1,61 +1,21 @@
 //! Gemma 3 (text): `config.json` with transformers' defaults, `layer_types` or
 //! `sliding_window_pattern`, the two RoPE bases (also transformers 5's
-//! `rope_parameters` per layer type), parameter names, and that each Gemma 3 piece
+//! `rope_parameters` per layer type), and that each Gemma 3 piece
 //! (q/k norms, `query_pre_attn_scalar`, the local RoPE base, the global RoPE scaling,
-//! the windows) reaches the logits of the tiny config. The logits themselves are
-//! checked against candle-transformers (`tests/it/parity_families.rs`) and transformers +
+//! the windows) reaches the logits of the tiny config. Its parameter names are checked
+//! with Gemma 2's (`tests/it/family_gemma2.rs`), whose decoder it shares; its logits
+//! against candle-transformers (`tests/it/parity_families.rs`) and transformers +
 //! PEFT (`scenarios/stack/gemma3.yaml`).
 
 use candle_core::{DType, Device, Tensor};
-use prefix_harness::engine::cache::{CacheConfig, CacheMode};
-use prefix_harness::engine::generate::forward_logits;
 use prefix_harness::engine::model::{gemma3, weights, Family, ModelConfig};
 
-const SEED: u64 = 7;
+use crate::common::{
+    assert_each_change_moves_logits, family_parser, flat_logits_of, long_prompt, max_diff,
+    replaced, FAMILY_SEED,
+};
 
-fn parse(s: &str) -> gemma3::Config {
-    match ModelConfig::from_hf_json(s) {
-        Ok(ModelConfig::Gemma3(c)) => c,
-        other => panic!("{other:?}"),
-    }
-}
-
-/// Logits `[B, S, V]` of `cfg` on a fixed `[2, 12]` prompt (longer than the tiny
-/// window of 6), no prefix, flattened.
-fn logits(cfg: gemma3::Config) -> Vec<f32> {
-    let dev = Device::Cpu;
-    let model = ModelConfig::Gemma3(cfg)
-        .build(weights::seeded(SEED, DType::F32, &dev))
-        .unwrap();
-    let ids = Tensor::new(
-        &[
-            [1u32, 17, 42, 99, 3, 250, 8, 64, 9, 31, 120, 7],
-            [5, 200, 13, 77, 0, 128, 44, 2, 19, 230, 6, 90],
-        ],
-        &dev,
-    )
-    .unwrap();
-    forward_logits(
-        model.as_ref(),
-        None,
-        &CacheConfig::new(CacheMode::Dynamic),
-        &ids,
-        None,
-    )
-    .unwrap()
-    .0
-    .flatten_all()
-    .unwrap()
-    .to_vec1()
-    .unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
+family_parser!(Gemma3, gemma3::Config);
 
 fn windows(c: &gemma3::Config) -> Vec<Option<usize>> {
     c.decoder().unwrap().1.windows
@@ -148,88 +108,33 @@ fn gemma3_tiny_geometry_is_awkward() {
     assert_eq!(windows(&t), [Some(6), Some(6), None, Some(6), Some(6)]);
 }
 
-#[test]
-fn gemma3_reads_transformers_parameter_names() {
-    let dev = Device::Cpu;
-    let names =
-        weights::materialize(&ModelConfig::Gemma3(gemma3::Config::tiny()), SEED, &dev).unwrap();
-    for n in [
-        "model.embed_tokens.weight",
-        "model.layers.4.input_layernorm.weight",
-        "model.layers.4.post_attention_layernorm.weight",
-        "model.layers.4.pre_feedforward_layernorm.weight",
-        "model.layers.4.post_feedforward_layernorm.weight",
-        "model.layers.2.self_attn.q_norm.weight",
-        "model.layers.2.self_attn.k_norm.weight",
-        "model.layers.0.self_attn.o_proj.weight",
-        "model.layers.0.mlp.gate_proj.weight",
-        "model.norm.weight",
-    ] {
-        assert!(names.contains_key(n), "{n}");
-    }
-    assert_eq!(names["model.layers.1.self_attn.q_norm.weight"].dims(), [24]);
-    assert_eq!(
-        names["model.layers.1.self_attn.k_proj.weight"].dims(),
-        [24, 64]
-    );
-    assert!(!names.contains_key("lm_head.weight"), "tied embeddings");
-    assert!(!names.keys().any(|k| k.ends_with(".bias")));
-}
-
 /// Each of Gemma 3's own pieces changes the tiny model's logits: without it a test
 /// against a reference that lacks it too would pass.
 #[test]
 fn gemma3_norms_scalar_ropes_and_windows_reach_the_logits() {
-    let tiny = gemma3::Config::tiny;
-    let base = logits(tiny());
-    let cases = [
-        (
-            "query_pre_attn_scalar = head_dim",
-            gemma3::Config {
-                query_pre_attn_scalar: 24,
-                ..tiny()
-            },
-        ),
-        (
-            "sliding layers with the global RoPE base",
-            gemma3::Config {
-                rope_local_base_freq: 1_000_000.0,
-                ..tiny()
-            },
-        ),
-        (
-            "no linear scaling on the global layers",
-            gemma3::Config {
-                rope_scaling: None,
-                ..tiny()
-            },
-        ),
-        (
-            "no window",
-            gemma3::Config {
-                sliding_window: None,
-                ..tiny()
-            },
-        ),
-        (
-            "every layer global",
-            gemma3::Config {
-                sliding_window_pattern: Some(1),
-                ..tiny()
-            },
-        ),
-        (
-            "attention soft-cap 2",
-            gemma3::Config {
-                attn_logit_softcapping: Some(2.0),
-                ..tiny()
-            },
-        ),
-    ];
-    for (what, cfg) in cases {
-        let d = max_diff(&base, &logits(cfg));
-        assert!(d > 1e-3, "{what}: logits moved by only {d}");
-    }
+    assert_each_change_moves_logits(
+        gemma3::Config::tiny,
+        ModelConfig::Gemma3,
+        // [2, 12], longer than the tiny window
+        &long_prompt(),
+        1e-3,
+        &[
+            ("query_pre_attn_scalar = head_dim", |c| {
+                c.query_pre_attn_scalar = 24
+            }),
+            ("sliding layers with the global RoPE base", |c| {
+                c.rope_local_base_freq = 1_000_000.0
+            }),
+            ("no linear scaling on the global layers", |c| {
+                c.rope_scaling = None
+            }),
+            ("no window", |c| c.sliding_window = None),
+            ("every layer global", |c| c.sliding_window_pattern = Some(1)),
+            ("attention soft-cap 2", |c| {
+                c.attn_logit_softcapping = Some(2.0)
+            }),
+        ],
+    );
 }
 
 /// The q/k norms are read and applied: the model built from weights whose q_norm is
@@ -241,30 +146,14 @@ fn gemma3_qk_norm_weights_reach_the_logits() {
     let ids = Tensor::new(&[[1u32, 17, 42, 99, 3, 250, 8, 64, 9, 31]], &dev).unwrap();
     let run = |map: std::collections::HashMap<String, Tensor>| -> Vec<f32> {
         let vb = candle_nn::VarBuilder::from_tensors(map, DType::F32, &dev);
-        let model = mc.build(vb).unwrap();
-        forward_logits(
-            model.as_ref(),
-            None,
-            &CacheConfig::new(CacheMode::Dynamic),
-            &ids,
-            None,
-        )
-        .unwrap()
-        .0
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
+        flat_logits_of(mc.build(vb).unwrap().as_ref(), &ids)
     };
-    let map = weights::materialize(&mc, SEED, &dev).unwrap();
+    let map = weights::materialize(&mc, FAMILY_SEED, &dev).unwrap();
     let base = run(map.clone());
     for norm in ["q_norm", "k_norm"] {
-        let mut m = map.clone();
-        for (name, t) in m.iter_mut() {
-            if name.ends_with(&format!("self_attn.{norm}.weight")) {
-                *t = t.zeros_like().unwrap();
-            }
-        }
+        let m = replaced(&map, &format!("self_attn.{norm}.weight"), |t| {
+            t.zeros_like().unwrap()
+        });
         let d = max_diff(&base, &run(m));
         assert!(d > 1e-3, "{norm}: logits moved by only {d}");
     }

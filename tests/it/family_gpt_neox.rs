@@ -6,23 +6,10 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::common::{flat_logits, max_diff};
-use prefix_harness::engine::model::{gpt_neox, weights, ModelConfig};
+use crate::common::{assert_each_change_moves_logits, family_parameters, family_parser};
+use prefix_harness::engine::model::{gpt_neox, ModelConfig};
 
-const SEED: u64 = 7;
-
-fn parse(s: &str) -> gpt_neox::Config {
-    match ModelConfig::from_hf_json(s) {
-        Ok(ModelConfig::GptNeox(c)) => c,
-        other => panic!("{other:?}"),
-    }
-}
-
-/// Logits `[B, S, V]` of `cfg` on a fixed `[2, 5]` prompt, no prefix.
-fn logits(cfg: gpt_neox::Config) -> Vec<f32> {
-    let ids = Tensor::new(&[[1u32, 17, 42, 99, 3], [5, 200, 13, 77, 0]], &Device::Cpu).unwrap();
-    flat_logits(ModelConfig::GptNeox(cfg), SEED, &ids)
-}
+family_parser!(GptNeox, gpt_neox::Config);
 
 #[test]
 fn gpt_neox_config_json_defaults() {
@@ -61,39 +48,33 @@ fn gpt_neox_config_json_defaults() {
 
 #[test]
 fn gpt_neox_reads_transformers_parameter_names() {
-    let names: Vec<String> = weights::materialize(
+    family_parameters(
         &ModelConfig::GptNeox(gpt_neox::Config::tiny()),
-        SEED,
-        &Device::Cpu,
-    )
-    .unwrap()
-    .into_keys()
-    .collect();
-    for n in [
-        "gpt_neox.embed_in.weight",
-        "gpt_neox.layers.1.attention.query_key_value.weight",
-        "gpt_neox.layers.1.attention.query_key_value.bias",
-        "gpt_neox.layers.0.attention.dense.bias",
-        "gpt_neox.layers.0.mlp.dense_h_to_4h.weight",
-        "gpt_neox.layers.0.post_attention_layernorm.bias",
-        "gpt_neox.final_layer_norm.weight",
-        "embed_out.weight",
-    ] {
-        assert!(names.iter().any(|k| k == n), "{n} not in {names:?}");
-    }
+        &[
+            "gpt_neox.embed_in.weight",
+            "gpt_neox.layers.1.attention.query_key_value.weight",
+            "gpt_neox.layers.1.attention.query_key_value.bias",
+            "gpt_neox.layers.0.attention.dense.bias",
+            "gpt_neox.layers.0.mlp.dense_h_to_4h.weight",
+            "gpt_neox.layers.0.post_attention_layernorm.bias",
+            "gpt_neox.final_layer_norm.weight",
+            "embed_out.weight",
+        ],
+        &[],
+    );
 }
 
 #[test]
 fn residual_style_and_rotary_pct_reach_the_logits() {
-    let base = logits(gpt_neox::Config::tiny());
-    let sequential = logits(gpt_neox::Config {
-        use_parallel_residual: false,
-        ..gpt_neox::Config::tiny()
-    });
-    let full_rotary = logits(gpt_neox::Config {
-        rotary_pct: 1.0,
-        ..gpt_neox::Config::tiny()
-    });
-    assert!(max_diff(&base, &sequential) > 1e-3);
-    assert!(max_diff(&base, &full_rotary) > 1e-3);
+    assert_each_change_moves_logits(
+        gpt_neox::Config::tiny,
+        ModelConfig::GptNeox,
+        // [2, 5]
+        &Tensor::new(&[[1u32, 17, 42, 99, 3], [5, 200, 13, 77, 0]], &Device::Cpu).unwrap(),
+        1e-3,
+        &[
+            ("sequential residual", |c| c.use_parallel_residual = false),
+            ("rotary on the whole head", |c| c.rotary_pct = 1.0),
+        ],
+    );
 }

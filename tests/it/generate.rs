@@ -79,299 +79,262 @@ fn rows_per_batch(layout: Layout, kv_heads: usize) -> usize {
     }
 }
 
-#[rstest]
-fn greedy_in_every_cache_mode_equals_recompute(
-    #[values(
-        Family::Gpt2,
-        Family::Llama,
-        Family::Bloom,
-        Family::GptBigcode,
-        Family::T5
-    )]
-    family: Family,
-    #[values("none", "dynamic", "static", "sliding", "legacy")] mode_name: &str,
-) {
-    let model = tiny_model(family);
-    let cfg = CacheConfig::new(mode(mode_name));
-    let out = run(model.as_ref(), &DecodeOptions::new(cfg.clone(), STEPS), 2);
-    let want = run(
-        model.as_ref(),
-        &DecodeOptions::new(reference(&cfg), STEPS),
-        2,
-    );
-    assert_eq!(out.tokens.len(), 2);
-    assert!(out.tokens.iter().all(|t| t.len() == STEPS));
-    assert_eq!(out.tokens, want.tokens, "{family:?}/{mode_name}");
-    assert!(out.scores.is_none());
-}
-
-#[rstest]
-fn beam_search_with_one_beam_is_greedy(
-    #[values(
-        Family::Gpt2,
-        Family::Llama,
-        Family::Bloom,
-        Family::GptBigcode,
-        Family::T5
-    )]
-    family: Family,
-) {
-    let model = tiny_model(family);
-    let opts = DecodeOptions::new(CacheConfig::new(CacheMode::Dynamic), STEPS);
-    let g = run(model.as_ref(), &opts, 2);
-    let b = run(model.as_ref(), &opts.clone().with_strategy(beam(1)), 2);
-    assert_eq!(b.tokens, g.tokens, "{family:?}");
-    // The same through `greedy`, which ignores the strategy.
-    let (ids, mask) = padded_batch(2);
-    let pre = prefix(model.as_ref(), P);
-    let via = greedy(
-        model.as_ref(),
-        Some(&pre),
-        &opts.clone().with_strategy(beam(3)),
-        &ids,
-        Some(&mask),
-    )
-    .expect("greedy");
-    assert_eq!(via.tokens, g.tokens);
-}
-
-#[rstest]
-fn four_beams_batch_two_in_every_cache_mode_match_recompute_and_keep_batch_x_beams(
-    #[values(
-        Family::Gpt2,
-        Family::Llama,
-        Family::Bloom,
-        Family::GptBigcode,
-        Family::T5
-    )]
-    family: Family,
-    #[values("none", "dynamic", "static", "sliding", "legacy")] mode_name: &str,
-) {
-    const B: usize = 2;
-    const K: usize = 4;
-    let model = tiny_model(family);
-    let g = model.geometry();
-    let cfg = CacheConfig::new(mode(mode_name));
-    let opts = DecodeOptions::new(cfg.clone(), STEPS).with_strategy(beam(K));
-    let out = run(model.as_ref(), &opts, B);
-    let want = run(
-        model.as_ref(),
-        &DecodeOptions::new(reference(&cfg), STEPS).with_strategy(beam(K)),
-        B,
-    );
-    assert_eq!(out.tokens.len(), B, "one sequence per input row");
-    assert!(out.tokens.iter().all(|t| t.len() == STEPS));
-    assert_eq!(out.tokens, want.tokens, "{family:?}/{mode_name}");
-    let (sa, sb) = (out.scores.expect("scores"), want.scores.expect("scores"));
-    for (a, b) in sa.iter().zip(&sb) {
-        assert!(
-            (a - b).abs() < 1e-3,
-            "{family:?}/{mode_name}: scores {sa:?} vs {sb:?}"
+family_test!(
+    CLASSIC,
+    greedy_in_every_cache_mode_equals_recompute,
+    |family: Family,
+     #[values("none", "dynamic", "static", "sliding", "legacy")] mode_name: &str| {
+        let model = tiny_model(family);
+        let cfg = CacheConfig::new(mode(mode_name));
+        let out = run(model.as_ref(), &DecodeOptions::new(cfg.clone(), STEPS), 2);
+        let want = run(
+            model.as_ref(),
+            &DecodeOptions::new(reference(&cfg), STEPS),
+            2,
         );
+        assert_eq!(out.tokens.len(), 2);
+        assert!(out.tokens.iter().all(|t| t.len() == STEPS));
+        assert_eq!(out.tokens, want.tokens, "{family:?}/{mode_name}");
+        assert!(out.scores.is_none());
     }
-    assert!(out.logits.iter().all(|l| l.dims() == [B * K, g.vocab_size]));
+);
 
-    // The trace: the prefix entered the cache as B x K rows, every forward pass read
-    // B x K rows, and from step 1 on every layer (self and cross) was reordered
-    // before it was used.
-    let layout = out.cache.layout;
-    let group = rows_per_batch(layout, g.num_kv_heads);
-    let trace = &out.cache.trace;
-    let seeds: Vec<_> = trace
-        .events
-        .iter()
-        .filter(|e| e.op == CacheOp::Seed)
-        .collect();
-    assert!(!seeds.is_empty());
-    for e in seeds {
-        let rows = match e.attention {
-            Attention::SelfAttn => B * K * group,
-            Attention::Cross => B * K,
-        };
-        assert_eq!(e.key_written.as_ref().map(|k| k[0]), Some(rows), "{e:?}");
+family_test!(
+    CLASSIC,
+    beam_search_with_one_beam_is_greedy,
+    |family: Family| {
+        let model = tiny_model(family);
+        let opts = DecodeOptions::new(CacheConfig::new(CacheMode::Dynamic), STEPS);
+        let g = run(model.as_ref(), &opts, 2);
+        let b = run(model.as_ref(), &opts.clone().with_strategy(beam(1)), 2);
+        assert_eq!(b.tokens, g.tokens, "{family:?}");
+        // The same through `greedy`, which ignores the strategy.
+        let (ids, mask) = padded_batch(2);
+        let pre = prefix(model.as_ref(), P);
+        let via = greedy(
+            model.as_ref(),
+            Some(&pre),
+            &opts.clone().with_strategy(beam(3)),
+            &ids,
+            Some(&mask),
+        )
+        .expect("greedy");
+        assert_eq!(via.tokens, g.tokens);
     }
-    let last_step = trace.events.iter().map(|e| e.step).max().unwrap_or(0);
-    assert_eq!(last_step, STEPS - 1);
-    for step in 0..=last_step {
-        for layer in 0..g.num_layers {
-            let mut atts = vec![Attention::SelfAttn];
-            if g.encoder_decoder {
-                atts.push(Attention::Cross);
-            }
-            for att in atts {
-                let at = |op: CacheOp| {
-                    trace
-                        .events
-                        .iter()
-                        .filter(|e| e.step == step && e.layer == layer && e.attention == att)
-                        .filter(|e| e.op == op)
-                        .collect::<Vec<_>>()
-                };
-                let used: Vec<_> = at(CacheOp::Update)
-                    .into_iter()
-                    .chain(at(CacheOp::Read))
-                    .collect();
-                assert_eq!(used.len(), 1, "step {step} layer {layer} {att}");
-                assert_eq!(
-                    used[0].key_read.as_ref().map(|k| k[0]),
-                    Some(B * K),
-                    "{family:?}/{mode_name} step {step} layer {layer} {att}: keys read"
-                );
-                let reorders = at(CacheOp::Reorder);
-                assert_eq!(reorders.len(), usize::from(step > 0), "step {step}");
-                let group = if att == Attention::Cross { 1 } else { group };
-                for e in reorders {
-                    for shape in [&e.key_before, &e.key_after].into_iter().flatten() {
-                        assert_eq!(shape[0], B * K * group, "{e:?}");
+);
+
+family_test!(
+    CLASSIC,
+    four_beams_batch_two_in_every_cache_mode_match_recompute_and_keep_batch_x_beams,
+    |family: Family,
+     #[values("none", "dynamic", "static", "sliding", "legacy")] mode_name: &str| {
+        const B: usize = 2;
+        const K: usize = 4;
+        let model = tiny_model(family);
+        let g = model.geometry();
+        let cfg = CacheConfig::new(mode(mode_name));
+        let opts = DecodeOptions::new(cfg.clone(), STEPS).with_strategy(beam(K));
+        let out = run(model.as_ref(), &opts, B);
+        let want = run(
+            model.as_ref(),
+            &DecodeOptions::new(reference(&cfg), STEPS).with_strategy(beam(K)),
+            B,
+        );
+        assert_eq!(out.tokens.len(), B, "one sequence per input row");
+        assert!(out.tokens.iter().all(|t| t.len() == STEPS));
+        assert_eq!(out.tokens, want.tokens, "{family:?}/{mode_name}");
+        let (sa, sb) = (out.scores.expect("scores"), want.scores.expect("scores"));
+        for (a, b) in sa.iter().zip(&sb) {
+            assert!(
+                (a - b).abs() < 1e-3,
+                "{family:?}/{mode_name}: scores {sa:?} vs {sb:?}"
+            );
+        }
+        assert!(out.logits.iter().all(|l| l.dims() == [B * K, g.vocab_size]));
+
+        // The trace: the prefix entered the cache as B x K rows, every forward pass read
+        // B x K rows, and from step 1 on every layer (self and cross) was reordered
+        // before it was used.
+        let layout = out.cache.layout;
+        let group = rows_per_batch(layout, g.num_kv_heads);
+        let trace = &out.cache.trace;
+        let seeds: Vec<_> = trace
+            .events
+            .iter()
+            .filter(|e| e.op == CacheOp::Seed)
+            .collect();
+        assert!(!seeds.is_empty());
+        for e in seeds {
+            let rows = match e.attention {
+                Attention::SelfAttn => B * K * group,
+                Attention::Cross => B * K,
+            };
+            assert_eq!(e.key_written.as_ref().map(|k| k[0]), Some(rows), "{e:?}");
+        }
+        let last_step = trace.events.iter().map(|e| e.step).max().unwrap_or(0);
+        assert_eq!(last_step, STEPS - 1);
+        for step in 0..=last_step {
+            for layer in 0..g.num_layers {
+                let mut atts = vec![Attention::SelfAttn];
+                if g.encoder_decoder {
+                    atts.push(Attention::Cross);
+                }
+                for att in atts {
+                    let at = |op: CacheOp| {
+                        trace
+                            .events
+                            .iter()
+                            .filter(|e| e.step == step && e.layer == layer && e.attention == att)
+                            .filter(|e| e.op == op)
+                            .collect::<Vec<_>>()
+                    };
+                    let used: Vec<_> = at(CacheOp::Update)
+                        .into_iter()
+                        .chain(at(CacheOp::Read))
+                        .collect();
+                    assert_eq!(used.len(), 1, "step {step} layer {layer} {att}");
+                    assert_eq!(
+                        used[0].key_read.as_ref().map(|k| k[0]),
+                        Some(B * K),
+                        "{family:?}/{mode_name} step {step} layer {layer} {att}: keys read"
+                    );
+                    let reorders = at(CacheOp::Reorder);
+                    assert_eq!(reorders.len(), usize::from(step > 0), "step {step}");
+                    let group = if att == Attention::Cross { 1 } else { group };
+                    for e in reorders {
+                        for shape in [&e.key_before, &e.key_after].into_iter().flatten() {
+                            assert_eq!(shape[0], B * K * group, "{e:?}");
+                        }
+                        assert_eq!(e.key_before, e.key_after, "a reorder keeps shapes");
                     }
-                    assert_eq!(e.key_before, e.key_after, "a reorder keeps shapes");
                 }
             }
         }
     }
-}
+);
 
-#[rstest]
-fn two_return_sequences_of_four_beams_come_best_first(
-    #[values(
-        Family::Gpt2,
-        Family::Llama,
-        Family::Bloom,
-        Family::GptBigcode,
-        Family::T5
-    )]
-    family: Family,
-) {
-    let model = tiny_model(family);
-    let base =
-        DecodeOptions::new(CacheConfig::new(CacheMode::Dynamic), STEPS).with_strategy(beam(4));
-    let best = run(model.as_ref(), &base, 2);
-    let mut opts = base.clone();
-    opts.num_return_sequences = 2;
-    let out = run(model.as_ref(), &opts, 2);
-    assert_eq!(out.tokens.len(), 4, "2 rows per input row");
-    let scores = out.scores.expect("scores");
-    assert_eq!(scores.len(), 4);
-    for row in 0..2 {
-        assert_eq!(out.tokens[2 * row], best.tokens[row], "best first");
-        assert!(scores[2 * row] >= scores[2 * row + 1], "{scores:?}");
-        assert_ne!(
-            out.tokens[2 * row],
-            out.tokens[2 * row + 1],
-            "distinct hypotheses"
+family_test!(
+    CLASSIC,
+    two_return_sequences_of_four_beams_come_best_first,
+    |family: Family| {
+        let model = tiny_model(family);
+        let base =
+            DecodeOptions::new(CacheConfig::new(CacheMode::Dynamic), STEPS).with_strategy(beam(4));
+        let best = run(model.as_ref(), &base, 2);
+        let mut opts = base.clone();
+        opts.num_return_sequences = 2;
+        let out = run(model.as_ref(), &opts, 2);
+        assert_eq!(out.tokens.len(), 4, "2 rows per input row");
+        let scores = out.scores.expect("scores");
+        assert_eq!(scores.len(), 4);
+        for row in 0..2 {
+            assert_eq!(out.tokens[2 * row], best.tokens[row], "best first");
+            assert!(scores[2 * row] >= scores[2 * row + 1], "{scores:?}");
+            assert_ne!(
+                out.tokens[2 * row],
+                out.tokens[2 * row + 1],
+                "distinct hypotheses"
+            );
+        }
+        // More return sequences than beams is a configuration error.
+        opts.num_return_sequences = 5;
+        let pre = prefix(model.as_ref(), P);
+        let (ids, mask) = padded_batch(2);
+        assert!(generate(model.as_ref(), Some(&pre), &opts, &ids, Some(&mask)).is_err());
+    }
+);
+
+family_test!(
+    CLASSIC,
+    seeded_sampling_is_reproducible_and_cache_independent,
+    |family: Family| {
+        let model = tiny_model(family);
+        let opts = |m: &str, seed: u64| {
+            let mut o =
+                DecodeOptions::new(CacheConfig::new(mode(m)), STEPS).with_strategy(sample(seed));
+            o.num_return_sequences = 2;
+            o
+        };
+        let a = run(model.as_ref(), &opts("dynamic", 7), 2);
+        assert_eq!(
+            a.tokens.len(),
+            4,
+            "each input row repeated per return sequence"
+        );
+        assert!(a.tokens.iter().all(|t| t.len() == STEPS));
+        let again = run(model.as_ref(), &opts("dynamic", 7), 2);
+        assert_eq!(a.tokens, again.tokens, "same seed, same tokens");
+        let other = run(model.as_ref(), &opts("dynamic", 8), 2);
+        assert_ne!(a.tokens, other.tokens, "another seed, other tokens");
+        for m in ["none", "static", "legacy"] {
+            let o = run(model.as_ref(), &opts(m, 7), 2);
+            assert_eq!(o.tokens, a.tokens, "{family:?}/{m}");
+        }
+        // Sliding: the same tokens as recompute with the same window.
+        let s = run(model.as_ref(), &opts("sliding", 7), 2);
+        let mut r = opts("none", 7);
+        r.cache.window = Some(WINDOW);
+        assert_eq!(
+            s.tokens,
+            run(model.as_ref(), &r, 2).tokens,
+            "{family:?}/sliding"
         );
     }
-    // More return sequences than beams is a configuration error.
-    opts.num_return_sequences = 5;
-    let pre = prefix(model.as_ref(), P);
-    let (ids, mask) = padded_batch(2);
-    assert!(generate(model.as_ref(), Some(&pre), &opts, &ids, Some(&mask)).is_err());
-}
+);
 
-#[rstest]
-fn seeded_sampling_is_reproducible_and_cache_independent(
-    #[values(
-        Family::Gpt2,
-        Family::Llama,
-        Family::Bloom,
-        Family::GptBigcode,
-        Family::T5
-    )]
-    family: Family,
-) {
-    let model = tiny_model(family);
-    let opts = |m: &str, seed: u64| {
-        let mut o =
-            DecodeOptions::new(CacheConfig::new(mode(m)), STEPS).with_strategy(sample(seed));
-        o.num_return_sequences = 2;
-        o
-    };
-    let a = run(model.as_ref(), &opts("dynamic", 7), 2);
-    assert_eq!(
-        a.tokens.len(),
-        4,
-        "each input row repeated per return sequence"
-    );
-    assert!(a.tokens.iter().all(|t| t.len() == STEPS));
-    let again = run(model.as_ref(), &opts("dynamic", 7), 2);
-    assert_eq!(a.tokens, again.tokens, "same seed, same tokens");
-    let other = run(model.as_ref(), &opts("dynamic", 8), 2);
-    assert_ne!(a.tokens, other.tokens, "another seed, other tokens");
-    for m in ["none", "static", "legacy"] {
-        let o = run(model.as_ref(), &opts(m, 7), 2);
-        assert_eq!(o.tokens, a.tokens, "{family:?}/{m}");
-    }
-    // Sliding: the same tokens as recompute with the same window.
-    let s = run(model.as_ref(), &opts("sliding", 7), 2);
-    let mut r = opts("none", 7);
-    r.cache.window = Some(WINDOW);
-    assert_eq!(
-        s.tokens,
-        run(model.as_ref(), &r, 2).tokens,
-        "{family:?}/sliding"
-    );
-}
+family_test!(
+    CLASSIC,
+    a_row_that_emits_eos_stops,
+    |family: Family, #[values("none", "dynamic", "legacy")] mode_name: &str| {
+        let model = tiny_model(family);
+        let base = DecodeOptions::new(CacheConfig::new(mode(mode_name)), STEPS);
+        let free = run(model.as_ref(), &base, 3);
+        let eos = free.tokens[0][0];
+        let pad = if eos == 1 { 2 } else { 1 };
+        let mut opts = base.clone();
+        opts.eos_token_id = Some(eos);
+        opts.pad_token_id = Some(pad);
+        let out = run(model.as_ref(), &opts, 3);
+        // Each row follows the free run up to its first EOS, then emits pad; generation
+        // stops once every row is finished.
+        let stop = |row: &Vec<u32>| row.iter().position(|t| *t == eos).map(|i| i + 1);
+        let len = if free.tokens.iter().all(|r| stop(r).is_some()) {
+            free.tokens.iter().filter_map(stop).max().unwrap_or(STEPS)
+        } else {
+            STEPS
+        };
+        assert_eq!(out.tokens[0][0], eos);
+        for (got, free) in out.tokens.iter().zip(&free.tokens) {
+            let cut = stop(free).unwrap_or(STEPS).min(len);
+            let mut want = free[..cut].to_vec();
+            want.resize(len, pad);
+            assert_eq!(got, &want, "{family:?}/{mode_name}");
+        }
+        // A single row that finishes at once stops after one token.
+        let pre = prefix(model.as_ref(), P);
+        let (ids, mask) = padded_batch(1);
+        let one = generate(model.as_ref(), Some(&pre), &opts, &ids, Some(&mask)).expect("runs");
+        assert_eq!(one.tokens, vec![vec![eos]]);
+        assert_eq!(one.logits.len(), 1);
 
-#[rstest]
-fn a_row_that_emits_eos_stops(
-    #[values(
-        Family::Gpt2,
-        Family::Llama,
-        Family::Bloom,
-        Family::GptBigcode,
-        Family::T5
-    )]
-    family: Family,
-    #[values("none", "dynamic", "legacy")] mode_name: &str,
-) {
-    let model = tiny_model(family);
-    let base = DecodeOptions::new(CacheConfig::new(mode(mode_name)), STEPS);
-    let free = run(model.as_ref(), &base, 3);
-    let eos = free.tokens[0][0];
-    let pad = if eos == 1 { 2 } else { 1 };
-    let mut opts = base.clone();
-    opts.eos_token_id = Some(eos);
-    opts.pad_token_id = Some(pad);
-    let out = run(model.as_ref(), &opts, 3);
-    // Each row follows the free run up to its first EOS, then emits pad; generation
-    // stops once every row is finished.
-    let stop = |row: &Vec<u32>| row.iter().position(|t| *t == eos).map(|i| i + 1);
-    let len = if free.tokens.iter().all(|r| stop(r).is_some()) {
-        free.tokens.iter().filter_map(stop).max().unwrap_or(STEPS)
-    } else {
-        STEPS
-    };
-    assert_eq!(out.tokens[0][0], eos);
-    for (got, free) in out.tokens.iter().zip(&free.tokens) {
-        let cut = stop(free).unwrap_or(STEPS).min(len);
-        let mut want = free[..cut].to_vec();
-        want.resize(len, pad);
-        assert_eq!(got, &want, "{family:?}/{mode_name}");
-    }
-    // A single row that finishes at once stops after one token.
-    let pre = prefix(model.as_ref(), P);
-    let (ids, mask) = padded_batch(1);
-    let one = generate(model.as_ref(), Some(&pre), &opts, &ids, Some(&mask)).expect("runs");
-    assert_eq!(one.tokens, vec![vec![eos]]);
-    assert_eq!(one.logits.len(), 1);
-
-    // Beams with the same EOS agree with recompute and end rows with EOS + pad.
-    let mut bopts = opts.clone().with_strategy(beam(4));
-    bopts.num_return_sequences = 2;
-    let b = run(model.as_ref(), &bopts, 2);
-    let mut r = bopts.clone();
-    r.cache = reference(&bopts.cache);
-    assert_eq!(
-        b.tokens,
-        run(model.as_ref(), &r, 2).tokens,
-        "{family:?}/{mode_name}"
-    );
-    for row in &b.tokens {
-        if let Some(i) = row.iter().position(|t| *t == eos) {
-            assert!(row[i + 1..].iter().all(|t| *t == pad), "{row:?}");
+        // Beams with the same EOS agree with recompute and end rows with EOS + pad.
+        let mut bopts = opts.clone().with_strategy(beam(4));
+        bopts.num_return_sequences = 2;
+        let b = run(model.as_ref(), &bopts, 2);
+        let mut r = bopts.clone();
+        r.cache = reference(&bopts.cache);
+        assert_eq!(
+            b.tokens,
+            run(model.as_ref(), &r, 2).tokens,
+            "{family:?}/{mode_name}"
+        );
+        for row in &b.tokens {
+            if let Some(i) = row.iter().position(|t| *t == eos) {
+                assert!(row[i + 1..].iter().all(|t| *t == pad), "{row:?}");
+            }
         }
     }
-}
+);
 
 // ---- ModelCache::reorder --------------------------------------------------------
 

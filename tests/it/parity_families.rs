@@ -7,12 +7,19 @@
 //! i` masks), and the window itself is checked against transformers
 //! (`scenarios/stack/`).
 
-use crate::common::{build_with_weights, logits_with, max_abs_diff, parity_prompt, worst_diff};
+use crate::common::{
+    build_with_weights, logits_with, max_abs_diff, parity_prompt, parse_hf_config, replaced,
+    worst_diff,
+};
 
 use std::collections::HashMap;
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{json, Value};
+
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{Activation, VarBuilder};
+use candle_nn::VarBuilder;
 use candle_transformers::models::{
     gemma2 as ct_gemma2, gemma3 as ct_gemma3, mistral as ct_mistral, qwen2 as ct_qwen2,
     qwen3 as ct_qwen3,
@@ -28,6 +35,24 @@ const TOL: f32 = 1e-4;
 /// Our logits `[B, S, V]` for the prompt, no prefix.
 fn ours(model: &dyn Model, ids: &Tensor) -> Tensor {
     logits_with(model, None, CacheMode::Dynamic, ids)
+}
+
+/// Our model of `mc` seeded with `SEED`: its logits `[B, S, V]` on the parity prompt
+/// (no prefix), the weights it was built from (for the reference), and the prompt
+/// `[B, S]`.
+fn ours_seeded(mc: &ModelConfig) -> (Tensor, HashMap<String, Tensor>, Tensor) {
+    let dev = Device::Cpu;
+    let (model, map) = build_with_weights(mc, SEED, &dev);
+    let ids = parity_prompt(&dev);
+    (ours(model.as_ref(), &ids), map, ids)
+}
+
+/// Prints the largest difference between our last-position logits `[B, 1, V]` and a
+/// reference's whole-prompt pass (`what` names both) and checks it against `TOL`.
+fn assert_last_position_parity(what: &str, ours: &Tensor, theirs: &Tensor) {
+    let worst = max_abs_diff(ours, theirs);
+    println!("{what}: max abs diff {worst:e}");
+    assert!(worst <= TOL, "max abs diff {worst} > {TOL}");
 }
 
 /// `forward(ids, offset)` of a candle-transformers model with a KV cache, emptied at
@@ -56,92 +81,48 @@ fn assert_parity(
     assert!(worst <= TOL, "{name}: max abs diff {worst} > {TOL}");
 }
 
-#[test]
-fn qwen2_no_prefix_parity_with_candle_transformers() {
-    let dev = Device::Cpu;
-    let cfg = qwen2::Config::tiny();
-    let (model, map) = build_with_weights(&ModelConfig::Qwen2(cfg.clone()), SEED, &dev);
-    let ids = parity_prompt(&dev);
-    let ours = ours(model.as_ref(), &ids);
-    let ccfg = ct_qwen2::Config {
-        vocab_size: cfg.sizes.vocab_size,
-        hidden_size: cfg.sizes.hidden_size,
-        intermediate_size: cfg.sizes.intermediate_size,
-        num_hidden_layers: cfg.sizes.num_hidden_layers,
-        num_attention_heads: cfg.sizes.num_attention_heads,
-        num_key_value_heads: cfg.num_key_value_heads.unwrap(),
-        max_position_embeddings: cfg.sizes.max_position_embeddings,
-        sliding_window: 4096,
-        max_window_layers: cfg.sliding.max_window_layers,
-        tie_word_embeddings: cfg.sizes.tie_word_embeddings,
-        rope_theta: cfg.rope.rope_theta,
-        rms_norm_eps: cfg.rms_norm_eps,
-        use_sliding_window: false,
-        hidden_act: Activation::Silu,
+/// candle-transformers' config `C` of one of our configs: `ours` as `config.json` (both
+/// read transformers' field names; candle ignores the fields it has not) with
+/// `overrides` on top (what candle-transformers models differently, and the activation,
+/// which the reference sets itself).
+fn candle_config<C: DeserializeOwned>(ours: &impl Serialize, overrides: Value) -> C {
+    let mut v = serde_json::to_value(ours).expect("our config as JSON");
+    let (Value::Object(fields), Value::Object(over)) = (&mut v, overrides) else {
+        panic!("configs are JSON objects")
     };
-    let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
-    let mut theirs = ct_qwen2::ModelForCausalLM::new(&ccfg, vb).unwrap();
-    assert_parity("qwen2", &ours, &ids, stepper!(theirs));
+    fields.extend(over);
+    serde_json::from_value(v).expect("candle-transformers reads the config")
 }
 
-#[test]
-fn mistral_no_prefix_parity_with_candle_transformers() {
-    let dev = Device::Cpu;
-    let cfg = mistral::Config {
-        sliding_window: None,
-        ..mistral::Config::tiny()
-    };
-    let (model, map) = build_with_weights(&ModelConfig::Mistral(cfg.clone()), SEED, &dev);
-    let ids = parity_prompt(&dev);
-    let ours = ours(model.as_ref(), &ids);
-    let ccfg = ct_mistral::Config {
-        vocab_size: cfg.sizes.vocab_size,
-        hidden_size: cfg.sizes.hidden_size,
-        intermediate_size: cfg.sizes.intermediate_size,
-        num_hidden_layers: cfg.sizes.num_hidden_layers,
-        num_attention_heads: cfg.sizes.num_attention_heads,
-        head_dim: cfg.head_dim,
-        num_key_value_heads: cfg.num_key_value_heads.unwrap(),
-        hidden_act: Activation::Silu,
-        max_position_embeddings: cfg.sizes.max_position_embeddings,
-        rms_norm_eps: cfg.rms_norm_eps,
-        rope_theta: cfg.rope.rope_theta,
-        sliding_window: None,
-        use_flash_attn: false,
-    };
-    let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
-    let mut theirs = ct_mistral::Model::new(&ccfg, vb).unwrap();
-    assert_parity("mistral", &ours, &ids, stepper!(theirs));
+/// The Llama-like families: one `#[test]` per row, our model of the tiny config against
+/// candle-transformers' model of the same config (see [`candle_config`]) on the same
+/// seeded weights, whole prompt and token by token.
+macro_rules! llama_like_parity {
+    ($($test:ident: $family:ident($cfg:expr) vs $theirs:path, $overrides:tt;)*) => {$(
+        #[test]
+        fn $test() {
+            let cfg = $cfg;
+            let (ours, map, ids) = ours_seeded(&ModelConfig::$family(cfg.clone()));
+            let ccfg = candle_config(&cfg, serde_json::json!($overrides));
+            let vb = VarBuilder::from_tensors(map, DType::F32, &Device::Cpu);
+            let mut theirs = <$theirs>::new(&ccfg, vb).unwrap();
+            let name = ModelConfig::$family(cfg).family().name();
+            assert_parity(name, &ours, &ids, stepper!(theirs));
+        }
+    )*};
 }
 
-#[test]
-fn qwen3_no_prefix_parity_with_candle_transformers() {
-    let dev = Device::Cpu;
-    let cfg = qwen3::Config::tiny();
-    let (model, map) = build_with_weights(&ModelConfig::Qwen3(cfg.clone()), SEED, &dev);
-    let ids = parity_prompt(&dev);
-    let ours = ours(model.as_ref(), &ids);
-    let ccfg = ct_qwen3::Config {
-        vocab_size: cfg.sizes.vocab_size,
-        hidden_size: cfg.sizes.hidden_size,
-        intermediate_size: cfg.sizes.intermediate_size,
-        num_hidden_layers: cfg.sizes.num_hidden_layers,
-        num_attention_heads: cfg.sizes.num_attention_heads,
-        head_dim: cfg.head_dim,
-        attention_bias: cfg.attention_bias,
-        num_key_value_heads: cfg.num_key_value_heads.unwrap(),
-        max_position_embeddings: cfg.sizes.max_position_embeddings,
-        sliding_window: None,
-        max_window_layers: cfg.sliding.max_window_layers,
-        tie_word_embeddings: cfg.sizes.tie_word_embeddings,
-        rope_theta: cfg.rope.rope_theta,
-        rms_norm_eps: cfg.rms_norm_eps,
-        use_sliding_window: false,
-        hidden_act: Activation::Silu,
-    };
-    let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
-    let mut theirs = ct_qwen3::ModelForCausalLM::new(&ccfg, vb).unwrap();
-    assert_parity("qwen3", &ours, &ids, stepper!(theirs));
+llama_like_parity! {
+    qwen2_no_prefix_parity_with_candle_transformers:
+        Qwen2(qwen2::Config::tiny()) vs ct_qwen2::ModelForCausalLM,
+        {"sliding_window": 4096, "use_sliding_window": false, "hidden_act": "silu"};
+    mistral_no_prefix_parity_with_candle_transformers:
+        Mistral(mistral::Config { sliding_window: None, ..mistral::Config::tiny() })
+        vs ct_mistral::Model,
+        {"sliding_window": null, "use_flash_attn": false, "hidden_act": "silu"};
+    qwen3_no_prefix_parity_with_candle_transformers:
+        Qwen3(qwen3::Config::tiny()) vs ct_qwen3::ModelForCausalLM,
+        {"sliding_window": null, "use_sliding_window": false, "hidden_act": "silu"};
 }
 
 // ---------------------------------------------------------------------------------
@@ -163,34 +144,14 @@ fn candle_gemma2(
     cfg: &gemma2::Config,
     map: &HashMap<String, Tensor>,
     window: Option<usize>,
-    dev: &Device,
 ) -> ct_gemma2::Model {
-    let ccfg = ct_gemma2::Config {
-        attention_bias: cfg.attention_bias,
-        head_dim: cfg.head_dim,
-        hidden_activation: Activation::GeluPytorchTanh,
-        hidden_size: cfg.sizes.hidden_size,
-        intermediate_size: cfg.sizes.intermediate_size,
-        num_attention_heads: cfg.sizes.num_attention_heads,
-        num_hidden_layers: cfg.sizes.num_hidden_layers,
-        num_key_value_heads: cfg.num_key_value_heads,
-        rms_norm_eps: cfg.rms_norm_eps,
-        rope_theta: cfg.rope_theta,
-        vocab_size: cfg.sizes.vocab_size,
-        final_logit_softcapping: cfg.final_logit_softcapping,
-        attn_logit_softcapping: cfg.attn_logit_softcapping,
-        query_pre_attn_scalar: cfg.query_pre_attn_scalar,
-        sliding_window: window,
-        max_position_embeddings: cfg.sizes.max_position_embeddings,
-    };
+    let ccfg = candle_config(
+        cfg,
+        json!({"hidden_activation": "gelu_pytorch_tanh", "sliding_window": window}),
+    );
     let q_factor = (cfg.head_dim as f64 / cfg.query_pre_attn_scalar as f64).sqrt();
-    let mut map = map.clone();
-    for (name, t) in map.iter_mut() {
-        if name.ends_with("self_attn.q_proj.weight") {
-            *t = (&*t * q_factor).unwrap();
-        }
-    }
-    let vb = VarBuilder::from_tensors(map, DType::F32, dev);
+    let map = replaced(map, "self_attn.q_proj.weight", |t| (t * q_factor).unwrap());
+    let vb = VarBuilder::from_tensors(map, DType::F32, &Device::Cpu);
     ct_gemma2::Model::new(false, &ccfg, vb).unwrap()
 }
 
@@ -198,13 +159,10 @@ fn candle_gemma2(
 /// soft-caps, tied embeddings); its window of 8 is longer than the 7-token prompt.
 #[test]
 fn gemma2_no_prefix_parity_with_candle_transformers() {
-    let dev = Device::Cpu;
     let cfg = gemma2::Config::tiny();
-    let (model, map) = build_with_weights(&ModelConfig::Gemma2(cfg.clone()), SEED, &dev);
-    let ids = parity_prompt(&dev);
+    let (ours, map, ids) = ours_seeded(&ModelConfig::Gemma2(cfg.clone()));
     assert!(ids.dim(1).unwrap() <= cfg.sliding_window.unwrap());
-    let ours = ours(model.as_ref(), &ids);
-    let mut theirs = candle_gemma2(&cfg, &map, None, &dev);
+    let mut theirs = candle_gemma2(&cfg, &map, None);
     assert_parity("gemma2", &ours, &ids, stepper!(theirs));
 }
 
@@ -213,45 +171,39 @@ fn gemma2_no_prefix_parity_with_candle_transformers() {
 /// same 3 keys), whole-prompt pass; and the window does change the logits.
 #[test]
 fn gemma2_sliding_window_parity_with_candle_transformers() {
-    let dev = Device::Cpu;
     let cfg = gemma2::Config {
         sliding_window: Some(3),
         layer_types: Some(vec!["sliding_attention".into(); 3]),
         ..gemma2::Config::tiny()
     };
-    let (model, map) = build_with_weights(&ModelConfig::Gemma2(cfg.clone()), SEED, &dev);
-    let ids = parity_prompt(&dev);
-    let s = ids.dim(1).unwrap();
-    let ours = ours(model.as_ref(), &ids).narrow(1, s - 1, 1).unwrap();
-    let mut theirs = candle_gemma2(&cfg, &map, Some(2), &dev);
-    let worst = max_abs_diff(&ours, &theirs.forward(&ids, 0).unwrap());
-    println!("gemma2 all-sliding (W 3) parity vs candle-transformers gemma2 (W 2): max abs diff {worst:e}");
-    assert!(worst <= TOL, "max abs diff {worst} > {TOL}");
+    let (ours, map, ids) = ours_seeded(&ModelConfig::Gemma2(cfg.clone()));
+    let ours = last(&ours);
+    let mut theirs = candle_gemma2(&cfg, &map, Some(2));
+    assert_last_position_parity(
+        "gemma2 all-sliding (W 3) parity vs candle-transformers gemma2 (W 2)",
+        &ours,
+        &theirs.forward(&ids, 0).unwrap(),
+    );
     let full = gemma2::Config {
         sliding_window: None,
         ..cfg
     };
-    let (model, _) = build_with_weights(&ModelConfig::Gemma2(full), SEED, &dev);
-    let unwindowed = ours_last(model.as_ref(), &ids);
-    let moved = max_abs_diff(&ours, &unwindowed);
+    let (unwindowed, _, _) = ours_seeded(&ModelConfig::Gemma2(full));
+    let moved = max_abs_diff(&ours, &last(&unwindowed));
     assert!(
         moved > 1e-2,
         "the window of 3 moved the logits by only {moved}"
     );
 }
 
-/// Our logits at the last position `[B, 1, V]`.
-fn ours_last(model: &dyn Model, ids: &Tensor) -> Tensor {
-    let s = ids.dim(1).unwrap();
-    ours(model, ids).narrow(1, s - 1, 1).unwrap()
+/// The last position `[B, 1, V]` of logits `[B, S, V]`.
+fn last(logits: &Tensor) -> Tensor {
+    let s = logits.dim(1).unwrap();
+    logits.narrow(1, s - 1, 1).unwrap()
 }
 
 // ---------------------------------------------------------------------------------
 // config.json parsing and parameter names
-
-fn parse(json: &str) -> ModelConfig {
-    ModelConfig::from_hf_json(json).unwrap_or_else(|e| panic!("{json}: {e}"))
-}
 
 /// The windows of every layer of a Llama-like config.
 fn windows(mc: &ModelConfig) -> Vec<Option<usize>> {
@@ -261,7 +213,7 @@ fn windows(mc: &ModelConfig) -> Vec<Option<usize>> {
 #[test]
 fn qwen2_config_json_defaults_and_sliding_layers() {
     // A Qwen2.5-style checkpoint: GQA 14 over 2, tied embeddings, window off.
-    let mc = parse(
+    let mc = parse_hf_config(
         r#"{"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
         "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
         "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
@@ -281,7 +233,7 @@ fn qwen2_config_json_defaults_and_sliding_layers() {
     assert_eq!(cfg.rope.theta(), 1e6);
 
     // Nothing but model_type: transformers' defaults (32 KV heads, not the heads).
-    let ModelConfig::Qwen2(d) = parse(r#"{"model_type": "qwen2"}"#) else {
+    let ModelConfig::Qwen2(d) = parse_hf_config(r#"{"model_type": "qwen2"}"#) else {
         panic!("qwen2")
     };
     assert_eq!(
@@ -305,22 +257,22 @@ fn qwen2_config_json_defaults_and_sliding_layers() {
     let on = r#"{"model_type": "qwen2", "num_hidden_layers": 3, "hidden_size": 64,
         "num_attention_heads": 4, "num_key_value_heads": 2, "use_sliding_window": true, "sliding_window": 8,
         "max_window_layers": 1}"#;
-    assert_eq!(windows(&parse(on)), [None, Some(8), Some(8)]);
+    assert_eq!(windows(&parse_hf_config(on)), [None, Some(8), Some(8)]);
     // ... unless layer_types says which.
     let typed = on.replace(
         r#""max_window_layers": 1"#,
         r#""layer_types": ["sliding_attention", "full_attention", "sliding_attention"]"#,
     );
-    assert_eq!(windows(&parse(&typed)), [Some(8), None, Some(8)]);
+    assert_eq!(windows(&parse_hf_config(&typed)), [Some(8), None, Some(8)]);
     // A null window slides nothing.
     let null = on.replace(r#""sliding_window": 8"#, r#""sliding_window": null"#);
-    assert_eq!(windows(&parse(&null)), [None, None, None]);
+    assert_eq!(windows(&parse_hf_config(&null)), [None, None, None]);
 }
 
 #[test]
 fn mistral_config_json_window_and_head_dim() {
     // Mistral-Nemo-style explicit head_dim (128 != 5120 / 32); a null window.
-    let mc = parse(
+    let mc = parse_hf_config(
         r#"{"model_type": "mistral", "hidden_size": 5120, "num_attention_heads": 32,
         "num_key_value_heads": 8, "head_dim": 128, "num_hidden_layers": 2,
         "vocab_size": 131072, "sliding_window": null, "rope_theta": 1000000.0}"#,
@@ -333,7 +285,7 @@ fn mistral_config_json_window_and_head_dim() {
     let (_, block) = mc.decoder().unwrap();
     assert!(!block.qkv_bias && !block.o_bias && !block.qk_norm);
     // Absent: Mistral 7B v0.1's defaults (window 4096 in every layer, 8 KV heads).
-    let d = parse(r#"{"model_type": "mistral", "num_hidden_layers": 2}"#);
+    let d = parse_hf_config(r#"{"model_type": "mistral", "num_hidden_layers": 2}"#);
     assert_eq!(windows(&d), [Some(4096), Some(4096)]);
     assert_eq!((d.geometry().num_kv_heads, d.geometry().head_dim), (8, 128));
 }
@@ -341,7 +293,7 @@ fn mistral_config_json_window_and_head_dim() {
 #[test]
 fn qwen3_config_json_head_dim_and_bias() {
     // A Qwen3-0.6B-style config: head_dim 128 with hidden 1024 / 16 heads = 64.
-    let mc = parse(
+    let mc = parse_hf_config(
         r#"{"model_type": "qwen3", "hidden_size": 1024, "num_attention_heads": 16,
         "num_key_value_heads": 8, "head_dim": 128, "num_hidden_layers": 2,
         "intermediate_size": 3072, "vocab_size": 151936, "attention_bias": false,
@@ -355,11 +307,12 @@ fn qwen3_config_json_head_dim_and_bias() {
     let (_, block) = mc.decoder().unwrap();
     assert!(block.qk_norm && !block.qkv_bias && !block.o_bias);
     // attention_bias puts biases on q/k/v and o.
-    let biased =
-        parse(r#"{"model_type": "qwen3", "num_hidden_layers": 1, "attention_bias": true}"#);
+    let biased = parse_hf_config(
+        r#"{"model_type": "qwen3", "num_hidden_layers": 1, "attention_bias": true}"#,
+    );
     let (_, block) = biased.decoder().unwrap();
     assert!(block.qkv_bias && block.o_bias);
-    let ModelConfig::Qwen3(d) = parse(r#"{"model_type": "qwen3"}"#) else {
+    let ModelConfig::Qwen3(d) = parse_hf_config(r#"{"model_type": "qwen3"}"#) else {
         panic!("qwen3")
     };
     assert_eq!((d.head_dim, d.num_key_value_heads), (128, Some(32)));
@@ -409,7 +362,7 @@ fn llama3_rope_scaling_loads_and_applies() {
     let plain = base.replace("ROPE", "null");
     let ids = parity_prompt(&dev);
     let logits = |json: &str| {
-        let mc = parse(json);
+        let mc = parse_hf_config(json);
         let model = mc.build(weights::seeded(SEED, DType::F32, &dev)).unwrap();
         ours(model.as_ref(), &ids)
     };
@@ -437,44 +390,26 @@ fn candle_gemma3(
     map: &HashMap<String, Tensor>,
     window: usize,
     pattern: usize,
-    dev: &Device,
 ) -> ct_gemma3::Model {
-    let ccfg = ct_gemma3::Config {
-        attention_bias: cfg.attention_bias,
-        head_dim: cfg.head_dim,
-        hidden_activation: Activation::GeluPytorchTanh,
-        hidden_size: cfg.sizes.hidden_size,
-        intermediate_size: cfg.sizes.intermediate_size,
-        num_attention_heads: cfg.sizes.num_attention_heads,
-        num_hidden_layers: cfg.sizes.num_hidden_layers,
-        num_key_value_heads: cfg.num_key_value_heads,
-        rms_norm_eps: cfg.rms_norm_eps,
-        rope_theta: cfg.rope_theta,
-        rope_local_base_freq: cfg.rope_local_base_freq,
-        vocab_size: cfg.sizes.vocab_size,
-        final_logit_softcapping: cfg.final_logit_softcapping,
-        attn_logit_softcapping: cfg.attn_logit_softcapping,
-        query_pre_attn_scalar: cfg.query_pre_attn_scalar,
-        sliding_window: window,
-        sliding_window_pattern: pattern,
-        max_position_embeddings: cfg.sizes.max_position_embeddings,
-    };
+    let ccfg = candle_config(
+        cfg,
+        json!({"hidden_activation": "gelu_pytorch_tanh", "sliding_window": window,
+            "sliding_window_pattern": pattern}),
+    );
     let c = (cfg.head_dim as f64 / cfg.query_pre_attn_scalar as f64).sqrt();
-    let mut map = map.clone();
-    for (name, t) in map.iter_mut() {
-        if name.ends_with("self_attn.q_norm.weight") {
-            // [D]: c (1 + w) - 1
-            *t = (((&*t + 1.0).unwrap() * c).unwrap() - 1.0).unwrap();
-        }
-    }
-    let vb = VarBuilder::from_tensors(map, DType::F32, dev);
+    // [D]: c (1 + w) - 1
+    let map = replaced(map, "self_attn.q_norm.weight", |t| {
+        (((t + 1.0).unwrap() * c).unwrap() - 1.0).unwrap()
+    });
+    let vb = VarBuilder::from_tensors(map, DType::F32, &Device::Cpu);
     ct_gemma3::Model::new(false, &ccfg, vb).unwrap()
 }
 
-/// The tiny config without RoPE scaling (see above).
-fn gemma3_unscaled() -> gemma3::Config {
+/// The tiny config without RoPE scaling (see above), with a window of `window`.
+fn gemma3_unscaled(window: usize) -> gemma3::Config {
     gemma3::Config {
         rope_scaling: None,
+        sliding_window: Some(window),
         ..gemma3::Config::tiny()
     }
 }
@@ -484,16 +419,10 @@ fn gemma3_unscaled() -> gemma3::Config {
 /// reach, whole prompt and token by token.
 #[test]
 fn gemma3_no_prefix_parity_with_candle_transformers() {
-    let dev = Device::Cpu;
-    let cfg = gemma3::Config {
-        sliding_window: Some(8),
-        ..gemma3_unscaled()
-    };
-    let (model, map) = build_with_weights(&ModelConfig::Gemma3(cfg.clone()), SEED, &dev);
-    let ids = parity_prompt(&dev);
+    let cfg = gemma3_unscaled(8);
+    let (ours, map, ids) = ours_seeded(&ModelConfig::Gemma3(cfg.clone()));
     assert!(ids.dim(1).unwrap() <= 8);
-    let ours = ours(model.as_ref(), &ids);
-    let mut theirs = candle_gemma3(&cfg, &map, 8, 3, &dev);
+    let mut theirs = candle_gemma3(&cfg, &map, 8, 3);
     assert_parity("gemma3", &ours, &ids, stepper!(theirs));
 }
 
@@ -502,18 +431,12 @@ fn gemma3_no_prefix_parity_with_candle_transformers() {
 /// pass.
 #[test]
 fn gemma3_sliding_window_parity_with_candle_transformers() {
-    let dev = Device::Cpu;
-    let cfg = gemma3::Config {
-        sliding_window: Some(3),
-        ..gemma3_unscaled()
-    };
-    let (model, map) = build_with_weights(&ModelConfig::Gemma3(cfg.clone()), SEED, &dev);
-    let ids = parity_prompt(&dev);
-    let ours = ours_last(model.as_ref(), &ids);
-    let mut theirs = candle_gemma3(&cfg, &map, 2, 3, &dev);
-    let worst = max_abs_diff(&ours, &theirs.forward(&ids, 0).unwrap());
-    println!(
-        "gemma3 sliding (W 3) parity vs candle-transformers gemma3 (W 2): max abs diff {worst:e}"
+    let cfg = gemma3_unscaled(3);
+    let (ours, map, ids) = ours_seeded(&ModelConfig::Gemma3(cfg.clone()));
+    let mut theirs = candle_gemma3(&cfg, &map, 2, 3);
+    assert_last_position_parity(
+        "gemma3 sliding (W 3) parity vs candle-transformers gemma3 (W 2)",
+        &last(&ours),
+        &theirs.forward(&ids, 0).unwrap(),
     );
-    assert!(worst <= TOL, "max abs diff {worst} > {TOL}");
 }

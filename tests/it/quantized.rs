@@ -60,51 +60,40 @@ fn top2_gap(logits: &Tensor, row: usize) -> f32 {
 /// 4 bits.
 const MAX_DRIFT_8: f32 = 0.1;
 
-#[rstest]
-fn eight_bits_stay_close_to_dynamic(
-    #[values(
-        Family::Gpt2,
-        Family::Llama,
-        Family::Bloom,
-        Family::GptBigcode,
-        Family::T5,
-        Family::Qwen2,
-        Family::Mistral,
-        Family::Qwen3,
-        Family::Phi3,
-        Family::GptNeox
-    )]
-    family: Family,
-) {
-    let q = run(family, quantized(8, 4, false), |_| {});
-    let d = run(family, CacheMode::Dynamic, |_| {});
-    let rep = compare_quantized(&q, &d).unwrap();
-    let drift = rep.max_logit_drift_same_inputs;
-    eprintln!(
+family_test!(
+    BEFORE_GEMMA,
+    eight_bits_stay_close_to_dynamic,
+    |family: Family| {
+        let q = run(family, quantized(8, 4, false), |_| {});
+        let d = run(family, CacheMode::Dynamic, |_| {});
+        let rep = compare_quantized(&q, &d).unwrap();
+        let drift = rep.max_logit_drift_same_inputs;
+        eprintln!(
         "drift {}: {drift:.4} while the inputs agree, {:.4} overall, token agreement {:.4}, first difference {:?}",
         family.name(),
         rep.max_logit_drift,
         rep.token_agreement,
         rep.first_token_difference
     );
-    assert!(
-        drift <= MAX_DRIFT_8,
-        "{}: 8-bit logits drift by {drift} from dynamic (bound {MAX_DRIFT_8})",
-        family.name()
-    );
-    if let Some(f) = rep.first_token_difference {
-        let gap = top2_gap(&d.logits[f.step], f.row);
         assert!(
+            drift <= MAX_DRIFT_8,
+            "{}: 8-bit logits drift by {drift} from dynamic (bound {MAX_DRIFT_8})",
+            family.name()
+        );
+        if let Some(f) = rep.first_token_difference {
+            let gap = top2_gap(&d.logits[f.step], f.row);
+            assert!(
             gap <= 2.0 * drift,
             "{}: step {} row {}: the tokens differ though dynamic's top two logits are {gap} apart (drift {drift})",
             family.name(),
             f.step,
             f.row
         );
+        }
+        // Something was quantized.
+        assert!(drift > 0.0, "{}: no drift at all", family.name());
     }
-    // Something was quantized.
-    assert!(drift > 0.0, "{}: no drift at all", family.name());
-}
+);
 
 /// `[1, 2, n, 3]` of irregular values from `seed`.
 fn kv(n: usize, seed: f32) -> Tensor {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use crate::common::{harness, read_json, TempDir};
+use crate::common::{assert_contains, exited, harness, read_json, TempDir};
 use prefix_harness::engine::generate::Strategy;
 use prefix_harness::harness::run::{run_case, CaseResult};
 use prefix_harness::harness::scenario::{self, Case};
@@ -263,6 +263,15 @@ fn without_python(d: &Path, cmd: &str, scenario: &str, report: Option<&Path>) ->
     c.output().expect("the binary runs")
 }
 
+/// `run SCENARIO --against peft` with no interpreter, which must exit with `code`: its
+/// stdout and its JSON report.
+fn run_without_python(scenario: &str, code: i32) -> (String, serde_json::Value) {
+    let d = TempDir::new("stack-run");
+    let report = d.join("r.json");
+    let (stdout, _) = exited(&without_python(&d, "run", scenario, Some(&report)), code);
+    (stdout, read_json(&report))
+}
+
 fn opts(python: PathBuf) -> StackOptions {
     StackOptions {
         python,
@@ -349,21 +358,8 @@ fn a_crash_and_garbage_are_errors_with_the_reason_and_the_rest_still_run() {
 
 #[test]
 fn without_a_python_the_cli_reports_stack_errors_and_keeps_the_engine_results() {
-    let d = TempDir::new("stack-cli");
-    let report = d.join("r.json");
-    let out = without_python(&d, "run", "scenarios/stack/peft-2192.yaml", Some(&report));
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("stack error: cannot start the Python interpreter"),
-        "{stdout}"
-    );
-    let v = read_json(&report);
+    let (stdout, v) = run_without_python("scenarios/stack/peft-2192.yaml", 1);
+    assert_contains(&stdout, "stack error: cannot start the Python interpreter");
     let c = &v["cases"][0];
     assert_eq!(c["status"], "error");
     assert_eq!(c["stack"]["verdict"], "error");
@@ -375,13 +371,8 @@ fn without_a_python_the_cli_reports_stack_errors_and_keeps_the_engine_results() 
 
 #[test]
 fn quantized_cases_are_skipped_before_the_driver_with_the_reason() {
-    let d = TempDir::new("stack-quantized");
-    let report = d.join("r.json");
     // No interpreter: had a case reached the driver, it would be a stack error.
-    let out = without_python(&d, "run", "scenarios/cache/quantized.yaml", Some(&report));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
-    let v = read_json(&report);
+    let (_, v) = run_without_python("scenarios/cache/quantized.yaml", 0);
     let cases = v["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 8);
     for c in cases {

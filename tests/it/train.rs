@@ -20,7 +20,7 @@ use prefix_harness::io::data;
 use proptest::prelude::*;
 use rstest::rstest;
 
-use crate::common::{proptest_config, tiny_model, SEED};
+use crate::common::{family_test, proptest_config, tiny_model, SEED};
 
 fn cpu() -> Device {
     Device::Cpu
@@ -67,26 +67,19 @@ fn assert_learns(tag: &str, r: &TrainReport) {
     );
 }
 
-/// Acceptance: each family trains 30 steps on the built-in data and ends below its start.
-#[rstest]
-fn every_family_trains_on_the_built_in_data(
-    #[values(
-        Family::Gpt2,
-        Family::Llama,
-        Family::Bloom,
-        Family::GptBigcode,
-        Family::T5
-    )]
-    family: Family,
-) {
-    let (model, base) =
-        BaseWeights::seeded(&ModelConfig::tiny(family), SEED, &cpu()).expect("model builds");
-    let prefix = prefix_with(model.as_ref(), 8, false);
-    let cfg = TrainConfig::default();
-    let t = Instant::now();
-    let r = train_checked(model.as_ref(), &base, &prefix, &cfg).expect("training runs");
-    let secs = t.elapsed().as_secs_f64();
-    println!(
+// Acceptance: each family trains 30 steps on the built-in data and ends below its start.
+family_test!(
+    CLASSIC,
+    every_family_trains_on_the_built_in_data,
+    |family: Family| {
+        let (model, base) =
+            BaseWeights::seeded(&ModelConfig::tiny(family), SEED, &cpu()).expect("model builds");
+        let prefix = prefix_with(model.as_ref(), 8, false);
+        let cfg = TrainConfig::default();
+        let t = Instant::now();
+        let r = train_checked(model.as_ref(), &base, &prefix, &cfg).expect("training runs");
+        let secs = t.elapsed().as_secs_f64();
+        println!(
         "train {:<12} P 8 B {} steps {}: first loss {:.4}, last loss {:.4}; all rows {:.4} -> {:.4}; {:.2} s ({:.1} ms/step)",
         family.name(),
         cfg.batch_size,
@@ -98,17 +91,18 @@ fn every_family_trains_on_the_built_in_data(
         secs,
         secs * 1e3 / cfg.steps as f64
     );
-    assert_eq!(r.losses.len(), cfg.steps);
-    assert_learns(family.name(), &r);
-    assert_eq!(r.grad_check.params.len(), prefix.vars().len());
-    assert_eq!(r.grad_check.base_weights_checked, base.len());
-    assert!(base.len() > 5, "{} base weights recorded", base.len());
-    let g = prefix.geometry;
-    assert_eq!(
-        r.grad_check.slices_checked,
-        g.num_virtual_tokens * 2 * g.num_layers
-    );
-}
+        assert_eq!(r.losses.len(), cfg.steps);
+        assert_learns(family.name(), &r);
+        assert_eq!(r.grad_check.params.len(), prefix.vars().len());
+        assert_eq!(r.grad_check.base_weights_checked, base.len());
+        assert!(base.len() > 5, "{} base weights recorded", base.len());
+        let g = prefix.geometry;
+        assert_eq!(
+            r.grad_check.slices_checked,
+            g.num_virtual_tokens * 2 * g.num_layers
+        );
+    }
+);
 
 /// The recording builder gives the same model as the plain seeded builder.
 #[test]

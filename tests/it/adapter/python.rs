@@ -67,13 +67,35 @@ fn hf_config(family: Family) -> serde_json::Value {
     v
 }
 
+/// `PEFT_EXPORT_DIR`, or `None` after saying that nothing was `done` (written, read).
+fn export_dir(done: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("PEFT_EXPORT_DIR").map(PathBuf::from);
+    if dir.is_none() {
+        println!("PEFT_EXPORT_DIR not set: nothing {done}");
+    }
+    dir
+}
+
+/// Our logits `[B, S, V]` for `ids: [B, S]` with `prefix` in a `dynamic` cache (T5:
+/// `[B, T, V]` for the decoder ids `dec: [B, T]`).
+fn dynamic_logits(
+    model: &dyn Model,
+    prefix: &PrefixEncoder,
+    ids: &Tensor,
+    dec: Option<&Tensor>,
+) -> Tensor {
+    let cache = CacheConfig::new(CacheMode::Dynamic);
+    forward_logits(model, Some(prefix), &cache, ids, dec)
+        .expect("forward")
+        .0
+}
+
 /// Writes, per family and prefix kind, `FAMILY[-proj]/model/{config.json,
 /// model.safetensors}`, `adapter/` and `ours.json` (input ids and our logits).
 #[test]
 #[ignore = "writes files for ci/peft/check_adapter.py; set PEFT_EXPORT_DIR"]
 fn export_for_python() {
-    let Some(root) = std::env::var_os("PEFT_EXPORT_DIR").map(PathBuf::from) else {
-        println!("PEFT_EXPORT_DIR not set: nothing written");
+    let Some(root) = export_dir("written") else {
         return;
     };
     let dev = Device::Cpu;
@@ -111,14 +133,7 @@ fn export_for_python() {
             } else {
                 None
             };
-            let (out, _) = forward_logits(
-                model.as_ref(),
-                Some(&prefix),
-                &CacheConfig::new(CacheMode::Dynamic),
-                &ids,
-                dec.as_ref(),
-            )
-            .expect("forward");
+            let out = dynamic_logits(model.as_ref(), &prefix, &ids, dec.as_ref());
             let to_json = |t: &Tensor| -> serde_json::Value {
                 serde_json::to_value(t.to_vec2::<u32>().expect("ids")).expect("json")
             };
@@ -181,24 +196,12 @@ fn logits_self_prefix_only(
     ids: &Tensor,
     dec: &Tensor,
 ) -> Tensor {
-    use prefix_harness::engine::cache::ModelCache;
-    use prefix_harness::engine::model::{Forward, Ops};
-    use prefix_harness::engine::prefix::{extend_mask, inject, PrefixLayout};
-    let g = model.geometry();
+    use prefix_harness::engine::model::Ops;
+    use prefix_harness::engine::prefix::extend_mask;
     let (b, s) = ids.dims2().expect("[B, S]");
     let t = dec.dim(1).expect("[B, T]");
     let p = prefix.geometry.num_virtual_tokens;
-    let mut mc = ModelCache::new(
-        CacheConfig::new(CacheMode::Dynamic),
-        model.family().legacy_layout(),
-        g.num_layers,
-        g.encoder_decoder,
-    );
-    let mut pkv = prefix.past_key_values(b).expect("prefix");
-    for lp in &mut pkv {
-        lp.cross = None;
-    }
-    inject(&mut mc, &pkv, PrefixLayout::Auto, p).expect("inject");
+    let mut mc = prefix_cache(model, prefix, b, true);
     let dev = ids.device();
     let pad = Tensor::ones((b, s), candle_core::DType::F32, dev).expect("pad");
     let enc = model.encode(ids, &pad, Ops::Kernels).expect("encode");
@@ -208,18 +211,7 @@ fn logits_self_prefix_only(
     )
     .expect("mask");
     mc.next_step();
-    model
-        .forward(
-            dec,
-            &mut Forward {
-                cache: &mut mc,
-                mask: &mask,
-                encoder: Some(&enc),
-                last_only: false,
-                ops: Ops::Kernels,
-            },
-        )
-        .expect("forward")
+    pass(model, dec, &mut mc, &mask, Some(&enc)).expect("forward")
 }
 
 /// The other direction: adapters PEFT itself saved (`check_adapter.py
@@ -228,11 +220,9 @@ fn logits_self_prefix_only(
 #[test]
 #[ignore = "reads files written by ci/peft/check_adapter.py; set PEFT_EXPORT_DIR"]
 fn import_from_python() {
-    let Some(root) = std::env::var_os("PEFT_EXPORT_DIR").map(PathBuf::from) else {
-        println!("PEFT_EXPORT_DIR not set: nothing read");
+    let Some(root) = export_dir("read") else {
         return;
     };
-    let dev = Device::Cpu;
     let mut cases: Vec<PathBuf> = std::fs::read_dir(&root)
         .expect("list export dir")
         .map(|e| e.expect("entry").path())
@@ -244,6 +234,7 @@ fn import_from_python() {
         "no CASE/peft/logits.json under {}",
         root.display()
     );
+    let dev = Device::Cpu;
     let mut worst = 0f32;
     for case in cases {
         let text = std::fs::read_to_string(case.join("model/config.json")).expect("config.json");
@@ -269,14 +260,7 @@ fn import_from_python() {
         let ids = ids_of(&ours["input_ids"]);
         let dec =
             (!ours["decoder_input_ids"].is_null()).then(|| ids_of(&ours["decoder_input_ids"]));
-        let (out, _) = forward_logits(
-            model.as_ref(),
-            Some(&prefix),
-            &CacheConfig::new(CacheMode::Dynamic),
-            &ids,
-            dec.as_ref(),
-        )
-        .expect("forward");
+        let out = dynamic_logits(model.as_ref(), &prefix, &ids, dec.as_ref());
         let shape: Vec<usize> =
             serde_json::from_value(peft["logits_shape"].clone()).expect("shape");
         let values: Vec<f32> = serde_json::from_value(peft["logits"].clone()).expect("logits");

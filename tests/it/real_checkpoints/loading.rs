@@ -1,26 +1,26 @@
 //! `src/io/hub/`: resolution and loading errors.
 
 use super::*;
-use crate::common::max_abs_diff;
+use crate::common::{assert_contains, max_abs_diff, pass};
 
 fn probe_logits(model: &dyn Model) -> Tensor {
-    model
-        .forward(
-            &ids(&[vec![5, 6, 7]]),
-            &mut Forward {
-                cache: &mut ModelCache::new(
-                    CacheConfig::new(CacheMode::Dynamic),
-                    model.family().legacy_layout(),
-                    model.geometry().num_layers,
-                    false,
-                ),
-                mask: &Tensor::ones((1, 3), DType::F32, &Device::Cpu).expect("mask"),
-                encoder: None,
-                last_only: false,
-                ops: Ops::Kernels,
-            },
-        )
-        .expect("forward")
+    let mut cache = ModelCache::new(
+        CacheConfig::new(CacheMode::Dynamic),
+        model.family().legacy_layout(),
+        model.geometry().num_layers,
+        false,
+    );
+    let mask = Tensor::ones((1, 3), DType::F32, &Device::Cpu).expect("mask");
+    pass(model, &ids(&[vec![5, 6, 7]]), &mut cache, &mask, None).expect("forward")
+}
+
+/// The message of resolving hub `repo` at `revision`, which must fail (`why`).
+fn resolve_error(opts: &HubOptions, repo: &str, revision: Option<&str>, why: &str) -> String {
+    ModelSource::hub(repo, revision)
+        .expect("source")
+        .resolve(opts)
+        .expect_err(why)
+        .to_string()
 }
 
 #[test]
@@ -62,11 +62,10 @@ fn refs_with_a_newline_and_commit_hash_revisions_resolve() {
         .dir
         .ends_with(&commit));
     // Without a ref, `main` is not cached.
-    let err = ModelSource::hub("org/noref", None)
-        .expect("source")
-        .resolve(&opts)
-        .expect_err("no ref");
-    assert!(err.to_string().contains("refs/main"), "{err}");
+    assert_contains(
+        &resolve_error(&opts, "org/noref", None, "no ref"),
+        "refs/main",
+    );
 
     // A ref whose snapshot is gone (a partial or moved cache).
     let repo = cache.path().join("models--org--newline");
@@ -84,11 +83,7 @@ fn refs_with_a_newline_and_commit_hash_revisions_resolve() {
         .join("models--org--partial/snapshots")
         .join(&commit);
     std::fs::remove_file(snap.join(hub::WEIGHTS_FILE)).expect("rm weights");
-    let err = ModelSource::hub("org/partial", None)
-        .expect("source")
-        .resolve(&opts)
-        .expect_err("no weights");
-    let msg = err.to_string();
+    let msg = resolve_error(&opts, "org/partial", None, "no weights");
     assert!(
         msg.contains(&snap.join(hub::WEIGHTS_FILE).display().to_string()),
         "{msg}"
@@ -99,11 +94,7 @@ fn refs_with_a_newline_and_commit_hash_revisions_resolve() {
 fn a_repository_that_is_not_cached_names_the_paths_and_how_to_fetch_it() {
     let cache = TempDir::new("missing");
     let opts = HubOptions::with_cache_dir(cache.path());
-    let err = ModelSource::hub("org/absent", Some("v2"))
-        .expect("source")
-        .resolve(&opts)
-        .expect_err("not cached");
-    let msg = err.to_string();
+    let msg = resolve_error(&opts, "org/absent", Some("v2"), "not cached");
     println!("{msg}");
     for want in [
         "hub org/absent@v2",
@@ -124,11 +115,7 @@ fn a_repository_that_is_not_cached_names_the_paths_and_how_to_fetch_it() {
         &fixtures().join("models/gpt2"),
         RefStyle::Plain,
     );
-    let err = ModelSource::hub("org/present", Some("v2"))
-        .expect("source")
-        .resolve(&opts)
-        .expect_err("no such revision");
-    let msg = err.to_string();
+    let msg = resolve_error(&opts, "org/present", Some("v2"), "no such revision");
     println!("{msg}");
     assert!(
         msg.contains("models--org--present/refs/v2")
@@ -139,11 +126,10 @@ fn a_repository_that_is_not_cached_names_the_paths_and_how_to_fetch_it() {
 
     // A cache folder that does not exist at all.
     let opts = HubOptions::with_cache_dir(cache.path().join("nope"));
-    let err = ModelSource::hub("org/x", None)
-        .expect("source")
-        .resolve(&opts)
-        .expect_err("no cache");
-    assert!(err.to_string().contains("does not exist"), "{err}");
+    assert_contains(
+        &resolve_error(&opts, "org/x", None, "no cache"),
+        "does not exist",
+    );
 }
 
 /// Copy a fixture model folder into a fresh temporary folder to break it.

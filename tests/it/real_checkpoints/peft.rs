@@ -1,38 +1,8 @@
 //! Our forward pass and greedy decoding, PEFT-style, against each fixture's `expected.json`.
 
 use super::*;
-use crate::common::max_abs_diff;
-
-/// A dynamic cache holding the prefix; `self_only` drops the cross-attention part (what
-/// PEFT 0.21.2 does for encoder-decoders).
-fn prefix_cache(
-    model: &dyn Model,
-    prefix: &PrefixEncoder,
-    batch: usize,
-    self_only: bool,
-) -> ModelCache {
-    let g = model.geometry();
-    let mut mc = ModelCache::new(
-        CacheConfig::new(CacheMode::Dynamic),
-        model.family().legacy_layout(),
-        g.num_layers,
-        g.encoder_decoder,
-    );
-    let mut pkv = prefix.past_key_values(batch).expect("prefix");
-    if self_only {
-        for lp in &mut pkv {
-            lp.cross = None;
-        }
-    }
-    inject(
-        &mut mc,
-        &pkv,
-        PrefixLayout::Auto,
-        prefix.geometry.num_virtual_tokens,
-    )
-    .expect("inject");
-    mc
-}
+use crate::common::{max_abs_diff, pass, prefix_cache};
+use prefix_harness::engine::model::Ops;
 
 /// Logits `[B, S, V]` of one forward pass as PEFT's `forward` computes them, and the
 /// cache after it: the padding mask `pad: [B, S]` extended by P ones; for T5 the encoder
@@ -78,18 +48,7 @@ fn forward(
         }
     };
     mc.next_step();
-    let logits = model
-        .forward(
-            &input,
-            &mut Forward {
-                cache: &mut mc,
-                mask: &mask,
-                encoder: encoded.as_ref(),
-                last_only: false,
-                ops: Ops::Kernels,
-            },
-        )
-        .expect("forward");
+    let logits = pass(model, &input, &mut mc, &mask, encoded.as_ref()).expect("forward");
     (logits, mc)
 }
 
@@ -115,18 +74,7 @@ fn greedy_t5_self_only(
         let ones = Tensor::ones((b, seen), DType::F32, &dev).expect("mask");
         let mask = extend_mask(&ones, p).expect("mask");
         mc.next_step();
-        let logits = model
-            .forward(
-                &next,
-                &mut Forward {
-                    cache: &mut mc,
-                    mask: &mask,
-                    encoder: Some(&enc),
-                    last_only: false,
-                    ops: Ops::Kernels,
-                },
-            )
-            .expect("decode step");
+        let logits = pass(model, &next, &mut mc, &mask, Some(&enc)).expect("decode step");
         let tok = logits
             .narrow(1, 0, 1)
             .and_then(|l| l.squeeze(1))
@@ -464,17 +412,7 @@ fn t5_peft_default_token_dim_is_a_head_dim_diagnosis() {
     )
     .expect("mask");
     mc.next_step();
-    let err = model
-        .forward(
-            &dec,
-            &mut Forward {
-                cache: &mut mc,
-                mask: &mask,
-                encoder: Some(&enc),
-                last_only: false,
-                ops: Ops::Kernels,
-            },
-        )
+    let err = pass(model.as_ref(), &dec, &mut mc, &mask, Some(&enc))
         .expect_err("the prefix does not fit the cache");
     let d = err
         .diagnosis()

@@ -5,6 +5,7 @@
 //! (ci/mutants.md).
 
 use super::{case, engine, ok_stack};
+use crate::common::assert_contains;
 use prefix_harness::engine::diagnosis::{Attention, Diagnosis, DiagnosisClass, TensorKind};
 use prefix_harness::engine::generate::Strategy;
 use prefix_harness::engine::trace::CacheOp;
@@ -453,11 +454,7 @@ fn the_stacks_message_keeps_the_file_and_line_and_the_hint_says_who_raised() {
         d.message,
         "RuntimeError: Tensors must have same number of dimensions: got 3 and 4 at transformers/cache_utils.py:447"
     );
-    assert!(
-        d.hint.contains("shapes are the tensor written"),
-        "{}",
-        d.hint
-    );
+    assert_contains(&d.hint, "shapes are the tensor written");
     let mut nowhere = e.clone();
     nowhere.line = None;
     assert!(!diagnose(&nowhere, &[]).message.contains(" at "));

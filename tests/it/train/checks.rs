@@ -1,6 +1,7 @@
 //! The gradient and base-weight checks: what they catch and how they name it.
 
 use super::*;
+use crate::common::assert_contains;
 
 /// A fused softmax (`softmax_last_dim`, no backward) in attention over the prefix: the
 /// values still get a gradient, the keys get none. The whole-tensor check cannot see it,
@@ -100,11 +101,7 @@ fn the_gradient_check_catches_a_non_finite_gradient() {
         .expect("backward succeeds");
     let err = check_grads(&grads, &prefix.vars()).expect_err("a NaN gradient must be caught");
     let d = no_grad_diagnosis(&err);
-    assert!(
-        d.message.contains("non-finite gradient values"),
-        "{}",
-        d.message
-    );
+    assert_contains(&d.message, "non-finite gradient values");
 }
 
 /// A projection prefix whose first virtual token reaches no loss: the projection MLP is
@@ -122,12 +119,7 @@ fn the_gradient_check_names_a_projected_virtual_token_without_gradient() {
     check_grads(&grads, &prefix.vars()).expect("every parameter has a gradient somewhere");
     let err = check_prefix_grads(&grads, &prefix).expect_err("token 0 must be caught");
     let d = no_grad_diagnosis(&err);
-    assert!(
-        d.message
-            .contains("virtual token 0 received no usable gradient"),
-        "{}",
-        d.message
-    );
+    assert_contains(&d.message, "virtual token 0 received no usable gradient");
     // Every token reaching the loss passes.
     let grads = emb
         .sqr()
