@@ -79,14 +79,14 @@ fn main() -> anyhow::Result<()> {
     println!("matmul_peak_gflops={peak:.1}");
 
     let mut cfg = llama::Config::tiny();
-    cfg.sizes.vocab_size = VOCAB;
-    cfg.sizes.hidden_size = HIDDEN;
-    cfg.sizes.intermediate_size = INTER;
-    cfg.sizes.num_hidden_layers = LAYERS;
-    cfg.sizes.num_attention_heads = HEADS;
-    cfg.num_key_value_heads = Some(KV_HEADS);
+    cfg.core.sizes.vocab_size = VOCAB;
+    cfg.core.sizes.hidden_size = HIDDEN;
+    cfg.core.sizes.intermediate_size = INTER;
+    cfg.core.sizes.num_hidden_layers = LAYERS;
+    cfg.core.sizes.num_attention_heads = HEADS;
+    cfg.core.num_key_value_heads = Some(KV_HEADS);
     cfg.head_dim = Some(HEAD_DIM);
-    cfg.sizes.max_position_embeddings = 1024;
+    cfg.core.sizes.max_position_embeddings = 1024;
     let cfg = ModelConfig::Llama(cfg);
     let model = cfg.build(weights::seeded(7, DType::F32, &dev))?;
     let prefix = PrefixEncoder::new(&PrefixConfig::new(P), &model.geometry(), &dev)?;

@@ -42,16 +42,16 @@ fn main() -> anyhow::Result<()> {
 
     // Qwen2.5-0.5B's config.json, as far as the geometry goes.
     let mut cfg = qwen2::Config::tiny();
-    cfg.sizes.vocab_size = 151_936;
-    cfg.sizes.hidden_size = 896;
-    cfg.sizes.intermediate_size = 4864;
-    cfg.sizes.num_hidden_layers = layers;
-    cfg.sizes.num_attention_heads = 14;
-    cfg.num_key_value_heads = Some(2);
-    cfg.sizes.max_position_embeddings = 32_768;
-    cfg.rope.rope_theta = 1_000_000.0;
-    cfg.sizes.tie_word_embeddings = true;
-    let vocab = cfg.sizes.vocab_size;
+    cfg.core.sizes.vocab_size = 151_936;
+    cfg.core.sizes.hidden_size = 896;
+    cfg.core.sizes.intermediate_size = 4864;
+    cfg.core.sizes.num_hidden_layers = layers;
+    cfg.core.sizes.num_attention_heads = 14;
+    cfg.core.num_key_value_heads = Some(2);
+    cfg.core.sizes.max_position_embeddings = 32_768;
+    cfg.core.rope.rope_theta = 1_000_000.0;
+    cfg.core.sizes.tie_word_embeddings = true;
+    let vocab = cfg.core.sizes.vocab_size;
     let model = ModelConfig::Qwen2(cfg).build(weights::seeded(7, DType::F32, &dev))?;
     let prefix = PrefixEncoder::new(&PrefixConfig::new(P), &model.geometry(), &dev)?;
     let load_s = t0.elapsed().as_secs_f64();

@@ -213,7 +213,10 @@ fn refused(dir: &Path, g: &ModelGeometry) -> (DiagnosisClass, String) {
 fn kv_heads_mismatch_is_diagnosed_before_running() {
     let dir = saved_llama_adapter("kvh", HeadsFrom::KvHeads, HeadDimFrom::Config);
     // Same model but 4 key/value heads instead of 2.
-    let (class, msg) = refused(&dir, &llama_geometry(|c| c.num_key_value_heads = Some(4)));
+    let (class, msg) = refused(
+        &dir,
+        &llama_geometry(|c| c.core.num_key_value_heads = Some(4)),
+    );
     assert_eq!(class, DiagnosisClass::KvHeads, "{msg}");
     assert!(
         msg.contains("num_attention_heads") && msg.contains('2') && msg.contains('4'),
@@ -251,7 +254,10 @@ fn head_dim_mismatch_is_diagnosed_before_running() {
 #[test]
 fn layer_and_submodule_mismatches_are_shape_diagnoses() {
     let dir = saved_llama_adapter("layers", HeadsFrom::KvHeads, HeadDimFrom::Config);
-    let (class, msg) = refused(&dir, &llama_geometry(|c| c.sizes.num_hidden_layers = 3));
+    let (class, msg) = refused(
+        &dir,
+        &llama_geometry(|c| c.core.sizes.num_hidden_layers = 3),
+    );
     assert_eq!(class, DiagnosisClass::Shape);
     assert!(msg.contains("num_layers"), "{msg}");
 

@@ -229,8 +229,8 @@ fn qwen2_config_json_defaults_and_sliding_layers() {
     );
     let (cfg, block) = mc.decoder().unwrap();
     assert!(block.qkv_bias && !block.o_bias && !block.qk_norm);
-    assert!(cfg.sizes.tie_word_embeddings);
-    assert_eq!(cfg.rope.theta(), 1e6);
+    assert!(cfg.core.sizes.tie_word_embeddings);
+    assert_eq!(cfg.core.rope.theta(), 1e6);
 
     // Nothing but model_type: transformers' defaults (32 KV heads, not the heads).
     let ModelConfig::Qwen2(d) = parse_hf_config(r#"{"model_type": "qwen2"}"#) else {
@@ -238,7 +238,7 @@ fn qwen2_config_json_defaults_and_sliding_layers() {
     };
     assert_eq!(
         (
-            d.num_key_value_heads,
+            d.core.num_key_value_heads,
             d.sliding.sliding_window,
             d.sliding.max_window_layers
         ),
@@ -246,9 +246,9 @@ fn qwen2_config_json_defaults_and_sliding_layers() {
     );
     assert_eq!(
         (
-            d.sizes.vocab_size,
-            d.sizes.hidden_size,
-            d.sizes.num_hidden_layers
+            d.core.sizes.vocab_size,
+            d.core.sizes.hidden_size,
+            d.core.sizes.num_hidden_layers
         ),
         (151_936, 4096, 32)
     );
@@ -315,7 +315,7 @@ fn qwen3_config_json_head_dim_and_bias() {
     let ModelConfig::Qwen3(d) = parse_hf_config(r#"{"model_type": "qwen3"}"#) else {
         panic!("qwen3")
     };
-    assert_eq!((d.head_dim, d.num_key_value_heads), (128, Some(32)));
+    assert_eq!((d.head_dim, d.core.num_key_value_heads), (128, Some(32)));
 }
 
 #[test]

@@ -37,20 +37,20 @@ fn build(cfg: &llama::Config, dev: &Device) -> (Box<dyn Model>, HashMap<String, 
 
 fn ct_config(cfg: &llama::Config) -> ct_llama::Config {
     ct_llama::Config {
-        hidden_size: cfg.sizes.hidden_size,
-        intermediate_size: cfg.sizes.intermediate_size,
-        vocab_size: cfg.sizes.vocab_size,
-        num_hidden_layers: cfg.sizes.num_hidden_layers,
-        num_attention_heads: cfg.sizes.num_attention_heads,
+        hidden_size: cfg.core.sizes.hidden_size,
+        intermediate_size: cfg.core.sizes.intermediate_size,
+        vocab_size: cfg.core.sizes.vocab_size,
+        num_hidden_layers: cfg.core.sizes.num_hidden_layers,
+        num_attention_heads: cfg.core.sizes.num_attention_heads,
         num_key_value_heads: cfg.num_kv_heads(),
         use_flash_attn: false,
-        rms_norm_eps: cfg.rms_norm_eps,
-        rope_theta: cfg.rope.rope_theta as f32,
+        rms_norm_eps: cfg.core.rms_norm_eps,
+        rope_theta: cfg.core.rope.rope_theta as f32,
         bos_token_id: None,
         eos_token_id: None,
         rope_scaling: None,
-        max_position_embeddings: cfg.sizes.max_position_embeddings,
-        tie_word_embeddings: cfg.sizes.tie_word_embeddings,
+        max_position_embeddings: cfg.core.sizes.max_position_embeddings,
+        tie_word_embeddings: cfg.core.sizes.tie_word_embeddings,
     }
 }
 
@@ -62,7 +62,7 @@ fn no_prefix_parity_with_candle_transformers_llama() {
     let ids = parity_prompt(&dev);
     let (_b, s) = ids.dims2().unwrap();
     let ours = logits_with(model.as_ref(), None, CacheMode::Dynamic, &ids);
-    assert_eq!(ours.dims(), &[2, s, cfg.sizes.vocab_size]);
+    assert_eq!(ours.dims(), &[2, s, cfg.core.sizes.vocab_size]);
 
     let ccfg = ct_config(&cfg);
     let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
@@ -119,7 +119,7 @@ fn prefix_parity_with_llama2_c() {
     let dev = Device::Cpu;
     let cfg = reference_config();
     let (heads, kvh, d) = (
-        cfg.sizes.num_attention_heads,
+        cfg.core.sizes.num_attention_heads,
         cfg.num_kv_heads(),
         cfg.head_dim(),
     );
@@ -136,7 +136,7 @@ fn prefix_parity_with_llama2_c() {
     // in the other direction, makes both compute the same attention scores: q.k is
     // invariant when q and k are permuted alike. The prefix keys enter the scores
     // too, so they get the same permutation of head_dim; values are untouched.
-    for l in 0..cfg.sizes.num_hidden_layers {
+    for l in 0..cfg.core.sizes.num_hidden_layers {
         for (name, h) in [("q_proj", heads), ("k_proj", kvh)] {
             let key = format!("model.layers.{l}.self_attn.{name}.weight");
             let w = map.get(&key).unwrap().clone();
@@ -144,15 +144,15 @@ fn prefix_parity_with_llama2_c() {
         }
     }
     let c2 = llama2_c::Config {
-        dim: cfg.sizes.hidden_size,
-        hidden_dim: cfg.sizes.intermediate_size,
-        n_layers: cfg.sizes.num_hidden_layers,
+        dim: cfg.core.sizes.hidden_size,
+        hidden_dim: cfg.core.sizes.intermediate_size,
+        n_layers: cfg.core.sizes.num_hidden_layers,
         n_heads: heads,
         n_kv_heads: kvh,
-        vocab_size: cfg.sizes.vocab_size,
+        vocab_size: cfg.core.sizes.vocab_size,
         // Its RoPE table length; its theta is fixed at 10000 (= our rope_theta here).
-        seq_len: cfg.sizes.max_position_embeddings,
-        norm_eps: cfg.rms_norm_eps,
+        seq_len: cfg.core.sizes.max_position_embeddings,
+        norm_eps: cfg.core.rms_norm_eps,
     };
     let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
     let mut cache = llama2_c::Cache::new(true, &c2, vb.clone()).unwrap();
@@ -212,7 +212,10 @@ fn explicit_head_dim_shapes_the_cache() {
     let dev = Device::Cpu;
     let cfg = llama::Config::tiny();
     assert_eq!(cfg.head_dim, Some(24));
-    assert_ne!(cfg.sizes.hidden_size / cfg.sizes.num_attention_heads, 24);
+    assert_ne!(
+        cfg.core.sizes.hidden_size / cfg.core.sizes.num_attention_heads,
+        24
+    );
     let (model, map) = build(&cfg, &dev);
     // The projections are sized by head_dim, not hidden / heads.
     assert_eq!(
@@ -239,7 +242,7 @@ fn explicit_head_dim_shapes_the_cache() {
         None,
     )
     .unwrap();
-    for layer in 0..cfg.sizes.num_hidden_layers {
+    for layer in 0..cfg.core.sizes.num_hidden_layers {
         assert_eq!(
             out.cache.stored_key_shape(layer),
             Some(vec![b, 2, p + s, 24]),
@@ -285,7 +288,7 @@ fn parameter_names_follow_llama_for_causal_lm() {
     expected.sort();
     assert_eq!(names(&cfg), expected);
 
-    cfg.sizes.tie_word_embeddings = true;
+    cfg.core.sizes.tie_word_embeddings = true;
     cfg.attention_bias = true;
     let got = names(&cfg);
     assert!(!got.contains(&"lm_head.weight".to_string()));
@@ -331,12 +334,12 @@ fn from_hf_json_parses_a_llama_config() {
     let ModelConfig::Llama(cfg) = &mc else {
         panic!("expected a llama config, got {mc:?}");
     };
-    assert_eq!(cfg.sizes.num_hidden_layers, 22);
-    assert_eq!(cfg.num_key_value_heads, Some(4));
+    assert_eq!(cfg.core.sizes.num_hidden_layers, 22);
+    assert_eq!(cfg.core.num_key_value_heads, Some(4));
     assert_eq!(cfg.head_dim, Some(128));
-    assert_eq!(cfg.rms_norm_eps, 1e-5);
+    assert_eq!(cfg.core.rms_norm_eps, 1e-5);
     assert_eq!(cfg.sliding_window, None);
-    assert!(!cfg.sizes.tie_word_embeddings);
+    assert!(!cfg.core.sizes.tie_word_embeddings);
     let g = mc.geometry();
     assert_eq!(
         (
@@ -361,13 +364,13 @@ fn from_hf_json_parses_a_llama_config() {
     assert_eq!((cfg.num_kv_heads(), cfg.head_dim()), (8, 8));
     assert_eq!(
         (
-            cfg.rms_norm_eps,
-            cfg.rope.rope_theta,
-            cfg.sizes.max_position_embeddings
+            cfg.core.rms_norm_eps,
+            cfg.core.rope.rope_theta,
+            cfg.core.sizes.max_position_embeddings
         ),
         (1e-6, 10000.0, 2048)
     );
-    assert!(!cfg.sizes.tie_word_embeddings && !cfg.attention_bias);
+    assert!(!cfg.core.sizes.tie_word_embeddings && !cfg.attention_bias);
 
     // transformers >= 5 moves rope_theta into rope_parameters; Llama 3.1 scaling.
     let v5 = r#"{"model_type": "llama", "vocab_size": 256, "hidden_size": 64,
@@ -380,7 +383,7 @@ fn from_hf_json_parses_a_llama_config() {
     let ModelConfig::Llama(cfg) = &mc else {
         panic!("expected llama")
     };
-    assert_eq!(cfg.rope.theta(), 500000.0);
+    assert_eq!(cfg.core.rope.theta(), 500000.0);
     assert_eq!(cfg.sliding_window, Some(16));
     assert!(mc
         .build(weights::seeded(1, DType::F32, &Device::Cpu))
@@ -397,10 +400,10 @@ fn from_hf_json_parses_a_llama_config() {
         _ => unreachable!(),
     };
     (
-        small.sizes.hidden_size,
-        small.sizes.intermediate_size,
-        small.sizes.num_hidden_layers,
-        small.sizes.vocab_size,
+        small.core.sizes.hidden_size,
+        small.core.sizes.intermediate_size,
+        small.core.sizes.num_hidden_layers,
+        small.core.sizes.vocab_size,
     ) = (64, 64, 1, 16);
     small.head_dim = Some(16);
     let err = ModelConfig::Llama(small)

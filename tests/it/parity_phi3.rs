@@ -25,22 +25,22 @@ fn phi3_no_prefix_parity_with_candle_transformers() {
                                    // ours: [B, S, V]
     let ours = logits_with(model.as_ref(), None, CacheMode::Dynamic, &ids);
     let ccfg = ct_phi3::Config {
-        vocab_size: cfg.sizes.vocab_size,
+        vocab_size: cfg.core.sizes.vocab_size,
         hidden_act: Activation::Silu,
-        hidden_size: cfg.sizes.hidden_size,
-        intermediate_size: cfg.sizes.intermediate_size,
-        num_hidden_layers: cfg.sizes.num_hidden_layers,
-        num_attention_heads: cfg.sizes.num_attention_heads,
-        num_key_value_heads: cfg.num_key_value_heads.unwrap(),
-        rms_norm_eps: cfg.rms_norm_eps,
-        rope_theta: cfg.rope.rope_theta,
+        hidden_size: cfg.core.sizes.hidden_size,
+        intermediate_size: cfg.core.sizes.intermediate_size,
+        num_hidden_layers: cfg.core.sizes.num_hidden_layers,
+        num_attention_heads: cfg.core.sizes.num_attention_heads,
+        num_key_value_heads: cfg.core.num_key_value_heads.unwrap(),
+        rms_norm_eps: cfg.core.rms_norm_eps,
+        rope_theta: cfg.core.rope.rope_theta,
         bos_token_id: None,
         eos_token_id: None,
         rope_scaling: None,
-        max_position_embeddings: cfg.sizes.max_position_embeddings,
+        max_position_embeddings: cfg.core.sizes.max_position_embeddings,
         original_max_position_embeddings: None,
         partial_rotary_factor: None,
-        tie_word_embeddings: cfg.sizes.tie_word_embeddings,
+        tie_word_embeddings: cfg.core.sizes.tie_word_embeddings,
     };
     let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
     let mut theirs = ct_phi3::Model::new(&ccfg, vb).unwrap();
@@ -64,13 +64,13 @@ fn phi3_config_json_defaults_and_refusals() {
     let d = parse(r#"{"model_type": "phi3", "num_hidden_layers": 2}"#);
     assert_eq!(
         (
-            d.sizes.vocab_size,
-            d.sizes.hidden_size,
-            d.sizes.intermediate_size
+            d.core.sizes.vocab_size,
+            d.core.sizes.hidden_size,
+            d.core.sizes.intermediate_size
         ),
         (32_064, 3072, 8192)
     );
-    assert_eq!(d.rms_norm_eps, 1e-5);
+    assert_eq!(d.core.rms_norm_eps, 1e-5);
     assert_eq!(d.sliding_window, None);
     let g = ModelConfig::Phi3(d).geometry();
     assert_eq!(

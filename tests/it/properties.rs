@@ -107,6 +107,22 @@ struct Setup {
 impl Setup {
     fn model_config(&self) -> ModelConfig {
         let heads = 1usize << self.heads.h;
+        let kv = 1usize << (self.heads.h - self.heads.group.min(self.heads.h));
+        // A Llama-like core with the drawn heads over `kv` KV heads; with
+        // `hidden_follows`, hidden = heads x the drawn head_dim.
+        let core = |tiny: llama::Core, hidden_follows: bool| llama::Core {
+            sizes: Sizes {
+                num_attention_heads: heads,
+                hidden_size: if hidden_follows {
+                    heads * 2 * self.heads.half
+                } else {
+                    tiny.sizes.hidden_size
+                },
+                ..tiny.sizes
+            },
+            num_key_value_heads: Some(kv),
+            ..tiny
+        };
         match self.family {
             Family::Gpt2 => ModelConfig::Gpt2(gpt2::Config {
                 n_head: heads,
@@ -125,11 +141,7 @@ impl Setup {
                 multi_query: self.heads.group > 0 || self.mode == Mode::Legacy,
             }),
             Family::Llama => ModelConfig::Llama(llama::Config {
-                sizes: Sizes {
-                    num_attention_heads: heads,
-                    ..llama::Config::tiny().sizes
-                },
-                num_key_value_heads: Some(1 << (self.heads.h - self.heads.group.min(self.heads.h))),
+                core: core(llama::Config::tiny().core, false),
                 head_dim: Some(2 * self.heads.half),
                 ..llama::Config::tiny()
             }),
@@ -137,48 +149,28 @@ impl Setup {
             // upper two layers slide with a window of P + W (the first real token sees
             // every virtual token, so every prefix parameter can get a gradient).
             Family::Qwen2 => ModelConfig::Qwen2(qwen2::Config {
-                sizes: Sizes {
-                    num_attention_heads: heads,
-                    hidden_size: heads * 2 * self.heads.half,
-                    ..qwen2::Config::tiny().sizes
-                },
-                num_key_value_heads: Some(1 << (self.heads.h - self.heads.group.min(self.heads.h))),
+                core: core(qwen2::Config::tiny().core, true),
                 sliding: qwen2::SlidingWindows {
                     use_sliding_window: true,
                     sliding_window: Some(self.p + self.window),
                     ..qwen2::SlidingWindows::tiny()
                 },
-                ..qwen2::Config::tiny()
             }),
             Family::Mistral => ModelConfig::Mistral(mistral::Config {
-                sizes: Sizes {
-                    num_attention_heads: heads,
-                    ..mistral::Config::tiny().sizes
-                },
-                num_key_value_heads: Some(1 << (self.heads.h - self.heads.group.min(self.heads.h))),
+                core: core(mistral::Config::tiny().core, false),
                 head_dim: Some(2 * self.heads.half),
                 // Every layer slides, with a window of P + W (see Qwen2).
                 sliding_window: Some(self.p + self.window),
-                ..mistral::Config::tiny()
             }),
             Family::Qwen3 => ModelConfig::Qwen3(qwen3::Config {
-                sizes: Sizes {
-                    num_attention_heads: heads,
-                    ..qwen3::Config::tiny().sizes
-                },
-                num_key_value_heads: Some(1 << (self.heads.h - self.heads.group.min(self.heads.h))),
+                core: core(qwen3::Config::tiny().core, false),
                 head_dim: 2 * self.heads.half,
                 ..qwen3::Config::tiny()
             }),
             // head_dim = hidden / heads; every layer slides with a window of P + W
             // (see Qwen2).
             Family::Phi3 => ModelConfig::Phi3(phi3::Config {
-                sizes: Sizes {
-                    num_attention_heads: heads,
-                    hidden_size: heads * 2 * self.heads.half,
-                    ..phi3::Config::tiny().sizes
-                },
-                num_key_value_heads: Some(1 << (self.heads.h - self.heads.group.min(self.heads.h))),
+                core: core(phi3::Config::tiny().core, true),
                 sliding_window: Some(self.p + self.window),
                 ..phi3::Config::tiny()
             }),
@@ -204,7 +196,7 @@ impl Setup {
                     num_attention_heads: heads,
                     ..gemma2::Config::tiny().sizes
                 },
-                num_key_value_heads: 1 << (self.heads.h - self.heads.group.min(self.heads.h)),
+                num_key_value_heads: kv,
                 head_dim: 2 * self.heads.half,
                 sliding_window: Some(self.p + self.window),
                 ..gemma2::Config::tiny()
@@ -216,7 +208,7 @@ impl Setup {
                     num_attention_heads: heads,
                     ..gemma3::Config::tiny().sizes
                 },
-                num_key_value_heads: 1 << (self.heads.h - self.heads.group.min(self.heads.h)),
+                num_key_value_heads: kv,
                 head_dim: 2 * self.heads.half,
                 sliding_window: Some(self.p + self.window),
                 ..gemma3::Config::tiny()

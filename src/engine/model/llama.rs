@@ -31,29 +31,60 @@ use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     #[serde(flatten)]
-    pub sizes: Sizes,
-    /// GQA/MQA key/value heads; `None` means `num_attention_heads` (plain MHA).
-    #[serde(default)]
-    pub num_key_value_heads: Option<usize>,
+    pub core: Core,
     /// Per-head dimension; `None` means `hidden_size / num_attention_heads`.
     #[serde(default)]
     pub head_dim: Option<usize>,
-    #[serde(default = "default_eps")]
-    pub rms_norm_eps: f64,
-    #[serde(flatten)]
-    pub rope: Rope,
     /// Biases on q/k/v/o projections.
     #[serde(default)]
     pub attention_bias: bool,
     /// Biases on gate/up/down projections.
     #[serde(default)]
     pub mlp_bias: bool,
-    #[serde(default = "default_act")]
-    pub hidden_act: String,
     /// Attention window (query at p sees keys in (p - W, p]); a sliding cache's own
     /// window takes precedence.
     #[serde(default)]
     pub sliding_window: Option<usize>,
+}
+
+/// What every Llama-like `config.json` gives under the same names: the sizes, the
+/// key/value heads, the MLP's activation, the RMSNorm epsilon and RoPE. The configs of
+/// llama, qwen2, qwen3, mistral and phi3 hold it flattened (`#[serde(flatten)] pub
+/// core: Core`); what is left in each is the family's own. (The serde defaults here
+/// are Llama's; the other families' defaults files give every field.)
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Core {
+    #[serde(flatten)]
+    pub sizes: Sizes,
+    /// GQA/MQA key/value heads; `None` means `num_attention_heads` (plain MHA).
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(flatten)]
+    pub rope: Rope,
+}
+
+impl Core {
+    /// [`Sizes::tiny`], 2 KV heads, SiLU, epsilon 1e-6, RoPE base 10 000: what the
+    /// Llama-like families' `tiny()` configs start from.
+    pub fn tiny() -> Self {
+        Self {
+            sizes: Sizes::tiny(),
+            num_key_value_heads: Some(2),
+            hidden_act: default_act(),
+            rms_norm_eps: 1e-6,
+            rope: Rope::default(),
+        }
+    }
+
+    /// `num_key_value_heads`, or `num_attention_heads` when null.
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads
+            .unwrap_or(self.sizes.num_attention_heads)
+    }
 }
 
 /// A Llama-like config's RoPE settings, under transformers' names; the configs of
@@ -202,30 +233,26 @@ impl Config {
     /// (deliberately not 64 / 4) so that an explicit `head_dim` is always exercised.
     pub fn tiny() -> Self {
         Self {
-            sizes: Sizes::tiny(),
-            num_key_value_heads: Some(2),
+            core: Core::tiny(),
             head_dim: Some(24),
-            rms_norm_eps: 1e-6,
-            rope: Rope::default(),
             attention_bias: false,
             mlp_bias: false,
-            hidden_act: default_act(),
             sliding_window: None,
         }
     }
 
     pub fn num_kv_heads(&self) -> usize {
-        self.num_key_value_heads
-            .unwrap_or(self.sizes.num_attention_heads)
+        self.core.num_kv_heads()
     }
 
     pub fn head_dim(&self) -> usize {
         self.head_dim
-            .unwrap_or(self.sizes.hidden_size / self.sizes.num_attention_heads.max(1))
+            .unwrap_or(self.core.sizes.hidden_size / self.core.sizes.num_attention_heads.max(1))
     }
 
     pub fn geometry(&self) -> ModelGeometry {
-        self.sizes
+        self.core
+            .sizes
             .rope_geometry(self.num_kv_heads(), self.head_dim())
     }
 
@@ -239,10 +266,10 @@ impl Config {
                 "{name}: head_dim {d} must be even (RoPE rotates pairs of dimensions)"
             )));
         }
-        if self.hidden_act != "silu" {
+        if self.core.hidden_act != "silu" {
             return Err(EngineError::Config(format!(
                 "{name}: hidden_act `{}` is not supported (only silu)",
-                self.hidden_act
+                self.core.hidden_act
             )));
         }
         if block.windows.contains(&Some(0)) {
@@ -250,17 +277,20 @@ impl Config {
                 "{name}: sliding_window must be at least 1"
             )));
         }
-        if block.windows.len() != self.sizes.num_hidden_layers {
+        if block.windows.len() != self.core.sizes.num_hidden_layers {
             return Err(EngineError::Config(format!(
                 "{name}: {} layer attention types for {} layers",
                 block.windows.len(),
-                self.sizes.num_hidden_layers
+                self.core.sizes.num_hidden_layers
             )));
         }
-        self.rope.inv_freq(self.head_dim()).map_err(|e| match e {
-            EngineError::Config(m) => EngineError::Config(m.replacen("llama", name, 1)),
-            other => other,
-        })?;
+        self.core
+            .rope
+            .inv_freq(self.head_dim())
+            .map_err(|e| match e {
+                EngineError::Config(m) => EngineError::Config(m.replacen("llama", name, 1)),
+                other => other,
+            })?;
         Ok(())
     }
 }
@@ -298,7 +328,7 @@ impl Block {
             qkv_bias: cfg.attention_bias,
             o_bias: cfg.attention_bias,
             qk_norm: false,
-            windows: vec![cfg.sliding_window; cfg.sizes.num_hidden_layers],
+            windows: vec![cfg.sliding_window; cfg.core.sizes.num_hidden_layers],
             fused: false,
         }
     }
@@ -383,16 +413,16 @@ impl Llama {
         cfg.check(&block)?;
         let root = vb.clone();
         let vb = backbone(&vb, "model", "embed_tokens.weight");
-        let (e, inter) = (cfg.sizes.hidden_size, cfg.sizes.intermediate_size);
+        let (e, inter) = (cfg.core.sizes.hidden_size, cfg.core.sizes.intermediate_size);
         let (heads, kvh, d) = (
-            cfg.sizes.num_attention_heads,
+            cfg.core.sizes.num_attention_heads,
             cfg.num_kv_heads(),
             cfg.head_dim(),
         );
-        let embed_tokens =
-            weight(&vb, (cfg.sizes.vocab_size, e), "embed_tokens.weight").ctx("embed_tokens")?;
-        let mut layers = Vec::with_capacity(cfg.sizes.num_hidden_layers);
-        for i in 0..cfg.sizes.num_hidden_layers {
+        let embed_tokens = weight(&vb, (cfg.core.sizes.vocab_size, e), "embed_tokens.weight")
+            .ctx("embed_tokens")?;
+        let mut layers = Vec::with_capacity(cfg.core.sizes.num_hidden_layers);
+        for i in 0..cfg.core.sizes.num_hidden_layers {
             let p = format!("layers.{i}");
             let (qb, ob, mb) = (block.qkv_bias, block.o_bias, cfg.mlp_bias);
             let norm = |n: &str, size: usize| {
@@ -436,13 +466,15 @@ impl Llama {
             });
         }
         let norm = ones(&vb, e, "norm.weight").ctx("norm")?;
-        let lm_head = if cfg.sizes.tie_word_embeddings {
+        let lm_head = if cfg.core.sizes.tie_word_embeddings {
             Linear::from_torch(&embed_tokens, None).ctx("embed_tokens")?
         } else {
-            let w = weight(&root, (cfg.sizes.vocab_size, e), "lm_head.weight").ctx("lm_head")?;
+            let w =
+                weight(&root, (cfg.core.sizes.vocab_size, e), "lm_head.weight").ctx("lm_head")?;
             Linear::from_torch(&w, None).ctx("lm_head")?
         };
         let inv: Vec<f32> = cfg
+            .core
             .rope
             .inv_freq(cfg.head_dim())?
             .into_iter()
@@ -482,14 +514,14 @@ impl Llama {
     ) -> Result<Tensor> {
         let i = step.layer;
         let (heads, kvh, d) = (
-            self.cfg.sizes.num_attention_heads,
+            self.cfg.core.sizes.num_attention_heads,
             self.cfg.num_kv_heads(),
             self.cfg.head_dim(),
         );
         let att = Attention::SelfAttn;
         let site_q = Site::new(i, att, TensorKind::Query);
         let site_v = Site::new(i, att, TensorKind::Value);
-        let (eps, ops) = (self.cfg.rms_norm_eps, fw.ops);
+        let (eps, ops) = (self.cfg.core.rms_norm_eps, fw.ops);
         let block = block_ops(h, &[&l.input_layernorm], ops);
         // [B, S, E]: outside the graph for the block op
         let x = if block { h.detach() } else { h.clone() };
@@ -578,7 +610,7 @@ impl Model for Llama {
     fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
         let (_b, s) = ids.dims2().ctx("input ids [B, S]")?;
         let past = fw.cache.past_len();
-        let eps = self.cfg.rms_norm_eps;
+        let eps = self.cfg.core.rms_norm_eps;
         // A cache window applies to every layer; otherwise each layer has its own.
         let window = fw.cache.window();
         // [B, 1, S, D] each: real tokens sit at positions P.. (after the prefix), per

@@ -7,22 +7,16 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::llama::{self, Block, Rope};
+use super::llama::{self, Block};
 use super::{Family, ModelGeometry, Sizes};
 
 /// `MistralConfig` (Hugging Face field names and defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     #[serde(flatten)]
-    pub sizes: Sizes,
-    /// Absent: 8, like transformers; `null`: `num_attention_heads`.
-    pub num_key_value_heads: Option<usize>,
+    pub core: llama::Core,
     /// `None`: `hidden_size / num_attention_heads`.
     pub head_dim: Option<usize>,
-    pub hidden_act: String,
-    pub rms_norm_eps: f64,
-    #[serde(flatten)]
-    pub rope: Rope,
     /// Absent: 4096 (Mistral 7B v0.1); `null`: full attention (v0.2 on).
     pub sliding_window: Option<usize>,
 }
@@ -33,16 +27,16 @@ impl Config {
     /// that the tiny prompts never reach (a scenario shortens it).
     pub fn tiny() -> Self {
         Self {
-            sizes: Sizes {
-                num_hidden_layers: 3,
-                num_attention_heads: 8,
-                ..Sizes::tiny()
+            core: llama::Core {
+                sizes: Sizes {
+                    num_hidden_layers: 3,
+                    num_attention_heads: 8,
+                    ..Sizes::tiny()
+                },
+                rms_norm_eps: 1e-5,
+                ..llama::Core::tiny()
             },
-            num_key_value_heads: Some(2),
             head_dim: None,
-            hidden_act: "silu".into(),
-            rms_norm_eps: 1e-5,
-            rope: Rope::default(),
             sliding_window: Some(4096),
         }
     }
@@ -50,14 +44,10 @@ impl Config {
     /// The Llama decoder this config describes.
     pub fn decoder(&self) -> (llama::Config, Block) {
         let cfg = llama::Config {
-            sizes: self.sizes.clone(),
-            num_key_value_heads: self.num_key_value_heads,
+            core: self.core.clone(),
             head_dim: self.head_dim,
-            rms_norm_eps: self.rms_norm_eps,
-            rope: self.rope.clone(),
             attention_bias: false,
             mlp_bias: false,
-            hidden_act: self.hidden_act.clone(),
             sliding_window: self.sliding_window,
         };
         let block = Block {

@@ -13,7 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::llama::{self, Block, Rope};
+use super::llama::{self, Block};
 use super::{Family, ModelGeometry, Sizes};
 use crate::engine::diagnosis::{EngineError, Result};
 
@@ -21,14 +21,8 @@ use crate::engine::diagnosis::{EngineError, Result};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     #[serde(flatten)]
-    pub sizes: Sizes,
-    /// Absent or `null`: `num_attention_heads`.
-    pub num_key_value_heads: Option<usize>,
-    pub hidden_act: String,
+    pub core: llama::Core,
     pub original_max_position_embeddings: usize,
-    pub rms_norm_eps: f64,
-    #[serde(flatten)]
-    pub rope: Rope,
     /// RoPE on the first `partial_rotary_factor * head_dim` dimensions (Phi-4-mini);
     /// only 1 (absent) is supported.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -43,16 +37,16 @@ impl Config {
     /// (`gate_up_proj` `[192, 64]`), vocabulary 256, untied, no window.
     pub fn tiny() -> Self {
         Self {
-            sizes: Sizes {
-                intermediate_size: 96,
-                num_hidden_layers: 3,
-                ..Sizes::tiny()
+            core: llama::Core {
+                sizes: Sizes {
+                    intermediate_size: 96,
+                    num_hidden_layers: 3,
+                    ..Sizes::tiny()
+                },
+                rms_norm_eps: 1e-5,
+                ..llama::Core::tiny()
             },
-            num_key_value_heads: Some(2),
-            hidden_act: "silu".into(),
             original_max_position_embeddings: 256,
-            rms_norm_eps: 1e-5,
-            rope: Rope::default(),
             partial_rotary_factor: None,
             sliding_window: None,
         }
@@ -61,14 +55,10 @@ impl Config {
     /// The Llama decoder this config describes.
     pub fn decoder(&self) -> (llama::Config, Block) {
         let cfg = llama::Config {
-            sizes: self.sizes.clone(),
-            num_key_value_heads: self.num_key_value_heads,
+            core: self.core.clone(),
             head_dim: None,
-            rms_norm_eps: self.rms_norm_eps,
-            rope: self.rope.clone(),
             attention_bias: false,
             mlp_bias: false,
-            hidden_act: self.hidden_act.clone(),
             sliding_window: self.sliding_window,
         };
         let block = Block {

@@ -19,13 +19,7 @@ use super::{Family, ModelGeometry, Sizes};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     #[serde(flatten)]
-    pub sizes: Sizes,
-    /// Absent: 32, like transformers; `null`: `num_attention_heads`.
-    pub num_key_value_heads: Option<usize>,
-    pub hidden_act: String,
-    pub rms_norm_eps: f64,
-    #[serde(flatten)]
-    pub rope: Rope,
+    pub core: llama::Core,
     #[serde(flatten)]
     pub sliding: SlidingWindows,
 }
@@ -37,17 +31,18 @@ impl Config {
     /// slide: `max_window_layers` 1).
     pub fn tiny() -> Self {
         Self {
-            sizes: Sizes {
-                num_hidden_layers: 3,
-                tie_word_embeddings: true,
-                ..Sizes::tiny()
-            },
-            num_key_value_heads: Some(1),
-            hidden_act: "silu".into(),
-            rms_norm_eps: 1e-6,
-            rope: Rope {
-                rope_theta: 1_000_000.0,
-                ..Rope::default()
+            core: llama::Core {
+                sizes: Sizes {
+                    num_hidden_layers: 3,
+                    tie_word_embeddings: true,
+                    ..Sizes::tiny()
+                },
+                num_key_value_heads: Some(1),
+                rope: Rope {
+                    rope_theta: 1_000_000.0,
+                    ..Rope::default()
+                },
+                ..llama::Core::tiny()
             },
             sliding: SlidingWindows::tiny(),
         }
@@ -55,20 +50,16 @@ impl Config {
 
     /// The attention window of each layer (see the module docs).
     pub fn windows(&self) -> Vec<Option<usize>> {
-        self.sliding.per_layer(self.sizes.num_hidden_layers)
+        self.sliding.per_layer(self.core.sizes.num_hidden_layers)
     }
 
     /// The Llama decoder this config describes.
     pub fn decoder(&self) -> (llama::Config, Block) {
         let cfg = llama::Config {
-            sizes: self.sizes.clone(),
-            num_key_value_heads: self.num_key_value_heads,
+            core: self.core.clone(),
             head_dim: None,
-            rms_norm_eps: self.rms_norm_eps,
-            rope: self.rope.clone(),
             attention_bias: true,
             mlp_bias: false,
-            hidden_act: self.hidden_act.clone(),
             sliding_window: None,
         };
         let block = Block {

@@ -18,14 +18,8 @@ use super::{Family, ModelGeometry, Sizes};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     #[serde(flatten)]
-    pub sizes: Sizes,
-    /// Absent: 32, like transformers; `null`: `num_attention_heads`.
-    pub num_key_value_heads: Option<usize>,
+    pub core: llama::Core,
     pub head_dim: usize,
-    pub hidden_act: String,
-    pub rms_norm_eps: f64,
-    #[serde(flatten)]
-    pub rope: Rope,
     /// Biases on q/k/v and o.
     pub attention_bias: bool,
     #[serde(flatten)]
@@ -37,19 +31,19 @@ impl Config {
     /// 64 / 4 = 16), vocabulary 256, no attention bias, tied embeddings.
     pub fn tiny() -> Self {
         Self {
-            sizes: Sizes {
-                num_hidden_layers: 3,
-                tie_word_embeddings: true,
-                ..Sizes::tiny()
+            core: llama::Core {
+                sizes: Sizes {
+                    num_hidden_layers: 3,
+                    tie_word_embeddings: true,
+                    ..Sizes::tiny()
+                },
+                rope: Rope {
+                    rope_theta: 1_000_000.0,
+                    ..Rope::default()
+                },
+                ..llama::Core::tiny()
             },
-            num_key_value_heads: Some(2),
             head_dim: 24,
-            hidden_act: "silu".into(),
-            rms_norm_eps: 1e-6,
-            rope: Rope {
-                rope_theta: 1_000_000.0,
-                ..Rope::default()
-            },
             attention_bias: false,
             sliding: SlidingWindows::tiny(),
         }
@@ -58,14 +52,10 @@ impl Config {
     /// The Llama decoder this config describes.
     pub fn decoder(&self) -> (llama::Config, Block) {
         let cfg = llama::Config {
-            sizes: self.sizes.clone(),
-            num_key_value_heads: self.num_key_value_heads,
+            core: self.core.clone(),
             head_dim: Some(self.head_dim),
-            rms_norm_eps: self.rms_norm_eps,
-            rope: self.rope.clone(),
             attention_bias: self.attention_bias,
             mlp_bias: false,
-            hidden_act: self.hidden_act.clone(),
             sliding_window: None,
         };
         let block = Block {
@@ -73,7 +63,7 @@ impl Config {
             qkv_bias: self.attention_bias,
             o_bias: self.attention_bias,
             qk_norm: true,
-            windows: self.sliding.per_layer(self.sizes.num_hidden_layers),
+            windows: self.sliding.per_layer(self.core.sizes.num_hidden_layers),
             fused: false,
         };
         (cfg, block)
