@@ -34,7 +34,7 @@ use super::attention::{
 };
 use super::llama::RopeParameters;
 use super::nn::{embed, gelu_tanh, rms_norm, Linear, Ops};
-use super::weights::weight;
+use super::weights::{linear, weight};
 use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry, Sizes};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 
@@ -273,19 +273,6 @@ pub struct Gemma2 {
     inv_freq_local: Tensor,
 }
 
-/// An `nn.Linear` (weight `[out, in]`, bias `[out]` when `with_bias`) as a `Linear`
-/// `[in, out]`.
-fn lin(vb: &VarBuilder, name: &str, i: usize, o: usize, with_bias: bool) -> Result<Linear> {
-    let w = weight(vb, (o, i), &format!("{name}.weight")).ctx(name)?;
-    let b = if with_bias {
-        let b = super::weights::bias(vb, o, &format!("{name}.bias")).ctx(name)?;
-        Some(b)
-    } else {
-        None
-    };
-    Linear::from_torch(&w, b).ctx(name)
-}
-
 /// A Gemma RMSNorm weight `w: [E]` by name, returned as the scale it applies,
 /// `1 + w` `[E]` (f32).
 fn gemma_norm(vb: &VarBuilder, name: &str, e: usize) -> Result<Tensor> {
@@ -341,8 +328,9 @@ impl Gemma2 {
             let p = format!("layers.{i}");
             let norm = |n: &str| gemma_norm(&vb, &format!("{p}.{n}.weight"), e);
             let attn =
-                |n: &str, i: usize, o: usize| lin(&vb, &format!("{p}.self_attn.{n}"), i, o, ab);
-            let mlp = |n: &str, i: usize, o: usize| lin(&vb, &format!("{p}.mlp.{n}"), i, o, false);
+                |n: &str, i: usize, o: usize| linear(&vb, &format!("{p}.self_attn.{n}"), i, o, ab);
+            let mlp =
+                |n: &str, i: usize, o: usize| linear(&vb, &format!("{p}.mlp.{n}"), i, o, false);
             let head_norm = |n: &str| {
                 let name = format!("{p}.self_attn.{n}.weight");
                 block.qk_norm.then(|| gemma_norm(&vb, &name, d)).transpose()

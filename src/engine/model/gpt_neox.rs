@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_self_attention, merge_heads, CachedStep};
 use super::nn::{embed, gelu_tanh, rope, LayerNorm, Linear};
-use super::weights::{bias, weight};
+use super::weights::{linear, weight};
 use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry, Sizes};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 
@@ -156,18 +156,6 @@ pub struct GptNeox {
     inv_freq: Tensor,
 }
 
-/// An `nn.Linear` (weight `[out, in]`, bias `[out]` when `with_bias`) as a `Linear`
-/// `[in, out]`.
-fn lin(vb: &VarBuilder, name: &str, i: usize, o: usize, with_bias: bool) -> Result<Linear> {
-    let w = weight(vb, (o, i), &format!("{name}.weight")).ctx(name)?;
-    let b = if with_bias {
-        Some(bias(vb, o, &format!("{name}.bias")).ctx(name)?)
-    } else {
-        None
-    };
-    Linear::from_torch(&w, b).ctx(name)
-}
-
 impl GptNeox {
     pub fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         cfg.check()?;
@@ -185,16 +173,22 @@ impl GptNeox {
             let p = format!("layers.{i}");
             layers.push(Layer {
                 input_layernorm: LayerNorm::load(&vb, &format!("{p}.input_layernorm"), e, eps)?,
-                query_key_value: lin(&vb, &format!("{p}.attention.query_key_value"), e, 3 * e, ab)?,
-                dense: lin(&vb, &format!("{p}.attention.dense"), e, e, ab)?,
+                query_key_value: linear(
+                    &vb,
+                    &format!("{p}.attention.query_key_value"),
+                    e,
+                    3 * e,
+                    ab,
+                )?,
+                dense: linear(&vb, &format!("{p}.attention.dense"), e, e, ab)?,
                 post_attention_layernorm: LayerNorm::load(
                     &vb,
                     &format!("{p}.post_attention_layernorm"),
                     e,
                     eps,
                 )?,
-                dense_h_to_4h: lin(&vb, &format!("{p}.mlp.dense_h_to_4h"), e, inter, true)?,
-                dense_4h_to_h: lin(&vb, &format!("{p}.mlp.dense_4h_to_h"), inter, e, true)?,
+                dense_h_to_4h: linear(&vb, &format!("{p}.mlp.dense_h_to_4h"), e, inter, true)?,
+                dense_4h_to_h: linear(&vb, &format!("{p}.mlp.dense_4h_to_h"), inter, e, true)?,
             });
         }
         let final_layer_norm = LayerNorm::load(&vb, "final_layer_norm", e, eps)?;

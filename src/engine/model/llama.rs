@@ -22,7 +22,7 @@ use super::attention::{
 };
 use super::kernels;
 use super::nn::{block_ops, embed, rms_norm, swiglu_mlp, Linear};
-use super::weights::{bias, ones, weight};
+use super::weights::{linear, ones, weight};
 use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry, Sizes};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 
@@ -363,18 +363,6 @@ pub struct Llama {
     inv_freq: Tensor,
 }
 
-/// A projection `nn.Linear` by name (weight `[out, in]`, optional bias `[out]`) as a
-/// `Linear` `[in, out]`.
-fn lin(vb: &VarBuilder, name: &str, i: usize, o: usize, with_bias: bool) -> Result<Linear> {
-    let w = weight(vb, (o, i), &format!("{name}.weight")).ctx(name)?;
-    let b = if with_bias {
-        Some(bias(vb, o, &format!("{name}.bias")).ctx(name)?)
-    } else {
-        None
-    };
-    Linear::from_torch(&w, b).ctx(name)
-}
-
 /// A fused `nn.Linear` without bias (weight `[sum(outs), in]`) split along its output
 /// dimension into `N` `Linear`s `[in, outs[j]]`, in order.
 fn fused<const N: usize>(
@@ -438,8 +426,8 @@ impl Llama {
                     fused(&vb, &gate_up, e, [inter, inter])?,
                 )
             } else {
-                let attn = |n: &str, o: usize| lin(&vb, &format!("{p}.self_attn.{n}"), e, o, qb);
-                let mlp = |n: &str| lin(&vb, &format!("{p}.mlp.{n}"), e, inter, mb);
+                let attn = |n: &str, o: usize| linear(&vb, &format!("{p}.self_attn.{n}"), e, o, qb);
+                let mlp = |n: &str| linear(&vb, &format!("{p}.mlp.{n}"), e, inter, mb);
                 (
                     [
                         attn("q_proj", heads * d)?,
@@ -455,14 +443,14 @@ impl Llama {
                     q_proj,
                     k_proj,
                     v_proj,
-                    o_proj: lin(&vb, &format!("{p}.self_attn.o_proj"), heads * d, e, ob)?,
+                    o_proj: linear(&vb, &format!("{p}.self_attn.o_proj"), heads * d, e, ob)?,
                     q_norm: head_norm("self_attn.q_norm")?,
                     k_norm: head_norm("self_attn.k_norm")?,
                 },
                 post_attention_layernorm: norm("post_attention_layernorm", e)?,
                 gate_proj,
                 up_proj,
-                down_proj: lin(&vb, &format!("{p}.mlp.down_proj"), inter, e, mb)?,
+                down_proj: linear(&vb, &format!("{p}.mlp.down_proj"), inter, e, mb)?,
             });
         }
         let norm = ones(&vb, e, "norm.weight").ctx("norm")?;

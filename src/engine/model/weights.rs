@@ -130,6 +130,22 @@ pub fn conv1d_params(vb: &VarBuilder, name: &str, i: usize, o: usize) -> DiagRes
     linear_from(vb, name, (i, o), o, Linear::from_conv1d)
 }
 
+/// A PyTorch `nn.Linear` by name, weight `[out, in]` and, when `with_bias`, bias
+/// `[out]`, as a [`Linear`] `[in, out]`.
+pub fn linear(
+    vb: &VarBuilder,
+    name: &str,
+    i: usize,
+    o: usize,
+    with_bias: bool,
+) -> DiagResult<Linear> {
+    if with_bias {
+        return linear_params(vb, name, i, o);
+    }
+    let w = weight(vb, (o, i), &format!("{name}.weight")).ctx(name)?;
+    Linear::from_torch(&w, None).ctx(name)
+}
+
 /// `{name}.weight` of shape `w` and `{name}.bias` `[o]`, made a [`Linear`] by `make`.
 fn linear_from(
     vb: &VarBuilder,
