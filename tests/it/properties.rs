@@ -153,7 +153,7 @@ impl Setup {
                 sliding: qwen2::SlidingWindows {
                     use_sliding_window: true,
                     sliding_window: Some(self.p + self.window),
-                    ..qwen2::SlidingWindows::tiny()
+                    ..qwen2::Config::tiny().sliding
                 },
             }),
             Family::Mistral => ModelConfig::Mistral(mistral::Config {

@@ -38,14 +38,7 @@ fn default_eps() -> f64 {
 
 impl Config {
     pub fn tiny() -> Self {
-        Self {
-            vocab_size: 256,
-            hidden_size: 64,
-            n_layer: 2,
-            n_head: 4,
-            layer_norm_epsilon: 1e-5,
-            apply_residual_connection_post_layernorm: false,
-        }
+        super::tiny_config(include_str!("tiny/bloom.json"))
     }
 
     pub fn geometry(&self) -> ModelGeometry {

@@ -86,26 +86,7 @@ impl Config {
     /// scenarios), and soft-caps small enough to bend the tiny model's scores and
     /// logits (attention 4, final 3).
     pub fn tiny() -> Self {
-        Self {
-            sizes: Sizes {
-                intermediate_size: 96,
-                num_hidden_layers: 3,
-                tie_word_embeddings: true,
-                ..Sizes::tiny()
-            },
-            num_key_value_heads: 2,
-            head_dim: 24,
-            hidden_activation: "gelu_pytorch_tanh".into(),
-            rms_norm_eps: 1e-6,
-            rope_theta: 10_000.0,
-            rope_parameters: None,
-            attention_bias: false,
-            query_pre_attn_scalar: 16,
-            sliding_window: Some(8),
-            layer_types: None,
-            final_logit_softcapping: Some(3.0),
-            attn_logit_softcapping: Some(4.0),
-        }
+        super::tiny_config(include_str!("tiny/gemma2.json"))
     }
 
     pub fn geometry(&self) -> ModelGeometry {

@@ -79,34 +79,7 @@ impl Config {
     /// (neither head_dim nor hidden / heads), intermediate 96, vocabulary 256, RoPE
     /// bases 1e6 (global, linear scaling x2) and 1e4 (sliding), no soft-caps.
     pub fn tiny() -> Self {
-        Self {
-            sizes: Sizes {
-                intermediate_size: 96,
-                num_hidden_layers: 5,
-                tie_word_embeddings: true,
-                ..Sizes::tiny()
-            },
-            num_key_value_heads: 1,
-            head_dim: 24,
-            hidden_activation: "gelu_pytorch_tanh".into(),
-            rms_norm_eps: 1e-6,
-            rope_theta: 1_000_000.0,
-            rope_local_base_freq: 10_000.0,
-            rope_scaling: Some(Box::new(RopeParameters {
-                rope_type: Some("linear".into()),
-                factor: Some(2.0),
-                ..RopeParameters::default()
-            })),
-            rope_parameters: None,
-            attention_bias: false,
-            query_pre_attn_scalar: 32,
-            sliding_window: Some(6),
-            layer_types: None,
-            sliding_window_pattern: Some(3),
-            final_logit_softcapping: None,
-            attn_logit_softcapping: None,
-            use_bidirectional_attention: None,
-        }
+        super::tiny_config(include_str!("tiny/gemma3.json"))
     }
 
     pub fn geometry(&self) -> ModelGeometry {

@@ -39,15 +39,7 @@ fn default_eps() -> f64 {
 
 impl Config {
     pub fn tiny() -> Self {
-        Self {
-            vocab_size: 256,
-            n_positions: 128,
-            n_embd: 64,
-            n_layer: 2,
-            n_head: 4,
-            n_inner: None,
-            layer_norm_epsilon: 1e-5,
-        }
+        super::tiny_config(include_str!("tiny/gpt2.json"))
     }
 
     /// GPT-2's decoder: `Conv1D` projections, q|k|v columns, every head its own keys.

@@ -30,10 +30,7 @@ fn default_true() -> bool {
 impl Config {
     /// GPT-2's tiny config, multi-query.
     pub fn tiny() -> Self {
-        Self {
-            gpt2: gpt2::Config::tiny(),
-            multi_query: true,
-        }
+        super::tiny_config(include_str!("tiny/gpt_bigcode.json"))
     }
 
     /// GPT-2's decoder with `nn.Linear` projections and one KV head (multi-query) or

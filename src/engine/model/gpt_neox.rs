@@ -58,19 +58,7 @@ impl Config {
     /// each head: `rotary_pct` 0.25), intermediate 160 (not 4 x 64), vocabulary 256,
     /// parallel residuals, attention biases, untied `embed_out`.
     pub fn tiny() -> Self {
-        Self {
-            sizes: Sizes {
-                intermediate_size: 160,
-                ..Sizes::tiny()
-            },
-            hidden_act: "gelu".into(),
-            rotary_pct: 0.25,
-            rotary_emb_base: 10_000.0,
-            rope_parameters: None,
-            layer_norm_eps: 1e-5,
-            use_parallel_residual: true,
-            attention_bias: true,
-        }
+        super::tiny_config(include_str!("tiny/gpt_neox.json"))
     }
 
     pub fn head_dim(&self) -> usize {

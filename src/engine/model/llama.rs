@@ -68,18 +68,6 @@ pub struct Core {
 }
 
 impl Core {
-    /// [`Sizes::tiny`], 2 KV heads, SiLU, epsilon 1e-6, RoPE base 10 000: what the
-    /// Llama-like families' `tiny()` configs start from.
-    pub fn tiny() -> Self {
-        Self {
-            sizes: Sizes::tiny(),
-            num_key_value_heads: Some(2),
-            hidden_act: default_act(),
-            rms_norm_eps: 1e-6,
-            rope: Rope::default(),
-        }
-    }
-
     /// `num_key_value_heads`, or `num_attention_heads` when null.
     pub fn num_kv_heads(&self) -> usize {
         self.num_key_value_heads
@@ -105,17 +93,6 @@ pub struct Rope {
     /// `rope_theta` and `rope_scaling` when present).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<Box<RopeParameters>>,
-}
-
-impl Default for Rope {
-    /// Base 10 000, no scaling.
-    fn default() -> Self {
-        Self {
-            rope_theta: default_theta(),
-            rope_scaling: None,
-            rope_parameters: None,
-        }
-    }
 }
 
 impl Rope {
@@ -232,13 +209,7 @@ impl Config {
     /// Hidden 64, 2 layers, 4 attention heads over 2 KV heads, and `head_dim` 24
     /// (deliberately not 64 / 4) so that an explicit `head_dim` is always exercised.
     pub fn tiny() -> Self {
-        Self {
-            core: Core::tiny(),
-            head_dim: Some(24),
-            attention_bias: false,
-            mlp_bias: false,
-            sliding_window: None,
-        }
+        super::tiny_config(include_str!("tiny/llama.json"))
     }
 
     pub fn num_kv_heads(&self) -> usize {

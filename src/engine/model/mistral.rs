@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::llama::{self, Block};
-use super::{Family, ModelGeometry, Sizes};
+use super::{Family, ModelGeometry};
 
 /// `MistralConfig` (Hugging Face field names and defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,19 +26,7 @@ impl Config {
     /// heads, not written: `head_dim: null`), vocabulary 256, and a window of 4096
     /// that the tiny prompts never reach (a scenario shortens it).
     pub fn tiny() -> Self {
-        Self {
-            core: llama::Core {
-                sizes: Sizes {
-                    num_hidden_layers: 3,
-                    num_attention_heads: 8,
-                    ..Sizes::tiny()
-                },
-                rms_norm_eps: 1e-5,
-                ..llama::Core::tiny()
-            },
-            head_dim: None,
-            sliding_window: Some(4096),
-        }
+        super::tiny_config(include_str!("tiny/mistral.json"))
     }
 
     /// The Llama decoder this config describes.

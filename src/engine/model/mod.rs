@@ -242,6 +242,14 @@ pub trait Model: Send + Sync {
     }
 }
 
+/// A family's tiny config (`src/engine/model/tiny/<family>.json`): a complete
+/// `config.json`, every field written out, so that what a scenario's `family:` runs is
+/// readable as the file transformers would load.
+fn tiny_config<T: serde::de::DeserializeOwned>(text: &str) -> T {
+    serde_json::from_str(text)
+        .expect("a tiny config file is a complete config (test: tiny_configs)")
+}
+
 /// `config: {..}` (a `config.json`) with every field it lacks taken from `defaults` (a
 /// JSON object: [`Family::hf_defaults`]).
 fn with_defaults(mut config: serde_json::Value, defaults: Option<&str>) -> serde_json::Value {
@@ -276,20 +284,6 @@ pub struct Sizes {
 }
 
 impl Sizes {
-    /// Vocabulary 256, hidden 64, MLP 128, 2 layers, 4 heads, 256 positions, untied:
-    /// what the families' `tiny()` configs start from.
-    pub fn tiny() -> Self {
-        Self {
-            vocab_size: 256,
-            hidden_size: 64,
-            intermediate_size: 128,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            max_position_embeddings: 256,
-            tie_word_embeddings: false,
-        }
-    }
-
     fn default_max_positions() -> usize {
         2048
     }
@@ -668,5 +662,22 @@ mod tests {
             checked += 1;
         }
         assert_eq!(checked, 7);
+    }
+
+    /// Each family's tiny config file parses as that family's `config.json`, and is
+    /// complete: the same config with or without the defaults merged in.
+    #[test]
+    fn tiny_configs() {
+        for family in Family::ALL {
+            let tiny = ModelConfig::tiny(family);
+            assert_eq!(tiny.family(), family);
+            let mut json = serde_json::to_value(&tiny).unwrap();
+            let fields = json.as_object_mut().unwrap();
+            fields.remove("family");
+            fields.insert("model_type".into(), family.model_type().into());
+            let parsed = ModelConfig::from_hf_json(&json.to_string())
+                .unwrap_or_else(|e| panic!("{}: {e}", family.name()));
+            assert_eq!(parsed, tiny, "{}", family.name());
+        }
     }
 }

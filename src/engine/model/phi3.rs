@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::llama::{self, Block};
-use super::{Family, ModelGeometry, Sizes};
+use super::{Family, ModelGeometry};
 use crate::engine::diagnosis::{EngineError, Result};
 
 /// `Phi3Config` (Hugging Face field names and defaults).
@@ -36,20 +36,7 @@ impl Config {
     /// `qkv_proj` is `[128, 64]`, not three equal thirds), intermediate 96
     /// (`gate_up_proj` `[192, 64]`), vocabulary 256, untied, no window.
     pub fn tiny() -> Self {
-        Self {
-            core: llama::Core {
-                sizes: Sizes {
-                    intermediate_size: 96,
-                    num_hidden_layers: 3,
-                    ..Sizes::tiny()
-                },
-                rms_norm_eps: 1e-5,
-                ..llama::Core::tiny()
-            },
-            original_max_position_embeddings: 256,
-            partial_rotary_factor: None,
-            sliding_window: None,
-        }
+        super::tiny_config(include_str!("tiny/phi3.json"))
     }
 
     /// The Llama decoder this config describes.

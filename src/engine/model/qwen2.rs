@@ -12,8 +12,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::llama::{self, Block, Rope};
-use super::{Family, ModelGeometry, Sizes};
+use super::llama::{self, Block};
+use super::{Family, ModelGeometry};
 
 /// `Qwen2Config` (Hugging Face field names and defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,22 +30,7 @@ impl Config {
     /// window of 16 that is off (`use_sliding_window: false`; with it on, layers 1 and 2
     /// slide: `max_window_layers` 1).
     pub fn tiny() -> Self {
-        Self {
-            core: llama::Core {
-                sizes: Sizes {
-                    num_hidden_layers: 3,
-                    tie_word_embeddings: true,
-                    ..Sizes::tiny()
-                },
-                num_key_value_heads: Some(1),
-                rope: Rope {
-                    rope_theta: 1_000_000.0,
-                    ..Rope::default()
-                },
-                ..llama::Core::tiny()
-            },
-            sliding: SlidingWindows::tiny(),
-        }
+        super::tiny_config(include_str!("tiny/qwen2.json"))
     }
 
     /// The attention window of each layer (see the module docs).
@@ -92,16 +77,6 @@ pub struct SlidingWindows {
 }
 
 impl SlidingWindows {
-    /// A window of 16 that is off; with it on, layers 1.. slide (`max_window_layers` 1).
-    pub fn tiny() -> Self {
-        Self {
-            use_sliding_window: false,
-            sliding_window: Some(16),
-            max_window_layers: 1,
-            layer_types: None,
-        }
-    }
-
     /// The window of each of `layers` layers: none unless `use_sliding_window`; then
     /// `sliding_window` in the layers whose `layer_types` entry is
     /// `"sliding_attention"`, or, without `layer_types`, in layers `max_window_layers..`.

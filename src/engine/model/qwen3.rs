@@ -10,9 +10,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::llama::{self, Block, Rope};
+use super::llama::{self, Block};
 use super::qwen2::SlidingWindows;
-use super::{Family, ModelGeometry, Sizes};
+use super::{Family, ModelGeometry};
 
 /// `Qwen3Config` (Hugging Face field names and defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,23 +30,7 @@ impl Config {
     /// Hidden 64, 3 layers, 4 attention heads over 2 KV heads, head_dim 24 (not
     /// 64 / 4 = 16), vocabulary 256, no attention bias, tied embeddings.
     pub fn tiny() -> Self {
-        Self {
-            core: llama::Core {
-                sizes: Sizes {
-                    num_hidden_layers: 3,
-                    tie_word_embeddings: true,
-                    ..Sizes::tiny()
-                },
-                rope: Rope {
-                    rope_theta: 1_000_000.0,
-                    ..Rope::default()
-                },
-                ..llama::Core::tiny()
-            },
-            head_dim: 24,
-            attention_bias: false,
-            sliding: SlidingWindows::tiny(),
-        }
+        super::tiny_config(include_str!("tiny/qwen3.json"))
     }
 
     /// The Llama decoder this config describes.

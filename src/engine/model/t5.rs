@@ -143,25 +143,7 @@ impl FfActivation {
 
 impl Config {
     pub fn tiny() -> Self {
-        Self {
-            vocab_size: 256,
-            d_model: 64,
-            // Deliberately not d_model / num_heads = 16.
-            d_kv: 24,
-            d_ff: 128,
-            num_layers: 2,
-            num_decoder_layers: None,
-            num_heads: 4,
-            relative_attention_num_buckets: 32,
-            relative_attention_max_distance: 128,
-            layer_norm_epsilon: 1e-6,
-            feed_forward_proj: "relu".to_string(),
-            tie_word_embeddings: true,
-            scale_decoder_outputs: None,
-            decoder_start_token_id: 0,
-            pad_token_id: 0,
-            eos_token_id: 1,
-        }
+        super::tiny_config(include_str!("tiny/t5.json"))
     }
 
     pub fn decoder_layers(&self) -> usize {
