@@ -301,9 +301,9 @@ impl ModelCache {
             let mut e = event(i, Attention::SelfAttn, op, self.layout);
             let (key, value) = shapes(l.held().as_ref());
             if op == CacheOp::Save {
-                (e.key_before, e.value_before) = (key, value);
+                (e.shapes.key_before, e.shapes.value_before) = (key, value);
             } else {
-                (e.key_after, e.value_after) = (key, value);
+                (e.shapes.key_after, e.shapes.value_after) = (key, value);
             }
             e.ring_head = l.store.ring_head();
             self.trace.push(e);
