@@ -130,6 +130,11 @@ impl<'a> Scores<'a> {
         }
     }
 
+    /// Where a failure of this attention's `kind` tensor is reported.
+    pub fn site(&self, kind: TensorKind) -> Site {
+        Site::new(self.layer, self.attention, kind)
+    }
+
     /// The same with an additive bias.
     pub fn with_bias(self, bias: Option<&'a Tensor>) -> Self {
         Self { bias, ..self }
@@ -192,15 +197,9 @@ pub fn softcapped_sdpa(
     };
     check_keys(q, k, sc)?;
     let Scores {
-        mask,
-        scale,
-        layer,
-        attention,
-        ops,
-        ..
+        mask, scale, ops, ..
     } = *sc;
-    let site_k = Site::new(layer, attention, TensorKind::Key);
-    let site_v = Site::new(layer, attention, TensorKind::Value);
+    let (site_k, site_v) = (sc.site(TensorKind::Key), sc.site(TensorKind::Value));
     let (h, kvh) = (
         q.dim(1).at(site_k, "queries")?,
         k.dim(1).at(site_k, "keys")?,
@@ -221,7 +220,7 @@ pub fn softcapped_sdpa(
         .at(site_k, "soft-capped attention scores")?;
     let probs = scores
         .broadcast_add(mask)
-        .at(Site::new(layer, attention, TensorKind::Mask), "apply mask")
+        .at(sc.site(TensorKind::Mask), "apply mask")
         .and_then(|s| super::nn::softmax(&s, ops).at(site_k, "softmax"))?;
     // [B, H, S, D]
     probs.matmul(&v).at(site_v, "attention output")
@@ -327,14 +326,13 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, sc: &Scores) -> Result<(Tensor, Op
         mask,
         bias,
         scale,
-        layer,
-        attention,
         ops,
+        ..
     } = *sc;
-    let site_k = Site::new(layer, attention, TensorKind::Key);
+    let site_k = sc.site(TensorKind::Key);
     let (qb, h, s, qd) = q.dims4().at(site_k, "queries")?;
     let (kvh, kl) = (k.dim(1).at(site_k, "keys")?, k.dim(2).at(site_k, "keys")?);
-    let site_v = Site::new(layer, attention, TensorKind::Value);
+    let site_v = sc.site(TensorKind::Value);
     // Grouped-query attention without copying keys and values per query head: the G
     // query heads that share a KV head (HF repeat_kv order: head i reads KV head i / G)
     // are consecutive, so `[B, H, S, D]` is `[B, KVH, G*S, D]` with the same data.
@@ -374,7 +372,7 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, sc: &Scores) -> Result<(Tensor, Op
             }
             let scores = scores
                 .broadcast_add(mask)
-                .at(Site::new(layer, attention, TensorKind::Mask), "apply mask")?;
+                .at(sc.site(TensorKind::Mask), "apply mask")?;
             super::nn::softmax(&scores, ops).at(site_k, "softmax")?
         }
     };
