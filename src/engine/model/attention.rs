@@ -585,3 +585,34 @@ impl Projections {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+
+    /// Values shorter than the keys fail the output product: the diagnosis names the
+    /// values of the scores' layer and attention, in both attention bodies.
+    #[test]
+    fn a_value_length_mismatch_names_the_values_of_the_layer() {
+        let dev = Device::Cpu;
+        let q = Tensor::zeros((1, 2, 3, 4), DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((1, 2, 5, 4), DType::F32, &dev).unwrap();
+        let v = Tensor::zeros((1, 2, 6, 4), DType::F32, &dev).unwrap();
+        let mask = Tensor::zeros((1, 1, 3, 5), DType::F32, &dev).unwrap();
+        let sc = Scores::new(&mask, 0.5, 3, Attention::Cross, Ops::Composed);
+        for (what, got) in [
+            ("sdpa", sdpa(&q, &k, &v, &sc)),
+            ("softcapped", softcapped_sdpa(&q, &k, &v, &sc, Some(50.0))),
+        ] {
+            let err = got.expect_err(what);
+            let d = err.diagnosis().expect(what);
+            assert_eq!(
+                (d.layer, d.attention, d.tensor),
+                (Some(3), Some(Attention::Cross), Some(TensorKind::Value)),
+                "{what}: {d:?}"
+            );
+        }
+    }
+}
