@@ -266,36 +266,37 @@ fn check_keys(q: &Tensor, k: &Tensor, sc: &Scores) -> Result<()> {
         .into());
     }
     let (kb, kvh, kl, kd) = (kdims[0], kdims[1], kdims[2], kdims[3]);
-    let fail = |class: DiagnosisClass, expected: Vec<usize>, msg: String, hint: &str| {
-        Err(Diagnosis::new(class, msg)
+    // The first disagreement, in this order: (disagrees, class, expected key shape,
+    // message, hint).
+    let checks = [
+        (
+            kb != qb,
+            DiagnosisClass::Batch,
+            [qb, kvh, kl, kd],
+            format!("queries have batch {qb} but keys have batch {kb}"),
+            "the cache (or prefix) was built for a different batch size, e.g. not expanded to batch x beams",
+        ),
+        (
+            kd != qd,
+            DiagnosisClass::HeadDim,
+            [kb, kvh, kl, qd],
+            format!("queries have head_dim {qd} but keys have head_dim {kd}"),
+            "the prefix head_dim differs from the model's (config head_dim / d_kv ignored?)",
+        ),
+        (
+            kvh == 0 || h % kvh != 0,
+            DiagnosisClass::KvHeads,
+            [kb, h, kl, kd],
+            format!("{h} query heads cannot be grouped over {kvh} key/value heads"),
+            "the prefix was built with a head count that is not the model's num_key_value_heads",
+        ),
+    ];
+    if let Some((_, class, expected, msg, hint)) = checks.into_iter().find(|c| c.0) {
+        return Err(Diagnosis::new(class, msg)
             .at(layer, attention, TensorKind::Key)
             .shapes(&expected, &kdims)
             .hint(hint)
-            .into())
-    };
-    if kb != qb {
-        return fail(
-            DiagnosisClass::Batch,
-            vec![qb, kvh, kl, kd],
-            format!("queries have batch {qb} but keys have batch {kb}"),
-            "the cache (or prefix) was built for a different batch size, e.g. not expanded to batch x beams",
-        );
-    }
-    if kd != qd {
-        return fail(
-            DiagnosisClass::HeadDim,
-            vec![kb, kvh, kl, qd],
-            format!("queries have head_dim {qd} but keys have head_dim {kd}"),
-            "the prefix head_dim differs from the model's (config head_dim / d_kv ignored?)",
-        );
-    }
-    if kvh == 0 || h % kvh != 0 {
-        return fail(
-            DiagnosisClass::KvHeads,
-            vec![kb, h, kl, kd],
-            format!("{h} query heads cannot be grouped over {kvh} key/value heads"),
-            "the prefix was built with a head count that is not the model's num_key_value_heads",
-        );
+            .into());
     }
     let s = q.dims()[2];
     let m = mask.dims().to_vec();
@@ -613,6 +614,27 @@ mod tests {
                 (Some(3), Some(Attention::Cross), Some(TensorKind::Value)),
                 "{what}: {d:?}"
             );
+        }
+    }
+
+    /// Keys that disagree with the queries `[2, 4, 3, 8]` give the first disagreement's
+    /// class and the key shape that would have fit.
+    #[test]
+    fn keys_that_disagree_with_the_queries_name_the_first_disagreement() {
+        let dev = Device::Cpu;
+        let q = Tensor::zeros((2, 4, 3, 8), DType::F32, &dev).unwrap();
+        let mask = Tensor::zeros((2, 1, 3, 5), DType::F32, &dev).unwrap();
+        let sc = Scores::new(&mask, 0.5, 0, Attention::SelfAttn, Ops::Composed);
+        for (keys, class, expected) in [
+            ((1, 2, 5, 4), DiagnosisClass::Batch, [2, 2, 5, 4]),
+            ((2, 2, 5, 4), DiagnosisClass::HeadDim, [2, 2, 5, 8]),
+            ((2, 3, 5, 8), DiagnosisClass::KvHeads, [2, 4, 5, 8]),
+        ] {
+            let k = Tensor::zeros(keys, DType::F32, &dev).unwrap();
+            let err = sdpa(&q, &k, &k, &sc).expect_err("keys disagree");
+            let d = err.diagnosis().expect("a diagnosis");
+            assert_eq!((d.class, d.tensor), (class, Some(TensorKind::Key)), "{d:?}");
+            assert_eq!(d.expected_shape, expected, "{d:?}");
         }
     }
 }
