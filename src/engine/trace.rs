@@ -28,6 +28,22 @@ pub enum CacheOp {
     Merge,
 }
 
+/// The key/value shapes of one cache event: what the cache held before, what the event
+/// wrote and what it held after. The engine's [`TraceEvent`] and the stack driver's
+/// event (`harness::stack::StackEvent`) both hold it, flattened into their JSON.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheShapes {
+    /// Stored key shape before the event (None when empty).
+    pub key_before: Option<Vec<usize>>,
+    pub value_before: Option<Vec<usize>>,
+    /// The key/value shapes written by this event (new tokens, or the prefix).
+    pub key_written: Option<Vec<usize>>,
+    pub value_written: Option<Vec<usize>>,
+    /// Stored shapes after the event.
+    pub key_after: Option<Vec<usize>>,
+    pub value_after: Option<Vec<usize>>,
+}
+
 /// One cache event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TraceEvent {
@@ -39,15 +55,9 @@ pub struct TraceEvent {
     /// The layout the cache stores (serialised as `standard`, `bloom-legacy`,
     /// `bigcode-fused`).
     pub layout: Layout,
-    /// Stored key shape before the event (None when empty).
-    pub key_before: Option<Vec<usize>>,
-    pub value_before: Option<Vec<usize>>,
-    /// The key/value shapes written by this event (new tokens, or the prefix).
-    pub key_written: Option<Vec<usize>>,
-    pub value_written: Option<Vec<usize>>,
-    /// Stored shapes after the event.
-    pub key_after: Option<Vec<usize>>,
-    pub value_after: Option<Vec<usize>>,
+    /// The stored and written key/value shapes.
+    #[serde(flatten)]
+    pub shapes: CacheShapes,
     /// Key/value shapes the attention read, in the standard `[B, H, K, D]` layout.
     pub key_read: Option<Vec<usize>>,
     pub value_read: Option<Vec<usize>>,
@@ -117,12 +127,7 @@ pub fn event(layer: usize, attention: Attention, op: CacheOp, layout: Layout) ->
         attention,
         op,
         layout,
-        key_before: None,
-        value_before: None,
-        key_written: None,
-        value_written: None,
-        key_after: None,
-        value_after: None,
+        shapes: CacheShapes::default(),
         key_read: None,
         value_read: None,
         mask: None,

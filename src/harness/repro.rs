@@ -31,9 +31,9 @@ fn event_row(e: &TraceEvent) -> String {
             Some(h) => format!("{}, ring head {h}", e.layout),
             None => e.layout.to_string(),
         },
-        shape(&e.key_before),
-        shape(&e.key_written),
-        shape(&e.key_after),
+        shape(&e.shapes.key_before),
+        shape(&e.shapes.key_written),
+        shape(&e.shapes.key_after),
         shape(&e.mask),
         e.positions
             .map(|(a, b)| format!("{a}..{b}"))

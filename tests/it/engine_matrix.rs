@@ -97,9 +97,9 @@ family_test!(
                 .expect("prefill event");
             let want = stored_key_shape(layout, batch, g.num_kv_heads, held, g.head_dim);
             match mode(mode_name) {
-                CacheMode::None => assert_eq!(e.key_after, None, "recompute stores nothing"),
+                CacheMode::None => assert_eq!(e.shapes.key_after, None, "recompute stores nothing"),
                 _ => assert_eq!(
-                    e.key_after.as_ref(),
+                    e.shapes.key_after.as_ref(),
                     Some(&want),
                     "{family:?}/{mode_name} layer {layer}"
                 ),

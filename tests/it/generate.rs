@@ -169,7 +169,11 @@ family_test!(
                 Attention::SelfAttn => B * K * group,
                 Attention::Cross => B * K,
             };
-            assert_eq!(e.key_written.as_ref().map(|k| k[0]), Some(rows), "{e:?}");
+            assert_eq!(
+                e.shapes.key_written.as_ref().map(|k| k[0]),
+                Some(rows),
+                "{e:?}"
+            );
         }
         let last_step = trace.events.iter().map(|e| e.step).max().unwrap_or(0);
         assert_eq!(last_step, STEPS - 1);
@@ -202,10 +206,16 @@ family_test!(
                     assert_eq!(reorders.len(), usize::from(step > 0), "step {step}");
                     let group = if att == Attention::Cross { 1 } else { group };
                     for e in reorders {
-                        for shape in [&e.key_before, &e.key_after].into_iter().flatten() {
+                        for shape in [&e.shapes.key_before, &e.shapes.key_after]
+                            .into_iter()
+                            .flatten()
+                        {
                             assert_eq!(shape[0], B * K * group, "{e:?}");
                         }
-                        assert_eq!(e.key_before, e.key_after, "a reorder keeps shapes");
+                        assert_eq!(
+                            e.shapes.key_before, e.shapes.key_after,
+                            "a reorder keeps shapes"
+                        );
                     }
                 }
             }
@@ -445,7 +455,7 @@ fn reorder_permutes_the_batch_rows_of_every_layout(
     assert_eq!(events.len(), 4);
     assert!(events
         .iter()
-        .all(|e| e.key_before == e.key_after && e.key_after.is_some()));
+        .all(|e| e.shapes.key_before == e.shapes.key_after && e.shapes.key_after.is_some()));
 
     // The next step appends to the reordered rows (what the attention reads).
     let view = cache

@@ -136,8 +136,18 @@ fn event_text(e: &TraceEvent, layout: &str) -> String {
     if e.layout.name() != layout {
         s += &format!(" layout {}", e.layout);
     }
-    let k = chain(e.op, &e.key_before, &e.key_written, &e.key_after);
-    let v = chain(e.op, &e.value_before, &e.value_written, &e.value_after);
+    let k = chain(
+        e.op,
+        &e.shapes.key_before,
+        &e.shapes.key_written,
+        &e.shapes.key_after,
+    );
+    let v = chain(
+        e.op,
+        &e.shapes.value_before,
+        &e.shapes.value_written,
+        &e.shapes.value_after,
+    );
     s += &format!(" k {k} v {}", if v == k { "=k".to_string() } else { v });
     match (&e.key_read, &e.value_read) {
         (None, None) => {}

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::{assert_contains, exited, harness, read_json, TempDir};
 use prefix_harness::engine::generate::Strategy;
+use prefix_harness::engine::trace::CacheShapes;
 use prefix_harness::harness::run::{run_case, CaseResult};
 use prefix_harness::harness::scenario::{self, Case};
 use prefix_harness::harness::stack::{
@@ -127,12 +128,13 @@ fn failed_2192() -> StackCase {
             layer: 0,
             attention: "self".into(),
             op: "update".into(),
-            key_before: Some(vec![8, 8, 8]),
-            value_before: Some(vec![8, 8, 8]),
-            key_written: Some(vec![2, 4, 5, 8]),
-            value_written: Some(vec![2, 4, 5, 8]),
-            key_after: None,
-            value_after: None,
+            shapes: CacheShapes {
+                key_before: Some(vec![8, 8, 8]),
+                value_before: Some(vec![8, 8, 8]),
+                key_written: Some(vec![2, 4, 5, 8]),
+                value_written: Some(vec![2, 4, 5, 8]),
+                ..CacheShapes::default()
+            },
             failed: true,
         }],
         ..Default::default()

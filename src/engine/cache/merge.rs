@@ -78,10 +78,10 @@ pub fn merge_rows(rows: &[ModelCache], fill_from_first_row: bool) -> Result<Merg
         // [B, KVH, L, D]
         let k = Tensor::cat(&ks, 0).at(site, "merge: keys")?;
         let v = Tensor::cat(&vs, 0).at(site, "merge: values")?;
-        e.key_written = Some(k.dims().to_vec());
-        e.value_written = Some(v.dims().to_vec());
+        e.shapes.key_written = Some(k.dims().to_vec());
+        e.shapes.value_written = Some(v.dims().to_vec());
         let store = Dynamic::holding(&k, &v).at(site, "merge: store")?;
-        (e.key_after, e.value_after) = shapes(store.held().as_ref());
+        (e.shapes.key_after, e.shapes.value_after) = shapes(store.held().as_ref());
         merged.layers[layer] = LayerCache {
             prefix: None,
             prefix_len: first.prefix_len(),

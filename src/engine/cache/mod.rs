@@ -307,8 +307,8 @@ impl ModelCache {
         prefix_len: usize,
     ) -> Result<()> {
         let mut e = event(layer, attention, CacheOp::Seed, self.layout);
-        e.key_written = Some(shape(&k));
-        e.value_written = Some(shape(&v));
+        e.shapes.key_written = Some(shape(&k));
+        e.shapes.value_written = Some(shape(&v));
         e.positions = Some((0, prefix_len));
         e.store = self.store_name(layer, attention);
         match attention {
@@ -412,7 +412,7 @@ impl ModelCache {
         for (i, l) in self.layers.iter_mut().enumerate() {
             let att = Attention::SelfAttn;
             let mut e = event(i, att, CacheOp::Reorder, layout);
-            (e.key_before, e.value_before) = shapes(l.held().as_ref());
+            (e.shapes.key_before, e.shapes.value_before) = shapes(l.held().as_ref());
             let mut sel = |t: &Tensor, kind: TensorKind| {
                 select_rows(t, layout, kind, kv_heads, indices, Site::new(i, att, kind))
             };
@@ -421,7 +421,7 @@ impl ModelCache {
             }
             l.store
                 .select_rows(&mut sel, Site::new(i, att, TensorKind::Key))?;
-            (e.key_after, e.value_after) = shapes(l.held().as_ref());
+            (e.shapes.key_after, e.shapes.value_after) = shapes(l.held().as_ref());
             self.trace.push(e);
         }
         for (i, c) in self.cross.iter_mut().enumerate() {
@@ -432,14 +432,16 @@ impl ModelCache {
             let mut sel = |t: &Tensor, kind: TensorKind| {
                 select_rows(t, std, kind, None, indices, Site::new(i, att, kind))
             };
-            (e.key_before, e.value_before) = shapes(c.kv.as_ref().or(c.prefix.as_ref()));
+            (e.shapes.key_before, e.shapes.value_before) =
+                shapes(c.kv.as_ref().or(c.prefix.as_ref()));
             if let Some(prefix) = &c.prefix {
                 c.prefix = Some(select_pair(&mut sel, prefix)?);
             }
             if let Some(kv) = &c.kv {
                 c.kv = Some(select_pair(&mut sel, kv)?);
             }
-            (e.key_after, e.value_after) = shapes(c.kv.as_ref().or(c.prefix.as_ref()));
+            (e.shapes.key_after, e.shapes.value_after) =
+                shapes(c.kv.as_ref().or(c.prefix.as_ref()));
             self.trace.push(e);
         }
         Ok(())

@@ -42,12 +42,12 @@ impl ModelCache {
         let (k_new, v_new) = layout
             .from_standard(k, v)
             .at(site_k, "convert to cache layout")?;
-        e.key_written = Some(shape(&k_new));
-        e.value_written = Some(shape(&v_new));
+        e.shapes.key_written = Some(shape(&k_new));
+        e.shapes.value_written = Some(shape(&v_new));
 
         // Check against what the layer holds, raw (the prefix first).
         let held = l.held();
-        (e.key_before, e.value_before) = shapes(held.as_ref());
+        (e.shapes.key_before, e.shapes.value_before) = shapes(held.as_ref());
         if let Some((hk, hv)) = &held {
             let p = l.prefix_len;
             check_append(layout, layer, att, TensorKind::Key, hk, &k_new, p)?;
@@ -62,7 +62,7 @@ impl ModelCache {
             l.store_step(&self.config, layout, layer, &k_new, &v_new, s_new)?;
 
         // Trace.
-        (e.key_after, e.value_after) = shapes(l.store.held().as_ref());
+        (e.shapes.key_after, e.shapes.value_after) = shapes(l.store.held().as_ref());
         e.ring_head = l.store.ring_head();
         let (k4, v4) = layout
             .to_standard(&read_k, &read_v, kv_heads)
@@ -94,10 +94,10 @@ impl ModelCache {
             .ok_or_else(|| no_layer(layer, att))?;
         if let (true, false, Some((k, v))) = (c.is_updated, recompute, c.kv.clone()) {
             let mut e = event(layer, att, CacheOp::Read, Layout::Standard);
-            e.key_before = Some(shape(&k));
-            e.value_before = Some(shape(&v));
-            e.key_after = Some(shape(&k));
-            e.value_after = Some(shape(&v));
+            e.shapes.key_before = Some(shape(&k));
+            e.shapes.value_before = Some(shape(&v));
+            e.shapes.key_after = Some(shape(&k));
+            e.shapes.value_after = Some(shape(&v));
             e.key_read = Some(shape(&k));
             e.value_read = Some(shape(&v));
             self.trace.push(e);
@@ -107,12 +107,12 @@ impl ModelCache {
         let site_k = Site::new(layer, att, TensorKind::Key);
         let site_v = Site::new(layer, att, TensorKind::Value);
         let mut e = event(layer, att, CacheOp::Update, Layout::Standard);
-        e.key_written = Some(shape(&k));
-        e.value_written = Some(shape(&v));
+        e.shapes.key_written = Some(shape(&k));
+        e.shapes.value_written = Some(shape(&v));
         let (k, v) = match &c.prefix {
             Some((pk, pv)) => {
-                e.key_before = Some(shape(pk));
-                e.value_before = Some(shape(pv));
+                e.shapes.key_before = Some(shape(pk));
+                e.shapes.value_before = Some(shape(pv));
                 let p = c.prefix_len;
                 check_append(Layout::Standard, layer, att, TensorKind::Key, pk, &k, p)?;
                 check_append(Layout::Standard, layer, att, TensorKind::Value, pv, &v, p)?;
@@ -127,8 +127,8 @@ impl ModelCache {
             c.kv = Some((k.detach(), v.detach()));
             c.is_updated = true;
         }
-        e.key_after = Some(shape(&k));
-        e.value_after = Some(shape(&v));
+        e.shapes.key_after = Some(shape(&k));
+        e.shapes.value_after = Some(shape(&v));
         e.key_read = Some(shape(&k));
         e.value_read = Some(shape(&v));
         self.trace.push(e);

@@ -105,15 +105,10 @@ impl Strategy {
 /// `reference_math.rs` that changes 2 of 18 outputs.
 #[derive(Debug, Clone)]
 pub struct DecodeOptions {
-    pub cache: CacheConfig,
-    /// How the prefix is shaped before it enters the cache.
-    pub layout: PrefixLayout,
-    pub max_new_tokens: usize,
-    /// Prepend P visible columns to the attention mask (the fix); `false` reproduces
-    /// the historical "mask not extended by P" bug.
-    pub extend_mask: bool,
+    // What is generated.
     /// Default: greedy.
     pub strategy: Strategy,
+    pub max_new_tokens: usize,
     /// A row that emits this token is finished: afterwards it emits `pad_token_id`
     /// (shapes stay rectangular); generation stops early when every row is finished.
     pub eos_token_id: Option<u32>,
@@ -122,9 +117,10 @@ pub struct DecodeOptions {
     /// Output rows per input row (default 1): at most `num_beams` for beams; sampling
     /// repeats each input row; greedy allows only 1.
     pub num_return_sequences: usize,
-    /// Expand the prefix to batch x beams rows (the fix); `false` reproduces the
-    /// historical bug of a prefix built for the input batch only (UnifiedSKG issue 24).
-    pub expand_prefix: bool,
+    // How the prompt and the prefix reach the cache, and the kernels that run.
+    pub cache: CacheConfig,
+    /// How the prefix is shaped before it enters the cache.
+    pub layout: PrefixLayout,
     /// Feed the prompt in chunks of this many tokens after the prefix (`None`: the
     /// whole prompt in one pass). Each chunk is a forward pass with its own mask
     /// `[N, 1, chunk, K]` and positions, recorded as a trace step.
@@ -135,31 +131,38 @@ pub struct DecodeOptions {
     /// Where `save_at` writes the cache (`None`: a temporary file, removed after it
     /// is read back).
     pub cache_file: Option<std::path::PathBuf>,
+    /// Which kernels every forward pass runs (default [`Ops::Kernels`]).
+    pub ops: Ops,
+    // Switches between a fix (the default) and a historical bug.
+    /// Prepend P visible columns to the attention mask (the fix); `false` reproduces
+    /// the historical "mask not extended by P" bug.
+    pub extend_mask: bool,
+    /// Expand the prefix to batch x beams rows (the fix); `false` reproduces the
+    /// historical bug of a prefix built for the input batch only (UnifiedSKG issue 24).
+    pub expand_prefix: bool,
     /// Historical (candle issue 3582): the padding mask lives in a buffer sized for one
     /// row and is read for every row of the batch, so rows after the first see the
     /// first row's padding. `false` is the fix.
     pub mask_buffer_one_row: bool,
-    /// Which kernels every forward pass runs (default [`Ops::Kernels`]).
-    pub ops: Ops,
 }
 
 impl DecodeOptions {
     pub fn new(cache: CacheConfig, max_new_tokens: usize) -> Self {
         Self {
-            cache,
-            layout: PrefixLayout::Auto,
-            max_new_tokens,
-            extend_mask: true,
             strategy: Strategy::Greedy,
+            max_new_tokens,
             eos_token_id: None,
             pad_token_id: None,
             num_return_sequences: 1,
-            expand_prefix: true,
+            cache,
+            layout: PrefixLayout::Auto,
             prefill_chunk: None,
             save_at: None,
             cache_file: None,
-            mask_buffer_one_row: false,
             ops: Ops::Kernels,
+            extend_mask: true,
+            expand_prefix: true,
+            mask_buffer_one_row: false,
         }
     }
 

@@ -130,6 +130,11 @@ impl<'a> Scores<'a> {
         }
     }
 
+    /// Where a failure of this attention's `kind` tensor is reported.
+    pub fn site(&self, kind: TensorKind) -> Site {
+        Site::new(self.layer, self.attention, kind)
+    }
+
     /// The same with an additive bias.
     pub fn with_bias(self, bias: Option<&'a Tensor>) -> Self {
         Self { bias, ..self }
@@ -192,15 +197,9 @@ pub fn softcapped_sdpa(
     };
     check_keys(q, k, sc)?;
     let Scores {
-        mask,
-        scale,
-        layer,
-        attention,
-        ops,
-        ..
+        mask, scale, ops, ..
     } = *sc;
-    let site_k = Site::new(layer, attention, TensorKind::Key);
-    let site_v = Site::new(layer, attention, TensorKind::Value);
+    let (site_k, site_v) = (sc.site(TensorKind::Key), sc.site(TensorKind::Value));
     let (h, kvh) = (
         q.dim(1).at(site_k, "queries")?,
         k.dim(1).at(site_k, "keys")?,
@@ -221,7 +220,7 @@ pub fn softcapped_sdpa(
         .at(site_k, "soft-capped attention scores")?;
     let probs = scores
         .broadcast_add(mask)
-        .at(Site::new(layer, attention, TensorKind::Mask), "apply mask")
+        .at(sc.site(TensorKind::Mask), "apply mask")
         .and_then(|s| super::nn::softmax(&s, ops).at(site_k, "softmax"))?;
     // [B, H, S, D]
     probs.matmul(&v).at(site_v, "attention output")
@@ -267,36 +266,37 @@ fn check_keys(q: &Tensor, k: &Tensor, sc: &Scores) -> Result<()> {
         .into());
     }
     let (kb, kvh, kl, kd) = (kdims[0], kdims[1], kdims[2], kdims[3]);
-    let fail = |class: DiagnosisClass, expected: Vec<usize>, msg: String, hint: &str| {
-        Err(Diagnosis::new(class, msg)
+    // The first disagreement, in this order: (disagrees, class, expected key shape,
+    // message, hint).
+    let checks = [
+        (
+            kb != qb,
+            DiagnosisClass::Batch,
+            [qb, kvh, kl, kd],
+            format!("queries have batch {qb} but keys have batch {kb}"),
+            "the cache (or prefix) was built for a different batch size, e.g. not expanded to batch x beams",
+        ),
+        (
+            kd != qd,
+            DiagnosisClass::HeadDim,
+            [kb, kvh, kl, qd],
+            format!("queries have head_dim {qd} but keys have head_dim {kd}"),
+            "the prefix head_dim differs from the model's (config head_dim / d_kv ignored?)",
+        ),
+        (
+            kvh == 0 || h % kvh != 0,
+            DiagnosisClass::KvHeads,
+            [kb, h, kl, kd],
+            format!("{h} query heads cannot be grouped over {kvh} key/value heads"),
+            "the prefix was built with a head count that is not the model's num_key_value_heads",
+        ),
+    ];
+    if let Some((_, class, expected, msg, hint)) = checks.into_iter().find(|c| c.0) {
+        return Err(Diagnosis::new(class, msg)
             .at(layer, attention, TensorKind::Key)
             .shapes(&expected, &kdims)
             .hint(hint)
-            .into())
-    };
-    if kb != qb {
-        return fail(
-            DiagnosisClass::Batch,
-            vec![qb, kvh, kl, kd],
-            format!("queries have batch {qb} but keys have batch {kb}"),
-            "the cache (or prefix) was built for a different batch size, e.g. not expanded to batch x beams",
-        );
-    }
-    if kd != qd {
-        return fail(
-            DiagnosisClass::HeadDim,
-            vec![kb, kvh, kl, qd],
-            format!("queries have head_dim {qd} but keys have head_dim {kd}"),
-            "the prefix head_dim differs from the model's (config head_dim / d_kv ignored?)",
-        );
-    }
-    if kvh == 0 || h % kvh != 0 {
-        return fail(
-            DiagnosisClass::KvHeads,
-            vec![kb, h, kl, kd],
-            format!("{h} query heads cannot be grouped over {kvh} key/value heads"),
-            "the prefix was built with a head count that is not the model's num_key_value_heads",
-        );
+            .into());
     }
     let s = q.dims()[2];
     let m = mask.dims().to_vec();
@@ -327,14 +327,13 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, sc: &Scores) -> Result<(Tensor, Op
         mask,
         bias,
         scale,
-        layer,
-        attention,
         ops,
+        ..
     } = *sc;
-    let site_k = Site::new(layer, attention, TensorKind::Key);
+    let site_k = sc.site(TensorKind::Key);
     let (qb, h, s, qd) = q.dims4().at(site_k, "queries")?;
     let (kvh, kl) = (k.dim(1).at(site_k, "keys")?, k.dim(2).at(site_k, "keys")?);
-    let site_v = Site::new(layer, attention, TensorKind::Value);
+    let site_v = sc.site(TensorKind::Value);
     // Grouped-query attention without copying keys and values per query head: the G
     // query heads that share a KV head (HF repeat_kv order: head i reads KV head i / G)
     // are consecutive, so `[B, H, S, D]` is `[B, KVH, G*S, D]` with the same data.
@@ -374,7 +373,7 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, sc: &Scores) -> Result<(Tensor, Op
             }
             let scores = scores
                 .broadcast_add(mask)
-                .at(Site::new(layer, attention, TensorKind::Mask), "apply mask")?;
+                .at(sc.site(TensorKind::Mask), "apply mask")?;
             super::nn::softmax(&scores, ops).at(site_k, "softmax")?
         }
     };
@@ -585,5 +584,57 @@ impl Projections {
             v,
             projected: (q_heads, k_heads),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+
+    /// Values shorter than the keys fail the output product: the diagnosis names the
+    /// values of the scores' layer and attention, in both attention bodies.
+    #[test]
+    fn a_value_length_mismatch_names_the_values_of_the_layer() {
+        let dev = Device::Cpu;
+        let q = Tensor::zeros((1, 2, 3, 4), DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((1, 2, 5, 4), DType::F32, &dev).unwrap();
+        let v = Tensor::zeros((1, 2, 6, 4), DType::F32, &dev).unwrap();
+        let mask = Tensor::zeros((1, 1, 3, 5), DType::F32, &dev).unwrap();
+        let sc = Scores::new(&mask, 0.5, 3, Attention::Cross, Ops::Composed);
+        for (what, got) in [
+            ("sdpa", sdpa(&q, &k, &v, &sc)),
+            ("softcapped", softcapped_sdpa(&q, &k, &v, &sc, Some(50.0))),
+        ] {
+            let err = got.expect_err(what);
+            let d = err.diagnosis().expect(what);
+            assert_eq!(
+                (d.layer, d.attention, d.tensor),
+                (Some(3), Some(Attention::Cross), Some(TensorKind::Value)),
+                "{what}: {d:?}"
+            );
+        }
+    }
+
+    /// Keys that disagree with the queries `[2, 4, 3, 8]` give the first disagreement's
+    /// class and the key shape that would have fit.
+    #[test]
+    fn keys_that_disagree_with_the_queries_name_the_first_disagreement() {
+        let dev = Device::Cpu;
+        let q = Tensor::zeros((2, 4, 3, 8), DType::F32, &dev).unwrap();
+        let mask = Tensor::zeros((2, 1, 3, 5), DType::F32, &dev).unwrap();
+        let sc = Scores::new(&mask, 0.5, 0, Attention::SelfAttn, Ops::Composed);
+        for (keys, class, expected) in [
+            ((1, 2, 5, 4), DiagnosisClass::Batch, [2, 2, 5, 4]),
+            ((2, 2, 5, 4), DiagnosisClass::HeadDim, [2, 2, 5, 8]),
+            ((2, 3, 5, 8), DiagnosisClass::KvHeads, [2, 4, 5, 8]),
+        ] {
+            let k = Tensor::zeros(keys, DType::F32, &dev).unwrap();
+            let err = sdpa(&q, &k, &k, &sc).expect_err("keys disagree");
+            let d = err.diagnosis().expect("a diagnosis");
+            assert_eq!((d.class, d.tensor), (class, Some(TensorKind::Key)), "{d:?}");
+            assert_eq!(d.expected_shape, expected, "{d:?}");
+        }
     }
 }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::expect::version_matches;
 use super::{Job, JobCase, DRIVER, PROTOCOL, PYTHON_ENV};
+use crate::engine::trace::CacheShapes;
 
 /// The installed versions, as the driver's first line reports them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -98,12 +99,8 @@ pub struct StackEvent {
     pub attention: String,
     /// `seed` or `update`.
     pub op: String,
-    pub key_before: Option<Vec<usize>>,
-    pub value_before: Option<Vec<usize>>,
-    pub key_written: Option<Vec<usize>>,
-    pub value_written: Option<Vec<usize>>,
-    pub key_after: Option<Vec<usize>>,
-    pub value_after: Option<Vec<usize>>,
+    #[serde(flatten)]
+    pub shapes: CacheShapes,
     #[serde(default)]
     pub failed: bool,
 }

@@ -379,14 +379,18 @@ fn first_event_difference(r: &CaseResult, stack: &[StackEvent], case: &Case) -> 
         .iter()
         .filter(|e| e.op == CacheOp::Update && e.attention == Attention::SelfAttn)
         .map(|e| {
-            let keys = if hybrid { &e.key_after } else { &e.key_read };
+            let keys = if hybrid {
+                &e.shapes.key_after
+            } else {
+                &e.key_read
+            };
             (e.step, e.layer, keys.clone())
         })
         .collect();
     let theirs: Vec<_> = stack
         .iter()
         .filter(|e| e.op == "update" && e.attention == "self")
-        .map(|e| (e.step, e.layer, e.key_after.clone()))
+        .map(|e| (e.step, e.layer, e.shapes.key_after.clone()))
         .collect();
     for (i, (a, b)) in engine.iter().zip(&theirs).enumerate() {
         if a != b {
@@ -466,8 +470,8 @@ pub fn diagnose(e: &StackError, events: &[StackEvent]) -> Diagnosis {
         let tensor = from_shapes.map_or(TensorKind::Key, |(t, _)| t);
         d = d.at(ev.layer, attention, tensor);
         let (written, held) = match tensor {
-            TensorKind::Value => (&ev.value_written, &ev.value_before),
-            _ => (&ev.key_written, &ev.key_before),
+            TensorKind::Value => (&ev.shapes.value_written, &ev.shapes.value_before),
+            _ => (&ev.shapes.key_written, &ev.shapes.key_before),
         };
         if let (Some(w), Some(held)) = (written, held) {
             d = d.shapes(w, held);
@@ -488,8 +492,16 @@ pub fn diagnose(e: &StackError, events: &[StackEvent]) -> Diagnosis {
 /// the cache appends along, so it may differ).
 fn differing_dim(ev: &StackEvent) -> Option<(TensorKind, DiagnosisClass)> {
     let pairs = [
-        (TensorKind::Key, &ev.key_written, &ev.key_before),
-        (TensorKind::Value, &ev.value_written, &ev.value_before),
+        (
+            TensorKind::Key,
+            &ev.shapes.key_written,
+            &ev.shapes.key_before,
+        ),
+        (
+            TensorKind::Value,
+            &ev.shapes.value_written,
+            &ev.shapes.value_before,
+        ),
     ];
     pairs.into_iter().find_map(|(t, w, h)| {
         let (w, h) = (w.as_ref()?, h.as_ref()?);
@@ -527,6 +539,7 @@ fn mismatched_dim(msg: &str) -> Option<usize> {
 #[cfg(test)]
 pub(crate) mod testing {
     use super::*;
+    use crate::engine::trace::CacheShapes;
 
     pub(crate) fn err(msg: &str) -> StackError {
         StackError {
@@ -544,12 +557,11 @@ pub(crate) mod testing {
             layer,
             attention: "self".into(),
             op: "update".into(),
-            key_before: Some(before),
-            value_before: None,
-            key_written: Some(written),
-            value_written: None,
-            key_after: None,
-            value_after: None,
+            shapes: CacheShapes {
+                key_before: Some(before),
+                key_written: Some(written),
+                ..CacheShapes::default()
+            },
             failed: true,
         }
     }
@@ -597,8 +609,8 @@ mod tests {
         // torch.cat names the axis it joins; the event's shapes name the one that differs.
         let cat = "Sizes of tensors must match except in dimension 2. Expected size 8 but got size 12 for tensor number 1 in the list.";
         let mut ev = event(0, vec![2, 4, 3, 8], vec![2, 4, 1, 12]);
-        ev.value_before = Some(vec![2, 4, 3, 8]);
-        ev.value_written = Some(vec![2, 4, 1, 12]);
+        ev.shapes.value_before = Some(vec![2, 4, 3, 8]);
+        ev.shapes.value_written = Some(vec![2, 4, 1, 12]);
         let d = diagnose(&err(cat), &[ev.clone()]);
         assert_eq!(
             (d.class, d.tensor),
@@ -608,8 +620,8 @@ mod tests {
             (d.expected_shape.clone(), d.actual_shape.clone()),
             (vec![2, 4, 1, 12], vec![2, 4, 3, 8])
         );
-        ev.key_written = Some(vec![2, 4, 1, 8]);
-        ev.value_written = Some(vec![2, 2, 1, 8]);
+        ev.shapes.key_written = Some(vec![2, 4, 1, 8]);
+        ev.shapes.value_written = Some(vec![2, 2, 1, 8]);
         let d = diagnose(&err(cat), &[ev]);
         assert_eq!(
             (d.class, d.tensor),

@@ -23,7 +23,7 @@ proptest! {
             let seed = seed.ok_or_else(|| err(format!("{st:?}: layer {layer}: no seed event")))?;
             prop_assert_eq!(seed.layout, layout, "{:?} layer {}", st, layer);
             prop_assert_eq!(
-                seed.key_written.clone(),
+                seed.shapes.key_written.clone(),
                 Some(stored_key_shape(layout, b, kvh, p, d)),
                 "{:?} layer {}: prefix keys as seeded", st, layer
             );
@@ -36,14 +36,14 @@ proptest! {
                 _ => p + s,
             };
             if st.mode == Mode::None {
-                prop_assert_eq!(e.key_after.clone(), None, "{:?}: recompute stores nothing", st);
+                prop_assert_eq!(e.shapes.key_after.clone(), None, "{:?}: recompute stores nothing", st);
             } else {
                 let (k, v) = (
                     stored_key_shape(layout, b, kvh, held, d),
                     stored_value_shape(layout, b, kvh, held, d),
                 );
-                prop_assert_eq!(e.key_after.clone(), Some(k), "{:?} layer {}: stored keys", st, layer);
-                prop_assert_eq!(e.value_after.clone(), Some(v), "{:?} layer {}: stored values", st, layer);
+                prop_assert_eq!(e.shapes.key_after.clone(), Some(k), "{:?} layer {}: stored keys", st, layer);
+                prop_assert_eq!(e.shapes.value_after.clone(), Some(v), "{:?} layer {}: stored values", st, layer);
             }
             let read = vec![b, kvh, p + s, d];
             prop_assert_eq!(e.key_read.clone(), Some(read.clone()), "{:?} layer {}: keys read", st, layer);
@@ -187,7 +187,7 @@ proptest! {
         prop_assert_eq!(out.tokens.len(), st.b * returned, "{:?} {:?}: output rows", st, strategy);
         for e in &trace.events {
             let el = if e.attention == Attention::Cross { Layout::Standard } else { layout };
-            for (what, shape) in [("before", &e.key_before), ("written", &e.key_written), ("after", &e.key_after)] {
+            for (what, shape) in [("before", &e.shapes.key_before), ("written", &e.shapes.key_written), ("after", &e.shapes.key_after)] {
                 if let Some(shape) = shape {
                     prop_assert_eq!(
                         stored_batch(el, shape, g.num_kv_heads), n,
@@ -404,8 +404,8 @@ proptest! {
                 prop_assert_eq!(e.key_read.clone(), Some(vec![b, h, p + e_len, d]), "{:?} layer {} step {}: cross keys read", st, layer, step);
                 prop_assert_eq!(e.value_read.clone(), Some(vec![b, h, p + e_len, d]), "{:?} layer {} step {}: cross values read", st, layer, step);
                 if e.op == CacheOp::Update {
-                    prop_assert_eq!(e.key_before.clone(), Some(vec![b, h, p, d]), "{:?} layer {}: cross prefix", st, layer);
-                    prop_assert_eq!(e.key_written.clone(), Some(vec![b, h, e_len, d]), "{:?} layer {}: encoder keys", st, layer);
+                    prop_assert_eq!(e.shapes.key_before.clone(), Some(vec![b, h, p, d]), "{:?} layer {}: cross prefix", st, layer);
+                    prop_assert_eq!(e.shapes.key_written.clone(), Some(vec![b, h, e_len, d]), "{:?} layer {}: encoder keys", st, layer);
                 }
             }
         }

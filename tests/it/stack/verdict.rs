@@ -8,7 +8,7 @@ use super::{case, engine, ok_stack};
 use crate::common::assert_contains;
 use prefix_harness::engine::diagnosis::{Attention, Diagnosis, DiagnosisClass, TensorKind};
 use prefix_harness::engine::generate::Strategy;
-use prefix_harness::engine::trace::CacheOp;
+use prefix_harness::engine::trace::{CacheOp, CacheShapes};
 use prefix_harness::harness::run::{run_case, CaseResult, LogitsSummary};
 use prefix_harness::harness::scenario::{self, CacheModeName, Case};
 use prefix_harness::harness::stack::{
@@ -38,12 +38,13 @@ fn failed_update(layer: usize, held: Vec<usize>, written: Vec<usize>) -> StackEv
         layer,
         attention: "self".into(),
         op: "update".into(),
-        key_before: Some(held.clone()),
-        value_before: Some(held),
-        key_written: Some(written.clone()),
-        value_written: Some(written),
-        key_after: None,
-        value_after: None,
+        shapes: CacheShapes {
+            key_before: Some(held.clone()),
+            value_before: Some(held),
+            key_written: Some(written.clone()),
+            value_written: Some(written),
+            ..CacheShapes::default()
+        },
         failed: true,
     }
 }
@@ -229,16 +230,14 @@ fn events_like_the_engine(r: &CaseResult, hybrid: bool) -> Vec<StackEvent> {
             layer: e.layer,
             attention: "self".into(),
             op: "update".into(),
-            key_before: None,
-            value_before: None,
-            key_written: None,
-            value_written: None,
-            key_after: if hybrid {
-                e.key_after.clone()
-            } else {
-                e.key_read.clone()
+            shapes: CacheShapes {
+                key_after: if hybrid {
+                    e.shapes.key_after.clone()
+                } else {
+                    e.key_read.clone()
+                },
+                ..CacheShapes::default()
             },
-            value_after: None,
             failed: false,
         })
         .collect()
@@ -268,17 +267,17 @@ fn cache_shapes_are_compared_event_by_event_in_the_dynamic_mode() {
     let mut extra = same.clone();
     let mut seed = same[0].clone();
     seed.op = "seed".into();
-    seed.key_after = Some(vec![9, 9, 9]);
+    seed.shapes.key_after = Some(vec![9, 9, 9]);
     let mut cross = same[0].clone();
     cross.attention = "cross".into();
-    cross.key_after = Some(vec![9, 9, 9]);
+    cross.shapes.key_after = Some(vec![9, 9, 9]);
     extra.insert(0, seed);
     extra.insert(1, cross);
     let o = judge(&c, &r, &with_cached_events(&r, extra));
     assert_eq!(o.verdict, VerdictKind::Agree, "{}", o.detail);
     // One shape off: the first differing event, by index, step and layer.
     let mut off = same.clone();
-    off[3].key_after.as_mut().unwrap()[2] += 1;
+    off[3].shapes.key_after.as_mut().unwrap()[2] += 1;
     let o = judge(&c, &r, &with_cached_events(&r, off));
     assert_eq!(o.divergence, Some(Divergence::Events), "{}", o.detail);
     assert!(
@@ -313,7 +312,7 @@ fn other_modes_store_by_design_differently_and_their_shapes_are_not_compared() {
     c.scenario.cache.max_len = Some(64);
     let r = engine(&c);
     let mut off = events_like_the_engine(&r, false);
-    off[0].key_after = Some(vec![1, 2, 3, 4]);
+    off[0].shapes.key_after = Some(vec![1, 2, 3, 4]);
     let o = judge(&c, &r, &with_cached_events(&r, off));
     assert_eq!(o.verdict, VerdictKind::Agree, "{}", o.detail);
 }
@@ -467,7 +466,7 @@ fn the_stacks_message_keeps_the_file_and_line_and_the_hint_says_who_raised() {
 fn a_value_mismatch_reports_the_value_shapes_and_a_batch_mismatch_is_batch() {
     let cat = "Sizes of tensors must match except in dimension 2. Expected size 8 but got size 12";
     let mut ev = failed_update(0, vec![2, 4, 3, 8], vec![2, 4, 1, 8]);
-    ev.value_written = Some(vec![2, 2, 1, 8]);
+    ev.shapes.value_written = Some(vec![2, 2, 1, 8]);
     let d = diagnose(&err("RuntimeError", cat), &[ev]);
     assert_eq!(
         (d.class, d.tensor),

@@ -301,9 +301,9 @@ impl ModelCache {
             let mut e = event(i, Attention::SelfAttn, op, self.layout);
             let (key, value) = shapes(l.held().as_ref());
             if op == CacheOp::Save {
-                (e.key_before, e.value_before) = (key, value);
+                (e.shapes.key_before, e.shapes.value_before) = (key, value);
             } else {
-                (e.key_after, e.value_after) = (key, value);
+                (e.shapes.key_after, e.shapes.value_after) = (key, value);
             }
             e.ring_head = l.store.ring_head();
             self.trace.push(e);
@@ -503,23 +503,15 @@ fn read_state(path: &Path, bytes: &[u8]) -> Result<SavedState> {
         .map_err(|e| bad(path, format!("its header is not JSON: {e}")))?;
     let meta = header.get("__metadata__").cloned().unwrap_or_default();
     let field = |k: &str| meta.get(k).and_then(|v| v.as_str()).unwrap_or("");
-    if field("format") != FORMAT {
-        return Err(bad(
-            path,
-            format!(
-                "not a prefix-harness cache (its metadata `format` is `{}`, expected `{FORMAT}`)",
-                field("format")
-            ),
-        ));
+    let (format_field, version_field) = (field("format"), field("version"));
+    if format_field != FORMAT {
+        let why = format!("not a prefix-harness cache (its metadata `format` is `{format_field}`, expected `{FORMAT}`)");
+        return Err(bad(path, why));
     }
-    if field("version") != VERSION {
-        return Err(bad(
-            path,
-            format!(
-                "cache format version `{}`; this build reads version {VERSION}",
-                field("version")
-            ),
-        ));
+    if version_field != VERSION {
+        let why =
+            format!("cache format version `{version_field}`; this build reads version {VERSION}");
+        return Err(bad(path, why));
     }
     serde_json::from_str(field("state"))
         .map_err(|e| bad(path, format!("its `state` metadata is not valid: {e}")))
