@@ -159,12 +159,16 @@ fn a_panicking_or_hanging_case_is_an_error_result_with_its_time() {
             "{} ms of {wall}",
             r.duration_ms
         );
-        assert!(wall < 2000.0, "the caller waited {wall} ms");
+        if limit.is_some() {
+            // The caller returns at the limit, not when the case ends (a wide margin:
+            // a loaded machine can take seconds to report a panic).
+            assert!(wall < sleep as f64, "the caller waited {wall} ms");
+        }
     };
     check(None, 50, "the case panicked: boom at layer 3 of p");
     check(
         Some(100),
-        3000,
+        20_000,
         "time limit: the case did not finish within 0.1 s (--timeout)",
     );
 }
