@@ -27,8 +27,8 @@ use crate::engine::trace::Trace;
 
 mod choose;
 mod prefill;
-use choose::Beams;
 pub use choose::{log_softmax, Sampler};
+use choose::{BeamSettings, Beams};
 pub use prefill::{forward_logits, forward_logits_with, prepare_cache};
 
 /// How the next token is chosen. In scenario files: `strategy: greedy`,
@@ -460,11 +460,13 @@ fn decode(
             early_stopping,
         } => Chooser::Beam(Beams::new(
             b,
-            *num_beams,
-            *length_penalty,
-            *early_stopping,
-            opts.eos_token_id,
-            pad_id,
+            BeamSettings {
+                beams: *num_beams,
+                length_penalty: *length_penalty,
+                early_stopping: *early_stopping,
+                eos: opts.eos_token_id,
+                pad: pad_id,
+            },
         )),
     };
 
