@@ -359,7 +359,7 @@ fn attention_core_matches_composed_grouped_attention_for_queries_keys_and_values
 fn fused_ops_mode_gives_the_default_logits_in_every_family() {
     use crate::common::{logits_with, prefix, prompt, tiny_model};
     use prefix_harness::engine::cache::{CacheConfig, CacheMode};
-    use prefix_harness::engine::generate::forward_logits_with;
+    use prefix_harness::engine::generate::forward_logits;
     use prefix_harness::engine::model::Family;
     for family in Family::ALL {
         let model = tiny_model(family);
@@ -370,9 +370,8 @@ fn fused_ops_mode_gives_the_default_logits_in_every_family() {
         let ids = prompt(2, 5); // [B, S]
         let own = logits_with(model.as_ref(), Some(&p), CacheMode::Dynamic, &ids); // [B, S, V]
         let dynamic = CacheConfig::new(CacheMode::Dynamic);
-        let (fused, _) =
-            forward_logits_with(model.as_ref(), Some(&p), &dynamic, Ops::Fused, &ids, None)
-                .expect("forward");
+        let (fused, _) = forward_logits(model.as_ref(), Some(&p), &dynamic, Ops::Fused, &ids, None)
+            .expect("forward");
         let d = max_abs_diff(&own, &fused);
         assert!(d < 1e-4, "{}: fused ops differ by {d}", family.name());
     }

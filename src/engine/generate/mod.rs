@@ -30,7 +30,7 @@ mod prefill;
 pub use choose::{log_softmax, Sampler};
 use choose::{BeamSettings, Beams};
 pub use options::{DecodeOptions, Strategy};
-pub use prefill::{forward_logits, forward_logits_with, prepare_cache};
+pub use prefill::{forward_logits, prepare_cache};
 
 /// The result of a generation.
 #[derive(Debug, Clone)]
