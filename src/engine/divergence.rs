@@ -22,8 +22,7 @@ use crate::engine::cache::{CacheMode, ChunkMask, ModelCache};
 use crate::engine::diagnosis::{
     Attention, CandleExt, Diagnosis, DiagnosisClass, Result, TensorKind,
 };
-pub use crate::engine::generate::Generation;
-use crate::engine::generate::{DecodeOptions, DecodeOutput};
+use crate::engine::generate::{DecodeOptions, DecodeOutput, Generation};
 
 impl Generation<'_> {
     /// The same generation with `opts`.
