@@ -11,7 +11,7 @@ use candle_core::{DType, Tensor, D};
 
 use crate::engine::cache::{merge_rows, CacheMode, ModelCache};
 use crate::engine::diagnosis::{CandleExt, EngineError, Result};
-use crate::engine::generate::{generate, DecodeOptions, DecodeOutput, Strategy};
+use crate::engine::generate::{DecodeOptions, DecodeOutput, Generation, Strategy};
 use crate::engine::model::{Forward, Model};
 use crate::engine::prefix::PrefixEncoder;
 use crate::engine::trace::Trace;
@@ -98,18 +98,20 @@ fn run(
     // Each row alone, unpadded, for steps 0..=at.
     let mut early = opts.clone();
     early.max_new_tokens = at + 1;
+    let rows = Generation {
+        model,
+        prefix,
+        opts: &early,
+        ids,
+        pad: Some(pad),
+    };
     let mut alone: Vec<DecodeOutput> = Vec::with_capacity(b);
     for (i, row) in mask.iter().enumerate().take(b) {
         let start = row
             .iter()
             .position(|m| *m > 0.5)
             .unwrap_or(s.saturating_sub(1));
-        // [1, S_i]
-        let row_ids = ids
-            .narrow(0, i, 1)
-            .and_then(|t| t.narrow(1, start, s - start))
-            .ctx("row alone")?;
-        alone.push(generate(model, prefix, &early, &row_ids, None)?);
+        alone.push(rows.row_alone(i, start)?);
     }
     let caches: Vec<ModelCache> = alone.iter().map(|o| o.cache.clone()).collect();
     let merged = merge_rows(&caches, fill_from_first_row)?;

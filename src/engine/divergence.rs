@@ -22,26 +22,12 @@ use crate::engine::cache::{CacheMode, ChunkMask, ModelCache};
 use crate::engine::diagnosis::{
     Attention, CandleExt, Diagnosis, DiagnosisClass, Result, TensorKind,
 };
-use crate::engine::generate::{generate, DecodeOptions, DecodeOutput};
-use crate::engine::model::Model;
-use crate::engine::prefix::PrefixEncoder;
-
-/// What a case generated from: the comparisons run it again with other settings.
-#[derive(Clone, Copy)]
-pub struct Generation<'a> {
-    pub model: &'a dyn Model,
-    pub prefix: Option<&'a PrefixEncoder>,
-    pub opts: &'a DecodeOptions,
-    /// Prompt ids `[B, S]` (u32), left-padded.
-    pub ids: &'a Tensor,
-    /// Padding mask `[B, S]` (1 = token).
-    pub pad: &'a Tensor,
-}
+use crate::engine::generate::{DecodeOptions, DecodeOutput, Generation};
 
 impl Generation<'_> {
     /// The same generation with `opts`.
     fn generate_with(&self, opts: &DecodeOptions) -> Result<DecodeOutput> {
-        generate(self.model, self.prefix, opts, self.ids, Some(self.pad))
+        Generation { opts, ..*self }.generate()
     }
 }
 
@@ -298,31 +284,22 @@ pub fn check_rows_alone(
     every_row: bool,
     hint: &str,
 ) -> Result<()> {
-    let Generation {
-        model,
-        prefix,
-        opts,
-        ids,
-        pad,
-    } = *g;
+    let Generation { opts, ids, pad, .. } = *g;
     let (b, s) = ids.dims2().ctx("input ids [B, S]")?;
     let r = opts.rows_per_input();
-    let mask: Vec<Vec<f32>> = pad
-        .to_dtype(DType::F32)
-        .and_then(|m| m.to_vec2())
-        .ctx("padding mask [B, S]")?;
+    // [B, S]; no mask: every position is a token.
+    let mask: Vec<Vec<f32>> = match pad {
+        Some(m) => m.to_dtype(DType::F32).and_then(|m| m.to_vec2()),
+        None => Ok(vec![vec![1.0; s]; b]),
+    }
+    .ctx("padding mask [B, S]")?;
     for (i, row_mask) in mask.iter().enumerate().take(b) {
         let start = row_mask.iter().position(|m| *m > 0.5).unwrap_or(s);
         if start == s || (start == 0 && !every_row) {
             // Empty rows, and unpadded ones unless every row is asked for.
             continue;
         }
-        // [1, S - start]
-        let alone_ids = ids
-            .narrow(0, i, 1)
-            .and_then(|t| t.narrow(1, start, s - start))
-            .ctx("row alone")?;
-        let alone = generate(model, prefix, opts, &alone_ids, None)?;
+        let alone = g.row_alone(i, start)?;
         let pairs: Vec<(usize, usize)> = (0..r).map(|j| (i * r + j, j)).collect();
         if let Some(d) = first_difference_rows(out, &alone, &pairs)? {
             let what = if start == 0 {

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::engine::cache::CacheMode;
 use crate::engine::diagnosis::{Diagnosis, DiagnosisClass, EngineError};
-use crate::engine::generate::{generate_traced, DecodeOptions};
+use crate::engine::generate::{DecodeOptions, Generation};
 use crate::engine::prefix::PrefixEncoder;
 use crate::engine::trace::Trace;
 use crate::harness::scenario::{Case, Expect};
@@ -400,6 +400,13 @@ fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
             prompt_len,
             new,
         ));
+    let gen = Generation {
+        model: p.model.as_ref(),
+        prefix: Some(&p.prefix),
+        opts: &p.opts,
+        ids: &p.ids,
+        pad: Some(&p.mask),
+    };
     let g = &case.scenario.generate;
     let (out, trace) = match g.merge_rows_at {
         Some(at) => crate::engine::batching::generate_merged(
@@ -411,26 +418,13 @@ fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
             at,
             g.merge_fill_from_first_row,
         ),
-        None => generate_traced(
-            p.model.as_ref(),
-            Some(&p.prefix),
-            &p.opts,
-            &p.ids,
-            Some(&p.mask),
-        ),
+        None => gen.generate_traced(),
     };
     r.trace_digest = Some(trace.digest());
     r.trace = Some(trace);
     let out = out?;
     // Settings that must not change the tokens: against the run without them.
     use crate::engine::divergence as div;
-    let gen = div::Generation {
-        model: p.model.as_ref(),
-        prefix: Some(&p.prefix),
-        opts: &p.opts,
-        ids: &p.ids,
-        pad: &p.mask,
-    };
     let outcome = div::check_reference(&gen, &out)
         .and_then(|_| match g.merge_rows_at {
             // Continuous batching: every row against itself alone.

@@ -20,7 +20,9 @@ use candle_core::{Device, Tensor};
 use prefix_harness::engine::cache::{CacheConfig, CacheMode};
 use prefix_harness::engine::diagnosis::DiagnosisClass;
 use prefix_harness::engine::generate::forward_logits;
-use prefix_harness::engine::model::{llama, weights, Family, Model, ModelConfig, ModelGeometry};
+use prefix_harness::engine::model::{
+    llama, weights, Family, Model, ModelConfig, ModelGeometry, Ops,
+};
 use prefix_harness::engine::prefix::{HeadDimFrom, HeadsFrom, PrefixConfig, PrefixEncoder};
 use prefix_harness::io::adapter::{
     self, load, load_for, safetensors_bytes, save, save_safetensors, AdapterConfig, TaskType,
@@ -45,6 +47,7 @@ fn logits(model: &dyn Model, prefix: &PrefixEncoder, ids: &Tensor) -> Tensor {
         model,
         Some(prefix),
         &CacheConfig::new(CacheMode::Dynamic),
+        Ops::Kernels,
         ids,
         dec.as_ref(),
     )

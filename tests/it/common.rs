@@ -105,9 +105,16 @@ pub fn logits_with(
     mode: CacheMode,
     ids: &Tensor,
 ) -> Tensor {
-    forward_logits(model, prefix, &CacheConfig::new(mode), ids, None)
-        .expect("forward")
-        .0
+    forward_logits(
+        model,
+        prefix,
+        &CacheConfig::new(mode),
+        Ops::Kernels,
+        ids,
+        None,
+    )
+    .expect("forward")
+    .0
 }
 
 /// Our model of `mc` and the exact weights it was built from (seeded with `seed`), for

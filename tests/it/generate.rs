@@ -7,7 +7,7 @@ use crate::common::*;
 use candle_core::{Device, Tensor};
 use prefix_harness::engine::cache::{CacheConfig, CacheMode, Layout, ModelCache};
 use prefix_harness::engine::diagnosis::{Attention, DiagnosisClass};
-use prefix_harness::engine::generate::{generate, greedy, DecodeOptions, DecodeOutput, Strategy};
+use prefix_harness::engine::generate::{greedy, DecodeOptions, DecodeOutput, Generation, Strategy};
 use prefix_harness::engine::model::{Family, Model};
 use prefix_harness::engine::trace::CacheOp;
 use rstest::rstest;
@@ -50,8 +50,15 @@ fn padded_batch(batch: usize) -> (Tensor, Tensor) {
 fn run(model: &dyn Model, opts: &DecodeOptions, batch: usize) -> DecodeOutput {
     let prefix = prefix(model, P);
     let (ids, mask) = padded_batch(batch);
-    generate(model, Some(&prefix), opts, &ids, Some(&mask))
-        .unwrap_or_else(|e| panic!("{:?}/{}: {e}", model.family(), opts.cache.mode.name()))
+    Generation {
+        model,
+        prefix: Some(&prefix),
+        opts,
+        ids: &ids,
+        pad: Some(&mask),
+    }
+    .generate()
+    .unwrap_or_else(|e| panic!("{:?}/{}: {e}", model.family(), opts.cache.mode.name()))
 }
 
 fn beam(num_beams: usize) -> Strategy {
@@ -250,7 +257,15 @@ family_test!(
         opts.num_return_sequences = 5;
         let pre = prefix(model.as_ref(), P);
         let (ids, mask) = padded_batch(2);
-        assert!(generate(model.as_ref(), Some(&pre), &opts, &ids, Some(&mask)).is_err());
+        assert!(Generation {
+            model: model.as_ref(),
+            prefix: Some(&pre),
+            opts: &opts,
+            ids: &ids,
+            pad: Some(&mask)
+        }
+        .generate()
+        .is_err());
     }
 );
 
@@ -323,7 +338,15 @@ family_test!(
         // A single row that finishes at once stops after one token.
         let pre = prefix(model.as_ref(), P);
         let (ids, mask) = padded_batch(1);
-        let one = generate(model.as_ref(), Some(&pre), &opts, &ids, Some(&mask)).expect("runs");
+        let one = Generation {
+            model: model.as_ref(),
+            prefix: Some(&pre),
+            opts: &opts,
+            ids: &ids,
+            pad: Some(&mask),
+        }
+        .generate()
+        .expect("runs");
         assert_eq!(one.tokens, vec![vec![eos]]);
         assert_eq!(one.logits.len(), 1);
 

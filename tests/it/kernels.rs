@@ -359,7 +359,7 @@ fn attention_core_matches_composed_grouped_attention_for_queries_keys_and_values
 fn fused_ops_mode_gives_the_default_logits_in_every_family() {
     use crate::common::{logits_with, prefix, prompt, tiny_model};
     use prefix_harness::engine::cache::{CacheConfig, CacheMode};
-    use prefix_harness::engine::generate::forward_logits_with;
+    use prefix_harness::engine::generate::forward_logits;
     use prefix_harness::engine::model::Family;
     for family in Family::ALL {
         let model = tiny_model(family);
@@ -370,12 +370,46 @@ fn fused_ops_mode_gives_the_default_logits_in_every_family() {
         let ids = prompt(2, 5); // [B, S]
         let own = logits_with(model.as_ref(), Some(&p), CacheMode::Dynamic, &ids); // [B, S, V]
         let dynamic = CacheConfig::new(CacheMode::Dynamic);
-        let (fused, _) =
-            forward_logits_with(model.as_ref(), Some(&p), &dynamic, Ops::Fused, &ids, None)
-                .expect("forward");
+        let (fused, _) = forward_logits(model.as_ref(), Some(&p), &dynamic, Ops::Fused, &ids, None)
+            .expect("forward");
         let d = max_abs_diff(&own, &fused);
         assert!(d < 1e-4, "{}: fused ops differ by {d}", family.name());
     }
+}
+
+/// `forward_logits` runs its pass in the ops mode it is given: with `Ops::Fused` the
+/// gradient stops at candle-nn's fused softmax and norms, so the prefix gets none
+/// (or the backward pass refuses); with the default kernels it gets one.
+#[test]
+fn forward_logits_runs_the_ops_mode_it_is_given() {
+    use crate::common::{prefix, prompt, tiny_model};
+    use prefix_harness::engine::cache::{CacheConfig, CacheMode};
+    use prefix_harness::engine::generate::forward_logits;
+    use prefix_harness::engine::model::Family;
+    let model = tiny_model(Family::Llama);
+    let p = prefix(model.as_ref(), 3);
+    let ids = prompt(2, 5); // [B, S]
+                            // `none` keeps the prefix in the graph (the other cache modes detach what they hold).
+    let none = CacheConfig::new(CacheMode::None);
+    // The squared norm of the prefix's gradient from the sum of the logits [B, S, V].
+    let prefix_grad = |ops| -> f32 {
+        let (logits, _) =
+            forward_logits(model.as_ref(), Some(&p), &none, ops, &ids, None).expect("forward");
+        let Ok(grads) = logits.sum_all().and_then(|l| l.backward()) else {
+            return 0.0;
+        };
+        grads.get(p.embedding.as_tensor()).map_or(0.0, |g| {
+            g.sqr()
+                .and_then(|g| g.sum_all())
+                .and_then(|n| n.to_scalar())
+                .expect("norm")
+        })
+    };
+    assert!(
+        prefix_grad(Ops::Kernels) > 0.0,
+        "the kernels pass the gradient on"
+    );
+    assert_eq!(prefix_grad(Ops::Fused), 0.0, "the fused ops stop it");
 }
 
 /// Splitting `[B, S, H*D]` into heads that do not divide it is an error, from the

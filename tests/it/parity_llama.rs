@@ -10,9 +10,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama as ct_llama, llama2_c};
 use prefix_harness::engine::cache::{CacheConfig, CacheMode};
-use prefix_harness::engine::generate::{
-    forward_logits, forward_logits_with, greedy, DecodeOptions,
-};
+use prefix_harness::engine::generate::{forward_logits, greedy, DecodeOptions};
 use prefix_harness::engine::model::{llama, weights, Family, Model, ModelConfig, Ops};
 use prefix_harness::engine::prefix::{PrefixConfig, PrefixEncoder};
 
@@ -428,9 +426,18 @@ fn config_sliding_window_limits_attention_like_a_cache_window() {
     let dynamic = CacheConfig::new(CacheMode::Dynamic);
     let mut with_window = dynamic.clone();
     with_window.window = Some(window);
-    let (a, _) = forward_logits(m_win.as_ref(), None, &dynamic, &ids, None).unwrap();
-    let (b, _) = forward_logits(m_plain.as_ref(), None, &with_window, &ids, None).unwrap();
-    let (c, _) = forward_logits(m_plain.as_ref(), None, &dynamic, &ids, None).unwrap();
+    let (a, _) = forward_logits(m_win.as_ref(), None, &dynamic, Ops::Kernels, &ids, None).unwrap();
+    let (b, _) = forward_logits(
+        m_plain.as_ref(),
+        None,
+        &with_window,
+        Ops::Kernels,
+        &ids,
+        None,
+    )
+    .unwrap();
+    let (c, _) =
+        forward_logits(m_plain.as_ref(), None, &dynamic, Ops::Kernels, &ids, None).unwrap();
     assert_eq!(max_abs_diff(&a, &b), 0.0);
     // The first `window` positions see everything either way; later ones differ.
     let early = max_abs_diff(
@@ -511,7 +518,7 @@ fn block_ops_match_composed(model: &dyn Model, ids: &Tensor, name: &str) {
             let run = |ops| {
                 let cache = CacheConfig::new(mode);
                 let (logits, _) =
-                    forward_logits_with(model, Some(&prefix), &cache, ops, ids, None).unwrap();
+                    forward_logits(model, Some(&prefix), &cache, ops, ids, None).unwrap();
                 // A fixed, non-uniform weighting of the logits: d loss / d logits = r.
                 let n = logits.elem_count();
                 let r = Tensor::arange(0f32, n as f32, &dev)

@@ -105,6 +105,7 @@ fn no_prefix_parity_with_candle_transformers() {
             ours.as_ref(),
             None,
             &CacheConfig::new(CacheMode::Dynamic),
+            Ops::Kernels,
             &ids,
             Some(&dec),
         )

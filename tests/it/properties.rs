@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use prefix_harness::engine::cache::{hybrid, CacheConfig, CacheMode, Layout};
 use prefix_harness::engine::diagnosis::{Attention, DiagnosisClass};
 use prefix_harness::engine::generate::{
-    generate_traced, DecodeOptions, DecodeOutput, Strategy as Decoding,
+    DecodeOptions, DecodeOutput, Generation, Strategy as Decoding,
 };
 use prefix_harness::engine::model::attention::{additive_mask, MaskSpec};
 use prefix_harness::engine::model::{
@@ -281,7 +281,14 @@ impl Setup {
         ids: &Tensor,
     ) -> (Result<DecodeOutput, String>, Trace) {
         let prefix = self.prefix(model);
-        let (out, trace) = generate_traced(model, Some(&prefix), opts, ids, None);
+        let (out, trace) = Generation {
+            model,
+            prefix: Some(&prefix),
+            opts,
+            ids,
+            pad: None,
+        }
+        .generate_traced();
         (out.map_err(|e| format!("{self:?}: {e}")), trace)
     }
 

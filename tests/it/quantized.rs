@@ -7,7 +7,7 @@ use crate::common::*;
 use candle_core::Tensor;
 use prefix_harness::engine::cache::{CacheConfig, CacheMode};
 use prefix_harness::engine::divergence::compare_quantized;
-use prefix_harness::engine::generate::{generate, DecodeOptions, DecodeOutput};
+use prefix_harness::engine::generate::{DecodeOptions, DecodeOutput, Generation};
 use prefix_harness::engine::model::Family;
 use prefix_harness::harness::run::{run_case, Status};
 use prefix_harness::harness::scenario;
@@ -33,8 +33,15 @@ fn run(family: Family, mode: CacheMode, f: impl Fn(&mut DecodeOptions)) -> Decod
     let prefix = prefix(model.as_ref(), P);
     let mut opts = DecodeOptions::new(CacheConfig::new(mode), NEW);
     f(&mut opts);
-    generate(model.as_ref(), Some(&prefix), &opts, &prompt(B, S), None)
-        .unwrap_or_else(|e| panic!("{} {mode:?}: {e}", family.name()))
+    Generation {
+        model: model.as_ref(),
+        prefix: Some(&prefix),
+        opts: &opts,
+        ids: &prompt(B, S),
+        pad: None,
+    }
+    .generate()
+    .unwrap_or_else(|e| panic!("{} {mode:?}: {e}", family.name()))
 }
 
 /// Gap between the two largest logits of `row` of `[N, V]`.

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use prefix_harness::engine::cache::{CacheConfig, CacheMode};
-use prefix_harness::engine::generate::{generate, DecodeOptions, Sampler, Strategy};
+use prefix_harness::engine::generate::{DecodeOptions, Generation, Sampler, Strategy};
 use prefix_harness::engine::model::ModelGeometry;
 use prefix_harness::engine::prefix::{PrefixConfig, PrefixEncoder};
 use prefix_harness::io::hub::{self, HubOptions, ModelSource};
@@ -160,7 +160,15 @@ fn beam_search_equals_transformers_generate_with_length_penalty_and_early_stoppi
             });
             o.eos_token_id = Some(eos as u32);
             o.num_return_sequences = num_beams;
-            let out = generate(model.as_ref(), None, &o, &ids, None).expect(&what);
+            let out = Generation {
+                model: model.as_ref(),
+                prefix: None,
+                opts: &o,
+                ids: &ids,
+                pad: None,
+            }
+            .generate()
+            .expect(&what);
             let want: Vec<Vec<u64>> = serde_json::from_value(s["sequences"].clone()).unwrap();
             assert_eq!(out.tokens.len(), want.len(), "{what}: rows");
             for (row, (ours, theirs)) in out.tokens.iter().zip(&want).enumerate() {

@@ -155,15 +155,24 @@ struct Hyp {
     tokens: Vec<u32>,
 }
 
+/// What beam search is asked for, fixed for a whole generation (the strategy's
+/// `num_beams`, `length_penalty`, `early_stopping` and the options' EOS and pad ids).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BeamSettings {
+    /// `K`: running beams and kept hypotheses per input row.
+    pub(super) beams: usize,
+    pub(super) length_penalty: f64,
+    pub(super) early_stopping: bool,
+    pub(super) eos: Option<u32>,
+    /// What done rows emit and short hypotheses are padded with.
+    pub(super) pad: u32,
+}
+
 /// Beam search state over `B` input rows of `K` beams (running rows `b * K + j`).
 #[derive(Debug, Clone)]
 pub(super) struct Beams {
     batch: usize,
-    beams: usize,
-    length_penalty: f64,
-    early_stopping: bool,
-    eos: Option<u32>,
-    pad: u32,
+    set: BeamSettings,
     /// `[B * K]` cumulative log-probability of each running beam.
     scores: Vec<f64>,
     /// Per input row, best first, at most K.
@@ -173,22 +182,11 @@ pub(super) struct Beams {
 }
 
 impl Beams {
-    pub(super) fn new(
-        batch: usize,
-        beams: usize,
-        length_penalty: f64,
-        early_stopping: bool,
-        eos: Option<u32>,
-        pad: u32,
-    ) -> Self {
+    pub(super) fn new(batch: usize, set: BeamSettings) -> Self {
         Self {
             batch,
-            beams,
-            length_penalty,
-            early_stopping,
-            eos,
-            pad,
-            scores: vec![0.0; batch * beams],
+            set,
+            scores: vec![0.0; batch * set.beams],
             hyps: vec![vec![]; batch],
             done: vec![false; batch],
         }
@@ -199,13 +197,13 @@ impl Beams {
         if len == 0 {
             1.0
         } else {
-            pmath::pow(len as f64, self.length_penalty)
+            pmath::pow(len as f64, self.set.length_penalty)
         }
     }
 
     fn add(&mut self, row: usize, sum_logprobs: f64, tokens: Vec<u32>) {
         let score = sum_logprobs / self.penalty(tokens.len());
-        let k = self.beams;
+        let k = self.set.beams;
         if let Some(h) = self.hyps.get_mut(row) {
             h.push(Hyp { score, tokens });
             // Stable: an earlier hypothesis wins a tie.
@@ -216,10 +214,10 @@ impl Beams {
 
     fn is_done(&self, row: usize, best_running: f64, cur_len: usize) -> bool {
         let h = &self.hyps[row];
-        if h.len() < self.beams {
+        if h.len() < self.set.beams {
             return false;
         }
-        if self.early_stopping {
+        if self.set.early_stopping {
             return true;
         }
         let worst = h.last().map(|x| x.score).unwrap_or(f64::NEG_INFINITY);
@@ -241,9 +239,9 @@ impl Beams {
         step: usize,
         last: bool,
     ) -> Result<(Vec<u32>, Vec<u32>)> {
-        let k = self.beams;
+        let k = self.set.beams;
         let n = self.batch * k;
-        let mut tokens = vec![self.pad; n];
+        let mut tokens = vec![self.set.pad; n];
         let mut source: Vec<u32> = (0..n as u32).collect();
         let mut scores = self.scores.clone();
         for row in 0..self.batch {
@@ -270,7 +268,7 @@ impl Beams {
             let mut next: Vec<(f64, usize, u32)> = Vec::with_capacity(k);
             for (rank, (score, j, t)) in cand.into_iter().enumerate() {
                 let t = t as u32;
-                let is_eos = Some(t) == self.eos;
+                let is_eos = Some(t) == self.set.eos;
                 // Only a candidate among the best K finishes a hypothesis: one ending in
                 // EOS, or any at the length limit.
                 if rank < k && (is_eos || last) {
@@ -318,7 +316,7 @@ impl Beams {
         }
         let len = tokens.iter().map(|t| t.len()).max().unwrap_or(0);
         for t in &mut tokens {
-            t.resize(len, self.pad);
+            t.resize(len, self.set.pad);
         }
         (tokens, scores)
     }
@@ -410,12 +408,23 @@ mod pmath {
 mod tests {
     use super::*;
 
+    /// Two beams, EOS 1, pad 0, no early stopping.
+    fn settings(length_penalty: f64) -> BeamSettings {
+        BeamSettings {
+            beams: 2,
+            length_penalty,
+            early_stopping: false,
+            eos: Some(1),
+            pad: 0,
+        }
+    }
+
     /// The length penalty ranks finished hypotheses by `sum_logprobs / len ^ penalty`:
     /// a penalty of 2 prefers the longer of two hypotheses, 0 the likelier one, and at
     /// most `num_beams` are kept, best first.
     #[test]
     fn beam_hypotheses_are_ranked_with_the_length_penalty() {
-        let mut b = Beams::new(1, 2, 2.0, false, Some(1), 0);
+        let mut b = Beams::new(1, settings(2.0));
         assert!((b.penalty(3) - 9.0).abs() < 1e-12);
         assert_eq!(b.penalty(0), 1.0);
         b.add(0, -3.0, vec![1]); // -3 / 1
@@ -424,7 +433,7 @@ mod tests {
         let tokens: Vec<usize> = b.hyps[0].iter().map(|h| h.tokens.len()).collect();
         assert_eq!(tokens, [3, 1]);
         assert!((b.hyps[0][0].score - (-6.0 / 9.0)).abs() < 1e-12);
-        let mut b = Beams::new(1, 2, 0.0, false, Some(1), 0);
+        let mut b = Beams::new(1, settings(0.0));
         b.add(0, -3.0, vec![1]);
         b.add(0, -6.0, vec![5, 6, 1]);
         assert_eq!(b.hyps[0][0].tokens, [1], "no penalty: the likelier wins");
@@ -434,7 +443,7 @@ mod tests {
     /// or no running beam can beat the worst of them any more.
     #[test]
     fn a_beam_row_is_done_by_early_stopping_or_when_no_running_beam_can_win() {
-        let mut b = Beams::new(1, 2, 1.0, false, Some(1), 0);
+        let mut b = Beams::new(1, settings(1.0));
         b.add(0, -2.0, vec![4, 1]); // -1.0
         assert!(!b.is_done(0, -100.0, 2), "one hypothesis of two");
         b.add(0, -4.0, vec![4, 4, 1]); // -4/3
@@ -443,7 +452,7 @@ mod tests {
         // best running -2 at length 4: -0.5 could still beat it -> not done.
         assert!(!b.is_done(0, -2.0, 4));
         let mut e = b.clone();
-        e.early_stopping = true;
+        e.set.early_stopping = true;
         assert!(
             e.is_done(0, -2.0, 4),
             "early stopping ends the row at num_beams hypotheses"

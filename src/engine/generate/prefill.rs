@@ -1,5 +1,5 @@
 //! The prefix placed in a fresh cache ([`prepare_cache`]), and one forward pass over
-//! it ([`forward_logits`], [`forward_logits_with`] in another ops mode): where prefill
+//! it ([`forward_logits`], in any ops mode): where prefill
 //! and decoding start, and what a training step or a parity test compares.
 
 use candle_core::{DType, Tensor};
@@ -41,20 +41,10 @@ pub fn prepare_cache(
 }
 
 /// Logits `[B, S, V]` of one forward pass over `input_ids: [B, S]` with the prefix in a
-/// fresh cache, with the crate's kernels ([`Ops::Kernels`]): what a training step or a
-/// parity test compares. Encoder-decoders: `decoder_ids: [B, T]`, logits `[B, T, V]`.
+/// fresh cache, with the kernels of `ops` (the encoder's too; a training step or a
+/// parity test compares [`Ops::Kernels`], the crate's own). Encoder-decoders:
+/// `decoder_ids: [B, T]`, logits `[B, T, V]`.
 pub fn forward_logits(
-    model: &dyn Model,
-    prefix: Option<&PrefixEncoder>,
-    cache: &CacheConfig,
-    input_ids: &Tensor,
-    decoder_ids: Option<&Tensor>,
-) -> Result<(Tensor, ModelCache)> {
-    forward_logits_with(model, prefix, cache, Ops::Kernels, input_ids, decoder_ids)
-}
-
-/// [`forward_logits`] with the kernels of `ops` (the encoder's too).
-pub fn forward_logits_with(
     model: &dyn Model,
     prefix: Option<&PrefixEncoder>,
     cache: &CacheConfig,

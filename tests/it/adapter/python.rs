@@ -85,7 +85,7 @@ fn dynamic_logits(
     dec: Option<&Tensor>,
 ) -> Tensor {
     let cache = CacheConfig::new(CacheMode::Dynamic);
-    forward_logits(model, Some(prefix), &cache, ids, dec)
+    forward_logits(model, Some(prefix), &cache, Ops::Kernels, ids, dec)
         .expect("forward")
         .0
 }

@@ -366,7 +366,7 @@ proptest! {
         let merged = merged.map_err(|e| err(format!("{st:?}: {e}")))?;
         for (row, &p) in pads.iter().enumerate() {
             let alone_ids = ids.narrow(0, row, 1).and_then(|t| t.narrow(1, p, s - p)).unwrap();
-            let (alone, _) = generate_traced(model.as_ref(), Some(&prefix), &opts, &alone_ids, None);
+            let (alone, _) = Generation { model: model.as_ref(), prefix: Some(&prefix), opts: &opts, ids: &alone_ids, pad: None }.generate_traced();
             let alone = alone.map_err(|e| err(format!("{st:?}: {e}")))?;
             for step in 0..st.new {
                 let a = merged.logits[step].narrow(0, row, 1).unwrap();

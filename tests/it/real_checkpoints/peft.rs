@@ -147,8 +147,15 @@ fn ours(exp: &Expected, model: &dyn Model, prefix: &PrefixEncoder, mode: CacheMo
             let (logits, cache) = if padded {
                 forward(model, prefix, &input, &pad, None, false, mode)
             } else {
-                forward_logits(model, Some(prefix), &CacheConfig::new(mode), &input, None)
-                    .expect("forward_logits")
+                forward_logits(
+                    model,
+                    Some(prefix),
+                    &CacheConfig::new(mode),
+                    Ops::Kernels,
+                    &input,
+                    None,
+                )
+                .expect("forward_logits")
             };
             let opts = DecodeOptions::new(CacheConfig::new(mode), gr.max_new_tokens);
             let out = greedy(model, Some(prefix), &opts, &input, Some(&pad)).expect("greedy");
