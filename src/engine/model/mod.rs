@@ -499,24 +499,17 @@ impl ModelConfig {
         self.validate()?;
         Ok(match self {
             ModelConfig::Gpt2(c) => Box::new(gpt2::Gpt2::load(c.decoder(), vb)?),
-            ModelConfig::Llama(c) => Box::new(llama::Llama::load(c, vb)?),
             ModelConfig::Bloom(c) => Box::new(bloom::Bloom::load(c, vb)?),
             ModelConfig::GptBigcode(c) => Box::new(gpt2::Gpt2::load(c.decoder(), vb)?),
             ModelConfig::T5(c) => Box::new(t5::T5::load(c, vb)?),
-            ModelConfig::Qwen2(c) => {
-                let (cfg, block) = c.decoder();
-                Box::new(llama::Llama::load_block(&cfg, block, vb)?)
-            }
-            ModelConfig::Mistral(c) => {
-                let (cfg, block) = c.decoder();
-                Box::new(llama::Llama::load_block(&cfg, block, vb)?)
-            }
-            ModelConfig::Qwen3(c) => {
-                let (cfg, block) = c.decoder();
-                Box::new(llama::Llama::load_block(&cfg, block, vb)?)
-            }
-            ModelConfig::Phi3(c) => {
-                let (cfg, block) = c.decoder();
+            ModelConfig::Llama(_)
+            | ModelConfig::Qwen2(_)
+            | ModelConfig::Mistral(_)
+            | ModelConfig::Qwen3(_)
+            | ModelConfig::Phi3(_) => {
+                let (cfg, block) = self
+                    .decoder()
+                    .expect("a Llama-like family has a Llama decoder");
                 Box::new(llama::Llama::load_block(&cfg, block, vb)?)
             }
             ModelConfig::GptNeox(c) => Box::new(gpt_neox::GptNeox::load(c, vb)?),
