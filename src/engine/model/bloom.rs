@@ -26,14 +26,10 @@ pub struct Config {
     pub n_layer: usize,
     #[serde(alias = "num_attention_heads")]
     pub n_head: usize,
-    #[serde(default = "default_eps")]
+    #[serde(default = "super::default_layer_norm_eps")]
     pub layer_norm_epsilon: f64,
     #[serde(default)]
     pub apply_residual_connection_post_layernorm: bool,
-}
-
-fn default_eps() -> f64 {
-    1e-5
 }
 
 impl Config {
@@ -42,16 +38,13 @@ impl Config {
     }
 
     pub fn geometry(&self) -> ModelGeometry {
-        ModelGeometry {
-            num_layers: self.n_layer,
-            num_attention_heads: self.n_head,
-            num_kv_heads: self.n_head,
-            head_dim: self.hidden_size / self.n_head.max(1),
-            hidden_size: self.hidden_size,
-            vocab_size: self.vocab_size,
-            max_positions: None,
-            encoder_decoder: false,
-        }
+        ModelGeometry::multi_head(
+            self.n_layer,
+            self.n_head,
+            self.hidden_size,
+            self.vocab_size,
+            None,
+        )
     }
 }
 

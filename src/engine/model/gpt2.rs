@@ -29,12 +29,8 @@ pub struct Config {
     pub n_head: usize,
     #[serde(default)]
     pub n_inner: Option<usize>,
-    #[serde(default = "default_eps")]
+    #[serde(default = "super::default_layer_norm_eps")]
     pub layer_norm_epsilon: f64,
-}
-
-fn default_eps() -> f64 {
-    1e-5
 }
 
 impl Config {
@@ -58,16 +54,13 @@ impl Config {
     }
 
     pub fn geometry(&self) -> ModelGeometry {
-        ModelGeometry {
-            num_layers: self.n_layer,
-            num_attention_heads: self.n_head,
-            num_kv_heads: self.n_head,
-            head_dim: self.n_embd / self.n_head.max(1),
-            hidden_size: self.n_embd,
-            vocab_size: self.vocab_size,
-            max_positions: Some(self.n_positions),
-            encoder_decoder: false,
-        }
+        ModelGeometry::multi_head(
+            self.n_layer,
+            self.n_head,
+            self.n_embd,
+            self.vocab_size,
+            Some(self.n_positions),
+        )
     }
 }
 

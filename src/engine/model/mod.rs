@@ -178,6 +178,36 @@ pub struct ModelGeometry {
     pub encoder_decoder: bool,
 }
 
+impl ModelGeometry {
+    /// A decoder-only model in which every attention head has its own keys and values,
+    /// of `hidden_size / num_attention_heads` (GPT-2, Bloom); `max_positions`: the
+    /// learned position table's rows, if any.
+    pub fn multi_head(
+        num_layers: usize,
+        num_attention_heads: usize,
+        hidden_size: usize,
+        vocab_size: usize,
+        max_positions: Option<usize>,
+    ) -> Self {
+        ModelGeometry {
+            num_layers,
+            num_attention_heads,
+            num_kv_heads: num_attention_heads,
+            head_dim: hidden_size / num_attention_heads.max(1),
+            hidden_size,
+            vocab_size,
+            max_positions,
+            encoder_decoder: false,
+        }
+    }
+}
+
+/// The `layer_norm_epsilon` of a GPT-2 or Bloom `config.json` without one
+/// (transformers' default for both).
+fn default_layer_norm_eps() -> f64 {
+    1e-5
+}
+
 /// The output of an encoder: `states: [B, E, d_model]`, `mask: [B, E]` (1 = token).
 #[derive(Debug, Clone)]
 pub struct Encoded {
