@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::attention::{cached_self_attention, merge_heads, split_heads, CachedStep};
 use super::nn::{embed, GeluMlp, LayerNorm, Linear};
 use super::weights::{conv1d_params, weight};
-use super::{backbone, learned_positions, Family, Forward, Model, ModelGeometry};
+use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry};
 use crate::engine::diagnosis::{Attention, CandleExt, Result, Site, TensorKind};
 
 /// `GPT2Config` (Hugging Face field names).
@@ -188,6 +188,43 @@ impl Gpt2 {
             lm_head,
         })
     }
+}
+
+/// Position ids `[B, S]` (see [`super::row_positions`]) into a learned absolute position
+/// table of `n_positions` rows of width `hidden` (GPT-2, GPT-BigCode). Positions past
+/// the table are a `position` diagnosis: the P virtual tokens shift every real
+/// position by P.
+pub fn learned_positions(
+    mask: &Tensor,
+    past: usize,
+    s: usize,
+    n_positions: usize,
+    hidden: usize,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    use crate::engine::diagnosis::{Attention, CandleExt, Diagnosis, DiagnosisClass, TensorKind};
+    let rows = row_positions(mask, past, s)?;
+    let b = rows.len();
+    let max = rows.iter().flatten().copied().max().unwrap_or(0) as usize;
+    if max >= n_positions {
+        return Err(Diagnosis::new(
+            DiagnosisClass::Position,
+            format!(
+                "positions up to {max} (queries {past}..{}) exceed n_positions {n_positions} of the learned position table",
+                past + s
+            ),
+        )
+        .at(0, Attention::SelfAttn, TensorKind::Positions)
+        .shapes(&[n_positions, hidden], &[max + 1, hidden])
+        .hint("the P virtual tokens shift real positions by P: prompt + new tokens + P must fit in n_positions")
+        .into());
+    }
+    Tensor::from_vec(
+        rows.into_iter().flatten().collect::<Vec<u32>>(),
+        (b, s),
+        device,
+    )
+    .ctx("positions")
 }
 
 impl Model for Gpt2 {
