@@ -607,43 +607,6 @@ pub fn row_positions(mask: &Tensor, start: usize, s: usize) -> Result<Vec<Vec<u3
         .collect())
 }
 
-/// Position ids `[B, S]` (see [`row_positions`]) into a learned absolute position
-/// table of `n_positions` rows of width `hidden` (GPT-2, GPT-BigCode). Positions past
-/// the table are a `position` diagnosis: the P virtual tokens shift every real
-/// position by P.
-pub fn learned_positions(
-    mask: &Tensor,
-    past: usize,
-    s: usize,
-    n_positions: usize,
-    hidden: usize,
-    device: &candle_core::Device,
-) -> Result<Tensor> {
-    use crate::engine::diagnosis::{Attention, CandleExt, Diagnosis, DiagnosisClass, TensorKind};
-    let rows = row_positions(mask, past, s)?;
-    let b = rows.len();
-    let max = rows.iter().flatten().copied().max().unwrap_or(0) as usize;
-    if max >= n_positions {
-        return Err(Diagnosis::new(
-            DiagnosisClass::Position,
-            format!(
-                "positions up to {max} (queries {past}..{}) exceed n_positions {n_positions} of the learned position table",
-                past + s
-            ),
-        )
-        .at(0, Attention::SelfAttn, TensorKind::Positions)
-        .shapes(&[n_positions, hidden], &[max + 1, hidden])
-        .hint("the P virtual tokens shift real positions by P: prompt + new tokens + P must fit in n_positions")
-        .into());
-    }
-    Tensor::from_vec(
-        rows.into_iter().flatten().collect::<Vec<u32>>(),
-        (b, s),
-        device,
-    )
-    .ctx("positions")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -685,6 +648,24 @@ mod tests {
             checked += 1;
         }
         assert_eq!(checked, 7);
+    }
+
+    /// GPT-2 and Bloom read an absent `layer_norm_epsilon` as transformers' 1e-5.
+    #[test]
+    fn layer_norm_eps_default() {
+        for family in [Family::Gpt2, Family::Bloom] {
+            let mut json = serde_json::to_value(ModelConfig::tiny(family)).unwrap();
+            let fields = json.as_object_mut().unwrap();
+            fields.remove("family");
+            fields.remove("layer_norm_epsilon");
+            fields.insert("model_type".into(), family.model_type().into());
+            let eps = match ModelConfig::from_hf_json(&json.to_string()).unwrap() {
+                ModelConfig::Gpt2(c) => c.layer_norm_epsilon,
+                ModelConfig::Bloom(c) => c.layer_norm_epsilon,
+                other => panic!("{family:?} parsed as {:?}", other.family()),
+            };
+            assert_eq!(eps, 1e-5, "{}", family.name());
+        }
     }
 
     /// Each family's tiny config file parses as that family's `config.json`, and is
