@@ -454,6 +454,28 @@ impl T5 {
         split_heads(&w.forward(x)?, self.cfg.num_heads, self.cfg.d_kv)
     }
 
+    /// `blk`'s self-attention inputs: `h: [B, S, d_model]` -> queries, keys and values
+    /// of `layer_norm(h)`, `[B, H, S, d_kv]` each. Errors name the tensors with `stack`
+    /// in front (`"encoder "`; `""` in the decoder).
+    fn self_qkv(
+        &self,
+        blk: &Block,
+        h: &Tensor,
+        site: Site,
+        stack: &str,
+        ops: Ops,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let eps = self.cfg.layer_norm_epsilon;
+        let a = rms_norm(h, &blk.ln_self, eps, ops).at(site, &format!("{stack}layer_norm"))?;
+        let heads = |w: &Linear, n: &str| self.heads(&a, w).at(site, &format!("{stack}{n}"));
+        let attn = &blk.self_attn;
+        Ok((
+            heads(&attn.q, "q")?,
+            heads(&attn.k, "k")?,
+            heads(&attn.v, "v")?,
+        ))
+    }
+
     /// Attention output `[B, H, S, d_kv]` through `o` -> `[B, S, d_model]`.
     fn output(&self, o: &Tensor, w: &Linear) -> candle_core::Result<Tensor> {
         w.forward(&merge_heads(o)?)
@@ -487,11 +509,8 @@ impl Model for T5 {
         let mut h = embed(&self.shared, ids).ctx("encoder embeddings")?;
         for (i, blk) in self.encoder.blocks.iter().enumerate() {
             let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
-            let a = rms_norm(&h, &blk.ln_self, eps, ops).at(site, "encoder layer_norm")?;
             // [B, H, E, d_kv] each
-            let q = self.heads(&a, &blk.self_attn.q).at(site, "encoder q")?;
-            let k = self.heads(&a, &blk.self_attn.k).at(site, "encoder k")?;
-            let v = self.heads(&a, &blk.self_attn.v).at(site, "encoder v")?;
+            let (q, k, v) = self.self_qkv(blk, &h, site, "encoder ", ops)?;
             let spec = MaskSpec {
                 q_start: 0,
                 q_len: e_len,
@@ -542,11 +561,8 @@ impl Model for T5 {
             })?;
             // Self-attention over prefix + cached + new positions.
             let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
-            let a = rms_norm(&h, &blk.ln_self, eps, ops).at(site, "layer_norm")?;
             // [B, H, S, d_kv] each
-            let q = self.heads(&a, &blk.self_attn.q).at(site, "q")?;
-            let k = self.heads(&a, &blk.self_attn.k).at(site, "k")?;
-            let v = self.heads(&a, &blk.self_attn.v).at(site, "v")?;
+            let (q, k, v) = self.self_qkv(blk, &h, site, "", ops)?;
             // [B, H, S, d_kv]; relative position bias [1, H, S, K] over the keys the cache
             // returns (computed once per pass, shared by every layer), no score scaling.
             let step = CachedStep {
