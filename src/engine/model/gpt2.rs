@@ -71,13 +71,13 @@ pub enum QkvColumns {
     /// GPT-BigCode's multi-query with `kv_heads` = 1).
     Contiguous { kv_heads: usize },
     /// Per head `[H, 3, D]`: q, k, v of head 0, then head 1, ... (GPT-BigCode without
-    /// `multi_query`).
+    /// `multi_query`; Bloom's and GPT-NeoX's `query_key_value`, with H KV heads).
     PerHead,
 }
 
 impl QkvColumns {
     /// Split `qkv: [B, S, E + 2*KVH*D]` into q `[B, H, S, D]` and k, v `[B, KVH, S, D]`.
-    fn split(
+    pub fn split(
         self,
         qkv: &Tensor,
         heads: usize,

@@ -15,6 +15,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_self_attention, merge_heads, CachedStep};
+use super::gpt2::QkvColumns;
 use super::nn::{embed, gelu_tanh, rope, LayerNorm, Linear};
 use super::weights::{linear, weight};
 use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry, Sizes};
@@ -239,7 +240,7 @@ impl Model for GptNeox {
     }
 
     fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
-        let (b, s) = ids.dims2().ctx("input ids [B, S]")?;
+        let (_b, s) = ids.dims2().ctx("input ids [B, S]")?;
         let past = fw.cache.past_len();
         let (heads, d) = (self.cfg.sizes.num_attention_heads, self.cfg.head_dim());
         let (window, ops) = (fw.cache.window(), fw.ops);
@@ -258,22 +259,18 @@ impl Model for GptNeox {
                 .input_layernorm
                 .forward(&h, ops)
                 .at(site, "input_layernorm")?;
-            // [B, S, 3E] -> [B, S, H, 3, D]
-            let qkv = l
+            // [B, S, 3E] -> q, k, v [B, H, S, D] each
+            let (q, k, v) = l
                 .query_key_value
                 .forward(&a)
-                .and_then(|x| x.reshape((b, s, heads, 3, d)))
+                .and_then(|x| QkvColumns::PerHead.split(&x, heads, d))
                 .at(site, "query_key_value")?;
-            // [B, H, S, D] each
-            let part = |j: usize| qkv.narrow(3, j, 1)?.squeeze(3)?.transpose(1, 2);
-            let q = part(0)
-                .and_then(|q| partial_rope(&q, &cos, &sin))
-                .at(site, "query + rope")?;
-            let k = part(1).and_then(|k| partial_rope(&k, &cos, &sin)).at(
+            let q = partial_rope(&q, &cos, &sin).at(site, "query + rope")?;
+            let k = partial_rope(&k, &cos, &sin).at(
                 Site::new(i, Attention::SelfAttn, TensorKind::Key),
                 "key + rope",
             )?;
-            let v = part(2).and_then(|v| v.contiguous()).at(
+            let v = v.contiguous().at(
                 Site::new(i, Attention::SelfAttn, TensorKind::Value),
                 "value",
             )?;
