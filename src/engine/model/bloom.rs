@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_self_attention, merge_heads, CachedStep};
-use super::gpt2::QkvColumns;
+use super::gpt2::{self, QkvColumns};
 use super::nn::{embed, GeluMlp, LayerNorm, Linear};
 use super::weights::{linear_params, weight};
 use super::{backbone, Family, Forward, Model, ModelGeometry};
@@ -27,7 +27,7 @@ pub struct Config {
     pub n_layer: usize,
     #[serde(alias = "num_attention_heads")]
     pub n_head: usize,
-    #[serde(default = "super::default_layer_norm_eps")]
+    #[serde(default = "gpt2::default_layer_norm_eps")]
     pub layer_norm_epsilon: f64,
     #[serde(default)]
     pub apply_residual_connection_post_layernorm: bool,
@@ -39,7 +39,7 @@ impl Config {
     }
 
     pub fn geometry(&self) -> ModelGeometry {
-        ModelGeometry::multi_head(
+        gpt2::multi_head_geometry(
             self.n_layer,
             self.n_head,
             self.hidden_size,

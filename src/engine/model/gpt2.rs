@@ -29,7 +29,7 @@ pub struct Config {
     pub n_head: usize,
     #[serde(default)]
     pub n_inner: Option<usize>,
-    #[serde(default = "super::default_layer_norm_eps")]
+    #[serde(default = "default_layer_norm_eps")]
     pub layer_norm_epsilon: f64,
 }
 
@@ -54,13 +54,41 @@ impl Config {
     }
 
     pub fn geometry(&self) -> ModelGeometry {
-        ModelGeometry::multi_head(
+        multi_head_geometry(
             self.n_layer,
             self.n_head,
             self.n_embd,
             self.vocab_size,
             Some(self.n_positions),
         )
+    }
+}
+
+/// The `layer_norm_epsilon` of a GPT-2 or Bloom `config.json` without one
+/// (transformers' default for both).
+pub fn default_layer_norm_eps() -> f64 {
+    1e-5
+}
+
+/// The cache geometry of a decoder-only model in which every attention head has its
+/// own keys and values, of `hidden_size / num_attention_heads` (GPT-2, Bloom);
+/// `max_positions`: the learned position table's rows, if any.
+pub fn multi_head_geometry(
+    num_layers: usize,
+    num_attention_heads: usize,
+    hidden_size: usize,
+    vocab_size: usize,
+    max_positions: Option<usize>,
+) -> ModelGeometry {
+    ModelGeometry {
+        num_layers,
+        num_attention_heads,
+        num_kv_heads: num_attention_heads,
+        head_dim: hidden_size / num_attention_heads.max(1),
+        hidden_size,
+        vocab_size,
+        max_positions,
+        encoder_decoder: false,
     }
 }
 

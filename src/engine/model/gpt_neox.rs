@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_self_attention, merge_heads, CachedStep};
 use super::gpt2::QkvColumns;
-use super::nn::{embed, gelu_tanh, rope, LayerNorm, Linear};
+use super::nn::{embed, rope, LayerNorm, Linear};
 use super::weights::{linear, weight};
-use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry, Sizes};
+use super::{backbone, row_positions, Family, Forward, Gelu, Model, ModelGeometry, Sizes};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 
 /// `GPTNeoXConfig` (Hugging Face field names and defaults; transformers 4.x spelling
@@ -107,10 +107,7 @@ impl Config {
                 return bad(format!("rope_type `{t}` is not supported (only default)"));
             }
         }
-        if !matches!(
-            self.hidden_act.as_str(),
-            "gelu" | "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast"
-        ) {
+        if !Gelu::NAMES.contains(&self.hidden_act.as_str()) {
             return bad(format!(
                 "hidden_act `{}` is not supported (gelu, gelu_new, gelu_pytorch_tanh, gelu_fast)",
                 self.hidden_act
@@ -207,11 +204,7 @@ impl GptNeox {
     /// The MLP: `x: [B, S, E]` -> `dense_4h_to_h(act(dense_h_to_4h(x)))` `[B, S, E]`.
     fn mlp(&self, l: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {
         let m = l.dense_h_to_4h.forward(x)?;
-        let m = if self.cfg.hidden_act == "gelu" {
-            m.gelu_erf()?
-        } else {
-            gelu_tanh(&m)?
-        };
+        let m = Gelu::named(&self.cfg.hidden_act).apply(&m)?;
         l.dense_4h_to_h.forward(&m)
     }
 }

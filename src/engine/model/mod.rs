@@ -178,34 +178,35 @@ pub struct ModelGeometry {
     pub encoder_decoder: bool,
 }
 
-impl ModelGeometry {
-    /// A decoder-only model in which every attention head has its own keys and values,
-    /// of `hidden_size / num_attention_heads` (GPT-2, Bloom); `max_positions`: the
-    /// learned position table's rows, if any.
-    pub fn multi_head(
-        num_layers: usize,
-        num_attention_heads: usize,
-        hidden_size: usize,
-        vocab_size: usize,
-        max_positions: Option<usize>,
-    ) -> Self {
-        ModelGeometry {
-            num_layers,
-            num_attention_heads,
-            num_kv_heads: num_attention_heads,
-            head_dim: hidden_size / num_attention_heads.max(1),
-            hidden_size,
-            vocab_size,
-            max_positions,
-            encoder_decoder: false,
-        }
-    }
+/// A GELU as a `config.json` names it (`hidden_act`, `hidden_activation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gelu {
+    /// `gelu`: exact, with erf.
+    Erf,
+    /// `gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`: the tanh approximation.
+    Tanh,
 }
 
-/// The `layer_norm_epsilon` of a GPT-2 or Bloom `config.json` without one
-/// (transformers' default for both).
-fn default_layer_norm_eps() -> f64 {
-    1e-5
+impl Gelu {
+    /// The names a config may give; a family's check refuses any other.
+    pub const NAMES: [&'static str; 4] = ["gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast"];
+
+    /// The GELU that `name` (one of [`Gelu::NAMES`]) means.
+    pub fn named(name: &str) -> Self {
+        if name == "gelu" {
+            Gelu::Erf
+        } else {
+            Gelu::Tanh
+        }
+    }
+
+    /// `x: [..]` -> `[..]`
+    pub fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Gelu::Erf => x.gelu_erf(),
+            Gelu::Tanh => nn::gelu_tanh(x),
+        }
+    }
 }
 
 /// The output of an encoder: `states: [B, E, d_model]`, `mask: [B, E]` (1 = token).
@@ -484,17 +485,12 @@ impl ModelConfig {
                 self.family().name()
             ));
         }
-        if let ModelConfig::Phi3(c) = self {
-            c.check()?;
-        }
-        if let ModelConfig::GptNeox(c) = self {
-            c.check()?;
-        }
-        if let ModelConfig::Gemma2(c) = self {
-            c.check()?;
-        }
-        if let ModelConfig::Gemma3(c) = self {
-            c.decoder()?;
+        match self {
+            ModelConfig::Phi3(c) => c.check()?,
+            ModelConfig::GptNeox(c) => c.check()?,
+            ModelConfig::Gemma2(c) => c.check()?,
+            ModelConfig::Gemma3(c) => c.decoder().map(|_| ())?,
+            _ => {}
         }
         let explicit_head_dim = match self {
             ModelConfig::Llama(c) => c.head_dim.is_some(),
