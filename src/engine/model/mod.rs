@@ -646,6 +646,16 @@ mod tests {
         assert_eq!(checked, 7);
     }
 
+    /// The GELU names transformers' configs use, each with the GELU it means.
+    #[test]
+    fn gelu_names() {
+        let tanh = ["gelu_new", "gelu_pytorch_tanh", "gelu_fast"].map(|n| (n, Gelu::Tanh));
+        for (name, gelu) in [[("gelu", Gelu::Erf)].as_slice(), &tanh].concat() {
+            assert!(Gelu::NAMES.contains(&name), "{name}");
+            assert_eq!(Gelu::named(name), gelu, "{name}");
+        }
+    }
+
     /// GPT-2 and Bloom read an absent `layer_norm_epsilon` as transformers' 1e-5.
     #[test]
     fn layer_norm_eps_default() {
