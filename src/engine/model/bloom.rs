@@ -11,6 +11,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_self_attention, merge_heads, CachedStep};
+use super::gpt2::{self, QkvColumns};
 use super::nn::{embed, GeluMlp, LayerNorm, Linear};
 use super::weights::{linear_params, weight};
 use super::{backbone, Family, Forward, Model, ModelGeometry};
@@ -26,14 +27,10 @@ pub struct Config {
     pub n_layer: usize,
     #[serde(alias = "num_attention_heads")]
     pub n_head: usize,
-    #[serde(default = "default_eps")]
+    #[serde(default = "gpt2::default_layer_norm_eps")]
     pub layer_norm_epsilon: f64,
     #[serde(default)]
     pub apply_residual_connection_post_layernorm: bool,
-}
-
-fn default_eps() -> f64 {
-    1e-5
 }
 
 impl Config {
@@ -42,16 +39,13 @@ impl Config {
     }
 
     pub fn geometry(&self) -> ModelGeometry {
-        ModelGeometry {
-            num_layers: self.n_layer,
-            num_attention_heads: self.n_head,
-            num_kv_heads: self.n_head,
-            head_dim: self.hidden_size / self.n_head.max(1),
-            hidden_size: self.hidden_size,
-            vocab_size: self.vocab_size,
-            max_positions: None,
-            encoder_decoder: false,
-        }
+        gpt2::multi_head_geometry(
+            self.n_layer,
+            self.n_head,
+            self.hidden_size,
+            self.vocab_size,
+            None,
+        )
     }
 }
 
@@ -179,7 +173,8 @@ impl Model for Bloom {
     }
 
     fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
-        let (_b, s) = ids.dims2().ctx("input ids [B, S]")?;
+        // [B, S]
+        ids.dims2().ctx("input ids [B, S]")?;
         let past = fw.cache.past_len();
         let g = self.cfg.geometry();
         let (heads, d) = (g.num_attention_heads, g.head_dim);
@@ -196,18 +191,12 @@ impl Model for Bloom {
                 .forward(&h, ops)
                 .at(site, "input_layernorm")?;
             let residual = if post_ln { a.clone() } else { h.clone() };
-            // [B, S, 3E] -> [B, S, H, 3, D]
-            let (b, _, _) = a.dims3().at(site, "hidden")?;
-            let qkv = blk
+            // [B, S, 3E] -> q, k, v [B, H, S, D] each
+            let (q, k, v) = blk
                 .query_key_value
                 .forward(&a)
-                .and_then(|x| x.reshape((b, s, heads, 3, d)))
+                .and_then(|x| QkvColumns::PerHead.split(&x, heads, d))
                 .at(site, "query_key_value")?;
-            // [B, H, S, D] each
-            let part = |j: usize| qkv.narrow(3, j, 1)?.squeeze(3)?.transpose(1, 2);
-            let q = part(0).at(site, "query")?;
-            let k = part(1).at(site, "key")?;
-            let v = part(2).at(site, "value")?;
             let pad = fw.mask;
             let scale = 1.0 / (d as f64).sqrt();
             // [B, H, S, D]; ALiBi [B, H, 1, K] over the keys the cache returns

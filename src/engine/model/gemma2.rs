@@ -33,9 +33,9 @@ use super::attention::{
     cached_keys, merge_heads, softcapped_sdpa, CachedStep, Projections, Qkv, Scores,
 };
 use super::llama::RopeParameters;
-use super::nn::{embed, gelu_tanh, rms_norm, Linear, Ops};
+use super::nn::{embed, rms_norm, Linear, Ops};
 use super::weights::{linear, weight};
-use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry, Sizes};
+use super::{backbone, row_positions, Family, Forward, Gelu, Model, ModelGeometry, Sizes};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 
 /// `Gemma2Config` (Hugging Face field names; transformers 5's defaults, Gemma-2-2B's
@@ -137,10 +137,7 @@ impl Config {
                 self.head_dim
             ));
         }
-        if !matches!(
-            self.hidden_activation.as_str(),
-            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" | "gelu"
-        ) {
+        if !Gelu::NAMES.contains(&self.hidden_activation.as_str()) {
             return bad(format!(
                 "hidden_activation `{}` is not supported (gelu_pytorch_tanh, gelu_new, gelu_fast, gelu)",
                 self.hidden_activation
@@ -411,11 +408,7 @@ impl Gemma2 {
         let n = rms_norm(h, &l.pre_feedforward_layernorm, eps, ops)?;
         // [B, S, I]
         let g = l.gate_proj.forward(&n)?;
-        let g = if self.cfg.hidden_activation == "gelu" {
-            g.gelu_erf()?
-        } else {
-            gelu_tanh(&g)?
-        };
+        let g = Gelu::named(&self.cfg.hidden_activation).apply(&g)?;
         let m = l.down_proj.forward(&(g * l.up_proj.forward(&n)?)?)?;
         rms_norm(&m, &l.post_feedforward_layernorm, eps, ops)
     }

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::attention::{cached_self_attention, merge_heads, split_heads, CachedStep};
 use super::nn::{embed, GeluMlp, LayerNorm, Linear};
 use super::weights::{conv1d_params, weight};
-use super::{backbone, learned_positions, Family, Forward, Model, ModelGeometry};
+use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry};
 use crate::engine::diagnosis::{Attention, CandleExt, Result, Site, TensorKind};
 
 /// `GPT2Config` (Hugging Face field names).
@@ -29,12 +29,8 @@ pub struct Config {
     pub n_head: usize,
     #[serde(default)]
     pub n_inner: Option<usize>,
-    #[serde(default = "default_eps")]
+    #[serde(default = "default_layer_norm_eps")]
     pub layer_norm_epsilon: f64,
-}
-
-fn default_eps() -> f64 {
-    1e-5
 }
 
 impl Config {
@@ -58,16 +54,41 @@ impl Config {
     }
 
     pub fn geometry(&self) -> ModelGeometry {
-        ModelGeometry {
-            num_layers: self.n_layer,
-            num_attention_heads: self.n_head,
-            num_kv_heads: self.n_head,
-            head_dim: self.n_embd / self.n_head.max(1),
-            hidden_size: self.n_embd,
-            vocab_size: self.vocab_size,
-            max_positions: Some(self.n_positions),
-            encoder_decoder: false,
-        }
+        multi_head_geometry(
+            self.n_layer,
+            self.n_head,
+            self.n_embd,
+            self.vocab_size,
+            Some(self.n_positions),
+        )
+    }
+}
+
+/// The `layer_norm_epsilon` of a GPT-2 or Bloom `config.json` without one
+/// (transformers' default for both).
+pub fn default_layer_norm_eps() -> f64 {
+    1e-5
+}
+
+/// The cache geometry of a decoder-only model in which every attention head has its
+/// own keys and values, of `hidden_size / num_attention_heads` (GPT-2, Bloom);
+/// `max_positions`: the learned position table's rows, if any.
+pub fn multi_head_geometry(
+    num_layers: usize,
+    num_attention_heads: usize,
+    hidden_size: usize,
+    vocab_size: usize,
+    max_positions: Option<usize>,
+) -> ModelGeometry {
+    ModelGeometry {
+        num_layers,
+        num_attention_heads,
+        num_kv_heads: num_attention_heads,
+        head_dim: hidden_size / num_attention_heads.max(1),
+        hidden_size,
+        vocab_size,
+        max_positions,
+        encoder_decoder: false,
     }
 }
 
@@ -78,13 +99,13 @@ pub enum QkvColumns {
     /// GPT-BigCode's multi-query with `kv_heads` = 1).
     Contiguous { kv_heads: usize },
     /// Per head `[H, 3, D]`: q, k, v of head 0, then head 1, ... (GPT-BigCode without
-    /// `multi_query`).
+    /// `multi_query`; Bloom's and GPT-NeoX's `query_key_value`, with H KV heads).
     PerHead,
 }
 
 impl QkvColumns {
     /// Split `qkv: [B, S, E + 2*KVH*D]` into q `[B, H, S, D]` and k, v `[B, KVH, S, D]`.
-    fn split(
+    pub fn split(
         self,
         qkv: &Tensor,
         heads: usize,
@@ -195,6 +216,43 @@ impl Gpt2 {
             lm_head,
         })
     }
+}
+
+/// Position ids `[B, S]` (see [`super::row_positions`]) into a learned absolute position
+/// table of `n_positions` rows of width `hidden` (GPT-2, GPT-BigCode). Positions past
+/// the table are a `position` diagnosis: the P virtual tokens shift every real
+/// position by P.
+pub fn learned_positions(
+    mask: &Tensor,
+    past: usize,
+    s: usize,
+    n_positions: usize,
+    hidden: usize,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    use crate::engine::diagnosis::{Attention, CandleExt, Diagnosis, DiagnosisClass, TensorKind};
+    let rows = row_positions(mask, past, s)?;
+    let b = rows.len();
+    let max = rows.iter().flatten().copied().max().unwrap_or(0) as usize;
+    if max >= n_positions {
+        return Err(Diagnosis::new(
+            DiagnosisClass::Position,
+            format!(
+                "positions up to {max} (queries {past}..{}) exceed n_positions {n_positions} of the learned position table",
+                past + s
+            ),
+        )
+        .at(0, Attention::SelfAttn, TensorKind::Positions)
+        .shapes(&[n_positions, hidden], &[max + 1, hidden])
+        .hint("the P virtual tokens shift real positions by P: prompt + new tokens + P must fit in n_positions")
+        .into());
+    }
+    Tensor::from_vec(
+        rows.into_iter().flatten().collect::<Vec<u32>>(),
+        (b, s),
+        device,
+    )
+    .ctx("positions")
 }
 
 impl Model for Gpt2 {

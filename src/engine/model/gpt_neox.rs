@@ -15,9 +15,10 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_self_attention, merge_heads, CachedStep};
-use super::nn::{embed, gelu_tanh, rope, LayerNorm, Linear};
+use super::gpt2::QkvColumns;
+use super::nn::{embed, rope, LayerNorm, Linear};
 use super::weights::{linear, weight};
-use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry, Sizes};
+use super::{backbone, row_positions, Family, Forward, Gelu, Model, ModelGeometry, Sizes};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 
 /// `GPTNeoXConfig` (Hugging Face field names and defaults; transformers 4.x spelling
@@ -106,10 +107,7 @@ impl Config {
                 return bad(format!("rope_type `{t}` is not supported (only default)"));
             }
         }
-        if !matches!(
-            self.hidden_act.as_str(),
-            "gelu" | "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast"
-        ) {
+        if !Gelu::NAMES.contains(&self.hidden_act.as_str()) {
             return bad(format!(
                 "hidden_act `{}` is not supported (gelu, gelu_new, gelu_pytorch_tanh, gelu_fast)",
                 self.hidden_act
@@ -206,11 +204,7 @@ impl GptNeox {
     /// The MLP: `x: [B, S, E]` -> `dense_4h_to_h(act(dense_h_to_4h(x)))` `[B, S, E]`.
     fn mlp(&self, l: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {
         let m = l.dense_h_to_4h.forward(x)?;
-        let m = if self.cfg.hidden_act == "gelu" {
-            m.gelu_erf()?
-        } else {
-            gelu_tanh(&m)?
-        };
+        let m = Gelu::named(&self.cfg.hidden_act).apply(&m)?;
         l.dense_4h_to_h.forward(&m)
     }
 }
@@ -239,7 +233,7 @@ impl Model for GptNeox {
     }
 
     fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
-        let (b, s) = ids.dims2().ctx("input ids [B, S]")?;
+        let (_b, s) = ids.dims2().ctx("input ids [B, S]")?;
         let past = fw.cache.past_len();
         let (heads, d) = (self.cfg.sizes.num_attention_heads, self.cfg.head_dim());
         let (window, ops) = (fw.cache.window(), fw.ops);
@@ -258,22 +252,18 @@ impl Model for GptNeox {
                 .input_layernorm
                 .forward(&h, ops)
                 .at(site, "input_layernorm")?;
-            // [B, S, 3E] -> [B, S, H, 3, D]
-            let qkv = l
+            // [B, S, 3E] -> q, k, v [B, H, S, D] each
+            let (q, k, v) = l
                 .query_key_value
                 .forward(&a)
-                .and_then(|x| x.reshape((b, s, heads, 3, d)))
+                .and_then(|x| QkvColumns::PerHead.split(&x, heads, d))
                 .at(site, "query_key_value")?;
-            // [B, H, S, D] each
-            let part = |j: usize| qkv.narrow(3, j, 1)?.squeeze(3)?.transpose(1, 2);
-            let q = part(0)
-                .and_then(|q| partial_rope(&q, &cos, &sin))
-                .at(site, "query + rope")?;
-            let k = part(1).and_then(|k| partial_rope(&k, &cos, &sin)).at(
+            let q = partial_rope(&q, &cos, &sin).at(site, "query + rope")?;
+            let k = partial_rope(&k, &cos, &sin).at(
                 Site::new(i, Attention::SelfAttn, TensorKind::Key),
                 "key + rope",
             )?;
-            let v = part(2).and_then(|v| v.contiguous()).at(
+            let v = v.contiguous().at(
                 Site::new(i, Attention::SelfAttn, TensorKind::Value),
                 "value",
             )?;

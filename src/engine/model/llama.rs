@@ -206,6 +206,19 @@ fn default_act() -> String {
 }
 
 impl Config {
+    /// The plain Llama decoder over `core`: `head_dim` from hidden / heads, no
+    /// biases, no window. A Llama-like family's `decoder()` starts from it and sets
+    /// what its `config.json` changes (`..Config::plain(&self.core)`).
+    pub fn plain(core: &Core) -> Self {
+        Self {
+            core: core.clone(),
+            head_dim: None,
+            attention_bias: false,
+            mlp_bias: false,
+            sliding_window: None,
+        }
+    }
+
     /// Hidden 64, 2 layers, 4 attention heads over 2 KV heads, and `head_dim` 24
     /// (deliberately not 64 / 4) so that an explicit `head_dim` is always exercised.
     pub fn tiny() -> Self {

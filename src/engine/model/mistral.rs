@@ -32,11 +32,9 @@ impl Config {
     /// The Llama decoder this config describes.
     pub fn decoder(&self) -> (llama::Config, Block) {
         let cfg = llama::Config {
-            core: self.core.clone(),
             head_dim: self.head_dim,
-            attention_bias: false,
-            mlp_bias: false,
             sliding_window: self.sliding_window,
+            ..llama::Config::plain(&self.core)
         };
         let block = Block {
             family: Family::Mistral,

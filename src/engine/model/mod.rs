@@ -178,6 +178,37 @@ pub struct ModelGeometry {
     pub encoder_decoder: bool,
 }
 
+/// A GELU as a `config.json` names it (`hidden_act`, `hidden_activation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gelu {
+    /// `gelu`: exact, with erf.
+    Erf,
+    /// `gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`: the tanh approximation.
+    Tanh,
+}
+
+impl Gelu {
+    /// The names a config may give; a family's check refuses any other.
+    pub const NAMES: [&'static str; 4] = ["gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast"];
+
+    /// The GELU that `name` (one of [`Gelu::NAMES`]) means.
+    pub fn named(name: &str) -> Self {
+        if name == "gelu" {
+            Gelu::Erf
+        } else {
+            Gelu::Tanh
+        }
+    }
+
+    /// `x: [..]` -> `[..]`
+    pub fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Gelu::Erf => x.gelu_erf(),
+            Gelu::Tanh => nn::gelu_tanh(x),
+        }
+    }
+}
+
 /// The output of an encoder: `states: [B, E, d_model]`, `mask: [B, E]` (1 = token).
 #[derive(Debug, Clone)]
 pub struct Encoded {
@@ -454,17 +485,12 @@ impl ModelConfig {
                 self.family().name()
             ));
         }
-        if let ModelConfig::Phi3(c) = self {
-            c.check()?;
-        }
-        if let ModelConfig::GptNeox(c) = self {
-            c.check()?;
-        }
-        if let ModelConfig::Gemma2(c) = self {
-            c.check()?;
-        }
-        if let ModelConfig::Gemma3(c) = self {
-            c.decoder()?;
+        match self {
+            ModelConfig::Phi3(c) => c.check()?,
+            ModelConfig::GptNeox(c) => c.check()?,
+            ModelConfig::Gemma2(c) => c.check()?,
+            ModelConfig::Gemma3(c) => c.decoder().map(|_| ())?,
+            _ => {}
         }
         let explicit_head_dim = match self {
             ModelConfig::Llama(c) => c.head_dim.is_some(),
@@ -499,24 +525,17 @@ impl ModelConfig {
         self.validate()?;
         Ok(match self {
             ModelConfig::Gpt2(c) => Box::new(gpt2::Gpt2::load(c.decoder(), vb)?),
-            ModelConfig::Llama(c) => Box::new(llama::Llama::load(c, vb)?),
             ModelConfig::Bloom(c) => Box::new(bloom::Bloom::load(c, vb)?),
             ModelConfig::GptBigcode(c) => Box::new(gpt2::Gpt2::load(c.decoder(), vb)?),
             ModelConfig::T5(c) => Box::new(t5::T5::load(c, vb)?),
-            ModelConfig::Qwen2(c) => {
-                let (cfg, block) = c.decoder();
-                Box::new(llama::Llama::load_block(&cfg, block, vb)?)
-            }
-            ModelConfig::Mistral(c) => {
-                let (cfg, block) = c.decoder();
-                Box::new(llama::Llama::load_block(&cfg, block, vb)?)
-            }
-            ModelConfig::Qwen3(c) => {
-                let (cfg, block) = c.decoder();
-                Box::new(llama::Llama::load_block(&cfg, block, vb)?)
-            }
-            ModelConfig::Phi3(c) => {
-                let (cfg, block) = c.decoder();
+            ModelConfig::Llama(_)
+            | ModelConfig::Qwen2(_)
+            | ModelConfig::Mistral(_)
+            | ModelConfig::Qwen3(_)
+            | ModelConfig::Phi3(_) => {
+                let (cfg, block) = self
+                    .decoder()
+                    .expect("a Llama-like family has a Llama decoder");
                 Box::new(llama::Llama::load_block(&cfg, block, vb)?)
             }
             ModelConfig::GptNeox(c) => Box::new(gpt_neox::GptNeox::load(c, vb)?),
@@ -584,43 +603,6 @@ pub fn row_positions(mask: &Tensor, start: usize, s: usize) -> Result<Vec<Vec<u3
         .collect())
 }
 
-/// Position ids `[B, S]` (see [`row_positions`]) into a learned absolute position
-/// table of `n_positions` rows of width `hidden` (GPT-2, GPT-BigCode). Positions past
-/// the table are a `position` diagnosis: the P virtual tokens shift every real
-/// position by P.
-pub fn learned_positions(
-    mask: &Tensor,
-    past: usize,
-    s: usize,
-    n_positions: usize,
-    hidden: usize,
-    device: &candle_core::Device,
-) -> Result<Tensor> {
-    use crate::engine::diagnosis::{Attention, CandleExt, Diagnosis, DiagnosisClass, TensorKind};
-    let rows = row_positions(mask, past, s)?;
-    let b = rows.len();
-    let max = rows.iter().flatten().copied().max().unwrap_or(0) as usize;
-    if max >= n_positions {
-        return Err(Diagnosis::new(
-            DiagnosisClass::Position,
-            format!(
-                "positions up to {max} (queries {past}..{}) exceed n_positions {n_positions} of the learned position table",
-                past + s
-            ),
-        )
-        .at(0, Attention::SelfAttn, TensorKind::Positions)
-        .shapes(&[n_positions, hidden], &[max + 1, hidden])
-        .hint("the P virtual tokens shift real positions by P: prompt + new tokens + P must fit in n_positions")
-        .into());
-    }
-    Tensor::from_vec(
-        rows.into_iter().flatten().collect::<Vec<u32>>(),
-        (b, s),
-        device,
-    )
-    .ctx("positions")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -662,6 +644,34 @@ mod tests {
             checked += 1;
         }
         assert_eq!(checked, 7);
+    }
+
+    /// The GELU names transformers' configs use, each with the GELU it means.
+    #[test]
+    fn gelu_names() {
+        let tanh = ["gelu_new", "gelu_pytorch_tanh", "gelu_fast"].map(|n| (n, Gelu::Tanh));
+        for (name, gelu) in [[("gelu", Gelu::Erf)].as_slice(), &tanh].concat() {
+            assert!(Gelu::NAMES.contains(&name), "{name}");
+            assert_eq!(Gelu::named(name), gelu, "{name}");
+        }
+    }
+
+    /// GPT-2 and Bloom read an absent `layer_norm_epsilon` as transformers' 1e-5.
+    #[test]
+    fn layer_norm_eps_default() {
+        for family in [Family::Gpt2, Family::Bloom] {
+            let mut json = serde_json::to_value(ModelConfig::tiny(family)).unwrap();
+            let fields = json.as_object_mut().unwrap();
+            fields.remove("family");
+            fields.remove("layer_norm_epsilon");
+            fields.insert("model_type".into(), family.model_type().into());
+            let eps = match ModelConfig::from_hf_json(&json.to_string()).unwrap() {
+                ModelConfig::Gpt2(c) => c.layer_norm_epsilon,
+                ModelConfig::Bloom(c) => c.layer_norm_epsilon,
+                other => panic!("{family:?} parsed as {:?}", other.family()),
+            };
+            assert_eq!(eps, 1e-5, "{}", family.name());
+        }
     }
 
     /// Each family's tiny config file parses as that family's `config.json`, and is

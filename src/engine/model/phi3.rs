@@ -42,11 +42,8 @@ impl Config {
     /// The Llama decoder this config describes.
     pub fn decoder(&self) -> (llama::Config, Block) {
         let cfg = llama::Config {
-            core: self.core.clone(),
-            head_dim: None,
-            attention_bias: false,
-            mlp_bias: false,
             sliding_window: self.sliding_window,
+            ..llama::Config::plain(&self.core)
         };
         let block = Block {
             family: Family::Phi3,

@@ -41,19 +41,14 @@ impl Config {
     /// The Llama decoder this config describes.
     pub fn decoder(&self) -> (llama::Config, Block) {
         let cfg = llama::Config {
-            core: self.core.clone(),
-            head_dim: None,
             attention_bias: true,
-            mlp_bias: false,
-            sliding_window: None,
+            ..llama::Config::plain(&self.core)
         };
         let block = Block {
             family: Family::Qwen2,
-            qkv_bias: true,
             o_bias: false,
-            qk_norm: false,
             windows: self.windows(),
-            fused: false,
+            ..Block::llama(&cfg)
         };
         (cfg, block)
     }

@@ -36,19 +36,15 @@ impl Config {
     /// The Llama decoder this config describes.
     pub fn decoder(&self) -> (llama::Config, Block) {
         let cfg = llama::Config {
-            core: self.core.clone(),
             head_dim: Some(self.head_dim),
             attention_bias: self.attention_bias,
-            mlp_bias: false,
-            sliding_window: None,
+            ..llama::Config::plain(&self.core)
         };
         let block = Block {
             family: Family::Qwen3,
-            qkv_bias: self.attention_bias,
-            o_bias: self.attention_bias,
             qk_norm: true,
             windows: self.sliding.per_layer(self.core.sizes.num_hidden_layers),
-            fused: false,
+            ..Block::llama(&cfg)
         };
         (cfg, block)
     }

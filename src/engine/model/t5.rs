@@ -274,21 +274,27 @@ struct FeedForward {
     wo: Linear,
 }
 
-struct EncoderBlock {
+/// One `T5Block` (`{stack}.block.{i}.layer`): self-attention at `layer.0`, in the
+/// decoder cross-attention at `layer.1`, then the feed-forward (`layer.1` in the
+/// encoder, `layer.2` in the decoder).
+struct Block {
     /// `[d_model]` each
     ln_self: Tensor,
     self_attn: Attn,
+    /// Decoder blocks: `layer.1`'s norm `[d_model]` and `EncDecAttention`.
+    cross: Option<(Tensor, Attn)>,
     ln_ff: Tensor,
     ff: FeedForward,
 }
 
-struct DecoderBlock {
-    ln_self: Tensor,
-    self_attn: Attn,
-    ln_cross: Tensor,
-    cross_attn: Attn,
-    ln_ff: Tensor,
-    ff: FeedForward,
+/// One stack of blocks (`encoder` or `decoder`) with what it shares: block 0's
+/// `relative_attention_bias` and the final norm.
+struct Stack {
+    blocks: Vec<Block>,
+    /// Block 0's `relative_attention_bias` `[buckets, H]`.
+    bias: Tensor,
+    /// `final_layer_norm` `[d_model]`.
+    ln: Tensor,
 }
 
 pub struct T5 {
@@ -296,13 +302,8 @@ pub struct T5 {
     act: FfActivation,
     /// `[V, d_model]`, the token embeddings of both stacks.
     shared: Tensor,
-    encoder: Vec<EncoderBlock>,
-    /// Block 0's `relative_attention_bias` `[buckets, H]`.
-    encoder_bias: Tensor,
-    encoder_ln: Tensor,
-    decoder: Vec<DecoderBlock>,
-    decoder_bias: Tensor,
-    decoder_ln: Tensor,
+    encoder: Stack,
+    decoder: Stack,
     /// `Linear` `[d_model, V]`: `shared` transposed when `tie_word_embeddings`,
     /// `lm_head.weight` transposed otherwise.
     lm_head: Linear,
@@ -350,6 +351,51 @@ fn norm(vb: &VarBuilder, name: &str, e: usize) -> Result<Tensor> {
     ones(vb, e, &name).ctx(&name)
 }
 
+impl Stack {
+    /// Stack `name`: `encoder` (`num_layers` blocks) or `decoder`
+    /// (`num_decoder_layers` blocks, with cross-attention); `gated`: the
+    /// feed-forward of [`Config::feed_forward`].
+    fn load(vb: &VarBuilder, name: &str, cfg: &Config, gated: bool) -> Result<Self> {
+        let e = cfg.d_model;
+        let decoder = name == "decoder";
+        let layers = if decoder {
+            cfg.decoder_layers()
+        } else {
+            cfg.num_layers
+        };
+        let mut blocks = Vec::with_capacity(layers);
+        for i in 0..layers {
+            let p = format!("{name}.block.{i}.layer");
+            let ln_self = norm(vb, &format!("{p}.0.layer_norm"), e)?;
+            let self_attn = attn(vb, &format!("{p}.0.SelfAttention"), cfg)?;
+            let cross = if decoder {
+                Some((
+                    norm(vb, &format!("{p}.1.layer_norm"), e)?,
+                    attn(vb, &format!("{p}.1.EncDecAttention"), cfg)?,
+                ))
+            } else {
+                None
+            };
+            let f = if decoder { 2 } else { 1 };
+            blocks.push(Block {
+                ln_self,
+                self_attn,
+                cross,
+                ln_ff: norm(vb, &format!("{p}.{f}.layer_norm"), e)?,
+                ff: feed_forward(vb, &format!("{p}.{f}.DenseReluDense"), cfg, gated)?,
+            });
+        }
+        let bias_name =
+            format!("{name}.block.0.layer.0.SelfAttention.relative_attention_bias.weight");
+        let shape = (cfg.relative_attention_num_buckets, cfg.num_heads);
+        Ok(Self {
+            blocks,
+            bias: weight(vb, shape, &bias_name).ctx(&bias_name)?,
+            ln: norm(vb, &format!("{name}.final_layer_norm"), e)?,
+        })
+    }
+}
+
 impl T5 {
     pub fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let (gated, act) = cfg.feed_forward()?;
@@ -365,7 +411,6 @@ impl T5 {
             ));
         }
         let e = cfg.d_model;
-        let (buckets, heads) = (cfg.relative_attention_num_buckets, cfg.num_heads);
         // `shared.weight`; checkpoints saved without the tied alias keep the encoder's.
         let shared_name = if !vb.contains_tensor("shared.weight")
             && vb.contains_tensor("encoder.embed_tokens.weight")
@@ -375,36 +420,8 @@ impl T5 {
             "shared.weight"
         };
         let shared = weight(&vb, (cfg.vocab_size, e), shared_name).ctx(shared_name)?;
-
-        let mut encoder = vec![];
-        for i in 0..cfg.num_layers {
-            let p = format!("encoder.block.{i}.layer");
-            encoder.push(EncoderBlock {
-                ln_self: norm(&vb, &format!("{p}.0.layer_norm"), e)?,
-                self_attn: attn(&vb, &format!("{p}.0.SelfAttention"), cfg)?,
-                ln_ff: norm(&vb, &format!("{p}.1.layer_norm"), e)?,
-                ff: feed_forward(&vb, &format!("{p}.1.DenseReluDense"), cfg, gated)?,
-            });
-        }
-        let name = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight";
-        let encoder_bias = weight(&vb, (buckets, heads), name).ctx(name)?;
-        let encoder_ln = norm(&vb, "encoder.final_layer_norm", e)?;
-
-        let mut decoder = vec![];
-        for i in 0..cfg.decoder_layers() {
-            let p = format!("decoder.block.{i}.layer");
-            decoder.push(DecoderBlock {
-                ln_self: norm(&vb, &format!("{p}.0.layer_norm"), e)?,
-                self_attn: attn(&vb, &format!("{p}.0.SelfAttention"), cfg)?,
-                ln_cross: norm(&vb, &format!("{p}.1.layer_norm"), e)?,
-                cross_attn: attn(&vb, &format!("{p}.1.EncDecAttention"), cfg)?,
-                ln_ff: norm(&vb, &format!("{p}.2.layer_norm"), e)?,
-                ff: feed_forward(&vb, &format!("{p}.2.DenseReluDense"), cfg, gated)?,
-            });
-        }
-        let name = "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight";
-        let decoder_bias = weight(&vb, (buckets, heads), name).ctx(name)?;
-        let decoder_ln = norm(&vb, "decoder.final_layer_norm", e)?;
+        let encoder = Stack::load(&vb, "encoder", cfg, gated)?;
+        let decoder = Stack::load(&vb, "decoder", cfg, gated)?;
         let lm_head = if cfg.tie_word_embeddings {
             Linear::from_torch(&shared, None).ctx(shared_name)?
         } else {
@@ -416,11 +433,7 @@ impl T5 {
             act,
             shared,
             encoder,
-            encoder_bias,
-            encoder_ln,
             decoder,
-            decoder_bias,
-            decoder_ln,
             lm_head,
         })
     }
@@ -439,6 +452,28 @@ impl T5 {
     /// Queries (or keys, values) of `x: [B, S, d_model]` -> `[B, H, S, d_kv]`.
     fn heads(&self, x: &Tensor, w: &Linear) -> candle_core::Result<Tensor> {
         split_heads(&w.forward(x)?, self.cfg.num_heads, self.cfg.d_kv)
+    }
+
+    /// `blk`'s self-attention inputs: `h: [B, S, d_model]` -> queries, keys and values
+    /// of `layer_norm(h)`, `[B, H, S, d_kv]` each. Errors name the tensors with `stack`
+    /// in front (`"encoder "`; `""` in the decoder).
+    fn self_qkv(
+        &self,
+        blk: &Block,
+        h: &Tensor,
+        site: Site,
+        stack: &str,
+        ops: Ops,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let eps = self.cfg.layer_norm_epsilon;
+        let a = rms_norm(h, &blk.ln_self, eps, ops).at(site, &format!("{stack}layer_norm"))?;
+        let heads = |w: &Linear, n: &str| self.heads(&a, w).at(site, &format!("{stack}{n}"));
+        let attn = &blk.self_attn;
+        Ok((
+            heads(&attn.q, "q")?,
+            heads(&attn.k, "k")?,
+            heads(&attn.v, "v")?,
+        ))
     }
 
     /// Attention output `[B, H, S, d_kv]` through `o` -> `[B, S, d_model]`.
@@ -468,17 +503,14 @@ impl Model for T5 {
         // [B, E]
         let mask = mask.to_dtype(DType::F32).ctx("encoder padding mask")?;
         // [1, H, E, E]
-        let bias = position_bias(&self.encoder_bias, &self.cfg, (0, e_len), (0, e_len), true)
+        let bias = position_bias(&self.encoder.bias, &self.cfg, (0, e_len), (0, e_len), true)
             .ctx("encoder relative position bias")?;
         // [B, E, d_model]
         let mut h = embed(&self.shared, ids).ctx("encoder embeddings")?;
-        for (i, blk) in self.encoder.iter().enumerate() {
+        for (i, blk) in self.encoder.blocks.iter().enumerate() {
             let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
-            let a = rms_norm(&h, &blk.ln_self, eps, ops).at(site, "encoder layer_norm")?;
             // [B, H, E, d_kv] each
-            let q = self.heads(&a, &blk.self_attn.q).at(site, "encoder q")?;
-            let k = self.heads(&a, &blk.self_attn.k).at(site, "encoder k")?;
-            let v = self.heads(&a, &blk.self_attn.v).at(site, "encoder v")?;
+            let (q, k, v) = self.self_qkv(blk, &h, site, "encoder ", ops)?;
             let spec = MaskSpec {
                 q_start: 0,
                 q_len: e_len,
@@ -502,7 +534,7 @@ impl Model for T5 {
                 .at(site, "encoder feed-forward")?;
             h = (h + f).at(site, "encoder residual")?;
         }
-        let states = rms_norm(&h, &self.encoder_ln, eps, ops).ctx("encoder final_layer_norm")?;
+        let states = rms_norm(&h, &self.encoder.ln, eps, ops).ctx("encoder final_layer_norm")?;
         Ok(Encoded { states, mask })
     }
 
@@ -523,14 +555,14 @@ impl Model for T5 {
         let mut self_bias: Option<((usize, usize), Tensor)> = None;
         // [B, S, d_model]
         let mut h = embed(&self.shared, ids).ctx("decoder embeddings")?;
-        for (i, blk) in self.decoder.iter().enumerate() {
+        for (i, blk) in self.decoder.blocks.iter().enumerate() {
+            let (ln_cross, cross_attn) = blk.cross.as_ref().ok_or_else(|| {
+                EngineError::Config(format!("t5: decoder block {i} has no cross-attention"))
+            })?;
             // Self-attention over prefix + cached + new positions.
             let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
-            let a = rms_norm(&h, &blk.ln_self, eps, ops).at(site, "layer_norm")?;
             // [B, H, S, d_kv] each
-            let q = self.heads(&a, &blk.self_attn.q).at(site, "q")?;
-            let k = self.heads(&a, &blk.self_attn.k).at(site, "k")?;
-            let v = self.heads(&a, &blk.self_attn.v).at(site, "v")?;
+            let (q, k, v) = self.self_qkv(blk, &h, site, "", ops)?;
             // [B, H, S, d_kv]; relative position bias [1, H, S, K] over the keys the cache
             // returns (computed once per pass, shared by every layer), no score scaling.
             let step = CachedStep {
@@ -545,7 +577,7 @@ impl Model for T5 {
                         return Ok(Some(t.clone()));
                     }
                 }
-                let t = position_bias(&self.decoder_bias, &self.cfg, (past, s), span, false).at(
+                let t = position_bias(&self.decoder.bias, &self.cfg, (past, s), span, false).at(
                     Site::new(i, Attention::SelfAttn, TensorKind::Positions),
                     "relative position bias",
                 )?;
@@ -557,18 +589,18 @@ impl Model for T5 {
 
             // Cross-attention over cross prefix + encoder states.
             let site = Site::new(i, Attention::Cross, TensorKind::Query);
-            let c = rms_norm(&h, &blk.ln_cross, eps, ops).at(site, "layer_norm")?;
+            let c = rms_norm(&h, ln_cross, eps, ops).at(site, "layer_norm")?;
             // [B, H, S, d_kv]
-            let q = self.heads(&c, &blk.cross_attn.q).at(site, "q")?;
+            let q = self.heads(&c, &cross_attn.q).at(site, "q")?;
             let p_cross = fw.cache.cross_prefix_len(i);
             // [B, H, P + E, d_kv] each
             let (ck, cv) = fw.cache.cross(i, || {
                 // [B, H, E, d_kv] each
                 let k = self
-                    .heads(&enc.states, &blk.cross_attn.k)
+                    .heads(&enc.states, &cross_attn.k)
                     .at(Site::new(i, Attention::Cross, TensorKind::Key), "cross k")?;
                 let v = self
-                    .heads(&enc.states, &blk.cross_attn.v)
+                    .heads(&enc.states, &cross_attn.v)
                     .at(Site::new(i, Attention::Cross, TensorKind::Value), "cross v")?;
                 Ok((k, v))
             })?;
@@ -612,7 +644,7 @@ impl Model for T5 {
                 &cv,
                 &Scores::new(&mask, 1.0, i, Attention::Cross, ops),
             )?;
-            let o = self.output(&o, &blk.cross_attn.o).at(site, "o")?;
+            let o = self.output(&o, &cross_attn.o).at(site, "o")?;
             h = (h + o).at(site, "residual")?;
 
             let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
@@ -622,7 +654,7 @@ impl Model for T5 {
             h = (h + f).at(site, "residual")?;
         }
         // [B, S, d_model], or [B, 1, d_model] with fw.last_only
-        let h = rms_norm(&fw.kept_positions(&h)?, &self.decoder_ln, eps, ops)
+        let h = rms_norm(&fw.kept_positions(&h)?, &self.decoder.ln, eps, ops)
             .ctx("decoder final_layer_norm")?;
         // [B, S or 1, V]
         let scale = self
