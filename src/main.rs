@@ -169,16 +169,15 @@ fn main() -> ExitCode {
     let load = scenario::LoadOptions {
         allow_outside_paths: cli.allow_outside_paths,
     };
-    LOAD_OPTIONS.with(|o| o.set(load));
     match cli.command {
-        Command::Validate { paths } => match load_all(&paths) {
+        Command::Validate { paths } => match load_all(&paths, load) {
             Ok(cases) => {
                 println!("{} cases, all valid", cases.len());
                 ExitCode::SUCCESS
             }
             Err(errors) => invalid(&errors),
         },
-        Command::List { paths, only } => match load_all(&paths) {
+        Command::List { paths, only } => match load_all(&paths, load) {
             Ok(cases) => {
                 use std::io::Write;
                 let mut out = std::io::stdout().lock();
@@ -192,7 +191,7 @@ fn main() -> ExitCode {
             }
             Err(errors) => invalid(&errors),
         },
-        Command::Run(args) => run_command(args),
+        Command::Run(args) => run_command(args, load),
         Command::Compare { a, b, rtol, atol } => compare_command(&a, &b, rtol, atol),
         Command::Repro {
             file,
@@ -206,7 +205,7 @@ fn main() -> ExitCode {
                 timeout: Some(Duration::from_secs(300)),
                 startup: prefix_harness::harness::stack::STARTUP,
             });
-            repro_command(&file, output.as_deref(), shrink, stack.as_ref())
+            repro_command(&file, output.as_deref(), shrink, stack.as_ref(), load)
         }
     }
 }
@@ -238,8 +237,9 @@ fn repro_command(
     output: Option<&std::path::Path>,
     shrink: bool,
     stack: Option<&StackOptions>,
+    load: scenario::LoadOptions,
 ) -> ExitCode {
-    let cases = match scenario::load_with(file, load_options()) {
+    let cases = match scenario::load_with(file, load) {
         Ok(c) => c,
         Err(e) => return invalid(&[e]),
     };
@@ -251,7 +251,16 @@ fn repro_command(
         });
     }
     let env = Environment::capture(1);
-    let mut md = prefix_harness::harness::repro::markdown(file, &text, &cases, &results, &env);
+    // The flags that changed what ran, for the report's "Reproduce" command.
+    let flags: Vec<&str> = [
+        load.allow_outside_paths.then_some("--allow-outside-paths"),
+        stack.map(|_| "--against peft"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let mut md =
+        prefix_harness::harness::repro::markdown(file, &text, &cases, &results, &env, &flags);
     let mut status = if Summary::of(&results).ok() {
         ExitCode::SUCCESS
     } else {
@@ -312,15 +321,6 @@ fn repro_command(
     status
 }
 
-thread_local! {
-    /// Options for loading scenario files, set once from the command line.
-    static LOAD_OPTIONS: std::cell::Cell<scenario::LoadOptions> = std::cell::Cell::new(scenario::LoadOptions::default());
-}
-
-fn load_options() -> scenario::LoadOptions {
-    LOAD_OPTIONS.with(|o| o.get())
-}
-
 fn invalid(errors: &[InputError]) -> ExitCode {
     for e in errors {
         eprintln!("error: {e}");
@@ -329,13 +329,14 @@ fn invalid(errors: &[InputError]) -> ExitCode {
     ExitCode::from(2)
 }
 
-/// Every case of every file, or every input error.
-fn load_all(paths: &[PathBuf]) -> Result<Vec<Case>, Vec<InputError>> {
+/// Every case of every file, or every input error; `load` is the command line's
+/// loading options (`--allow-outside-paths`).
+fn load_all(paths: &[PathBuf], load: scenario::LoadOptions) -> Result<Vec<Case>, Vec<InputError>> {
     let files = scenario::discover(paths).map_err(|e| vec![e])?;
     let mut cases = vec![];
     let mut errors = vec![];
     for f in &files {
-        match scenario::load_with(f, load_options()) {
+        match scenario::load_with(f, load) {
             Ok(c) => cases.extend(c),
             Err(e) => errors.push(e),
         }
@@ -373,8 +374,8 @@ fn load_all(paths: &[PathBuf]) -> Result<Vec<Case>, Vec<InputError>> {
     }
 }
 
-fn run_command(args: RunArgs) -> ExitCode {
-    let cases = match load_all(&args.paths) {
+fn run_command(args: RunArgs, load: scenario::LoadOptions) -> ExitCode {
+    let cases = match load_all(&args.paths, load) {
         Ok(c) => c,
         Err(errors) => return invalid(&errors),
     };

@@ -151,13 +151,15 @@ fn stack_markdown(o: &crate::harness::stack::StackOutcome) -> String {
     md + "\n"
 }
 
-/// The whole report for a scenario file.
+/// The whole report for a scenario file. `flags`: the command-line flags the
+/// "Reproduce" command must repeat (`--allow-outside-paths`, `--against peft`).
 pub fn markdown(
     file: &Path,
     text: &str,
     cases: &[Case],
     results: &[CaseResult],
     env: &Environment,
+    flags: &[&str],
 ) -> String {
     let name = cases
         .first()
@@ -189,8 +191,9 @@ pub fn markdown(
         env.candle,
         env!("CARGO_PKG_VERSION")
     );
+    let flags: String = flags.iter().map(|f| format!("{f} ")).collect();
     md += &format!(
-        "## Reproduce\n\n```sh\nprefix-harness repro {}\n```\n",
+        "## Reproduce\n\n```sh\nprefix-harness repro {flags}{}\n```\n",
         scenario::slash(file)
     );
     md

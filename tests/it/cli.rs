@@ -180,6 +180,14 @@ table! {
         Some(("inner/s.yaml", format!("{BASE}data:\n  file: ../prompts.txt\n"))),
         ["validate", "--allow-outside-paths", FILE], beside [("prompts.txt", "a prompt from outside\n")]
         => 0 Stderr [];
+    a_run_with_allow_outside_paths_reads_a_data_file_outside_the_scenario_folder:
+        Some(("inner/s.yaml", format!("{BASE}data:\n  file: ../prompts.txt\n"))),
+        ["run", "--allow-outside-paths", FILE], beside [("prompts.txt", "a prompt from outside\n")]
+        => 0 Stdout ["1 passed"];
+    a_repro_with_allow_outside_paths_repeats_the_flag_in_its_reproduce_command:
+        Some(("inner/s.yaml", format!("{BASE}data:\n  file: ../prompts.txt\n"))),
+        ["repro", "--allow-outside-paths", FILE], beside [("prompts.txt", "a prompt from outside\n")]
+        => 0 Stdout ["prefix-harness repro --allow-outside-paths {dir}/inner/s.yaml"];
     two_files_with_one_case_id_are_refused_by_run_naming_both_files:
         None, ["run", DIR], beside [("a.yaml", BASE), ("b.yaml", BASE)]
         => 2 Stderr ["case id `demo`", "{dir}/a.yaml", "{dir}/b.yaml"];

@@ -14,7 +14,7 @@ fn the_markdown_report_names_the_diagnosis_shapes_events_and_environment() {
     let cases = scenario::load(file).unwrap();
     let results: Vec<_> = cases.iter().map(run_case).collect();
     let text = std::fs::read_to_string(file).unwrap();
-    let md = repro::markdown(file, &text, &cases, &results, &Environment::capture(1));
+    let md = repro::markdown(file, &text, &cases, &results, &Environment::capture(1), &[]);
     for needle in [
         "# prefix-harness reproduction: peft-2192-bloom-legacy-prefix",
         "**Diagnosis:** `rank` at layer 0 self key",
