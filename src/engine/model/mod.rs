@@ -464,8 +464,8 @@ impl ModelConfig {
             ModelConfig::Qwen3(c) => c.core.sizes.intermediate_size,
             ModelConfig::Phi3(c) => c.core.sizes.intermediate_size,
             ModelConfig::GptNeox(c) => c.sizes.intermediate_size,
-            ModelConfig::Gemma2(c) => c.sizes.intermediate_size,
-            ModelConfig::Gemma3(c) => c.sizes.intermediate_size,
+            ModelConfig::Gemma2(c) => c.core.sizes.intermediate_size,
+            ModelConfig::Gemma3(c) => c.core.sizes.intermediate_size,
         }
     }
 
