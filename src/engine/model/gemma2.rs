@@ -35,7 +35,7 @@ use super::attention::{
 use super::llama::RopeParameters;
 use super::nn::{embed, rms_norm, Linear, Ops};
 use super::weights::{linear, weight};
-use super::{backbone, row_positions, Family, Forward, Gelu, Model, ModelGeometry, Sizes};
+use super::{backbone, row_positions, Facts, Family, Forward, Gelu, Model, ModelGeometry, Sizes};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 
 /// `Gemma2Config` (Hugging Face field names; transformers 5's defaults, Gemma-2-2B's
@@ -273,6 +273,8 @@ struct Layer {
 }
 
 pub struct Gemma2 {
+    /// What the model reports about itself (`Model::facts`).
+    facts: Facts,
     cfg: Config,
     block: Block,
     /// `[V, E]`
@@ -382,6 +384,11 @@ impl Gemma2 {
             Tensor::from_vec(inv, (1, d / 2), embed_tokens.device()).ctx("rope inv_freq")
         };
         Ok(Self {
+            facts: Facts {
+                family: block.family,
+                geometry: cfg.geometry(),
+                windows: block.windows.clone(),
+            },
             cfg: cfg.clone(),
             inv_freq_global: table(&block.rope_global)?,
             inv_freq_local: table(&block.rope_local)?,
@@ -453,16 +460,8 @@ impl Gemma2 {
 }
 
 impl Model for Gemma2 {
-    fn family(&self) -> Family {
-        self.block.family
-    }
-
-    fn layer_windows(&self) -> Vec<Option<usize>> {
-        self.block.windows.clone()
-    }
-
-    fn geometry(&self) -> ModelGeometry {
-        self.cfg.geometry()
+    fn facts(&self) -> &Facts {
+        &self.facts
     }
 
     fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
