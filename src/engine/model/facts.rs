@@ -35,12 +35,17 @@ pub struct Facts {
 }
 
 impl Facts {
-    /// A model whose layers all attend globally (no windows of their own).
-    pub fn global(family: Family, geometry: ModelGeometry) -> Self {
+    /// A model whose layer `i` attends within `windows[i]` (`None`: globally).
+    pub fn windowed(family: Family, geometry: ModelGeometry, windows: Vec<Option<usize>>) -> Self {
         Self {
             family,
             geometry,
-            windows: vec![None; geometry.num_layers],
+            windows,
         }
+    }
+
+    /// A model whose layers all attend globally (no windows of their own).
+    pub fn global(family: Family, geometry: ModelGeometry) -> Self {
+        Self::windowed(family, geometry, vec![None; geometry.num_layers])
     }
 }

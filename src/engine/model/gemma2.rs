@@ -384,11 +384,7 @@ impl Gemma2 {
             Tensor::from_vec(inv, (1, d / 2), embed_tokens.device()).ctx("rope inv_freq")
         };
         Ok(Self {
-            facts: Facts {
-                family: block.family,
-                geometry: cfg.geometry(),
-                windows: block.windows.clone(),
-            },
+            facts: Facts::windowed(block.family, cfg.geometry(), block.windows.clone()),
             cfg: cfg.clone(),
             inv_freq_global: table(&block.rope_global)?,
             inv_freq_local: table(&block.rope_local)?,

@@ -457,11 +457,7 @@ impl Llama {
         let inv_freq =
             Tensor::from_vec(inv, (1, d / 2), embed_tokens.device()).ctx("rope inv_freq")?;
         Ok(Self {
-            facts: Facts {
-                family: block.family,
-                geometry: cfg.geometry(),
-                windows: block.windows.clone(),
-            },
+            facts: Facts::windowed(block.family, cfg.geometry(), block.windows.clone()),
             cfg: cfg.clone(),
             block,
             embed_tokens,
