@@ -49,3 +49,38 @@ impl Facts {
         Self::windowed(family, geometry, vec![None; geometry.num_layers])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+    use candle_nn::{VarBuilder, VarMap};
+
+    use super::super::ModelConfig;
+    use super::*;
+
+    /// Each family's model reports the family, geometry and per-layer windows its
+    /// config gives (the shared decoders: their block's windows; the others: none),
+    /// and the tiny models with windows (mistral, gemma2, gemma3) have them.
+    #[test]
+    fn every_model_reports_its_config() {
+        let mut windowed = 0;
+        for family in Family::ALL {
+            let cfg = ModelConfig::tiny(family);
+            let vars = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+            let model = cfg.build(vb).unwrap_or_else(|e| panic!("{family:?}: {e}"));
+            let g = cfg.geometry();
+            let windows = match (&cfg, cfg.decoder()) {
+                (_, Some((_, block))) => block.windows,
+                (ModelConfig::Gemma2(c), _) => c.windows().unwrap(),
+                (ModelConfig::Gemma3(c), _) => c.decoder().unwrap().1.windows,
+                _ => vec![None; g.num_layers],
+            };
+            windowed += usize::from(windows.iter().any(Option::is_some));
+            assert_eq!(model.family(), family);
+            assert_eq!(model.geometry(), g, "{family:?}");
+            assert_eq!(model.layer_windows(), windows, "{family:?}");
+        }
+        assert_eq!(windowed, 3, "tiny models with windows");
+    }
+}
