@@ -172,9 +172,7 @@ impl Model for Bloom {
     }
 
     fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
-        // [B, S]
-        ids.dims2().ctx("input ids [B, S]")?;
-        let past = fw.cache.past_len();
+        let (_, past) = fw.span(ids)?;
         let g = self.cfg.geometry();
         let (heads, d) = (g.num_attention_heads, g.head_dim);
         let post_ln = self.cfg.apply_residual_connection_post_layernorm;

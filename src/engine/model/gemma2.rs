@@ -461,8 +461,7 @@ impl Model for Gemma2 {
     }
 
     fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
-        let (_b, s) = ids.dims2().ctx("input ids [B, S]")?;
-        let past = fw.cache.past_len();
+        let (s, past) = fw.span(ids)?;
         let eps = self.cfg.core.rms_norm_eps;
         // A cache window applies to every layer; otherwise each layer has its own.
         let cache_window = fw.cache.window();

@@ -265,8 +265,7 @@ impl Model for Gpt2 {
 
     /// `ids: [B, S]` -> logits `[B, S, V]` (`[B, 1, V]` with `fw.last_only`).
     fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
-        let (_b, s) = ids.dims2().ctx("input ids [B, S]")?;
-        let past = fw.cache.past_len();
+        let (s, past) = fw.span(ids)?;
         let g = &self.spec.geometry;
         let (heads, d) = (g.num_attention_heads, g.head_dim);
         let ops = fw.ops;

@@ -232,8 +232,7 @@ impl Model for GptNeox {
     }
 
     fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
-        let (_b, s) = ids.dims2().ctx("input ids [B, S]")?;
-        let past = fw.cache.past_len();
+        let (s, past) = fw.span(ids)?;
         let (heads, d) = (self.cfg.sizes.num_attention_heads, self.cfg.head_dim());
         let (window, ops) = (fw.cache.window(), fw.ops);
         // [B, 1, S, R] each, per row from the attention mask (real tokens from P on).

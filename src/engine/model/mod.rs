@@ -219,6 +219,14 @@ pub struct Forward<'a> {
 }
 
 impl Forward<'_> {
+    /// A pass over `ids: [B, S]`: `(S, past)`, its new positions and the cached ones
+    /// before them.
+    pub fn span(&self, ids: &Tensor) -> Result<(usize, usize)> {
+        use crate::engine::diagnosis::CandleExt;
+        let (_b, s) = ids.dims2().ctx("input ids [B, S]")?;
+        Ok((s, self.cache.past_len()))
+    }
+
     /// The hidden states the final norm and LM head see:
     /// `h: [B, S, E]` -> `[B, S, E]`, or `[B, 1, E]` with [`Forward::last_only`].
     pub fn kept_positions(&self, h: &Tensor) -> Result<Tensor> {
