@@ -19,19 +19,22 @@ fn gemma2_config_json_defaults_and_layer_types() {
     let d = parse(r#"{"model_type": "gemma2", "num_hidden_layers": 4}"#);
     assert_eq!(
         (
-            d.sizes.hidden_size,
-            d.sizes.num_attention_heads,
-            d.num_key_value_heads,
-            d.head_dim
+            d.core.sizes.hidden_size,
+            d.core.sizes.num_attention_heads,
+            d.core.num_key_value_heads,
+            d.core.head_dim
         ),
         (2304, 8, 4, 256)
     );
-    assert_eq!(d.query_pre_attn_scalar, 256);
+    assert_eq!(d.attn.query_pre_attn_scalar, 256);
     assert_eq!(
-        (d.attn_logit_softcapping, d.final_logit_softcapping),
+        (
+            d.caps.attn_logit_softcapping,
+            d.caps.final_logit_softcapping
+        ),
         (Some(50.0), Some(30.0))
     );
-    assert!(d.sizes.tie_word_embeddings);
+    assert!(d.core.sizes.tie_word_embeddings);
     // Without layer_types the even layers slide (transformers 4.46's `layer_idx % 2`
     // and transformers 5's default layer_types agree).
     assert_eq!(d.windows().unwrap(), [Some(4096), None, Some(4096), None]);
@@ -49,7 +52,10 @@ fn gemma2_config_json_defaults_and_layer_types() {
     );
     assert_eq!(c.windows().unwrap(), [None, Some(4096), Some(4096)]);
     assert_eq!(
-        (c.attn_logit_softcapping, c.final_logit_softcapping),
+        (
+            c.caps.attn_logit_softcapping,
+            c.caps.final_logit_softcapping
+        ),
         (None, None)
     );
     let mc = ModelConfig::Gemma2(c);
@@ -128,14 +134,18 @@ fn gemma2_soft_caps_scalar_and_windows_reach_the_logits() {
         &long_prompt(),
         1e-2,
         &[
-            ("no attention soft-cap", |c| c.attn_logit_softcapping = None),
-            ("no final soft-cap", |c| c.final_logit_softcapping = None),
-            ("query_pre_attn_scalar = head_dim", |c| {
-                c.query_pre_attn_scalar = 24
+            ("no attention soft-cap", |c| {
+                c.caps.attn_logit_softcapping = None
             }),
-            ("no window", |c| c.sliding_window = None),
+            ("no final soft-cap", |c| {
+                c.caps.final_logit_softcapping = None
+            }),
+            ("query_pre_attn_scalar = head_dim", |c| {
+                c.attn.query_pre_attn_scalar = 24
+            }),
+            ("no window", |c| c.attn.sliding_window = None),
             ("odd layers slide instead", |c| {
-                c.layer_types = Some(vec![
+                c.attn.layer_types = Some(vec![
                     "full_attention".into(),
                     "sliding_attention".into(),
                     "full_attention".into(),
@@ -144,6 +154,6 @@ fn gemma2_soft_caps_scalar_and_windows_reach_the_logits() {
         ],
     );
     // The final cap bounds every logit.
-    let cap = gemma2::Config::tiny().final_logit_softcapping.unwrap() as f32;
+    let cap = gemma2::Config::tiny().caps.final_logit_softcapping.unwrap() as f32;
     assert!(base.iter().all(|x| x.abs() < cap));
 }

@@ -36,24 +36,27 @@ fn gemma3_config_json_defaults_and_layer_types() {
     let d = parse(r#"{"model_type": "gemma3_text", "num_hidden_layers": 7}"#);
     assert_eq!(
         (
-            d.sizes.hidden_size,
-            d.sizes.num_attention_heads,
-            d.num_key_value_heads,
-            d.head_dim,
-            d.sizes.vocab_size
+            d.core.sizes.hidden_size,
+            d.core.sizes.num_attention_heads,
+            d.core.num_key_value_heads,
+            d.core.head_dim,
+            d.core.sizes.vocab_size
         ),
         (2304, 8, 4, 256, 262_208)
     );
-    assert_eq!(d.query_pre_attn_scalar, 256);
+    assert_eq!(d.attn.query_pre_attn_scalar, 256);
     assert_eq!(
-        (d.attn_logit_softcapping, d.final_logit_softcapping),
+        (
+            d.caps.attn_logit_softcapping,
+            d.caps.final_logit_softcapping
+        ),
         (None, None)
     );
-    assert!(d.sizes.tie_word_embeddings);
+    assert!(d.core.sizes.tie_word_embeddings);
     let w = Some(4096);
     assert_eq!(windows(&d), [w, w, w, w, w, None, w]);
     let (cfg, block) = d.decoder().unwrap();
-    assert!(block.qk_norm && cfg.layer_types.is_some());
+    assert!(block.qk_norm && cfg.attn.layer_types.is_some());
     // RoPE: 1e6 on the global layers, 1e4 on the sliding ones (frequency 1 of
     // 1 / theta^(2/256)).
     let (g, l) = d.inv_freqs().unwrap();
@@ -120,7 +123,7 @@ fn gemma3_norms_scalar_ropes_and_windows_reach_the_logits() {
         1e-3,
         &[
             ("query_pre_attn_scalar = head_dim", |c| {
-                c.query_pre_attn_scalar = 24
+                c.attn.query_pre_attn_scalar = 24
             }),
             ("sliding layers with the global RoPE base", |c| {
                 c.rope_local_base_freq = 1_000_000.0
@@ -128,10 +131,10 @@ fn gemma3_norms_scalar_ropes_and_windows_reach_the_logits() {
             ("no linear scaling on the global layers", |c| {
                 c.rope_scaling = None
             }),
-            ("no window", |c| c.sliding_window = None),
+            ("no window", |c| c.attn.sliding_window = None),
             ("every layer global", |c| c.sliding_window_pattern = Some(1)),
             ("attention soft-cap 2", |c| {
-                c.attn_logit_softcapping = Some(2.0)
+                c.caps.attn_logit_softcapping = Some(2.0)
             }),
         ],
     );

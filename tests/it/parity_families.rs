@@ -149,7 +149,7 @@ fn candle_gemma2(
         cfg,
         json!({"hidden_activation": "gelu_pytorch_tanh", "sliding_window": window}),
     );
-    let q_factor = (cfg.head_dim as f64 / cfg.query_pre_attn_scalar as f64).sqrt();
+    let q_factor = (cfg.core.head_dim as f64 / cfg.attn.query_pre_attn_scalar as f64).sqrt();
     let map = replaced(map, "self_attn.q_proj.weight", |t| (t * q_factor).unwrap());
     let vb = VarBuilder::from_tensors(map, DType::F32, &Device::Cpu);
     ct_gemma2::Model::new(false, &ccfg, vb).unwrap()
@@ -161,7 +161,7 @@ fn candle_gemma2(
 fn gemma2_no_prefix_parity_with_candle_transformers() {
     let cfg = gemma2::Config::tiny();
     let (ours, map, ids) = ours_seeded(&ModelConfig::Gemma2(cfg.clone()));
-    assert!(ids.dim(1).unwrap() <= cfg.sliding_window.unwrap());
+    assert!(ids.dim(1).unwrap() <= cfg.attn.sliding_window.unwrap());
     let mut theirs = candle_gemma2(&cfg, &map, None);
     assert_parity("gemma2", &ours, &ids, stepper!(theirs));
 }
@@ -172,8 +172,11 @@ fn gemma2_no_prefix_parity_with_candle_transformers() {
 #[test]
 fn gemma2_sliding_window_parity_with_candle_transformers() {
     let cfg = gemma2::Config {
-        sliding_window: Some(3),
-        layer_types: Some(vec!["sliding_attention".into(); 3]),
+        attn: gemma2::Attn {
+            sliding_window: Some(3),
+            layer_types: Some(vec!["sliding_attention".into(); 3]),
+            ..gemma2::Config::tiny().attn
+        },
         ..gemma2::Config::tiny()
     };
     let (ours, map, ids) = ours_seeded(&ModelConfig::Gemma2(cfg.clone()));
@@ -185,7 +188,10 @@ fn gemma2_sliding_window_parity_with_candle_transformers() {
         &theirs.forward(&ids, 0).unwrap(),
     );
     let full = gemma2::Config {
-        sliding_window: None,
+        attn: gemma2::Attn {
+            sliding_window: None,
+            ..cfg.attn.clone()
+        },
         ..cfg
     };
     let (unwindowed, _, _) = ours_seeded(&ModelConfig::Gemma2(full));
@@ -396,7 +402,7 @@ fn candle_gemma3(
         json!({"hidden_activation": "gelu_pytorch_tanh", "sliding_window": window,
             "sliding_window_pattern": pattern}),
     );
-    let c = (cfg.head_dim as f64 / cfg.query_pre_attn_scalar as f64).sqrt();
+    let c = (cfg.core.head_dim as f64 / cfg.attn.query_pre_attn_scalar as f64).sqrt();
     // [D]: c (1 + w) - 1
     let map = replaced(map, "self_attn.q_norm.weight", |t| {
         (((t + 1.0).unwrap() * c).unwrap() - 1.0).unwrap()
@@ -409,7 +415,10 @@ fn candle_gemma3(
 fn gemma3_unscaled(window: usize) -> gemma3::Config {
     gemma3::Config {
         rope_scaling: None,
-        sliding_window: Some(window),
+        attn: gemma2::Attn {
+            sliding_window: Some(window),
+            ..gemma3::Config::tiny().attn
+        },
         ..gemma3::Config::tiny()
     }
 }

@@ -192,25 +192,37 @@ impl Setup {
             // head_dim drawn independently of hidden 64; the even layers slide with a
             // window of P + W (see Qwen2).
             Family::Gemma2 => ModelConfig::Gemma2(gemma2::Config {
-                sizes: Sizes {
-                    num_attention_heads: heads,
-                    ..gemma2::Config::tiny().sizes
+                core: gemma2::Core {
+                    sizes: Sizes {
+                        num_attention_heads: heads,
+                        ..gemma2::Config::tiny().core.sizes
+                    },
+                    num_key_value_heads: kv,
+                    head_dim: 2 * self.heads.half,
+                    ..gemma2::Config::tiny().core
                 },
-                num_key_value_heads: kv,
-                head_dim: 2 * self.heads.half,
-                sliding_window: Some(self.p + self.window),
+                attn: gemma2::Attn {
+                    sliding_window: Some(self.p + self.window),
+                    ..gemma2::Config::tiny().attn
+                },
                 ..gemma2::Config::tiny()
             }),
             // head_dim drawn independently of hidden 64; layers 0, 1, 3, 4 slide with a
             // window of P + W (see Qwen2).
             Family::Gemma3 => ModelConfig::Gemma3(gemma3::Config {
-                sizes: Sizes {
-                    num_attention_heads: heads,
-                    ..gemma3::Config::tiny().sizes
+                core: gemma2::Core {
+                    sizes: Sizes {
+                        num_attention_heads: heads,
+                        ..gemma3::Config::tiny().core.sizes
+                    },
+                    num_key_value_heads: kv,
+                    head_dim: 2 * self.heads.half,
+                    ..gemma3::Config::tiny().core
                 },
-                num_key_value_heads: kv,
-                head_dim: 2 * self.heads.half,
-                sliding_window: Some(self.p + self.window),
+                attn: gemma2::Attn {
+                    sliding_window: Some(self.p + self.window),
+                    ..gemma3::Config::tiny().attn
+                },
                 ..gemma3::Config::tiny()
             }),
             Family::T5 => ModelConfig::T5(t5::Config {

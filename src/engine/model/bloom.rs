@@ -14,7 +14,7 @@ use super::attention::{cached_self_attention, merge_heads, CachedStep};
 use super::gpt2::{self, QkvColumns};
 use super::nn::{embed, GeluMlp, LayerNorm, Linear};
 use super::weights::{linear_params, weight};
-use super::{backbone, Family, Forward, Model, ModelGeometry};
+use super::{backbone, Facts, Family, Forward, Model, ModelGeometry};
 use crate::engine::diagnosis::{Attention, CandleExt, Result, Site, TensorKind};
 
 /// `BloomConfig` (Hugging Face field names; older checkpoints spell some differently).
@@ -62,6 +62,8 @@ struct Block {
 }
 
 pub struct Bloom {
+    /// What the model reports about itself (`Model::facts`).
+    facts: Facts,
     cfg: Config,
     /// `[V, E]`, the token embeddings.
     word_embeddings: Tensor,
@@ -122,6 +124,7 @@ impl Bloom {
         let ln_f = LayerNorm::load(&vb, "ln_f", e, eps)?;
         let lm_head = Linear::from_torch(&word_embeddings, None).ctx("word_embeddings")?;
         Ok(Self {
+            facts: Facts::global(Family::Bloom, cfg.geometry()),
             cfg: cfg.clone(),
             word_embeddings,
             word_embeddings_layernorm,
@@ -164,18 +167,12 @@ impl Bloom {
 }
 
 impl Model for Bloom {
-    fn family(&self) -> Family {
-        Family::Bloom
-    }
-
-    fn geometry(&self) -> ModelGeometry {
-        self.cfg.geometry()
+    fn facts(&self) -> &Facts {
+        &self.facts
     }
 
     fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
-        // [B, S]
-        ids.dims2().ctx("input ids [B, S]")?;
-        let past = fw.cache.past_len();
+        let (_, past) = fw.span(ids)?;
         let g = self.cfg.geometry();
         let (heads, d) = (g.num_attention_heads, g.head_dim);
         let post_ln = self.cfg.apply_residual_connection_post_layernorm;

@@ -35,7 +35,7 @@ use super::attention::{
 use super::llama::RopeParameters;
 use super::nn::{embed, rms_norm, Linear, Ops};
 use super::weights::{linear, weight};
-use super::{backbone, row_positions, Family, Forward, Gelu, Model, ModelGeometry, Sizes};
+use super::{backbone, row_positions, Facts, Family, Forward, Gelu, Model, ModelGeometry, Sizes};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 
 /// `Gemma2Config` (Hugging Face field names; transformers 5's defaults, Gemma-2-2B's
@@ -44,6 +44,25 @@ use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     #[serde(flatten)]
+    pub core: Core,
+    /// transformers >= 5: `{"rope_theta", "rope_type"}`; only `default` is supported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<Box<RopeParameters>>,
+    #[serde(flatten)]
+    pub attn: Attn,
+    #[serde(flatten)]
+    pub caps: SoftCaps,
+}
+
+/// What Gemma 2's and Gemma 3's `config.json` share under the same names, in three
+/// parts because each family writes fields of its own between them (`config.json` keeps
+/// its field order): the sizes, heads, MLP activation, RMSNorm epsilon and RoPE base
+/// ([`Core`]); then, after the family's RoPE fields, the attention's biases, scale and
+/// windows ([`Attn`]); then the soft-caps ([`SoftCaps`]). Both configs hold each part
+/// flattened (`#[serde(flatten)]`); their defaults come from the defaults files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Core {
+    #[serde(flatten)]
     pub sizes: Sizes,
     pub num_key_value_heads: usize,
     pub head_dim: usize,
@@ -51,10 +70,13 @@ pub struct Config {
     /// `gelu` (erf).
     pub hidden_activation: String,
     pub rms_norm_eps: f64,
+    /// RoPE base (Gemma 3: of the global layers).
     pub rope_theta: f64,
-    /// transformers >= 5: `{"rope_theta", "rope_type"}`; only `default` is supported.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rope_parameters: Option<Box<RopeParameters>>,
+}
+
+/// The attention fields of a Gemma `config.json` (see [`Core`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attn {
     /// Biases on q/k/v and o.
     pub attention_bias: bool,
     /// Attention scores are scaled by `query_pre_attn_scalar ** -0.5` (an int in
@@ -62,12 +84,25 @@ pub struct Config {
     pub query_pre_attn_scalar: usize,
     /// Absent: 4096; `null`: no window.
     pub sliding_window: Option<usize>,
-    /// `"sliding_attention"` | `"full_attention"` per layer; `null`: even layers slide.
+    /// `"sliding_attention"` | `"full_attention"` per layer; `null`: the family's
+    /// default (Gemma 2: even layers slide).
     pub layer_types: Option<Vec<String>>,
-    /// Absent: 30; `null`: no final soft-capping.
+}
+
+/// The soft-caps of a Gemma `config.json` (see [`Core`]): `cap * tanh(x / cap)`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SoftCaps {
+    /// Gemma 2 absent: 30; `null`: no final soft-capping.
     pub final_logit_softcapping: Option<f64>,
-    /// Absent: 50; `null`: no attention soft-capping.
+    /// Gemma 2 absent: 50; `null`: no attention soft-capping.
     pub attn_logit_softcapping: Option<f64>,
+}
+
+impl Core {
+    pub fn geometry(&self) -> ModelGeometry {
+        self.sizes
+            .rope_geometry(self.num_key_value_heads, self.head_dim)
+    }
 }
 
 /// Seeded norm weights (the `w` of `(1 + w)`): random around zero, as trained Gemma
@@ -90,29 +125,28 @@ impl Config {
     }
 
     pub fn geometry(&self) -> ModelGeometry {
-        self.sizes
-            .rope_geometry(self.num_key_value_heads, self.head_dim)
+        self.core.geometry()
     }
 
     /// The attention window of each layer (module docs): `layer_types` when given,
     /// else the even layers.
     pub fn windows(&self) -> Result<Vec<Option<usize>>> {
-        let Some(types) = &self.layer_types else {
-            return Ok((0..self.sizes.num_hidden_layers)
-                .map(|i| self.sliding_window.filter(|_| i % 2 == 0))
+        let Some(types) = &self.attn.layer_types else {
+            return Ok((0..self.core.sizes.num_hidden_layers)
+                .map(|i| self.attn.sliding_window.filter(|_| i % 2 == 0))
                 .collect());
         };
-        if types.len() != self.sizes.num_hidden_layers {
+        if types.len() != self.core.sizes.num_hidden_layers {
             return Err(EngineError::Config(format!(
                 "gemma2: {} layer_types for {} layers",
                 types.len(),
-                self.sizes.num_hidden_layers
+                self.core.sizes.num_hidden_layers
             )));
         }
         types
             .iter()
             .map(|t| match t.as_str() {
-                "sliding_attention" => Ok(self.sliding_window),
+                "sliding_attention" => Ok(self.attn.sliding_window),
                 "full_attention" => Ok(None),
                 other => Err(EngineError::Config(format!(
                     "gemma2: layer type `{other}` is not supported (sliding_attention, full_attention)"
@@ -125,22 +159,22 @@ impl Config {
         self.rope_parameters
             .as_ref()
             .and_then(|r| r.rope_theta)
-            .unwrap_or(self.rope_theta)
+            .unwrap_or(self.core.rope_theta)
     }
 
     /// What `ModelConfig::validate`'s geometry checks cannot see.
     pub fn check(&self) -> Result<()> {
         let bad = |m: String| Err(EngineError::Config(format!("gemma2: {m}")));
-        if !self.head_dim.is_multiple_of(2) {
+        if !self.core.head_dim.is_multiple_of(2) {
             return bad(format!(
                 "head_dim {} must be even (RoPE rotates pairs of dimensions)",
-                self.head_dim
+                self.core.head_dim
             ));
         }
-        if !Gelu::NAMES.contains(&self.hidden_activation.as_str()) {
+        if !Gelu::NAMES.contains(&self.core.hidden_activation.as_str()) {
             return bad(format!(
                 "hidden_activation `{}` is not supported (gelu_pytorch_tanh, gelu_new, gelu_fast, gelu)",
-                self.hidden_activation
+                self.core.hidden_activation
             ));
         }
         let rope_type = self.rope_parameters.as_ref().and_then(|r| {
@@ -152,14 +186,17 @@ impl Config {
         if let Some(t) = rope_type {
             return bad(format!("rope_type `{t}` is not supported (only default)"));
         }
-        if self.query_pre_attn_scalar == 0 {
+        if self.attn.query_pre_attn_scalar == 0 {
             return bad("query_pre_attn_scalar must be at least 1".into());
         }
-        let caps = [self.attn_logit_softcapping, self.final_logit_softcapping];
+        let caps = [
+            self.caps.attn_logit_softcapping,
+            self.caps.final_logit_softcapping,
+        ];
         if caps.into_iter().flatten().any(|c| c.is_nan() || c <= 0.0) {
             return bad("soft-capping values must be positive (or null)".into());
         }
-        if self.sliding_window == Some(0) {
+        if self.attn.sliding_window == Some(0) {
             return bad("sliding_window must be at least 1".into());
         }
         self.windows().map(|_| ())
@@ -206,7 +243,7 @@ impl Block {
     /// `Gemma2ForCausalLM`: no q/k norm, one RoPE base for every layer.
     pub fn gemma2(cfg: &Config) -> Result<Self> {
         let windows = cfg.windows()?;
-        let inv = default_inv_freq(cfg.theta(), cfg.head_dim);
+        let inv = default_inv_freq(cfg.theta(), cfg.core.head_dim);
         Ok(Self {
             family: Family::Gemma2,
             qk_norm: false,
@@ -236,6 +273,8 @@ struct Layer {
 }
 
 pub struct Gemma2 {
+    /// What the model reports about itself (`Model::facts`).
+    facts: Facts,
     cfg: Config,
     block: Block,
     /// `[V, E]`
@@ -270,8 +309,8 @@ impl Gemma2 {
     /// windows and RoPE frequencies.
     pub fn load_block(cfg: &Config, block: Block, vb: VarBuilder) -> Result<Self> {
         cfg.check()?;
-        let n = cfg.sizes.num_hidden_layers;
-        let half = cfg.head_dim / 2;
+        let n = cfg.core.sizes.num_hidden_layers;
+        let half = cfg.core.head_dim / 2;
         if block.windows.len() != n
             || block.sliding.len() != n
             || block.rope_global.len() != half
@@ -284,25 +323,25 @@ impl Gemma2 {
                 block.sliding.len(),
                 block.rope_global.len(),
                 block.rope_local.len(),
-                cfg.head_dim
+                cfg.core.head_dim
             )));
         }
         let root = vb.clone();
         let vb = backbone(&vb, "model", "embed_tokens.weight");
         let (e, inter, ab) = (
-            cfg.sizes.hidden_size,
-            cfg.sizes.intermediate_size,
-            cfg.attention_bias,
+            cfg.core.sizes.hidden_size,
+            cfg.core.sizes.intermediate_size,
+            cfg.attn.attention_bias,
         );
         let (heads, kvh, d) = (
-            cfg.sizes.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
+            cfg.core.sizes.num_attention_heads,
+            cfg.core.num_key_value_heads,
+            cfg.core.head_dim,
         );
-        let embed_tokens =
-            weight(&vb, (cfg.sizes.vocab_size, e), "embed_tokens.weight").ctx("embed_tokens")?;
-        let mut layers = Vec::with_capacity(cfg.sizes.num_hidden_layers);
-        for i in 0..cfg.sizes.num_hidden_layers {
+        let embed_tokens = weight(&vb, (cfg.core.sizes.vocab_size, e), "embed_tokens.weight")
+            .ctx("embed_tokens")?;
+        let mut layers = Vec::with_capacity(cfg.core.sizes.num_hidden_layers);
+        for i in 0..cfg.core.sizes.num_hidden_layers {
             let p = format!("layers.{i}");
             let norm = |n: &str| gemma_norm(&vb, &format!("{p}.{n}.weight"), e);
             let attn =
@@ -332,10 +371,11 @@ impl Gemma2 {
             });
         }
         let norm = gemma_norm(&vb, "norm.weight", e)?;
-        let lm_head = if cfg.sizes.tie_word_embeddings {
+        let lm_head = if cfg.core.sizes.tie_word_embeddings {
             Linear::from_torch(&embed_tokens, None).ctx("embed_tokens")?
         } else {
-            let w = weight(&root, (cfg.sizes.vocab_size, e), "lm_head.weight").ctx("lm_head")?;
+            let w =
+                weight(&root, (cfg.core.sizes.vocab_size, e), "lm_head.weight").ctx("lm_head")?;
             Linear::from_torch(&w, None).ctx("lm_head")?
         };
         // [1, D/2] each (f32)
@@ -344,6 +384,7 @@ impl Gemma2 {
             Tensor::from_vec(inv, (1, d / 2), embed_tokens.device()).ctx("rope inv_freq")
         };
         Ok(Self {
+            facts: Facts::windowed(block.family, cfg.geometry(), block.windows.clone()),
             cfg: cfg.clone(),
             inv_freq_global: table(&block.rope_global)?,
             inv_freq_local: table(&block.rope_local)?,
@@ -370,11 +411,11 @@ impl Gemma2 {
     ) -> Result<Tensor> {
         let i = step.layer;
         let (heads, kvh, d) = (
-            self.cfg.sizes.num_attention_heads,
-            self.cfg.num_key_value_heads,
-            self.cfg.head_dim,
+            self.cfg.core.sizes.num_attention_heads,
+            self.cfg.core.num_key_value_heads,
+            self.cfg.core.head_dim,
         );
-        let (eps, ops) = (self.cfg.rms_norm_eps, fw.ops);
+        let (eps, ops) = (self.cfg.core.rms_norm_eps, fw.ops);
         let att = Attention::SelfAttn;
         let site_q = Site::new(i, att, TensorKind::Query);
         // [B, S, E]
@@ -383,8 +424,8 @@ impl Gemma2 {
         let Qkv { q, k, v, .. } = l.attn.qkv(&a, (heads, kvh, d), eps, (cos, sin), i, ops)?;
         // view.k, view.v: [B, KVH, K, D], the S new positions last; mask [B, 1, S, K]
         let (view, mask) = cached_keys(fw, step, &k, &v)?;
-        let scale = (self.cfg.query_pre_attn_scalar as f64).powf(-0.5);
-        let cap = self.cfg.attn_logit_softcapping;
+        let scale = (self.cfg.attn.query_pre_attn_scalar as f64).powf(-0.5);
+        let cap = self.cfg.caps.attn_logit_softcapping;
         // [B, H, S, D]
         let o = softcapped_sdpa(
             &q,
@@ -404,33 +445,24 @@ impl Gemma2 {
     /// `post_ff(down(act(gate(n)) * up(n)))`, `n = pre_ff(h)`, the norms in mode `ops`.
     /// `h: [B, S, E]` -> `[B, S, E]`.
     fn mlp(&self, l: &Layer, h: &Tensor, ops: Ops) -> candle_core::Result<Tensor> {
-        let eps = self.cfg.rms_norm_eps;
+        let eps = self.cfg.core.rms_norm_eps;
         let n = rms_norm(h, &l.pre_feedforward_layernorm, eps, ops)?;
         // [B, S, I]
         let g = l.gate_proj.forward(&n)?;
-        let g = Gelu::named(&self.cfg.hidden_activation).apply(&g)?;
+        let g = Gelu::named(&self.cfg.core.hidden_activation).apply(&g)?;
         let m = l.down_proj.forward(&(g * l.up_proj.forward(&n)?)?)?;
         rms_norm(&m, &l.post_feedforward_layernorm, eps, ops)
     }
 }
 
 impl Model for Gemma2 {
-    fn family(&self) -> Family {
-        self.block.family
-    }
-
-    fn layer_windows(&self) -> Vec<Option<usize>> {
-        self.block.windows.clone()
-    }
-
-    fn geometry(&self) -> ModelGeometry {
-        self.cfg.geometry()
+    fn facts(&self) -> &Facts {
+        &self.facts
     }
 
     fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
-        let (_b, s) = ids.dims2().ctx("input ids [B, S]")?;
-        let past = fw.cache.past_len();
-        let eps = self.cfg.rms_norm_eps;
+        let (s, past) = fw.span(ids)?;
+        let eps = self.cfg.core.rms_norm_eps;
         // A cache window applies to every layer; otherwise each layer has its own.
         let cache_window = fw.cache.window();
         // [B, 1, S, D] each, per row from the attention mask (real tokens from P on).
@@ -449,7 +481,7 @@ impl Model for Gemma2 {
             tables(&self.inv_freq_local)?
         };
         // [B, S, E], scaled by sqrt(E) as the embedding's dtype.
-        let normalizer = (self.cfg.sizes.hidden_size as f64).sqrt() as f32;
+        let normalizer = (self.cfg.core.sizes.hidden_size as f64).sqrt() as f32;
         let mut h = embed(&self.embed_tokens, ids)
             .and_then(|x| x * f64::from(normalizer))
             .ctx("embed_tokens")?;
@@ -474,7 +506,7 @@ impl Model for Gemma2 {
         // [B, S, V], or [B, 1, V] with fw.last_only
         rms_norm(&fw.kept_positions(&h)?, &self.norm, eps, fw.ops)
             .and_then(|h| self.lm_head.forward(&h))
-            .and_then(|x| soft_cap(&x, self.cfg.final_logit_softcapping))
+            .and_then(|x| soft_cap(&x, self.cfg.caps.final_logit_softcapping))
             .ctx("lm head")
     }
 }

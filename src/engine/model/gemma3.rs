@@ -21,40 +21,33 @@ use serde::{Deserialize, Serialize};
 
 use super::gemma2::{self, default_inv_freq};
 use super::llama::RopeParameters;
-use super::{Family, ModelGeometry, Sizes};
+use super::{Family, ModelGeometry};
 use crate::engine::diagnosis::{EngineError, Result};
 
-/// `Gemma3TextConfig` (Hugging Face field names; transformers 5's defaults).
+/// `Gemma3TextConfig` (Hugging Face field names; transformers 5's defaults): the
+/// fields Gemma 2 shares ([`gemma2::Core`], [`gemma2::Attn`], [`gemma2::SoftCaps`])
+/// and Gemma 3's own, in `config.json`'s order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     #[serde(flatten)]
-    pub sizes: Sizes,
-    pub num_key_value_heads: usize,
-    pub head_dim: usize,
-    pub hidden_activation: String,
-    pub rms_norm_eps: f64,
-    /// RoPE base of the global layers.
-    pub rope_theta: f64,
-    /// RoPE base of the sliding layers.
+    pub core: gemma2::Core,
+    /// RoPE base of the sliding layers (`core.rope_theta`: of the global layers).
     pub rope_local_base_freq: f64,
     /// RoPE scaling of the global layers (transformers < 5; `default` or `linear`).
     pub rope_scaling: Option<Box<RopeParameters>>,
     /// transformers >= 5: per layer type, replacing the three fields above.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<Box<RopePerType>>,
-    pub attention_bias: bool,
-    /// Scores are scaled by `query_pre_attn_scalar ** -0.5` (an int).
-    pub query_pre_attn_scalar: usize,
-    /// Absent: 4096; `null`: the sliding layers see everything.
-    pub sliding_window: Option<usize>,
-    /// `"sliding_attention"` | `"full_attention"` per layer.
-    pub layer_types: Option<Vec<String>>,
+    /// `layer_types` `null`: from `sliding_window_pattern`; `sliding_window` `null`: the
+    /// sliding layers see everything.
+    #[serde(flatten)]
+    pub attn: gemma2::Attn,
     /// Older configs: every `pattern`-th layer is global (used without `layer_types`;
     /// absent: 6).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sliding_window_pattern: Option<usize>,
-    pub final_logit_softcapping: Option<f64>,
-    pub attn_logit_softcapping: Option<f64>,
+    #[serde(flatten)]
+    pub caps: gemma2::SoftCaps,
     /// EmbeddingGemma's bidirectional attention: refused.
     pub use_bidirectional_attention: Option<bool>,
 }
@@ -83,13 +76,12 @@ impl Config {
     }
 
     pub fn geometry(&self) -> ModelGeometry {
-        self.sizes
-            .rope_geometry(self.num_key_value_heads, self.head_dim)
+        self.core.geometry()
     }
 
     /// The type of each layer: `layer_types`, else from `sliding_window_pattern`.
     pub fn layer_types(&self) -> Result<Vec<String>> {
-        if let Some(t) = &self.layer_types {
+        if let Some(t) = &self.attn.layer_types {
             return Ok(t.clone());
         }
         let pattern = self.sliding_window_pattern.unwrap_or(DEFAULT_PATTERN);
@@ -98,7 +90,7 @@ impl Config {
                 "gemma3: sliding_window_pattern must be at least 1".into(),
             ));
         }
-        Ok((0..self.sizes.num_hidden_layers)
+        Ok((0..self.core.sizes.num_hidden_layers)
             .map(|i| {
                 if (i + 1) % pattern != 0 {
                     "sliding_attention".into()
@@ -114,7 +106,9 @@ impl Config {
         let per = self.rope_parameters.as_deref();
         let full = per.and_then(|r| r.full_attention.as_ref());
         let sliding = per.and_then(|r| r.sliding_attention.as_ref());
-        let global_theta = full.and_then(|r| r.rope_theta).unwrap_or(self.rope_theta);
+        let global_theta = full
+            .and_then(|r| r.rope_theta)
+            .unwrap_or(self.core.rope_theta);
         let local_theta = sliding
             .and_then(|r| r.rope_theta)
             .unwrap_or(self.rope_local_base_freq);
@@ -125,10 +119,10 @@ impl Config {
         };
         Ok((
             scaled(
-                default_inv_freq(global_theta, self.head_dim),
+                default_inv_freq(global_theta, self.core.head_dim),
                 global_scaling,
             )?,
-            scaled(default_inv_freq(local_theta, self.head_dim), sliding)?,
+            scaled(default_inv_freq(local_theta, self.core.head_dim), sliding)?,
         ))
     }
 
@@ -141,19 +135,13 @@ impl Config {
         }
         let types = self.layer_types()?;
         let cfg = gemma2::Config {
-            sizes: self.sizes.clone(),
-            num_key_value_heads: self.num_key_value_heads,
-            head_dim: self.head_dim,
-            hidden_activation: self.hidden_activation.clone(),
-            rms_norm_eps: self.rms_norm_eps,
-            rope_theta: self.rope_theta,
+            core: self.core.clone(),
             rope_parameters: None,
-            attention_bias: self.attention_bias,
-            query_pre_attn_scalar: self.query_pre_attn_scalar,
-            sliding_window: self.sliding_window,
-            layer_types: Some(types.clone()),
-            final_logit_softcapping: self.final_logit_softcapping,
-            attn_logit_softcapping: self.attn_logit_softcapping,
+            attn: gemma2::Attn {
+                layer_types: Some(types.clone()),
+                ..self.attn.clone()
+            },
+            caps: self.caps.clone(),
         };
         let rename = |e: EngineError| match e {
             EngineError::Config(m) => EngineError::Config(m.replacen("gemma2", "gemma3", 1)),

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::attention::{cached_self_attention, merge_heads, split_heads, CachedStep};
 use super::nn::{embed, GeluMlp, LayerNorm, Linear};
 use super::weights::{conv1d_params, weight};
-use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry};
+use super::{backbone, row_positions, Facts, Family, Forward, Model, ModelGeometry};
 use crate::engine::diagnosis::{Attention, CandleExt, Result, Site, TensorKind};
 
 /// `GPT2Config` (Hugging Face field names).
@@ -184,6 +184,8 @@ impl Block {
 /// The GPT-2 decoder: token and learned position embeddings, the layers, the final
 /// LayerNorm and the tied LM head.
 pub struct Gpt2 {
+    /// What the model reports about itself (`Model::facts`).
+    facts: Facts,
     spec: DecoderSpec,
     /// `[V, E]`, the token embeddings.
     wte: Tensor,
@@ -208,6 +210,7 @@ impl Gpt2 {
         let ln_f = LayerNorm::load(&vb, "ln_f", e, spec.eps)?;
         let lm_head = Linear::from_torch(&wte, None).ctx("wte")?;
         Ok(Self {
+            facts: Facts::global(spec.family, spec.geometry),
             spec,
             wte,
             wpe,
@@ -256,18 +259,13 @@ pub fn learned_positions(
 }
 
 impl Model for Gpt2 {
-    fn family(&self) -> Family {
-        self.spec.family
-    }
-
-    fn geometry(&self) -> ModelGeometry {
-        self.spec.geometry
+    fn facts(&self) -> &Facts {
+        &self.facts
     }
 
     /// `ids: [B, S]` -> logits `[B, S, V]` (`[B, 1, V]` with `fw.last_only`).
     fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
-        let (_b, s) = ids.dims2().ctx("input ids [B, S]")?;
-        let past = fw.cache.past_len();
+        let (s, past) = fw.span(ids)?;
         let g = &self.spec.geometry;
         let (heads, d) = (g.num_attention_heads, g.head_dim);
         let ops = fw.ops;

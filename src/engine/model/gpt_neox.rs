@@ -18,7 +18,7 @@ use super::attention::{cached_self_attention, merge_heads, CachedStep};
 use super::gpt2::QkvColumns;
 use super::nn::{embed, rope, LayerNorm, Linear};
 use super::weights::{linear, weight};
-use super::{backbone, row_positions, Family, Forward, Gelu, Model, ModelGeometry, Sizes};
+use super::{backbone, row_positions, Facts, Family, Forward, Gelu, Model, ModelGeometry, Sizes};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 
 /// `GPTNeoXConfig` (Hugging Face field names and defaults; transformers 4.x spelling
@@ -131,6 +131,8 @@ struct Layer {
 }
 
 pub struct GptNeox {
+    /// What the model reports about itself (`Model::facts`).
+    facts: Facts,
     cfg: Config,
     /// `[V, E]`
     embed_in: Tensor,
@@ -192,6 +194,7 @@ impl GptNeox {
             .collect();
         let inv_freq = Tensor::from_vec(inv, (1, r / 2), embed_in.device()).ctx("rope inv_freq")?;
         Ok(Self {
+            facts: Facts::global(Family::GptNeox, cfg.geometry()),
             cfg: cfg.clone(),
             embed_in,
             layers,
@@ -224,17 +227,12 @@ fn partial_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<T
 }
 
 impl Model for GptNeox {
-    fn family(&self) -> Family {
-        Family::GptNeox
-    }
-
-    fn geometry(&self) -> ModelGeometry {
-        self.cfg.geometry()
+    fn facts(&self) -> &Facts {
+        &self.facts
     }
 
     fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
-        let (_b, s) = ids.dims2().ctx("input ids [B, S]")?;
-        let past = fw.cache.past_len();
+        let (s, past) = fw.span(ids)?;
         let (heads, d) = (self.cfg.sizes.num_attention_heads, self.cfg.head_dim());
         let (window, ops) = (fw.cache.window(), fw.ops);
         // [B, 1, S, R] each, per row from the attention mask (real tokens from P on).

@@ -23,7 +23,7 @@ use super::attention::{
 use super::kernels;
 use super::nn::{block_ops, embed, rms_norm, swiglu_mlp, Linear};
 use super::weights::{linear, ones, weight};
-use super::{backbone, row_positions, Family, Forward, Model, ModelGeometry, Sizes};
+use super::{backbone, row_positions, Facts, Family, Forward, Model, ModelGeometry, Sizes};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 
 /// `LlamaConfig` (Hugging Face field names). Fields this harness does not use
@@ -334,6 +334,8 @@ struct Layer {
 }
 
 pub struct Llama {
+    /// What the model reports about itself (`Model::facts`).
+    facts: Facts,
     cfg: Config,
     block: Block,
     /// `[V, E]`
@@ -455,6 +457,7 @@ impl Llama {
         let inv_freq =
             Tensor::from_vec(inv, (1, d / 2), embed_tokens.device()).ctx("rope inv_freq")?;
         Ok(Self {
+            facts: Facts::windowed(block.family, cfg.geometry(), block.windows.clone()),
             cfg: cfg.clone(),
             block,
             embed_tokens,
@@ -567,21 +570,12 @@ impl Llama {
 }
 
 impl Model for Llama {
-    fn family(&self) -> Family {
-        self.block.family
-    }
-
-    fn layer_windows(&self) -> Vec<Option<usize>> {
-        self.block.windows.clone()
-    }
-
-    fn geometry(&self) -> ModelGeometry {
-        self.cfg.geometry()
+    fn facts(&self) -> &Facts {
+        &self.facts
     }
 
     fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
-        let (_b, s) = ids.dims2().ctx("input ids [B, S]")?;
-        let past = fw.cache.past_len();
+        let (s, past) = fw.span(ids)?;
         let eps = self.cfg.core.rms_norm_eps;
         // A cache window applies to every layer; otherwise each layer has its own.
         let window = fw.cache.window();

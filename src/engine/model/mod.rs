@@ -8,6 +8,7 @@
 
 pub mod attention;
 pub mod bloom;
+pub mod facts;
 pub mod gemma2;
 pub mod gemma3;
 pub mod gpt2;
@@ -30,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::engine::cache::{Layout, ModelCache};
 use crate::engine::diagnosis::{EngineError, Result};
 
+pub use facts::{Facts, ModelGeometry};
 pub use nn::Ops;
 
 /// A model family: each has its own cache geometry.
@@ -162,22 +164,6 @@ impl Family {
     }
 }
 
-/// The numbers that decide every cache shape of a model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ModelGeometry {
-    /// Layers that carry a KV cache (decoder layers for encoder-decoders).
-    pub num_layers: usize,
-    pub num_attention_heads: usize,
-    pub num_kv_heads: usize,
-    /// Per-head dimension of keys and values (config `head_dim` / `d_kv` when given).
-    pub head_dim: usize,
-    pub hidden_size: usize,
-    pub vocab_size: usize,
-    /// Largest position the model can embed (learned positions), if bounded.
-    pub max_positions: Option<usize>,
-    pub encoder_decoder: bool,
-}
-
 /// A GELU as a `config.json` names it (`hidden_act`, `hidden_activation`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gelu {
@@ -233,6 +219,14 @@ pub struct Forward<'a> {
 }
 
 impl Forward<'_> {
+    /// A pass over `ids: [B, S]`: `(S, past)`, its new positions and the cached ones
+    /// before them.
+    pub fn span(&self, ids: &Tensor) -> Result<(usize, usize)> {
+        use crate::engine::diagnosis::CandleExt;
+        let (_b, s) = ids.dims2().ctx("input ids [B, S]")?;
+        Ok((s, self.cache.past_len()))
+    }
+
     /// The hidden states the final norm and LM head see:
     /// `h: [B, S, E]` -> `[B, S, E]`, or `[B, 1, E]` with [`Forward::last_only`].
     pub fn kept_positions(&self, h: &Tensor) -> Result<Tensor> {
@@ -246,10 +240,18 @@ impl Forward<'_> {
     }
 }
 
-/// A model of one family, loaded with weights.
+/// A model of one family, loaded with weights. A family's model writes [`Model::facts`]
+/// and [`Model::forward`]; `family`, `geometry` and `layer_windows` read the facts.
 pub trait Model: Send + Sync {
-    fn family(&self) -> Family;
-    fn geometry(&self) -> ModelGeometry;
+    /// What the model reports about itself (family, geometry, per-layer windows), fixed
+    /// at load.
+    fn facts(&self) -> &Facts;
+    fn family(&self) -> Family {
+        self.facts().family
+    }
+    fn geometry(&self) -> ModelGeometry {
+        self.facts().geometry
+    }
     /// `ids: [B, S]` (decoder ids for encoder-decoders) -> logits `[B, S, V]`.
     /// Query positions start at `fw.cache.past_len()`.
     fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor>;
@@ -262,10 +264,9 @@ pub trait Model: Send + Sync {
         )))
     }
     /// The attention window of each layer from the model's config (`None`: global),
-    /// what a `hybrid` cache builds its per-layer stores from; every layer global
-    /// unless the family says otherwise.
+    /// what a `hybrid` cache builds its per-layer stores from: [`Facts::windows`].
     fn layer_windows(&self) -> Vec<Option<usize>> {
-        vec![None; self.geometry().num_layers]
+        self.facts().windows.clone()
     }
     /// The token the decoder starts from (encoder-decoders).
     fn decoder_start_token_id(&self) -> u32 {
@@ -464,8 +465,8 @@ impl ModelConfig {
             ModelConfig::Qwen3(c) => c.core.sizes.intermediate_size,
             ModelConfig::Phi3(c) => c.core.sizes.intermediate_size,
             ModelConfig::GptNeox(c) => c.sizes.intermediate_size,
-            ModelConfig::Gemma2(c) => c.sizes.intermediate_size,
-            ModelConfig::Gemma3(c) => c.sizes.intermediate_size,
+            ModelConfig::Gemma2(c) => c.core.sizes.intermediate_size,
+            ModelConfig::Gemma3(c) => c.core.sizes.intermediate_size,
         }
     }
 

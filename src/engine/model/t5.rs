@@ -23,7 +23,7 @@ use super::attention::{
 };
 use super::nn::{embed, gelu_tanh, rms_norm, Linear, Ops};
 use super::weights::{ones, weight};
-use super::{Encoded, Family, Forward, Model, ModelGeometry};
+use super::{Encoded, Facts, Family, Forward, Model, ModelGeometry};
 use crate::engine::diagnosis::{
     Attention, CandleExt, Diagnosis, DiagnosisClass, EngineError, Result, Site, TensorKind,
 };
@@ -298,6 +298,8 @@ struct Stack {
 }
 
 pub struct T5 {
+    /// What the model reports about itself (`Model::facts`).
+    facts: Facts,
     cfg: Config,
     act: FfActivation,
     /// `[V, d_model]`, the token embeddings of both stacks.
@@ -429,6 +431,7 @@ impl T5 {
             Linear::from_torch(&w, None).ctx("lm_head.weight")?
         };
         Ok(Self {
+            facts: Facts::global(Family::T5, cfg.geometry()),
             cfg: cfg.clone(),
             act,
             shared,
@@ -483,12 +486,8 @@ impl T5 {
 }
 
 impl Model for T5 {
-    fn family(&self) -> Family {
-        Family::T5
-    }
-
-    fn geometry(&self) -> ModelGeometry {
-        self.cfg.geometry()
+    fn facts(&self) -> &Facts {
+        &self.facts
     }
 
     fn decoder_start_token_id(&self) -> u32 {
