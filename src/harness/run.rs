@@ -299,6 +299,20 @@ pub struct Prepared {
     pub opts: DecodeOptions,
 }
 
+impl Prepared {
+    /// The case's generation: its model, prefix, options, prompt `[B, S]` and padding
+    /// mask `[B, S]`.
+    pub fn generation(&self) -> Generation<'_> {
+        Generation {
+            model: self.model.as_ref(),
+            prefix: Some(&self.prefix),
+            opts: &self.opts,
+            ids: &self.ids,
+            pad: Some(&self.mask),
+        }
+    }
+}
+
 /// Build everything `case` runs on (see [`Prepared`]).
 pub fn prepare(case: &Case) -> Result<Prepared, EngineError> {
     prepare_with(case, true)
@@ -400,13 +414,7 @@ fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
             prompt_len,
             new,
         ));
-    let gen = Generation {
-        model: p.model.as_ref(),
-        prefix: Some(&p.prefix),
-        opts: &p.opts,
-        ids: &p.ids,
-        pad: Some(&p.mask),
-    };
+    let gen = p.generation();
     let g = &case.scenario.generate;
     let (out, trace) = match g.merge_rows_at {
         Some(at) => crate::engine::batching::generate_merged(

@@ -123,6 +123,20 @@ impl Setup {
             num_key_value_heads: Some(kv),
             ..tiny
         };
+        // A Gemma core with the drawn heads over `kv` KV heads and head_dim drawn
+        // independently of hidden 64, and the window P + W of its sliding layers.
+        let gemma = |tiny: gemma2::Core| {
+            let core = gemma2::Core {
+                sizes: Sizes {
+                    num_attention_heads: heads,
+                    ..tiny.sizes
+                },
+                num_key_value_heads: kv,
+                head_dim: 2 * self.heads.half,
+                ..tiny
+            };
+            (core, Some(self.p + self.window))
+        };
         match self.family {
             Family::Gpt2 => ModelConfig::Gpt2(gpt2::Config {
                 n_head: heads,
@@ -191,40 +205,32 @@ impl Setup {
             }),
             // head_dim drawn independently of hidden 64; the even layers slide with a
             // window of P + W (see Qwen2).
-            Family::Gemma2 => ModelConfig::Gemma2(gemma2::Config {
-                core: gemma2::Core {
-                    sizes: Sizes {
-                        num_attention_heads: heads,
-                        ..gemma2::Config::tiny().core.sizes
+            Family::Gemma2 => {
+                let (core, attn) = gemma(gemma2::Config::tiny().core);
+                let tiny = gemma2::Config::tiny();
+                ModelConfig::Gemma2(gemma2::Config {
+                    core,
+                    attn: gemma2::Attn {
+                        sliding_window: attn,
+                        ..tiny.attn.clone()
                     },
-                    num_key_value_heads: kv,
-                    head_dim: 2 * self.heads.half,
-                    ..gemma2::Config::tiny().core
-                },
-                attn: gemma2::Attn {
-                    sliding_window: Some(self.p + self.window),
-                    ..gemma2::Config::tiny().attn
-                },
-                ..gemma2::Config::tiny()
-            }),
+                    ..tiny
+                })
+            }
             // head_dim drawn independently of hidden 64; layers 0, 1, 3, 4 slide with a
             // window of P + W (see Qwen2).
-            Family::Gemma3 => ModelConfig::Gemma3(gemma3::Config {
-                core: gemma2::Core {
-                    sizes: Sizes {
-                        num_attention_heads: heads,
-                        ..gemma3::Config::tiny().core.sizes
+            Family::Gemma3 => {
+                let (core, attn) = gemma(gemma3::Config::tiny().core);
+                let tiny = gemma3::Config::tiny();
+                ModelConfig::Gemma3(gemma3::Config {
+                    core,
+                    attn: gemma2::Attn {
+                        sliding_window: attn,
+                        ..tiny.attn.clone()
                     },
-                    num_key_value_heads: kv,
-                    head_dim: 2 * self.heads.half,
-                    ..gemma3::Config::tiny().core
-                },
-                attn: gemma2::Attn {
-                    sliding_window: Some(self.p + self.window),
-                    ..gemma3::Config::tiny().attn
-                },
-                ..gemma3::Config::tiny()
-            }),
+                    ..tiny
+                })
+            }
             Family::T5 => ModelConfig::T5(t5::Config {
                 num_heads: heads,
                 d_kv: 2 * self.heads.half,

@@ -630,7 +630,6 @@ fn the_activation_estimate_covers_one_layers_forward_pass() {
 /// and new tokens, K and V, every layer) within 1x..2x, as for greedy decoding.
 #[test]
 fn the_cache_estimate_counts_every_beam() {
-    use prefix_harness::engine::generate::Generation;
     use prefix_harness::harness::run::{estimate_memory, prepare};
     use prefix_harness::harness::scenario;
     let yaml = "name: est\nmodel:\n  family: llama\nprefix:\n  virtual_tokens: 5\n\
@@ -641,15 +640,7 @@ fn the_cache_estimate_counts_every_beam() {
         .remove(0);
     let (_, caches, _) = estimate_memory(&case).unwrap();
     let p = prepare(&case).unwrap();
-    let out = Generation {
-        model: p.model.as_ref(),
-        prefix: Some(&p.prefix),
-        opts: &p.opts,
-        ids: &p.ids,
-        pad: Some(&p.mask),
-    }
-    .generate()
-    .unwrap();
+    let out = p.generation().generate().unwrap();
     let mut real = 0u64;
     let mut rows = 0;
     for layer in 0..out.cache.num_layers() {
