@@ -18,7 +18,7 @@ use crate::engine::trace::Trace;
 
 /// Why `opts` cannot merge rows at step `at` of a model of this kind, if it cannot.
 pub fn unsupported(opts: &DecodeOptions, at: usize, encoder_decoder: bool) -> Option<String> {
-    if !matches!(opts.strategy, Strategy::Greedy) {
+    if !matches!(opts.request.strategy, Strategy::Greedy) {
         return Some("merging rows needs greedy decoding".into());
     }
     if encoder_decoder {
@@ -32,7 +32,7 @@ pub fn unsupported(opts: &DecodeOptions, at: usize, encoder_decoder: bool) -> Op
             opts.cache.mode.name()
         ));
     }
-    if opts.eos_token_id.is_some() {
+    if opts.request.eos_token_id.is_some() {
         return Some(
             "merging rows does not support an EOS yet (rows that stop before the merge)".into(),
         );
@@ -40,10 +40,10 @@ pub fn unsupported(opts: &DecodeOptions, at: usize, encoder_decoder: bool) -> Op
     if opts.save_at.is_some() {
         return Some("merging rows and `cache.save_at` do not combine".into());
     }
-    if at + 1 >= opts.max_new_tokens {
+    if at + 1 >= opts.request.max_new_tokens {
         return Some(format!(
             "merge_rows_at must be a step before the last (0 to {}), got {at}",
-            opts.max_new_tokens.saturating_sub(2)
+            opts.request.max_new_tokens.saturating_sub(2)
         ));
     }
     None
@@ -52,7 +52,7 @@ pub fn unsupported(opts: &DecodeOptions, at: usize, encoder_decoder: bool) -> Op
 /// Generate `ids: [B, S]` (u32) with the left-padding mask `pad: [B, S]` (1 = token):
 /// each row alone for steps `0..=at`, then all rows as one merged batch. With
 /// `fill_from_first_row` (historical) the merge slices every row to the first row's
-/// fill level. Returns `B` rows of `opts.max_new_tokens` tokens, the logits `[B, V]`
+/// fill level. Returns `B` rows of `opts.request.max_new_tokens` tokens, the logits `[B, V]`
 /// of every step, and the trace: the first row's run alone, the merge, the batch.
 pub fn generate_merged(
     model: &dyn Model,
@@ -97,7 +97,7 @@ fn run(
         .ctx("padding mask [B, S]")?;
     // Each row alone, unpadded, for steps 0..=at.
     let mut early = opts.clone();
-    early.max_new_tokens = at + 1;
+    early.request.max_new_tokens = at + 1;
     let rows = Generation {
         model,
         prefix,
@@ -137,7 +137,7 @@ fn run(
         .collect();
     let mut next = Tensor::from_vec(last, (b, 1), &dev).ctx("next token")?; // [B, 1]
     let run = (|| -> Result<()> {
-        for _ in at + 1..opts.max_new_tokens {
+        for _ in at + 1..opts.request.max_new_tokens {
             cache.next_step();
             // [B, L + steps]: the fed token is held from now on.
             m = Tensor::cat(
@@ -202,7 +202,7 @@ mod tests {
         let sliding = unsupported(&opts(CacheMode::Sliding { window: 4 }, 4), 0, false);
         assert!(sliding.unwrap().contains("not `sliding`"));
         let mut eos = ok.clone();
-        eos.eos_token_id = Some(1);
+        eos.request.eos_token_id = Some(1);
         assert!(unsupported(&eos, 0, false).unwrap().contains("EOS"));
         let mut saved = ok.clone();
         saved.save_at = Some(0);

@@ -227,7 +227,7 @@ fn localise(
 ) -> Result<Option<usize>> {
     let cut = |o: &DecodeOptions| {
         let mut o = o.clone();
-        o.max_new_tokens = steps;
+        o.request.max_new_tokens = steps;
         if o.save_at.is_some_and(|s| s + 1 >= steps) {
             // Saving after the last step would only change what is compared.
             o.save_at = None;
@@ -501,7 +501,7 @@ mod tests {
         assert_eq!(r.cache.mode, CacheMode::Sliding { window: 6 });
         // Not a setting that must leave the tokens unchanged: kept.
         assert!(r.mask_buffer_one_row);
-        assert_eq!(r.max_new_tokens, 4);
+        assert_eq!(r.request.max_new_tokens, 4);
         assert!(
             what.contains("whole prompt")
                 && what.contains("never saved")

@@ -361,17 +361,14 @@ pub fn prepare_with(case: &Case, check_adapter: bool) -> Result<Prepared, Engine
     let prompt_len = ids
         .dim(1)
         .map_err(|e| crate::engine::diagnosis::from_candle(e, None, "prompt"))?;
+    let g = &case.scenario.generate;
     let mut opts = DecodeOptions::new(
         case.cache_config(prompt_len, prefix.geometry.num_virtual_tokens),
-        case.scenario.generate.max_new_tokens,
+        g.max_new_tokens,
     );
-    let g = &case.scenario.generate;
+    opts.request = g.request();
     opts.layout = case.scenario.prefix.layout;
     opts.extend_mask = case.scenario.prefix.extend_mask;
-    opts.strategy = g.strategy.clone();
-    opts.eos_token_id = g.eos_token_id;
-    opts.pad_token_id = g.pad_token_id;
-    opts.num_return_sequences = g.num_return_sequences;
     opts.expand_prefix = g.expand_prefix;
     opts.prefill_chunk = g.prefill_chunk;
     opts.mask_buffer_one_row = g.mask_buffer_one_row;
@@ -406,7 +403,10 @@ fn execute(case: &Case, r: &mut CaseResult) -> Result<(), EngineError> {
         CacheMode::Hybrid { .. } => p.model.layer_windows(),
         _ => vec![],
     };
-    let (virtual_tokens, new) = (p.prefix.geometry.num_virtual_tokens, p.opts.max_new_tokens);
+    let (virtual_tokens, new) = (
+        p.prefix.geometry.num_virtual_tokens,
+        p.opts.request.max_new_tokens,
+    );
     r.warnings
         .extend(crate::engine::cache::hybrid::prefix_evictions(
             &windows,

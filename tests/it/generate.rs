@@ -239,7 +239,7 @@ family_test!(
             DecodeOptions::new(CacheConfig::new(CacheMode::Dynamic), STEPS).with_strategy(beam(4));
         let best = run(model.as_ref(), &base, 2);
         let mut opts = base.clone();
-        opts.num_return_sequences = 2;
+        opts.request.num_return_sequences = 2;
         let out = run(model.as_ref(), &opts, 2);
         assert_eq!(out.tokens.len(), 4, "2 rows per input row");
         let scores = out.scores.expect("scores");
@@ -254,7 +254,7 @@ family_test!(
             );
         }
         // More return sequences than beams is a configuration error.
-        opts.num_return_sequences = 5;
+        opts.request.num_return_sequences = 5;
         let pre = prefix(model.as_ref(), P);
         let (ids, mask) = padded_batch(2);
         assert!(Generation {
@@ -277,7 +277,7 @@ family_test!(
         let opts = |m: &str, seed: u64| {
             let mut o =
                 DecodeOptions::new(CacheConfig::new(mode(m)), STEPS).with_strategy(sample(seed));
-            o.num_return_sequences = 2;
+            o.request.num_return_sequences = 2;
             o
         };
         let a = run(model.as_ref(), &opts("dynamic", 7), 2);
@@ -317,8 +317,8 @@ family_test!(
         let eos = free.tokens[0][0];
         let pad = if eos == 1 { 2 } else { 1 };
         let mut opts = base.clone();
-        opts.eos_token_id = Some(eos);
-        opts.pad_token_id = Some(pad);
+        opts.request.eos_token_id = Some(eos);
+        opts.request.pad_token_id = Some(pad);
         let out = run(model.as_ref(), &opts, 3);
         // Each row follows the free run up to its first EOS, then emits pad; generation
         // stops once every row is finished.
@@ -352,7 +352,7 @@ family_test!(
 
         // Beams with the same EOS agree with recompute and end rows with EOS + pad.
         let mut bopts = opts.clone().with_strategy(beam(4));
-        bopts.num_return_sequences = 2;
+        bopts.request.num_return_sequences = 2;
         let b = run(model.as_ref(), &bopts, 2);
         let mut r = bopts.clone();
         r.cache = reference(&bopts.cache);

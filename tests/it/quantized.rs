@@ -208,12 +208,12 @@ fn with_nothing_quantized_it_is_dynamic(
 ) {
     let strategy = |o: &mut DecodeOptions| {
         if beams {
-            o.strategy = prefix_harness::engine::generate::Strategy::Beam {
+            o.request.strategy = prefix_harness::engine::generate::Strategy::Beam {
                 num_beams: 3,
                 length_penalty: 1.0,
                 early_stopping: false,
             };
-            o.num_return_sequences = 2;
+            o.request.num_return_sequences = 2;
         }
     };
     let q = run(family, quantized(4, 1000, pinned), strategy);

@@ -158,8 +158,8 @@ fn beam_search_equals_transformers_generate_with_length_penalty_and_early_stoppi
                 length_penalty,
                 early_stopping,
             });
-            o.eos_token_id = Some(eos as u32);
-            o.num_return_sequences = num_beams;
+            o.request.eos_token_id = Some(eos as u32);
+            o.request.num_return_sequences = num_beams;
             let out = Generation {
                 model: model.as_ref(),
                 prefix: None,

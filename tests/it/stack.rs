@@ -9,7 +9,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use crate::common::{assert_contains, exited, harness, read_json, TempDir};
-use prefix_harness::engine::generate::Strategy;
+use prefix_harness::engine::generate::Request;
 use prefix_harness::engine::trace::CacheShapes;
 use prefix_harness::harness::run::{run_case, CaseResult};
 use prefix_harness::harness::scenario::{self, Case};
@@ -213,11 +213,7 @@ fn job(ids: &[&str]) -> Job {
                 attention_mask: vec![vec![1, 1]],
                 decoder_start_token_id: 0,
                 generate: JobGenerate {
-                    max_new_tokens: 2,
-                    strategy: Strategy::Greedy,
-                    eos_token_id: None,
-                    pad_token_id: None,
-                    num_return_sequences: 1,
+                    request: Request::greedy(2),
                     prefill_chunk: None,
                 },
                 train: None,

@@ -29,7 +29,7 @@ mod options;
 mod prefill;
 pub use choose::{log_softmax, Sampler};
 use choose::{BeamSettings, Beams};
-pub use options::{DecodeOptions, Strategy};
+pub use options::{DecodeOptions, Request, Strategy};
 pub use prefill::{forward_logits, prepare_cache};
 
 /// The result of a generation.
@@ -66,7 +66,7 @@ pub struct Generation<'a> {
 }
 
 impl Generation<'_> {
-    /// Generation with `opts.strategy`: `B * R` rows.
+    /// Generation with `opts.request.strategy`: `B * R` rows.
     pub fn generate(&self) -> Result<DecodeOutput> {
         self.generate_traced().0
     }
@@ -130,9 +130,9 @@ impl Generation<'_> {
     }
 }
 
-/// Greedy generation of `opts.max_new_tokens` tokens after `input_ids: [B, S]` (u32),
+/// Greedy generation of `opts.request.max_new_tokens` tokens after `input_ids: [B, S]` (u32),
 /// with an optional padding mask `pad: [B, S]` (1 = token; defaults to all ones): the
-/// [`Generation`] with `opts.strategy` set to greedy. EOS is honoured.
+/// [`Generation`] with `opts.request.strategy` set to greedy. EOS is honoured.
 pub fn greedy(
     model: &dyn Model,
     prefix: Option<&PrefixEncoder>,
@@ -256,7 +256,7 @@ fn decode(g: &Generation, cache: &mut ModelCache) -> Result<Decoded> {
     };
 
     let pad_id = opts.pad_id();
-    let mut chooser = match &opts.strategy {
+    let mut chooser = match &opts.request.strategy {
         Strategy::Greedy => Chooser::Greedy,
         Strategy::Sample {
             temperature,
@@ -280,7 +280,7 @@ fn decode(g: &Generation, cache: &mut ModelCache) -> Result<Decoded> {
                 beams: *num_beams,
                 length_penalty: *length_penalty,
                 early_stopping: *early_stopping,
-                eos: opts.eos_token_id,
+                eos: opts.request.eos_token_id,
                 pad: pad_id,
             },
         )),
@@ -292,7 +292,7 @@ fn decode(g: &Generation, cache: &mut ModelCache) -> Result<Decoded> {
     let mut logits = vec![];
     let mut next_input = seq.clone(); // [N, 1] after the prefill
     let mut pending_reorder: Option<Vec<u32>> = None;
-    for step in 0..opts.max_new_tokens {
+    for step in 0..opts.request.max_new_tokens {
         cache.next_step();
         if let Some(src) = pending_reorder.take() {
             // The cache follows the beams chosen at the previous step.
@@ -373,7 +373,7 @@ fn decode(g: &Generation, cache: &mut ModelCache) -> Result<Decoded> {
                     .iter()
                     .map(|r| log_softmax(r))
                     .collect::<Result<Vec<_>>>()?;
-                let last_step = step + 1 == opts.max_new_tokens;
+                let last_step = step + 1 == opts.request.max_new_tokens;
                 let (t, src) = beams.step(&lp, &hist, step, last_step)?;
                 (t, Some(src))
             }
@@ -401,7 +401,7 @@ fn decode(g: &Generation, cache: &mut ModelCache) -> Result<Decoded> {
         }
         for (i, t) in tokens.iter().enumerate() {
             hist[i].push(*t);
-            if Some(*t) == opts.eos_token_id {
+            if Some(*t) == opts.request.eos_token_id {
                 finished[i] = true;
             }
         }
@@ -411,7 +411,7 @@ fn decode(g: &Generation, cache: &mut ModelCache) -> Result<Decoded> {
         pending_reorder = source;
         let all_done = match &chooser {
             Chooser::Beam(beams) => beams.all_done(),
-            _ => opts.eos_token_id.is_some() && finished.iter().all(|f| *f),
+            _ => opts.request.eos_token_id.is_some() && finished.iter().all(|f| *f),
         };
         if all_done {
             break;
@@ -426,7 +426,7 @@ fn decode(g: &Generation, cache: &mut ModelCache) -> Result<Decoded> {
             (hist, Some(logprob.iter().map(|x| *x as f32).collect()))
         }
         Chooser::Beam(beams) => {
-            let (t, sc) = beams.finalize(opts.num_return_sequences);
+            let (t, sc) = beams.finalize(opts.request.num_return_sequences);
             (t, Some(sc))
         }
     };

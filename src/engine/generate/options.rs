@@ -1,4 +1,4 @@
-//! What a generation is asked for ([`DecodeOptions`], its [`Strategy`]) and the
+//! What a generation is asked for ([`Request`], its [`Strategy`], the [`DecodeOptions`] around it) and the
 //! options no generation can run with ([`DecodeOptions::validate`]).
 
 use serde::{Deserialize, Serialize};
@@ -56,6 +56,38 @@ impl Strategy {
     }
 }
 
+/// What a generation asks for: how many tokens, chosen how, when a row ends and how
+/// many output rows each input row gives. A scenario's `generate:` block holds the same
+/// keys ([`crate::harness::scenario::GenerateSpec::request`]); the real-stack job
+/// writes it as is (the field order is the job file's key order).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Request {
+    pub max_new_tokens: usize,
+    /// Default: greedy.
+    pub strategy: Strategy,
+    /// A row that emits this token is finished: afterwards it emits `pad_token_id`
+    /// (shapes stay rectangular); generation stops early when every row is finished.
+    pub eos_token_id: Option<u32>,
+    /// What finished rows emit; default `eos_token_id`, else 0.
+    pub pad_token_id: Option<u32>,
+    /// Output rows per input row (default 1): at most `num_beams` for beams; sampling
+    /// repeats each input row; greedy allows only 1.
+    pub num_return_sequences: usize,
+}
+
+impl Request {
+    /// `max_new_tokens` greedy tokens, one output row per input row, no EOS.
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        Self {
+            max_new_tokens,
+            strategy: Strategy::Greedy,
+            eos_token_id: None,
+            pad_token_id: None,
+            num_return_sequences: 1,
+        }
+    }
+}
+
 /// How one generation runs.
 ///
 /// Beam search, as transformers' `generate(num_beams=..)` decides it (checked against
@@ -82,18 +114,8 @@ impl Strategy {
 /// `reference_math.rs` that changes 2 of 18 outputs.
 #[derive(Debug, Clone)]
 pub struct DecodeOptions {
-    // What is generated.
-    /// Default: greedy.
-    pub strategy: Strategy,
-    pub max_new_tokens: usize,
-    /// A row that emits this token is finished: afterwards it emits `pad_token_id`
-    /// (shapes stay rectangular); generation stops early when every row is finished.
-    pub eos_token_id: Option<u32>,
-    /// What finished rows emit; default `eos_token_id`, else 0.
-    pub pad_token_id: Option<u32>,
-    /// Output rows per input row (default 1): at most `num_beams` for beams; sampling
-    /// repeats each input row; greedy allows only 1.
-    pub num_return_sequences: usize,
+    /// What is generated.
+    pub request: Request,
     // How the prompt and the prefix reach the cache, and the kernels that run.
     pub cache: CacheConfig,
     /// How the prefix is shaped before it enters the cache.
@@ -126,11 +148,7 @@ pub struct DecodeOptions {
 impl DecodeOptions {
     pub fn new(cache: CacheConfig, max_new_tokens: usize) -> Self {
         Self {
-            strategy: Strategy::Greedy,
-            max_new_tokens,
-            eos_token_id: None,
-            pad_token_id: None,
-            num_return_sequences: 1,
+            request: Request::greedy(max_new_tokens),
             cache,
             layout: PrefixLayout::Auto,
             prefill_chunk: None,
@@ -145,27 +163,30 @@ impl DecodeOptions {
 
     /// The same options with another strategy.
     pub fn with_strategy(mut self, strategy: Strategy) -> Self {
-        self.strategy = strategy;
+        self.request.strategy = strategy;
         self
     }
 
     /// Rows per input row R: the cache, prefix and prompt are expanded to `B * R` rows.
     pub fn rows_per_input(&self) -> usize {
-        match &self.strategy {
+        match &self.request.strategy {
             Strategy::Greedy => 1,
-            Strategy::Sample { .. } => self.num_return_sequences,
+            Strategy::Sample { .. } => self.request.num_return_sequences,
             Strategy::Beam { num_beams, .. } => *num_beams,
         }
     }
 
     pub(super) fn pad_id(&self) -> u32 {
-        self.pad_token_id.or(self.eos_token_id).unwrap_or(0)
+        self.request
+            .pad_token_id
+            .or(self.request.eos_token_id)
+            .unwrap_or(0)
     }
 
     /// Reject options no generation can run with.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(EngineError::Config(format!("generate: {m}")));
-        let n = self.num_return_sequences;
+        let n = self.request.num_return_sequences;
         if self.prefill_chunk == Some(0) {
             return bad("prefill_chunk must be at least 1".into());
         }
@@ -177,7 +198,7 @@ impl DecodeOptions {
         if n == 0 {
             return bad("num_return_sequences must be at least 1".into());
         }
-        match &self.strategy {
+        match &self.request.strategy {
             Strategy::Greedy if n != 1 => bad(format!(
                 "greedy decoding returns one sequence per input row, num_return_sequences is {n} (use sample or beam)"
             )),

@@ -263,6 +263,19 @@ impl Default for GenerateSpec {
     }
 }
 
+impl GenerateSpec {
+    /// What the engine and the real stack are asked to generate.
+    pub fn request(&self) -> crate::engine::generate::Request {
+        crate::engine::generate::Request {
+            max_new_tokens: self.max_new_tokens,
+            strategy: self.strategy.clone(),
+            eos_token_id: self.eos_token_id,
+            pad_token_id: self.pad_token_id,
+            num_return_sequences: self.num_return_sequences,
+        }
+    }
+}
+
 /// Extra checks on a case's outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

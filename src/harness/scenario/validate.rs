@@ -186,8 +186,7 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
     }
     let mut probe =
         crate::engine::generate::DecodeOptions::new(CacheConfig::new(CacheMode::Dynamic), 1);
-    probe.strategy = s.generate.strategy.clone();
-    probe.num_return_sequences = s.generate.num_return_sequences;
+    probe.request = s.generate.request();
     probe
         .validate()
         .map_err(|m| ("generate".to_string(), m.to_string()))?;
@@ -264,8 +263,7 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
             }),
             s.generate.max_new_tokens,
         );
-        probe.strategy = s.generate.strategy.clone();
-        probe.eos_token_id = s.generate.eos_token_id;
+        probe.request = s.generate.request();
         probe.save_at = s.cache.save_at;
         let enc_dec = s.model.family == Some(crate::engine::model::Family::T5);
         if let Some(why) = crate::engine::batching::unsupported(&probe, at, enc_dec) {

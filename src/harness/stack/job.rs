@@ -6,7 +6,7 @@ use std::time::Duration;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
-use crate::engine::generate::Strategy;
+use crate::engine::generate::Request;
 use crate::harness::run::Prepared;
 use crate::harness::scenario::{CacheModeName, Case};
 
@@ -45,11 +45,8 @@ pub struct JobCache {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct JobGenerate {
-    pub max_new_tokens: usize,
-    pub strategy: Strategy,
-    pub eos_token_id: Option<u32>,
-    pub pad_token_id: Option<u32>,
-    pub num_return_sequences: usize,
+    #[serde(flatten)]
+    pub request: Request,
     /// The prompt in chunks of this many tokens (transformers' `prefill_chunk_size`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prefill_chunk: Option<usize>,
@@ -176,11 +173,7 @@ pub fn export_case(
         attention_mask: mask2(&prepared.mask)?,
         decoder_start_token_id: prepared.model.decoder_start_token_id(),
         generate: JobGenerate {
-            max_new_tokens: gen.max_new_tokens,
-            strategy: gen.strategy.clone(),
-            eos_token_id: gen.eos_token_id,
-            pad_token_id: gen.pad_token_id,
-            num_return_sequences: gen.num_return_sequences,
+            request: gen.request(),
             prefill_chunk: gen.prefill_chunk,
         },
         train,
@@ -240,4 +233,46 @@ pub fn write_model(
         .map_err(|e| format!("write model.safetensors: {e}"))?;
     crate::harness::report::write_atomic(&dir.join("config.json"), &text)
         .map_err(|e| format!("write config.json: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::generate::Strategy;
+    use crate::harness::stack::DRIVER;
+
+    /// The driver reads `generate`'s keys at the top of that object and fills in a
+    /// default for any it does not find (driver.py's protocol docstring), so a request
+    /// written one level deeper would run with the defaults, silently.
+    #[test]
+    fn generate_is_written_with_the_keys_the_driver_reads() {
+        let request = Request {
+            max_new_tokens: 5,
+            strategy: Strategy::Beam {
+                num_beams: 2,
+                length_penalty: 1.0,
+                early_stopping: true,
+            },
+            eos_token_id: Some(2),
+            pad_token_id: Some(0),
+            num_return_sequences: 2,
+        };
+        let g = JobGenerate {
+            request,
+            prefill_chunk: Some(3),
+        };
+        let expected = serde_json::json!({
+            "max_new_tokens": 5,
+            "strategy": {"beam": {"num_beams": 2, "length_penalty": 1.0, "early_stopping": true}},
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+            "num_return_sequences": 2,
+            "prefill_chunk": 3,
+        });
+        assert_eq!(serde_json::to_value(&g).unwrap(), expected);
+        // Each key is one the driver's protocol names.
+        for key in expected.as_object().unwrap().keys() {
+            assert!(DRIVER.contains(&format!("\"{key}\"")), "{key}");
+        }
+    }
 }

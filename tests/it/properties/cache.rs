@@ -179,7 +179,7 @@ proptest! {
             _ => (Decoding::Beam { num_beams: beams, length_penalty: 1.0, early_stopping: false }, beams, ret.min(beams)),
         };
         let mut opts = DecodeOptions::new(st.cache(), st.new).with_strategy(strategy.clone());
-        opts.num_return_sequences = returned;
+        opts.request.num_return_sequences = returned;
         let (out, trace) = st.run_with(model.as_ref(), &opts, &prompt(st.b, st.s));
         let out = out.map_err(err)?;
         let n = st.b * rows;
