@@ -197,11 +197,7 @@ impl Model for Bloom {
             let pad = fw.mask;
             let scale = 1.0 / (d as f64).sqrt();
             // [B, H, S, D]; ALiBi [B, H, 1, K] over the keys the cache returns
-            let step = CachedStep {
-                layer: i,
-                past,
-                window: fw.cache.window(),
-            };
+            let step = CachedStep::new(fw, i, past, None);
             let o = cached_self_attention(fw, step, &q, &k, &v, scale, &mut |kv_start, kv_len| {
                 self.alibi(pad, kv_start, kv_len, site).map(Some)
             })?;

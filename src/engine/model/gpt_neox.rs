@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_self_attention, merge_heads, CachedStep};
 use super::gpt2::QkvColumns;
-use super::nn::{embed, rope, LayerNorm, Linear};
-use super::weights::{linear, weight};
-use super::{backbone, row_positions, Facts, Family, Forward, Gelu, Model, ModelGeometry, Sizes};
+use super::nn::{embed, pass_rope_tables, rope, LayerNorm, Linear};
+use super::weights::{linear, lm_head, weight};
+use super::{backbone, Facts, Family, Forward, Gelu, Model, ModelGeometry, Sizes};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 
 /// `GPTNeoXConfig` (Hugging Face field names and defaults; transformers 4.x spelling
@@ -180,13 +180,8 @@ impl GptNeox {
             });
         }
         let final_layer_norm = LayerNorm::load(&vb, "final_layer_norm", e, eps)?;
-        let embed_out = if cfg.sizes.tie_word_embeddings {
-            Linear::from_torch(&embed_in, None).ctx("embed_in")?
-        } else {
-            let w =
-                weight(&root, (cfg.sizes.vocab_size, e), "embed_out.weight").ctx("embed_out")?;
-            Linear::from_torch(&w, None).ctx("embed_out")?
-        };
+        let tied = cfg.sizes.tie_word_embeddings;
+        let embed_out = lm_head(&root, "embed_out", &embed_in, "embed_in", tied)?;
         let r = cfg.rotary_ndims();
         let theta = cfg.theta();
         let inv: Vec<f32> = (0..r / 2)
@@ -234,14 +229,9 @@ impl Model for GptNeox {
     fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
         let (s, past) = fw.span(ids)?;
         let (heads, d) = (self.cfg.sizes.num_attention_heads, self.cfg.head_dim());
-        let (window, ops) = (fw.cache.window(), fw.ops);
-        // [B, 1, S, R] each, per row from the attention mask (real tokens from P on).
-        let positions = row_positions(fw.mask, past, s)?;
-        let (cos, sin) = super::nn::rope_tables(&self.inv_freq, &positions, self.embed_in.dtype())
-            .at(
-                Site::new(0, Attention::SelfAttn, TensorKind::Positions),
-                "rope tables",
-            )?;
+        let ops = fw.ops;
+        // [B, 1, S, R] each (real tokens from P on).
+        let (cos, sin) = pass_rope_tables(fw, past, s, &self.inv_freq, self.embed_in.dtype())?;
         // [B, S, E]
         let mut h = embed(&self.embed_in, ids).ctx("embed_in")?;
         for (i, l) in self.layers.iter().enumerate() {
@@ -267,11 +257,7 @@ impl Model for GptNeox {
             )?;
             let scale = 1.0 / (d as f64).sqrt();
             // [B, H, S, D]
-            let step = CachedStep {
-                layer: i,
-                past,
-                window,
-            };
+            let step = CachedStep::new(fw, i, past, None);
             let o = cached_self_attention(fw, step, &q, &k, &v, scale, &mut |_, _| Ok(None))?;
             // [B, S, E]
             let attn = merge_heads(&o)

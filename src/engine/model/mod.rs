@@ -19,6 +19,7 @@ pub mod llama;
 pub mod mistral;
 pub mod nn;
 pub mod phi3;
+pub mod projections;
 pub mod qwen2;
 pub mod qwen3;
 pub mod t5;

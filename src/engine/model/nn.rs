@@ -15,7 +15,7 @@ use candle_core::{DType, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::{kernels, weights};
-use crate::engine::diagnosis::{CandleExt, Result};
+use crate::engine::diagnosis::{Attention, CandleExt, Result, Site, TensorKind};
 
 /// Which kernels a forward pass runs (ARCHITECTURE.md, "Ops modes"). Carried by
 /// [`super::Forward`] and handed to every function below that branches on it; the
@@ -410,6 +410,24 @@ pub fn rope_tables(
             .to_dtype(dtype)
     };
     Ok((table(freqs.cos()?)?, table(freqs.sin()?)?))
+}
+
+/// The RoPE tables of the pass `fw` over `s` new tokens after `past` cached positions:
+/// each row's positions from its attention mask ([`super::row_positions`]: real tokens
+/// from P on, left padding not shifting them) through [`rope_tables`] with
+/// `inv_freq: [1, R/2]`. Returns `(cos, sin)`, each `[B, 1, S, R]` in `dtype`.
+pub fn pass_rope_tables(
+    fw: &super::Forward,
+    past: usize,
+    s: usize,
+    inv_freq: &Tensor,
+    dtype: DType,
+) -> Result<(Tensor, Tensor)> {
+    let positions = super::row_positions(fw.mask, past, s)?;
+    rope_tables(inv_freq, &positions, dtype).at(
+        Site::new(0, Attention::SelfAttn, TensorKind::Positions),
+        "rope tables",
+    )
 }
 
 /// RoPE, Hugging Face convention (rotate halves), differentiable in `x`:
