@@ -435,6 +435,8 @@ impl ModelConfig {
         }
     }
 
+    /// The cache geometry; a Llama-like family's is its Llama decoder's
+    /// (`llama::Config::geometry`).
     pub fn geometry(&self) -> ModelGeometry {
         match self {
             ModelConfig::Gpt2(c) => c.geometry(),
@@ -442,10 +444,10 @@ impl ModelConfig {
             ModelConfig::Bloom(c) => c.geometry(),
             ModelConfig::GptBigcode(c) => c.geometry(),
             ModelConfig::T5(c) => c.geometry(),
-            ModelConfig::Qwen2(c) => c.geometry(),
-            ModelConfig::Mistral(c) => c.geometry(),
-            ModelConfig::Qwen3(c) => c.geometry(),
-            ModelConfig::Phi3(c) => c.geometry(),
+            ModelConfig::Qwen2(c) => c.decoder().0.geometry(),
+            ModelConfig::Mistral(c) => c.decoder().0.geometry(),
+            ModelConfig::Qwen3(c) => c.decoder().0.geometry(),
+            ModelConfig::Phi3(c) => c.decoder().0.geometry(),
             ModelConfig::GptNeox(c) => c.geometry(),
             ModelConfig::Gemma2(c) => c.geometry(),
             ModelConfig::Gemma3(c) => c.geometry(),
