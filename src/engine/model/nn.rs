@@ -205,6 +205,78 @@ impl LayerNorm {
     }
 }
 
+/// The attention side of a Bloom or GPT-NeoX layer, stored alike by both (`{p}` the
+/// layer, `{attn}` Bloom's `self_attention` or GPT-NeoX's `attention`): the
+/// `{p}.input_layernorm` before attention, the fused `{p}.{attn}.query_key_value` with
+/// per-head columns ([`super::gpt2::QkvColumns::PerHead`]), the output
+/// `{p}.{attn}.dense`, and the `{p}.post_attention_layernorm` before the MLP.
+pub struct FusedAttention {
+    pub input_layernorm: LayerNorm,
+    /// `Linear` `[E, 3E]`, columns per head `[H, 3, D]` (q, k, v of head 0, then
+    /// head 1, ...)
+    pub query_key_value: Linear,
+    /// `Linear` `[E, E]`
+    pub dense: Linear,
+    pub post_attention_layernorm: LayerNorm,
+}
+
+impl FusedAttention {
+    /// Layer `p`'s weights as above, hidden size `e`, LayerNorm epsilon `eps`, biases on
+    /// `query_key_value` and `dense` with `bias`.
+    pub fn load(
+        vb: &VarBuilder,
+        p: &str,
+        attn: &str,
+        e: usize,
+        eps: f64,
+        bias: bool,
+    ) -> Result<Self> {
+        let linear =
+            |n: &str, o: usize| weights::linear(vb, &format!("{p}.{attn}.{n}"), e, o, bias);
+        Ok(Self {
+            input_layernorm: LayerNorm::load(vb, &format!("{p}.input_layernorm"), e, eps)?,
+            query_key_value: linear("query_key_value", 3 * e)?,
+            dense: linear("dense", e)?,
+            post_attention_layernorm: LayerNorm::load(
+                vb,
+                &format!("{p}.post_attention_layernorm"),
+                e,
+                eps,
+            )?,
+        })
+    }
+
+    /// `h: [B, S, E]` -> `a = input_layernorm(h)` `[B, S, E]` and its queries, keys and
+    /// values `[B, H, S, D]` each (`query_key_value(a)` `[B, S, 3E]` split per head), in
+    /// mode `ops`; errors at `site`.
+    pub fn normed_qkv(
+        &self,
+        h: &Tensor,
+        (heads, d): (usize, usize),
+        site: Site,
+        ops: Ops,
+    ) -> Result<(Tensor, [Tensor; 3])> {
+        let a = self
+            .input_layernorm
+            .forward(h, ops)
+            .at(site, "input_layernorm")?;
+        let (q, k, v) = self
+            .query_key_value
+            .forward(&a)
+            .and_then(|x| super::gpt2::QkvColumns::PerHead.split(&x, heads, d))
+            .at(site, "query_key_value")?;
+        Ok((a, [q, k, v]))
+    }
+
+    /// The attention output `o: [B, H, S, D]` -> `dense(merge_heads(o))` `[B, S, E]`;
+    /// errors at `site`.
+    pub fn output(&self, o: &Tensor, site: Site) -> Result<Tensor> {
+        super::attention::merge_heads(o)
+            .and_then(|o| self.dense.forward(&o))
+            .at(site, "dense")
+    }
+}
+
 /// The two-layer GELU (tanh) MLP of GPT-2, GPT-BigCode and Bloom: `down(gelu(up(x)))`.
 pub struct GeluMlp {
     /// `Linear` `[E, inner]`
