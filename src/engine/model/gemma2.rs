@@ -176,12 +176,11 @@ impl Config {
                 self.core.hidden_activation
             ));
         }
-        let rope_type = self.rope_parameters.as_ref().and_then(|r| {
-            r.rope_type
-                .as_deref()
-                .or(r.legacy_type.as_deref())
-                .filter(|t| *t != "default")
-        });
+        let rope_type = self
+            .rope_parameters
+            .as_deref()
+            .map(RopeParameters::kind)
+            .filter(|t| *t != "default");
         if let Some(t) = rope_type {
             return bad(format!("rope_type `{t}` is not supported (only default)"));
         }

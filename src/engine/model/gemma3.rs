@@ -165,12 +165,7 @@ impl Config {
 /// `inv: [D/2]` with `rope_type` `default` or `linear` (`inv / factor`) applied.
 fn scaled(inv: Vec<f64>, r: Option<&RopeParameters>) -> Result<Vec<f64>> {
     let Some(r) = r else { return Ok(inv) };
-    let kind = r
-        .rope_type
-        .as_deref()
-        .or(r.legacy_type.as_deref())
-        .unwrap_or("default");
-    match kind {
+    match r.kind() {
         "default" => Ok(inv),
         "linear" => {
             let factor = r.factor.filter(|f| *f > 0.0).ok_or_else(|| {

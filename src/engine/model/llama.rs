@@ -185,7 +185,8 @@ pub struct RopeParameters {
 }
 
 impl RopeParameters {
-    fn kind(&self) -> &str {
+    /// The RoPE type: `rope_type`, else the older `type`, else `default`.
+    pub fn kind(&self) -> &str {
         self.rope_type
             .as_deref()
             .or(self.legacy_type.as_deref())
