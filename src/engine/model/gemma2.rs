@@ -31,7 +31,9 @@ use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_keys, merge_heads, softcapped_sdpa, CachedStep, Scores};
 use super::llama::RopeParameters;
-use super::nn::{embed, pass_rope_tables, rms_norm, Linear, Ops};
+use super::nn::{
+    default_inv_freq, embed, inv_freq_tensor, pass_rope_tables, rms_norm, Linear, Ops,
+};
 use super::projections::{LoadHeadNorm, ProjectionSpec, Projections, Qkv};
 use super::weights::{linear, lm_head, weight};
 use super::{backbone, Facts, Family, Forward, Gelu, Model, ModelGeometry, Sizes};
@@ -230,13 +232,6 @@ pub struct Block {
     pub rope_local: Vec<f64>,
 }
 
-/// Default RoPE inverse frequencies `1 / theta^(2i/d)`, `i < d/2` (f64).
-pub fn default_inv_freq(theta: f64, d: usize) -> Vec<f64> {
-    (0..d / 2)
-        .map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64))
-        .collect()
-}
-
 impl Block {
     /// `Gemma2ForCausalLM`: no q/k norm, one RoPE base for every layer.
     pub fn gemma2(cfg: &Config) -> Result<Self> {
@@ -367,10 +362,7 @@ impl Gemma2 {
         let tied = cfg.core.sizes.tie_word_embeddings;
         let lm_head = lm_head(&root, "lm_head", &embed_tokens, "embed_tokens", tied)?;
         // [1, D/2] each (f32)
-        let table = |f: &[f64]| {
-            let inv: Vec<f32> = f.iter().map(|&x| x as f32).collect();
-            Tensor::from_vec(inv, (1, d / 2), embed_tokens.device()).ctx("rope inv_freq")
-        };
+        let table = |f: &[f64]| inv_freq_tensor(f, embed_tokens.device());
         Ok(Self {
             facts: Facts::windowed(block.family, cfg.geometry(), block.windows.clone()),
             cfg: cfg.clone(),

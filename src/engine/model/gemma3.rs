@@ -19,8 +19,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::gemma2::{self, default_inv_freq};
+use super::gemma2;
 use super::llama::RopeParameters;
+use super::nn::default_inv_freq;
 use super::{Family, ModelGeometry};
 use crate::engine::diagnosis::{EngineError, Result};
 

@@ -15,7 +15,10 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_self_attention, CachedStep};
-use super::nn::{embed, pass_rope_tables, rope, FusedAttention, LayerNorm, Linear, Ops};
+use super::nn::{
+    default_inv_freq, embed, inv_freq_tensor, pass_rope_tables, rope, FusedAttention, LayerNorm,
+    Linear, Ops,
+};
 use super::weights::{linear, lm_head, weight};
 use super::{backbone, Facts, Family, Forward, Gelu, Model, ModelGeometry, Sizes};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
@@ -163,12 +166,8 @@ impl GptNeox {
         let final_layer_norm = LayerNorm::load(&vb, "final_layer_norm", e, eps)?;
         let tied = cfg.sizes.tie_word_embeddings;
         let embed_out = lm_head(&root, "embed_out", &embed_in, "embed_in", tied)?;
-        let r = cfg.rotary_ndims();
-        let theta = cfg.theta();
-        let inv: Vec<f32> = (0..r / 2)
-            .map(|i| (1.0 / theta.powf((2 * i) as f64 / r as f64)) as f32)
-            .collect();
-        let inv_freq = Tensor::from_vec(inv, (1, r / 2), embed_in.device()).ctx("rope inv_freq")?;
+        let inv = default_inv_freq(cfg.theta(), cfg.rotary_ndims());
+        let inv_freq = inv_freq_tensor(&inv, embed_in.device())?;
         Ok(Self {
             facts: Facts::global(Family::GptNeox, cfg.geometry()),
             cfg: cfg.clone(),

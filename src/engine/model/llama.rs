@@ -20,7 +20,10 @@ use super::attention::{
     cached_keys, cached_self_attention, merge_heads, sdpa_detached, CachedStep, Scores,
 };
 use super::kernels;
-use super::nn::{block_ops, embed, pass_rope_tables, rms_norm, swiglu_mlp, Linear};
+use super::nn::{
+    block_ops, default_inv_freq, embed, inv_freq_tensor, pass_rope_tables, rms_norm, swiglu_mlp,
+    Linear,
+};
 use super::projections::{LoadHeadNorm, ProjectionSpec, Projections, Qkv};
 use super::weights::{fused_linears, linear, lm_head, ones, weight};
 use super::{backbone, Facts, Family, Forward, Model, ModelGeometry, Sizes};
@@ -114,10 +117,7 @@ impl Rope {
     /// dimension), with the scaling of
     /// `rope_type` (`default`, `linear`, `llama3`), computed in f64.
     fn inv_freq(&self, d: usize) -> Result<Vec<f64>> {
-        let theta = self.theta();
-        let base: Vec<f64> = (0..d / 2)
-            .map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64))
-            .collect();
+        let base = default_inv_freq(self.theta(), d);
         let Some(r) = self.scaling() else {
             return Ok(base);
         };
@@ -406,15 +406,8 @@ impl Llama {
         let norm = ones(&vb, e, "norm.weight").ctx("norm")?;
         let tied = cfg.core.sizes.tie_word_embeddings;
         let lm_head = lm_head(&root, "lm_head", &embed_tokens, "embed_tokens", tied)?;
-        let inv: Vec<f32> = cfg
-            .core
-            .rope
-            .inv_freq(cfg.head_dim())?
-            .into_iter()
-            .map(|f| f as f32)
-            .collect();
-        let inv_freq =
-            Tensor::from_vec(inv, (1, d / 2), embed_tokens.device()).ctx("rope inv_freq")?;
+        let inv = cfg.core.rope.inv_freq(cfg.head_dim())?;
+        let inv_freq = inv_freq_tensor(&inv, embed_tokens.device())?;
         Ok(Self {
             facts: Facts::windowed(block.family, cfg.geometry(), block.windows.clone()),
             cfg: cfg.clone(),

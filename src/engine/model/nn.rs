@@ -457,6 +457,21 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32]) -> candle_core::Resu
         .neg()
 }
 
+/// Default RoPE inverse frequencies `1 / theta^(2i/d)`, `i < d/2` (f64): `[d/2]`, `d`
+/// the rotated width (`head_dim`, or GPT-NeoX's rotary dimensions).
+pub fn default_inv_freq(theta: f64, d: usize) -> Vec<f64> {
+    (0..d / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64))
+        .collect()
+}
+
+/// RoPE inverse frequencies `inv: [R/2]` (f64) as the tensor [`rope_tables`] takes:
+/// `[1, R/2]`, f32 (as transformers computes them), on `device`.
+pub fn inv_freq_tensor(inv: &[f64], device: &candle_core::Device) -> Result<Tensor> {
+    let f32s: Vec<f32> = inv.iter().map(|&f| f as f32).collect();
+    Tensor::from_vec(f32s, (1, inv.len()), device).ctx("rope inv_freq")
+}
+
 /// RoPE tables for the positions `[B][S]` of each row (from
 /// [`super::row_positions`]) and the inverse frequencies `inv_freq: [1, R/2]`:
 /// `(cos, sin)`, each `[B, 1, S, R]` (halves repeated, transformers' `rotate_half`
