@@ -5,7 +5,7 @@
 use candle_core::Tensor;
 
 use super::kernels::matmul;
-use super::nn::{rms_norm, rope, Linear, Ops};
+use super::nn::Ops;
 use crate::engine::cache::{ChunkMask, KvView};
 use crate::engine::diagnosis::{
     Attention, CandleExt, Diagnosis, DiagnosisClass, Result, Site, TensorKind,
@@ -423,6 +423,25 @@ pub struct CachedStep {
     pub window: Option<usize>,
 }
 
+impl CachedStep {
+    /// Layer `layer`'s step in the pass `fw` whose first new token sits at `past`: its
+    /// queries see the keys within the cache's window (`fw.cache.window()`), which
+    /// applies to every layer, else within the layer's own `layer_window` from the
+    /// config (`None`: every key).
+    pub fn new(
+        fw: &super::Forward,
+        layer: usize,
+        past: usize,
+        layer_window: Option<usize>,
+    ) -> Self {
+        Self {
+            layer,
+            past,
+            window: fw.cache.window().or(layer_window),
+        }
+    }
+}
+
 /// Decoder self-attention through the cache, the same in every family: append the new
 /// keys and values and build the mask ([`cached_keys`]), and attend.
 ///
@@ -508,83 +527,6 @@ pub fn cached_keys(
     }
     fw.cache.note_mask(layer, att, mask.dims());
     Ok((view, mask))
-}
-
-/// The attention projections of the RoPE decoders (Llama, Qwen2/3, Mistral, Phi-3 after
-/// its fused `qkv_proj` is split, Gemma 2/3), with the per-head q/k norms of the
-/// families that have them.
-pub struct Projections {
-    /// `Linear` `[E, H*D]`
-    pub q_proj: Linear,
-    /// `Linear` `[E, KVH*D]`
-    pub k_proj: Linear,
-    /// `Linear` `[E, KVH*D]`
-    pub v_proj: Linear,
-    /// `Linear` `[H*D, E]`
-    pub o_proj: Linear,
-    /// `[D]` each: RMSNorm weights per head over D for queries and keys, applied before
-    /// RoPE (Qwen3; Gemma 3 holds `1 + w`).
-    pub q_norm: Option<Tensor>,
-    pub k_norm: Option<Tensor>,
-}
-
-/// What [`Projections::qkv`] gives: the queries, keys and values attention reads, and
-/// the projected query and key heads before their norm and RoPE (what a block op's
-/// backward pass goes back through).
-pub struct Qkv {
-    /// `[B, H, S, D]`: normalised (with q/k norms) and rotated.
-    pub q: Tensor,
-    /// `[B, KVH, S, D]`: normalised (with q/k norms) and rotated.
-    pub k: Tensor,
-    /// `[B, KVH, S, D]`
-    pub v: Tensor,
-    /// `q_proj(a)` as heads `[B, H, S, D]`, `k_proj(a)` as heads `[B, KVH, S, D]`.
-    pub projected: (Tensor, Tensor),
-}
-
-impl Projections {
-    /// `a: [B, S, E]` -> q `[B, H, S, D]`, k and v `[B, KVH, S, D]` of layer `layer`'s
-    /// self-attention: projected, split into `(H, KVH, D)` heads, queries and keys
-    /// normalised per head (with `eps`, in mode `ops`) and rotated with `cos, sin:
-    /// [B, 1, S, D]` (the new positions only: the prefix in the cache is not rotated).
-    pub fn qkv(
-        &self,
-        a: &Tensor,
-        (heads, kv_heads, d): (usize, usize, usize),
-        eps: f64,
-        (cos, sin): (&Tensor, &Tensor),
-        layer: usize,
-        ops: Ops,
-    ) -> Result<Qkv> {
-        let site = |t| Site::new(layer, Attention::SelfAttn, t);
-        // `proj(a)` as `n` heads `[B, n, S, D]`, and those normalised per head over D
-        // with `norm` (when given) and rotated.
-        let heads_of = |proj: &Linear, n: usize, norm: &Option<Tensor>| {
-            let projected = split_heads(&proj.forward(a)?, n, d)?;
-            let t = match norm {
-                Some(w) => rms_norm(&projected, w, eps, ops)?,
-                None => projected.clone(),
-            };
-            Ok::<_, candle_core::Error>((projected, rope(&t, cos, sin)?))
-        };
-        // [B, H, S, D] each
-        let (q_heads, q) = heads_of(&self.q_proj, heads, &self.q_norm)
-            .at(site(TensorKind::Query), "q_proj + rope")?;
-        // [B, KVH, S, D] each
-        let (k_heads, k) = heads_of(&self.k_proj, kv_heads, &self.k_norm)
-            .at(site(TensorKind::Key), "k_proj + rope")?;
-        let v = self
-            .v_proj
-            .forward(a)
-            .and_then(|v| split_heads(&v, kv_heads, d))
-            .at(site(TensorKind::Value), "v_proj")?;
-        Ok(Qkv {
-            q,
-            k,
-            v,
-            projected: (q_heads, k_heads),
-        })
-    }
 }
 
 #[cfg(test)]

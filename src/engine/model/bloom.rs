@@ -10,9 +10,9 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::attention::{cached_self_attention, merge_heads, CachedStep};
-use super::gpt2::{self, QkvColumns};
-use super::nn::{embed, GeluMlp, LayerNorm, Linear};
+use super::attention::{cached_self_attention, CachedStep};
+use super::gpt2;
+use super::nn::{embed, FusedAttention, GeluMlp, LayerNorm, Linear};
 use super::weights::{linear_params, weight};
 use super::{backbone, Facts, Family, Forward, Model, ModelGeometry};
 use crate::engine::diagnosis::{Attention, CandleExt, Result, Site, TensorKind};
@@ -50,13 +50,9 @@ impl Config {
 }
 
 struct Block {
-    input_layernorm: LayerNorm,
-    /// `Linear` `[E, 3E]`, columns per head `[H, 3, D]` (q, k, v of head 0, then
-    /// head 1, ...)
-    query_key_value: Linear,
-    /// `Linear` `[E, E]`
-    dense: Linear,
-    post_attention_layernorm: LayerNorm,
+    /// `input_layernorm`, `self_attention.{query_key_value, dense}`,
+    /// `post_attention_layernorm`
+    attn: FusedAttention,
     /// `dense_h_to_4h` `[E, 4E]`, `dense_4h_to_h` `[4E, E]`
     mlp: GeluMlp,
 }
@@ -101,20 +97,7 @@ impl Bloom {
         for i in 0..cfg.n_layer {
             let p = format!("h.{i}");
             blocks.push(Block {
-                input_layernorm: LayerNorm::load(&vb, &format!("{p}.input_layernorm"), e, eps)?,
-                query_key_value: linear_params(
-                    &vb,
-                    &format!("{p}.self_attention.query_key_value"),
-                    e,
-                    3 * e,
-                )?,
-                dense: linear_params(&vb, &format!("{p}.self_attention.dense"), e, e)?,
-                post_attention_layernorm: LayerNorm::load(
-                    &vb,
-                    &format!("{p}.post_attention_layernorm"),
-                    e,
-                    eps,
-                )?,
+                attn: FusedAttention::load(&vb, &p, "self_attention", e, eps, true)?,
                 mlp: GeluMlp {
                     up: linear_params(&vb, &format!("{p}.mlp.dense_h_to_4h"), e, 4 * e)?,
                     down: linear_params(&vb, &format!("{p}.mlp.dense_4h_to_h"), 4 * e, e)?,
@@ -183,33 +166,20 @@ impl Model for Bloom {
             .ctx("embeddings")?;
         for (i, blk) in self.blocks.iter().enumerate() {
             let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
-            let a = blk
-                .input_layernorm
-                .forward(&h, ops)
-                .at(site, "input_layernorm")?;
-            let residual = if post_ln { a.clone() } else { h.clone() };
-            // [B, S, 3E] -> q, k, v [B, H, S, D] each
-            let (q, k, v) = blk
-                .query_key_value
-                .forward(&a)
-                .and_then(|x| QkvColumns::PerHead.split(&x, heads, d))
-                .at(site, "query_key_value")?;
+            // a: [B, S, E]; q, k, v [B, H, S, D] each
+            let (a, [q, k, v]) = blk.attn.normed_qkv(&h, (heads, d), site, ops)?;
+            let residual = if post_ln { a } else { h.clone() };
             let pad = fw.mask;
             let scale = 1.0 / (d as f64).sqrt();
             // [B, H, S, D]; ALiBi [B, H, 1, K] over the keys the cache returns
-            let step = CachedStep {
-                layer: i,
-                past,
-                window: fw.cache.window(),
-            };
+            let step = CachedStep::new(fw, i, past, None);
             let o = cached_self_attention(fw, step, &q, &k, &v, scale, &mut |kv_start, kv_len| {
                 self.alibi(pad, kv_start, kv_len, site).map(Some)
             })?;
-            let o = merge_heads(&o)
-                .and_then(|o| blk.dense.forward(&o))
-                .at(site, "dense")?;
+            let o = blk.attn.output(&o, site)?;
             h = (o + residual).at(site, "residual")?;
             let m_in = blk
+                .attn
                 .post_attention_layernorm
                 .forward(&h, ops)
                 .at(site, "post_attention_layernorm")?;

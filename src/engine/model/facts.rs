@@ -55,8 +55,8 @@ mod tests {
     use candle_core::{DType, Device};
     use candle_nn::{VarBuilder, VarMap};
 
+    use super::super::tests::every_tiny_config;
     use super::super::ModelConfig;
-    use super::*;
 
     /// Each family's model reports the family, geometry and per-layer windows its
     /// config gives (the shared decoders: their block's windows; the others: none),
@@ -64,8 +64,7 @@ mod tests {
     #[test]
     fn every_model_reports_its_config() {
         let mut windowed = 0;
-        for family in Family::ALL {
-            let cfg = ModelConfig::tiny(family);
+        for (family, cfg) in every_tiny_config() {
             let vars = VarMap::new();
             let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
             let model = cfg.build(vb).unwrap_or_else(|e| panic!("{family:?}: {e}"));

@@ -29,13 +29,14 @@ use candle_core::{DType, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::attention::{
-    cached_keys, merge_heads, softcapped_sdpa, CachedStep, Projections, Qkv, Scores,
-};
+use super::attention::{cached_keys, merge_heads, softcapped_sdpa, CachedStep, Scores};
 use super::llama::RopeParameters;
-use super::nn::{embed, rms_norm, Linear, Ops};
-use super::weights::{linear, weight};
-use super::{backbone, row_positions, Facts, Family, Forward, Gelu, Model, ModelGeometry, Sizes};
+use super::nn::{
+    default_inv_freq, embed, inv_freq_tensor, pass_rope_tables, rms_norm, Linear, Ops,
+};
+use super::projections::{LoadHeadNorm, ProjectionSpec, Projections, Qkv};
+use super::weights::{linear, lm_head, weight};
+use super::{backbone, Facts, Family, Forward, Gelu, Model, ModelGeometry, Sizes};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 
 /// `Gemma2Config` (Hugging Face field names; transformers 5's defaults, Gemma-2-2B's
@@ -177,12 +178,11 @@ impl Config {
                 self.core.hidden_activation
             ));
         }
-        let rope_type = self.rope_parameters.as_ref().and_then(|r| {
-            r.rope_type
-                .as_deref()
-                .or(r.legacy_type.as_deref())
-                .filter(|t| *t != "default")
-        });
+        let rope_type = self
+            .rope_parameters
+            .as_deref()
+            .map(RopeParameters::kind)
+            .filter(|t| *t != "default");
         if let Some(t) = rope_type {
             return bad(format!("rope_type `{t}` is not supported (only default)"));
         }
@@ -230,13 +230,6 @@ pub struct Block {
     pub rope_global: Vec<f64>,
     /// RoPE inverse frequencies `[D/2]` of the sliding layers.
     pub rope_local: Vec<f64>,
-}
-
-/// Default RoPE inverse frequencies `1 / theta^(2i/d)`, `i < d/2` (f64).
-pub fn default_inv_freq(theta: f64, d: usize) -> Vec<f64> {
-    (0..d / 2)
-        .map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64))
-        .collect()
 }
 
 impl Block {
@@ -341,27 +334,22 @@ impl Gemma2 {
         let embed_tokens = weight(&vb, (cfg.core.sizes.vocab_size, e), "embed_tokens.weight")
             .ctx("embed_tokens")?;
         let mut layers = Vec::with_capacity(cfg.core.sizes.num_hidden_layers);
+        let spec = ProjectionSpec {
+            hidden: e,
+            heads: (heads, kvh, d),
+            qkv_bias: ab,
+            o_bias: ab,
+            fused_qkv: false,
+            head_norm: block.qk_norm.then_some(gemma_norm as LoadHeadNorm),
+        };
         for i in 0..cfg.core.sizes.num_hidden_layers {
             let p = format!("layers.{i}");
             let norm = |n: &str| gemma_norm(&vb, &format!("{p}.{n}.weight"), e);
-            let attn =
-                |n: &str, i: usize, o: usize| linear(&vb, &format!("{p}.self_attn.{n}"), i, o, ab);
             let mlp =
                 |n: &str, i: usize, o: usize| linear(&vb, &format!("{p}.mlp.{n}"), i, o, false);
-            let head_norm = |n: &str| {
-                let name = format!("{p}.self_attn.{n}.weight");
-                block.qk_norm.then(|| gemma_norm(&vb, &name, d)).transpose()
-            };
             layers.push(Layer {
                 input_layernorm: norm("input_layernorm")?,
-                attn: Projections {
-                    q_proj: attn("q_proj", e, heads * d)?,
-                    k_proj: attn("k_proj", e, kvh * d)?,
-                    v_proj: attn("v_proj", e, kvh * d)?,
-                    o_proj: attn("o_proj", heads * d, e)?,
-                    q_norm: head_norm("q_norm")?,
-                    k_norm: head_norm("k_norm")?,
-                },
+                attn: Projections::load(&vb, &p, &spec)?,
                 post_attention_layernorm: norm("post_attention_layernorm")?,
                 pre_feedforward_layernorm: norm("pre_feedforward_layernorm")?,
                 post_feedforward_layernorm: norm("post_feedforward_layernorm")?,
@@ -371,18 +359,10 @@ impl Gemma2 {
             });
         }
         let norm = gemma_norm(&vb, "norm.weight", e)?;
-        let lm_head = if cfg.core.sizes.tie_word_embeddings {
-            Linear::from_torch(&embed_tokens, None).ctx("embed_tokens")?
-        } else {
-            let w =
-                weight(&root, (cfg.core.sizes.vocab_size, e), "lm_head.weight").ctx("lm_head")?;
-            Linear::from_torch(&w, None).ctx("lm_head")?
-        };
+        let tied = cfg.core.sizes.tie_word_embeddings;
+        let lm_head = lm_head(&root, "lm_head", &embed_tokens, "embed_tokens", tied)?;
         // [1, D/2] each (f32)
-        let table = |f: &[f64]| {
-            let inv: Vec<f32> = f.iter().map(|&x| x as f32).collect();
-            Tensor::from_vec(inv, (1, d / 2), embed_tokens.device()).ctx("rope inv_freq")
-        };
+        let table = |f: &[f64]| inv_freq_tensor(f, embed_tokens.device());
         Ok(Self {
             facts: Facts::windowed(block.family, cfg.geometry(), block.windows.clone()),
             cfg: cfg.clone(),
@@ -463,16 +443,8 @@ impl Model for Gemma2 {
     fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
         let (s, past) = fw.span(ids)?;
         let eps = self.cfg.core.rms_norm_eps;
-        // A cache window applies to every layer; otherwise each layer has its own.
-        let cache_window = fw.cache.window();
-        // [B, 1, S, D] each, per row from the attention mask (real tokens from P on).
-        let positions = row_positions(fw.mask, past, s)?;
-        let tables = |inv: &Tensor| {
-            super::nn::rope_tables(inv, &positions, self.embed_tokens.dtype()).at(
-                Site::new(0, Attention::SelfAttn, TensorKind::Positions),
-                "rope tables",
-            )
-        };
+        // [B, 1, S, D] each (real tokens from P on).
+        let tables = |inv: &Tensor| pass_rope_tables(fw, past, s, inv, self.embed_tokens.dtype());
         // [B, 1, S, D] each: the global layers' and the sliding layers' tables
         let global = tables(&self.inv_freq_global)?;
         let local = if self.block.rope_local == self.block.rope_global {
@@ -487,17 +459,13 @@ impl Model for Gemma2 {
             .ctx("embed_tokens")?;
         for (i, l) in self.layers.iter().enumerate() {
             let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
-            let window = cache_window.or(self.block.windows[i]);
             let (cos, sin) = if self.block.sliding[i] {
                 &local
             } else {
                 &global
             };
-            let step = CachedStep {
-                layer: i,
-                past,
-                window,
-            };
+            // Keys visible to a query: the cache's window, else this layer's own.
+            let step = CachedStep::new(fw, i, past, self.block.windows[i]);
             let a = self.attention(fw, step, l, &h, (cos, sin))?;
             h = (h + a).at(site, "residual")?;
             let m = self.mlp(l, &h, fw.ops).at(site, "mlp")?;

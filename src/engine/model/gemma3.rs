@@ -19,8 +19,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::gemma2::{self, default_inv_freq};
+use super::gemma2;
 use super::llama::RopeParameters;
+use super::nn::default_inv_freq;
 use super::{Family, ModelGeometry};
 use crate::engine::diagnosis::{EngineError, Result};
 
@@ -165,12 +166,7 @@ impl Config {
 /// `inv: [D/2]` with `rope_type` `default` or `linear` (`inv / factor`) applied.
 fn scaled(inv: Vec<f64>, r: Option<&RopeParameters>) -> Result<Vec<f64>> {
     let Some(r) = r else { return Ok(inv) };
-    let kind = r
-        .rope_type
-        .as_deref()
-        .or(r.legacy_type.as_deref())
-        .unwrap_or("default");
-    match kind {
+    match r.kind() {
         "default" => Ok(inv),
         "linear" => {
             let factor = r.factor.filter(|f| *f > 0.0).ok_or_else(|| {

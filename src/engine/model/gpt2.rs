@@ -292,11 +292,7 @@ impl Model for Gpt2 {
                 .split(&qkv, heads, d)
                 .at(site, "split c_attn")?;
             let scale = 1.0 / (d as f64).sqrt();
-            let step = CachedStep {
-                layer: i,
-                past,
-                window: fw.cache.window(),
-            };
+            let step = CachedStep::new(fw, i, past, None);
             // [B, H, S, D]
             let o = cached_self_attention(fw, step, &q, &k, &v, scale, &mut |_, _| Ok(None))?;
             let o = merge_heads(&o)

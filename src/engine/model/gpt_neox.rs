@@ -14,11 +14,13 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::attention::{cached_self_attention, merge_heads, CachedStep};
-use super::gpt2::QkvColumns;
-use super::nn::{embed, rope, LayerNorm, Linear};
-use super::weights::{linear, weight};
-use super::{backbone, row_positions, Facts, Family, Forward, Gelu, Model, ModelGeometry, Sizes};
+use super::attention::{cached_self_attention, CachedStep};
+use super::nn::{
+    default_inv_freq, embed, inv_freq_tensor, pass_rope_tables, rope, FusedAttention, LayerNorm,
+    Linear, Ops,
+};
+use super::weights::{linear, lm_head, weight};
+use super::{backbone, Facts, Family, Forward, Gelu, Model, ModelGeometry, Sizes};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 
 /// `GPTNeoXConfig` (Hugging Face field names and defaults; transformers 4.x spelling
@@ -118,12 +120,8 @@ impl Config {
 }
 
 struct Layer {
-    input_layernorm: LayerNorm,
-    /// `Linear` `[E, 3E]`, columns per head `[H, 3, D]`
-    query_key_value: Linear,
-    /// `Linear` `[E, E]`
-    dense: Linear,
-    post_attention_layernorm: LayerNorm,
+    /// `input_layernorm`, `attention.{query_key_value, dense}`, `post_attention_layernorm`
+    attn: FusedAttention,
     /// `Linear` `[E, I]`
     dense_h_to_4h: Linear,
     /// `Linear` `[I, E]`
@@ -160,39 +158,16 @@ impl GptNeox {
         for i in 0..cfg.sizes.num_hidden_layers {
             let p = format!("layers.{i}");
             layers.push(Layer {
-                input_layernorm: LayerNorm::load(&vb, &format!("{p}.input_layernorm"), e, eps)?,
-                query_key_value: linear(
-                    &vb,
-                    &format!("{p}.attention.query_key_value"),
-                    e,
-                    3 * e,
-                    ab,
-                )?,
-                dense: linear(&vb, &format!("{p}.attention.dense"), e, e, ab)?,
-                post_attention_layernorm: LayerNorm::load(
-                    &vb,
-                    &format!("{p}.post_attention_layernorm"),
-                    e,
-                    eps,
-                )?,
+                attn: FusedAttention::load(&vb, &p, "attention", e, eps, ab)?,
                 dense_h_to_4h: linear(&vb, &format!("{p}.mlp.dense_h_to_4h"), e, inter, true)?,
                 dense_4h_to_h: linear(&vb, &format!("{p}.mlp.dense_4h_to_h"), inter, e, true)?,
             });
         }
         let final_layer_norm = LayerNorm::load(&vb, "final_layer_norm", e, eps)?;
-        let embed_out = if cfg.sizes.tie_word_embeddings {
-            Linear::from_torch(&embed_in, None).ctx("embed_in")?
-        } else {
-            let w =
-                weight(&root, (cfg.sizes.vocab_size, e), "embed_out.weight").ctx("embed_out")?;
-            Linear::from_torch(&w, None).ctx("embed_out")?
-        };
-        let r = cfg.rotary_ndims();
-        let theta = cfg.theta();
-        let inv: Vec<f32> = (0..r / 2)
-            .map(|i| (1.0 / theta.powf((2 * i) as f64 / r as f64)) as f32)
-            .collect();
-        let inv_freq = Tensor::from_vec(inv, (1, r / 2), embed_in.device()).ctx("rope inv_freq")?;
+        let tied = cfg.sizes.tie_word_embeddings;
+        let embed_out = lm_head(&root, "embed_out", &embed_in, "embed_in", tied)?;
+        let inv = default_inv_freq(cfg.theta(), cfg.rotary_ndims());
+        let inv_freq = inv_freq_tensor(&inv, embed_in.device())?;
         Ok(Self {
             facts: Facts::global(Family::GptNeox, cfg.geometry()),
             cfg: cfg.clone(),
@@ -204,9 +179,12 @@ impl GptNeox {
         })
     }
 
-    /// The MLP: `x: [B, S, E]` -> `dense_4h_to_h(act(dense_h_to_4h(x)))` `[B, S, E]`.
-    fn mlp(&self, l: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {
-        let m = l.dense_h_to_4h.forward(x)?;
+    /// Layer `l`'s MLP branch, without its residual: `x: [B, S, E]` ->
+    /// `dense_4h_to_h(act(dense_h_to_4h(n)))` `[B, S, E]`, `n = post_attention_layernorm(x)`
+    /// in mode `ops`.
+    fn mlp(&self, l: &Layer, x: &Tensor, ops: Ops) -> candle_core::Result<Tensor> {
+        let n = l.attn.post_attention_layernorm.forward(x, ops)?;
+        let m = l.dense_h_to_4h.forward(&n)?;
         let m = Gelu::named(&self.cfg.hidden_act).apply(&m)?;
         l.dense_4h_to_h.forward(&m)
     }
@@ -234,28 +212,15 @@ impl Model for GptNeox {
     fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
         let (s, past) = fw.span(ids)?;
         let (heads, d) = (self.cfg.sizes.num_attention_heads, self.cfg.head_dim());
-        let (window, ops) = (fw.cache.window(), fw.ops);
-        // [B, 1, S, R] each, per row from the attention mask (real tokens from P on).
-        let positions = row_positions(fw.mask, past, s)?;
-        let (cos, sin) = super::nn::rope_tables(&self.inv_freq, &positions, self.embed_in.dtype())
-            .at(
-                Site::new(0, Attention::SelfAttn, TensorKind::Positions),
-                "rope tables",
-            )?;
+        let ops = fw.ops;
+        // [B, 1, S, R] each (real tokens from P on).
+        let (cos, sin) = pass_rope_tables(fw, past, s, &self.inv_freq, self.embed_in.dtype())?;
         // [B, S, E]
         let mut h = embed(&self.embed_in, ids).ctx("embed_in")?;
         for (i, l) in self.layers.iter().enumerate() {
             let site = Site::new(i, Attention::SelfAttn, TensorKind::Query);
-            let a = l
-                .input_layernorm
-                .forward(&h, ops)
-                .at(site, "input_layernorm")?;
-            // [B, S, 3E] -> q, k, v [B, H, S, D] each
-            let (q, k, v) = l
-                .query_key_value
-                .forward(&a)
-                .and_then(|x| QkvColumns::PerHead.split(&x, heads, d))
-                .at(site, "query_key_value")?;
+            // q, k, v [B, H, S, D] each
+            let (_, [q, k, v]) = l.attn.normed_qkv(&h, (heads, d), site, ops)?;
             let q = partial_rope(&q, &cos, &sin).at(site, "query + rope")?;
             let k = partial_rope(&k, &cos, &sin).at(
                 Site::new(i, Attention::SelfAttn, TensorKind::Key),
@@ -267,32 +232,18 @@ impl Model for GptNeox {
             )?;
             let scale = 1.0 / (d as f64).sqrt();
             // [B, H, S, D]
-            let step = CachedStep {
-                layer: i,
-                past,
-                window,
-            };
+            let step = CachedStep::new(fw, i, past, None);
             let o = cached_self_attention(fw, step, &q, &k, &v, scale, &mut |_, _| Ok(None))?;
             // [B, S, E]
-            let attn = merge_heads(&o)
-                .and_then(|o| l.dense.forward(&o))
-                .at(site, "dense")?;
+            let attn = l.attn.output(&o, site)?;
             h = if self.cfg.use_parallel_residual {
                 // x + attn(ln1(x)) + mlp(ln2(x))
-                let m = l
-                    .post_attention_layernorm
-                    .forward(&h, ops)
-                    .and_then(|x| self.mlp(l, &x))
-                    .at(site, "mlp")?;
+                let m = self.mlp(l, &h, ops).at(site, "mlp")?;
                 (&h + attn).and_then(|x| x + m).at(site, "residual")?
             } else {
                 // y = x + attn(ln1(x)); y + mlp(ln2(y))
                 let y = (&h + attn).at(site, "residual")?;
-                let m = l
-                    .post_attention_layernorm
-                    .forward(&y, ops)
-                    .and_then(|x| self.mlp(l, &x))
-                    .at(site, "mlp")?;
+                let m = self.mlp(l, &y, ops).at(site, "mlp")?;
                 (y + m).at(site, "residual")?
             };
         }

@@ -17,13 +17,16 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{
-    cached_keys, cached_self_attention, merge_heads, sdpa_detached, CachedStep, Projections, Qkv,
-    Scores,
+    cached_keys, cached_self_attention, merge_heads, sdpa_detached, CachedStep, Scores,
 };
 use super::kernels;
-use super::nn::{block_ops, embed, rms_norm, swiglu_mlp, Linear};
-use super::weights::{linear, ones, weight};
-use super::{backbone, row_positions, Facts, Family, Forward, Model, ModelGeometry, Sizes};
+use super::nn::{
+    block_ops, default_inv_freq, embed, inv_freq_tensor, pass_rope_tables, rms_norm, swiglu_mlp,
+    Linear,
+};
+use super::projections::{LoadHeadNorm, ProjectionSpec, Projections, Qkv};
+use super::weights::{fused_linears, linear, lm_head, ones, weight};
+use super::{backbone, Facts, Family, Forward, Model, ModelGeometry, Sizes};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 
 /// `LlamaConfig` (Hugging Face field names). Fields this harness does not use
@@ -114,10 +117,7 @@ impl Rope {
     /// dimension), with the scaling of
     /// `rope_type` (`default`, `linear`, `llama3`), computed in f64.
     fn inv_freq(&self, d: usize) -> Result<Vec<f64>> {
-        let theta = self.theta();
-        let base: Vec<f64> = (0..d / 2)
-            .map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64))
-            .collect();
+        let base = default_inv_freq(self.theta(), d);
         let Some(r) = self.scaling() else {
             return Ok(base);
         };
@@ -185,7 +185,8 @@ pub struct RopeParameters {
 }
 
 impl RopeParameters {
-    fn kind(&self) -> &str {
+    /// The RoPE type: `rope_type`, else the older `type`, else `default`.
+    pub fn kind(&self) -> &str {
         self.rope_type
             .as_deref()
             .or(self.legacy_type.as_deref())
@@ -349,31 +350,9 @@ pub struct Llama {
     inv_freq: Tensor,
 }
 
-/// A fused `nn.Linear` without bias (weight `[sum(outs), in]`) split along its output
-/// dimension into `N` `Linear`s `[in, outs[j]]`, in order.
-fn fused<const N: usize>(
-    vb: &VarBuilder,
-    name: &str,
-    i: usize,
-    outs: [usize; N],
-) -> Result<[Linear; N]> {
-    let total = outs.iter().sum::<usize>();
-    // [sum(outs), in]
-    let w = weight(vb, (total, i), &format!("{name}.weight")).ctx(name)?;
-    let mut start = 0;
-    let mut parts = Vec::with_capacity(N);
-    for o in outs {
-        // [o, in] -> Linear [in, o]
-        let part = w
-            .narrow(0, start, o)
-            .and_then(|p| Linear::from_torch(&p, None))
-            .ctx(name)?;
-        parts.push(part);
-        start += o;
-    }
-    parts
-        .try_into()
-        .map_err(|_| EngineError::Config(format!("{name}: split into {N} projections failed")))
+/// An RMSNorm weight `[size]` by name (starts at one).
+fn rms_weight(vb: &VarBuilder, name: &str, size: usize) -> Result<Tensor> {
+    ones(vb, size, name).ctx(name)
 }
 
 impl Llama {
@@ -396,66 +375,39 @@ impl Llama {
         let embed_tokens = weight(&vb, (cfg.core.sizes.vocab_size, e), "embed_tokens.weight")
             .ctx("embed_tokens")?;
         let mut layers = Vec::with_capacity(cfg.core.sizes.num_hidden_layers);
+        let spec = ProjectionSpec {
+            hidden: e,
+            heads: (heads, kvh, d),
+            qkv_bias: block.qkv_bias,
+            o_bias: block.o_bias,
+            fused_qkv: block.fused,
+            head_norm: block.qk_norm.then_some(rms_weight as LoadHeadNorm),
+        };
         for i in 0..cfg.core.sizes.num_hidden_layers {
             let p = format!("layers.{i}");
-            let (qb, ob, mb) = (block.qkv_bias, block.o_bias, cfg.mlp_bias);
-            let norm = |n: &str, size: usize| {
-                let name = format!("{p}.{n}.weight");
-                ones(&vb, size, &name).ctx(&name)
-            };
-            let head_norm = |n: &str| block.qk_norm.then(|| norm(n, d)).transpose();
-            let ([q_proj, k_proj, v_proj], [gate_proj, up_proj]) = if block.fused {
-                let qkv = format!("{p}.self_attn.qkv_proj");
-                let gate_up = format!("{p}.mlp.gate_up_proj");
-                (
-                    fused(&vb, &qkv, e, [heads * d, kvh * d, kvh * d])?,
-                    fused(&vb, &gate_up, e, [inter, inter])?,
-                )
+            let mb = cfg.mlp_bias;
+            let norm = |n: &str| rms_weight(&vb, &format!("{p}.{n}.weight"), e);
+            let attn = Projections::load(&vb, &p, &spec)?;
+            let [gate_proj, up_proj] = if block.fused {
+                fused_linears(&vb, &format!("{p}.mlp.gate_up_proj"), e, [inter, inter])?
             } else {
-                let attn = |n: &str, o: usize| linear(&vb, &format!("{p}.self_attn.{n}"), e, o, qb);
                 let mlp = |n: &str| linear(&vb, &format!("{p}.mlp.{n}"), e, inter, mb);
-                (
-                    [
-                        attn("q_proj", heads * d)?,
-                        attn("k_proj", kvh * d)?,
-                        attn("v_proj", kvh * d)?,
-                    ],
-                    [mlp("gate_proj")?, mlp("up_proj")?],
-                )
+                [mlp("gate_proj")?, mlp("up_proj")?]
             };
             layers.push(Layer {
-                input_layernorm: norm("input_layernorm", e)?,
-                attn: Projections {
-                    q_proj,
-                    k_proj,
-                    v_proj,
-                    o_proj: linear(&vb, &format!("{p}.self_attn.o_proj"), heads * d, e, ob)?,
-                    q_norm: head_norm("self_attn.q_norm")?,
-                    k_norm: head_norm("self_attn.k_norm")?,
-                },
-                post_attention_layernorm: norm("post_attention_layernorm", e)?,
+                input_layernorm: norm("input_layernorm")?,
+                attn,
+                post_attention_layernorm: norm("post_attention_layernorm")?,
                 gate_proj,
                 up_proj,
                 down_proj: linear(&vb, &format!("{p}.mlp.down_proj"), inter, e, mb)?,
             });
         }
         let norm = ones(&vb, e, "norm.weight").ctx("norm")?;
-        let lm_head = if cfg.core.sizes.tie_word_embeddings {
-            Linear::from_torch(&embed_tokens, None).ctx("embed_tokens")?
-        } else {
-            let w =
-                weight(&root, (cfg.core.sizes.vocab_size, e), "lm_head.weight").ctx("lm_head")?;
-            Linear::from_torch(&w, None).ctx("lm_head")?
-        };
-        let inv: Vec<f32> = cfg
-            .core
-            .rope
-            .inv_freq(cfg.head_dim())?
-            .into_iter()
-            .map(|f| f as f32)
-            .collect();
-        let inv_freq =
-            Tensor::from_vec(inv, (1, d / 2), embed_tokens.device()).ctx("rope inv_freq")?;
+        let tied = cfg.core.sizes.tie_word_embeddings;
+        let lm_head = lm_head(&root, "lm_head", &embed_tokens, "embed_tokens", tied)?;
+        let inv = cfg.core.rope.inv_freq(cfg.head_dim())?;
+        let inv_freq = inv_freq_tensor(&inv, embed_tokens.device())?;
         Ok(Self {
             facts: Facts::windowed(block.family, cfg.geometry(), block.windows.clone()),
             cfg: cfg.clone(),
@@ -577,26 +529,14 @@ impl Model for Llama {
     fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
         let (s, past) = fw.span(ids)?;
         let eps = self.cfg.core.rms_norm_eps;
-        // A cache window applies to every layer; otherwise each layer has its own.
-        let window = fw.cache.window();
-        // [B, 1, S, D] each: real tokens sit at positions P.. (after the prefix), per
-        // row from the attention mask, so left padding does not shift them.
-        let positions = row_positions(fw.mask, past, s)?;
-        let (cos, sin) =
-            super::nn::rope_tables(&self.inv_freq, &positions, self.embed_tokens.dtype()).at(
-                Site::new(0, Attention::SelfAttn, TensorKind::Positions),
-                "rope tables",
-            )?;
+        // [B, 1, S, D] each: real tokens sit at positions P.. (after the prefix).
+        let (cos, sin) = pass_rope_tables(fw, past, s, &self.inv_freq, self.embed_tokens.dtype())?;
         // [B, S, E]
         let mut h = embed(&self.embed_tokens, ids).ctx("embed_tokens")?;
         for (i, l) in self.layers.iter().enumerate() {
             let site_q = Site::new(i, Attention::SelfAttn, TensorKind::Query);
             // Keys visible to a query: the cache's window, else this layer's own.
-            let step = CachedStep {
-                layer: i,
-                past,
-                window: window.or(self.block.windows[i]),
-            };
+            let step = CachedStep::new(fw, i, past, self.block.windows[i]);
             h = self.self_attention(fw, step, l, &h, (&cos, &sin))?;
             // [B, S, E]: down(silu(gate(x)) * up(x))
             let norm = (&l.post_attention_layernorm, eps);

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::llama::{self, Block};
-use super::{Family, ModelGeometry};
+use super::Family;
 
 /// `MistralConfig` (Hugging Face field names and defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,9 +41,5 @@ impl Config {
             ..Block::llama(&cfg)
         };
         (cfg, block)
-    }
-
-    pub fn geometry(&self) -> ModelGeometry {
-        self.decoder().0.geometry()
     }
 }

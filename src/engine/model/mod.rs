@@ -19,6 +19,7 @@ pub mod llama;
 pub mod mistral;
 pub mod nn;
 pub mod phi3;
+pub mod projections;
 pub mod qwen2;
 pub mod qwen3;
 pub mod t5;
@@ -434,6 +435,8 @@ impl ModelConfig {
         }
     }
 
+    /// The cache geometry; a Llama-like family's is its Llama decoder's
+    /// (`llama::Config::geometry`).
     pub fn geometry(&self) -> ModelGeometry {
         match self {
             ModelConfig::Gpt2(c) => c.geometry(),
@@ -441,10 +444,10 @@ impl ModelConfig {
             ModelConfig::Bloom(c) => c.geometry(),
             ModelConfig::GptBigcode(c) => c.geometry(),
             ModelConfig::T5(c) => c.geometry(),
-            ModelConfig::Qwen2(c) => c.geometry(),
-            ModelConfig::Mistral(c) => c.geometry(),
-            ModelConfig::Qwen3(c) => c.geometry(),
-            ModelConfig::Phi3(c) => c.geometry(),
+            ModelConfig::Qwen2(c) => c.decoder().0.geometry(),
+            ModelConfig::Mistral(c) => c.decoder().0.geometry(),
+            ModelConfig::Qwen3(c) => c.decoder().0.geometry(),
+            ModelConfig::Phi3(c) => c.decoder().0.geometry(),
             ModelConfig::GptNeox(c) => c.geometry(),
             ModelConfig::Gemma2(c) => c.geometry(),
             ModelConfig::Gemma3(c) => c.geometry(),
@@ -605,90 +608,4 @@ pub fn row_positions(mask: &Tensor, start: usize, s: usize) -> Result<Vec<Vec<u3
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Each defaults file parses, gives every field of its family's config (a field it
-    /// lacks would be required in every `config.json`), and names only fields the config
-    /// has (a misspelt key would be ignored).
-    #[test]
-    fn defaults_files_cover_each_config() {
-        let mut checked = 0;
-        for family in Family::ALL {
-            let Some(text) = family.hf_defaults() else {
-                continue;
-            };
-            let defaults: serde_json::Map<String, serde_json::Value> =
-                serde_json::from_str(text).expect("a JSON object");
-            let json = format!(r#"{{"model_type": "{}"}}"#, family.model_type());
-            let parsed = ModelConfig::from_hf_json(&json)
-                .unwrap_or_else(|e| panic!("{}: {e}", family.name()));
-            assert_eq!(parsed.family(), family);
-            let serde_json::Value::Object(fields) = serde_json::to_value(&parsed).unwrap() else {
-                panic!("a config serialises to a mapping")
-            };
-            let tiny = serde_json::to_value(ModelConfig::tiny(family)).unwrap();
-            for field in tiny.as_object().unwrap().keys() {
-                assert!(
-                    field == "family" || defaults.contains_key(field),
-                    "{}: no default for `{field}`",
-                    family.name()
-                );
-            }
-            for (field, value) in &defaults {
-                assert!(
-                    value.is_null() || fields.get(field) == Some(value),
-                    "{}: the default `{field}: {value}` is not what the parsed config holds",
-                    family.name()
-                );
-            }
-            checked += 1;
-        }
-        assert_eq!(checked, 7);
-    }
-
-    /// The GELU names transformers' configs use, each with the GELU it means.
-    #[test]
-    fn gelu_names() {
-        let tanh = ["gelu_new", "gelu_pytorch_tanh", "gelu_fast"].map(|n| (n, Gelu::Tanh));
-        for (name, gelu) in [[("gelu", Gelu::Erf)].as_slice(), &tanh].concat() {
-            assert!(Gelu::NAMES.contains(&name), "{name}");
-            assert_eq!(Gelu::named(name), gelu, "{name}");
-        }
-    }
-
-    /// GPT-2 and Bloom read an absent `layer_norm_epsilon` as transformers' 1e-5.
-    #[test]
-    fn layer_norm_eps_default() {
-        for family in [Family::Gpt2, Family::Bloom] {
-            let mut json = serde_json::to_value(ModelConfig::tiny(family)).unwrap();
-            let fields = json.as_object_mut().unwrap();
-            fields.remove("family");
-            fields.remove("layer_norm_epsilon");
-            fields.insert("model_type".into(), family.model_type().into());
-            let eps = match ModelConfig::from_hf_json(&json.to_string()).unwrap() {
-                ModelConfig::Gpt2(c) => c.layer_norm_epsilon,
-                ModelConfig::Bloom(c) => c.layer_norm_epsilon,
-                other => panic!("{family:?} parsed as {:?}", other.family()),
-            };
-            assert_eq!(eps, 1e-5, "{}", family.name());
-        }
-    }
-
-    /// Each family's tiny config file parses as that family's `config.json`, and is
-    /// complete: the same config with or without the defaults merged in.
-    #[test]
-    fn tiny_configs() {
-        for family in Family::ALL {
-            let tiny = ModelConfig::tiny(family);
-            assert_eq!(tiny.family(), family);
-            let mut json = serde_json::to_value(&tiny).unwrap();
-            let fields = json.as_object_mut().unwrap();
-            fields.remove("family");
-            fields.insert("model_type".into(), family.model_type().into());
-            let parsed = ModelConfig::from_hf_json(&json.to_string())
-                .unwrap_or_else(|e| panic!("{}: {e}", family.name()));
-            assert_eq!(parsed, tiny, "{}", family.name());
-        }
-    }
-}
+mod tests;

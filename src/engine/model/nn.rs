@@ -15,7 +15,7 @@ use candle_core::{DType, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::{kernels, weights};
-use crate::engine::diagnosis::{CandleExt, Result};
+use crate::engine::diagnosis::{Attention, CandleExt, Result, Site, TensorKind};
 
 /// Which kernels a forward pass runs (ARCHITECTURE.md, "Ops modes"). Carried by
 /// [`super::Forward`] and handed to every function below that branches on it; the
@@ -205,6 +205,78 @@ impl LayerNorm {
     }
 }
 
+/// The attention side of a Bloom or GPT-NeoX layer, stored alike by both (`{p}` the
+/// layer, `{attn}` Bloom's `self_attention` or GPT-NeoX's `attention`): the
+/// `{p}.input_layernorm` before attention, the fused `{p}.{attn}.query_key_value` with
+/// per-head columns ([`super::gpt2::QkvColumns::PerHead`]), the output
+/// `{p}.{attn}.dense`, and the `{p}.post_attention_layernorm` before the MLP.
+pub struct FusedAttention {
+    pub input_layernorm: LayerNorm,
+    /// `Linear` `[E, 3E]`, columns per head `[H, 3, D]` (q, k, v of head 0, then
+    /// head 1, ...)
+    pub query_key_value: Linear,
+    /// `Linear` `[E, E]`
+    pub dense: Linear,
+    pub post_attention_layernorm: LayerNorm,
+}
+
+impl FusedAttention {
+    /// Layer `p`'s weights as above, hidden size `e`, LayerNorm epsilon `eps`, biases on
+    /// `query_key_value` and `dense` with `bias`.
+    pub fn load(
+        vb: &VarBuilder,
+        p: &str,
+        attn: &str,
+        e: usize,
+        eps: f64,
+        bias: bool,
+    ) -> Result<Self> {
+        let linear =
+            |n: &str, o: usize| weights::linear(vb, &format!("{p}.{attn}.{n}"), e, o, bias);
+        Ok(Self {
+            input_layernorm: LayerNorm::load(vb, &format!("{p}.input_layernorm"), e, eps)?,
+            query_key_value: linear("query_key_value", 3 * e)?,
+            dense: linear("dense", e)?,
+            post_attention_layernorm: LayerNorm::load(
+                vb,
+                &format!("{p}.post_attention_layernorm"),
+                e,
+                eps,
+            )?,
+        })
+    }
+
+    /// `h: [B, S, E]` -> `a = input_layernorm(h)` `[B, S, E]` and its queries, keys and
+    /// values `[B, H, S, D]` each (`query_key_value(a)` `[B, S, 3E]` split per head), in
+    /// mode `ops`; errors at `site`.
+    pub fn normed_qkv(
+        &self,
+        h: &Tensor,
+        (heads, d): (usize, usize),
+        site: Site,
+        ops: Ops,
+    ) -> Result<(Tensor, [Tensor; 3])> {
+        let a = self
+            .input_layernorm
+            .forward(h, ops)
+            .at(site, "input_layernorm")?;
+        let (q, k, v) = self
+            .query_key_value
+            .forward(&a)
+            .and_then(|x| super::gpt2::QkvColumns::PerHead.split(&x, heads, d))
+            .at(site, "query_key_value")?;
+        Ok((a, [q, k, v]))
+    }
+
+    /// The attention output `o: [B, H, S, D]` -> `dense(merge_heads(o))` `[B, S, E]`;
+    /// errors at `site`.
+    pub fn output(&self, o: &Tensor, site: Site) -> Result<Tensor> {
+        super::attention::merge_heads(o)
+            .and_then(|o| self.dense.forward(&o))
+            .at(site, "dense")
+    }
+}
+
 /// The two-layer GELU (tanh) MLP of GPT-2, GPT-BigCode and Bloom: `down(gelu(up(x)))`.
 pub struct GeluMlp {
     /// `Linear` `[E, inner]`
@@ -385,6 +457,21 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32]) -> candle_core::Resu
         .neg()
 }
 
+/// Default RoPE inverse frequencies `1 / theta^(2i/d)`, `i < d/2` (f64): `[d/2]`, `d`
+/// the rotated width (`head_dim`, or GPT-NeoX's rotary dimensions).
+pub fn default_inv_freq(theta: f64, d: usize) -> Vec<f64> {
+    (0..d / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64))
+        .collect()
+}
+
+/// RoPE inverse frequencies `inv: [R/2]` (f64) as the tensor [`rope_tables`] takes:
+/// `[1, R/2]`, f32 (as transformers computes them), on `device`.
+pub fn inv_freq_tensor(inv: &[f64], device: &candle_core::Device) -> Result<Tensor> {
+    let f32s: Vec<f32> = inv.iter().map(|&f| f as f32).collect();
+    Tensor::from_vec(f32s, (1, inv.len()), device).ctx("rope inv_freq")
+}
+
 /// RoPE tables for the positions `[B][S]` of each row (from
 /// [`super::row_positions`]) and the inverse frequencies `inv_freq: [1, R/2]`:
 /// `(cos, sin)`, each `[B, 1, S, R]` (halves repeated, transformers' `rotate_half`
@@ -410,6 +497,24 @@ pub fn rope_tables(
             .to_dtype(dtype)
     };
     Ok((table(freqs.cos()?)?, table(freqs.sin()?)?))
+}
+
+/// The RoPE tables of the pass `fw` over `s` new tokens after `past` cached positions:
+/// each row's positions from its attention mask ([`super::row_positions`]: real tokens
+/// from P on, left padding not shifting them) through [`rope_tables`] with
+/// `inv_freq: [1, R/2]`. Returns `(cos, sin)`, each `[B, 1, S, R]` in `dtype`.
+pub fn pass_rope_tables(
+    fw: &super::Forward,
+    past: usize,
+    s: usize,
+    inv_freq: &Tensor,
+    dtype: DType,
+) -> Result<(Tensor, Tensor)> {
+    let positions = super::row_positions(fw.mask, past, s)?;
+    rope_tables(inv_freq, &positions, dtype).at(
+        Site::new(0, Attention::SelfAttn, TensorKind::Positions),
+        "rope tables",
+    )
 }
 
 /// RoPE, Hugging Face convention (rotate halves), differentiable in `x`:

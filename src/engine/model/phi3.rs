@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::llama::{self, Block};
-use super::{Family, ModelGeometry};
+use super::Family;
 use crate::engine::diagnosis::{EngineError, Result};
 
 /// `Phi3Config` (Hugging Face field names and defaults).
@@ -61,9 +61,5 @@ impl Config {
             ))),
             _ => Ok(()),
         }
-    }
-
-    pub fn geometry(&self) -> ModelGeometry {
-        self.decoder().0.geometry()
     }
 }

@@ -13,7 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::llama::{self, Block};
-use super::{Family, ModelGeometry};
+use super::Family;
 
 /// `Qwen2Config` (Hugging Face field names and defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,10 +51,6 @@ impl Config {
             ..Block::llama(&cfg)
         };
         (cfg, block)
-    }
-
-    pub fn geometry(&self) -> ModelGeometry {
-        self.decoder().0.geometry()
     }
 }
 

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::llama::{self, Block};
 use super::qwen2::SlidingWindows;
-use super::{Family, ModelGeometry};
+use super::Family;
 
 /// `Qwen3Config` (Hugging Face field names and defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,9 +47,5 @@ impl Config {
             ..Block::llama(&cfg)
         };
         (cfg, block)
-    }
-
-    pub fn geometry(&self) -> ModelGeometry {
-        self.decoder().0.geometry()
     }
 }

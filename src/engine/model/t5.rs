@@ -564,11 +564,7 @@ impl Model for T5 {
             let (q, k, v) = self.self_qkv(blk, &h, site, "", ops)?;
             // [B, H, S, d_kv]; relative position bias [1, H, S, K] over the keys the cache
             // returns (computed once per pass, shared by every layer), no score scaling.
-            let step = CachedStep {
-                layer: i,
-                past,
-                window: fw.cache.window(),
-            };
+            let step = CachedStep::new(fw, i, past, None);
             let o = cached_self_attention(fw, step, &q, &k, &v, 1.0, &mut |kv_start, kv_len| {
                 let span = (kv_start, kv_len);
                 if let Some((key, t)) = &self_bias {

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::{var_builder::SimpleBackend, Init, VarBuilder};
 
 use super::nn::Linear;
-use crate::engine::diagnosis::{CandleExt, Result as DiagResult};
+use crate::engine::diagnosis::{CandleExt, EngineError, Result as DiagResult};
 use crate::engine::rng::Rng;
 
 /// A `VarBuilder` backend that invents every requested tensor from `(seed, name)`.
@@ -144,6 +144,51 @@ pub fn linear(
     }
     let w = weight(vb, (o, i), &format!("{name}.weight")).ctx(name)?;
     Linear::from_torch(&w, None).ctx(name)
+}
+
+/// A fused `nn.Linear` without bias (weight `[sum(outs), in]`) by name, split along its
+/// output dimension into `N` `Linear`s `[in, outs[j]]`, in order.
+pub fn fused_linears<const N: usize>(
+    vb: &VarBuilder,
+    name: &str,
+    i: usize,
+    outs: [usize; N],
+) -> DiagResult<[Linear; N]> {
+    let total = outs.iter().sum::<usize>();
+    // [sum(outs), in]
+    let w = weight(vb, (total, i), &format!("{name}.weight")).ctx(name)?;
+    let mut start = 0;
+    let mut parts = Vec::with_capacity(N);
+    for o in outs {
+        // [o, in] -> Linear [in, o]
+        let part = w
+            .narrow(0, start, o)
+            .and_then(|p| Linear::from_torch(&p, None))
+            .ctx(name)?;
+        parts.push(part);
+        start += o;
+    }
+    parts
+        .try_into()
+        .map_err(|_| EngineError::Config(format!("{name}: split into {N} projections failed")))
+}
+
+/// The LM head, `Linear` `[E, V]`: with `tied` (`tie_word_embeddings`), the embedding
+/// table `embed: [V, E]` (named `embed_name`) transposed; else the checkpoint's own
+/// `{head}.weight` `[V, E]`, read from `root` (the checkpoint's top level: the head sits
+/// outside the backbone).
+pub fn lm_head(
+    root: &VarBuilder,
+    head: &str,
+    embed: &Tensor,
+    embed_name: &str,
+    tied: bool,
+) -> DiagResult<Linear> {
+    if tied {
+        return Linear::from_torch(embed, None).ctx(embed_name);
+    }
+    let w = weight(root, embed.shape().clone(), &format!("{head}.weight")).ctx(head)?;
+    Linear::from_torch(&w, None).ctx(head)
 }
 
 /// `{name}.weight` of shape `w` and `{name}.bias` `[o]`, made a [`Linear`] by `make`.

@@ -1,0 +1,98 @@
+//! Unit tests of the model configs: the defaults files, the GELU names, the tiny
+//! configs; and the helpers the model files' unit tests share ([`every_tiny_config`],
+//! [`config_json`]).
+
+use super::*;
+
+/// Each family with its tiny config ([`ModelConfig::tiny`]), in `Family::ALL`'s order.
+pub(super) fn every_tiny_config() -> impl Iterator<Item = (Family, ModelConfig)> {
+    Family::ALL.into_iter().map(|f| (f, ModelConfig::tiny(f)))
+}
+
+/// `cfg` written as its family's Hugging Face `config.json` (a JSON object): its fields,
+/// with `model_type` in place of the `family` tag.
+pub(super) fn config_json(cfg: &ModelConfig) -> serde_json::Value {
+    let mut json = serde_json::to_value(cfg).expect("a config serialises");
+    let fields = json
+        .as_object_mut()
+        .expect("a config serialises to a mapping");
+    fields.remove("family");
+    fields.insert("model_type".into(), cfg.family().model_type().into());
+    json
+}
+
+/// Each defaults file parses, gives every field of its family's config (a field it
+/// lacks would be required in every `config.json`), and names only fields the config
+/// has (a misspelt key would be ignored).
+#[test]
+fn defaults_files_cover_each_config() {
+    let mut checked = 0;
+    for (family, tiny) in every_tiny_config() {
+        let Some(text) = family.hf_defaults() else {
+            continue;
+        };
+        let defaults: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(text).expect("a JSON object");
+        let json = format!(r#"{{"model_type": "{}"}}"#, family.model_type());
+        let parsed =
+            ModelConfig::from_hf_json(&json).unwrap_or_else(|e| panic!("{}: {e}", family.name()));
+        assert_eq!(parsed.family(), family);
+        let serde_json::Value::Object(fields) = serde_json::to_value(&parsed).unwrap() else {
+            panic!("a config serialises to a mapping")
+        };
+        let tiny = config_json(&tiny);
+        for field in tiny.as_object().unwrap().keys() {
+            assert!(
+                field == "model_type" || defaults.contains_key(field),
+                "{}: no default for `{field}`",
+                family.name()
+            );
+        }
+        for (field, value) in &defaults {
+            assert!(
+                value.is_null() || fields.get(field) == Some(value),
+                "{}: the default `{field}: {value}` is not what the parsed config holds",
+                family.name()
+            );
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 7);
+}
+
+/// The GELU names transformers' configs use, each with the GELU it means.
+#[test]
+fn gelu_names() {
+    let tanh = ["gelu_new", "gelu_pytorch_tanh", "gelu_fast"].map(|n| (n, Gelu::Tanh));
+    for (name, gelu) in [[("gelu", Gelu::Erf)].as_slice(), &tanh].concat() {
+        assert!(Gelu::NAMES.contains(&name), "{name}");
+        assert_eq!(Gelu::named(name), gelu, "{name}");
+    }
+}
+
+/// GPT-2 and Bloom read an absent `layer_norm_epsilon` as transformers' 1e-5.
+#[test]
+fn layer_norm_eps_default() {
+    for family in [Family::Gpt2, Family::Bloom] {
+        let mut json = config_json(&ModelConfig::tiny(family));
+        json.as_object_mut().unwrap().remove("layer_norm_epsilon");
+        let eps = match ModelConfig::from_hf_json(&json.to_string()).unwrap() {
+            ModelConfig::Gpt2(c) => c.layer_norm_epsilon,
+            ModelConfig::Bloom(c) => c.layer_norm_epsilon,
+            other => panic!("{family:?} parsed as {:?}", other.family()),
+        };
+        assert_eq!(eps, 1e-5, "{}", family.name());
+    }
+}
+
+/// Each family's tiny config file parses as that family's `config.json`, and is
+/// complete: the same config with or without the defaults merged in.
+#[test]
+fn tiny_configs() {
+    for (family, tiny) in every_tiny_config() {
+        assert_eq!(tiny.family(), family);
+        let parsed = ModelConfig::from_hf_json(&config_json(&tiny).to_string())
+            .unwrap_or_else(|e| panic!("{}: {e}", family.name()));
+        assert_eq!(parsed, tiny, "{}", family.name());
+    }
+}
