@@ -178,13 +178,14 @@ impl Config {
                 self.core.hidden_activation
             ));
         }
-        let rope_type = self
-            .rope_parameters
-            .as_deref()
-            .map(RopeParameters::kind)
-            .filter(|t| *t != "default");
-        if let Some(t) = rope_type {
-            return bad(format!("rope_type `{t}` is not supported (only default)"));
+        if let Some(r) = self.rope_parameters.as_deref() {
+            r.full_rotary("gemma2")?;
+            if r.kind() != "default" {
+                return bad(format!(
+                    "rope_type `{}` is not supported (only default)",
+                    r.kind()
+                ));
+            }
         }
         if self.attn.query_pre_attn_scalar == 0 {
             return bad("query_pre_attn_scalar must be at least 1".into());

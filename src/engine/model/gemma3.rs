@@ -166,6 +166,7 @@ impl Config {
 /// `inv: [D/2]` with `rope_type` `default` or `linear` (`inv / factor`) applied.
 fn scaled(inv: Vec<f64>, r: Option<&RopeParameters>) -> Result<Vec<f64>> {
     let Some(r) = r else { return Ok(inv) };
+    r.full_rotary("gemma3")?;
     match r.kind() {
         "default" => Ok(inv),
         "linear" => {

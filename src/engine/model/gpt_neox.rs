@@ -15,6 +15,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_self_attention, CachedStep};
+use super::llama::RopeParameters;
 use super::nn::{
     default_inv_freq, embed, inv_freq_tensor, pass_rope_tables, rope, FusedAttention, LayerNorm,
     Linear, Ops,
@@ -38,22 +39,11 @@ pub struct Config {
     /// transformers >= 5: `{"rope_theta", "partial_rotary_factor", "rope_type"}`
     /// (replaces `rotary_emb_base` / `rotary_pct` when present).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rope_parameters: Option<NeoxRope>,
+    pub rope_parameters: Option<RopeParameters>,
     pub layer_norm_eps: f64,
     pub use_parallel_residual: bool,
     /// Biases on `query_key_value` and `dense`.
     pub attention_bias: bool,
-}
-
-/// transformers 5's `rope_parameters` of GPT-NeoX.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-pub struct NeoxRope {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rope_type: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rope_theta: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub partial_rotary_factor: Option<f64>,
 }
 
 impl Config {
@@ -100,11 +90,7 @@ impl Config {
                 self.head_dim()
             ));
         }
-        if let Some(t) = self
-            .rope_parameters
-            .as_ref()
-            .and_then(|r| r.rope_type.as_deref())
-        {
+        if let Some(t) = self.rope_parameters.as_ref().map(RopeParameters::kind) {
             if t != "default" {
                 return bad(format!("rope_type `{t}` is not supported (only default)"));
             }

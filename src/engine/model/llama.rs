@@ -121,6 +121,7 @@ impl Rope {
         let Some(r) = self.scaling() else {
             return Ok(base);
         };
+        r.full_rotary("llama")?;
         let need = |v: Option<f64>, name: &str| {
             v.ok_or_else(|| {
                 EngineError::Config(format!("llama: rope_type `{}` needs `{name}`", r.kind()))
@@ -164,7 +165,9 @@ impl Rope {
     }
 }
 
-/// RoPE parameters: transformers' `rope_scaling` (before 5.0) or `rope_parameters`.
+/// RoPE parameters: transformers' `rope_scaling` (before 5.0) or `rope_parameters`, for
+/// every family that reads them (the Llama decoder's, Gemma 2 and 3, GPT-NeoX); each
+/// family refuses the types and fields it does not run.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct RopeParameters {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -182,9 +185,25 @@ pub struct RopeParameters {
     pub high_freq_factor: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original_max_position_embeddings: Option<usize>,
+    /// RoPE on the first `partial_rotary_factor * head_dim` dimensions of each head:
+    /// GPT-NeoX reads it; every other family refuses a value other than 1
+    /// ([`RopeParameters::full_rotary`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
 }
 
 impl RopeParameters {
+    /// Refuse a `partial_rotary_factor` other than 1 in a family (`family`) that rotates
+    /// whole heads: ignoring it would run other positions than transformers does.
+    pub fn full_rotary(&self, family: &str) -> Result<()> {
+        match self.partial_rotary_factor {
+            Some(f) if f != 1.0 => Err(EngineError::Config(format!(
+                "{family}: rope_parameters.partial_rotary_factor {f} is not supported (only 1)"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// The RoPE type: `rope_type`, else the older `type`, else `default`.
     pub fn kind(&self) -> &str {
         self.rope_type

@@ -96,3 +96,51 @@ fn tiny_configs() {
         assert_eq!(parsed, tiny, "{}", family.name());
     }
 }
+
+/// A `rope_parameters` field a family does not run is refused (when the config is
+/// parsed, or at the latest when the model is built), naming the family and the field,
+/// never ignored: GPT-NeoX's legacy `type: linear` (it runs default RoPE
+/// only), and a `partial_rotary_factor` other than 1 in every other family that reads
+/// `rope_parameters` (they rotate whole heads). The same config without the field
+/// parses.
+#[test]
+fn rope_parameters_a_family_does_not_run_are_refused() {
+    let partial = serde_json::json!({"rope_type": "default", "rope_theta": 10000.0,
+                                     "partial_rotary_factor": 0.5});
+    let load = |json: &serde_json::Value| {
+        let device = candle_core::Device::Cpu;
+        ModelConfig::from_hf_json(&json.to_string())
+            .and_then(|c| c.build(weights::seeded(1, candle_core::DType::F32, &device)))
+            .map(|_| ())
+    };
+    let mut refused = vec![];
+    for (family, tiny) in every_tiny_config() {
+        let (key, bad) = match family {
+            Family::GptNeox => (
+                "linear",
+                serde_json::json!({"type": "linear", "factor": 2.0}),
+            ),
+            Family::Gemma3 => (
+                "partial_rotary_factor",
+                serde_json::json!({"full_attention": partial, "sliding_attention": {}}),
+            ),
+            Family::Gpt2 | Family::Bloom | Family::GptBigcode | Family::T5 => continue,
+            _ => ("partial_rotary_factor", partial.clone()),
+        };
+        let mut json = config_json(&tiny);
+        json["rope_parameters"] = bad;
+        let e = load(&json).expect_err(family.name()).to_string();
+        assert!(e.contains(family.name()) && e.contains(key), "{e}");
+        // The field is what is refused: with a full rotation (a default type) it parses.
+        match family {
+            Family::GptNeox => json["rope_parameters"] = serde_json::json!({"type": "default"}),
+            Family::Gemma3 => {
+                json["rope_parameters"]["full_attention"]["partial_rotary_factor"] = 1.0.into()
+            }
+            _ => json["rope_parameters"]["partial_rotary_factor"] = 1.0.into(),
+        }
+        load(&json).unwrap_or_else(|e| panic!("{}: {e}", family.name()));
+        refused.push(family);
+    }
+    assert_eq!(refused.len(), 8, "{refused:?}");
+}
