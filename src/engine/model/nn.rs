@@ -11,6 +11,8 @@
 //! reproduces); [`Ops::Composed`] turns the block ops off (the reference they are
 //! tested against).
 
+use std::sync::{Arc, OnceLock};
+
 use candle_core::{DType, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -65,9 +67,21 @@ pub struct Linear {
     w_t: Tensor,
     /// `[out]`
     b: Option<Tensor>,
+    /// `[out, in]`, contiguous: the weight the backward pass multiplies by, built by the
+    /// first backward pass for a weight of at most [`Linear::BACKWARD_COPY_MAX`] values
+    /// (generation never builds it). Shared by clones.
+    w: Arc<OnceLock<Tensor>>,
 }
 
 impl Linear {
+    /// The largest weight (in values: 16 MiB of f32) that keeps a contiguous `[out, in]`
+    /// copy for the backward pass. gemm multiplies by a transposed view 10-40% slower
+    /// than by a contiguous matrix, so a copy makes every later backward pass faster;
+    /// but copies of every weight double a large model's memory. Small weights (every
+    /// weight of a model up to about a billion parameters' attention projections) keep
+    /// one; larger ones are read through strides (ci/bench/README.md, M2 and M3).
+    pub const BACKWARD_COPY_MAX: usize = 4 << 20;
+
     /// From a PyTorch `nn.Linear` weight `w: [out, in]` and bias `b: [out]`.
     pub fn from_torch(w: &Tensor, b: Option<Tensor>) -> candle_core::Result<Self> {
         Self::new(w.t()?.contiguous()?, b)
@@ -82,6 +96,7 @@ impl Linear {
         Ok(Self {
             w_t,
             b: b.map(|b| b.contiguous()).transpose()?,
+            w: Arc::default(),
         })
     }
 
@@ -124,11 +139,25 @@ impl Linear {
     }
 
     /// The gradient of the input from the gradient of the output:
-    /// `grad: [..., out]` -> `grad @ w: [..., in]`, with `w: [out, in]` made contiguous
-    /// by the first call (gemm packs a transposed right-hand side 10-40% slower than a
-    /// contiguous one, ci/bench/README.md; generation never builds it).
+    /// `grad: [..., out]` -> `grad @ w: [..., in]` (`w: [out, in]`, see
+    /// [`Linear::backward_weight`]).
     pub(crate) fn input_grad(&self, grad: &Tensor) -> candle_core::Result<Tensor> {
         input_grad_sum(&[(self, grad)])
+    }
+
+    /// `w: [out, in]` for the backward pass: the contiguous copy, made by the first call,
+    /// of a weight of at most [`Linear::BACKWARD_COPY_MAX`] values; the transposed view of
+    /// `w_t` (no copy) of a larger one.
+    fn backward_weight(&self) -> candle_core::Result<Tensor> {
+        if self.w_t.elem_count() > Self::BACKWARD_COPY_MAX {
+            return self.w_t.t();
+        }
+        if let Some(w) = self.w.get() {
+            return Ok(w.clone());
+        }
+        // A race only builds the same tensor twice.
+        let _ = self.w.set(self.w_t.t()?.contiguous()?);
+        Ok(self.w.get().expect("set above").clone())
     }
 }
 
@@ -145,14 +174,12 @@ pub(crate) fn input_grad_sum(terms: &[(&Linear, &Tensor)]) -> candle_core::Resul
     if let Some(last) = dims.last_mut() {
         *last = k;
     }
-    // grad_i as [m, out_i], w_i as [out_i, in]: the transposed view of `w_t`, which gemm
-    // reads through its strides (no copy of the weight: a copy of every weight, made by
-    // the first backward pass, doubled the model's memory and slowed the first step).
+    // grad_i as [m, out_i], w_i as [out_i, in]
     let mut rows = Vec::with_capacity(terms.len());
     for (lin, grad) in terms {
         let n = lin.w_t.dim(1)?;
         let m = grad.elem_count() / n.max(1);
-        rows.push((grad.contiguous()?.reshape((m, n))?, lin.w_t.t()?));
+        rows.push((grad.contiguous()?.reshape((m, n))?, lin.backward_weight()?));
     }
     let pairs: Vec<(&Tensor, &Tensor)> = rows.iter().map(|(g, w)| (g, w)).collect();
     kernels::matmul_sum(&pairs)?.reshape(dims)
@@ -550,7 +577,7 @@ pub fn embed(table: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
-    use super::{block_ops, own_softmax, Ops};
+    use super::{block_ops, own_softmax, Linear, Ops};
     use candle_core::{DType, Device, Tensor};
 
     /// Only `Ops::Kernels` replaces the composed sub-blocks by the block ops; only
@@ -566,5 +593,33 @@ mod tests {
         let softmax = modes.map(|ops| own_softmax(&x, ops));
         assert_eq!(softmax, [true, false, true], "the crate's softmax per mode");
         assert_eq!(Ops::default(), Ops::Kernels);
+    }
+
+    /// A weight of at most `BACKWARD_COPY_MAX` values keeps its `[out, in]` copy after
+    /// the first input gradient; a larger one does not. Either way the input gradient is
+    /// `grad @ w`, the same as candle's matmul by the transposed weight.
+    #[test]
+    fn input_grad_copies_only_small_weights() {
+        let dev = Device::Cpu;
+        let max = Linear::BACKWARD_COPY_MAX;
+        for (out, inp, copied) in [(3, 5, true), (4, max / 4, true), (4, max / 4 + 1, false)] {
+            // w: [out, in], seeded values; grad: [2, 3, out]
+            let w = (Tensor::arange(0f32, (out * inp) as f32, &dev).unwrap() * 1e-3)
+                .and_then(|t| t.sin())
+                .and_then(|t| t.reshape((out, inp)))
+                .unwrap();
+            let grad = (Tensor::arange(0f32, (6 * out) as f32, &dev).unwrap() * 7e-3)
+                .and_then(|t| t.cos())
+                .and_then(|t| t.reshape((2, 3, out)))
+                .unwrap();
+            let lin = Linear::from_torch(&w, None).unwrap();
+            let got = lin.input_grad(&grad).unwrap(); // [2, 3, in]
+            assert_eq!(lin.w.get().is_some(), copied, "{out} x {inp}");
+            let want = grad.reshape((6, out)).unwrap().matmul(&w).unwrap();
+            let diff = (got.reshape((6, inp)).unwrap() - want)
+                .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+                .unwrap();
+            assert!(diff < 1e-3, "{out} x {inp}: differs by {diff}");
+        }
     }
 }
