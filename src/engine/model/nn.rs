@@ -75,11 +75,11 @@ pub struct Linear {
 
 impl Linear {
     /// The largest weight (in values: 16 MiB of f32) that keeps a contiguous `[out, in]`
-    /// copy for the backward pass. gemm multiplies by a transposed view 10-40% slower
-    /// than by a contiguous matrix, so a copy makes every later backward pass faster;
-    /// but copies of every weight double a large model's memory. Small weights (every
-    /// weight of a model up to about a billion parameters' attention projections) keep
-    /// one; larger ones are read through strides (ci/bench/README.md, M2 and M3).
+    /// copy for the backward pass. gemm multiplies by a transposed view more slowly than
+    /// by a contiguous matrix, so a copy makes every later backward pass faster; copies
+    /// of every weight would double a large model's memory, so larger weights are read
+    /// through strides (the measurements: ci/bench/README.md, "The M2 backward
+    /// regression").
     pub const BACKWARD_COPY_MAX: usize = 4 << 20;
 
     /// From a PyTorch `nn.Linear` weight `w: [out, in]` and bias `b: [out]`.
