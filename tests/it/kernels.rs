@@ -5,6 +5,7 @@
 use crate::common::max_abs_diff;
 
 use candle_core::{DType, Device, Tensor, Var, D};
+use prefix_harness::engine::model::mlp::GatedMlp;
 use prefix_harness::engine::model::{nn, Ops};
 
 const SMALL: (usize, usize, usize, usize) = (2, 3, 5, 7); // 210 elements: serial path
@@ -258,11 +259,15 @@ fn swiglu_mlp_block_matches_the_composed_llama_mlp_with_residual() {
         let w = |shape: [usize; 2], seed| (rand(&shape, seed) / (shape[1] as f64).sqrt()).unwrap();
         let (wg, wu, wd) = (w([i, e], 26), w([i, e], 27), w([e, i], 28));
         let lin = |w: &Tensor| nn::Linear::from_torch(w, None).unwrap();
-        let (gate, up, down) = (lin(&wg), lin(&wu), lin(&wd));
+        let mlp = GatedMlp {
+            gate_proj: lin(&wg),
+            up_proj: lin(&wu),
+            down_proj: lin(&wd),
+        };
         assert_same(
             &x,
             1e-4,
-            |x| nn::swiglu_mlp(x, (&norm_w, 1e-6), (&gate, &up, &down), Ops::Kernels),
+            |x| mlp.swiglu_residual(x, (&norm_w, 1e-6), Ops::Kernels),
             |x| {
                 let n = candle_nn::ops::rms_norm_slow(x, &norm_w, 1e-6)?;
                 let g = n.broadcast_matmul(&wg.t()?)?;

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_self_attention, CachedStep};
 use super::gpt2;
-use super::nn::{embed, FusedAttention, GeluMlp, LayerNorm, Linear};
+use super::mlp::GeluMlp;
+use super::nn::{embed, FusedAttention, LayerNorm, Linear};
 use super::weights::{linear_params, weight};
 use super::{backbone, Facts, Family, Forward, Model, ModelGeometry};
 use crate::engine::diagnosis::{Attention, CandleExt, Result, Site, TensorKind};

@@ -31,11 +31,12 @@ use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_keys, merge_heads, softcapped_sdpa, CachedStep, Scores};
 use super::llama::RopeParameters;
+use super::mlp::GatedMlp;
 use super::nn::{
     default_inv_freq, embed, inv_freq_tensor, pass_rope_tables, rms_norm, Linear, Ops,
 };
 use super::projections::{LoadHeadNorm, ProjectionSpec, Projections, Qkv};
-use super::weights::{linear, lm_head, weight};
+use super::weights::{lm_head, weight};
 use super::{backbone, Facts, Family, Forward, Gelu, Model, ModelGeometry, Sizes};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 
@@ -258,12 +259,7 @@ struct Layer {
     post_attention_layernorm: Tensor,
     pre_feedforward_layernorm: Tensor,
     post_feedforward_layernorm: Tensor,
-    /// `Linear` `[E, I]`
-    gate_proj: Linear,
-    /// `Linear` `[E, I]`
-    up_proj: Linear,
-    /// `Linear` `[I, E]`
-    down_proj: Linear,
+    mlp: GatedMlp,
 }
 
 pub struct Gemma2 {
@@ -346,17 +342,13 @@ impl Gemma2 {
         for i in 0..cfg.core.sizes.num_hidden_layers {
             let p = format!("layers.{i}");
             let norm = |n: &str| gemma_norm(&vb, &format!("{p}.{n}.weight"), e);
-            let mlp =
-                |n: &str, i: usize, o: usize| linear(&vb, &format!("{p}.mlp.{n}"), i, o, false);
             layers.push(Layer {
                 input_layernorm: norm("input_layernorm")?,
                 attn: Projections::load(&vb, &p, &spec)?,
                 post_attention_layernorm: norm("post_attention_layernorm")?,
                 pre_feedforward_layernorm: norm("pre_feedforward_layernorm")?,
                 post_feedforward_layernorm: norm("post_feedforward_layernorm")?,
-                gate_proj: mlp("gate_proj", e, inter)?,
-                up_proj: mlp("up_proj", e, inter)?,
-                down_proj: mlp("down_proj", inter, e)?,
+                mlp: GatedMlp::load(&vb, &p, (e, inter), false, false)?,
             });
         }
         let norm = gemma_norm(&vb, "norm.weight", e)?;
@@ -428,10 +420,9 @@ impl Gemma2 {
     fn mlp(&self, l: &Layer, h: &Tensor, ops: Ops) -> candle_core::Result<Tensor> {
         let eps = self.cfg.core.rms_norm_eps;
         let n = rms_norm(h, &l.pre_feedforward_layernorm, eps, ops)?;
-        // [B, S, I]
-        let g = l.gate_proj.forward(&n)?;
-        let g = Gelu::named(&self.cfg.core.hidden_activation).apply(&g)?;
-        let m = l.down_proj.forward(&(g * l.up_proj.forward(&n)?)?)?;
+        let m = l
+            .mlp
+            .gelu(&n, Gelu::named(&self.cfg.core.hidden_activation))?;
         rms_norm(&m, &l.post_feedforward_layernorm, eps, ops)
     }
 }

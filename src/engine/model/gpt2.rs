@@ -14,7 +14,8 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_self_attention, merge_heads, split_heads, CachedStep};
-use super::nn::{embed, GeluMlp, LayerNorm, Linear};
+use super::mlp::GeluMlp;
+use super::nn::{embed, LayerNorm, Linear};
 use super::weights::{conv1d_params, weight};
 use super::{backbone, row_positions, Facts, Family, Forward, Model, ModelGeometry};
 use crate::engine::diagnosis::{Attention, CandleExt, Result, Site, TensorKind};

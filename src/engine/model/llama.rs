@@ -20,12 +20,12 @@ use super::attention::{
     cached_keys, cached_self_attention, merge_heads, sdpa_detached, CachedStep, Scores,
 };
 use super::kernels;
+use super::mlp::GatedMlp;
 use super::nn::{
-    block_ops, default_inv_freq, embed, inv_freq_tensor, pass_rope_tables, rms_norm, swiglu_mlp,
-    Linear,
+    block_ops, default_inv_freq, embed, inv_freq_tensor, pass_rope_tables, rms_norm, Linear,
 };
 use super::projections::{LoadHeadNorm, ProjectionSpec, Projections, Qkv};
-use super::weights::{fused_linears, linear, lm_head, ones, weight};
+use super::weights::{lm_head, ones, weight};
 use super::{backbone, Facts, Family, Forward, Model, ModelGeometry, Sizes};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 
@@ -345,12 +345,7 @@ struct Layer {
     attn: Projections,
     /// `[E]`
     post_attention_layernorm: Tensor,
-    /// `Linear` `[E, I]`
-    gate_proj: Linear,
-    /// `Linear` `[E, I]`
-    up_proj: Linear,
-    /// `Linear` `[I, E]`
-    down_proj: Linear,
+    mlp: GatedMlp,
 }
 
 pub struct Llama {
@@ -404,22 +399,12 @@ impl Llama {
         };
         for i in 0..cfg.core.sizes.num_hidden_layers {
             let p = format!("layers.{i}");
-            let mb = cfg.mlp_bias;
             let norm = |n: &str| rms_weight(&vb, &format!("{p}.{n}.weight"), e);
-            let attn = Projections::load(&vb, &p, &spec)?;
-            let [gate_proj, up_proj] = if block.fused {
-                fused_linears(&vb, &format!("{p}.mlp.gate_up_proj"), e, [inter, inter])?
-            } else {
-                let mlp = |n: &str| linear(&vb, &format!("{p}.mlp.{n}"), e, inter, mb);
-                [mlp("gate_proj")?, mlp("up_proj")?]
-            };
             layers.push(Layer {
                 input_layernorm: norm("input_layernorm")?,
-                attn,
+                attn: Projections::load(&vb, &p, &spec)?,
                 post_attention_layernorm: norm("post_attention_layernorm")?,
-                gate_proj,
-                up_proj,
-                down_proj: linear(&vb, &format!("{p}.mlp.down_proj"), inter, e, mb)?,
+                mlp: GatedMlp::load(&vb, &p, (e, inter), cfg.mlp_bias, block.fused)?,
             });
         }
         let norm = ones(&vb, e, "norm.weight").ctx("norm")?;
@@ -559,8 +544,7 @@ impl Model for Llama {
             h = self.self_attention(fw, step, l, &h, (&cos, &sin))?;
             // [B, S, E]: down(silu(gate(x)) * up(x))
             let norm = (&l.post_attention_layernorm, eps);
-            let mlp = (&l.gate_proj, &l.up_proj, &l.down_proj);
-            h = swiglu_mlp(&h, norm, mlp, fw.ops).at(site_q, "mlp + residual")?;
+            h = (l.mlp.swiglu_residual(&h, norm, fw.ops)).at(site_q, "mlp + residual")?;
         }
         // [B, S, V], or [B, 1, V] with fw.last_only
         rms_norm(&fw.kept_positions(&h)?, &self.norm, eps, fw.ops)

@@ -17,6 +17,7 @@ pub mod gpt_neox;
 pub mod kernels;
 pub mod llama;
 pub mod mistral;
+pub mod mlp;
 pub mod nn;
 pub mod phi3;
 pub mod projections;

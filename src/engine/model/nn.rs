@@ -304,21 +304,6 @@ impl FusedAttention {
     }
 }
 
-/// The two-layer GELU (tanh) MLP of GPT-2, GPT-BigCode and Bloom: `down(gelu(up(x)))`.
-pub struct GeluMlp {
-    /// `Linear` `[E, inner]`
-    pub up: Linear,
-    /// `Linear` `[inner, E]`
-    pub down: Linear,
-}
-
-impl GeluMlp {
-    /// `x: [B, S, E]` -> `[B, S, E]`
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.down.forward(&gelu_tanh(&self.up.forward(x)?)?)
-    }
-}
-
 /// RMSNorm over the last dimension (differentiable in `x`; `w` frozen).
 /// `x: [..., H]`, `w: [H]` -> `[..., H]`
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, ops: Ops) -> candle_core::Result<Tensor> {
@@ -357,49 +342,6 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
             .apply_op2(&up.contiguous()?, kernels::SwiGlu);
     }
     gate.silu()? * up
-}
-
-/// Llama's MLP sub-block with its residual: `x + down(swiglu(gate(n), up(n)))`,
-/// `n = rms_norm(x, norm_w)` with `eps`. `x: [..., E]`, `norm_w: [E]`, `gate, up:
-/// [E, I]`, `down: [I, E]` -> `[..., E]`.
-///
-/// When `x` is in a training graph (CPU, f32) and `ops` is [`Ops::Kernels`], the block
-/// is one graph node with its own backward pass ([`kernels::SwiGluMlp`]); otherwise
-/// (generation, other devices, the other modes) it is composed from the ops above. Both
-/// compute the forward pass with the same kernels, so the values are the same.
-pub fn swiglu_mlp(
-    x: &Tensor,
-    (norm_w, eps): (&Tensor, f64),
-    (gate, up, down): (&Linear, &Linear, &Linear),
-    ops: Ops,
-) -> candle_core::Result<Tensor> {
-    // (down(swiglu(gate(n), up(n))), gate(n), up(n)): [..., E], [..., I], [..., I]
-    let branch = |x: &Tensor| -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let n = rms_norm(x, norm_w, eps, ops)?;
-        let (g, u) = (gate.forward(&n)?, up.forward(&n)?);
-        Ok((down.forward(&swiglu(&g, &u)?)?, g, u))
-    };
-    if !x.track_op() || !block_ops(x, &[norm_w], ops) {
-        return x + branch(x)?.0;
-    }
-    let (branch_out, gate_out, up_out) = branch(&x.detach())?;
-    if !(own_kernel(&gate_out, &[]) && gate_out.is_contiguous() && up_out.is_contiguous()) {
-        return x + branch(x)?.0;
-    }
-    x.contiguous()?.apply_op1(kernels::SwiGluMlp {
-        branch: branch_out,
-        gate_out,
-        up_out,
-        norm: kernels::Norm {
-            w: norm_w.clone(),
-            b: None,
-            eps: eps as f32,
-            centred: false,
-        },
-        gate: gate.clone(),
-        up: up.clone(),
-        down: down.clone(),
-    })
 }
 
 /// GELU, tanh approximation (GPT-2 `gelu_new`, Bloom, `gelu_pytorch_tanh`).

@@ -498,10 +498,10 @@ fn swiglu_grad(gate: &Tensor, up: &Tensor, grad: &Tensor) -> candle_core::Result
 /// output's second use), and candle's backward pass gives every input of every node a
 /// zero-filled buffer plus an add, on `[B*S, E]` and `[B*S, I]` tensors. Here the
 /// branch is computed outside the graph by the same kernels
-/// ([`nn::swiglu_mlp`]); the op adds it to `x` as its output and keeps `gate(n)`
+/// ([`GatedMlp::swiglu_residual`]); the op adds it to `x` as its output and keeps `gate(n)`
 /// and `up(n)` (`[..., I]` each) for its backward pass.
 ///
-/// [`nn::swiglu_mlp`]: crate::engine::model::nn::swiglu_mlp
+/// [`GatedMlp::swiglu_residual`]: crate::engine::model::mlp::GatedMlp::swiglu_residual
 pub struct SwiGluMlp {
     /// `[..., E]`: `down(silu(gate(n)) * up(n))`, computed outside the graph; the op's
     /// output is `x + branch`.
