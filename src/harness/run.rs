@@ -362,11 +362,8 @@ pub fn prepare_with(case: &Case, check_adapter: bool) -> Result<Prepared, Engine
         .dim(1)
         .map_err(|e| crate::engine::diagnosis::from_candle(e, None, "prompt"))?;
     let g = &case.scenario.generate;
-    let mut opts = DecodeOptions::new(
-        case.cache_config(prompt_len, prefix.geometry.num_virtual_tokens),
-        g.max_new_tokens,
-    );
-    opts.request = g.request();
+    let cache = case.cache_config(prompt_len, prefix.geometry.num_virtual_tokens);
+    let mut opts = DecodeOptions::for_request(cache, g.request());
     opts.layout = case.scenario.prefix.layout;
     opts.extend_mask = case.scenario.prefix.extend_mask;
     opts.expand_prefix = g.expand_prefix;

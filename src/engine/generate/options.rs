@@ -146,9 +146,17 @@ pub struct DecodeOptions {
 }
 
 impl DecodeOptions {
+    /// Greedy decoding of `max_new_tokens` with `cache`, every other option at its
+    /// default.
     pub fn new(cache: CacheConfig, max_new_tokens: usize) -> Self {
+        Self::for_request(cache, Request::greedy(max_new_tokens))
+    }
+
+    /// `request` with `cache`, every other option at its default (the fixes on, the
+    /// prompt in one pass, the crate's kernels).
+    pub fn for_request(cache: CacheConfig, request: Request) -> Self {
         Self {
-            request: Request::greedy(max_new_tokens),
+            request,
             cache,
             layout: PrefixLayout::Auto,
             prefill_chunk: None,

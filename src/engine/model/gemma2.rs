@@ -32,12 +32,10 @@ use serde::{Deserialize, Serialize};
 use super::attention::{cached_keys, merge_heads, softcapped_sdpa, CachedStep, Scores};
 use super::llama::RopeParameters;
 use super::mlp::GatedMlp;
-use super::nn::{
-    default_inv_freq, embed, inv_freq_tensor, pass_rope_tables, rms_norm, Linear, Ops,
-};
+use super::nn::{default_inv_freq, embed, inv_freq_tensor, rms_norm, rope_tables_at, Linear, Ops};
 use super::projections::{LoadHeadNorm, ProjectionSpec, Projections, Qkv};
 use super::weights::{lm_head, weight};
-use super::{backbone, Facts, Family, Forward, Gelu, Model, ModelGeometry, Sizes};
+use super::{backbone, row_positions, Facts, Family, Forward, Gelu, Model, ModelGeometry, Sizes};
 use crate::engine::diagnosis::{Attention, CandleExt, EngineError, Result, Site, TensorKind};
 
 /// `Gemma2Config` (Hugging Face field names; transformers 5's defaults, Gemma-2-2B's
@@ -435,8 +433,9 @@ impl Model for Gemma2 {
     fn forward(&self, ids: &Tensor, fw: &mut Forward) -> Result<Tensor> {
         let (s, past) = fw.span(ids)?;
         let eps = self.cfg.core.rms_norm_eps;
-        // [B, 1, S, D] each (real tokens from P on).
-        let tables = |inv: &Tensor| pass_rope_tables(fw, past, s, inv, self.embed_tokens.dtype());
+        // [B][S]: each row's positions (real tokens from P on), read from the mask once.
+        let positions = row_positions(fw.mask, past, s)?;
+        let tables = |inv: &Tensor| rope_tables_at(inv, &positions, self.embed_tokens.dtype());
         // [B, 1, S, D] each: the global layers' and the sliding layers' tables
         let global = tables(&self.inv_freq_global)?;
         let local = if self.block.rope_local == self.block.rope_global {

@@ -480,7 +480,18 @@ pub fn pass_rope_tables(
     dtype: DType,
 ) -> Result<(Tensor, Tensor)> {
     let positions = super::row_positions(fw.mask, past, s)?;
-    rope_tables(inv_freq, &positions, dtype).at(
+    rope_tables_at(inv_freq, &positions, dtype)
+}
+
+/// [`rope_tables`] with its errors as diagnoses at the positions: for a model with
+/// several tables per pass (Gemma 3's global and local), which reads the positions
+/// `[B][S]` from the mask once.
+pub fn rope_tables_at(
+    inv_freq: &Tensor,
+    positions: &[Vec<u32>],
+    dtype: DType,
+) -> Result<(Tensor, Tensor)> {
+    rope_tables(inv_freq, positions, dtype).at(
         Site::new(0, Attention::SelfAttn, TensorKind::Positions),
         "rope tables",
     )

@@ -184,9 +184,10 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
     if s.generate.max_new_tokens == 0 {
         return e("generate.max_new_tokens", "expected at least 1");
     }
-    let mut probe =
-        crate::engine::generate::DecodeOptions::new(CacheConfig::new(CacheMode::Dynamic), 1);
-    probe.request = s.generate.request();
+    let probe = crate::engine::generate::DecodeOptions::for_request(
+        CacheConfig::new(CacheMode::Dynamic),
+        s.generate.request(),
+    );
     probe
         .validate()
         .map_err(|m| ("generate".to_string(), m.to_string()))?;
@@ -245,7 +246,7 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
         );
     }
     if let Some(at) = s.generate.merge_rows_at {
-        let mut probe = crate::engine::generate::DecodeOptions::new(
+        let mut probe = crate::engine::generate::DecodeOptions::for_request(
             CacheConfig::new(match s.cache.mode {
                 CacheModeName::Dynamic => CacheMode::Dynamic,
                 CacheModeName::None => CacheMode::None,
@@ -261,9 +262,8 @@ pub fn validate(s: &Scenario, dir: &Path) -> Result<(), (String, String)> {
                     prefix_full_precision: false,
                 },
             }),
-            s.generate.max_new_tokens,
+            s.generate.request(),
         );
-        probe.request = s.generate.request();
         probe.save_at = s.cache.save_at;
         let enc_dec = s.model.family == Some(crate::engine::model::Family::T5);
         if let Some(why) = crate::engine::batching::unsupported(&probe, at, enc_dec) {
