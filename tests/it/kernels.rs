@@ -278,6 +278,36 @@ fn swiglu_mlp_block_matches_the_composed_llama_mlp_with_residual() {
     }
 }
 
+#[test]
+fn the_llama_mlp_is_one_graph_node_only_when_training_with_the_crates_kernels() {
+    // Training (a tracked f32 CPU input) in `Ops::Kernels` runs the block op
+    // (`kernels::SwiGluMlp`): the graph is the output and `x`. `Ops::Composed` composes
+    // it from single ops (norm, gate, up, SwiGLU, down, residual: a node each).
+    // (`Ops::Fused`'s graph is also two nodes: its fused norm cuts the branch off.)
+    let (b, s, e, i) = (2, 3, 5, 7);
+    let x = Var::from_tensor(&rand(&[b, s, e], 24)).unwrap();
+    let norm_w = rand(&[e], 25);
+    let lin = |shape: [usize; 2], seed| nn::Linear::from_torch(&rand(&shape, seed), None).unwrap();
+    let mlp = GatedMlp {
+        gate_proj: lin([i, e], 26),
+        up_proj: lin([i, e], 27),
+        down_proj: lin([e, i], 28),
+    };
+    let run = |ops| {
+        mlp.swiglu_residual(x.as_tensor(), (&norm_w, 1e-6), ops)
+            .unwrap()
+    };
+    let block = run(Ops::Kernels);
+    assert_eq!(block.sorted_nodes().len(), 2, "the block op and x");
+    let composed = run(Ops::Composed);
+    let nodes = composed.sorted_nodes().len();
+    assert!(nodes > 2, "{nodes} nodes, expected the composed ops");
+    for other in [composed, run(Ops::Fused)] {
+        let diff = max_abs_diff(&block, &other);
+        assert!(diff < 1e-4, "the values differ by {diff}");
+    }
+}
+
 /// `y = f(q, k, v)` and the gradients of `sum(y * r)` for q, k and v.
 fn attention_grads(
     q: &Tensor,
