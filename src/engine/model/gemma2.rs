@@ -257,6 +257,7 @@ struct Layer {
     post_attention_layernorm: Tensor,
     pre_feedforward_layernorm: Tensor,
     post_feedforward_layernorm: Tensor,
+    /// gate/up/down, `[E, I]`, `[E, I]`, `[I, E]`, without biases
     mlp: GatedMlp,
 }
 
@@ -346,6 +347,7 @@ impl Gemma2 {
                 post_attention_layernorm: norm("post_attention_layernorm")?,
                 pre_feedforward_layernorm: norm("pre_feedforward_layernorm")?,
                 post_feedforward_layernorm: norm("post_feedforward_layernorm")?,
+                // no biases, not fused
                 mlp: GatedMlp::load(&vb, &p, (e, inter), false, false)?,
             });
         }

@@ -345,6 +345,7 @@ struct Layer {
     attn: Projections,
     /// `[E]`
     post_attention_layernorm: Tensor,
+    /// gate/up/down, `[E, I]`, `[E, I]`, `[I, E]`, with `mlp_bias`
     mlp: GatedMlp,
 }
 
@@ -544,7 +545,10 @@ impl Model for Llama {
             h = self.self_attention(fw, step, l, &h, (&cos, &sin))?;
             // [B, S, E]: down(silu(gate(x)) * up(x))
             let norm = (&l.post_attention_layernorm, eps);
-            h = (l.mlp.swiglu_residual(&h, norm, fw.ops)).at(site_q, "mlp + residual")?;
+            h = l
+                .mlp
+                .swiglu_residual(&h, norm, fw.ops)
+                .at(site_q, "mlp + residual")?;
         }
         // [B, S, V], or [B, 1, V] with fw.last_only
         rms_norm(&fw.kept_positions(&h)?, &self.norm, eps, fw.ops)
