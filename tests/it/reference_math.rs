@@ -159,6 +159,9 @@ fn beam_search_equals_transformers_generate_with_length_penalty_and_early_stoppi
                 early_stopping,
             });
             o.request.eos_token_id = Some(eos as u32);
+            // Another pad id than transformers' (EOS): it fills the rows after EOS
+            // (`until_eos` compares up to it) and must not change when the search stops.
+            o.request.pad_token_id = Some(eos as u32 + 1);
             o.request.num_return_sequences = num_beams;
             let out = Generation {
                 model: model.as_ref(),
@@ -173,6 +176,9 @@ fn beam_search_equals_transformers_generate_with_length_penalty_and_early_stoppi
             assert_eq!(out.tokens.len(), want.len(), "{what}: rows");
             for (row, (ours, theirs)) in out.tokens.iter().zip(&want).enumerate() {
                 let ours: Vec<u64> = ours.iter().map(|t| *t as u64).collect();
+                // Rows of 5 tokens where every beam was done early (4 of the 18
+                // settings), else 8.
+                assert_eq!(ours.len(), theirs.len(), "{what}: row {row}'s length");
                 assert_eq!(
                     until_eos(&ours, eos),
                     until_eos(theirs, eos),
