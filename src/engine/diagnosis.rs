@@ -362,6 +362,27 @@ impl<T> CandleExt<T> for candle_core::Result<T> {
 mod tests {
     use super::*;
 
+    /// A checkpoint weight of another shape than the model asks for: candle's
+    /// `VarBuilder::get` raises `UnexpectedShape`, which becomes a `shape` diagnosis
+    /// with both shapes (not a raw candle error).
+    #[test]
+    fn a_weight_of_another_shape_is_a_shape_diagnosis_with_both_shapes() {
+        let dev = candle_core::Device::Cpu;
+        let stored = candle_core::Tensor::zeros((3, 2), candle_core::DType::F32, &dev).unwrap();
+        let tensors = std::collections::HashMap::from([("w".to_string(), stored)]);
+        let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &dev);
+        let err = vb.get((2, 3), "w").unwrap_err();
+        let e = from_candle(err, None, "w");
+        let d = e
+            .diagnosis()
+            .unwrap_or_else(|| panic!("not a diagnosis: {e}"));
+        assert_eq!(d.class, DiagnosisClass::Shape);
+        assert_eq!(
+            (&d.expected_shape[..], &d.actual_shape[..]),
+            (&[2, 3][..], &[3, 2][..])
+        );
+    }
+
     /// The one-line form names the class and place, the message, both shapes when
     /// either is known (an empty one shows as `[]`), and the hint when there is one.
     #[test]
