@@ -459,6 +459,33 @@ mod tests {
         );
     }
 
+    /// At the first step only beam 0 is expanded, so a vocabulary with fewer than
+    /// `num_beams` tokens besides EOS cannot fill the beams: an error that says so. One
+    /// more token fills them.
+    #[test]
+    fn beams_a_vocabulary_cannot_fill_are_an_error() {
+        // Two beams, EOS 1: vocabulary {0, 1} gives one non-EOS candidate.
+        let mut b = Beams::new(1, settings(1.0));
+        let err = b
+            .step(
+                &[vec![-0.5, -1.0], vec![-0.5, -1.0]],
+                &[vec![], vec![]],
+                0,
+                false,
+            )
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("the vocabulary is too small"),
+            "{err}"
+        );
+        let mut b = Beams::new(1, settings(1.0));
+        let three = vec![-0.5, -1.0, -2.0];
+        let (tokens, source) = b
+            .step(&[three.clone(), three], &[vec![], vec![]], 0, false)
+            .unwrap();
+        assert_eq!((tokens, source), (vec![0, 2], vec![0, 0]));
+    }
+
     #[test]
     fn portable_exp_and_ln_match_std_to_a_few_ulp() {
         let mut x = -700.0;
