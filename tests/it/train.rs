@@ -13,8 +13,8 @@ use prefix_harness::engine::model::{weights, Family, ModelConfig};
 use prefix_harness::engine::prefix::{PrefixConfig, PrefixEncoder, PrefixInit};
 use prefix_harness::engine::train::{
     batch_for, batch_logits, batch_logits_in, block_uses, causal_batch, check_base_unchanged,
-    check_grads, check_prefix_grads, masked_cross_entropy, seq2seq_batch, train, train_checked,
-    BaseWeights, TrainConfig, TrainReport, IGNORE_INDEX,
+    check_grads, check_prefix_grads, data_loss, masked_cross_entropy, seq2seq_batch, train,
+    train_checked, BaseWeights, TrainConfig, TrainReport, IGNORE_INDEX,
 };
 use prefix_harness::io::data;
 use proptest::prelude::*;
@@ -103,6 +103,40 @@ family_test!(
         );
     }
 );
+
+/// The loss over the data is the mean over every labelled token, however the rows are
+/// chunked: one chunk of all rows gives the batch's mean cross-entropy, and chunks of
+/// one row give the same.
+#[test]
+fn the_data_loss_is_the_mean_over_every_labelled_token() {
+    let model = tiny_model(Family::Llama);
+    let prefix = prefix_with(model.as_ref(), 4, false);
+    let rows = &data::SENTIMENT[..4];
+    let whole = TrainConfig {
+        batch_size: rows.len(),
+        ..TrainConfig::default()
+    };
+    let batch = batch_for(model.as_ref(), rows, whole.max_len, &cpu()).expect("batch");
+    let logits = batch_logits(model.as_ref(), &prefix, &batch).expect("logits");
+    let mean = masked_cross_entropy(&logits, &batch.labels)
+        .expect("loss")
+        .to_scalar::<f32>()
+        .expect("scalar");
+    let all = data_loss(model.as_ref(), &prefix, rows, &whole).expect("loss");
+    assert!(
+        (all - mean).abs() < 1e-5,
+        "one chunk {all}, the batch's mean {mean}"
+    );
+    let single = TrainConfig {
+        batch_size: 1,
+        ..whole
+    };
+    let one = data_loss(model.as_ref(), &prefix, rows, &single).expect("loss");
+    assert!(
+        (one - mean).abs() < 1e-4,
+        "chunks of one row {one}, the batch's mean {mean}"
+    );
+}
 
 /// The recording builder gives the same model as the plain seeded builder.
 #[test]

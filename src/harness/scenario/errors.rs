@@ -42,8 +42,8 @@ impl std::error::Error for InputError {}
 pub(super) fn locate(text: &str, field: &str) -> Option<usize> {
     // Matrix keys are written whole (`prefix.virtual_tokens:` under `matrix:`).
     let key = match field.strip_prefix("matrix.") {
-        Some(k) if !k.is_empty() => k,
-        _ => field.rsplit('.').next()?,
+        Some(k) => k,
+        None => field.rsplit('.').next()?,
     };
     if key.is_empty() {
         return None;
