@@ -484,6 +484,24 @@ fn a_scenario_file_of_exactly_the_limit_loads_and_one_byte_more_does_not() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A file under the node budget is judged on its content, however many parser events
+/// its nesting makes: 6,700 one-element lists (about 13,400 nodes and 20,100 events)
+/// are refused for their case count, not by the parser's budget.
+#[test]
+fn a_file_under_the_node_budget_is_judged_on_its_content() {
+    let dir = std::env::temp_dir().join(format!("prefix-harness-events-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let items = vec!["[1]"; 6700].join(",");
+    let body = format!(
+        "name: edge\nmodel:\n  family: gpt2\nprefix:\n  virtual_tokens: 2\nmatrix:\n  prefix.virtual_tokens: [{items}]\n"
+    );
+    let file = dir.join("nested.yaml");
+    std::fs::write(&file, &body).unwrap();
+    let err = scenario::load(&file).expect_err("6700 cases").to_string();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(err.contains("the matrix expands to 6700 cases"), "{err}");
+}
+
 /// Billion laughs and deep nesting are refused by the parser's budgets, fast: the
 /// aliases are never expanded and the nesting never reaches the stack. While an input
 /// is a known gap or not, it only has to finish well within the hang limit.
