@@ -383,18 +383,13 @@ impl Gemma2 {
         (cos, sin): (&Tensor, &Tensor),
     ) -> Result<Tensor> {
         let i = step.layer;
-        let (heads, kvh, d) = (
-            self.cfg.core.sizes.num_attention_heads,
-            self.cfg.core.num_key_value_heads,
-            self.cfg.core.head_dim,
-        );
         let (eps, ops) = (self.cfg.core.rms_norm_eps, fw.ops);
         let att = Attention::SelfAttn;
         let site_q = Site::new(i, att, TensorKind::Query);
         // [B, S, E]
         let a = rms_norm(h, &l.input_layernorm, eps, ops).at(site_q, "input_layernorm")?;
         // q [B, H, S, D], k and v [B, KVH, S, D]
-        let Qkv { q, k, v, .. } = l.attn.qkv(&a, (heads, kvh, d), eps, (cos, sin), i, ops)?;
+        let Qkv { q, k, v, .. } = l.attn.qkv(&a, eps, (cos, sin), i, ops)?;
         // view.k, view.v: [B, KVH, K, D], the S new positions last; mask [B, 1, S, K]
         let (view, mask) = cached_keys(fw, step, &k, &v)?;
         let scale = (self.cfg.attn.query_pre_attn_scalar as f64).powf(-0.5);

@@ -445,11 +445,6 @@ impl Llama {
         (cos, sin): (&Tensor, &Tensor),
     ) -> Result<Tensor> {
         let i = step.layer;
-        let (heads, kvh, d) = (
-            self.cfg.core.sizes.num_attention_heads,
-            self.cfg.num_kv_heads(),
-            self.cfg.head_dim(),
-        );
         let att = Attention::SelfAttn;
         let site_q = Site::new(i, att, TensorKind::Query);
         let site_v = Site::new(i, att, TensorKind::Value);
@@ -459,9 +454,8 @@ impl Llama {
         let x = if block { h.detach() } else { h.clone() };
         let a = rms_norm(&x, &l.input_layernorm, eps, ops).at(site_q, "input_layernorm")?;
         // q [B, H, S, D], k and v [B, KVH, S, D]
-        let Qkv { q, k, v, projected } =
-            l.attn.qkv(&a, (heads, kvh, d), eps, (cos, sin), i, ops)?;
-        let scale = 1.0 / (d as f64).sqrt();
+        let Qkv { q, k, v, projected } = l.attn.qkv(&a, eps, (cos, sin), i, ops)?;
+        let scale = 1.0 / (self.cfg.head_dim() as f64).sqrt();
         if !block {
             // [B, H, S, D]
             let o = cached_self_attention(fw, step, &q, &k, &v, scale, &mut |_, _| Ok(None))?;

@@ -49,6 +49,8 @@ pub struct Projections {
     /// RoPE (Qwen3; Gemma 3 holds `1 + w`).
     pub q_norm: Option<Tensor>,
     pub k_norm: Option<Tensor>,
+    /// `(H, KVH, D)`: the heads [`Projections::qkv`] splits into, from the spec.
+    pub heads: (usize, usize, usize),
 }
 
 /// What [`Projections::qkv`] gives: the queries, keys and values attention reads, and
@@ -94,22 +96,23 @@ impl Projections {
             o_proj: attn("o_proj", heads * d, e, spec.o_bias)?,
             q_norm: head_norm("q_norm")?,
             k_norm: head_norm("k_norm")?,
+            heads: spec.heads,
         })
     }
 
     /// `a: [B, S, E]` -> q `[B, H, S, D]`, k and v `[B, KVH, S, D]` of layer `layer`'s
-    /// self-attention: projected, split into `(H, KVH, D)` heads, queries and keys
+    /// self-attention: projected, split into [`Projections::heads`], queries and keys
     /// normalised per head (with `eps`, in mode `ops`) and rotated with `cos, sin:
     /// [B, 1, S, D]` (the new positions only: the prefix in the cache is not rotated).
     pub fn qkv(
         &self,
         a: &Tensor,
-        (heads, kv_heads, d): (usize, usize, usize),
         eps: f64,
         (cos, sin): (&Tensor, &Tensor),
         layer: usize,
         ops: Ops,
     ) -> Result<Qkv> {
+        let (heads, kv_heads, d) = self.heads;
         let site = |t| Site::new(layer, Attention::SelfAttn, t);
         // `proj(a)` as `n` heads `[B, n, S, D]`, and those normalised per head over D
         // with `norm` (when given) and rotated.
