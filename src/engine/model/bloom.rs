@@ -15,7 +15,7 @@ use super::gpt2;
 use super::mlp::GeluMlp;
 use super::nn::{embed, FusedAttention, LayerNorm, Linear};
 use super::weights::{linear_params, weight};
-use super::{backbone, Facts, Family, Forward, Model, ModelGeometry};
+use super::{backbone, Facts, Family, Forward, Gelu, Model, ModelGeometry};
 use crate::engine::diagnosis::{Attention, CandleExt, Result, Site, TensorKind};
 
 /// `BloomConfig` (Hugging Face field names; older checkpoints spell some differently).
@@ -102,6 +102,7 @@ impl Bloom {
                 mlp: GeluMlp {
                     up: linear_params(&vb, &format!("{p}.mlp.dense_h_to_4h"), e, 4 * e)?,
                     down: linear_params(&vb, &format!("{p}.mlp.dense_4h_to_h"), 4 * e, e)?,
+                    gelu: Gelu::Tanh,
                 },
             });
         }

@@ -17,7 +17,7 @@ use super::attention::{cached_self_attention, merge_heads, split_heads, CachedSt
 use super::mlp::GeluMlp;
 use super::nn::{embed, LayerNorm, Linear};
 use super::weights::{conv1d_params, weight};
-use super::{backbone, row_positions, Facts, Family, Forward, Model, ModelGeometry};
+use super::{backbone, row_positions, Facts, Family, Forward, Gelu, Model, ModelGeometry};
 use crate::engine::diagnosis::{Attention, CandleExt, Result, Site, TensorKind};
 
 /// `GPT2Config` (Hugging Face field names).
@@ -177,6 +177,7 @@ impl Block {
             mlp: GeluMlp {
                 up: load(vb, &format!("{p}.mlp.c_fc"), e, spec.inner)?,
                 down: load(vb, &format!("{p}.mlp.c_proj"), spec.inner, e)?,
+                gelu: Gelu::Tanh,
             },
         })
     }

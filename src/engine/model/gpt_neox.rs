@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::attention::{cached_self_attention, CachedStep};
 use super::llama::RopeParameters;
+use super::mlp::GeluMlp;
 use super::nn::{
     default_inv_freq, embed, inv_freq_tensor, pass_rope_tables, rope, FusedAttention, LayerNorm,
     Linear, Ops,
@@ -108,10 +109,8 @@ impl Config {
 struct Layer {
     /// `input_layernorm`, `attention.{query_key_value, dense}`, `post_attention_layernorm`
     attn: FusedAttention,
-    /// `Linear` `[E, I]`
-    dense_h_to_4h: Linear,
-    /// `Linear` `[I, E]`
-    dense_4h_to_h: Linear,
+    /// `mlp.dense_h_to_4h` `[E, I]`, `mlp.dense_4h_to_h` `[I, E]`, the `hidden_act` GELU
+    mlp: GeluMlp,
 }
 
 pub struct GptNeox {
@@ -145,8 +144,11 @@ impl GptNeox {
             let p = format!("layers.{i}");
             layers.push(Layer {
                 attn: FusedAttention::load(&vb, &p, "attention", e, eps, ab)?,
-                dense_h_to_4h: linear(&vb, &format!("{p}.mlp.dense_h_to_4h"), e, inter, true)?,
-                dense_4h_to_h: linear(&vb, &format!("{p}.mlp.dense_4h_to_h"), inter, e, true)?,
+                mlp: GeluMlp {
+                    up: linear(&vb, &format!("{p}.mlp.dense_h_to_4h"), e, inter, true)?,
+                    down: linear(&vb, &format!("{p}.mlp.dense_4h_to_h"), inter, e, true)?,
+                    gelu: Gelu::named(&cfg.hidden_act),
+                },
             });
         }
         let final_layer_norm = LayerNorm::load(&vb, "final_layer_norm", e, eps)?;
@@ -170,9 +172,7 @@ impl GptNeox {
     /// in mode `ops`.
     fn mlp(&self, l: &Layer, x: &Tensor, ops: Ops) -> candle_core::Result<Tensor> {
         let n = l.attn.post_attention_layernorm.forward(x, ops)?;
-        let m = l.dense_h_to_4h.forward(&n)?;
-        let m = Gelu::named(&self.cfg.hidden_act).apply(&m)?;
-        l.dense_4h_to_h.forward(&m)
+        l.mlp.forward(&n)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The feed-forward sub-layers.
 //!
-//! - [`GeluMlp`]: GPT-2's, GPT-BigCode's and Bloom's two-layer `down(gelu(up(x)))`.
+//! - [`GeluMlp`]: GPT-2's, GPT-BigCode's, Bloom's and GPT-NeoX's two-layer
+//!   `down(gelu(up(x)))`.
 //! - [`GatedMlp`]: the RoPE decoders' (Llama and the Llama-like families, Gemma 2/3)
 //!   `down(act(gate(n)) * up(n))`, stored as `mlp.gate_proj`, `mlp.up_proj` and
 //!   `mlp.down_proj`, or Phi-3's fused `mlp.gate_up_proj`. The Llama decoder runs it as
@@ -10,23 +11,25 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use super::nn::{block_ops, gelu_tanh, own_kernel, rms_norm, swiglu, Linear, Ops};
+use super::nn::{block_ops, own_kernel, rms_norm, swiglu, Linear, Ops};
 use super::weights::{fused_linears, linear};
 use super::{kernels, Gelu};
 use crate::engine::diagnosis::Result;
 
-/// The two-layer GELU (tanh) MLP of GPT-2, GPT-BigCode and Bloom: `down(gelu(up(x)))`.
+/// The two-layer GELU MLP of GPT-2, GPT-BigCode, Bloom and GPT-NeoX: `down(gelu(up(x)))`.
 pub struct GeluMlp {
     /// `Linear` `[E, inner]`
     pub up: Linear,
     /// `Linear` `[inner, E]`
     pub down: Linear,
+    /// The tanh approximation (GPT-2, BigCode, Bloom), or GPT-NeoX's `hidden_act`.
+    pub gelu: Gelu,
 }
 
 impl GeluMlp {
     /// `x: [B, S, E]` -> `[B, S, E]`
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.down.forward(&gelu_tanh(&self.up.forward(x)?)?)
+        self.down.forward(&self.gelu.apply(&self.up.forward(x)?)?)
     }
 }
 
